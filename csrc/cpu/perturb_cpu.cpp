@@ -1,0 +1,107 @@
+// CPU kernel of perturb (DESIGN §4.1): W_noisy[t] = W + sigma_w * z_t for every sample t.
+//
+// max|W| is reduced here (in float32, NaN-propagating, like torch.amax), then one parallel sweep
+// reads each group of four weights once and writes all S samples from it. The per-element math
+// (Philox, Box–Muller, sigma_w) comes from include/nft_cuda, shared with the CUDA kernel.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "nft_cuda/normal.h"
+#include "nft_cuda/variation.h"
+#include "op_checks.h"
+
+namespace nft_cuda {
+namespace {
+
+inline float nan_max(float a, float b) {
+  if (std::isnan(a)) return a;
+  if (std::isnan(b)) return b;
+  return a > b ? a : b;
+}
+
+template <typename scalar_t>
+float max_abs_cpu(const scalar_t* w, int64_t n) {
+  return at::parallel_reduce(
+      0, n, 32768, 0.0f,
+      [&](int64_t begin, int64_t end, float acc) {
+        for (int64_t i = begin; i < end; ++i) acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
+        return acc;
+      },
+      nan_max);
+}
+
+template <typename scalar_t>
+void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::vector<StateBand>& bands,
+                        uint64_t seed, uint64_t offset) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t samples = static_cast<int64_t>(bands.size());
+  const int64_t nq = (n + 3) / 4;
+  at::parallel_for(0, nq, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t q = begin; q < end; ++q) {
+      const int64_t base = 4 * q;
+      const int64_t count = std::min<int64_t>(4, n - base);
+      acc_t wv[4];
+      float aw[4];
+      for (int64_t l = 0; l < count; ++l) {
+        wv[l] = static_cast<acc_t>(w[base + l]);
+        aw[l] = std::fabs(static_cast<float>(w[base + l]));
+      }
+      for (int64_t t = 0; t < samples; ++t) {
+        const StateBand& band = bands[t];
+        const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
+        scalar_t* o = out + t * n + base;
+        for (int64_t l = 0; l < count; ++l) {
+          o[l] = static_cast<scalar_t>(add_noise<acc_t>(wv[l], sigma_w(band, aw[l]), z.z[l]));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas,
+                       double scale, double state_factor) {
+  check_weight(weight, "perturb");
+  check_rng(rng, weight, "perturb");
+  check_sigmas(sigmas, weight, "perturb");
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor sig = sigmas.contiguous();
+  const int64_t samples = sig.numel();
+  const int64_t n = w.numel();
+
+  std::vector<int64_t> out_shape{samples};
+  out_shape.insert(out_shape.end(), w.sizes().begin(), w.sizes().end());
+  at::Tensor out = at::empty(out_shape, w.options());
+  if (n == 0 || samples == 0) return out;
+
+  const int64_t* r = rng.contiguous().const_data_ptr<int64_t>();
+  const uint64_t seed = static_cast<uint64_t>(r[0]);
+  const uint64_t offset = static_cast<uint64_t>(r[1]);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    const float m = max_abs_cpu(wp, n);
+    std::vector<StateBand> bands(samples);
+    const float* sp = sig.const_data_ptr<float>();
+    for (int64_t t = 0; t < samples; ++t) {
+      bands[t] = make_state_band(sp[t], m, static_cast<float>(scale), static_cast<float>(state_factor));
+    }
+    perturb_cpu_kernel(wp, out.mutable_data_ptr<scalar_t>(), n, bands, seed, offset);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nft_cuda, CPU, m) {
+  m.impl("perturb", &perturb_cpu);
+}
+
+}  // namespace nft_cuda

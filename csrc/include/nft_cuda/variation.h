@@ -1,0 +1,47 @@
+// Per-element standard deviation of the device-variation model (DESIGN §2).
+//
+//   sigma_base = sigma_d * max|W| * scale,   scale = sqrt(A)/B / sqrt(0.4 s^2 + 0.6)
+//   sigma_w    = sigma_base * s  if t_lo < |w| < t_hi (strict), else sigma_base
+//
+// m = max|W| is a float32; t_lo = 0.25f*m and t_hi = 0.75f*m are computed once per tensor and
+// |w| is cast to float32 before comparing, so every backend (CPU, CUDA, pure PyTorch) makes the
+// same state-band decision at the edges: no per-element division, no fast-math reciprocal.
+// The products are evaluated in this exact order in every backend.
+#pragma once
+
+#include <cmath>
+
+#include "nft_cuda/macros.h"
+
+namespace nft_cuda {
+
+struct StateBand {
+  float t_lo;
+  float t_hi;
+  float sigma_base;  // sigma outside the band
+  float sigma_in;    // sigma inside the band: sigma_base * s
+};
+
+// sigma_d < 0 (only reachable through an unchecked device tensor) poisons the sample with NaN
+// rather than silently flipping the sign of the noise.
+NFT_INLINE StateBand make_state_band(float sigma_d, float max_abs, float scale, float state_factor) {
+  StateBand b;
+  b.t_lo = 0.25f * max_abs;
+  b.t_hi = 0.75f * max_abs;
+  b.sigma_base = sigma_d < 0.0f ? NAN : (sigma_d * max_abs) * scale;
+  b.sigma_in = b.sigma_base * state_factor;
+  return b;
+}
+
+NFT_INLINE float sigma_w(const StateBand& b, float abs_w) {
+  return (abs_w > b.t_lo && abs_w < b.t_hi) ? b.sigma_in : b.sigma_base;
+}
+
+// W_noisy = W + sigma_w * z in the weight's accumulation type (float for half types). A zero
+// sigma returns w untouched (sigma_d = 0 or max|W| = 0 must give W exactly, signed zeros too).
+template <typename acc_t>
+NFT_INLINE acc_t add_noise(acc_t w, float sw, float z) {
+  return sw == 0.0f ? w : w + static_cast<acc_t>(sw * z);
+}
+
+}  // namespace nft_cuda

@@ -1,0 +1,38 @@
+// The one place where every nft_cuda operator schema is declared.
+//
+// Kernels attach per dispatch key in csrc/cpu/*.cpp (CPU) and csrc/cuda/*.cu (CUDA); fake
+// (meta) kernels and autograd are registered from Python (nft_cuda/_registrations.py), so the ops
+// work under torch.compile and pass torch.library.opcheck.
+#include <Python.h>
+
+#include <torch/library.h>
+
+// `import nft_cuda._C` only needs to load this shared object so the static TORCH_LIBRARY
+// initialisers run; the module itself is empty (no pybind11, no Python-version coupling).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace {
+
+int64_t cuda_version() {
+#ifdef NFT_CUDA_VERSION
+  return NFT_CUDA_VERSION;
+#else
+  return -1;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nft_cuda, m) {
+  // Raw Philox4x32-10 blocks: counter int64 [..., 4], key int64 [2] (words in [0, 2^32)).
+  m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
+  // float32 [streams, numel]: DESIGN §3 normals of elements 0..numel-1, streams offset.. (rng = (seed, offset)).
+  m.def("philox_normal(Tensor rng, int numel, int streams) -> Tensor");
+  // [S, *weight.shape]: W + sigma_w * z for sample t < S = sigmas.numel() (DESIGN §2, §4.1).
+  m.def("perturb(Tensor weight, Tensor rng, Tensor sigmas, float scale, float state_factor) -> Tensor");
+  // CUDA_VERSION the extension was compiled with, -1 for a CPU-only build.
+  m.def("_cuda_version() -> int", &cuda_version);
+}

@@ -1,0 +1,18 @@
+"""nft_cuda: Negative Feedback Training and robustness evaluation for NVCIM DNN accelerators.
+
+Device variation (DESIGN §2) is simulated with one counter-based random stream (DESIGN §3) that is
+the same on CPU, CUDA and the pure-PyTorch fallback, generated on the fly and never stored.
+"""
+
+from nft_cuda import _ext
+from nft_cuda._ext import backend_info
+
+if _ext.HAS_C:
+    from nft_cuda import _registrations  # noqa: F401
+
+from nft_cuda import ops, reference, rng
+from nft_cuda.variation import PRESETS, Variation
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__"]
