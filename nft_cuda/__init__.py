@@ -12,7 +12,11 @@ if _ext.HAS_C:
 
 from nft_cuda import ops, reference, rng
 from nft_cuda.variation import PRESETS, Variation
+from nft_cuda.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
+from nft_cuda.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__"]
+__all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__",
+           "NoisyLinear", "NoisyConv1d", "NoisyConv2d", "NoisyModule", "convert", "strip", "noisy_layers",
+           "set_noise_mode", "set_instance", "noise_mode"]

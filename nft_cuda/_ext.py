@@ -54,10 +54,18 @@ _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _warned: set[tuple[str, str]] = set()
 
 
+# Which (op, device type) pairs have a compiled kernel, read once from the dispatcher at import:
+# a plain dict lookup is a constant to torch.compile, while the dispatcher query cannot be traced.
+_KERNELS = {
+    (op, device_type): bool(HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", key))
+    for op in OPS
+    for device_type, key in _DISPATCH_KEY.items()
+}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """True when a compiled kernel of ``nft_cuda::op`` is registered for ``device_type``."""
-    key = _DISPATCH_KEY.get(device_type)
-    return bool(HAS_C and key and torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", key))
+    return _KERNELS.get((op, device_type), False)
 
 
 def use_kernel(op: str, device: torch.device) -> bool:

@@ -81,7 +81,8 @@ at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at
   at::Tensor out = at::empty(out_shape, w.options());
   if (n == 0 || samples == 0) return out;
 
-  const int64_t* r = rng.contiguous().const_data_ptr<int64_t>();
+  const at::Tensor rng_c = rng.contiguous();  // keep the copy alive while reading it
+  const int64_t* r = rng_c.const_data_ptr<int64_t>();
   const uint64_t seed = static_cast<uint64_t>(r[0]);
   const uint64_t offset = static_cast<uint64_t>(r[1]);
 

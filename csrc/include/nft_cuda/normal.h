@@ -5,8 +5,8 @@
 // Lanes: 0 -> (u0,u1) cos, 1 -> (u0,u1) sin, 2 -> (u2,u3) cos, 3 -> (u2,u3) sin.
 //
 // The trigonometric part must not lose accuracy for u_b near 1 (2π u_b near 2π): CUDA uses
-// sincospif (exact argument reduction, no local-memory slow path); the host evaluates the
-// product and the sine/cosine in double, which is exact enough and has no slow path either.
+// sincospif (exact argument reduction, no local-memory slow path); the host uses the float
+// polynomial sincospi_host below, exact argument reduction included.
 #pragma once
 
 #include <cmath>
@@ -21,17 +21,39 @@ NFT_INLINE float uniform_from_word(uint32_t x) {
   return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;  // 2^-23
 }
 
+#if !defined(__CUDA_ARCH__)
+// sin(πx) and cos(πx) for x in (0, 2) on the host, with exact argument reduction: x = 2u is a
+// multiple of 2^-23, so y = x - j/2 (j = nearest quadrant) is exact and |y| <= 1/4; the Taylor
+// polynomials of sin(πy) (degree 9) and cos(πy) (degree 10) are then accurate to ~1e-9, well
+// below float32 rounding. Float-only arithmetic keeps the scalar loop cheap.
+inline void sincospi_host(float x, float& s, float& c) {
+  const float j = std::nearbyint(2.0f * x);
+  const float y = x - 0.5f * j;
+  const float y2 = y * y;
+  const float sp = y * (3.14159265358979f +
+                        y2 * (-5.16771278004997f +
+                              y2 * (2.55016403987735f + y2 * (-0.599264529320792f + y2 * 0.0821458866111282f))));
+  const float cp = 1.0f + y2 * (-4.93480220054468f +
+                                y2 * (4.05871212641677f +
+                                      y2 * (-1.33526276885459f + y2 * (0.235330630358893f - y2 * 0.0258068913900141f))));
+  switch (static_cast<int>(j) & 3) {
+    case 0: s = sp; c = cp; break;
+    case 1: s = cp; c = -sp; break;
+    case 2: s = -sp; c = -cp; break;
+    default: s = -cp; c = sp; break;
+  }
+}
+#endif
+
 // (r cos 2πu_b, r sin 2πu_b) with r = sqrt(-2 ln u_a).
 NFT_INLINE void box_muller(float ua, float ub, float& z_cos, float& z_sin) {
+  float s, c;
 #if defined(__CUDA_ARCH__)
   const float r = sqrtf(-2.0f * logf(ua));
-  float s, c;
   sincospif(2.0f * ub, &s, &c);
 #else
   const float r = std::sqrt(-2.0f * std::log(ua));
-  const double angle = 6.283185307179586476925 * static_cast<double>(ub);
-  const float s = static_cast<float>(std::sin(angle));
-  const float c = static_cast<float>(std::cos(angle));
+  sincospi_host(2.0f * ub, s, c);
 #endif
   z_cos = r * c;
   z_sin = r * s;

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# GPU check, run on a lent GPU machine (see DEVELOPERS notes): builds the extension for the local
+# GPU, then in tiers under `timeout`: the full test suite (CUDA tests run, none may skip), a
+# compute-sanitizer pass on a small case, and the GPU benchmarks. Logs go under $OUT (default ./out).
+#   bash benchmarks/gpu_check.sh            # all tiers
+#   TIERS="build tests" bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+TIERS=${TIERS:-"build tests sanitizer bench"}
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+summary="$OUT/summary.txt"
+: > "$summary"
+note() { echo "$*" | tee -a "$summary"; }
+
+note "gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$summary"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>&1 | tee -a "$summary"
+
+tier() { case " $TIERS " in *" $1 "*) return 0;; *) return 1;; esac; }
+
+if tier build; then
+  start=$(date +%s)
+  # In place: no pip metadata needed on the device, and nothing outside the tree is touched.
+  timeout 600 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; rc=$?
+  note "build: rc=$rc in $(( $(date +%s) - start )) s"
+fi
+
+if tier tests; then
+  start=$(date +%s)
+  timeout 420 $PY -m pytest tests -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1; rc=$?
+  note "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/tests.log")"
+  grep -E "SKIPPED|FAILED|ERROR" "$OUT/tests.log" | head -n 40 >> "$summary"
+fi
+
+if tier sanitizer; then
+  CS=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  for tool in memcheck racecheck; do
+    start=$(date +%s)
+    timeout 300 "$CS" --tool "$tool" --error-exitcode 3 $PY benchmarks/sanitizer_case.py > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
+    note "compute-sanitizer $tool: rc=$rc in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1)"
+  done
+fi
+
+if tier bench; then
+  start=$(date +%s)
+  timeout 300 $PY -m benchmarks.bench_perturb --device cuda --json "$OUT/bench_perturb.json" > "$OUT/bench.log" 2>&1; rc=$?
+  note "bench_perturb: rc=$rc in $(( $(date +%s) - start )) s"
+  cat "$OUT/bench.log" >> "$summary"
+fi
+cat "$summary"

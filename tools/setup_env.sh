@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Idempotent set-up used by the README commands and by CI:
+#   1. a virtual environment in .venv (override: NFT_VENV) with torch and the demo/test dependencies;
+#   2. nft_cuda installed in editable mode with its extension built in place.
+# Re-running it installs nothing that is already there and rebuilds the extension only when a
+# file under csrc/ or setup.py is newer than the built library (so the test command never rebuilds
+# what CI has just built). Build switches (FORCE_CUDA, NFT_CUDA_SKIP_CUDA, TORCH_CUDA_ARCH_LIST, ...)
+# are documented in setup.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+VENV=${NFT_VENV:-.venv}
+TORCH_SPEC=${NFT_TORCH_SPEC:-torch==2.14.1}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+if ! "$VENV/bin/python" -c "import torch, numpy, pytest, hypothesis, tqdm, matplotlib, ninja, setuptools" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC and the demo/test dependencies"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" numpy pytest hypothesis tqdm matplotlib ninja \
+    "setuptools>=64" wheel 2>&1 | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import torch; print('[setup] torch', torch.__version__)"
+fi
+
+lib=$(ls nft_cuda/_C*.so 2>/dev/null | head -n 1 || true)
+stale=""
+if [ -z "$lib" ]; then
+  stale="no built extension"
+elif [ -n "$(find csrc setup.py -newer "$lib" -print -quit)" ]; then
+  stale="sources changed since the last build"
+elif ! "$VENV/bin/pip" show -q nft_cuda >/dev/null 2>&1; then
+  stale="nft_cuda is not installed in $VENV"
+fi
+if [ -n "$stale" ]; then
+  echo "[setup] building nft_cuda ($stale)"
+  start=$(date +%s)
+  "$VENV/bin/pip" install --disable-pip-version-check --no-build-isolation --no-deps -v -e . > build.log 2>&1 || {
+    grep -E "error|nft_cuda setup" build.log | tail -n 40; echo "[setup] build failed: see build.log"; exit 1; }
+  grep "nft_cuda setup" build.log | sed 's/^ *//' | sort -u
+  echo "[setup] built in $(( $(date +%s) - start )) s (log: build.log)"
+else
+  echo "[setup] nft_cuda is built and up to date ($lib)"
+fi
