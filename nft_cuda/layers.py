@@ -1,0 +1,483 @@
+"""Drop-in noisy layers: :class:`NoisyLinear`, :class:`NoisyConv1d`, :class:`NoisyConv2d` (DESIGN §2, §3, §4.4, §5).
+
+Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
+included, same parameters and ``state_dict`` keys) and adds:
+
+* ``variation``: the :class:`~nft_cuda.Variation` of the layer (a plain attribute, not a parameter);
+* ``mode``: the noise mode (DESIGN §2 "When noise is drawn"):
+
+  - ``"train"``: a fresh draw on every forward call. The layer draws its rng tensor int64[2] =
+    (seed, offset) with ``torch.randint`` on the weight's device from torch's default generator, or from
+    ``generator`` when one is set, so ``torch.manual_seed`` reproduces a run, nothing synchronises with
+    the host and a captured CUDA graph draws fresh noise on every replay;
+  - ``"instance"``: one fixed draw per chip instance: layer ℓ (``layer_index``, its position among the
+    noisy layers of the model in ``named_modules()`` order) of instance r uses
+    (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward;
+  - ``"off"``: the clean weight (plain ``F.linear`` / ``F.conv``).
+
+  The noise mode is independent of ``module.training``: robustness evaluation runs noisy layers in
+  ``eval()`` mode.
+* ``generator``: an optional ``torch.Generator`` (on the weight's device) for the train-mode draws.
+
+The noise of a forward is exactly ``nft_cuda.ops.perturb(weight, variation, rng=rng)[0]`` for that
+forward's rng. The noisy weight is a temporary of the forward: backward saves only the inputs, the
+(clean) weight parameter and the rng tensor, and regenerates the noisy weight from the rng (DESIGN §3).
+The weight gradient is straight-through (DESIGN §2): dL/dW = dL/dW_noisy, e.g. gᵀx for a linear layer.
+Double backward raises a RuntimeError. Under ``torch.autocast`` the weight is perturbed in its own dtype
+and the matmul/convolution runs in the autocast dtype, as ``F.linear``/``F.conv2d`` would.
+
+A layer constructed without a variation has mode ``"off"`` (a plain layer); asking for ``"train"`` or
+``"instance"`` without a variation raises ValueError.
+
+Every mode traces under ``torch.compile(fullgraph=True)`` without graph breaks (autocast included); the
+compiled graph, too, saves only the rng and regenerates the noise in backward. (On CPU with torch 2.14
+the compiled and eager draws are the same for one ``torch.manual_seed``; inductor does not promise that
+for random ops in general, only reproducibility of each.)
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nft_cuda import _args, ops
+from nft_cuda.variation import Variation
+
+__all__ = ["MODES", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule"]
+
+#: Noise modes of a noisy layer.
+MODES = ("train", "instance", "off")
+
+_DOUBLE_BACKWARD_MSG = (
+    b"nft_cuda noisy layers do not support double backward: their backward regenerates the noise and "
+    b"is differentiable only once (the straight-through weight gradient has no second derivative)"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise: exactly nft_cuda.ops.perturb (traced by torch.compile without a graph break).
+# --------------------------------------------------------------------------------------------------
+
+
+def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation) -> torch.Tensor:
+    """W_noisy [*weight.shape] = ``ops.perturb(weight, variation, rng=rng, samples=1)[0]`` (detached)."""
+    return ops.perturb(weight.detach(), variation, rng=rng)[0]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
+    device_type = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    if t is None or dtype is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+def _once_differentiable(grads: tuple) -> tuple:
+    """Make a second differentiation through these gradients raise a clear RuntimeError.
+
+    Only matters when backward runs with create_graph=True (grad mode on inside backward); compiled
+    graphs have their own double-backward error.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return grads
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return grads
+    tensors = []
+    for i in idx:
+        t = grads[i].detach()
+        t.requires_grad_(True)
+        tensors.append(t)
+    wrapped = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MSG, len(tensors))(*tensors)
+    if isinstance(wrapped, torch.Tensor):
+        wrapped = (wrapped,)
+    out = list(grads)
+    for i, t in zip(idx, wrapped):
+        out[i] = t
+    return tuple(out)
+
+
+class _NoisyLinearFn(torch.autograd.Function):
+    """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rng, variation, compute_dtype):
+        w_noisy = _noisy_weight(weight, rng, variation)
+        xc = _cast(x, compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(xc, _cast(w_noisy, compute_dtype), _cast(bias, compute_dtype))
+        del w_noisy
+        ctx.save_for_backward(xc, weight, rng)
+        ctx.variation = variation
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, weight, rng = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
+        g = grad_out.to(c_dtype)
+        gx = gw = gb = None
+        with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                w_noisy = _noisy_weight(weight, rng, ctx.variation).to(c_dtype)
+                gx = torch.matmul(g, w_noisy).to(x_dtype)
+                del w_noisy
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[1]:
+                # Straight-through: dL/dW = dL/dW_noisy = gᵀx; needs no weight at all.
+                gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+            if b_dtype is not None and ctx.needs_input_grad[2]:
+                gb = g2.sum(0).to(b_dtype)
+        gx, gw, gb = _once_differentiable((gx, gw, gb))
+        return gx, gw, gb, None, None, None
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+class _NoisyConvFn(torch.autograd.Function):
+    """y = conv(x, W_noisy, b) with W_noisy regenerated in backward (never saved). x is pre-padded
+    for non-zero padding modes and string paddings, so ``padding`` is a tuple of ints here."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rng, variation, compute_dtype, stride, padding,
+                dilation, groups):
+        w_noisy = _noisy_weight(weight, rng, variation)
+        xc = _cast(x, compute_dtype)
+        conv = _CONV[weight.dim() - 2]
+        with torch.autocast(x.device.type, enabled=False):
+            out = conv(xc, _cast(w_noisy, compute_dtype), _cast(bias, compute_dtype), stride, padding, dilation,
+                       groups)
+        del w_noisy
+        ctx.save_for_backward(xc, weight, rng)
+        ctx.variation = variation
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, weight, rng = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
+        stride, padding, dilation, groups = ctx.conv
+        need_x = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = b_dtype is not None and ctx.needs_input_grad[2]
+        gx = gw = gb = None
+        if need_x or need_w or need_b:
+            g = grad_out.to(c_dtype)
+            with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+                # The weight gradient does not depend on the weight's values (straight-through), so
+                # the noise is regenerated only when the input gradient needs it.
+                if need_x:
+                    w = _noisy_weight(weight, rng, ctx.variation).to(c_dtype)
+                else:
+                    w = weight.detach().to(c_dtype)
+                gx, gw, gb = torch.ops.aten.convolution_backward(
+                    g, xc, w, [weight.shape[0]] if need_b else None, list(stride), list(padding),
+                    list(dilation), False, [0] * len(stride), groups, [need_x, need_w, need_b])
+                del w
+                gx = gx.to(x_dtype) if need_x else None
+                gw = gw.to(w_dtype) if need_w else None
+                gb = gb.to(b_dtype) if need_b else None
+        gx, gw, gb = _once_differentiable((gx, gw, gb))
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_mode(mode) -> str:
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {', '.join(MODES)}; got {type(mode).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown noise mode '{mode}'; choose one of {', '.join(MODES)}")
+    return mode
+
+
+def _check_uint(name: str, value, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2^{bits}), got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
+    return value
+
+
+class NoisyModule(nn.Module):
+    """Noise state shared by the noisy layers (a mixin; see the module docstring).
+
+    Attributes:
+        variation: :class:`~nft_cuda.Variation` or None (then the mode is ``"off"``).
+        mode: ``"train"``, ``"instance"`` or ``"off"``.
+        generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
+        layer_index: ℓ, the layer's position among the noisy layers of its model (set by
+            :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`; 0 for a lone layer).
+        instance_seed, instance: the (seed, r) of the last :meth:`set_instance`, or None.
+    """
+
+    def _init_noise(self, variation, mode, generator) -> None:
+        self._variation = None
+        self._mode = "off"
+        self.variation = variation
+        self.mode = ("train" if variation is not None else "off") if mode is None else mode
+        self.generator = generator
+        self.layer_index = 0
+        self.instance_seed: int | None = None
+        self.instance: int | None = None
+        self.register_buffer("_instance_rng", None, persistent=False)
+
+    # -- attributes ---------------------------------------------------------------------------------
+
+    @property
+    def variation(self) -> Variation | None:
+        return self._variation
+
+    @variation.setter
+    def variation(self, value) -> None:
+        if value is not None and not isinstance(value, Variation):
+            raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
+        if value is None and getattr(self, "_mode", "off") != "off":
+            raise ValueError(f"cannot remove the variation of a layer in noise mode '{self._mode}'; "
+                             "set mode='off' first")
+        self._variation = value
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value) -> None:
+        value = _check_mode(value)
+        if value != "off" and self._variation is None:
+            raise ValueError(f"noise mode '{value}' needs a variation; pass variation=nft_cuda.Variation(...) "
+                             "or use mode='off'")
+        if value == "instance" and self._buffers.get("_instance_rng") is None:
+            raise ValueError("noise mode 'instance' needs a chip instance: call set_instance(seed, instance) "
+                             "(or nft_cuda.set_instance(model, seed, instance))")
+        self._mode = value
+
+    def set_instance(self, seed: int, instance: int, layer_index: int | None = None) -> None:
+        """Switch to mode ``"instance"``: rng = (seed, (layer_index << 32) | instance) (DESIGN §2).
+
+        Args:
+            seed: the evaluation seed, in [0, 2^63).
+            instance: the chip instance r, in [0, 2^32).
+            layer_index: ℓ in [0, 2^31); default: the layer's current ``layer_index``.
+
+        The rng is a non-persistent int64[2] buffer on the weight's device (it follows ``.to()``);
+        an existing one is updated in place without a host synchronisation, so a CUDA graph or a
+        compiled graph captured in instance mode sees the new instance.
+        """
+        if self._variation is None:
+            raise ValueError("set_instance needs a variation; set layer.variation first")
+        seed = _args.check_seed_int("seed", seed)
+        instance = _check_uint("instance", instance, 32)
+        if layer_index is None:
+            layer_index = self.layer_index
+        layer_index = _check_uint("layer_index", layer_index, 31)
+        offset = (layer_index << 32) | instance
+        device = self.weight.device
+        buf = self._buffers.get("_instance_rng")
+        if buf is None or buf.device != device:
+            self._instance_rng = _args.make_rng(seed, offset, device)
+        else:
+            buf[0].fill_(seed)
+            buf[1].fill_(offset)
+        self.layer_index = layer_index
+        self.instance_seed, self.instance = seed, instance
+        self._mode = "instance"
+
+    # -- noise ------------------------------------------------------------------------------------
+
+    def _forward_rng(self) -> torch.Tensor | None:
+        """The rng tensor of this forward, or None in mode off."""
+        mode = self._mode
+        if mode == "off":
+            return None
+        if self._variation is None:
+            raise RuntimeError(f"{type(self).__name__} in noise mode '{mode}' has no variation")
+        if mode == "instance":
+            rng = self._instance_rng
+            if rng.device != self.weight.device:
+                raise RuntimeError(f"the instance rng is on {rng.device} but the weight is on {self.weight.device}; "
+                                   "call set_instance again after moving the weight")
+            return rng
+        gen = self.generator
+        if gen is not None and gen.device != self.weight.device:
+            raise ValueError(f"generator is on {gen.device} but the weight is on {self.weight.device}")
+        return _args.random_rng(self.weight.device, gen)
+
+    def noisy_weight(self, rng: torch.Tensor | None = None) -> torch.Tensor:
+        """The noisy weight W_noisy [*weight.shape] (detached) for ``rng`` (int64[2] on the weight's
+        device), or for the rng the layer's next forward would use (a fresh draw in mode train).
+        Equal to ``nft_cuda.ops.perturb(weight, variation, rng=rng)[0]``; the clean weight in mode off
+        when no rng is given."""
+        if rng is None:
+            rng = self._forward_rng()
+            if rng is None:
+                return self.weight.detach().clone()
+        elif self._variation is None:
+            raise ValueError("noisy_weight needs a variation")
+        with torch.no_grad():
+            return _noisy_weight(self.weight, rng, self._variation)
+
+    def _noise_repr(self) -> str:
+        return f"variation={self._variation}, mode={self._mode}"
+
+
+class NoisyLinear(NoisyModule, nn.Linear):
+    """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        variation: the :class:`~nft_cuda.Variation`; None gives a plain linear layer (mode off).
+        mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
+            :meth:`set_instance`) or ``"off"`` (default without a variation).
+        generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
+
+    Shapes: input [*, in_features] → output [*, out_features]; weight [out_features, in_features].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, variation: Variation | None = None, *, mode: str | None = None,
+                    generator: torch.Generator | None = None) -> "NoisyLinear":
+        """A NoisyLinear sharing ``module``'s parameters (the same Parameter objects)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"NoisyLinear.from_module expects an nn.Linear, got {type(module).__name__}")
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                  variation=variation, mode=mode, generator=generator)
+        _share_parameters(new, module)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        rng = self._forward_rng()
+        if rng is None:
+            return F.linear(input, self.weight, self.bias)
+        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, self._variation, _compute_dtype(input))
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._noise_repr()}"
+
+
+class _NoisyConvNd(NoisyModule):
+    _base: type
+
+    def _noisy_conv(self, input: torch.Tensor) -> torch.Tensor:
+        rng = self._forward_rng()
+        if rng is None:
+            return self._base._conv_forward(self, input, self.weight, self.bias)
+        n = self.weight.dim() - 2
+        if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
+            return self._conv_with_rng(input.unsqueeze(0), rng).squeeze(0)
+        return self._conv_with_rng(input, rng)
+
+    def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+        n = self.weight.dim() - 2
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            # As nn.ConvNd: explicit padding (also resolves 'same'/'valid', possibly asymmetric).
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            if any(self._reversed_padding_repeated_twice):
+                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * n
+        else:
+            padding = tuple(self.padding)
+        return _NoisyConvFn.apply(input, self.weight, self.bias, rng, self._variation, _compute_dtype(input),
+                                  tuple(self.stride), padding, tuple(self.dilation), self.groups)
+
+    @classmethod
+    def from_module(cls, module, variation: Variation | None = None, *, mode: str | None = None,
+                    generator: torch.Generator | None = None):
+        """A noisy convolution sharing ``module``'s parameters (the same Parameter objects)."""
+        if not isinstance(module, cls._base):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, "
+                            f"got {type(module).__name__}")
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                  padding=module.padding, dilation=module.dilation, groups=module.groups,
+                  bias=module.bias is not None, padding_mode=module.padding_mode, device="meta",
+                  variation=variation, mode=mode, generator=generator)
+        _share_parameters(new, module)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
+
+
+class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
+    """Drop-in ``nn.Conv1d`` whose weight is perturbed by device variation on every forward.
+
+    Args: as ``nn.Conv1d``, plus ``variation``, ``mode`` and ``generator`` as :class:`NoisyLinear`.
+
+    Shapes: input [N, C_in, L] (or [C_in, L]) → [N, C_out, L_out]; weight [C_out, C_in/groups, k].
+    """
+
+    _base = nn.Conv1d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
+                           dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._noisy_conv(input)
+
+
+class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` whose weight is perturbed by device variation on every forward.
+
+    Args: as ``nn.Conv2d`` (all padding modes, string paddings, groups, dilation), plus ``variation``,
+    ``mode`` and ``generator`` as :class:`NoisyLinear`.
+
+    Shapes: input [N, C_in, H, W] (or [C_in, H, W]) → [N, C_out, H_out, W_out];
+    weight [C_out, C_in/groups, kh, kw].
+    """
+
+    _base = nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
+                           dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self._noisy_conv(input)
+
+
+def _share_parameters(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the Parameter objects of ``old`` (built on the meta device, it owns none) and its
+    train/eval flag."""
+    new.weight = old.weight
+    new.bias = old.bias
+    new.train(old.training)
+
+
+#: plain module class → noisy class
+NOISY_CLASSES: dict[type, type] = {nn.Linear: NoisyLinear, nn.Conv1d: NoisyConv1d, nn.Conv2d: NoisyConv2d}
+#: noisy class → plain module class
+PLAIN_CLASSES: dict[type, type] = {v: k for k, v in NOISY_CLASSES.items()}
