@@ -67,6 +67,24 @@ def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation)
     return ops.perturb(weight.detach(), variation, rng=rng)[0]
 
 
+def _noisy_weights(weight: torch.Tensor, rng: torch.Tensor, variation: Variation,
+                   sigmas: torch.Tensor | None) -> torch.Tensor:
+    """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
+    if sigmas is None:
+        return ops.perturb(weight.detach(), variation, rng=rng)
+    return ops.perturb(weight.detach(), variation, rng=rng, samples=sigmas.shape[0], sigmas=sigmas)
+
+
+def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
+    """The S chunks of a tensor whose batch axis holds S samples of B rows each ([S·B, ...])."""
+    if samples == 1:
+        return [t]
+    if t.shape[0] % samples:
+        raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+                         f"{samples}, got {t.shape[0]}")
+    return list(t.chunk(samples, dim=0))
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
     device_type = x.device.type
@@ -107,39 +125,55 @@ def _once_differentiable(grads: tuple) -> tuple:
 
 
 class _NoisyLinearFn(torch.autograd.Function):
-    """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved)."""
+    """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved).
+
+    With ``sigmas`` (float32 [S]) the batch axis of x holds S samples of B rows each and chunk t is
+    multiplied by the noisy weight of stream offset + t at σ_d = sigmas[t] (the sample axis of OVF and
+    batched Monte-Carlo instances); each chunk is the same computation as a one-sample forward.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rng, variation, compute_dtype):
-        w_noisy = _noisy_weight(weight, rng, variation)
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
+        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+        samples = w_noisy.shape[0]
         xc = _cast(x, compute_dtype)
+        bc = _cast(bias, compute_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out = F.linear(xc, _cast(w_noisy, compute_dtype), _cast(bias, compute_dtype))
+            w_noisy = _cast(w_noisy, compute_dtype)
+            chunks = _split_samples(xc, samples)
+            outs = []  # a plain loop: a comprehension would make w_noisy a cell, which dynamo cannot `del`
+            for t, chunk in enumerate(chunks):
+                outs.append(F.linear(chunk, w_noisy[t], bc))
+            out = outs[0] if samples == 1 else torch.cat(outs, dim=0)
         del w_noisy
-        ctx.save_for_backward(xc, weight, rng)
+        ctx.save_for_backward(xc, weight, rng, sigmas)
         ctx.variation = variation
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, weight, rng = ctx.saved_tensors
+        xc, weight, rng, sigmas = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
         g = grad_out.to(c_dtype)
         gx = gw = gb = None
         with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                w_noisy = _noisy_weight(weight, rng, ctx.variation).to(c_dtype)
-                gx = torch.matmul(g, w_noisy).to(x_dtype)
+                w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
+                chunks = _split_samples(g, w_noisy.shape[0])
+                gxs = []
+                for t, chunk in enumerate(chunks):
+                    gxs.append(torch.matmul(chunk, w_noisy[t]))
+                gx = (gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=0)).to(x_dtype)
                 del w_noisy
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[1]:
-                # Straight-through: dL/dW = dL/dW_noisy = gᵀx; needs no weight at all.
+                # Straight-through: dL/dW = Σ_samples dL/dW_noisy = gᵀx over every row; needs no weight.
                 gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
             if b_dtype is not None and ctx.needs_input_grad[2]:
                 gb = g2.sum(0).to(b_dtype)
         gx, gw, gb = _once_differentiable((gx, gw, gb))
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -147,19 +181,26 @@ _CONV = {1: F.conv1d, 2: F.conv2d}
 
 class _NoisyConvFn(torch.autograd.Function):
     """y = conv(x, W_noisy, b) with W_noisy regenerated in backward (never saved). x is pre-padded
-    for non-zero padding modes and string paddings, so ``padding`` is a tuple of ints here."""
+    for non-zero padding modes and string paddings, so ``padding`` is a tuple of ints here.
+    ``sigmas`` adds a sample axis as in :class:`_NoisyLinearFn`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rng, variation, compute_dtype, stride, padding,
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding,
                 dilation, groups):
-        w_noisy = _noisy_weight(weight, rng, variation)
+        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+        samples = w_noisy.shape[0]
         xc = _cast(x, compute_dtype)
+        bc = _cast(bias, compute_dtype)
         conv = _CONV[weight.dim() - 2]
         with torch.autocast(x.device.type, enabled=False):
-            out = conv(xc, _cast(w_noisy, compute_dtype), _cast(bias, compute_dtype), stride, padding, dilation,
-                       groups)
+            w_noisy = _cast(w_noisy, compute_dtype)
+            chunks = _split_samples(xc, samples)
+            outs = []
+            for t, chunk in enumerate(chunks):
+                outs.append(conv(chunk, w_noisy[t], bc, stride, padding, dilation, groups))
+            out = outs[0] if samples == 1 else torch.cat(outs, dim=0)
         del w_noisy
-        ctx.save_for_backward(xc, weight, rng)
+        ctx.save_for_backward(xc, weight, rng, sigmas)
         ctx.variation = variation
         ctx.conv = (stride, padding, dilation, groups)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
@@ -167,7 +208,7 @@ class _NoisyConvFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        xc, weight, rng = ctx.saved_tensors
+        xc, weight, rng, sigmas = ctx.saved_tensors
         x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
         stride, padding, dilation, groups = ctx.conv
         need_x = ctx.needs_input_grad[0]
@@ -176,22 +217,28 @@ class _NoisyConvFn(torch.autograd.Function):
         gx = gw = gb = None
         if need_x or need_w or need_b:
             g = grad_out.to(c_dtype)
+            conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
             with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
-                # The weight gradient does not depend on the weight's values (straight-through), so
-                # the noise is regenerated only when the input gradient needs it.
+                if need_w or need_b:
+                    # Straight-through: the weight gradient does not depend on the weight's values and
+                    # sums over every row of every sample, so one call over the whole batch serves all.
+                    _, gw, gb = torch.ops.aten.convolution_backward(
+                        g, xc, weight.detach().to(c_dtype), [weight.shape[0]] if need_b else None, *conv_args,
+                        [False, need_w, need_b])
+                    gw = gw.to(w_dtype) if need_w else None
+                    gb = gb.to(b_dtype) if need_b else None
                 if need_x:
-                    w = _noisy_weight(weight, rng, ctx.variation).to(c_dtype)
-                else:
-                    w = weight.detach().to(c_dtype)
-                gx, gw, gb = torch.ops.aten.convolution_backward(
-                    g, xc, w, [weight.shape[0]] if need_b else None, list(stride), list(padding),
-                    list(dilation), False, [0] * len(stride), groups, [need_x, need_w, need_b])
-                del w
-                gx = gx.to(x_dtype) if need_x else None
-                gw = gw.to(w_dtype) if need_w else None
-                gb = gb.to(b_dtype) if need_b else None
+                    w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
+                    g_chunks = _split_samples(g, w_noisy.shape[0])
+                    x_chunks = _split_samples(xc, w_noisy.shape[0])
+                    gxs = []
+                    for t, (gc, xs) in enumerate(zip(g_chunks, x_chunks)):
+                        gxs.append(torch.ops.aten.convolution_backward(gc, xs, w_noisy[t], None, *conv_args,
+                                                                       [True, False, False])[0])
+                    gx = (gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=0)).to(x_dtype)
+                    del w_noisy
         gx, gw, gb = _once_differentiable((gx, gw, gb))
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,6 +285,7 @@ class NoisyModule(nn.Module):
         self.instance_seed: int | None = None
         self.instance: int | None = None
         self.register_buffer("_instance_rng", None, persistent=False)
+        self._sample_plan: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # -- attributes ---------------------------------------------------------------------------------
 
@@ -302,8 +350,29 @@ class NoisyModule(nn.Module):
 
     # -- noise ------------------------------------------------------------------------------------
 
+    def set_sample_plan(self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None) -> None:
+        """Override the noise of the following forwards (used by OVF and batched Monte-Carlo; see
+        :mod:`nft_cuda.sample_axis`): stream t of ``rng`` (offset + t) at σ_d = ``sigmas[t]`` for the
+        t-th chunk of the batch axis, S = len(sigmas). ``None`` restores the layer's own mode."""
+        if rng is None:
+            self._sample_plan = None
+            return
+        if self._variation is None:
+            raise ValueError("a sample plan needs a variation; set layer.variation first")
+        if sigmas is None:
+            sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=rng.device)
+        self._sample_plan = (rng, sigmas)
+
+    def _forward_noise(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(rng, sigmas or None) of this forward, or None for a clean forward."""
+        plan = self._sample_plan
+        if plan is not None:
+            return plan
+        rng = self._forward_rng()
+        return None if rng is None else (rng, None)
+
     def _forward_rng(self) -> torch.Tensor | None:
-        """The rng tensor of this forward, or None in mode off."""
+        """The rng tensor of this forward in the layer's own mode, or None in mode off."""
         mode = self._mode
         if mode == "off":
             return None
@@ -369,10 +438,12 @@ class NoisyLinear(NoisyModule, nn.Linear):
         return new
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        rng = self._forward_rng()
-        if rng is None:
+        noise = self._forward_noise()
+        if noise is None:
             return F.linear(input, self.weight, self.bias)
-        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, self._variation, _compute_dtype(input))
+        rng, sigmas = noise
+        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation,
+                                    _compute_dtype(input))
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._noise_repr()}"
@@ -382,15 +453,15 @@ class _NoisyConvNd(NoisyModule):
     _base: type
 
     def _noisy_conv(self, input: torch.Tensor) -> torch.Tensor:
-        rng = self._forward_rng()
-        if rng is None:
+        noise = self._forward_noise()
+        if noise is None:
             return self._base._conv_forward(self, input, self.weight, self.bias)
         n = self.weight.dim() - 2
         if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
-            return self._conv_with_rng(input.unsqueeze(0), rng).squeeze(0)
-        return self._conv_with_rng(input, rng)
+            return self._conv_with_rng(input.unsqueeze(0), *noise).squeeze(0)
+        return self._conv_with_rng(input, *noise)
 
-    def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor) -> torch.Tensor:
+    def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None) -> torch.Tensor:
         n = self.weight.dim() - 2
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             # As nn.ConvNd: explicit padding (also resolves 'same'/'valid', possibly asymmetric).
@@ -400,7 +471,7 @@ class _NoisyConvNd(NoisyModule):
             padding = (0,) * n
         else:
             padding = tuple(self.padding)
-        return _NoisyConvFn.apply(input, self.weight, self.bias, rng, self._variation, _compute_dtype(input),
+        return _NoisyConvFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, _compute_dtype(input),
                                   tuple(self.stride), padding, tuple(self.dilation), self.groups)
 
     @classmethod

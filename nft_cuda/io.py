@@ -1,0 +1,93 @@
+"""Saving and loading exported models (backbone + noisy-layer variations), safely.
+
+An exported model file is a plain dict of tensors, numbers and strings written atomically
+(temp file + fsync + rename) and read with ``torch.load(weights_only=True)``: no pickle of code.
+
+    {"format": "nft_cuda.model/1",
+     "model": {"name", "in_channels", "num_classes", "input_size", "width"},   # nft_cuda.models.build_model
+     "variation": {"sigma", "device_model", "weight_bits", "device_bits"},    # of every noisy layer
+     "noisy": [names of the noisy layers],                                    # convert(include=...)
+     "state_dict": {...},                                                     # backbone only, no IRS heads
+     "meta": {...}}                                                           # method, dataset, versions, ...
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from nft_cuda.conversion import convert, noisy_layers
+from nft_cuda.variation import Variation
+
+__all__ = ["MODEL_FORMAT", "atomic_save", "load_model", "save_model", "safe_load"]
+
+MODEL_FORMAT = "nft_cuda.model/1"
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to ``path`` through a temp file in the same directory, fsync'd, then renamed: a
+    crash leaves either the old file or the new one, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def safe_load(path: str, map_location="cpu"):
+    """torch.load with weights_only=True and clear errors for missing or unreadable files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError for bad files
+        raise ValueError(f"{path} is not a readable nft_cuda file (corrupt, truncated, or not weights-only "
+                         f"safe): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def save_model(path: str, model: nn.Module, *, spec: dict, variation: Variation, meta: dict | None = None) -> None:
+    """Export ``model`` (a backbone with noisy layers) with its architecture ``spec`` (the keyword
+    arguments of nft_cuda.models.build_model plus "name") and ``variation``."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {
+        "format": MODEL_FORMAT,
+        "model": dict(spec),
+        "variation": {"sigma": variation.sigma, "device_model": variation.device_model,
+                      "weight_bits": variation.weight_bits, "device_bits": variation.device_bits},
+        "noisy": [name for name, _ in noisy_layers(model)],
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
+    atomic_save(payload, path)
+
+
+def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
+    """(model, payload): the exported backbone rebuilt with its noisy layers (mode train) on ``device``."""
+    from nft_cuda.models import build_model
+
+    payload = safe_load(path)
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not an exported nft_cuda model (format {MODEL_FORMAT!r}); "
+                         "export one with `nft train` or nft_cuda.io.save_model")
+    spec = dict(payload["model"])
+    name = spec.pop("name")
+    model = build_model(name, **spec)
+    variation = Variation(**payload["variation"])
+    if payload["noisy"]:
+        convert(model, variation, include=payload["noisy"])
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: the weights do not match model '{name}': {str(exc).splitlines()[0]}") from None
+    return model.to(device), payload

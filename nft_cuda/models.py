@@ -1,0 +1,135 @@
+"""Models of the paper (VGG-8, CIFAR-style ResNet-18) and a small CPU-friendly model.
+
+All are plain ``torch.nn`` models: make them noisy with :func:`nft_cuda.convert`. Block names are
+stable module paths so IRS taps can name them (DESIGN §5): see :data:`IRS_TAPS`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["IRS_TAPS", "MODELS", "ResNet18", "SmallNet", "VGG8", "build_model"]
+
+
+def _conv_bn_relu(cin: int, cout: int, pool: bool) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+def _ch(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+class VGG8(nn.Module):
+    """VGG-8 as in the NeFT reference: six 3×3 conv+BN+ReLU blocks 64-128-[pool]-256-256-[pool]-512-
+    512-[pool] (no conv bias), then FC → 1024 → classes. The first FC size follows the input size.
+
+    Args:
+        in_channels, num_classes, input_size: data shape (default 3×32×32, 10 classes).
+        width: channel multiplier (1.0 = the paper's widths; smaller for CPU studies).
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0):
+        super().__init__()
+        c = [_ch(x, width) for x in (64, 128, 256, 256, 512, 512)]
+        pools = (False, True, False, True, False, True)
+        cin = in_channels
+        for i, (cout, pool) in enumerate(zip(c, pools), start=1):
+            self.add_module(f"block{i}", _conv_bn_relu(cin, cout, pool))
+            cin = cout
+        spatial = input_size // 8
+        hidden = _ch(1024, width)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(c[-1] * spatial * spatial, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(1, 7):
+            x = getattr(self, f"block{i}")(x)
+        return self.classifier(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        # A projection only where the shape changes (the reference built an unused one everywhere).
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """CIFAR-style ResNet-18: 3×3 stride-1 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with 64/128/256/512
+    channels, global average pool, FC → classes."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0):
+        super().__init__()
+        del input_size  # global average pooling makes the head independent of it
+        c = [_ch(x, width) for x in (64, 128, 256, 512)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]),
+                                  nn.ReLU(inplace=True))
+        cin = c[0]
+        for i, (cout, stride) in enumerate(zip(c, (1, 2, 2, 2)), start=1):
+            self.add_module(f"layer{i}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class SmallNet(nn.Module):
+    """A small CNN that trains on 2 CPU cores in minutes: three conv+BN+ReLU+pool blocks (16-32-64
+    channels by default), FC → 128 → classes."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, input_size: int = 32, width: float = 1.0):
+        super().__init__()
+        c = [_ch(x, width) for x in (16, 32, 64)]
+        cin = in_channels
+        for i, cout in enumerate(c, start=1):
+            self.add_module(f"block{i}", _conv_bn_relu(cin, cout, pool=True))
+            cin = cout
+        spatial = input_size // 8
+        hidden = _ch(128, width)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c[2] * spatial * spatial, hidden),
+                                        nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.block3(self.block2(self.block1(x))))
+
+
+MODELS = {"small": SmallNet, "vgg8": VGG8, "resnet18": ResNet18}
+
+#: Default IRS taps per model: module path → snapshot pool size p (DESIGN §5).
+IRS_TAPS: dict[str, dict[str, int]] = {
+    "vgg8": {"block1": 6, "block2": 4, "block4": 3},
+    "resnet18": {"stem": 6, "layer1": 6, "layer2": 4, "layer3": 3},
+    "small": {"block1": 4, "block2": 4, "block3": 2},
+}
+
+
+def build_model(name: str, *, in_channels: int, num_classes: int, input_size: int = 32,
+                width: float = 1.0) -> nn.Module:
+    """A plain model by name: "small", "vgg8" or "resnet18"."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    if width <= 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    return MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, width=width)

@@ -1,0 +1,125 @@
+"""Intermediate Representation Snapshot heads (DESIGN §4.3, §5).
+
+A head is snapshot → noisy Linear(C·p·p, hidden) → ReLU → noisy Linear(hidden, classes), where the
+snapshot is the tapped activation adaptive-average-pooled to p×p and flattened. Snapshots are taken
+by forward hooks during the single backbone forward, so IRS costs one backbone pass plus the heads.
+The heads are side branches: they never change the backbone's output, and they are dropped at
+inference (:meth:`IRSModel.backbone` is the exported model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nft_cuda.conversion import noise_mode
+from nft_cuda.layers import NoisyLinear
+from nft_cuda.variation import Variation
+
+__all__ = ["IRSHead", "IRSModel"]
+
+
+class IRSHead(nn.Module):
+    """snapshot (pool p×p + flatten) → noisy FC → ReLU → noisy FC."""
+
+    def __init__(self, channels: int, pool: int, num_classes: int, variation: Variation, hidden: int = 512):
+        super().__init__()
+        self.pool = pool
+        self.fc1 = NoisyLinear(channels * pool * pool, hidden, variation=variation)
+        self.fc2 = NoisyLinear(hidden, num_classes, variation=variation)
+        for fc in (self.fc1, self.fc2):  # as the reference heads
+            nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, activation: torch.Tensor) -> torch.Tensor:
+        snapshot = torch.flatten(F.adaptive_avg_pool2d(activation, self.pool), 1)
+        return self.fc2(F.relu(self.fc1(snapshot)))
+
+
+class IRSModel(nn.Module):
+    """A backbone with IRS heads at tap modules.
+
+    Args:
+        backbone: any model; the taps name its modules (``named_modules()`` paths).
+        taps: tap module path → pool size p.
+        num_classes: classes of the heads' outputs.
+        variation: the heads' variation (DESIGN §5 default: σ_d of training with RRAM1).
+        example_input: one input batch (any size ≥ 1) to find the tapped activations' channels.
+        hidden: width of the heads' hidden layer (512 in the paper).
+
+    ``forward(x)`` returns ``(logits, [head outputs])`` with the heads in execution order
+    (shallow → deep), as :func:`nft_cuda.train.nft_loss` expects.
+    """
+
+    def __init__(self, backbone: nn.Module, taps: Mapping[str, int], num_classes: int, variation: Variation,
+                 example_input: torch.Tensor, hidden: int = 512):
+        super().__init__()
+        modules = dict(backbone.named_modules())
+        unknown = [name for name in taps if name not in modules or name == ""]
+        if unknown:
+            raise ValueError(f"IRS taps {unknown} are not modules of the backbone; available: "
+                             f"{', '.join(n for n in modules if n)}")
+        for name, pool in taps.items():
+            if not isinstance(pool, int) or pool < 1:
+                raise ValueError(f"IRS tap '{name}': pool size must be an int >= 1, got {pool!r}")
+        self.backbone = backbone
+        self._snapshots: dict[str, torch.Tensor] = {}
+        self._capturing = False
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in taps]
+
+        # One clean forward in eval mode (no running-statistics update) finds shapes and order.
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            with torch.no_grad(), noise_mode(backbone, "off"):
+                self._capturing = True
+                backbone(example_input[:1])
+        finally:
+            self._capturing = False
+            backbone.train(was_training)
+        order = list(self._snapshots)  # insertion order = execution order
+        missing = [name for name in taps if name not in self._snapshots]
+        if missing:
+            raise ValueError(f"IRS taps {missing} were not called during the backbone's forward")
+        shapes = {name: self._snapshots[name].shape for name in order}
+        self._snapshots.clear()
+        for name in order:
+            if len(shapes[name]) != 4:
+                raise ValueError(f"IRS tap '{name}' outputs shape {list(shapes[name])}; a 4-D [B, C, H, W] "
+                                 "activation is needed")
+        self.order = order
+        self.heads = nn.ModuleDict({
+            self._key(name): IRSHead(shapes[name][1], taps[name], num_classes, variation, hidden) for name in order
+        })
+        device = next(backbone.parameters()).device
+        self.heads.to(device)
+
+    @staticmethod
+    def _key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self._capturing:
+                self._snapshots[name] = output
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self._snapshots.clear()
+        self._capturing = True
+        try:
+            logits = self.backbone(x)
+        finally:
+            self._capturing = False
+        snapshots, self._snapshots = self._snapshots, {}
+        return logits, [self.heads[self._key(name)](snapshots[name]) for name in self.order]
+
+    def remove_hooks(self) -> nn.Module:
+        """Detach from the backbone (removes the hooks) and return it: the exported model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        return self.backbone

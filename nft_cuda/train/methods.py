@@ -1,0 +1,233 @@
+"""Training methods: clean, noise injection, OVF and IRS (DESIGN §5).
+
+A method turns a plain model into what it trains (:meth:`Method.prepare`), computes the loss of one
+batch (:meth:`Method.loss`) and gives back the model to export (:meth:`Method.export`): the backbone
+with its noisy layers and their variation, never the IRS heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nft_cuda import _args
+from nft_cuda.conversion import convert, noisy_layers, set_noise_mode
+from nft_cuda.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.train.irs import IRSModel
+from nft_cuda.train.loss import nft_loss
+from nft_cuda.variation import Variation
+
+__all__ = ["METHODS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "default_beta", "build_method"]
+
+# Default feedback gain β per (model, dataset) as in the reference code (paper-facts §2, §3).
+_BETA = {
+    "ovf": {("vgg8", "mnist"): 1e-3, ("vgg8", "cifar10"): 1e-3, ("resnet18", "mnist"): 1e-4,
+            ("resnet18", "cifar10"): 1e-1, ("resnet18", "cifar100"): 1e-1},
+    "irs": {("vgg8", "mnist"): 1e-2, ("vgg8", "cifar10"): 1e-1, ("resnet18", "mnist"): 1e-1,
+            ("resnet18", "cifar10"): 1e-3, ("resnet18", "cifar100"): 1e-3},
+}
+_BETA_FALLBACK = {"ovf": 1e-3, "irs": 1e-2}
+
+
+def default_beta(method: str, model: str, dataset: str) -> float:
+    """β of the reference for (model, dataset), else 1e-3 for OVF and 1e-2 for IRS."""
+    if method not in _BETA:
+        raise ValueError(f"β applies to 'ovf' and 'irs', not '{method}'")
+    return _BETA[method].get((model, dataset), _BETA_FALLBACK[method])
+
+
+class Method:
+    """Base: train with the noisy layers in one mode and plain cross-entropy."""
+
+    name = "base"
+    noise = "train"
+
+    def __init__(self, variation: Variation):
+        self.variation = _args.check_variation(variation)
+
+    def prepare(self, model: nn.Module, example_input: torch.Tensor | None = None, *, num_classes: int | None = None,
+                include=None, exclude=None) -> nn.Module:
+        """Convert ``model``'s Linear/Conv layers to noisy ones (in place) and return what is trained."""
+        convert(model, self.variation, include=include, exclude=exclude)
+        return model
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, backbone logits) of one batch."""
+        set_noise_mode(model, self.noise)
+        logits = model(x)
+        return F.cross_entropy(logits, y), logits
+
+    def export(self, model: nn.Module) -> nn.Module:
+        """The model to save for inference: the backbone, noisy layers in mode train."""
+        set_noise_mode(model, "train")
+        return model
+
+    def describe(self) -> dict:
+        return {"method": self.name, "sigma": self.variation.sigma, "device_model": self.variation.device_model}
+
+
+class Clean(Method):
+    """Noise-free training (the "W/O noise" baseline); the exported model keeps its variation."""
+
+    name = "clean"
+    noise = "off"
+
+
+class NoiseInjection(Method):
+    """Noise-injection training: a fresh §2 draw for every layer on every forward."""
+
+    name = "noise"
+
+
+class OVF(Method):
+    """Oriented Variational Forward (DESIGN §5).
+
+    Per step, each noisy layer draws one rng (seed, offset); forward t = 0 (backbone) runs at σ_d
+    and forward t = n at σ_d + δ_n, all with stream offset + t, and
+    loss = CE((o_0 − β·Σ_n 10^-(n-1)·o_n)/(N+1), y) with gradients through every forward.
+
+    Args:
+        variation: σ_d and device model of training.
+        beta: feedback gain β.
+        deltas: δ_n, noisiest first (default 0.15, 0.10, 0.05).
+        batched: run the N+1 forwards as one pass along a sample axis (default); models that cannot be
+            batched fall back to sequential forwards with one warning. Both give the same result.
+    """
+
+    name = "ovf"
+
+    def __init__(self, variation: Variation, beta: float = 1e-3, deltas: Sequence[float] = (0.15, 0.10, 0.05),
+                 batched: bool = True):
+        super().__init__(variation)
+        deltas = [float(d) for d in deltas]
+        if not deltas or any(d < 0 for d in deltas):
+            raise ValueError(f"deltas must be a non-empty list of values >= 0, got {deltas}")
+        self.beta = float(beta)
+        self.deltas = deltas
+        self.batched = batched
+        self._warned = False
+        self._offsets: dict[torch.device, torch.Tensor] = {}
+
+    def _sigma_offsets(self, device: torch.device) -> torch.Tensor:
+        # Copied to the device once; per step only a scalar is added (no host round trip).
+        if device not in self._offsets:
+            self._offsets[device] = torch.tensor([0.0] + self.deltas, dtype=torch.float32).to(device)
+        return self._offsets[device]
+
+    def can_batch(self, model: nn.Module) -> list[str]:
+        """[] when the model can run OVF batched, else the names of the modules that prevent it."""
+        return unbatchable_modules(model)
+
+    def forwards(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """[o_0, o_1, ..., o_N]: the backbone and oriented outputs for this step's draws."""
+        layers = [layer for _, layer in noisy_layers(model) if layer.variation is not None]
+        samples = len(self.deltas) + 1
+        draws = {}
+        for layer in layers:
+            rng = _args.random_rng(layer.weight.device, layer.generator)
+            sigmas = self._sigma_offsets(layer.weight.device) + layer.variation.sigma
+            draws[layer] = (rng, sigmas)
+        batched = self.batched
+        if batched:
+            blockers = self.can_batch(model)
+            if blockers:
+                batched = False
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"OVF: running the {samples} forwards sequentially: modules {blockers} cannot be "
+                                  "batched along a sample axis", RuntimeWarning, stacklevel=3)
+        if batched:
+            with sample_plan(model, draws, samples):
+                out = model(x.repeat(samples, *([1] * (x.dim() - 1))))
+            return list(out.chunk(samples, dim=0))
+        outs = []
+        for t in range(samples):
+            step = {layer: (torch.stack((rng[0], rng[1] + t)), sigmas[t:t + 1]) for layer, (rng, sigmas) in draws.items()}
+            with sample_plan(model, step, 1):
+                outs.append(model(x))
+        return outs
+
+    def loss(self, model, x, y):
+        set_noise_mode(model, "train")
+        outs = self.forwards(model, x)
+        return nft_loss(outs[0], outs[1:], y, self.beta), outs[0]
+
+    def describe(self):
+        return {**super().describe(), "beta": self.beta, "deltas": self.deltas}
+
+
+class IRS(Method):
+    """Intermediate Representation Snapshot (DESIGN §4.3, §5).
+
+    Args:
+        variation: σ_d and device model of training (the backbone's noise).
+        beta: feedback gain β.
+        taps: module path → pool size of each snapshot (model defaults in nft_cuda.models.IRS_TAPS).
+        head_variation: the heads' variation (default: σ_d of training, RRAM1).
+        hidden: width of the heads' hidden layer.
+    """
+
+    name = "irs"
+
+    def __init__(self, variation: Variation, beta: float = 1e-2, taps: Mapping[str, int] | None = None,
+                 head_variation: Variation | None = None, hidden: int = 512):
+        super().__init__(variation)
+        if not taps:
+            raise ValueError("IRS needs at least one tap (module path → pool size)")
+        self.beta = float(beta)
+        self.taps = dict(taps)
+        self.head_variation = head_variation or Variation(variation.sigma, "RRAM1")
+        self.hidden = hidden
+
+    def prepare(self, model, example_input=None, *, num_classes=None, include=None, exclude=None):
+        if example_input is None or num_classes is None:
+            raise ValueError("IRS.prepare needs example_input and num_classes to build the heads")
+        backbone = super().prepare(model, include=include, exclude=exclude)
+        return IRSModel(backbone, self.taps, num_classes, self.head_variation, example_input, self.hidden)
+
+    def loss(self, model, x, y):
+        set_noise_mode(model, "train")
+        logits, aux = model(x)
+        return nft_loss(logits, aux, y, self.beta), logits
+
+    def export(self, model):
+        backbone = model.remove_hooks() if isinstance(model, IRSModel) else model
+        return super().export(backbone)
+
+    def describe(self):
+        return {**super().describe(), "beta": self.beta, "taps": self.taps,
+                "head_sigma": self.head_variation.sigma, "head_device_model": self.head_variation.device_model}
+
+
+METHODS = {"clean": Clean, "noise": NoiseInjection, "ovf": OVF, "irs": IRS}
+
+
+def build_method(name: str, variation: Variation, *, model_name: str = "", dataset: str = "",
+                 beta: float | None = None, deltas: Sequence[float] | None = None,
+                 taps: Mapping[str, int] | None = None, head_variation: Variation | None = None,
+                 batched: bool = True) -> Method:
+    """A method by name with the DESIGN §5 defaults for (model_name, dataset)."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
+    if name == "ovf":
+        return OVF(variation, default_beta("ovf", model_name, dataset) if beta is None else beta,
+                   deltas if deltas is not None else (0.15, 0.10, 0.05), batched=batched)
+    if name == "irs":
+        if taps is None:
+            from nft_cuda.models import IRS_TAPS
+
+            if model_name not in IRS_TAPS:
+                raise ValueError(f"no default IRS taps for model '{model_name}'; pass taps")
+            taps = IRS_TAPS[model_name]
+        return IRS(variation, default_beta("irs", model_name, dataset) if beta is None else beta, taps,
+                   head_variation)
+    return METHODS[name](variation)
+
+
+def describe(method: Method) -> dict:
+    return dataclasses.asdict(method) if dataclasses.is_dataclass(method) else method.describe()
