@@ -46,6 +46,8 @@ def read_cifar_binary(path: PathLike, *, label_ranges: Sequence[int] = (10,), us
     nlab = len(label_ranges)
     if nlab < 1:
         raise ValueError("read_cifar_binary: label_ranges must name at least one label byte")
+    if not -nlab <= use_label < nlab:
+        raise ValueError(f"read_cifar_binary: use_label={use_label} is not one of the {nlab} label byte(s)")
     record = nlab + PIXELS
     size = os.path.getsize(name)
     if records is not None:
@@ -70,7 +72,7 @@ def read_cifar_binary(path: PathLike, *, label_ranges: Sequence[int] = (10,), us
             raise DatasetFormatError(
                 f"{name}: {which} {int(col[i])} of record {i} is out of range 0..{classes - 1} "
                 f"({bad.size} bad record(s) in all); is this the right CIFAR variant?")
-    labels = raw[:, use_label].copy()
+    labels = raw[:, range(nlab)[use_label]].copy()
     images = np.ascontiguousarray(raw[:, nlab:]).reshape(-1, 3, 32, 32)
     return images, labels
 

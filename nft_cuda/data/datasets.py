@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from nft_cuda.data import cifar as _cifar
 from nft_cuda.data import idx as _idx
 from nft_cuda.data.checksum import check_sha256, sha256_hex, stamp_valid, write_stamp
-from nft_cuda.data.errors import ChecksumError, DatasetFormatError, DatasetNotFoundError, UnknownDatasetError
+from nft_cuda.data.errors import DatasetFormatError, DatasetNotFoundError, UnknownDatasetError
 
 __all__ = [
     "DATASETS", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset", "DEFAULT_DATA_DIR",
@@ -59,7 +59,7 @@ DEFAULT_DATA_DIR = Path("~/.cache/nft_cuda/data")
 
 #: The embedded Fashion-MNIST slice and the SHA-256 of the file (also in embedded/LICENSE).
 EMBEDDED_FILE = Path(__file__).resolve().parent / "embedded" / "fashion_mnist_slice.npz"
-EMBEDDED_SHA256 = "__EMBEDDED_SHA256__"
+EMBEDDED_SHA256 = "fbc790b5e134a6fa25186cfda09a1a8bd8ceb7601c4b9e8865d0dad2ed238aad"
 
 SPLITS = ("train", "test")
 
