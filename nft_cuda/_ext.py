@@ -12,6 +12,7 @@ Environment switches:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -35,6 +36,8 @@ _C_PATH: str | None = None
 try:
     if FORCE_FALLBACK:
         raise ImportError("NFT_CUDA_FORCE_FALLBACK=1 is set")
+    if importlib.util.find_spec("nft_cuda._C") is None:
+        raise ImportError("nft_cuda._C was not built (installed without the extension?)")
     from nft_cuda import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY initialisers)
 
     HAS_C = True
