@@ -63,11 +63,15 @@ struct Tf32Op {
   }
 };
 
+// 16-byte aligned: the 16-bit tiles are read as 32-bit words (two adjacent reduction elements).
 template <typename Op>
-struct Smem {
+struct alignas(16) Smem {
   typename Op::smem_t a[kBM][kBK + Op::kPad];  // A tile: [output row][reduction]
   typename Op::smem_t b[kBN][kBK + Op::kPad];  // B tile: [output column][reduction]
 };
+
+static_assert(((kBK + Bf16Op::kPad) * sizeof(uint16_t)) % 4 == 0, "16-bit tile rows must keep 32-bit alignment");
+static_assert(sizeof(Smem<Bf16Op>) == sizeof(Smem<Fp16Op>), "fp16 tiles are read through the bf16 layout");
 
 __device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
