@@ -50,5 +50,9 @@ if tier bench; then
   timeout 300 $PY -m benchmarks.bench_perturb --device cuda --json "$OUT/bench_perturb.json" > "$OUT/bench.log" 2>&1; rc=$?
   note "bench_perturb: rc=$rc in $(( $(date +%s) - start )) s"
   cat "$OUT/bench.log" >> "$summary"
+  start=$(date +%s)
+  timeout 600 $PY -m benchmarks.bench_noisy_linear --device cuda --quick --json "$OUT/bench_noisy_linear.json" > "$OUT/bench_noisy_linear.log" 2>&1; rc=$?
+  note "bench_noisy_linear: rc=$rc in $(( $(date +%s) - start )) s"
+  cat "$OUT/bench_noisy_linear.log" >> "$summary"
 fi
 cat "$summary"

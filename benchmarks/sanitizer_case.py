@@ -15,5 +15,16 @@ for shape in [(1,), (3,), (5, 7), (33, 17, 3, 3), (0, 4)]:
 nft_cuda.rng.normal(1001, 3, 4, streams=3, device=dev)
 counter = torch.randint(0, 2**32, (37, 4), device=dev)
 nft_cuda.rng.philox4x32(counter, torch.tensor([1, 2], device=dev))
+# fused variation-sampled matmul: every fused variant, forward and backward-input, odd tile edges
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+for xdt, wdt in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
+                 (torch.float16, torch.float16), (torch.float32, torch.float32)]:
+    for m, n, k in [(1, 7, 5), (65, 66, 35), (3, 130, 97)]:
+        for shared in (True, False):
+            x = torch.randn(*(() if shared else (3,)), m, k, device=dev, dtype=xdt, requires_grad=True)
+            w = torch.randn(n, k, device=dev, dtype=wdt, requires_grad=True)
+            b = torch.randn(n, device=dev, dtype=xdt, requires_grad=True)
+            out = nft_cuda.ops.noisy_linear(x, w, b, v, seed=1, offset=2, samples=3, shared_input=shared)
+            out.float().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

@@ -33,6 +33,16 @@ TORCH_LIBRARY(nft_cuda, m) {
   m.def("philox_normal(Tensor rng, int numel, int streams) -> Tensor");
   // [S, *weight.shape]: W + sigma_w * z for sample t < S = sigmas.numel() (DESIGN §2, §4.1).
   m.def("perturb(Tensor weight, Tensor rng, Tensor sigmas, float scale, float state_factor) -> Tensor");
+  // Variation-sampled matmul (DESIGN §4.2): out[s] = x(s) · (W + noise_s)ᵀ + bias for s < S = sigmas.numel(),
+  // the noise of sample s being exactly perturb(weight, rng, sigmas)[s]. shared_input: x [..., K] for
+  // every sample, out [S, ..., N]; else x [S, ..., K], out [S, ..., N]. out has x's dtype. allow_tf32
+  // lets the CUDA kernel run float32 on TF32 tensor cores (the Python wrapper reads torch's setting).
+  m.def("noisy_linear(Tensor x, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
+        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
+  // dX of noisy_linear: grad [S, ..., N] -> grad[s] · W_noisy[s] (noise regenerated), summed over s
+  // when shared_input ([..., K]), else [S, ..., K]. Has grad's dtype.
+  m.def("_noisy_linear_backward_input(Tensor grad, Tensor weight, Tensor rng, Tensor sigmas, float scale, "
+        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
   // CUDA_VERSION the extension was compiled with, -1 for a CPU-only build.
   m.def("_cuda_version() -> int", &cuda_version);
 }

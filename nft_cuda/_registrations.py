@@ -4,6 +4,8 @@ pass torch.library.opcheck. Imported once by nft_cuda/__init__.py, only when the
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -38,3 +40,64 @@ def _perturb_backward(ctx, grad):
 
 
 torch.library.register_autograd("nft_cuda::perturb", _perturb_backward, setup_context=_perturb_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Variation-sampled matmul (DESIGN §4.2)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("nft_cuda::noisy_linear")
+def _noisy_linear_fake(x, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32=False):
+    torch._check(rng.numel() == 2, lambda: "noisy_linear: rng must have shape [2]")
+    torch._check(sigmas.dim() == 1, lambda: "noisy_linear: sigmas must be 1-D")
+    torch._check(weight.dim() == 2, lambda: "noisy_linear: weight must be 2-D")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "noisy_linear: x and weight feature sizes differ")
+    if shared_input:
+        shape = (sigmas.shape[0], *x.shape[:-1], weight.shape[0])
+    else:
+        torch._check(x.shape[0] == sigmas.shape[0], lambda: "noisy_linear: x must have samples leading rows")
+        shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("nft_cuda::_noisy_linear_backward_input")
+def _noisy_linear_backward_input_fake(grad, weight, rng, sigmas, scale, state_factor, shared_input,
+                                      allow_tf32=False):
+    torch._check(grad.shape[0] == sigmas.shape[0], lambda: "_noisy_linear_backward_input: grad must be [S, ..., N]")
+    torch._check(grad.shape[-1] == weight.shape[0], lambda: "_noisy_linear_backward_input: grad must be [S, ..., N]")
+    lead = grad.shape[1:-1] if shared_input else grad.shape[:-1]
+    return grad.new_empty((*lead, weight.shape[1]))
+
+
+def _noisy_linear_setup_context(ctx, inputs, output):
+    x, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32 = inputs
+    # Only the inputs, the clean weight and the rng: backward regenerates the noise (DESIGN §3).
+    ctx.save_for_backward(x, weight, rng, sigmas)
+    ctx.args = (scale, state_factor, shared_input, allow_tf32)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _noisy_linear_backward(ctx, grad):
+    if grad is None:
+        return None, None, None, None, None, None, None, None, None
+    x, weight, rng, sigmas = ctx.saved_tensors
+    scale, state_factor, shared_input, allow_tf32 = ctx.args
+    n, k = weight.shape
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = torch.ops.nft_cuda._noisy_linear_backward_input(grad, weight, rng, sigmas, scale, state_factor,
+                                                             shared_input, allow_tf32).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        # Straight-through (DESIGN §2): dW = Σ_s dY_sᵀ · X_s, no noise. With a shared x, Σ_s dY_sᵀ X = (Σ_s dY_s)ᵀ X.
+        g = grad.sum(0) if shared_input else grad
+        rows = math.prod(g.shape[:-1])
+        gw = g.reshape(rows, n).t().matmul(x.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+        gb = grad.reshape(math.prod(grad.shape[:-1]), n).sum(0).to(ctx.bias_dtype)
+    return gx, gw, gb, None, None, None, None, None, None
+
+
+torch.library.register_autograd("nft_cuda::noisy_linear", _noisy_linear_backward,
+                                setup_context=_noisy_linear_setup_context)

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nft_cuda import _args, ops
+from nft_cuda import _args, _ext, ops
 from nft_cuda.variation import Variation
 
 __all__ = ["MODES", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule"]
@@ -174,6 +174,56 @@ class _NoisyLinearFn(torch.autograd.Function):
                 gb = g2.sum(0).to(b_dtype)
         gx, gw, gb = _once_differentiable((gx, gw, gb))
         return gx, gw, gb, None, None, None, None
+
+
+#: NoisyLinear on CUDA uses the fused variation-sampled matmul (ops.noisy_linear: noise generated inside the
+#: GEMM's weight-tile loads) when each sample has at most this many rows and the compute dtype has a fused
+#: tensor-core kernel (bf16/fp16 with an fp32 or same-dtype weight; fp32 weight and input with TF32 allowed).
+#: Above it the fused kernel regenerates each weight tile for every 64-row block of the input and is bound by
+#: noise generation (DESIGN §4.2 cost model), so perturbing once and calling cuBLAS wins. Both paths give the
+#: same noise for one rng; only the GEMM rounding differs.
+FUSED_LINEAR_MAX_ROWS = 256
+
+
+def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype) -> bool:
+    """Whether a CUDA NoisyLinear forward takes the fused path (see FUSED_LINEAR_MAX_ROWS)."""
+    if x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
+        return False
+    if compute_dtype is None and x.dtype != weight.dtype:
+        return False  # as nn.Linear: mismatched dtypes go to F.linear, which raises
+    dtype = compute_dtype if compute_dtype is not None else x.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        if weight.dtype not in (torch.float32, dtype):
+            return False
+    elif dtype == torch.float32:
+        if weight.dtype != torch.float32 or not ops.tf32_allowed():
+            return False
+    else:
+        return False
+    if x.dim() == 0:
+        return False
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= size
+    return rows <= FUSED_LINEAR_MAX_ROWS * samples
+
+
+def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
+    """NoisyLinear's forward through ops.noisy_linear (autograd registered with the op: it saves x, the
+    clean weight and rng only). The sample axis of a sample plan is the leading chunking of x's batch."""
+    xc = _cast(x, compute_dtype)
+    bc = _cast(bias, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if sigmas is None:
+            return ops.noisy_linear(xc, weight, bc, variation, rng=rng)[0]
+        samples = sigmas.shape[0]
+        if xc.dim() < 2 or xc.shape[0] % samples:
+            raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+                             f"{samples}, got {xc.shape[0] if xc.dim() else 0}")
+        xs = xc.reshape(samples, xc.shape[0] // samples, *xc.shape[1:])
+        out = ops.noisy_linear(xs, weight, bc, variation, rng=rng, samples=samples, sigmas=sigmas,
+                               shared_input=False)
+        return out.reshape(xc.shape[0], *out.shape[2:])
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
@@ -442,8 +492,11 @@ class NoisyLinear(NoisyModule, nn.Linear):
         if noise is None:
             return F.linear(input, self.weight, self.bias)
         rng, sigmas = noise
-        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation,
-                                    _compute_dtype(input))
+        compute_dtype = _compute_dtype(input)
+        samples = 1 if sigmas is None else sigmas.shape[0]
+        if _fused_linear_ok(input, self.weight, samples, compute_dtype):
+            return _fused_linear(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
+        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
 
     def extra_repr(self) -> str:
         return f"{nn.Linear.extra_repr(self)}, {self._noise_repr()}"

@@ -7,12 +7,15 @@ Each op dispatches to the compiled kernel of the input's device when there is on
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, reference
 from nft_cuda.variation import Variation
 
-__all__ = ["perturb"]
+__all__ = ["perturb", "noisy_linear", "snapshot_linear", "tf32_allowed"]
 
 
 def perturb(weight: torch.Tensor, variation: Variation, *, seed: int | None = None, offset: int | None = None,
@@ -43,3 +46,115 @@ def perturb(weight: torch.Tensor, variation: Variation, *, seed: int | None = No
     if _ext.use_kernel("perturb", weight.device):
         return torch.ops.nft_cuda.perturb(weight, rng, sig, variation.scale, variation.state_factor)
     return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
+
+
+@torch.compiler.assume_constant_result
+def tf32_allowed() -> bool:
+    """Whether torch's float32 CUDA matmul setting allows TF32 (``fp32_precision`` or legacy ``allow_tf32``)."""
+    m = torch.backends.cuda.matmul
+    try:
+        precision = m.fp32_precision
+    except (AttributeError, RuntimeError):
+        precision = None
+    if precision == "tf32":
+        return True
+    if precision == "ieee":
+        return False
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:  # legacy and new API mixed: trust the new one
+        return False
+
+
+def _check_x(x, name: str = "x") -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _args._FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    return x
+
+
+def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variation: Variation, *,
+                 seed: int | None = None, offset: int | None = None, rng: torch.Tensor | None = None,
+                 samples: int = 1, sigmas=None, shared_input: bool = True) -> torch.Tensor:
+    """Variation-sampled linear layer (DESIGN §4.2): ``out[t] = x(t) · W_noisy[t]ᵀ + bias`` for t < S.
+
+    The noise of sample t is exactly ``perturb(weight, variation, rng=rng, samples=S, sigmas=sigmas)[t]``,
+    so this equals perturb followed by a matmul up to GEMM rounding. On CUDA the noise is generated inside
+    the GEMM's weight-tile loads and never written to memory (bf16/fp16 on tensor cores; float32 on TF32
+    tensor cores when torch's float32 matmul precision allows TF32, else perturb + cuBLAS); on CPU the
+    weight is perturbed into a temporary and multiplied by ATen's GEMM.
+
+    Args:
+        x: shared_input=True: [..., K], used by every sample; False: [S, ..., K], one slice per sample.
+        weight: [N, K], any float dtype (the noisy weight is rounded to it, then cast to x's dtype).
+        bias: [N] or None.
+        variation, seed, offset, rng, samples, sigmas: as :func:`perturb`.
+
+    Returns:
+        [S, ..., N] in x's dtype. Differentiable in x, weight (straight-through) and bias; backward
+        saves x, the clean weight and rng only, and regenerates the noise.
+    """
+    _check_x(x)
+    _args.check_weight(weight)
+    _args.check_variation(variation)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if bias is not None:
+        _args.check_weight(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    samples = _args.check_positive_int("samples", samples)
+    if not isinstance(shared_input, bool):
+        raise TypeError(f"shared_input must be a bool, got {type(shared_input).__name__}")
+    if x.dim() < (1 if shared_input else 2) or x.shape[-1] != weight.shape[1]:
+        want = "[..., in_features]" if shared_input else "[samples, ..., in_features]"
+        raise ValueError(f"x must be {want} with in_features={weight.shape[1]}, got shape {list(x.shape)}")
+    if not shared_input and x.shape[0] != samples:
+        raise ValueError(f"with shared_input=False x must have samples={samples} leading rows, got {list(x.shape)}")
+    rng = _args.resolve_rng(weight.device, seed, offset, rng)
+    sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
+    allow_tf32 = x.device.type == "cuda" and x.dtype == torch.float32 and tf32_allowed()
+    if _ext.use_kernel("noisy_linear", weight.device):
+        return torch.ops.nft_cuda.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor,
+                                               shared_input, allow_tf32)
+    return reference.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input)
+
+
+def snapshot_linear(act: torch.Tensor, pool: int, weight: torch.Tensor, bias: torch.Tensor | None,
+                    variation: Variation, *, seed: int | None = None, offset: int | None = None,
+                    rng: torch.Tensor | None = None, samples: int = 1, sigmas=None,
+                    shared_input: bool = True) -> torch.Tensor:
+    """IRS snapshot capture (DESIGN §4.3): ``noisy_linear(flatten(adaptive_avg_pool2d(act, pool), 1), ...)``.
+
+    Args:
+        act: the tapped activation [B, C, H, W] (shared_input=False: [S, B, C, H, W]).
+        pool: p, the adaptive-average-pool output size (PyTorch's window rule: rows
+            floor(i·H/p) .. ceil((i+1)·H/p)); the snapshot is C-major, index c·p² + i·p + j.
+        weight: [N, C·p·p]; the rest as :func:`noisy_linear`.
+
+    Returns:
+        [S, B, N]. Backward spreads the snapshot gradient back over the pooling windows (autograd of
+        the pooling).
+
+    Currently pool + flatten + the (fused on CUDA) noisy matmul on every device; the snapshot
+    [B, C·p²] is a small temporary. Fusing the pooling into the GEMM's A-operand loader is future work.
+    """
+    _check_x(act, "act")
+    if isinstance(pool, bool) or not isinstance(pool, int):
+        raise TypeError(f"pool must be an int, got {type(pool).__name__}")
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    want_dim = 4 if shared_input else 5
+    if act.dim() != want_dim:
+        raise ValueError(f"act must be {'[B, C, H, W]' if shared_input else '[S, B, C, H, W]'}, "
+                         f"got shape {list(act.shape)}")
+    lead = act.shape[:-3]
+    pooled = F.adaptive_avg_pool2d(act.reshape(math.prod(lead), *act.shape[-3:]), pool)
+    snap = pooled.reshape(*lead, act.shape[-3] * pool * pool)
+    return noisy_linear(snap, weight, bias, variation, seed=seed, offset=offset, rng=rng, samples=samples,
+                        sigmas=sigmas, shared_input=shared_input)

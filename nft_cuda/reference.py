@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "sigma_w", "perturb"]
+__all__ = ["philox4x32", "philox_normal", "sigma_w", "perturb", "noisy_linear", "noisy_linear_backward_input"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -116,3 +116,42 @@ def perturb(weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor, scale
     w = weight.to(acc).unsqueeze(0)
     out = torch.where(sw == 0, w, w + noise)
     return out.to(weight.dtype)
+
+
+def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rng: torch.Tensor,
+                 sigmas: torch.Tensor, scale: float, state_factor: float, shared_input: bool,
+                 allow_tf32: bool = False) -> torch.Tensor:
+    """out[s] = x(s) · perturb(weight)[s]ᵀ + bias (DESIGN §4.2): [S, ..., N] in x's dtype.
+
+    ``shared_input``: x [..., K] for every sample; else x [S, ..., K]. The noisy weight is rounded to
+    the weight's dtype (as perturb returns it), then cast to x's dtype. Differentiable (autograd
+    through :func:`perturb`: straight-through for the weight). ``allow_tf32`` is accepted for
+    signature parity and ignored (torch's own matmul setting applies).
+    """
+    samples = sigmas.numel()
+    wn = perturb(weight, rng, sigmas, scale, state_factor).to(x.dtype)  # [S, N, K]
+    k = weight.shape[1]
+    if shared_input:
+        lead = x.shape[:-1]
+        out = torch.matmul(x.reshape(1, math.prod(lead), k), wn.transpose(1, 2))
+        out = out.reshape(samples, *lead, weight.shape[0])
+    else:
+        lead = x.shape[1:-1]
+        out = torch.bmm(x.reshape(samples, math.prod(lead), k), wn.transpose(1, 2))
+        out = out.reshape(samples, *lead, weight.shape[0])
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out
+
+
+def noisy_linear_backward_input(grad: torch.Tensor, weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor,
+                                scale: float, state_factor: float, shared_input: bool,
+                                allow_tf32: bool = False) -> torch.Tensor:
+    """dX of :func:`noisy_linear`: grad [S, ..., N] · perturb(weight)[s], summed over s if shared_input."""
+    samples = sigmas.numel()
+    wn = perturb(weight.detach(), rng, sigmas, scale, state_factor).to(grad.dtype)
+    n, k = weight.shape
+    dx = torch.bmm(grad.reshape(samples, math.prod(grad.shape[1:-1]), n), wn)
+    if shared_input:
+        return dx.sum(0).reshape(*grad.shape[1:-1], k)
+    return dx.reshape(*grad.shape[:-1], k)

@@ -17,36 +17,13 @@
 #include <vector>
 
 #include "launch_utils.cuh"
+#include "max_abs.cuh"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/variation.h"
 #include "op_checks.h"
 
 namespace nft_cuda {
 namespace {
-
-__device__ __forceinline__ float nan_max(float a, float b) {
-  return (isnan(a) || a > b) ? a : b;
-}
-
-template <typename scalar_t>
-__global__ void max_abs_kernel(const scalar_t* __restrict__ w, int64_t n, unsigned int* __restrict__ result_bits) {
-  float m = 0.0f;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    m = nan_max(fabsf(static_cast<float>(w[i])), m);
-  }
-  for (int delta = 16; delta > 0; delta >>= 1) m = nan_max(__shfl_down_sync(0xffffffffu, m, delta), m);
-  __shared__ float warp_max[kThreads / 32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < (blockDim.x >> 5) ? warp_max[lane] : 0.0f;
-    for (int delta = 16; delta > 0; delta >>= 1) m = nan_max(__shfl_down_sync(0xffffffffu, m, delta), m);
-    if (lane == 0) atomicMax(result_bits, __float_as_uint(m));
-  }
-}
 
 template <typename scalar_t>
 __global__ void perturb_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t n,

@@ -1,0 +1,246 @@
+// Building blocks of the fused variation-sampled matmul (DESIGN §4.2), device side only:
+//   * compute-type traits (bf16 / fp16: mma.sync m16n8k16; tf32: m16n8k8), fp32 accumulation;
+//   * the noisy W-tile generator: reads W (any float dtype), adds the §3 noise of stream `stream`
+//     keyed on the logical element index e = n*K + k (normal4 of q = e >> 2, lane e & 3), applies the
+//     state band, and stores the tile to shared memory in the compute type — never to global memory.
+//
+// Shared-memory tiles are [rows][kBK + pad] with the GEMM's reduction index contiguous, for both the
+// A operand (rows = output rows) and the B operand (rows = output columns), so the fragment loads
+// are the same for the forward (reduction over K) and the backward-input GEMM (reduction over N).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <ATen/OpMathType.h>
+
+#include "nft_cuda/normal.h"
+#include "nft_cuda/variation.h"
+
+namespace nft_cuda {
+namespace fused {
+
+// Tile shape: 64 x 64 output tile, 32-deep reduction slices, 4 warps in a 2 x 2 layout, each warp
+// owning a 32 x 32 sub-tile = 2 (m16) x 4 (n8) mma tiles.
+constexpr int kBM = 64;
+constexpr int kBN = 64;
+constexpr int kBK = 32;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kWarpM = 32;
+constexpr int kWarpN = 32;
+constexpr int kMTiles = kWarpM / 16;  // 2
+constexpr int kNTiles = kWarpN / 8;   // 4
+
+// ---- compute types --------------------------------------------------------------------------------
+
+struct Bf16Op {
+  using smem_t = uint16_t;                   // raw bf16 bits
+  static constexpr int kPad = 8;             // row stride 40 halves = 20 words: conflict-free fragments
+  static constexpr int kStepK = 16;
+  __device__ __forceinline__ static smem_t convert(float v) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  }
+};
+
+struct Fp16Op {
+  using smem_t = uint16_t;  // raw fp16 bits
+  static constexpr int kPad = 8;
+  static constexpr int kStepK = 16;
+  __device__ __forceinline__ static smem_t convert(float v) { return __half_as_ushort(__float2half_rn(v)); }
+};
+
+struct Tf32Op {
+  using smem_t = uint32_t;       // tf32 bit pattern (float with the low 13 mantissa bits rounded off)
+  static constexpr int kPad = 4;  // row stride 36 words: conflict-free fragments
+  static constexpr int kStepK = 8;
+  __device__ __forceinline__ static smem_t convert(float v) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+    return r;
+  }
+};
+
+// 16-byte aligned: the 16-bit tiles are read as 32-bit words (two adjacent reduction elements).
+template <typename Op>
+struct alignas(16) Smem {
+  typename Op::smem_t a[kBM][kBK + Op::kPad];  // A tile: [output row][reduction]
+  typename Op::smem_t b[kBN][kBK + Op::kPad];  // B tile: [output column][reduction]
+};
+
+static_assert(((kBK + Bf16Op::kPad) * sizeof(uint16_t)) % 4 == 0, "16-bit tile rows must keep 32-bit alignment");
+static_assert(sizeof(Smem<Bf16Op>) == sizeof(Smem<Fp16Op>), "fp16 tiles are read through the bf16 layout");
+
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// acc[mi][ni][4] += A(warp rows) · B(warp cols) over one kBK slice held in shared memory.
+// Fragment layouts: PTX ISA "Matrix fragments for mma.m16n8k16" (f16/bf16) and "mma.m16n8k8" (tf32).
+__device__ __forceinline__ void mma_slice(const Smem<Bf16Op>& s, int wm, int wn, int lane,
+                                          float (&acc)[kMTiles][kNTiles][4], bool is_bf16) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 16) {
+    uint32_t a[kMTiles][4], b[kNTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+      const int r = wm + mi * 16 + g;
+      a[mi][0] = ld32(&s.a[r][kk + 2 * t]);
+      a[mi][1] = ld32(&s.a[r + 8][kk + 2 * t]);
+      a[mi][2] = ld32(&s.a[r][kk + 2 * t + 8]);
+      a[mi][3] = ld32(&s.a[r + 8][kk + 2 * t + 8]);
+    }
+#pragma unroll
+    for (int ni = 0; ni < kNTiles; ++ni) {
+      const int c = wn + ni * 8 + g;
+      b[ni][0] = ld32(&s.b[c][kk + 2 * t]);
+      b[ni][1] = ld32(&s.b[c][kk + 2 * t + 8]);
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kNTiles; ++ni) {
+        float* c = acc[mi][ni];
+        if (is_bf16) {
+          asm volatile(
+              "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+              "{%0,%1,%2,%3};\n"
+              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+        } else {
+          asm volatile(
+              "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+              "{%0,%1,%2,%3};\n"
+              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+        }
+      }
+    }
+  }
+}
+
+template <typename Op>
+__device__ __forceinline__ void mma_tile(const Smem<Op>& s, int wm, int wn, int lane,
+                                         float (&acc)[kMTiles][kNTiles][4]);
+
+template <>
+__device__ __forceinline__ void mma_tile<Bf16Op>(const Smem<Bf16Op>& s, int wm, int wn, int lane,
+                                                 float (&acc)[kMTiles][kNTiles][4]) {
+  mma_slice(s, wm, wn, lane, acc, true);
+}
+
+template <>
+__device__ __forceinline__ void mma_tile<Fp16Op>(const Smem<Fp16Op>& s, int wm, int wn, int lane,
+                                                 float (&acc)[kMTiles][kNTiles][4]) {
+  // Same layout as bf16 (both 16-bit): reinterpret the shared tile.
+  mma_slice(reinterpret_cast<const Smem<Bf16Op>&>(s), wm, wn, lane, acc, false);
+}
+
+template <>
+__device__ __forceinline__ void mma_tile<Tf32Op>(const Smem<Tf32Op>& s, int wm, int wn, int lane,
+                                                 float (&acc)[kMTiles][kNTiles][4]) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int kk = 0; kk < kBK; kk += 8) {
+    uint32_t a[kMTiles][4], b[kNTiles][2];
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+      const int r = wm + mi * 16 + g;
+      a[mi][0] = s.a[r][kk + t];
+      a[mi][1] = s.a[r + 8][kk + t];
+      a[mi][2] = s.a[r][kk + t + 4];
+      a[mi][3] = s.a[r + 8][kk + t + 4];
+    }
+#pragma unroll
+    for (int ni = 0; ni < kNTiles; ++ni) {
+      const int c = wn + ni * 8 + g;
+      b[ni][0] = s.b[c][kk + t];
+      b[ni][1] = s.b[c][kk + t + 4];
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMTiles; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kNTiles; ++ni) {
+        float* c = acc[mi][ni];
+        asm volatile(
+            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+      }
+    }
+  }
+}
+
+// ---- loaders --------------------------------------------------------------------------------------
+
+// s.a[i][r] = A[m0 + i][r0 + r] of a row-major [rows, red] matrix, zero outside it.
+template <typename Op, typename in_t>
+__device__ __forceinline__ void load_a_tile(Smem<Op>& s, const in_t* __restrict__ a, int64_t rows, int64_t red,
+                                            int64_t m0, int64_t r0) {
+  for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
+    const int i = idx / kBK, r = idx % kBK;
+    const int64_t gm = m0 + i, gr = r0 + r;
+    const float v = (gm < rows && gr < red) ? static_cast<float>(a[gm * red + gr]) : 0.0f;
+    s.a[i][r] = Op::convert(v);
+  }
+}
+
+// The noisy W tile of weight rows [nb, nb + RN) and columns [kb, kb + CK) of W [n_rows, k_cols]
+// (row-major, contiguous): value (nl, kl) = perturb(W)[stream][nb + nl][kb + kl] rounded to w_t (as
+// perturb's output) and then to the compute type; zero outside W. kTransposed = false stores it at
+// s.b[nl][kl] (forward: B column = weight row n, reduction = k); true at s.b[kl][nl] (backward-input:
+// B column = k, reduction = n).
+//
+// Noise: each task owns one Philox block q and writes the (up to four) elements e = 4q + lane of one
+// weight row that fall in the tile; rows of K elements need not start at a multiple of 4, so a row's
+// CK elements touch at most CK/4 + 1 blocks.
+template <typename Op, typename w_t, int RN, int CK, bool kTransposed>
+__device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __restrict__ w, int64_t n_rows,
+                                                  int64_t k_cols, int64_t nb, int64_t kb, uint64_t seed,
+                                                  uint64_t stream, const StateBand& band) {
+  using acc_t = at::opmath_type<w_t>;
+  static_assert(CK % 4 == 0, "CK must be a multiple of 4");
+  // Zero the positions outside W (disjoint from the positions written below: no race).
+  for (int idx = threadIdx.x; idx < RN * CK; idx += kThreads) {
+    const int nl = idx / CK, kl = idx % CK;
+    if (nb + nl >= n_rows || kb + kl >= k_cols) {
+      if (kTransposed) {
+        s.b[kl][nl] = Op::convert(0.0f);
+      } else {
+        s.b[nl][kl] = Op::convert(0.0f);
+      }
+    }
+  }
+  constexpr int kGroups = CK / 4 + 1;
+  const int64_t k_end = (kb + CK < k_cols) ? kb + CK : k_cols;
+  for (int task = threadIdx.x; task < RN * kGroups; task += kThreads) {
+    const int nl = task / kGroups, gi = task % kGroups;
+    const int64_t n = nb + nl;
+    if (n >= n_rows || kb >= k_end) continue;
+    const int64_t row = n * k_cols;
+    const int64_t e_begin = row + kb, e_end = row + k_end;
+    const int64_t q = (e_begin >> 2) + gi;
+    if (4 * q >= e_end) continue;
+    const Normal4 z = normal4(seed, stream, static_cast<uint64_t>(q));
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+      const int64_t e = 4 * q + l;
+      if (e < e_begin || e >= e_end) continue;
+      const int kl = static_cast<int>(e - e_begin);
+      const w_t wv = w[e];
+      const w_t noisy = static_cast<w_t>(
+          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))), z.z[l]));
+      const typename Op::smem_t v = Op::convert(static_cast<float>(noisy));
+      if (kTransposed) {
+        s.b[kl][nl] = v;
+      } else {
+        s.b[nl][kl] = v;
+      }
+    }
+  }
+}
+
+}  // namespace fused
+}  // namespace nft_cuda
