@@ -38,6 +38,7 @@ for random ops in general, only reproducibility of each.)
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 import torch.nn as nn
@@ -184,10 +185,15 @@ class _NoisyLinearFn(torch.autograd.Function):
 #: same noise for one rng; only the GEMM rounding differs.
 FUSED_LINEAR_MAX_ROWS = 256
 
+#: The fused kernels compile (tensor-core SASS checked in CI) but have not yet run on a GPU, so
+#: NoisyLinear routes to them only when NFT_CUDA_FUSED_LINEAR=1 until a GPU check verifies them
+#: (benchmarks/gpu_check.sh; see benchmarks/RESULTS.md). ops.noisy_linear itself always uses them.
+FUSED_LINEAR_ENABLED = os.environ.get("NFT_CUDA_FUSED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
+
 
 def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype) -> bool:
     """Whether a CUDA NoisyLinear forward takes the fused path (see FUSED_LINEAR_MAX_ROWS)."""
-    if x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
+    if not FUSED_LINEAR_ENABLED or x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
         return False
     if compute_dtype is None and x.dtype != weight.dtype:
         return False  # as nn.Linear: mismatched dtypes go to F.linear, which raises

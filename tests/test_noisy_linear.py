@@ -428,8 +428,10 @@ def test_training_step_keeps_no_weight_sized_tensor(device):
 @pytest.mark.skipif(not CUDA_AVAILABLE, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [3, 200, 700])
-def test_noisy_linear_layer_fused_matches_materialised_cuda(dtype, rows):
+def test_noisy_linear_layer_fused_matches_materialised_cuda(dtype, rows, monkeypatch):
     from nft_cuda import layers
+
+    monkeypatch.setattr(layers, "FUSED_LINEAR_ENABLED", True)
 
     layer = nft_cuda.NoisyLinear(100, 70, variation=VAR, device="cuda")
     x = torch.randn(rows, 100, device="cuda", requires_grad=True)
