@@ -34,6 +34,11 @@ if tier tests; then
   timeout 420 $PY -m pytest tests -q -rs -p no:cacheprovider > "$OUT/tests.log" 2>&1; rc=$?
   note "tests: rc=$rc in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/tests.log")"
   grep -E "SKIPPED|FAILED|ERROR" "$OUT/tests.log" | head -n 40 >> "$summary"
+  # The layers again with NoisyLinear routed to the fused kernels (off by default until verified here).
+  start=$(date +%s)
+  NFT_CUDA_FUSED_LINEAR=1 timeout 240 $PY -m pytest tests/test_layers.py tests/test_noisy_linear.py tests/test_sample_axis.py \
+    -q -rs -p no:cacheprovider > "$OUT/tests_fused_layers.log" 2>&1; rc=$?
+  note "tests (NFT_CUDA_FUSED_LINEAR=1): rc=$rc in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/tests_fused_layers.log")"
 fi
 
 if tier sanitizer; then
@@ -47,11 +52,11 @@ fi
 
 if tier bench; then
   start=$(date +%s)
-  timeout 300 $PY -m benchmarks.bench_perturb --device cuda --json "$OUT/bench_perturb.json" > "$OUT/bench.log" 2>&1; rc=$?
+  timeout 180 $PY -m benchmarks.bench_perturb --device cuda --json "$OUT/bench_perturb.json" > "$OUT/bench.log" 2>&1; rc=$?
   note "bench_perturb: rc=$rc in $(( $(date +%s) - start )) s"
   cat "$OUT/bench.log" >> "$summary"
   start=$(date +%s)
-  timeout 600 $PY -m benchmarks.bench_noisy_linear --device cuda --quick --json "$OUT/bench_noisy_linear.json" > "$OUT/bench_noisy_linear.log" 2>&1; rc=$?
+  timeout 240 $PY -m benchmarks.bench_noisy_linear --device cuda --quick --json "$OUT/bench_noisy_linear.json" > "$OUT/bench_noisy_linear.log" 2>&1; rc=$?
   note "bench_noisy_linear: rc=$rc in $(( $(date +%s) - start )) s"
   cat "$OUT/bench_noisy_linear.log" >> "$summary"
 fi
