@@ -1,0 +1,518 @@
+"""Monte-Carlo robustness evaluation over chip instances (DESIGN §2 instance mode, §6, §7).
+
+:func:`monte_carlo` evaluates R chip instances of a noisy model on a whole test loader for each σ_d of a
+sweep and reports accuracy statistics, mean confidence and the expected KL divergence (EKL).
+
+Chip instances. Instance r of noisy layer ℓ (ℓ = its position among the noisy layers in
+``named_modules()`` order, :func:`nft_cuda.noisy_layers`) uses the noise stream
+(seed, offset = (ℓ << 32) | r), fixed over the whole test set: exactly what
+``nft_cuda.set_instance(model, seed, r)`` gives.
+
+Batched instances. Instances are evaluated in groups of S = ``instances_per_pass`` consecutive instances
+r0 .. r0+S-1, one pass over the loader per group. The group's noisy weights are drawn once per pass,
+for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.sample_axis`):
+``ops.perturb(W, variation, rng=(seed, (ℓ << 32) | r0), samples=S, sigmas=[σ_d] × S)``, whose stream
+offset + t is instance r0 + t — instead of once per batch, as a noisy layer in instance mode would. Then,
+per batch, either the S instances are folded into the batch axis (``fold=True``: the batch repeated S
+times, [S·B, ...], chunk t through instance t's weights, logits split into S chunks) or the S instances
+run one after the other on the same batch (``fold=False``). Either way every instance's rows go through
+the same operations on the same shapes as a one-instance forward, so the per-instance results do not
+depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerances, not always bit for
+bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
+with modules that may mix rows of the batch
+(:func:`nft_cuda.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
+identity) are not folded (one warning when folding was asked for).
+
+The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
+training flags, variations, noise modes and instance state are restored afterwards. σ_d = 0 needs no
+sampling: every instance is the clean model (R identical accuracies, std 0, EKL 0). The noisy layers
+must be ``Linear`` / ``Conv1d`` / ``Conv2d`` noisy layers (the ones :func:`nft_cuda.convert` makes).
+
+The loader must yield the same inputs in the same order on every pass (a test loader: no shuffling);
+it is iterated once for the clean accuracy and once per pass, and the labels of every pass are checked
+against the first one.
+
+Memory is independent of R beyond a few scalars per instance: the Σ_r p_r per input needed by the EKL
+is an ``[N, C]`` float64 running sum (:class:`~nft_cuda.eval.metrics.EKLAccumulator`), plus one such
+buffer per open block, plus S noisy copies of the weights and (folded) S·B rows of activations.
+
+Determinism (DESIGN §6): the JSON-able results are bit-identical whatever ``instances_per_pass``,
+``fold`` and the number of processes, for the same device type. Per instance, the correct count (integer), the
+summed max-probability and the summed p·log p (float64, summed batch by batch in loader order) are
+computed by the same operations on the same shapes whatever the batching; their statistics are combined
+exactly (rational arithmetic) and rounded once. Σ_r p_r is summed in a fixed tree: blocks of
+:data:`~nft_cuda.eval.metrics.EKL_BLOCK` = 8 consecutive instances, each summed in instance order,
+folded into the total in block order.
+
+Scale-out (DESIGN §7). When ``torch.distributed`` is initialised (e.g. under ``torchrun``), instances
+are sharded across the ranks of ``group`` by whole blocks: in round j, rank k evaluates the
+c = ceil(S / 8) consecutive blocks starting at block (j·W + k)·c (W = world size). At the end of a round
+the block sums are broadcast from their owners in block order and every rank folds them into its
+total — the same tree as one process, so the EKL is bit-identical. The per-instance scalars are gathered
+with ``all_gather_object``. Every rank returns the same results. The collectives use CPU tensors with
+gloo and the current CUDA device with NCCL.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nft_cuda import _args, ops
+from nft_cuda.conversion import noise_mode, noisy_layers
+from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
+from nft_cuda.layers import NoisyModule
+from nft_cuda.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.variation import Variation
+
+__all__ = ["instance_logits", "monte_carlo"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks and model state
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_variations(variations) -> list[Variation]:
+    if isinstance(variations, Variation):
+        return [variations]
+    if isinstance(variations, Iterable) and not isinstance(variations, (str, bytes)):
+        out = list(variations)
+        if out and all(isinstance(v, Variation) for v in out):
+            return out
+    raise TypeError("variations must be an nft_cuda.Variation or a non-empty list of them, "
+                    f"got {type(variations).__name__}")
+
+
+def _check_loader(loader) -> None:
+    if isinstance(loader, torch.utils.data.DataLoader):
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, torch.utils.data.RandomSampler):
+            raise ValueError("monte_carlo needs a loader that yields the same inputs in the same order on every "
+                             "pass: use shuffle=False (a test loader)")
+        return
+    if not isinstance(loader, Iterable) or isinstance(loader, Iterator):
+        raise TypeError("loader must be re-iterable (a DataLoader or a list of (inputs, labels) batches); "
+                        "a one-shot iterator cannot be replayed for every group of instances")
+
+
+def _model_device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+class _SavedState:
+    """Training flags of every module and noise state of every noisy layer, restored on exit."""
+
+    def __init__(self, model: nn.Module, layers: list[NoisyModule]):
+        self.training = [(m, m.training) for m in model.modules()]
+        self.layers = []
+        for layer in layers:
+            buf = layer._buffers.get("_instance_rng")
+            self.layers.append((layer, layer.variation, layer._mode, buf, None if buf is None else buf.clone(),
+                                layer.instance_seed, layer.instance, layer.layer_index, layer._sample_plan))
+
+    def restore(self) -> None:
+        for m, flag in self.training:
+            m.training = flag
+        for layer, var, mode, buf, values, iseed, inst, index, plan in self.layers:
+            if buf is not None:
+                buf.copy_(values)
+            layer._buffers["_instance_rng"] = buf
+            layer._variation = var
+            layer._mode = mode
+            layer.instance_seed, layer.instance, layer.layer_index = iseed, inst, index
+            layer._sample_plan = plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed helpers
+# --------------------------------------------------------------------------------------------------
+
+
+class _Comm:
+    def __init__(self, distributed, group):
+        import torch.distributed as dist
+
+        initialised = dist.is_available() and dist.is_initialized()
+        if distributed is None:
+            distributed = initialised
+        if distributed and not initialised:
+            raise RuntimeError("monte_carlo(distributed=True) needs torch.distributed to be initialised "
+                               "(torchrun + torch.distributed.init_process_group)")
+        self.dist = dist if distributed else None
+        self.group = group
+        if self.dist is None:
+            self.rank, self.world = 0, 1
+            return
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        backend = str(dist.get_backend(group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+    def global_rank(self, rank: int) -> int:
+        return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
+
+    def broadcast(self, tensor: torch.Tensor | None, src: int, shape, device) -> torch.Tensor:
+        if self.world == 1:
+            return tensor
+        if self.rank == src:
+            buf = tensor.to(self.device, torch.float64).contiguous()
+        else:
+            buf = torch.empty(shape, dtype=torch.float64, device=self.device)
+        self.dist.broadcast(buf, src=self.global_rank(src), group=self.group)
+        return buf.to(device)
+
+    def gather_objects(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        self.dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Passes
+# --------------------------------------------------------------------------------------------------
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ValueError(f"the model must return logits [batch, classes], got "
+                         f"{type(out).__name__ if not isinstance(out, torch.Tensor) else list(out.shape)}")
+    return out
+
+
+def _clean_pass(model: nn.Module, loader, device: torch.device):
+    """(labels [N] on device, correct count, Σ_n max_c p, num_classes) of the clean model."""
+    labels, correct, conf, classes = [], 0, [], None
+    with noise_mode(model, "off"):
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            logits = _logits(model, x)
+            if logits.shape[0] != y.shape[0]:
+                raise ValueError(f"the model returned {logits.shape[0]} rows for a batch of {y.shape[0]} labels")
+            classes = logits.shape[1]
+            p = torch.softmax(logits.to(torch.float64), dim=-1)
+            labels.append(y)
+            correct = correct + (logits.argmax(-1) == y).sum()
+            conf.append(p.amax(-1).sum())
+    if classes is None:
+        raise ValueError("the loader yielded no batch")
+    conf_sum = conf[0]
+    for c in conf[1:]:
+        conf_sum = conf_sum + c
+    return torch.cat(labels), int(correct), float(conf_sum), classes
+
+
+def _group_weights(layers, var: Variation, seed: int, r0: int, samples: int) -> list[torch.Tensor]:
+    """Noisy weights [S, *W] of instances r0 .. r0+S-1 for every noisy layer: layer ℓ uses rng
+    (seed, (ℓ << 32) | r0) and stream offset + t for instance r0 + t (DESIGN §2) — the very call a noisy
+    layer makes in a sample-plan forward (``ops.perturb(weight, variation, rng, samples, sigmas)``)."""
+    out = []
+    for ell, layer in enumerate(layers):
+        dev = layer.weight.device
+        sig = torch.full((samples,), var.sigma, dtype=torch.float32, device=dev)
+        rng = _args.make_rng(seed, (ell << 32) | r0, dev)
+        out.append(ops.perturb(layer.weight.detach(), var, rng=rng, samples=samples, sigmas=sig))
+    return out
+
+
+def _apply(layer: NoisyModule, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The layer's forward with weight ``w``: what its noisy forward computes once W_noisy is drawn."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, layer.bias)
+    return layer._conv_forward(x, w, layer.bias)
+
+
+class _FixedNoise:
+    """Context manager: every noisy layer computes with the precomputed noisy weights of a group of S
+    instances, drawn once for the whole loader instead of once per batch.
+
+    fold=True: the batch axis holds S chunks ([S·B, ...]), chunk t uses instance t's weight (as a
+    sample-plan forward, :mod:`nft_cuda.sample_axis`); fold=False: the forward uses instance ``self.t``.
+    Either way each instance's rows go through the same operations on the same shapes as a
+    one-instance forward."""
+
+    _MISSING = object()
+
+    def __init__(self, layers, weights, fold: bool):
+        for layer in layers:
+            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
+        self.layers, self.weights, self.fold, self.t = layers, weights, fold, 0
+        self.saved = []
+
+    def _forward(self, layer, w):
+        samples = w.shape[0]
+
+        def forward(x):
+            if not self.fold:
+                return _apply(layer, x, w[self.t])
+            if x.shape[0] % samples:
+                raise ValueError(f"a batch of {x.shape[0]} rows cannot hold {samples} instances")
+            outs = [_apply(layer, chunk, w[t]) for t, chunk in enumerate(x.chunk(samples, dim=0))]
+            return outs[0] if samples == 1 else torch.cat(outs, dim=0)
+
+        return forward
+
+    def __enter__(self):
+        for layer, w in zip(self.layers, self.weights):
+            self.saved.append((layer, layer.__dict__.get("forward", self._MISSING)))
+            layer.forward = self._forward(layer, w)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, prev in self.saved:
+            if prev is self._MISSING:
+                del layer.forward
+            else:
+                layer.forward = prev
+        self.saved.clear()
+        return False
+
+
+def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var, seed, r0: int, samples: int,
+                fold: bool):
+    """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
+    of device scalars and feeds the probabilities to ``ekl``."""
+    correct = [0] * samples
+    conf = [None] * samples
+    mismatch = torch.zeros((), dtype=torch.bool, device=device)
+    start = 0
+    n = labels.shape[0]
+    weights = _group_weights(layers, var, seed, r0, samples)
+    with _FixedNoise(layers, weights, fold) as noise:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            b = y.shape[0]
+            if start + b > n:
+                raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
+                                 "inputs in the same order on every pass (no shuffling)")
+            mismatch |= (y != labels[start:start + b]).any()
+            if fold:
+                logits = _logits(model, _repeat(x, samples))
+                chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
+            else:
+                chunks = []
+                for t in range(samples):
+                    noise.t = t
+                    chunks.append(_logits(model, x))
+            for t, lt in enumerate(chunks):
+                p = torch.softmax(lt.to(torch.float64), dim=-1)
+                correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
+                c = p.amax(-1).sum()
+                conf[t] = c if conf[t] is None else conf[t] + c
+                ekl.update(r0 + t, p, start)
+            start += b
+    if start != n or bool(mismatch):
+        raise ValueError("the loader did not yield the same labels in the same order as on its first pass: "
+                         "monte_carlo needs a deterministic loader (shuffle=False)")
+    return correct, conf
+
+
+def _repeat(x: torch.Tensor, samples: int) -> torch.Tensor:
+    """[S·B, ...]: the batch repeated S times along the batch axis (chunk t for instance r0 + t)."""
+    return x if samples == 1 else x.repeat((samples,) + (1,) * (x.dim() - 1))
+
+
+def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range,
+                    variation: Variation | None = None) -> torch.Tensor:
+    """Logits [S, B, classes] of chip instances ``instances`` (a range of consecutive r, S = its length)
+    on one batch ``inputs`` [B, ...], computed in one pass as :func:`monte_carlo` does (the model's
+    current train/eval flags are used as they are; call ``model.eval()`` first for evaluation).
+    Instance r equals ``nft_cuda.set_instance(model, seed, r); model(inputs)``. ``variation``
+    temporarily replaces every noisy layer's variation (default: keep each layer's own)."""
+    if not isinstance(instances, range) or instances.step != 1 or len(instances) == 0:
+        raise ValueError(f"instances must be a non-empty range of consecutive instances, got {instances!r}")
+    seed = _args.check_seed_int("seed", seed)
+    if instances.start < 0 or instances.stop > 2**32:
+        raise ValueError(f"instances must lie in [0, 2^32), got {instances!r}")
+    layers = [m for _, m in noisy_layers(model)]
+    if not layers:
+        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
+    state = _SavedState(model, layers)
+    try:
+        if variation is not None:
+            for layer in layers:
+                layer._variation = variation
+        plans = {}
+        for ell, layer in enumerate(layers):
+            if layer.variation is None:
+                raise ValueError("every noisy layer needs a variation (or pass variation=)")
+            dev = layer.weight.device
+            sig = torch.full((len(instances),), layer.variation.sigma, dtype=torch.float32, device=dev)
+            plans[layer] = (_args.make_rng(seed, (ell << 32) | instances.start, dev), sig)
+        s, b = len(instances), inputs.shape[0]
+        with sample_plan(model, plans, s):
+            out = _logits(model, _repeat(inputs, s))
+        return out.view(s, b, out.shape[-1])
+    finally:
+        state.restore()
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, instances_per_pass: int = 8,
+                device=None, progress: bool = True, fold: bool | None = None, distributed: bool | None = None,
+                group=None) -> list[dict]:
+    """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
+
+    Args:
+        model: a model with noisy layers (:func:`nft_cuda.convert`, :func:`nft_cuda.io.load_model`)
+            returning logits [batch, classes].
+        loader: the test set: a re-iterable of (inputs, labels) batches in a fixed order (a
+            ``DataLoader`` with ``shuffle=False``, or a list of tensor pairs).
+        variations: a :class:`~nft_cuda.Variation` or a list of them (the σ_d sweep); each replaces
+            the variation of every noisy layer for its evaluation (restored afterwards).
+        runs: R, the number of chip instances (≥ 1).
+        seed: the evaluation seed, in [0, 2^63).
+        instances_per_pass: S, instances evaluated together in one pass over the loader: their noisy
+            weights are drawn once for the whole pass (memory S × the noisy weights). Does not change
+            the results, only speed and memory.
+        device: where to run (default: the device of the model's parameters); the model must be there.
+        progress: show a tqdm progress bar over instances (rank 0 only).
+        fold: fold the S instances of a pass into the batch axis (one forward of S·B rows per batch)
+            rather than S forwards of B rows. Default: fold on CUDA (bigger kernels), not on CPU (where
+            the S-times larger activations leave the caches and cost ~30% more per instance). Models
+            that cannot be folded (:func:`~nft_cuda.sample_axis.unbatchable_modules`) are evaluated one
+            instance per forward, with one warning when folding was asked for. Does not change the
+            results.
+        distributed: shard instances over the ranks of ``group`` (default: when torch.distributed is
+            initialised). Every rank must call with the same arguments; all get the same results.
+        group: the ``torch.distributed`` process group (default: the world).
+
+    Returns:
+        One dict per variation: ``sigma``, ``device_model``, ``runs``, ``seed``, ``num_inputs``,
+        ``accuracy_mean``, ``accuracy_std`` (ddof=1), ``ci95``, ``ci99`` (normal approximation
+        z·std/√R, as the reference), ``accuracy_min``, ``accuracy_max``, ``accuracy_percentiles``
+        {"5", "25", "50", "75", "95"}, ``confidence`` (mean over instances and inputs of max_c p),
+        ``ekl`` (nats), ``clean_accuracy`` and ``per_instance_accuracy`` [R]. Accuracies are fractions
+        in [0, 1]. The execution strategy (S, processes) is deliberately not part of the results, which
+        are bit-identical whatever it is.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    variations = _as_variations(variations)
+    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
+        raise ValueError(f"runs must be a positive int, got {runs!r}")
+    if runs > 2**32:
+        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
+    seed = _args.check_seed_int("seed", seed)
+    if isinstance(instances_per_pass, bool) or not isinstance(instances_per_pass, int) or instances_per_pass < 1:
+        raise ValueError(f"instances_per_pass must be a positive int, got {instances_per_pass!r}")
+    _check_loader(loader)
+    layers = [m for _, m in noisy_layers(model)]
+    if not layers:
+        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
+    if len(layers) >= 2**31:
+        raise ValueError("too many noisy layers")
+    device = _model_device(model, device)
+    comm = _Comm(distributed, group)
+
+    state = _SavedState(model, layers)
+    try:
+        model.eval()
+        if fold is None:
+            fold = device.type == "cuda"
+        blockers = unbatchable_modules(model) if fold else []
+        if blockers:
+            warnings.warn(f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
+                          "a batch, so instances cannot be folded into the batch axis (same results, slower)",
+                          stacklevel=2)
+            fold = False
+        with torch.no_grad():
+            labels, clean_correct, clean_conf, classes = _clean_pass(model, loader, device)
+            n = labels.shape[0]
+            clean_acc = clean_correct / n
+            results = []
+            for var in variations:
+                for layer in layers:
+                    layer._variation = var
+                if var.sigma == 0.0:
+                    per_acc = [clean_acc] * runs
+                    conf = exact_mean([clean_conf] * runs, runs * n)
+                    ekl = 0.0
+                else:
+                    per_acc, conf, ekl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed,
+                                                      instances_per_pass, bool(fold), comm, progress)
+                res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed,
+                       "num_inputs": n}
+                res.update(accuracy_stats(per_acc))
+                res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc,
+                            "per_instance_accuracy": per_acc})
+                results.append(res)
+    finally:
+        state.restore()
+    return results
+
+
+def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm,
+                 progress):
+    """(per-instance accuracies [R], mean confidence, EKL) of one σ_d."""
+    n = labels.shape[0]
+    nblocks = math.ceil(runs / EKL_BLOCK)
+    per_round = math.ceil(samples / EKL_BLOCK)        # blocks a rank evaluates per round
+    rounds = math.ceil(nblocks / (comm.world * per_round))
+    ekl = EKLAccumulator(n, classes, device=device, auto_fold=False)
+    local: dict[int, tuple] = {}
+
+    def blocks_of(rank: int, j: int) -> range:
+        first = (j * comm.world + rank) * per_round
+        return range(min(first, nblocks), min(first + per_round, nblocks))
+
+    mine = sum(len(blocks_of(comm.rank, j)) for j in range(rounds))
+    my_instances = sum(min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK
+                       for j in range(rounds) for b in blocks_of(comm.rank, j)) if mine else 0
+    bar = None
+    if progress and comm.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False)
+    try:
+        for j in range(rounds):
+            blocks = blocks_of(comm.rank, j)
+            if len(blocks):
+                lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
+                for r0 in range(lo, hi, samples):
+                    s = min(samples, hi - r0)
+                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, var, seed, r0, s, fold)
+                    for t in range(s):
+                        local[r0 + t] = [correct[t], conf[t]]
+                    if bar is not None:
+                        bar.update(s)
+            # Exchange the block sums of this round in block order and fold them (DESIGN §7).
+            for src in range(comm.world):
+                for b in blocks_of(src, j):
+                    mine_b = ekl.take_block(b) if src == comm.rank else None
+                    ekl.put_block(b, comm.broadcast(mine_b, src, (n, classes), device))
+    finally:
+        if bar is not None:
+            bar.close()
+
+    plogp = ekl.instance_plogp()
+    local_out = {r: (int(c), float(f), plogp[r]) for r, (c, f) in local.items()}
+    merged: dict[int, tuple] = {}
+    for part in comm.gather_objects(local_out):
+        merged.update(part)
+    if sorted(merged) != list(range(runs)):
+        raise RuntimeError(f"monte_carlo: gathered {len(merged)} instances, expected {runs}")
+    for r in range(runs):
+        if r not in local_out:
+            ekl.add_instance_plogp(r, merged[r][2])
+    per_acc = [merged[r][0] / n for r in range(runs)]
+    conf = exact_mean([merged[r][1] for r in range(runs)], runs * n)
+    return per_acc, conf, ekl.value()

@@ -1,0 +1,144 @@
+"""Evaluate exported checkpoints over a σ_d sweep and write the reports (the body of ``nft eval``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+from nft_cuda.eval.monte_carlo import monte_carlo
+from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
+from nft_cuda.variation import Variation
+
+__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set"]
+
+
+class TensorBatches:
+    """A re-iterable of (inputs, labels) batches over two tensors, in order (no shuffling)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+
+    def __len__(self) -> int:
+        return -(-self.labels.shape[0] // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, self.labels.shape[0], self.batch_size):
+            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+
+
+def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32 [N, C, 32, 32], labels int64 [N]) of the test split of ``dataset``."""
+    from nft_cuda.data import load_dataset
+
+    x, y = load_dataset(dataset, data_dir, split="test")
+    return x, y
+
+
+def _labels(paths: list[str]) -> list[str]:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [os.path.normpath(p) for p in paths]
+
+
+def _summary(values: dict):
+    """One value if all checkpoints agree, else {label: value}."""
+    distinct = []
+    for v in values.values():
+        if v not in distinct:
+            distinct.append(v)
+    return distinct[0] if len(distinct) == 1 else dict(values)
+
+
+def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = None, runs: int = 100,
+                     seed: int = 0, data_dir=None, json_path: str | None = None, csv_path: str | None = None,
+                     plot_path: str | None = None, instances_per_pass: int = 8, device=None,
+                     progress: bool = True, *, batch_size: int = 256, fold: bool | None = None,
+                     distributed: bool | None = None) -> dict:
+    """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
+    their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
+
+    Args:
+        paths: one path or a list of exported model files.
+        sigmas: the σ_d sweep.
+        device_model: the device model preset (default: each checkpoint's own, with its bit widths).
+        runs, seed, instances_per_pass, progress: as :func:`~nft_cuda.eval.monte_carlo`.
+        data_dir: the data folder (see :mod:`nft_cuda.data`).
+        json_path, csv_path, plot_path: where to write the report (JSON), the table (CSV) and the plot
+            (PNG); None skips it. Under torch.distributed only rank 0 writes.
+        device: where to evaluate (default: CUDA when available, else CPU).
+        batch_size: test batch size.
+        fold, distributed: as :func:`~nft_cuda.eval.monte_carlo`.
+
+    Returns:
+        The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
+        checkpoint × σ_d, each with a ``checkpoint`` label (the file name without extension).
+    """
+    from nft_cuda.io import load_model
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("eval_checkpoints needs at least one checkpoint path")
+    sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
+    if not sigmas:
+        raise ValueError("sigmas must hold at least one σ_d")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+
+    labels = _labels(paths)
+    test_sets: dict[str, tuple] = {}
+    results, checkpoints = [], []
+    models, datasets = {}, {}
+    for path, label in zip(paths, labels):
+        model, payload = load_model(path, device=device)
+        meta = payload.get("meta", {}) or {}
+        dataset = meta.get("dataset")
+        if not dataset:
+            raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
+        if dataset not in test_sets:
+            test_sets[dataset] = load_test_set(dataset, data_dir)
+        x, y = test_sets[dataset]
+        spec = dict(payload["model"])
+        if x.shape[1] != spec.get("in_channels", x.shape[1]):
+            raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
+                             f"but the {dataset} test set has {x.shape[1]}")
+        base = payload["variation"]
+        variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
+                      for s in sigmas]
+        loader = TensorBatches(x, y, batch_size)
+        out = monte_carlo(model, loader, variations, runs, seed=seed, instances_per_pass=instances_per_pass,
+                          device=device, progress=progress, fold=fold, distributed=distributed)
+        for r in out:
+            results.append({"checkpoint": label, **r})
+        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
+                            "method": meta.get("method"), "trained_variation": dict(base)})
+        models[label], datasets[label] = spec, dataset
+        del model
+
+    report = build_report(results, model=_summary(models), dataset=_summary(datasets), seed=seed,
+                          checkpoints=checkpoints)
+    if _is_writer(distributed):
+        if json_path:
+            write_json(report, json_path)
+        if csv_path:
+            write_csv(report, csv_path)
+        if plot_path:
+            plot_results(report, plot_path)
+    return report
+
+
+def _is_writer(distributed) -> bool:
+    import torch.distributed as dist
+
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank() == 0
