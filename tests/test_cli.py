@@ -1,0 +1,161 @@
+"""The ``nft`` command line: argument errors, train / resume, the data command, the plugin registry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from nft_cuda import cli
+from nft_cuda.train.trainer import TrainConfig
+
+TINY = ["--limit-train", "64", "--limit-eval", "32", "--batch-size", "32", "--device", "cpu", "--no-progress"]
+
+
+def _nft(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("nft: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Through `python -m nft_cuda` (what the `nft` console script runs)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, what", [
+    (["train", "--sigma", "-0.5"], "--sigma"),
+    (["train", "--model", "lenet"], "--model"),
+])
+def test_bad_arguments_give_one_line(args, what, tmp_path):
+    r = _nft(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert what in _one_error_line(r.stderr)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_runtime_error_one_line_and_debug_traceback(tmp_path):
+    r = _nft("train", "--out", str(tmp_path / "nothing"), "--resume", cwd=tmp_path)
+    assert r.returncode == 1
+    assert "nothing to resume" in _one_error_line(r.stderr)
+    r = _nft("train", "--out", str(tmp_path / "nothing"), "--resume", "--debug", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# In-process
+# --------------------------------------------------------------------------------------------------
+
+
+def _error(capsys, argv, code):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == code
+    return _one_error_line(capsys.readouterr().err)
+
+
+def test_argument_errors_in_process(capsys):
+    assert "--epochs" in _error(capsys, ["train", "--epochs", "0"], 2)
+    assert "--deltas" in _error(capsys, ["train", "--deltas", "0.1,x"], 2)
+    assert "--dataset" in _error(capsys, ["train", "--dataset", "imagenet"], 2)
+    assert "--device-model" in _error(capsys, ["train", "--device-model", "PCM"], 2)
+    assert "required" in _error(capsys, [], 2)
+    assert "mnist" in _error(capsys, ["data", "fetch", "cifar10"], 2)
+    # Errors found by TrainConfig (not by argparse) are one line too, exit status 1.
+    assert cli.main(["train", "--method", "noise", "--beta", "0.1", "--out", "x"]) == 1
+    assert "beta applies" in _one_error_line(capsys.readouterr().err)
+
+
+def test_help_and_version(capsys):
+    for argv in (["--help"], ["train", "--help"], ["data", "fetch", "--help"], ["--version"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(argv)
+        assert exc.value.code == 0
+    assert "nft_cuda" in capsys.readouterr().out
+
+
+def test_config_from_args_defaults_and_overrides():
+    parser = cli.build_parser()
+    config = cli.train_config_from_args(parser.parse_args(["train"]))
+    assert config == TrainConfig()
+    args = parser.parse_args(["train", "--method", "ovf", "--sigma", "0.2", "--deltas", "0.3,0.2", "--beta", "0.01",
+                              "--device-model", "FeFET6", "--epochs", "4", "--optimizer", "sgd", "--seed", "7"])
+    config = cli.train_config_from_args(args)
+    assert (config.method, config.sigma, config.deltas, config.beta, config.device_model, config.epochs,
+            config.optimizer, config.seed) == ("ovf", 0.2, (0.3, 0.2), 0.01, "FeFET6", 4, "sgd", 7)
+    assert str(config.resolved_out()) == str(Path("runs") / "ovf-small-embedded-s0.2")
+
+
+def test_train_and_resume_in_process(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", "--method", "irs", "--epochs", "1", "--out", str(out), *TINY]) == 0
+    stdout = capsys.readouterr().out
+    assert "test acc clean" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["method"] == "irs" and summary["epochs"] == 1
+    # --resume needs only --out: the settings come from the checkpoint.
+    assert cli.main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    # A setting that contradicts the checkpoint is refused in one line.
+    assert cli.main(["train", "--out", str(out), "--resume", "--sigma", "0.3"]) == 1
+    assert "sigma" in _one_error_line(capsys.readouterr().err)
+    # Starting again in a used folder needs --overwrite.
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), *TINY]) == 1
+    assert "--overwrite" in _one_error_line(capsys.readouterr().err)
+
+
+def test_data_fetch_calls_fetch(monkeypatch, tmp_path, capsys):
+    import nft_cuda.data.fetch as fetch_module
+
+    calls = []
+
+    def fake_fetch(name, data_dir=None, quiet=False, *, force=False, offline=False):
+        calls.append((name, data_dir, quiet, force, offline))
+        return Path(data_dir) / name
+
+    monkeypatch.setattr(fetch_module, "fetch", fake_fetch)
+    assert cli.main(["data", "fetch", "mnist", "fashion-mnist", "--data-dir", str(tmp_path), "--offline"]) == 0
+    assert calls == [("mnist", str(tmp_path), False, False, True), ("fashion-mnist", str(tmp_path), False, False, True)]
+    assert str(tmp_path / "mnist") in capsys.readouterr().out
+
+    def failing_fetch(name, data_dir=None, quiet=False, **kw):
+        raise fetch_module.FetchError("could not fetch mnist file(s) x\ny")
+
+    monkeypatch.setattr(fetch_module, "fetch", failing_fetch)
+    assert cli.main(["data", "fetch", "mnist"]) == 1
+    assert "could not fetch mnist" in _one_error_line(capsys.readouterr().err)
+
+
+def test_plugin_registry(monkeypatch, capsys):
+    seen = {}
+
+    def register(subparsers):
+        p = subparsers.add_parser("hello", help="a plugin command")
+        p.add_argument("--who", default="world")
+        p.set_defaults(func=lambda args: seen.setdefault("who", args.who) and 0)
+
+    plugin = types.ModuleType("fake_nft_plugin")
+    plugin.register = register
+    broken = types.ModuleType("broken_nft_plugin")  # no register()
+    monkeypatch.setitem(sys.modules, "fake_nft_plugin", plugin)
+    monkeypatch.setitem(sys.modules, "broken_nft_plugin", broken)
+    monkeypatch.setattr(cli, "PLUGIN_MODULES", ["fake_nft_plugin", "not_installed_nft_plugin", "broken_nft_plugin"])
+    assert cli.main(["hello", "--who", "nft"]) == 0
+    assert seen["who"] == "nft"
+    err = capsys.readouterr().err
+    assert "not_installed" not in err  # a missing plugin is silently skipped
+    assert "broken_nft_plugin has no register" in err
+    # --debug is available on plugin commands too.
+    args = cli.build_parser().parse_args(["hello", "--debug"])
+    assert args.debug is True
