@@ -60,7 +60,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
                      seed: int = 0, data_dir=None, json_path: str | None = None, csv_path: str | None = None,
                      plot_path: str | None = None, instances_per_pass: int = 8, device=None,
                      progress: bool = True, *, batch_size: int = 256, fold: bool | None = None,
-                     distributed: bool | None = None) -> dict:
+                     distributed: bool | None = None, labels: Sequence[str] | None = None) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
@@ -75,6 +75,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         device: where to evaluate (default: CUDA when available, else CPU).
         batch_size: test batch size.
         fold, distributed: as :func:`~nft_cuda.eval.monte_carlo`.
+        labels: the checkpoints' names in the report (default: file names, or paths when those clash).
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
@@ -94,7 +95,10 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
 
-    labels = _labels(paths)
+    if labels is None:
+        labels = _labels(paths)
+    elif len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
     models, datasets = {}, {}
