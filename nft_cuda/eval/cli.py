@@ -47,34 +47,27 @@ def parse_sigmas(text: str) -> list[float]:
     return values
 
 
-def _runs(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be >= 2 (a standard deviation needs two instances), got {text}")
-    return value
+def _int_in(minimum: int, maximum: int | None = None, why: str = ""):
+    """An argparse type: an int in [minimum, maximum) (``why`` explains the lower bound)."""
+    from nft_cuda.cli import _int
+
+    at_least = _int(minimum)
+
+    def parse(text: str) -> int:
+        try:
+            value = at_least(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"{exc}{why}") from None
+        if maximum is not None and value >= maximum:
+            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0 or value >= 2**63:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^63), got {text}")
-    return value
+_runs = _int_in(2, why=" (a standard deviation needs two instances)")
+_positive_int = _int_in(1)
+_nonneg_int = _int_in(0, 2**63)
 
 
 def register(subparsers) -> None:
