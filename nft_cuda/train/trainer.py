@@ -494,6 +494,148 @@ def _write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Distributed (torchrun) support (DESIGN §7)
+# --------------------------------------------------------------------------------------------------
+#
+# Under ``torchrun`` (WORLD_SIZE > 1) every rank runs :func:`train`. The model is *not* wrapped in
+# DistributedDataParallel: OVF calls the model N+1 times per step (sequential mode) or once on a
+# sample-stacked batch, IRS adds forward hooks and heads, and DDP's reducer expects exactly one forward
+# per backward with a fixed set of used parameters (find_unused_parameters=False complains, True costs a
+# graph walk per step and still assumes one forward). Instead every rank starts from rank 0's parameters
+# and buffers, and after each backward the gradients are averaged with one all-reduce over a flat buffer
+# in the fixed ``model.parameters()`` order. That works for any number of forward calls, keeps every
+# rank's parameters (and optimizer states) identical, and is deterministic: same seed, same world size,
+# same device → bit-identical weights. BatchNorm statistics stay per rank while training (as DDP without
+# SyncBatchNorm); rank 0's buffers are broadcast before validation and checkpointing, so every rank holds
+# the model rank 0 checkpoints.
+
+_RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of ranks > 0
+
+
+class _Group:
+    """This process's place in a torchrun group; a single-process run is an inactive group of one."""
+
+    def __init__(self, dist=None, rank: int = 0, world: int = 1, created: bool = False,
+                 device: torch.device | None = None):
+        self.dist, self.rank, self.world, self.created, self.device = dist, rank, world, created, device
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.created and self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        self.created = False
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (also a barrier)."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        boxes = [None] * self.world
+        self.dist.all_gather_object(boxes, obj)
+        return boxes
+
+    def broadcast_tensors(self, tensors) -> None:
+        """Overwrite ``tensors`` with rank 0's values, in order."""
+        if not self.active:
+            return
+        for t in tensors:
+            self.dist.broadcast(t.data, src=0)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self.dist.all_reduce(tensor)
+        return tensor
+
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over the ranks (in place), in the order given.
+
+        A parameter without a gradient on some rank but with one elsewhere takes zeros there; one without a
+        gradient on every rank keeps ``grad=None`` (the optimizer then skips it, as in one process).
+        """
+        if not self.active or not params:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        device = params[0].device
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        self.sum_(present)
+        used = [p for p, n in zip(params, present.tolist()) if n > 0]
+        for p in used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in used:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in groups.values():
+            flat = _flatten_dense_tensors(grads)
+            self.sum_(flat)
+            flat.div_(self.world)
+            for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
+
+
+def _join_group(device_name: str) -> _Group:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA, device
+    ``cuda:LOCAL_RANK`` for ``auto``/``cuda``), or use one that is already initialised."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - builds without distributed support
+        dist = None
+    available = dist is not None and dist.is_available()
+    initialised = available and dist.is_initialized()
+    world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _Group()
+    if not available:
+        raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed support")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()):
+        device_name = f"cuda:{local_rank}"
+    device = _resolve_device(device_name)
+    created = False
+    if not initialised:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+        created = True
+    return _Group(dist, dist.get_rank(), dist.get_world_size(), created, device)
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """One rank's contiguous slice of the epoch's permutation (drawn from ``generator``, the same on every
+    rank); the remainder of ``n // world`` is dropped so every rank runs the same number of steps."""
+
+    def __init__(self, n: int, rank: int, world: int, generator: torch.Generator):
+        self.n, self.rank, self.world, self.generator = n, rank, world, generator
+        self.per_rank = n // world
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)
+        return iter(perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist())
+
+
+# --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
 
@@ -504,7 +646,7 @@ def _passthrough(batch):
 
 
 class _Data:
-    def __init__(self, config: TrainConfig, device: torch.device):
+    def __init__(self, config: TrainConfig, device: torch.device, group: _Group | None = None):
         from torch.utils.data import DataLoader
 
         from nft_cuda.data import TensorPairDataset, get_spec, load_dataset, train_val_split
@@ -524,8 +666,19 @@ class _Data:
                       pin_memory=device.type == "cuda")
         # Every loader has its own generator, so iterating one never touches torch's global RNG.
         self.train_generator = torch.Generator()
-        self.train = DataLoader(TensorPairDataset(train_x[tr_idx], train_y[tr_idx]), batch_size=config.batch_size,
-                                shuffle=True, generator=self.train_generator, **common)
+        train_set = TensorPairDataset(train_x[tr_idx], train_y[tr_idx])
+        if group is not None and group.active:
+            # Each rank takes its slice of the same (seed, epoch) permutation; batch_size is per rank.
+            n = int(tr_idx.numel())
+            if n < group.world:
+                raise ValueError(f"the training split has {n} sample(s), fewer than the {group.world} ranks "
+                                 "(raise --limit-train or use fewer processes)")
+            self.train = DataLoader(train_set, batch_size=config.batch_size,
+                                    sampler=_ShardSampler(n, group.rank, group.world, self.train_generator),
+                                    **common)
+        else:
+            self.train = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
+                                    generator=self.train_generator, **common)
         self.val = None
         if va_idx.numel():
             self.val = DataLoader(TensorPairDataset(train_x[va_idx], train_y[va_idx]), batch_size=config.batch_size,
@@ -699,33 +852,43 @@ def train(config: TrainConfig, progress: bool = True, *, log: Callable[[str], No
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if stop_after is not None:
         stop_after = _int("stop_after", stop_after, 1)
-    say = log if log is not None else (lambda msg: None)
     t_start = time.perf_counter()
     out = config.resolved_out()
-    device = _resolve_device(config.device)
-    for split in ("train", "test"):  # a missing dataset fails before the run folder is created
-        find_files(config.dataset, config.data_dir, split)
-    if config.resume and not ((out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()):
-        read_checkpoint(out)  # raises "nothing to resume" without creating the folder
-    out.mkdir(parents=True, exist_ok=True)
-    with _run_lock(out):
-        return _train_locked(config, progress, say, stop_after, out, device, t_start)
+    group = _join_group(config.device)  # inactive unless launched by torchrun with WORLD_SIZE > 1
+    try:
+        if not group.is_main:  # only rank 0 prints and shows progress bars
+            log, progress = None, False
+        say = log if log is not None else (lambda msg: None)
+        device = group.device if group.active else _resolve_device(config.device)
+        for split in ("train", "test"):  # a missing dataset fails before the run folder is created
+            find_files(config.dataset, config.data_dir, split)
+        if config.resume and not ((out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()):
+            read_checkpoint(out)  # raises "nothing to resume" without creating the folder
+        if group.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        group.barrier()
+        # Only rank 0 writes the run folder, so only it holds the lock.
+        with _run_lock(out) if group.is_main else contextlib.nullcontext():
+            return _train_locked(config, progress, say, stop_after, out, device, t_start, group)
+    finally:
+        group.close()
 
 
-def _train_locked(config, progress, say, stop_after, out, device, t_start) -> dict:
+def _train_locked(config, progress, say, stop_after, out, device, t_start, group: _Group) -> dict:
     from tqdm.auto import tqdm
 
     from nft_cuda import __version__
     from nft_cuda.io import load_model, save_model
 
-    for stale in out.glob(".tmp-*"):  # temp files of a writer that was killed mid-write
+    main = group.is_main
+    for stale in out.glob(".tmp-*") if main else ():  # temp files of a writer that was killed mid-write
         try:
             stale.unlink()
         except OSError:
             pass
     ckpt = ckpt_path = None
-    if config.resume:
-        ckpt, ckpt_path = read_checkpoint(out)
+    if config.resume:  # every rank loads the checkpoint
+        ckpt, ckpt_path = read_checkpoint(out, warn=main)
         _check_resume_config(config, ckpt["config"], ckpt_path)
     else:
         existing = [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
@@ -735,7 +898,7 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
         stale = [out / n for n in (CHECKPOINT, PREV_CHECKPOINT)]
         stale += [_sidecar(p) for p in stale] + [out / n for n in (MODEL_FILE, "metrics.jsonl", "metrics.csv",
                                                                   "summary.json")]
-        for p in stale:  # --overwrite: nothing of the old run may be mistaken for the new one's
+        for p in stale if main else ():  # --overwrite: nothing of the old run may be mistaken for the new one's
             if p.exists():
                 p.unlink()
 
@@ -744,8 +907,15 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         torch.manual_seed(config.seed)
-        data = _Data(config, device)
+        data = _Data(config, device, group)
         spec, method, model, optimizer, scheduler = _build(config, data, device)
+        params = list(model.parameters())
+        if group.active:
+            # Identical start on every rank (the seeded init already is; this makes it certain), then a
+            # training-noise stream of its own for every rank but 0 (rank 0 keeps one process's stream).
+            group.broadcast_tensors(params + list(model.buffers()))
+            if group.rank > 0:
+                torch.manual_seed(_derive_seed(config.seed, _RANK_STREAM, group.rank))
 
         start_epoch, history = 0, []
         best = {"epoch": 0, "val_acc": -1.0}
@@ -761,9 +931,18 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
             start_epoch = int(ckpt["epoch"])
             history = list(ckpt["history"])
             best = dict(ckpt["best"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            rng = ckpt["rng"]
+            ranks = rng.get("ranks")
+            if group.rank > 0 and (not isinstance(ranks, list) or len(ranks) != group.world):
+                # a checkpoint of another world size: a fresh per-rank stream, seeded from the epoch
+                torch.manual_seed(_derive_seed(config.seed, _RANK_STREAM, group.rank, start_epoch))
+                rng = None
+            elif group.rank > 0:
+                rng = ranks[group.rank]
+            if rng is not None:
+                torch.set_rng_state(rng["torch"])
+                if device.type == "cuda" and rng.get("cuda") is not None:
+                    torch.cuda.set_rng_state(rng["cuda"], device)
             rotate = ckpt_path.name == CHECKPOINT  # never let a bad checkpoint.pt replace the good prev
             say(f"resuming {out} at epoch {start_epoch + 1}/{config.epochs} from {ckpt_path.name}")
             if start_epoch and not (out / MODEL_FILE).is_file():
@@ -772,6 +951,9 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
         say(f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
             f"{config.device_model}) on {device}: {data.sizes['train']} train / {data.sizes['val']} val / "
             f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {out}")
+        if group.active:
+            say(f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
+                f"samples per rank per epoch, batch size {config.batch_size} per rank")
         meta_common = {
             "method": method.describe(), "dataset": config.dataset, "classes": list(data.spec.classes),
             "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
@@ -796,6 +978,7 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
                 loss, logits = method.loss(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                group.average_gradients(params)
                 optimizer.step()
                 loss_sum += loss.detach().double() * y.numel()
                 correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -803,6 +986,10 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
                 if not bar.disable and (step % 10 == 0 or step == len(data.train)):
                     bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
             bar.close()
+            if group.active:  # the epoch's loss and accuracy over all ranks
+                totals = group.sum_(torch.stack((loss_sum, correct.double(),
+                                                 torch.tensor(float(seen), dtype=torch.float64, device=device))))
+                loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].item())
             train_loss = loss_sum.item() / max(seen, 1)
             if not math.isfinite(train_loss):
                 raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}; lower the learning rate "
@@ -811,16 +998,22 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
             if scheduler is not None:
                 scheduler.step()
 
+            rng_state = {"torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+            rank_states = None
+            if group.active:
+                group.broadcast_tensors(list(model.buffers()))  # rank 0's BatchNorm statistics everywhere
+                rank_states = group.gather_objects(rng_state)  # every rank's noise stream, for resuming
             val_noisy = val_clean = float("nan")
-            if data.val is not None:
+            if data.val is not None and main:  # validation on rank 0; the others wait below
                 val_noisy = evaluate(model, data.val, device, "train", seed=_derive_seed(config.seed, epoch, 1),
                                      progress=progress, desc="val (noisy)")
                 val_clean = evaluate(model, data.val, device, "off", progress=progress, desc="val (clean)")
-                improved = val_noisy > best["val_acc"]
-            else:
-                improved = True  # no validation split: the last epoch is exported
+            val_noisy, val_clean = group.broadcast_object((val_noisy, val_clean))
+            improved = val_noisy > best["val_acc"] if data.val is not None else True  # no val split: the last
             if improved:
                 best = {"epoch": epoch, "val_acc": val_noisy if data.val is not None else float("nan")}
+            if improved and main:
                 save_model(str(out / MODEL_FILE), export_backbone(model, method, spec), spec=spec,
                            variation=method.variation,
                            meta={**meta_common, "epoch": epoch, "val_acc_noisy": val_noisy,
@@ -830,21 +1023,23 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
                    "val_acc_noisy": val_noisy, "val_acc_clean": val_clean, "best_epoch": best["epoch"],
                    "best_val_acc": best["val_acc"], "epoch_time_s": time.perf_counter() - t0}
             history.append(row)
-            _write_metrics(out, history)
-            payload = {
+            if main:
+                _write_metrics(out, history)
+            payload = None if not main else {
                 "format": CHECKPOINT_FORMAT,
                 "config": config.to_dict(),
                 "epoch": epoch,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                "rng": rng_state if rank_states is None else {**rng_state, "ranks": rank_states},
                 "best": best,
                 "history": history,
                 "versions": {"nft_cuda": __version__, "torch": str(torch.__version__)},
             }
-            _write_checkpoint(out, payload, rotate)
+            if main:
+                _write_checkpoint(out, payload, rotate)
+            group.barrier()  # the checkpoint and model of this epoch are written before any rank goes on
             rotate = True
             val_text = (f"val acc noisy {val_noisy:.2%} / clean {val_clean:.2%}" if data.val is not None
                         else "no validation split")
@@ -863,13 +1058,18 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start) -> di
             result["time_s"] = time.perf_counter() - t_start
             return result
 
-        exported, _ = load_model(str(out / MODEL_FILE), device=device)
-        result["test_acc_clean"] = evaluate(exported, data.test, device, "off", progress=progress,
-                                            desc="test (clean)")
-        result["test_acc_noisy"] = evaluate(exported, data.test, device, "train",
-                                            seed=_derive_seed(config.seed, 2**32), progress=progress,
-                                            desc="test (noisy)")
+        if main:  # test evaluation on rank 0; the others get its numbers
+            exported, _ = load_model(str(out / MODEL_FILE), device=device)
+            result["test_acc_clean"] = evaluate(exported, data.test, device, "off", progress=progress,
+                                                desc="test (clean)")
+            result["test_acc_noisy"] = evaluate(exported, data.test, device, "train",
+                                                seed=_derive_seed(config.seed, 2**32), progress=progress,
+                                                desc="test (noisy)")
+        result["test_acc_clean"], result["test_acc_noisy"] = group.broadcast_object(
+            (result["test_acc_clean"], result["test_acc_noisy"]))
         result["time_s"] = time.perf_counter() - t_start
+        if not main:
+            return result
         summary = {k: v for k, v in result.items() if k != "history"}
         summary["config"] = config.to_dict()
         _atomic_write_bytes(out / "summary.json", (json.dumps(_json_safe(summary), indent=2) + "\n").encode())
