@@ -1,0 +1,200 @@
+"""Training checkpoints: atomic writes with a SHA-256 sidecar, a kept previous good checkpoint, safe
+(weights-only) reads with fallback, and the run-folder lock (DESIGN §9)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
+           "read_checkpoint"]
+
+CHECKPOINT_FORMAT = "nft_cuda.checkpoint/1"
+CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
+SIDECAR_SUFFIX = ".sha256"
+
+
+class CheckpointError(ValueError):
+    """No usable checkpoint to resume from, or a checkpoint that does not fit the run."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unusable and the previous good one is used instead."""
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsync'd temp file in the same folder and a rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _chmod_default(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _chmod_default(path) -> None:
+    """Give a mkstemp file (mode 0600) the permissions a plain open() would have (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path):
+    """An exclusive lock on ``out/.lock`` for the duration of a run (released by the OS even on SIGKILL),
+    so two trainings never write the same run folder."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise CheckpointError(f"another training is running in {out} (it holds {out / '.lock'})") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _message(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_checkpoint(path: Path) -> dict:
+    """Verify ``path`` against its sidecar and load it weights-only; raise CheckpointError otherwise."""
+    from nft_cuda.io import safe_load
+
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist")
+    side = _sidecar(path)
+    if side.is_file():
+        try:
+            expected = side.read_text().split()[0].lower()
+        except (OSError, IndexError, UnicodeDecodeError):
+            raise CheckpointError(f"{side} is unreadable") from None
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != expected:
+            raise CheckpointError(f"{path} does not match its SHA-256 sidecar ({side.name}): the file is truncated "
+                                  "or corrupt")
+    else:
+        warnings.warn(f"{path} has no SHA-256 sidecar ({side.name}); it cannot be verified, loading it anyway",
+                      CheckpointWarning, stacklevel=3)
+    try:
+        ckpt = safe_load(str(path))
+    except ValueError as exc:
+        raise CheckpointError(_message(exc)) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not an nft_cuda training checkpoint (format {CHECKPOINT_FORMAT!r})")
+    missing = [k for k in ("config", "epoch", "model", "optimizer", "scheduler", "rng", "best", "history")
+               if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {missing}")
+    return ckpt
+
+
+def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
+    """The checkpoint to resume from in the run folder ``out`` and its path.
+
+    ``checkpoint.pt`` when it exists, matches its SHA-256 sidecar and loads weights-only; otherwise
+    ``checkpoint.prev.pt`` with a :class:`CheckpointWarning` (when ``warn``). Raises
+    :class:`CheckpointError` naming both files when neither is usable.
+    """
+    out = Path(out)
+    current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
+    if not current.exists() and not prev.exists():
+        raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
+                              "or point --out at the run folder)")
+    problems = []
+    for path in (current, prev):
+        try:
+            with warnings.catch_warnings():
+                if not warn:
+                    warnings.simplefilter("ignore", CheckpointWarning)
+                ckpt = _check_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        if path == prev and warn:
+            warnings.warn(f"{problems[0]}; resuming from the previous good checkpoint {prev} "
+                          f"(epoch {ckpt['epoch']}) instead", CheckpointWarning, stacklevel=2)
+        return ckpt, path
+    raise CheckpointError(f"cannot resume from {out}: " + "; ".join(problems))
+
+
+def _serialize(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
+    """Write checkpoint.pt and its sidecar; with ``rotate`` first keep the current (good) one as
+    checkpoint.prev.pt. Every step is an atomic rename, so a crash at any point leaves a consistent
+    (checkpoint, sidecar) pair in checkpoint.pt or in checkpoint.prev.pt."""
+    current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
+    data = _serialize(payload)
+    digest = hashlib.sha256(data).hexdigest()
+    if rotate and current.is_file() and _sidecar(current).is_file():
+        for src, dst in ((_sidecar(current), _sidecar(prev)), (current, prev)):
+            tmp = dst.with_name(f".tmp-{dst.name}")
+            if tmp.exists():
+                tmp.unlink()
+            try:
+                os.link(src, tmp)  # a second name for the same bytes: no copy, and src is never modified
+            except OSError:
+                import shutil
+
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    _atomic_write_bytes(current, data)
+    _atomic_write_bytes(_sidecar(current), f"{digest}  {CHECKPOINT}\n".encode())
+
+

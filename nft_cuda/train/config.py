@@ -1,0 +1,225 @@
+"""Training configuration: :class:`TrainConfig`, every field validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["RESUME_MAY_DIFFER", "TrainConfig", "default_out"]
+
+_OPTIMIZERS = ("adam", "sgd")
+_SCHEDULERS = ("cosine", "none")
+#: Fields that may differ between a checkpoint's config and the config that resumes it.
+RESUME_MAY_DIFFER = ("data_dir", "device", "out", "num_workers", "resume", "overwrite")
+_DEFAULT_DELTAS = (0.15, 0.10, 0.05)
+_U63 = 2**63
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def _real(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
+          max_strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    if maximum is not None and (value >= maximum if max_strict else value > maximum):
+        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
+    return value
+
+
+def _int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    key = value.strip().lower()
+    if key not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return key
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+def _path_or_none(name: str, value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike) or None, got {type(value).__name__}")
+    value = os.fspath(value)
+    if not value:
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything :func:`train` needs (validated and normalised on construction).
+
+    Attributes:
+        model: ``"small"`` (CPU-friendly, default), ``"vgg8"`` or ``"resnet18"``.
+        dataset: ``"embedded"`` (default: a Fashion-MNIST slice shipped with the package, no download),
+            ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
+        data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
+        method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"`` or ``"irs"``.
+        sigma: σ_d of training (≥ 0); 0.1 by default, the reference README's example.
+        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"`` or ``"FeFET6"``.
+        beta: the feedback gain β of OVF/IRS (None: the DESIGN §5 default for model/dataset).
+        deltas: OVF variation offsets δ_n, noisiest first.
+        head_sigma: σ of the IRS heads (None: ``sigma``; the heads always use RRAM1).
+        epochs: number of epochs (default 2: ``nft train --method ovf`` ends in about two minutes on
+            two CPU cores).
+        batch_size, lr: mini-batch size and learning rate.
+        optimizer: ``"adam"`` (default, as the paper) or ``"sgd"`` (with ``momentum``).
+        momentum: SGD momentum (ignored by Adam).
+        scheduler: ``"cosine"`` (CosineAnnealingLR, T_max = epochs, stepped per epoch) or ``"none"``.
+        weight_decay: L2 weight decay of the optimizer.
+        val_fraction: share of the training split held out for model selection, in [0, 1).
+        seed: the run's seed, in [0, 2^63).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        width: channel multiplier of the model.
+        out: the run folder (None: ``runs/<method>-<model>-<dataset>-s<sigma>``, see :func:`default_out`).
+        num_workers: DataLoader worker processes.
+        resume: continue the run in ``out`` from its checkpoint.
+        overwrite: start afresh in an ``out`` that already holds a run (its checkpoints are replaced).
+        limit_train, limit_eval: debugging option — cap the number of training samples, and of
+            validation and test samples (None: all).
+    """
+
+    model: str = "small"
+    dataset: str = "embedded"
+    data_dir: str | None = None
+    method: str = "noise"
+    sigma: float = 0.1
+    device_model: str = "RRAM1"
+    beta: float | None = None
+    deltas: tuple[float, ...] = _DEFAULT_DELTAS
+    head_sigma: float | None = None
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    width: float = 1.0
+    out: str | None = None
+    num_workers: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    limit_train: int | None = None
+    limit_eval: int | None = None
+
+    def __post_init__(self):
+        from nft_cuda.data import canonical_name
+        from nft_cuda.models import MODELS
+        from nft_cuda.train.methods import METHODS
+        from nft_cuda.variation import Variation
+
+        self.model = _choice("model", self.model, tuple(MODELS))
+        if not isinstance(self.dataset, str):
+            raise TypeError(f"dataset must be a str, got {type(self.dataset).__name__}")
+        self.dataset = canonical_name(self.dataset)
+        self.data_dir = _path_or_none("data_dir", self.data_dir)
+        self.method = _choice("method", self.method, tuple(METHODS))
+        self.sigma = _real("sigma", self.sigma, minimum=0.0)
+        if not isinstance(self.device_model, str):
+            raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
+        self.device_model = Variation(self.sigma, self.device_model).device_model
+        if self.beta is not None:
+            self.beta = _real("beta", self.beta, minimum=0.0)
+            if self.method not in ("ovf", "irs"):
+                raise ValueError(f"beta applies to method 'ovf' or 'irs', not '{self.method}'")
+        if isinstance(self.deltas, (str, bytes)) or not isinstance(self.deltas, Sequence):
+            raise TypeError(f"deltas must be a sequence of numbers, got {type(self.deltas).__name__}")
+        self.deltas = tuple(_real(f"deltas[{i}]", d, minimum=0.0) for i, d in enumerate(self.deltas))
+        if not self.deltas:
+            raise ValueError("deltas must hold at least one value")
+        if self.method != "ovf" and self.deltas != _DEFAULT_DELTAS:
+            raise ValueError(f"deltas apply to method 'ovf', not '{self.method}'")
+        if self.head_sigma is not None:
+            self.head_sigma = _real("head_sigma", self.head_sigma, minimum=0.0)
+            if self.method != "irs":
+                raise ValueError(f"head_sigma applies to method 'irs', not '{self.method}'")
+        self.epochs = _int("epochs", self.epochs, 1)
+        self.batch_size = _int("batch_size", self.batch_size, 1)
+        self.lr = _real("lr", self.lr, minimum=0.0, strict=True)
+        self.optimizer = _choice("optimizer", self.optimizer, _OPTIMIZERS)
+        self.momentum = _real("momentum", self.momentum, minimum=0.0, maximum=1.0, max_strict=True)
+        self.scheduler = _choice("scheduler", self.scheduler, _SCHEDULERS)
+        self.weight_decay = _real("weight_decay", self.weight_decay, minimum=0.0)
+        self.val_fraction = _real("val_fraction", self.val_fraction, minimum=0.0, maximum=1.0, max_strict=True)
+        self.seed = _int("seed", self.seed, 0, _U63 - 1)
+        if not isinstance(self.device, str):
+            raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda' or 'cuda:N'), "
+                            f"got {type(self.device).__name__}")
+        self.device = self.device.strip().lower()
+        if self.device != "auto":
+            try:
+                dev = torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from None
+            if dev.type not in ("cpu", "cuda"):
+                raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        self.width = _real("width", self.width, minimum=0.0, strict=True)
+        self.out = _path_or_none("out", self.out)
+        self.num_workers = _int("num_workers", self.num_workers, 0)
+        self.resume = _bool("resume", self.resume)
+        self.overwrite = _bool("overwrite", self.overwrite)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+        if self.limit_train is not None:
+            self.limit_train = _int("limit_train", self.limit_train, 1)
+        if self.limit_eval is not None:
+            self.limit_eval = _int("limit_eval", self.limit_eval, 1)
+
+    def to_dict(self) -> dict:
+        """Plain types only (lists for tuples): what the checkpoint stores."""
+        d = dataclasses.asdict(self)
+        d["deltas"] = list(self.deltas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def resolved_out(self) -> Path:
+        return Path(self.out) if self.out is not None else default_out(self)
+
+
+def default_out(config: TrainConfig) -> Path:
+    """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory)."""
+    return Path("runs") / f"{config.method}-{config.model}-{config.dataset}-s{config.sigma:g}"
+
+

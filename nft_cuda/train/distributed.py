@@ -1,0 +1,166 @@
+"""Data-parallel training under torchrun (DESIGN §7)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Distributed (torchrun) support (DESIGN §7)
+# --------------------------------------------------------------------------------------------------
+#
+# Under ``torchrun`` (WORLD_SIZE > 1) every rank runs :func:`train`. The model is *not* wrapped in
+# DistributedDataParallel: OVF calls the model N+1 times per step (sequential mode) or once on a
+# sample-stacked batch, IRS adds forward hooks and heads, and DDP's reducer expects exactly one forward
+# per backward with a fixed set of used parameters (find_unused_parameters=False complains, True costs a
+# graph walk per step and still assumes one forward). Instead every rank starts from rank 0's parameters
+# and buffers, and after each backward the gradients are averaged with one all-reduce over a flat buffer
+# in the fixed ``model.parameters()`` order. That works for any number of forward calls, keeps every
+# rank's parameters (and optimizer states) identical, and is deterministic: same seed, same world size,
+# same device → bit-identical weights. BatchNorm statistics stay per rank while training (as DDP without
+# SyncBatchNorm); rank 0's buffers are broadcast before validation and checkpointing, so every rank holds
+# the model rank 0 checkpoints.
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' was requested but CUDA is not available (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) present")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+_RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of ranks > 0
+
+
+class _Group:
+    """This process's place in a torchrun group; a single-process run is an inactive group of one."""
+
+    def __init__(self, dist=None, rank: int = 0, world: int = 1, created: bool = False,
+                 device: torch.device | None = None):
+        self.dist, self.rank, self.world, self.created, self.device = dist, rank, world, created, device
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def close(self) -> None:
+        if self.created and self.dist is not None and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+        self.created = False
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` on every rank (also a barrier)."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        boxes = [None] * self.world
+        self.dist.all_gather_object(boxes, obj)
+        return boxes
+
+    def broadcast_tensors(self, tensors) -> None:
+        """Overwrite ``tensors`` with rank 0's values, in order."""
+        if not self.active:
+            return
+        for t in tensors:
+            self.dist.broadcast(t.data, src=0)
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            self.dist.all_reduce(tensor)
+        return tensor
+
+    def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Average the gradients of ``params`` over the ranks (in place), in the order given.
+
+        A parameter without a gradient on some rank but with one elsewhere takes zeros there; one without a
+        gradient on every rank keeps ``grad=None`` (the optimizer then skips it, as in one process).
+        """
+        if not self.active or not params:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        device = params[0].device
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+        self.sum_(present)
+        used = [p for p, n in zip(params, present.tolist()) if n > 0]
+        for p in used:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for p in used:
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for grads in groups.values():
+            flat = _flatten_dense_tensors(grads)
+            self.sum_(flat)
+            flat.div_(self.world)
+            for g, avg in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
+
+
+def _join_group(device_name: str) -> _Group:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA, device
+    ``cuda:LOCAL_RANK`` for ``auto``/``cuda``), or use one that is already initialised."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - builds without distributed support
+        dist = None
+    available = dist is not None and dist.is_available()
+    initialised = available and dist.is_initialized()
+    world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return _Group()
+    if not available:
+        raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed support")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()):
+        device_name = f"cuda:{local_rank}"
+    device = _resolve_device(device_name)
+    created = False
+    if not initialised:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+        created = True
+    return _Group(dist, dist.get_rank(), dist.get_world_size(), created, device)
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """One rank's contiguous slice of the epoch's permutation (drawn from ``generator``, the same on every
+    rank); the remainder of ``n // world`` is dropped so every rank runs the same number of steps."""
+
+    def __init__(self, n: int, rank: int, world: int, generator: torch.Generator):
+        self.n, self.rank, self.world, self.generator = n, rank, world, generator
+        self.per_rank = n // world
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self):
+        perm = torch.randperm(self.n, generator=self.generator)
+        return iter(perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist())
+
+
