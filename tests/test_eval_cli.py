@@ -77,3 +77,20 @@ def test_demo_runs_and_prints_table(tmp_path):
     report = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert {x["checkpoint"] for x in report["results"]} == {"noise", "irs"}
     assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
+
+
+def test_torchrun_eval_json_identical_to_one_process(checkpoint, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    # CPU GEMMs/convolutions reduce in a thread-count-dependent order, so both runs use one thread per
+    # process: then only the batching and the number of processes differ.
+    common = ["--sigma", "0.1,0.3", "--runs", "10", "--no-progress", "--device", "cpu", "--batch-size", "500"]
+    env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "nft_cuda", "eval", checkpoint, *common, "--json", str(one),
+                        "--instances-per-pass", "3"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "nft_cuda", "eval", checkpoint, *common, "--json", str(two)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(one.read_text()) == json.loads(two.read_text())
