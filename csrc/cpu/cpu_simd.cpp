@@ -213,23 +213,33 @@ NFT_AVX2 void normals_avx2(uint64_t seed, uint64_t stream, uint64_t q0, int64_t 
   }
 }
 
-// perturb_f32_scalar, eight lanes at a time: the same comparisons and a rounded product.
+// perturb_f32_scalar on eight lanes: the same comparisons and a rounded product.
+NFT_AVX2_INLINE __m256 perturb8(__m256 wv, __m256 zv, __m256 lo, __m256 hi, __m256 sb, __m256 si) {
+  const __m256 aw = _mm256_and_ps(wv, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
+  const __m256 in = _mm256_and_ps(_mm256_cmp_ps(aw, lo, _CMP_GT_OQ), _mm256_cmp_ps(aw, hi, _CMP_LT_OQ));
+  const __m256 sw = _mm256_blendv_ps(sb, si, in);
+  __m256 prod = _mm256_mul_ps(sw, zv);
+  __asm__("" : "+x"(prod));  // round the product as the scalar code does: GCC would contract to an FMA
+  const __m256 noisy = _mm256_add_ps(wv, prod);
+  return _mm256_blendv_ps(wv, noisy, _mm256_cmp_ps(sw, _mm256_setzero_ps(), _CMP_NEQ_UQ));  // sw == 0: w
+}
+
 NFT_AVX2 void perturb_f32_avx2(const float* w, float* o, const float* z, int64_t count, float t_lo, float t_hi,
                                float sigma_base, float sigma_in) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 lo = _mm256_set1_ps(t_lo), hi = _mm256_set1_ps(t_hi);
   const __m256 sb = _mm256_set1_ps(sigma_base), si = _mm256_set1_ps(sigma_in);
-  const __m256 zero = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + i);
-    const __m256 aw = _mm256_and_ps(wv, abs_mask);
-    const __m256 in = _mm256_and_ps(_mm256_cmp_ps(aw, lo, _CMP_GT_OQ), _mm256_cmp_ps(aw, hi, _CMP_LT_OQ));
-    const __m256 sw = _mm256_blendv_ps(sb, si, in);
-    const __m256 noisy = _mm256_add_ps(wv, _mm256_mul_ps(sw, _mm256_loadu_ps(z + i)));
-    _mm256_storeu_ps(o + i, _mm256_blendv_ps(wv, noisy, _mm256_cmp_ps(sw, zero, _CMP_NEQ_UQ)));  // sw == 0: w
+    _mm256_storeu_ps(o + i, perturb8(_mm256_loadu_ps(w + i), _mm256_loadu_ps(z + i), lo, hi, sb, si));
   }
-  if (i < count) perturb_f32_scalar(w + i, o + i, z + i, count - i, t_lo, t_hi, sigma_base, sigma_in);
+  if (i < count) {  // the tail through the same lane code
+    alignas(32) float wt[8] = {}, zt[8] = {}, ot[8];
+    const size_t rest = static_cast<size_t>(count - i);
+    std::memcpy(wt, w + i, sizeof(float) * rest);
+    std::memcpy(zt, z + i, sizeof(float) * rest);
+    _mm256_store_ps(ot, perturb8(_mm256_load_ps(wt), _mm256_load_ps(zt), lo, hi, sb, si));
+    std::memcpy(o + i, ot, sizeof(float) * rest);
+  }
 }
 
 NFT_AVX2 float max_abs_f32_avx2(const float* w, int64_t n, float acc) {
