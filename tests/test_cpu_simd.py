@@ -29,6 +29,16 @@ def _cpu_has_avx2_fma() -> bool:
     return "avx2" in flags and "fma" in flags
 
 
+def test_avx512_and_avx2_widths_agree_bit_for_bit(monkeypatch):
+    # Sixteen-lane and eight-lane code perform the same operations in the same order.
+    r = torch.tensor([77, 2**32 - 2], dtype=torch.int64)
+    monkeypatch.setenv("NFT_CUDA_CPU_SIMD", "avx2")
+    narrow = torch.ops.nft_cuda.philox_normal(r, (1 << 19) + 5, 2)
+    monkeypatch.delenv("NFT_CUDA_CPU_SIMD")
+    wide = torch.ops.nft_cuda.philox_normal(r, (1 << 19) + 5, 2)
+    assert torch.equal(narrow, wide)
+
+
 def _both_paths(monkeypatch, fn):
     """(simd, scalar) results of fn(); simd is the default path, scalar forced by the env switch."""
     monkeypatch.delenv("NFT_CUDA_CPU_SIMD", raising=False)

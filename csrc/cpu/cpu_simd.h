@@ -4,7 +4,8 @@
 // definition of the per-element math, compiled by nvcc and by the host compiler, one element
 // (one Philox block) at a time. On 2 CPU cores that scalar loop is compute-bound at ~4-5x the time
 // of a copy (§8 asks for <= 4x), so the CPU kernels evaluate the *same formulas* eight Philox
-// blocks at a time with AVX2+FMA intrinsics here:
+// blocks at a time with AVX2+FMA intrinsics here (sixteen with AVX-512F, the same operations in
+// the same order, so both widths give bit-identical normals):
 //
 //  - Philox4x32-10: the same rounds, constants and counter layout as philox.h; integer arithmetic,
 //    so the words are bit-identical (tests/test_rng.py, tests/test_cpu_simd.py).
@@ -22,9 +23,10 @@
 // in a call, a chunk or a thread: calls of any length and any tiling agree bit for bit.
 //
 // The path is chosen at run time (CPUID via __builtin_cpu_supports): the functions carry
-// __attribute__((target("avx2,fma"))), so the rest of the extension keeps the baseline ISA and
-// runs on any x86-64 (or non-x86) CPU through the scalar path. NFT_CUDA_CPU_SIMD=0 in the
-// environment forces the scalar path (read once per op call; used by the tests to compare).
+// __attribute__((target("avx2,fma"))) / target("avx512f"), so the rest of the extension keeps the
+// baseline ISA and runs on any x86-64 (or non-x86) CPU through the scalar path. In the environment,
+// NFT_CUDA_CPU_SIMD=0 forces the scalar path and NFT_CUDA_CPU_SIMD=avx2 caps the width at AVX2
+// (read once per op call; used by the tests to compare the paths).
 #pragma once
 
 #include <cstdint>
@@ -42,7 +44,8 @@ void normals_scalar(uint64_t seed, uint64_t stream, uint64_t q0, int64_t nblocks
 bool simd_supported();
 
 // The kernel a CPU op should use for this call: the SIMD path when supported and not disabled by
-// NFT_CUDA_CPU_SIMD=0, else the scalar path. Call once per op call, outside parallel regions.
+// NFT_CUDA_CPU_SIMD=0, else the scalar path (AVX-512F when present, else AVX2+FMA). Call once per
+// op call, outside parallel regions.
 NormalsFn select_normals();
 
 // float32 helpers of the perturb kernel, with the same SIMD/scalar selection. They restate
