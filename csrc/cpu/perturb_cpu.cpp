@@ -3,8 +3,9 @@
 // max|W| is reduced here (in float32, NaN-propagating, like torch.amax), then one parallel sweep
 // reads each chunk of weights once and writes all S samples from it. The per-element math
 // (Philox, Box–Muller, sigma_w) comes from include/nft_cuda, shared with the CUDA kernel; the
-// normals come eight Philox blocks at a time from the AVX2 path of cpu_simd.h when the CPU has
-// it (same words, normals within the §3 tolerance), else from normal4().
+// normals come 16 (AVX-512F) or 8 (AVX2+FMA) Philox blocks at a time from cpu_simd.h when the
+// CPU has it (same words, normals within the §3 tolerance), else from normal4(); for float32 the
+// add and max|W| are vectorised there too (results identical to the scalar code given the normals).
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
