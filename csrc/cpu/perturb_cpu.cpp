@@ -1,10 +1,14 @@
 // CPU kernel of perturb (DESIGN §4.1): W_noisy[t] = W + sigma_w * z_t for every sample t.
 //
 // max|W| is reduced here (in float32, NaN-propagating, like torch.amax), then one parallel sweep
-// reads each group of four weights once and writes all S samples from it. The per-element math
-// (Philox, Box–Muller, sigma_w) comes from include/nft_cuda, shared with the CUDA kernel.
+// reads each chunk of weights once and writes all S samples from it. The per-element math
+// (Philox, Box–Muller, sigma_w) comes from include/nft_cuda, shared with the CUDA kernel; the
+// normals come 16 (AVX-512F) or 8 (AVX2+FMA) Philox blocks at a time from cpu_simd.h when the
+// CPU has it (same words, normals within the §3 tolerance), else from normal4(); for float32 the
+// add and max|W| are vectorised there too (results identical to the scalar code given the normals).
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -14,6 +18,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/variation.h"
 #include "op_checks.h"
@@ -29,14 +34,23 @@ inline float nan_max(float a, float b) {
 
 template <typename scalar_t>
 float max_abs_cpu(const scalar_t* w, int64_t n) {
+  const cpu::MaxAbsF32Fn max_abs_f32 = cpu::select_f32_kernels().max_abs;
   return at::parallel_reduce(
       0, n, 32768, 0.0f,
       [&](int64_t begin, int64_t end, float acc) {
-        for (int64_t i = begin; i < end; ++i) acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
-        return acc;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          return max_abs_f32(w + begin, end - begin, acc);
+        } else {
+          for (int64_t i = begin; i < end; ++i) acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
+          return acc;
+        }
       },
       nan_max);
 }
+
+// Blocks of four elements per chunk: the normals of one chunk and sample go to a small buffer
+// (L1-resident) and are then added to the chunk's weights; W is read once for all samples.
+constexpr int64_t kChunkBlocks = 64;
 
 template <typename scalar_t>
 void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::vector<StateBand>& bands,
@@ -44,22 +58,27 @@ void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t samples = static_cast<int64_t>(bands.size());
   const int64_t nq = (n + 3) / 4;
+  const cpu::NormalsFn normals = cpu::select_normals();  // SIMD or scalar, same noise (cpu_simd.h)
+  const cpu::PerturbF32Fn perturb_f32 = cpu::select_f32_kernels().perturb;
   at::parallel_for(0, nq, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t q = begin; q < end; ++q) {
-      const int64_t base = 4 * q;
-      const int64_t count = std::min<int64_t>(4, n - base);
-      acc_t wv[4];
-      float aw[4];
-      for (int64_t l = 0; l < count; ++l) {
-        wv[l] = static_cast<acc_t>(w[base + l]);
-        aw[l] = std::fabs(static_cast<float>(w[base + l]));
-      }
+    alignas(64) float z[4 * kChunkBlocks];
+    for (int64_t q0 = begin; q0 < end; q0 += kChunkBlocks) {
+      const int64_t blocks = std::min<int64_t>(kChunkBlocks, end - q0);
+      const int64_t base = 4 * q0;
+      const int64_t count = std::min<int64_t>(4 * blocks, n - base);
+      const scalar_t* wc = w + base;
       for (int64_t t = 0; t < samples; ++t) {
-        const StateBand& band = bands[t];
-        const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
+        const StateBand band = bands[t];
+        normals(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks, z);
         scalar_t* o = out + t * n + base;
-        for (int64_t l = 0; l < count; ++l) {
-          o[l] = static_cast<scalar_t>(add_noise<acc_t>(wv[l], sigma_w(band, aw[l]), z.z[l]));
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          perturb_f32(wc, o, z, count, band.t_lo, band.t_hi, band.sigma_base, band.sigma_in);
+        } else {
+          for (int64_t i = 0; i < count; ++i) {
+            const acc_t wv = static_cast<acc_t>(wc[i]);
+            const float aw = std::fabs(static_cast<float>(wc[i]));
+            o[i] = static_cast<scalar_t>(add_noise<acc_t>(wv, sigma_w(band, aw), z[i]));
+          }
         }
       }
     }

@@ -1,9 +1,12 @@
 // CPU kernels of the raw-RNG ops: philox4x32 (checking API) and philox_normal (DESIGN §3).
+#include <algorithm>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/philox.h"
 #include "op_checks.h"
@@ -41,14 +44,18 @@ at::Tensor philox_normal_cpu(const at::Tensor& rng, int64_t numel, int64_t strea
   at::Tensor out = at::empty({streams, numel}, rng.options().dtype(at::kFloat));
   float* op = out.mutable_data_ptr<float>();
   const int64_t nq = (numel + 3) / 4;
+  const int64_t full = numel / 4;  // blocks written in place; a trailing partial block goes via tmp
+  const cpu::NormalsFn normals = cpu::select_normals();  // SIMD or scalar, same noise (cpu_simd.h)
   for (int64_t t = 0; t < streams; ++t) {
     float* row = op + t * numel;
+    const uint64_t stream = offset + static_cast<uint64_t>(t);
     at::parallel_for(0, nq, 2048, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
-        const int64_t base = 4 * q;
-        const int64_t count = numel - base < 4 ? numel - base : 4;
-        for (int64_t l = 0; l < count; ++l) row[base + l] = z.z[l];
+      const int64_t stop = std::min(end, full);
+      if (stop > begin) normals(seed, stream, static_cast<uint64_t>(begin), stop - begin, row + 4 * begin);
+      if (end > full) {  // this range holds the partial block q = full
+        float tmp[4];
+        normals(seed, stream, static_cast<uint64_t>(full), 1, tmp);
+        for (int64_t l = 0; l < numel - 4 * full; ++l) row[4 * full + l] = tmp[l];
       }
     });
   }
