@@ -70,6 +70,12 @@ def _noisy_linear_backward_input_fake(grad, weight, rng, sigmas, scale, state_fa
     return grad.new_empty((*lead, weight.shape[1]))
 
 
+_NOISY_LINEAR_DOUBLE_BACKWARD_MSG = (
+    b"nft_cuda.ops.noisy_linear does not support double backward: its backward regenerates the noise in a "
+    b"kernel that is differentiable only once (the straight-through weight gradient has no second derivative)"
+)
+
+
 def _noisy_linear_setup_context(ctx, inputs, output):
     x, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32 = inputs
     # Only the inputs, the clean weight and the rng: backward regenerates the noise (DESIGN §3).
@@ -96,6 +102,11 @@ def _noisy_linear_backward(ctx, grad):
         gw = g.reshape(rows, n).t().matmul(x.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
         gb = grad.reshape(math.prod(grad.shape[:-1]), n).sum(0).to(ctx.bias_dtype)
+    # The input gradient comes from a kernel without autograd: differentiating it again would silently
+    # give wrong (missing) second-order terms, so a double backward raises instead (DESIGN §9).
+    from nft_cuda.layers import _once_differentiable
+
+    gx, gw, gb = _once_differentiable((gx, gw, gb), _NOISY_LINEAR_DOUBLE_BACKWARD_MSG)
     return gx, gw, gb, None, None, None, None, None, None
 
 

@@ -80,14 +80,21 @@ def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not an exported nft_cuda model (format {MODEL_FORMAT!r}); "
                          "export one with `nft train` or nft_cuda.io.save_model")
-    spec = dict(payload["model"])
-    name = spec.pop("name")
-    model = build_model(name, **spec)
-    variation = Variation(**payload["variation"])
-    if payload["noisy"]:
-        convert(model, variation, include=payload["noisy"])
+    try:  # a file of the right format but with missing or bad entries: one clear error naming the file
+        spec = dict(payload["model"])
+        name = spec.pop("name")
+        model = build_model(name, **spec)
+        variation = Variation(**payload["variation"])
+        noisy = list(payload["noisy"])
+        if noisy:
+            convert(model, variation, include=noisy)
+        state = payload["state_dict"]
+    except KeyError as exc:
+        raise ValueError(f"{path} is a malformed exported nft_cuda model: missing entry {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is a malformed exported nft_cuda model: {str(exc).splitlines()[0]}") from None
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as exc:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: the weights do not match model '{name}': {str(exc).splitlines()[0]}") from None
     return model.to(device), payload

@@ -100,11 +100,11 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _once_differentiable(grads: tuple) -> tuple:
-    """Make a second differentiation through these gradients raise a clear RuntimeError.
+def _once_differentiable(grads: tuple, message: bytes = _DOUBLE_BACKWARD_MSG) -> tuple:
+    """Make a second differentiation through these gradients raise a clear RuntimeError (``message``).
 
     Only matters when backward runs with create_graph=True (grad mode on inside backward); compiled
-    graphs have their own double-backward error.
+    graphs have their own double-backward error. Also used by the autograd of ops.noisy_linear.
     """
     if not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return grads
@@ -116,7 +116,7 @@ def _once_differentiable(grads: tuple) -> tuple:
         t = grads[i].detach()
         t.requires_grad_(True)
         tensors.append(t)
-    wrapped = torch._C._functions.DelayedError(_DOUBLE_BACKWARD_MSG, len(tensors))(*tensors)
+    wrapped = torch._C._functions.DelayedError(message, len(tensors))(*tensors)
     if isinstance(wrapped, torch.Tensor):
         wrapped = (wrapped,)
     out = list(grads)
@@ -419,6 +419,15 @@ class NoisyModule(nn.Module):
             sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=rng.device)
         self._sample_plan = (rng, sigmas)
 
+    def _check_input(self, input) -> None:
+        """A clear error for an input that is not a tensor or is on another device than the weight (the
+        same exception types as the plain layer, but naming both devices); checked before any draw."""
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.device != self.weight.device:
+            raise RuntimeError(f"{type(self).__name__}: input is on {input.device} but the weight is on "
+                               f"{self.weight.device}; move one of them (e.g. layer.to(input.device))")
+
     def _forward_noise(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(rng, sigmas or None) of this forward, or None for a clean forward."""
         plan = self._sample_plan
@@ -494,6 +503,7 @@ class NoisyLinear(NoisyModule, nn.Linear):
         return new
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
         noise = self._forward_noise()
         if noise is None:
             return F.linear(input, self.weight, self.bias)
@@ -512,6 +522,7 @@ class _NoisyConvNd(NoisyModule):
     _base: type
 
     def _noisy_conv(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
         noise = self._forward_noise()
         if noise is None:
             return self._base._conv_forward(self, input, self.weight, self.bias)

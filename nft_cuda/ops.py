@@ -93,7 +93,8 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     Returns:
         [S, ..., N] in x's dtype. Differentiable in x, weight (straight-through) and bias; backward
-        saves x, the clean weight and rng only, and regenerates the noise.
+        saves x, the clean weight and rng only, and regenerates the noise. Differentiable once: a double
+        backward through the compiled kernel raises RuntimeError (the pure-PyTorch fallback allows it).
     """
     _check_x(x)
     _args.check_weight(weight)
