@@ -1,147 +1,221 @@
-"""Variation-sampled linear forward: fused vs perturb + GEMM vs the reference way vs torch.compile vs clean.
+"""Noisy linear layers: NoisyLinear forward+backward, and the fused variation-sampled matmul at small M.
 
-Variants (all produce S outputs [S, M, N] for one input x [M, K] and weight [N, K]):
-  fused        nft_cuda.ops.noisy_linear (CUDA: noise generated in the GEMM's weight-tile loads for
-               bf16/fp16/TF32; exact fp32 and CPU: perturb into a temporary + ATen GEMM inside the op)
-  perturb+GEMM nft_cuda.ops.perturb (S noisy copies) then torch.matmul
-  reference    the paper code's way in plain PyTorch, per sample: max|W| read to the host, state-band
-               mask, torch.normal on the host copied to the device, add, F.linear
-  compiled     torch.compile of the reference composite without the host read (randn_like noise)
-  clean        torch.matmul with S clean weights (the same GEMM work, no noise): the floor
+Case "linear" — NoisyLinear forward+backward (dx, dW, db) vs
+  clean      nn.Linear with the same weights (the floor)
+  reference  the reference way: per forward max|W| read to the host, mask, torch.normal on the host
+             copied to the device, add, F.linear (autograd through W + constant noise)
+  compiled   torch.compile of that composite without the host read (full runs only)
+Shapes: batch 128 with N = K = 1024 and 4096 (4096 only in full runs on CPU), and the DESIGN §8
+target shapes: 1024² at batch 2048 on CPU (≤ 1.15× clean); 4096² at M = 4096 on GPU (≤ 1.10×).
 
-Reports median time, TFLOP/s (2·S·M·N·K per call) and the ratio to clean. DESIGN §8 target (GPU):
-fused ≥ 1.5× faster than perturb + GEMM at M ≤ 16 with 4096² fp32 weights.
+Case "fused" — ``nft_cuda.ops.noisy_linear`` forward at M ∈ {1, 16} vs perturb + GEMM and a clean GEMM
+of the same work. DESIGN §8 (GPU): fused ≥ 1.5× faster than perturb + GEMM at M ≤ 16 with 4096² fp32
+weights (TF32 and bf16 inputs). On CPU the op materialises (perturb + ATen GEMM) by design: no target.
 
-    python -m benchmarks.bench_noisy_linear [--device cpu|cuda] [--quick] [--json PATH]
+``--sweep``: the broader forward sweep (M, N = K, S, fp32/TF32/bf16) of fused vs perturb + GEMM vs the
+reference way vs compiled vs clean.
+
+    python -m benchmarks.bench_noisy_linear [--device cpu|cuda] [--quick] [--only linear,fused]
+                                            [--no-compile] [--sweep] [--json PATH]
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import functools
 
 from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
 
 import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nft_cuda  # noqa: E402
+from nft_cuda import _args  # noqa: E402
 
-CPU_CASES = {"M": (1, 16, 128), "NK": (1024,), "S": (1, 4), "modes": ("fp32",)}
-GPU_CASES = {"M": (1, 16, 128, 4096), "NK": (1024, 4096), "S": (1, 4), "modes": ("fp32", "tf32", "bf16")}
+
+def _fwd_bwd(forward, inputs, grad):
+    """One forward + backward of ``forward()`` w.r.t. ``inputs`` (no .grad accumulation)."""
+    return torch.autograd.grad(forward(), inputs, grad)
+
+
+def linear_shapes(cfg: common.Config) -> list[tuple[int, int, bool]]:
+    """(batch M, N = K, is the DESIGN §8 target shape)."""
+    if cfg.cuda:
+        extra = [] if cfg.quick else [(8192, 4096, True)]
+        return [(128, 1024, False), (128, 4096, False), (4096, 4096, True)] + extra
+    return [(128, 1024, False)] + ([] if cfg.quick else [(128, 4096, False)]) + [(2048, 1024, True)]
+
+
+def linear_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
+    dev, v = cfg.dev, common.VARIATION
+    c = common.Case(cfg, ceilings)
+    for m, nk, target in linear_shapes(cfg):
+        name = f"NoisyLinear fwd+bwd {nk}² batch {m}"
+        torch.manual_seed(0)
+        noisy = nft_cuda.NoisyLinear(nk, nk, variation=v, device=dev)
+        clean = nn.Linear(nk, nk, device=dev)
+        clean.load_state_dict(noisy.state_dict())
+        w, b = clean.weight, clean.bias
+        x = torch.randn(m, nk, device=dev, requires_grad=True)
+        gy = torch.randn(m, nk, device=dev)
+
+        # Correctness: the layer's output and gradients are those of W_noisy = perturb(W, rng) for the
+        # rng it drew (straight-through weight gradient), and every noisy variant deviates from the
+        # clean output by the same relative amount.
+        compiled = comp_out = None
+        if cfg.compile_layers:  # one fresh compile per shape, in grad mode as timed (no recompiles)
+            compiled = common.compile_fresh(common.composite_linear)
+            comp_out = compiled(x, w, b, v.sigma, v.scale, v.state_factor).detach()
+        noisy.generator = torch.Generator(device=dev).manual_seed(7)
+        y = noisy(x)
+        gx, gw, gb = torch.autograd.grad(y, (x, noisy.weight, noisy.bias), gy)
+        noisy.generator = None
+        rng = _args.random_rng(dev, torch.Generator(device=dev).manual_seed(7))
+        w_noisy = nft_cuda.ops.perturb(w.detach(), v, rng=rng)[0]
+        tol = common.gemm_tol(cfg)
+        with torch.no_grad():
+            common.check_rel_err(y, F.linear(x, w_noisy, b), f"{name}: output vs F.linear(x, perturb(W))", tol)
+            common.check_rel_err(gx, gy @ w_noisy, f"{name}: dx", tol)
+            common.check_rel_err(gw, gy.t() @ x, f"{name}: dW (straight-through)", tol)
+            common.check_rel_err(gb, gy.sum(0), f"{name}: db", tol)
+            outs = {"noisy": y, "reference": common.reference_linear(x, w, b, v)}
+            if compiled is not None:
+                outs["compiled"] = comp_out
+            common.check_deviation(outs, clean(x), name)
+
+        fns = {
+            "NoisyLinear": lambda: _fwd_bwd(lambda: noisy(x), (x, noisy.weight, noisy.bias), gy),
+            "clean": lambda: _fwd_bwd(lambda: clean(x), (x, w, b), gy),
+            "reference": lambda: _fwd_bwd(lambda: common.reference_linear(x, w, b, v), (x, w, b), gy),
+        }
+        if compiled is not None:
+            fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
+                                               (x, w, b), gy)
+        rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
+        rows["noisy"] = rows["NoisyLinear"]
+        c.compare(rows["noisy"], rows["clean"], "time", "linear_vs_clean" if target else None)
+        c.compare(rows["noisy"], rows["reference"], "speedup")
+        if "compiled" in rows:
+            c.compare(rows["noisy"], rows["compiled"], "speedup")
+        c.compare(rows["reference"], rows["clean"], "time")
+        if "compiled" in rows:
+            c.compare(rows["compiled"], rows["clean"], "time")
+    return c.rows
+
+
+def fused_shapes(cfg: common.Config) -> list[tuple[str, int, int, int]]:
+    """(mode, M, N = K, S)."""
+    if cfg.cuda:
+        out = [(mode, m, 4096, 1) for mode in ("tf32", "bf16") for m in (1, 16)]
+        if not cfg.quick:
+            out += [(mode, m, 4096, 4) for mode in ("tf32", "bf16") for m in (1, 16)]
+            out += [("bf16", m, 1024, 1) for m in (1, 16)]
+        return out
+    return [("fp32", m, nk, 1) for nk in ((1024,) if cfg.quick else (1024, 4096)) for m in (1, 16)]
+
+
+def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
+    dev, v = cfg.dev, common.VARIATION
+    c = common.Case(cfg, ceilings)
+    for mode, m, nk, samples in fused_shapes(cfg):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        name = f"noisy_linear fwd {mode} M={m} {nk}² S={samples}"
+        g = torch.Generator().manual_seed(0)
+        w = (torch.randn(nk, nk, generator=g) / nk**0.5).to(dev)  # fp32 weight, as DESIGN §8 names
+        b = torch.randn(nk, generator=g).to(dev, dtype)
+        x = torch.randn(m, nk, generator=g).to(dev, dtype)
+        rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
+        with common.matmul_precision(cfg.device, mode):
+            w_stack = w.to(dtype).unsqueeze(0).expand(samples, nk, nk).contiguous()
+
+            def fused():
+                return nft_cuda.ops.noisy_linear(x, w, b, v, rng=rng, samples=samples)
+
+            def materialised():
+                wn = nft_cuda.ops.perturb(w, v, rng=rng, samples=samples).to(dtype)
+                return torch.matmul(x, wn.transpose(1, 2)) + b
+
+            def clean():
+                return torch.matmul(x, w_stack.transpose(1, 2)) + b
+
+            # Correctness before timing: both paths draw the same noise (only GEMM rounding differs).
+            common.check_rel_err(fused(), materialised(), f"{name}: fused vs perturb+GEMM",
+                                 2e-2 if mode == "bf16" else 5e-3)
+            r = c.time(name, {"noisy_linear": fused, "perturb+GEMM": materialised, "clean GEMM": clean},
+                       work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
+                       ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+            r_fused, r_mat, r_clean = r["noisy_linear"], r["perturb+GEMM"], r["clean GEMM"]
+        target = "fused_vs_materialised" if (nk == 4096 and m <= 16) else None
+        c.compare(r_fused, r_mat, "speedup", target)
+        c.compare(r_fused, r_clean, "time")
+        c.compare(r_mat, r_clean, "time")
+    return c.rows
+
+
+# ---- the broad forward sweep (--sweep) --------------------------------------------------------------
+
+SWEEP_CPU = {"M": (1, 16, 128), "NK": (1024,), "S": (1, 4), "modes": ("fp32",)}
+SWEEP_GPU = {"M": (1, 16, 128, 4096), "NK": (1024, 4096), "S": (1, 4), "modes": ("fp32", "tf32", "bf16")}
 
 
 def reference_way(x, w, b, v: nft_cuda.Variation, samples: int):
-    outs = []
-    for _ in range(samples):
-        m = w.abs().max().item()  # host read: one synchronisation per layer per forward
-        base = v.sigma * m * v.scale
-        aw = w.abs()
-        mask = (aw > 0.25 * m) & (aw < 0.75 * m)
-        std = torch.where(mask, base * v.state_factor, base).cpu()
-        noise = torch.normal(torch.zeros_like(std), std).to(w.device)
-        outs.append(F.linear(x, w + noise.to(w.dtype), b))
-    return torch.stack(outs)
+    """S samples of the reference way's forward (one host read + host draw per sample)."""
+    return torch.stack([common.reference_linear(x, w, b, v) for _ in range(samples)])
 
 
 def composite(x, w, b, sigma: float, scale: float, s: float, samples: int):
-    m = w.abs().amax()
-    base = sigma * m * scale
-    aw = w.abs()
-    mask = (aw > 0.25 * m) & (aw < 0.75 * m)
-    std = torch.where(mask, base * s, base)
-    return torch.stack([F.linear(x, w + std * torch.randn_like(w), b) for _ in range(samples)])
+    return torch.stack([common.composite_linear(x, w, b, sigma, scale, s) for _ in range(samples)])
 
 
-@contextlib.contextmanager
-def precision(device: str, mode: str):
-    if device != "cuda":
-        yield
-        return
-    mm = torch.backends.cuda.matmul
-    old = mm.fp32_precision
-    mm.fp32_precision = "tf32" if mode == "tf32" else "ieee"
-    try:
-        yield
-    finally:
-        mm.fp32_precision = old
-
-
-def run(device: str, quick: bool, skip_compiled: bool) -> list[dict]:
-    dev = torch.device(device)
-    cases = GPU_CASES if device == "cuda" else CPU_CASES
-    v = nft_cuda.Variation(0.1, "FeFET2")
-    min_time = 0.2 if quick else 0.6
-    compiled = None if skip_compiled else torch.compile(composite, dynamic=True)
-    results, rows = [], []
+def sweep_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
+    dev, v = cfg.dev, common.VARIATION
+    cases = SWEEP_GPU if cfg.cuda else SWEEP_CPU
+    c = common.Case(cfg, ceilings)
     for mode in cases["modes"]:
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         for nk in cases["NK"]:
+            compiled = None
+            if cfg.compile:
+                common.compile_fresh(composite)  # clears dynamo's caches between (mode, N = K) groups
+                compiled = torch.compile(composite, dynamic=True)
             g = torch.Generator().manual_seed(0)
-            w = (torch.randn(nk, nk, generator=g) / nk**0.5).to(dev)  # fp32 master weight
-            b = torch.randn(nk, generator=g).to(dev)
+            w = (torch.randn(nk, nk, generator=g) / nk**0.5).to(dev)
+            b = torch.randn(nk, generator=g).to(dev, dtype)
             rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
             for m in cases["M"]:
                 x = torch.randn(m, nk, generator=g).to(dev, dtype)
-                bc = b.to(dtype)
                 for samples in cases["S"]:
-                    with precision(device, mode):
-                        w_stack = w.to(dtype).unsqueeze(0).expand(samples, nk, nk).contiguous()
-
-                        def fused():
-                            return nft_cuda.ops.noisy_linear(x, w, bc, v, rng=rng, samples=samples)
-
-                        def materialised():
-                            wn = nft_cuda.ops.perturb(w, v, rng=rng, samples=samples).to(dtype)
-                            return torch.matmul(x, wn.transpose(1, 2)) + bc
-
-                        def clean():
-                            return torch.matmul(x, w_stack.transpose(1, 2)) + bc
-
-                        # correctness before timing: both paths draw the same noise
-                        got, want = fused().float(), materialised().float()
-                        err = ((got - want).norm() / want.norm()).item()
-                        if err > (2e-2 if mode == "bf16" else 5e-3):
-                            raise AssertionError(f"fused vs perturb+GEMM: relative error {err:.2e} ({mode})")
-                        flop = 2.0 * samples * m * nk * nk
-                        timings = {
-                            "fused": common.time_fn("fused", fused, min_run_time=min_time),
-                            "perturb+GEMM": common.time_fn("perturb+GEMM", materialised, min_run_time=min_time),
-                            "reference": common.time_fn("reference", lambda: reference_way(x, w.to(dtype), bc, v,
-                                                                                          samples),
-                                                        min_run_time=min_time),
-                            "clean": common.time_fn("clean", clean, min_run_time=min_time),
+                    name = f"fwd sweep {mode} M={m} {nk}² S={samples}"
+                    with common.matmul_precision(cfg.device, mode):
+                        wc = w.to(dtype)
+                        w_stack = wc.unsqueeze(0).expand(samples, nk, nk).contiguous()
+                        fns = {
+                            "noisy_linear": lambda: nft_cuda.ops.noisy_linear(x, w, b, v, rng=rng, samples=samples),
+                            "perturb+GEMM": lambda: torch.matmul(
+                                x, nft_cuda.ops.perturb(w, v, rng=rng, samples=samples).to(dtype).transpose(1, 2)) + b,
+                            "reference": functools.partial(reference_way, x, wc, b, v, samples),
+                            "clean": lambda: torch.matmul(x, w_stack.transpose(1, 2)) + b,
                         }
                         if compiled is not None:
-                            wc = w.to(dtype)
-                            timings["compiled"] = common.time_fn(
-                                "compiled", lambda: compiled(x, wc, bc, v.sigma, v.scale, v.state_factor, samples),
-                                min_run_time=min_time)
-                    floor = timings["clean"].median_s
-                    case = f"{mode} M={m} N=K={nk} S={samples}"
-                    for name, t in timings.items():
-                        results.append({"case": case, "variant": name, "device": device, **common.as_dict(t),
-                                        "TFLOP/s": flop / t.median_s / 1e12, "vs_clean": t.median_s / floor,
-                                        "fused_rel_err": err})
-                        rows.append([case, name, common.fmt_ms(t), f"{flop / t.median_s / 1e12:.3f}",
-                                     f"{t.median_s / floor:.2f}×"])
-    print(f"\nnoisy linear forward on {device} (ratio = time / clean GEMM with the same work)")
-    print(common.markdown_table(["case", "variant", "median (min–max)", "TFLOP/s", "vs clean"], rows))
-    return results
+                            fns["compiled"] = functools.partial(compiled, x, wc, b, v.sigma, v.scale, v.state_factor,
+                                                                samples)
+                        common.check_rel_err(fns["noisy_linear"](), fns["perturb+GEMM"](),
+                                             f"{name}: fused vs perturb+GEMM", 2e-2 if mode == "bf16" else 5e-3)
+                        rows = c.time(name, fns, work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
+                                      ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+                    for k, r in rows.items():
+                        if k != "clean":
+                            c.compare(r, rows["clean"], "time")
+    return c.rows
+
+
+CASES = {"linear": linear_case, "fused": fused_case}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--quick", action="store_true", help="shorter timing runs")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
-    p.add_argument("--json", help="write results as JSON")
-    a = p.parse_args(argv)
-    env = common.environment()
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
-    results = run(a.device, a.quick, a.no_compile)
-    if a.json:
-        common.write_json(a.json, env, results)
+    common.cli_main(__doc__, lambda a: {"sweep": sweep_case} if a.sweep else CASES, argv,
+                    extra_args=lambda p: p.add_argument("--sweep", action="store_true",
+                                                        help="the broad forward sweep instead of the cases"))
 
 
 if __name__ == "__main__":
