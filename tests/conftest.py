@@ -139,3 +139,12 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     a = x.detach().cpu().abs().to(dtype)
     nxt = torch.nextafter(a, torch.full_like(a, float("inf")))
     return (nxt.to(torch.float64) - a.to(torch.float64))
+
+
+def one_error_line(stderr: str) -> str:
+    """The CLI's error contract: exactly one line ``nft: error: ...`` on stderr, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("nft: error: "), stderr
+    assert "Traceback" not in stderr
+    return lines[0]

@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from conftest import one_error_line
 
 from nft_cuda import cli
 from nft_cuda.train.trainer import TrainConfig
@@ -19,14 +20,6 @@ TINY = ["--limit-train", "64", "--limit-eval", "32", "--batch-size", "32", "--de
 def _nft(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=timeout)
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("nft: error: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -41,14 +34,14 @@ def _one_error_line(stderr: str) -> str:
 def test_bad_arguments_give_one_line(args, what, tmp_path):
     r = _nft(*args, cwd=tmp_path)
     assert r.returncode == 2
-    assert what in _one_error_line(r.stderr)
+    assert what in one_error_line(r.stderr)
     assert not (tmp_path / "runs").exists()
 
 
 def test_runtime_error_one_line_and_debug_traceback(tmp_path):
     r = _nft("train", "--out", str(tmp_path / "nothing"), "--resume", cwd=tmp_path)
     assert r.returncode == 1
-    assert "nothing to resume" in _one_error_line(r.stderr)
+    assert "nothing to resume" in one_error_line(r.stderr)
     r = _nft("train", "--out", str(tmp_path / "nothing"), "--resume", "--debug", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
 
@@ -62,7 +55,7 @@ def _error(capsys, argv, code):
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)
     assert exc.value.code == code
-    return _one_error_line(capsys.readouterr().err)
+    return one_error_line(capsys.readouterr().err)
 
 
 def test_argument_errors_in_process(capsys):
@@ -74,7 +67,7 @@ def test_argument_errors_in_process(capsys):
     assert "mnist" in _error(capsys, ["data", "fetch", "cifar10"], 2)
     # Errors found by TrainConfig (not by argparse) are one line too, exit status 1.
     assert cli.main(["train", "--method", "noise", "--beta", "0.1", "--out", "x"]) == 1
-    assert "beta applies" in _one_error_line(capsys.readouterr().err)
+    assert "beta applies" in one_error_line(capsys.readouterr().err)
 
 
 def test_help_and_version(capsys):
@@ -109,10 +102,10 @@ def test_train_and_resume_in_process(tmp_path, capsys):
     assert "resuming" in capsys.readouterr().out
     # A setting that contradicts the checkpoint is refused in one line.
     assert cli.main(["train", "--out", str(out), "--resume", "--sigma", "0.3"]) == 1
-    assert "sigma" in _one_error_line(capsys.readouterr().err)
+    assert "sigma" in one_error_line(capsys.readouterr().err)
     # Starting again in a used folder needs --overwrite.
     assert cli.main(["train", "--epochs", "1", "--out", str(out), *TINY]) == 1
-    assert "--overwrite" in _one_error_line(capsys.readouterr().err)
+    assert "--overwrite" in one_error_line(capsys.readouterr().err)
 
 
 def test_data_fetch_calls_fetch(monkeypatch, tmp_path, capsys):
@@ -134,7 +127,7 @@ def test_data_fetch_calls_fetch(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(fetch_module, "fetch", failing_fetch)
     assert cli.main(["data", "fetch", "mnist"]) == 1
-    assert "could not fetch mnist" in _one_error_line(capsys.readouterr().err)
+    assert "could not fetch mnist" in one_error_line(capsys.readouterr().err)
 
 
 def test_plugin_registry(monkeypatch, capsys):

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FLOAT_DTYPES
+from conftest import FLOAT_DTYPES, one_error_line
 
 import nft_cuda
 from nft_cuda import NoisyConv2d, NoisyLinear, Variation, _ext, cli, ops, reference
 from nft_cuda.data import datasets as D
-from nft_cuda.data.errors import ChecksumError, DatasetFormatError, DatasetNotFoundError
+from nft_cuda.data.errors import ChecksumError, DatasetFormatError
 from nft_cuda.data.idx import write_idx
 from nft_cuda.io import MODEL_FORMAT, load_model, save_model
 from nft_cuda.models import build_model
@@ -37,14 +37,6 @@ def _rng(seed, offset, device):
 def _other_device(device: str) -> str:
     """A device other than ``device`` that tensors can live on without a second GPU ("meta" on CPU)."""
     return "meta" if device == "cpu" else "cpu"
-
-
-def _one_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, stderr
-    assert lines[0].startswith("nft: error: "), stderr
-    assert "Traceback" not in stderr
-    return lines[0]
 
 
 # ==================================================================================================
@@ -438,7 +430,7 @@ def test_non_finite_training_loss_is_an_error(tmp_path):
 def test_cli_eval_malicious_checkpoint(tmp_path, capsys):
     path, marker = _evil_model(tmp_path)
     assert cli.main(["eval", str(path), "--runs", "2", "--sigma", "0.1", "--no-progress", "--device", "cpu"]) == 1
-    assert "weights-only" in _one_error_line(capsys.readouterr().err)
+    assert "weights-only" in one_error_line(capsys.readouterr().err)
     assert not marker.exists()
     with pytest.raises(ValueError, match="weights-only"):  # --debug: the exception and its traceback
         cli.main(["eval", str(path), "--runs", "2", "--sigma", "0.1", "--no-progress", "--debug"])
@@ -460,7 +452,7 @@ def test_cli_eval_bad_checkpoint(exported, damage, needle, capsys):
         del payload["variation"]
         torch.save(payload, str(exported))
     assert cli.main(["eval", str(exported), "--runs", "2", "--sigma", "0.1", "--no-progress", "--device", "cpu"]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert needle in line and str(exported) in line
 
 
@@ -470,7 +462,7 @@ def test_cli_eval_missing_dataset(exported, tmp_path, capsys):
     torch.save(payload, str(exported))
     assert cli.main(["eval", str(exported), "--runs", "2", "--sigma", "0.1", "--no-progress", "--device", "cpu",
                      "--data-dir", str(tmp_path / "empty")]) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "mnist (test split) not found" in line and "nft data fetch mnist" in line
 
 
@@ -478,11 +470,11 @@ def test_cli_train_missing_and_corrupt_data(tmp_path, capsys):
     args = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--device", "cpu",
             "--no-progress", "--out", str(tmp_path / "run")]
     assert cli.main(args) == 1
-    assert "nft data fetch mnist" in _one_error_line(capsys.readouterr().err)
+    assert "nft data fetch mnist" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
     _write_mnist_like(tmp_path / "data" / "mnist")  # present, but not the official files
     assert cli.main(args) == 1
-    line = _one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
     assert "SHA-256 mismatch" in line and "train-images-idx3-ubyte" in line
     with pytest.raises(ChecksumError):
         cli.main([*args, "--overwrite", "--debug"])
@@ -490,12 +482,12 @@ def test_cli_train_missing_and_corrupt_data(tmp_path, capsys):
 
 def test_cli_seed_out_of_range(capsys):
     assert cli.main(["train", "--seed", str(2**63), "--out", "x"]) == 1  # found by TrainConfig
-    assert "seed must be in [0, 9223372036854775807]" in _one_error_line(capsys.readouterr().err)
+    assert "seed must be in [0, 9223372036854775807]" in one_error_line(capsys.readouterr().err)
     for seed, needle in ((str(2**63), "must be < 9223372036854775808"), ("-1", "must be >= 0")):
         with pytest.raises(SystemExit) as exc:  # found by argparse
             cli.main(["eval", "m.pt", "--seed", seed])
         assert exc.value.code == 2
-        assert needle in _one_error_line(capsys.readouterr().err)
+        assert needle in one_error_line(capsys.readouterr().err)
 
 
 def test_cli_unknown_preset_and_negative_sigma(capsys):
@@ -505,9 +497,9 @@ def test_cli_unknown_preset_and_negative_sigma(capsys):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2
-        assert needle in _one_error_line(capsys.readouterr().err)
+        assert needle in one_error_line(capsys.readouterr().err)
     assert cli.main(["demo", "--sigma", "-0.1", "--no-progress"]) == 1
-    assert "--sigma must be >= 0" in _one_error_line(capsys.readouterr().err)
+    assert "--sigma must be >= 0" in one_error_line(capsys.readouterr().err)
 
 
 def test_cli_keyboard_interrupt(monkeypatch, capsys):
