@@ -26,5 +26,13 @@ for xdt, wdt in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat1
             b = torch.randn(n, device=dev, dtype=xdt, requires_grad=True)
             out = nft_cuda.ops.noisy_linear(x, w, b, v, seed=1, offset=2, samples=3, shared_input=shared)
             out.float().sum().backward()
+# snapshot capture: pooling inside the A-tile loader, batches crossing the 64-row tile, uneven windows
+for xdt in (torch.bfloat16, torch.float16, torch.float32):
+    for b, c, h, w_, p in [(1, 2, 5, 3, 4), (70, 3, 7, 13, 6), (4, 8, 8, 8, 3)]:
+        for shared in (True, False):
+            act = torch.randn(*(() if shared else (2,)), b, c, h, w_, device=dev, dtype=xdt, requires_grad=True)
+            w = torch.randn(9, c * p * p, device=dev, requires_grad=True)
+            out = nft_cuda.ops.snapshot_linear(act, p, w, None, v, seed=3, offset=4, samples=2, shared_input=shared)
+            out.float().sum().backward()
 torch.cuda.synchronize()
 print("sanitizer case done")

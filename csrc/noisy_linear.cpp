@@ -3,6 +3,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/adaptive_avg_pool2d.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/sum.h>
@@ -124,6 +125,61 @@ at::Tensor noisy_linear_backward_input_materialized(const at::Tensor& grad, cons
   at::Tensor dx = at::bmm(grad.reshape({d.samples, d.m, d.n}), wn);  // [S, M, K]
   if (shared_input) dx = at::sum(dx, {0});
   return dx.reshape(noisy_linear_grad_input_shape(grad, d.k, shared_input));
+}
+
+SnapshotDims check_snapshot_linear(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& rng,
+                                   const at::Tensor& sigmas, bool shared_input) {
+  const char* op = "snapshot_linear";
+  check_weight_2d(weight, op);
+  check_rng(rng, weight, op);
+  check_sigmas(sigmas, weight, op);
+  TORCH_CHECK_TYPE(is_supported_float(act.scalar_type()), op,
+                   ": act must be float32, float64, float16 or bfloat16, got ", act.scalar_type());
+  TORCH_CHECK_VALUE(act.device() == weight.device(), op, ": act is on ", act.device(), " but weight is on ",
+                    weight.device());
+  TORCH_CHECK_VALUE(act.dim() == (shared_input ? 4 : 5), op, ": act must be ",
+                    shared_input ? "[B, C, H, W]" : "[samples, B, C, H, W]", ", got ", act.sizes());
+  TORCH_CHECK_VALUE(pool >= 1, op, ": pool must be >= 1, got ", pool);
+  const int64_t samples = sigmas.numel();
+  if (!shared_input) {
+    TORCH_CHECK_VALUE(act.size(0) == samples, op, ": with shared_input=False act must have samples=", samples,
+                      " leading rows, got shape ", act.sizes());
+  }
+  const int64_t c = act.size(-3), h = act.size(-2), w = act.size(-1);
+  TORCH_CHECK_VALUE(h >= 1 && w >= 1, op, ": act must have non-empty spatial dims, got ", act.sizes());
+  TORCH_CHECK_VALUE(c * pool * pool == weight.size(1), op, ": the snapshot has C*pool*pool = ", c * pool * pool,
+                    " in_features but weight expects ", weight.size(1));
+  const int64_t n = weight.size(0);
+  if (bias.has_value()) {
+    TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op, ": bias must be a float tensor, got ",
+                     bias->scalar_type());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ",
+                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->device() == weight.device(), op, ": bias is on ", bias->device(),
+                      " but weight is on ", weight.device());
+  }
+  return {samples, act.size(-4), c, h, w, pool, n};
+}
+
+at::Tensor pool_snapshot(const at::Tensor& act, int64_t pool) {
+  const int64_t c = act.size(-3), h = act.size(-2), w = act.size(-1);
+  const auto sizes = act.sizes();
+  const int64_t lead = prod(sizes, 0, sizes.size() - 3);
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor pooled = at::adaptive_avg_pool2d(act.reshape({lead, c, h, w}), {pool, pool});
+  std::vector<int64_t> shape(sizes.begin(), sizes.end() - 3);
+  shape.push_back(c * pool * pool);
+  return pooled.reshape(shape);
+}
+
+at::Tensor snapshot_linear_materialized(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& rng,
+                                        const at::Tensor& sigmas, double scale, double state_factor,
+                                        bool shared_input) {
+  check_snapshot_linear(act, pool, weight, bias, rng, sigmas, shared_input);
+  return noisy_linear_materialized(pool_snapshot(act, pool), weight, bias, rng, sigmas, scale, state_factor,
+                                   shared_input);
 }
 
 }  // namespace nft_cuda

@@ -1,4 +1,5 @@
-// Shared host code of the variation-sampled matmul (DESIGN §4.2): argument checks, output shapes
+// Shared host code of the variation-sampled matmul (DESIGN §4.2) and of the snapshot capture (§4.3):
+// argument checks, output shapes
 // and the materialised path (perturb into a temporary, then ATen's GEMM) used by the CPU kernel and
 // by the CUDA launcher for the dtypes the fused kernel does not cover (exact fp32, float64, ...).
 #pragma once
@@ -33,5 +34,23 @@ at::Tensor noisy_linear_materialized(const at::Tensor& x, const at::Tensor& weig
 at::Tensor noisy_linear_backward_input_materialized(const at::Tensor& grad, const at::Tensor& weight,
                                                     const at::Tensor& rng, const at::Tensor& sigmas, double scale,
                                                     double state_factor, bool shared_input);
+
+// ---- snapshot capture (DESIGN §4.3) -------------------------------------------------------------
+// act [B, C, H, W] (shared_input) or [S, B, C, H, W]; the snapshot is adaptive_avg_pool2d(act, p)
+// flattened C-major to [.., B, C·p·p] (PyTorch's window rule: rows floor(i·H/p) .. ceil((i+1)·H/p)).
+struct SnapshotDims {
+  int64_t samples, batch, c, h, w, pool, n;
+};
+SnapshotDims check_snapshot_linear(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& rng,
+                                   const at::Tensor& sigmas, bool shared_input);
+// The snapshot itself: [B, C·p·p] or [S, B, C·p·p], act's dtype (ATen's adaptive_avg_pool2d).
+at::Tensor pool_snapshot(const at::Tensor& act, int64_t pool);
+// out [S, B, N] = noisy_linear_materialized(pool_snapshot(act), ...): the CPU kernel, and the CUDA
+// launcher's path for dtypes the fused kernel does not cover.
+at::Tensor snapshot_linear_materialized(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
+                                        const std::optional<at::Tensor>& bias, const at::Tensor& rng,
+                                        const at::Tensor& sigmas, double scale, double state_factor,
+                                        bool shared_input);
 
 }  // namespace nft_cuda

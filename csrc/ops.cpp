@@ -43,6 +43,11 @@ TORCH_LIBRARY(nft_cuda, m) {
   // when shared_input ([..., K]), else [S, ..., K]. Has grad's dtype.
   m.def("_noisy_linear_backward_input(Tensor grad, Tensor weight, Tensor rng, Tensor sigmas, float scale, "
         "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
+  // IRS snapshot capture (DESIGN §4.3): noisy_linear(flatten(adaptive_avg_pool2d(act, pool)), ...) with act
+  // [B, C, H, W] (shared_input) or [S, B, C, H, W], weight [N, C*pool*pool]; out [S, B, N], act's dtype. On
+  // CUDA the pooling runs in the GEMM's A-operand loader, so the snapshot is never written.
+  m.def("snapshot_linear(Tensor act, int pool, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
+        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
   // CUDA_VERSION the extension was compiled with, -1 for a CPU-only build.
   m.def("_cuda_version() -> int", &cuda_version);
 }

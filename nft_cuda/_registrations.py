@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 @torch.library.register_fake("nft_cuda::philox4x32")
@@ -112,3 +113,62 @@ def _noisy_linear_backward(ctx, grad):
 
 torch.library.register_autograd("nft_cuda::noisy_linear", _noisy_linear_backward,
                                 setup_context=_noisy_linear_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshot capture (DESIGN §4.3)
+# --------------------------------------------------------------------------------------------------
+
+
+_SNAPSHOT_DOUBLE_BACKWARD_MSG = _NOISY_LINEAR_DOUBLE_BACKWARD_MSG.replace(b"ops.noisy_linear", b"ops.snapshot_linear")
+
+
+@torch.library.register_fake("nft_cuda::snapshot_linear")
+def _snapshot_linear_fake(act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32=False):
+    torch._check(act.dim() == (4 if shared_input else 5), lambda: "snapshot_linear: act must be [(S,) B, C, H, W]")
+    torch._check(weight.dim() == 2, lambda: "snapshot_linear: weight must be 2-D")
+    torch._check(act.shape[-3] * pool * pool == weight.shape[1],
+                 lambda: "snapshot_linear: C*pool*pool differs from weight's in_features")
+    if not shared_input:
+        torch._check(act.shape[0] == sigmas.shape[0], lambda: "snapshot_linear: act must have samples leading rows")
+    return act.new_empty((sigmas.shape[0], act.shape[-4], weight.shape[0]))
+
+
+def _snapshot_linear_setup_context(ctx, inputs, output):
+    act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32 = inputs
+    # The activation, not the snapshot: backward re-pools it (cheap) rather than keeping [B, C·p²].
+    ctx.save_for_backward(act, weight, rng, sigmas)
+    ctx.args = (pool, scale, state_factor, shared_input, allow_tf32)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.set_materialize_grads(False)
+
+
+def _snapshot_linear_backward(ctx, grad):
+    if grad is None:
+        return (None,) * 10
+    act, weight, rng, sigmas = ctx.saved_tensors
+    pool, scale, state_factor, shared_input, allow_tf32 = ctx.args
+    n, k = weight.shape
+    planes = act.reshape(math.prod(act.shape[:-3]), *act.shape[-3:])  # [(S·)B, C, H, W]
+    gact = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        # dSnapshot = Σ_s dY_s · W_noisy_s (noise regenerated), then spread over the pooling windows.
+        gsnap = torch.ops.nft_cuda._noisy_linear_backward_input(grad, weight, rng, sigmas, scale, state_factor,
+                                                                shared_input, allow_tf32)
+        gsnap = gsnap.reshape(planes.shape[0], planes.shape[1], pool, pool).to(act.dtype)
+        gact = torch.ops.aten._adaptive_avg_pool2d_backward(gsnap, planes).reshape(act.shape)
+    if ctx.needs_input_grad[2]:
+        snap = F.adaptive_avg_pool2d(planes, pool).reshape(*act.shape[:-3], k)
+        g = grad.sum(0) if shared_input else grad
+        rows = math.prod(g.shape[:-1])
+        gw = g.reshape(rows, n).t().matmul(snap.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
+        gb = grad.reshape(math.prod(grad.shape[:-1]), n).sum(0).to(ctx.bias_dtype)
+    from nft_cuda.layers import _once_differentiable
+
+    gact, gw, gb = _once_differentiable((gact, gw, gb), _SNAPSHOT_DOUBLE_BACKWARD_MSG)
+    return gact, None, gw, gb, None, None, None, None, None, None
+
+
+torch.library.register_autograd("nft_cuda::snapshot_linear", _snapshot_linear_backward,
+                                setup_context=_snapshot_linear_setup_context)

@@ -74,6 +74,36 @@ def _check_x(x, name: str = "x") -> torch.Tensor:
     return x
 
 
+def _linear_args(x_shape, x_device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input,
+                 name: str):
+    """Checks the matmul arguments shared by noisy_linear and snapshot_linear (x_shape: the GEMM input's
+    shape, [..., K] or [S, ..., K]); returns (samples, rng tensor, sigmas tensor)."""
+    _args.check_weight(weight)
+    _args.check_variation(variation)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
+    if x_device != weight.device:
+        raise ValueError(f"{name} is on {x_device} but weight is on {weight.device}")
+    if bias is not None:
+        _args.check_weight(bias, "bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+    samples = _args.check_positive_int("samples", samples)
+    if not isinstance(shared_input, bool):
+        raise TypeError(f"shared_input must be a bool, got {type(shared_input).__name__}")
+    if len(x_shape) < (1 if shared_input else 2) or x_shape[-1] != weight.shape[1]:
+        want = "[..., in_features]" if shared_input else "[samples, ..., in_features]"
+        raise ValueError(f"x must be {want} with in_features={weight.shape[1]}, got shape {list(x_shape)}")
+    if not shared_input and x_shape[0] != samples:
+        raise ValueError(f"with shared_input=False {name} must have samples={samples} leading rows, "
+                         f"got {list(x_shape)}")
+    rng = _args.resolve_rng(weight.device, seed, offset, rng)
+    sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
+    return samples, rng, sig
+
+
 def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variation: Variation, *,
                  seed: int | None = None, offset: int | None = None, rng: torch.Tensor | None = None,
                  samples: int = 1, sigmas=None, shared_input: bool = True) -> torch.Tensor:
@@ -97,28 +127,8 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         backward through the compiled kernel raises RuntimeError (the pure-PyTorch fallback allows it).
     """
     _check_x(x)
-    _args.check_weight(weight)
-    _args.check_variation(variation)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
-    if x.device != weight.device:
-        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
-    if bias is not None:
-        _args.check_weight(bias, "bias")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape [{weight.shape[0]}], got {list(bias.shape)}")
-        if bias.device != weight.device:
-            raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    samples = _args.check_positive_int("samples", samples)
-    if not isinstance(shared_input, bool):
-        raise TypeError(f"shared_input must be a bool, got {type(shared_input).__name__}")
-    if x.dim() < (1 if shared_input else 2) or x.shape[-1] != weight.shape[1]:
-        want = "[..., in_features]" if shared_input else "[samples, ..., in_features]"
-        raise ValueError(f"x must be {want} with in_features={weight.shape[1]}, got shape {list(x.shape)}")
-    if not shared_input and x.shape[0] != samples:
-        raise ValueError(f"with shared_input=False x must have samples={samples} leading rows, got {list(x.shape)}")
-    rng = _args.resolve_rng(weight.device, seed, offset, rng)
-    sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
+    samples, rng, sig = _linear_args(x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas,
+                                     shared_input, "x")
     allow_tf32 = x.device.type == "cuda" and x.dtype == torch.float32 and tf32_allowed()
     if _ext.use_kernel("noisy_linear", weight.device):
         return torch.ops.nft_cuda.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor,
@@ -142,8 +152,12 @@ def snapshot_linear(act: torch.Tensor, pool: int, weight: torch.Tensor, bias: to
         [S, B, N]. Backward spreads the snapshot gradient back over the pooling windows (autograd of
         the pooling).
 
-    Currently pool + flatten + the (fused on CUDA) noisy matmul on every device; the snapshot
-    [B, C·p²] is a small temporary. Fusing the pooling into the GEMM's A-operand loader is future work.
+    On CUDA, for the dtypes with a fused tensor-core kernel (bf16/fp16, float32 with TF32 allowed), the
+    pooling runs inside the GEMM's A-operand loader: each snapshot value is averaged from ``act`` as the
+    tile is loaded, so the snapshot [B, C·p²] is never written. Elsewhere (CPU, exact fp32, float64) it
+    is ATen's adaptive_avg_pool2d into a small temporary, then the noisy matmul. Backward saves act, the
+    clean weight and rng only: dSnapshot = Σ_s dY_s · W_noisy_s with the noise regenerated, spread over
+    the windows by the pooling's backward; dW = Σ_s dY_sᵀ · snapshot (re-pooled).
     """
     _check_x(act, "act")
     if isinstance(pool, bool) or not isinstance(pool, int):
@@ -154,8 +168,17 @@ def snapshot_linear(act: torch.Tensor, pool: int, weight: torch.Tensor, bias: to
     if act.dim() != want_dim:
         raise ValueError(f"act must be {'[B, C, H, W]' if shared_input else '[S, B, C, H, W]'}, "
                          f"got shape {list(act.shape)}")
+    if act.shape[-2] < 1 or act.shape[-1] < 1:
+        raise ValueError(f"act must have non-empty spatial dims, got shape {list(act.shape)}")
     lead = act.shape[:-3]
+    snap_shape = (*lead, act.shape[-3] * pool * pool)
+    samples, rng, sig = _linear_args(snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples,
+                                     sigmas, shared_input, "act")
+    if _ext.use_kernel("snapshot_linear", weight.device):
+        allow_tf32 = act.device.type == "cuda" and act.dtype == torch.float32 and tf32_allowed()
+        return torch.ops.nft_cuda.snapshot_linear(act, pool, weight, bias, rng, sig, variation.scale,
+                                                  variation.state_factor, shared_input, allow_tf32)
     pooled = F.adaptive_avg_pool2d(act.reshape(math.prod(lead), *act.shape[-3:]), pool)
-    snap = pooled.reshape(*lead, act.shape[-3] * pool * pool)
-    return noisy_linear(snap, weight, bias, variation, seed=seed, offset=offset, rng=rng, samples=samples,
-                        sigmas=sigmas, shared_input=shared_input)
+    snap = pooled.reshape(snap_shape)
+    return noisy_linear(snap, weight, bias, variation, rng=rng, samples=samples, sigmas=sig,
+                        shared_input=shared_input)

@@ -326,6 +326,44 @@ def adaptive_pool64_autograd(a: torch.Tensor, p: int) -> torch.Tensor:
     return torch.stack(cols, dim=-1).reshape(b, c * p * p)
 
 
+@pytest.mark.parametrize("device,mode", cases())
+@pytest.mark.parametrize("geom", [(5, 3, 8, 8, 3), (70, 4, 7, 13, 6), (2, 2, 5, 3, 4)],
+                         ids=lambda g: "b{}c{}_{}x{}_p{}".format(*g))
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
+def test_snapshot_linear_modes_match_float64(device, mode, geom, shared):
+    """Every dtype path (on CUDA: the fused pool-in-loader kernel for bf16/fp16/TF32) against float64:
+    the pooling rule, the noise, the bias, and the gradients of act (spread over the windows), weight
+    (straight-through) and bias. Batches of 70 rows cross the 64-row tile; C·p² is never a tile multiple."""
+    b_, c, h, w_, pool = geom
+    xdt, wdt, tf32, tol = MODES[mode]
+    samples, n = 2, 37
+    gen = torch.Generator().manual_seed(b_ * 1000 + pool)
+    act = torch.randn(*(() if shared else (samples,)), b_, c, h, w_, generator=gen).to(device, xdt)
+    act.requires_grad_(True)
+    weight = (0.3 * torch.randn(n, c * pool * pool, generator=gen)).to(device, wdt).requires_grad_(True)
+    bias = torch.randn(n, generator=gen).to(device, wdt).requires_grad_(True)
+    sigmas = [0.1, 0.25]
+    with matmul_precision(tf32) if device == "cuda" else contextlib.nullcontext():
+        out = ops.snapshot_linear(act, pool, weight, bias, VAR, seed=SEED, offset=OFFSET, samples=samples,
+                                  sigmas=sigmas, shared_input=shared)
+        assert out.shape == (samples, b_, n) and out.dtype == xdt
+        g = torch.randn(out.shape, generator=gen).to(device, xdt)
+        ga, gw, gb = torch.autograd.grad(out, (act, weight, bias), g)
+    act64 = act.detach().cpu().to(torch.float64).requires_grad_(True)
+    planes = act64.reshape(-1, c, h, w_)
+    snap64 = adaptive_pool64_autograd(planes, pool).reshape(*act64.shape[:-3], c * pool * pool)
+    wn = noisy_weight64(weight, sigmas)
+    out64 = (snap64.unsqueeze(0) if shared else snap64) @ wn.transpose(1, 2) + bias.detach().cpu().double()
+    assert rel_err(out, out64) <= tol
+    g64 = g.cpu().to(torch.float64)
+    (out64 * g64).sum().backward()
+    assert rel_err(ga, act64.grad) <= tol
+    snap_rows = snap64.detach().reshape(-1, c * pool * pool)
+    gw64 = (g64.sum(0) if shared else g64).reshape(-1, n).t() @ snap_rows
+    assert rel_err(gw, gw64) <= tol
+    assert rel_err(gb, g64.reshape(-1, n).sum(0)) <= tol
+
+
 def test_snapshot_linear_errors():
     with pytest.raises(ValueError, match="act must be"):
         ops.snapshot_linear(torch.randn(3, 4, 4), 2, torch.randn(2, 12), None, VAR, seed=1)
@@ -356,6 +394,11 @@ def test_opcheck(device, shared):
     g = torch.randn(samples, 5, 6, device=device)
     torch.library.opcheck(torch.ops.nft_cuda._noisy_linear_backward_input.default,
                           (g, w.detach(), _rng(device), sig, VAR.scale, VAR.state_factor, shared, False))
+    act = torch.randn(*(() if shared else (samples,)), 3, 2, 7, 5, device=device, requires_grad=True)
+    ws = torch.randn(6, 2 * 3 * 3, device=device, requires_grad=True)
+    for bias in (b, None):
+        torch.library.opcheck(torch.ops.nft_cuda.snapshot_linear.default,
+                              (act, 3, ws, bias, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False))
 
 
 def test_meta_shapes():
@@ -368,6 +411,10 @@ def test_meta_shapes():
                                                          torch.empty(2, dtype=torch.int64, **meta),
                                                          torch.empty(4, **meta), 1.0, 1.0, False)
     assert dx.shape == (4, 2, 3, 7)
+    snap = torch.ops.nft_cuda.snapshot_linear(torch.empty(4, 6, 3, 9, 9, **meta), 2, torch.empty(5, 12, **meta), None,
+                                              torch.empty(2, dtype=torch.int64, **meta), torch.empty(4, **meta), 1.0,
+                                              1.0, False)
+    assert snap.shape == (4, 6, 5)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -67,7 +67,8 @@ def _disassemble(tool: str) -> dict[str, list[str]]:
     return functions
 
 
-# Mangled-name fragments of the template arguments <Op, x_t, w_t, kBackward> (Lb0 = forward, Lb1 = backward).
+# Mangled-name fragments of the template arguments <Op, x_t, w_t, kBackward, kPooledA>: the two bools are
+# Lb0ELb0E (forward), Lb1ELb0E (backward-input) and Lb0ELb1E (snapshot forward, pooling in the A loader).
 VARIANTS = {
     "bf16": "6Bf16OpEN3c108BFloat16E",
     "fp16": "6Fp16OpEN3c104HalfE",
@@ -75,7 +76,8 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("direction", ["Lb0E", "Lb1E"], ids=["forward", "backward_input"])
+@pytest.mark.parametrize("direction", ["Lb0ELb0E", "Lb1ELb0E", "Lb0ELb1E"],
+                         ids=["forward", "backward_input", "snapshot_forward"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fused_kernels_use_tensor_cores_and_no_local_memory(variant, direction):
     if not _ext.HAS_C:

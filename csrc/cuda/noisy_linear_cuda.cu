@@ -2,6 +2,8 @@
 //
 // Forward:        out[s][m][n] = Σ_k A_s[m][k] · Wn_s[n][k] + bias[n]   (A_s = x, or x[s] per sample)
 // Backward-input: dX[(s)][m][k] = Σ_(s) Σ_n dY_s[m][n] · Wn_s[n][k]      (summed over s for shared x)
+// Snapshot:       out[s][b][n] = Σ_r P_s[b][r] · Wn_s[n][r] + bias[n], P_s = flatten(adaptive_avg_pool2d(act_s, p))
+//                 computed in the A-tile loads (DESIGN §4.3), never written to global memory;
 // where Wn_s = perturb(W)[s] is generated inside the B-tile loads (noisy_tile.cuh), never written to
 // global memory. One tiled GEMM per launch: 64 x 64 output tiles, 32-deep reduction slices, 4 warps,
 // mma.sync on tensor cores (bf16 / fp16: m16n8k16; float32 with TF32 allowed: m16n8k8), fp32
@@ -44,13 +46,16 @@ using fused::kNTiles;
 // a_sample_stride: elements between the A matrices of consecutive samples (0: shared x).
 // reduce_samples: loop over all samples in one block and write one [M, C] output (shared-x dX);
 // otherwise sample s = blockIdx.z writes out + s*M*C.
-template <typename Op, typename x_t, typename w_t, bool kBackward>
+// kPooledA (forward only): A is the snapshot of act [M][C][H][W] pooled to geom.p x geom.p, formed in
+// the A-tile loads; the reduction length k_w is C·p².
+template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 __global__ void __launch_bounds__(fused::kThreads)
     noisy_gemm_kernel(const x_t* __restrict__ a, int64_t a_sample_stride, const w_t* __restrict__ w,
                       const x_t* __restrict__ bias, x_t* __restrict__ out, int64_t m_rows, int64_t n_w,
                       int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* __restrict__ rng,
                       const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits, float scale,
-                      float state_factor) {
+                      float state_factor, fused::PoolGeom geom) {
+  static_assert(!(kBackward && kPooledA), "the snapshot capture has no fused backward (dX goes through dSnapshot)");
   __shared__ fused::Smem<Op> smem;
   const int64_t red = kBackward ? n_w : k_w;   // reduction length
   const int64_t cols = kBackward ? k_w : n_w;  // output columns
@@ -81,7 +86,11 @@ __global__ void __launch_bounds__(fused::kThreads)
     const x_t* a_s = a + s * a_sample_stride;
     for (int64_t r0 = 0; r0 < red; r0 += kBK) {
       __syncthreads();  // every warp is done reading the previous slice
-      fused::load_a_tile<Op>(smem, a_s, m_rows, red, m0, r0);
+      if constexpr (kPooledA) {
+        fused::load_pooled_a_tile<Op>(smem, a_s, m_rows, geom, m0, r0);
+      } else {
+        fused::load_a_tile<Op>(smem, a_s, m_rows, red, m0, r0);
+      }
       if (kBackward) {
         // weight rows n in [r0, r0 + kBK) (reduction), columns k in [c0, c0 + kBN) (output)
         fused::load_noisy_w_tile<Op, w_t, kBK, kBN, true>(smem, w, n_w, k_w, r0, c0, seed, stream, band);
@@ -124,10 +133,10 @@ Path choose_path(at::ScalarType x_type, at::ScalarType w_type, bool allow_tf32) 
   return Path::kMaterialized;
 }
 
-template <typename Op, typename x_t, typename w_t, bool kBackward>
+template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, const x_t* bias, at::Tensor& out,
             int64_t m_rows, int64_t samples, bool reduce_samples, const at::Tensor& rng, const at::Tensor& sigmas,
-            double scale, double state_factor, cudaStream_t stream) {
+            double scale, double state_factor, cudaStream_t stream, const fused::PoolGeom& geom) {
   const int64_t n_w = w.size(0), k_w = w.size(1);
   const int64_t cols = kBackward ? k_w : n_w;
   const int64_t grid_m = (m_rows + kBM - 1) / kBM;
@@ -141,23 +150,25 @@ void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, c
   const w_t* wp = reinterpret_cast<const w_t*>(w.const_data_ptr());
   launch_max_abs<w_t>(wp, w.numel(), max_ptr, stream);
   const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_c), static_cast<unsigned>(grid_s));
-  noisy_gemm_kernel<Op, x_t, w_t, kBackward><<<grid, fused::kThreads, 0, stream>>>(
+  noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA><<<grid, fused::kThreads, 0, stream>>>(
       reinterpret_cast<const x_t*>(a.const_data_ptr()), a_sample_stride, wp, bias,
       reinterpret_cast<x_t*>(out.mutable_data_ptr()), m_rows, n_w, k_w, samples, reduce_samples,
       rng.const_data_ptr<int64_t>(), sigmas.const_data_ptr<float>(), max_ptr, static_cast<float>(scale),
-      static_cast<float>(state_factor));
+      static_cast<float>(state_factor), geom);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Runs the fused GEMM for `path` (not kMaterialized): instantiates (compute op, x dtype, w dtype).
-template <bool kBackward>
+template <bool kBackward, bool kPooledA = false>
 void run_fused(Path path, const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, const at::Tensor& bias,
                at::Tensor& out, int64_t m_rows, int64_t samples, bool reduce_samples, const at::Tensor& rng,
-               const at::Tensor& sigmas, double scale, double state_factor, cudaStream_t stream) {
+               const at::Tensor& sigmas, double scale, double state_factor, cudaStream_t stream,
+               const fused::PoolGeom& geom = {}) {
   const bool w_float = w.scalar_type() == at::kFloat;
 #define NFT_LAUNCH(OP, XT, WT)                                                                                   \
-  launch<OP, XT, WT, kBackward>(a, a_sample_stride, w, bias.defined() ? bias.const_data_ptr<XT>() : nullptr, out, \
-                                m_rows, samples, reduce_samples, rng, sigmas, scale, state_factor, stream)
+  launch<OP, XT, WT, kBackward, kPooledA>(a, a_sample_stride, w, bias.defined() ? bias.const_data_ptr<XT>() : nullptr, \
+                                          out, m_rows, samples, reduce_samples, rng, sigmas, scale, state_factor,      \
+                                          stream, geom)
   switch (path) {
     case Path::kFusedBf16:
       if (w_float) {
@@ -228,11 +239,36 @@ at::Tensor noisy_linear_backward_input_cuda(const at::Tensor& grad, const at::Te
   return out.view(shape);
 }
 
+at::Tensor snapshot_linear_cuda(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& rng, const at::Tensor& sigmas,
+                               double scale, double state_factor, bool shared_input, bool allow_tf32) {
+  const SnapshotDims d = check_snapshot_linear(act, pool, weight, bias, rng, sigmas, shared_input);
+  const Path path = choose_path(act.scalar_type(), weight.scalar_type(), allow_tf32);
+  if (path == Path::kMaterialized) {
+    return snapshot_linear_materialized(act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input);
+  }
+  TORCH_CHECK(pool <= 0x7fffffff, "snapshot_linear: pool too large");
+  const c10::cuda::CUDAGuard guard(weight.device());
+  const at::Tensor ac = act.contiguous();
+  const at::Tensor wc = weight.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->to(act.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor sig = sigmas.contiguous();
+  const at::Tensor r = rng.contiguous();
+  at::Tensor out = at::empty({d.samples, d.batch, d.n}, act.options());
+  if (out.numel() > 0) {
+    const fused::PoolGeom geom{d.c, d.h, d.w, static_cast<int>(pool)};
+    run_fused<false, true>(path, ac, shared_input ? 0 : d.batch * d.c * d.h * d.w, wc, bc, out, d.batch, d.samples,
+                           false, r, sig, scale, state_factor, c10::cuda::getCurrentCUDAStream(), geom);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nft_cuda, CUDA, m) {
   m.impl("noisy_linear", &noisy_linear_cuda);
   m.impl("_noisy_linear_backward_input", &noisy_linear_backward_input_cuda);
+  m.impl("snapshot_linear", &snapshot_linear_cuda);
 }
 
 }  // namespace nft_cuda

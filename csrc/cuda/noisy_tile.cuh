@@ -187,6 +187,43 @@ __device__ __forceinline__ void load_a_tile(Smem<Op>& s, const in_t* __restrict_
   }
 }
 
+// Geometry of the snapshot capture (DESIGN §4.3): act planes [C][H][W] per row, pool p x p.
+struct PoolGeom {
+  int64_t c, h, w;
+  int p;
+};
+
+// s.a[i][r] = snapshot[m0 + i][r0 + r], the snapshot being adaptive_avg_pool2d(act, p) flattened
+// C-major (r = c·p² + pi·p + pj) and computed here from act [rows][C][H][W] (contiguous): the mean
+// over PyTorch's window, rows floor(pi·H/p) .. ceil((pi+1)·H/p) and likewise for columns, summed in
+// fp32. Zero outside [rows, C·p²]. The snapshot never exists in global memory; each column block of
+// the GEMM recomputes it from act, which stays in L2 (the IRS taps are a few MB at most).
+template <typename Op, typename in_t>
+__device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __restrict__ act, int64_t rows,
+                                                   const PoolGeom& g, int64_t m0, int64_t r0) {
+  const int64_t pp = static_cast<int64_t>(g.p) * g.p;
+  const int64_t red = g.c * pp;
+  for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
+    const int i = idx / kBK, r = idx % kBK;
+    const int64_t gm = m0 + i, gr = r0 + r;
+    float v = 0.0f;
+    if (gm < rows && gr < red) {
+      const int64_t c = gr / pp;
+      const int64_t cell = gr - c * pp;
+      const int64_t pi = cell / g.p, pj = cell - pi * g.p;
+      const int64_t h0 = (pi * g.h) / g.p, h1 = ((pi + 1) * g.h + g.p - 1) / g.p;
+      const int64_t w0 = (pj * g.w) / g.p, w1 = ((pj + 1) * g.w + g.p - 1) / g.p;
+      const in_t* plane = act + (gm * g.c + c) * g.h * g.w;
+      float sum = 0.0f;
+      for (int64_t h = h0; h < h1; ++h) {
+        for (int64_t w = w0; w < w1; ++w) sum += static_cast<float>(plane[h * g.w + w]);
+      }
+      v = sum / static_cast<float>((h1 - h0) * (w1 - w0));
+    }
+    s.a[i][r] = Op::convert(v);
+  }
+}
+
 // The noisy W tile of weight rows [nb, nb + RN) and columns [kb, kb + CK) of W [n_rows, k_cols]
 // (row-major, contiguous): value (nl, kl) = perturb(W)[stream][nb + nl][kb + kl] rounded to w_t (as
 // perturb's output) and then to the compute type; zero outside W. kTransposed = false stores it at
