@@ -1,0 +1,1 @@
+"""Experiments built on nft_cuda (not part of the installed package): ``python -m studies.reproduce``."""

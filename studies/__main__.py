@@ -1,0 +1,5 @@
+"""``python -m studies`` runs the reproduction study CLI (see studies/reproduce.py)."""
+
+from studies.reproduce import main
+
+raise SystemExit(main())

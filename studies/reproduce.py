@@ -1,0 +1,522 @@
+"""The reproduction study: do OVF and IRS beat noise-injection training under device variation?
+
+    python -m studies.reproduce run    [--config studies/reproduction.json] [--out runs/study] [--no-progress]
+    python -m studies.reproduce report [--results docs/reproduction/results.json] [--doc docs/reproduction.md]
+                                       [--plot docs/reproduction/accuracy.png]
+    python -m studies.reproduce plan   [--config ...]
+
+``run`` trains every model of the config and evaluates each with Monte-Carlo, as the paper does
+(paper-facts §6): each noise-trained model (noise injection, OVF, IRS) is trained and tested at the
+same σ_d and device preset; the clean model of each (model, dataset) is trained once and swept over
+every (σ_d, preset) of the config. Each finished training and evaluation is recorded in the output
+folder as soon as it ends, so an interrupted study re-run with the same command continues where it
+stopped (a changed config re-does only the items it changes). At the end ``results.json`` holds
+everything: the config, the environment, each training (time, clean test accuracy) and each
+evaluation point with its per-instance accuracies.
+
+``report`` recomputes every table of docs/reproduction.md from a results.json (mean and CI95 from
+the per-instance accuracies) and rewrites the block between the ``<!-- study:begin -->`` and
+``<!-- study:end -->`` markers, and draws the plot. ``plan`` lists what ``run`` would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["PAPER", "load_config", "main", "plan", "render_tables", "run", "update_doc"]
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "reproduction.json"
+BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
+_GROUP_OVERRIDES = ("model", "width", "lr", "epochs", "batch_size")
+_METHOD_ORDER = ("clean", "noise", "ovf", "irs")
+_METHOD_NAMES = {"clean": "clean (W/O noise)", "noise": "noise injection", "ovf": "OVF", "irs": "IRS"}
+
+#: The paper's VGG-8 / MNIST accuracies (%) at the σ_d of this study, digitised from the published
+#: figure (../shared/reference/paper-facts.md §7.1), and its EKL curve (×10⁻², §7.3; the figure
+#: does not name its model and dataset). Device preset not stated (the code's default is RRAM1).
+PAPER = {
+    "accuracy": {0.2: {"clean": 73.98, "noise": 99.45, "ovf": 99.53, "irs": 99.47},
+                 0.3: {"clean": 45.42, "noise": 86.61, "ovf": 99.46, "irs": 90.19},
+                 0.35: {"clean": 35.40, "noise": 52.30, "ovf": 99.01, "irs": 58.28}},
+    "ekl_e2": {0.2: {"clean": 0.721, "noise": 0.919, "ovf": 0.076, "irs": 0.065},
+               0.3: {"clean": 0.194, "noise": 3.226, "ovf": 0.238, "irs": 0.289},
+               0.35: {"clean": 0.016, "noise": 5.118, "ovf": 0.432, "irs": 0.362}},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and plan
+# --------------------------------------------------------------------------------------------------
+
+
+def load_config(path) -> dict:
+    """The study config (JSON), checked: one clear ValueError naming the bad entry."""
+    with open(path) as f:
+        cfg = json.load(f)
+    required = ("model", "width", "epochs", "batch_size", "lr", "runs", "instances_per_pass", "eval_seed",
+                "device", "clean_seed", "groups")
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"{path}: missing config entries {missing}")
+    cfg.setdefault("limit_train", None)
+    cfg.setdefault("test_images", None)
+    if not isinstance(cfg["groups"], list) or not cfg["groups"]:
+        raise ValueError(f"{path}: 'groups' must be a non-empty list")
+    for i, g in enumerate(cfg["groups"]):
+        for key in ("datasets", "sigmas", "device_model", "methods", "seeds"):
+            if key not in g:
+                raise ValueError(f"{path}: groups[{i}] lacks '{key}'")
+        bad = [m for m in g["methods"] if m not in ("noise", "ovf", "irs")]
+        if bad:
+            raise ValueError(f"{path}: groups[{i}] has unknown methods {bad} (noise, ovf, irs; the clean model "
+                             "is always trained)")
+        if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
+            raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
+    if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
+        raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two instances), got {cfg['runs']!r}")
+    return cfg
+
+
+def _setting(cfg: dict, group: dict, key: str):
+    return group.get(key, cfg[key])
+
+
+def _train_name(model: str, dataset: str, method: str, sigma: float, preset: str, seed: int) -> str:
+    if method == "clean":
+        return f"{model}-{dataset}-clean-seed{seed}"
+    return f"{model}-{dataset}-{method}-{preset}-s{sigma:g}-seed{seed}"
+
+
+def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
+    """(trainings, evaluations) of a config, in the order ``run`` does them (clean models first)."""
+    trainings: dict[str, dict] = {}
+    evals: dict[str, dict] = {}
+    clean_points: dict[str, list] = {}
+    for g in cfg["groups"]:
+        hyper = {k: _setting(cfg, g, k) for k in _GROUP_OVERRIDES}
+        for ds in g["datasets"]:
+            clean = _train_name(hyper["model"], ds, "clean", 0.0, "RRAM1", cfg["clean_seed"])
+            trainings.setdefault(clean, {"name": clean, "dataset": ds, "method": "clean", "sigma": 0.0,
+                                         "device_model": "RRAM1", "seed": cfg["clean_seed"], "group": g["name"],
+                                         **hyper})
+            for sigma in g["sigmas"]:
+                point = (float(sigma), g["device_model"])
+                if point not in clean_points.setdefault(clean, []):
+                    clean_points[clean].append(point)
+                for seed in g["seeds"]:
+                    for method in g["methods"]:
+                        name = _train_name(hyper["model"], ds, method, sigma, g["device_model"], seed)
+                        trainings.setdefault(name, {"name": name, "dataset": ds, "method": method,
+                                                    "sigma": float(sigma), "device_model": g["device_model"],
+                                                    "seed": seed, "group": g["name"], **hyper})
+                        evals.setdefault(name, {"name": name, "model": name, "sigma": float(sigma),
+                                                "device_model": g["device_model"]})
+    clean_evals = []
+    for clean, points in clean_points.items():
+        for sigma, preset in points:
+            name = f"{clean}@{preset}-s{sigma:g}"
+            clean_evals.append({"name": name, "model": clean, "sigma": sigma, "device_model": preset})
+    order = sorted(trainings.values(), key=lambda t: t["method"] != "clean")
+    return order, clean_evals + list(evals.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _done(path: Path, spec: dict):
+    """The recorded result at ``path`` when it was made with ``spec``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if rec.get("spec") == spec else None
+
+
+def _environment() -> dict:
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": _commit()}
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
+    from nft_cuda.train.trainer import TrainConfig, train
+
+    config = TrainConfig(model=t["model"], dataset=t["dataset"], method=t["method"], sigma=t["sigma"],
+                         device_model=t["device_model"], epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
+                         width=t["width"], seed=t["seed"], device=cfg["device"], data_dir=cfg.get("data_dir"),
+                         limit_train=cfg["limit_train"], limit_eval=cfg["test_images"],
+                         out=str(out / "train" / t["name"]), overwrite=True)
+    result = train(config, progress=progress, log=None)
+    return {"time_s": result["time_s"], "test_acc_clean": result["test_acc_clean"],
+            "test_acc_noisy": result["test_acc_noisy"], "best_epoch": result["best_epoch"],
+            "best_val_acc": result["best_val_acc"], "sizes": result["sizes"], "model_path": result["model_path"]}
+
+
+_TEST_SETS: dict = {}
+
+
+def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool) -> dict:
+    import torch
+
+    from nft_cuda.eval.monte_carlo import monte_carlo
+    from nft_cuda.eval.run import TensorBatches, load_test_set
+    from nft_cuda.io import load_model
+    from nft_cuda.variation import Variation
+
+    if dataset not in _TEST_SETS:
+        x, y = load_test_set(dataset, cfg.get("data_dir"))
+        n = cfg["test_images"] or y.shape[0]
+        _TEST_SETS[dataset] = (x[:n], y[:n])
+    x, y = _TEST_SETS[dataset]
+    device = torch.device(cfg["device"])
+    model, payload = load_model(model_path, device=device)
+    base = payload["variation"]
+    var = Variation(e["sigma"], e["device_model"], base["weight_bits"], base["device_bits"])
+    t0 = time.perf_counter()
+    res = monte_carlo(model, TensorBatches(x, y, 256), [var], cfg["runs"], seed=cfg["eval_seed"],
+                      instances_per_pass=cfg["instances_per_pass"], device=device, progress=progress)[0]
+    res["time_s"] = time.perf_counter() - t0
+    return res
+
+
+def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
+    """Run (or continue) the study of ``cfg`` in folder ``out``; returns and writes ``out/results.json``."""
+    out = Path(out)
+    trainings, evals = plan(cfg)
+    total = len(trainings) + len(evals)
+    t_start = time.perf_counter()
+    trained: dict[str, dict] = {}
+    step = 0
+    for t in trainings:
+        step += 1
+        path = out / "train" / t["name"] / "study_record.json"
+        spec = {k: cfg[k] for k in ("limit_train", "test_images", "device")} | t
+        rec = _done(path, spec)
+        if rec is None:
+            log(f"[{step}/{total}] train {t['name']} ({_elapsed(t_start)} elapsed)")
+            rec = {"spec": spec, "result": _train_one(cfg, t, out, progress)}
+            _write_json(path, rec)
+            res = rec["result"]
+            log(f"    {res['time_s']:.0f} s, clean test accuracy {100 * res['test_acc_clean']:.2f} %")
+        trained[t["name"]] = {**t, **rec["result"]}
+    points = []
+    for e in evals:
+        step += 1
+        t = trained[e["model"]]
+        path = out / "eval" / f"{e['name']}.json"
+        spec = {k: cfg[k] for k in ("runs", "eval_seed", "test_images", "instances_per_pass", "device")} | e | {
+            "trained": trainings_spec(t)}
+        rec = _done(path, spec)
+        if rec is None:
+            log(f"[{step}/{total}] eval {e['name']}: {cfg['runs']} chip instances ({_elapsed(t_start)} elapsed)")
+            rec = {"spec": spec, "result": _eval_one(cfg, e, t["model_path"], t["dataset"], progress)}
+            _write_json(path, rec)
+            r = rec["result"]
+            log(f"    accuracy {100 * r['accuracy_mean']:.2f} ± {100 * r['ci95']:.2f} %, EKL {r['ekl']:.4f}, "
+                f"{r['time_s']:.0f} s")
+        r = rec["result"]
+        points.append({"name": e["name"], "model": e["model"], "dataset": t["dataset"], "method": t["method"],
+                       "train_sigma": t["sigma"], "train_device_model": t["device_model"], "seed": t["seed"],
+                       "sigma": e["sigma"], "device_model": e["device_model"], "runs": r["runs"],
+                       "num_inputs": r["num_inputs"], "eval_seed": r["seed"],
+                       "accuracy_mean": r["accuracy_mean"], "ci95": r["ci95"], "ekl": r["ekl"],
+                       "confidence": r["confidence"], "clean_accuracy": r["clean_accuracy"], "time_s": r["time_s"],
+                       "per_instance_accuracy": r["per_instance_accuracy"]})
+    results = {"config": cfg, "environment": _environment(),
+               "trainings": [{k: v for k, v in t.items() if k != "model_path"} for t in trained.values()],
+               "evaluations": points,
+               "time_s": {"training": sum(t["time_s"] for t in trained.values()),
+                          "evaluation": sum(p["time_s"] for p in points)}}
+    results["time_s"]["total"] = results["time_s"]["training"] + results["time_s"]["evaluation"]
+    _write_json(out / "results.json", results)
+    log(f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
+        f"({results['time_s']['training'] / 60:.1f} training, {results['time_s']['evaluation'] / 60:.1f} Monte-Carlo); "
+        f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}")
+    return results
+
+
+def trainings_spec(t: dict) -> dict:
+    """What identifies a trained model (so an evaluation is redone when its model was retrained)."""
+    return {k: t[k] for k in ("name", "time_s", "test_acc_clean")}
+
+
+def _elapsed(t0: float) -> str:
+    s = int(time.perf_counter() - t0)
+    return f"{s // 60}:{s % 60:02d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tables (recomputed from results.json) and the plot
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_ci(per: list[float]) -> tuple[float, float]:
+    """Mean and CI95 (1.96·std/√R, std with ddof=1: the reference's normal approximation) in %."""
+    r = len(per)
+    mean = math.fsum(per) / r
+    var = math.fsum((a - mean) ** 2 for a in per) / (r - 1)
+    return 100 * mean, 100 * 1.96 * math.sqrt(var / r)
+
+
+def _acc(p: dict) -> str:
+    m, ci = _mean_ci(p["per_instance_accuracy"])
+    return f"{m:.2f} ± {ci:.2f}"
+
+
+def _find(points, **want):
+    hits = [p for p in points if all(p[k] == v for k, v in want.items())]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _sweep_rows(points, dataset: str, preset: str, sigmas, seed: int, cell) -> list[str]:
+    rows = []
+    for method in _METHOD_ORDER:
+        cells = []
+        for s in sigmas:
+            want = dict(dataset=dataset, method=method, sigma=s, device_model=preset)
+            if method != "clean":
+                want.update(train_sigma=s, train_device_model=preset, seed=seed)
+            p = _find(points, **want)
+            cells.append("–" if p is None else cell(p))
+        if any(c != "–" for c in cells):
+            rows.append(f"| {_METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def render_tables(results: dict) -> str:
+    """The Markdown tables of docs/reproduction.md, computed from ``results`` alone."""
+    cfg, points, trainings = results["config"], results["evaluations"], results["trainings"]
+    seed0 = cfg["clean_seed"]
+    sweep = cfg["groups"][0]
+    sigmas = [float(s) for s in sweep["sigmas"]]
+    preset0 = sweep["device_model"]
+    runs = {p["runs"] for p in points}
+    inputs = {p["num_inputs"] for p in points}
+    out = [f"Every number below is recomputed from `docs/reproduction/results.json` by "
+           f"`python -m studies.reproduce report`: accuracy is the mean over {'/'.join(map(str, sorted(runs)))} "
+           f"simulated chips ± CI95 (1.96·std/√R) in %, each chip evaluated on the first "
+           f"{'/'.join(map(str, sorted(inputs)))} test images; EKL is in nats ×10⁻².", ""]
+    head = "| method | " + " | ".join(f"σ_d = {s:g}" for s in sigmas) + " |"
+    rule = "|---|" + "---|" * len(sigmas)
+    for ds in sweep["datasets"]:
+        out += [f"**Accuracy under variation (%), {ds}, {preset0}, seed {seed0}**", "", head, rule,
+                *_sweep_rows(points, ds, preset0, sigmas, seed0, _acc), "",
+                f"**EKL (×10⁻² nats), {ds}, {preset0}, seed {seed0}**", "", head, rule,
+                *_sweep_rows(points, ds, preset0, sigmas, seed0, lambda p: f"{100 * p['ekl']:.3f}"), ""]
+
+    out += ["**OVF and IRS minus noise injection, paired by chip** (percentage points, mean ± CI95 of the "
+            "per-chip differences: chip i of every model draws the same noise stream)", "",
+            "| dataset | preset | σ_d | seed | OVF − noise | IRS − noise |", "|---|---|---|---|---|---|"]
+    for p in points:
+        if p["method"] != "noise":
+            continue
+        key = dict(dataset=p["dataset"], sigma=p["sigma"], device_model=p["device_model"], seed=p["seed"],
+                   train_sigma=p["train_sigma"], train_device_model=p["train_device_model"])
+        cells = []
+        for m in ("ovf", "irs"):
+            q = _find(points, method=m, **key)
+            if q is None or len(q["per_instance_accuracy"]) != len(p["per_instance_accuracy"]):
+                cells.append("–")
+                continue
+            d, ci = _mean_ci([a - b for a, b in zip(q["per_instance_accuracy"], p["per_instance_accuracy"])])
+            cells.append(f"{d:+.2f} ± {ci:.2f}")
+        if cells != ["–", "–"]:
+            out.append(f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | {cells[0]} | "
+                       f"{cells[1]} |")
+    out.append("")
+
+    for g in cfg["groups"][1:]:
+        for ds in g["datasets"]:
+            for s in g["sigmas"]:
+                s = float(s)
+                for seed in g["seeds"]:
+                    other = (g["device_model"], seed)
+                    if other == (preset0, seed0):
+                        continue
+                    what = f"device preset {g['device_model']}" if g["device_model"] != preset0 else f"seed {seed}"
+                    out += [f"**{what} vs {preset0} seed {seed0}: {ds}, σ_d = {s:g}** (accuracy %, EKL ×10⁻²)", "",
+                            f"| method | accuracy, {preset0} seed {seed0} | accuracy, {g['device_model']} seed {seed} "
+                            f"| EKL, {preset0} seed {seed0} | EKL, {g['device_model']} seed {seed} |",
+                            "|---|---|---|---|---|"]
+                    for method in _METHOD_ORDER:
+                        pair = []
+                        for preset, sd in ((preset0, seed0), other):
+                            if method == "clean" and sd != seed0:  # the clean model is trained once
+                                pair.append(None)
+                                continue
+                            want = dict(dataset=ds, method=method, sigma=s, device_model=preset)
+                            if method != "clean":
+                                want.update(train_sigma=s, train_device_model=preset, seed=sd)
+                            pair.append(_find(points, **want))
+                        if all(p is None for p in pair):
+                            continue
+                        accs = ["–" if p is None else _acc(p) for p in pair]
+                        ekls = ["–" if p is None else f"{100 * p['ekl']:.3f}" for p in pair]
+                        out.append(f"| {_METHOD_NAMES[method]} | {accs[0]} | {accs[1]} | {ekls[0]} | {ekls[1]} |")
+                    out.append("")
+
+    out += ["**Training cost** (wall time per model on this machine; clean test accuracy of the exported "
+            "model, σ_d = 0)", "", "| method | models | mean train time (s) | × noise injection | "
+            "clean test accuracy (%, range) |", "|---|---|---|---|---|"]
+    by_method = {m: [t for t in trainings if t["method"] == m] for m in _METHOD_ORDER}
+    noise_t = by_method["noise"] and math.fsum(t["time_s"] for t in by_method["noise"]) / len(by_method["noise"])
+    for m in _METHOD_ORDER:
+        ts = by_method[m]
+        if not ts:
+            continue
+        mean_t = math.fsum(t["time_s"] for t in ts) / len(ts)
+        ratio = f"{mean_t / noise_t:.2f}" if noise_t else "–"
+        accs = [100 * t["test_acc_clean"] for t in ts]
+        out.append(f"| {_METHOD_NAMES[m]} | {len(ts)} | {mean_t:.1f} | {ratio} | {min(accs):.2f}–{max(accs):.2f} |")
+    tt = results["time_s"]
+    out += ["", f"Total work: {tt['training'] / 60:.1f} min training + {tt['evaluation'] / 60:.1f} min Monte-Carlo = "
+            f"**{tt['total'] / 60:.1f} min** ({results['environment'].get('cpu_count')} CPU cores, torch "
+            f"{results['environment'].get('torch')}, commit {results['environment'].get('commit')}).", ""]
+
+    if "mnist" in sweep["datasets"]:
+        out += [f"**Beside the paper** (VGG-8 / MNIST, paper-facts §7; ours: {cfg['model']} width {cfg['width']:g}, "
+                f"mnist, {preset0}; accuracy %, EKL ×10⁻²)", "",
+                "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |", "|---|---|---|---|---|---|"]
+        for s in sigmas:
+            if s not in PAPER["accuracy"]:
+                continue
+            for m in _METHOD_ORDER:
+                want = dict(dataset="mnist", method=m, sigma=s, device_model=preset0)
+                if m != "clean":
+                    want.update(train_sigma=s, train_device_model=preset0, seed=seed0)
+                p = _find(points, **want)
+                ours = "–" if p is None else _acc(p)
+                ekl = "–" if p is None else f"{100 * p['ekl']:.3f}"
+                out.append(f"| {s:g} | {_METHOD_NAMES[m]} | {PAPER['accuracy'][s][m]:.2f} | {ours} | "
+                           f"{PAPER['ekl_e2'][s][m]:.3f} | {ekl} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_doc(doc_path, results: dict) -> None:
+    """Replace the block between the study markers of ``doc_path`` with :func:`render_tables`."""
+    text = Path(doc_path).read_text()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{doc_path}: no '{BEGIN}' … '{END}' block to fill")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    Path(doc_path).write_text(f"{head}{BEGIN}\n{render_tables(results)}{END}{tail}")
+
+
+def plot(results: dict, path) -> None:
+    """Accuracy (CI95 bars) vs σ_d per method, one panel per dataset of the sweep group."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cfg, points = results["config"], results["evaluations"]
+    sweep = cfg["groups"][0]
+    sigmas = [float(s) for s in sweep["sigmas"]]
+    fig = Figure(figsize=(5 * len(sweep["datasets"]), 4))
+    FigureCanvasAgg(fig)
+    for i, ds in enumerate(sweep["datasets"]):
+        ax = fig.add_subplot(1, len(sweep["datasets"]), i + 1)
+        for m in _METHOD_ORDER:
+            xs, ys, es = [], [], []
+            for s in sigmas:
+                want = dict(dataset=ds, method=m, sigma=s, device_model=sweep["device_model"])
+                if m != "clean":
+                    want.update(train_sigma=s, train_device_model=sweep["device_model"], seed=cfg["clean_seed"])
+                p = _find(points, **want)
+                if p is not None:
+                    mean, ci = _mean_ci(p["per_instance_accuracy"])
+                    xs.append(s), ys.append(mean), es.append(ci)
+            if xs:
+                ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=_METHOD_NAMES[m])
+        ax.set_title(f"{cfg['model']} (width {cfg['width']:g}) on {ds}, {sweep['device_model']}")
+        ax.set_xlabel("σ_d (train = test)")
+        ax.set_ylabel("accuracy under variation (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.reproduce", description=__doc__.split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train and evaluate every model of the config (resumable)")
+    r.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (default studies/reproduction.json)")
+    r.add_argument("--out", default=os.path.join("runs", "study"), help="output folder (default runs/study)")
+    r.add_argument("--data-dir", dest="data_dir",
+                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    s = sub.add_parser("report", help="recompute the tables of docs/reproduction.md and the plot from results.json")
+    s.add_argument("--results", default=os.path.join("docs", "reproduction", "results.json"))
+    s.add_argument("--doc", default=os.path.join("docs", "reproduction.md"))
+    s.add_argument("--plot", default=os.path.join("docs", "reproduction", "accuracy.png"))
+    q = sub.add_parser("plan", help="list the trainings and evaluations of a config")
+    q.add_argument("--config", default=str(DEFAULT_CONFIG))
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            cfg = load_config(args.config)
+            if args.data_dir:
+                cfg["data_dir"] = args.data_dir
+            run(cfg, args.out, progress=args.progress)
+        elif args.command == "report":
+            with open(args.results) as f:
+                results = json.load(f)
+            update_doc(args.doc, results)
+            plot(results, args.plot)
+            print(render_tables(results))
+            print(f"updated {args.doc} and {args.plot}")
+        else:
+            trainings, evals = plan(load_config(args.config))
+            for t in trainings:
+                print(f"train {t['name']}")
+            for e in evals:
+                print(f"eval  {e['name']}")
+            print(f"{len(trainings)} trainings, {len(evals)} Monte-Carlo points")
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The reproduction study (studies/reproduce.py, docs/reproduction.md).
+
+The committed tables must be exactly what ``report`` recomputes from the committed JSON, and the
+JSON's own aggregates must agree with its per-instance accuracies. The study machinery runs end to end
+on a micro config (small model, embedded data, a few chips) and resumes without redoing work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "reproduction.md"
+RESULTS = ROOT / "docs" / "reproduction" / "results.json"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from studies import reproduce
+
+    return reproduce
+
+
+def _micro_config(**over) -> dict:
+    cfg = {"model": "small", "width": 0.5, "epochs": 1, "batch_size": 64, "lr": 1e-3, "limit_train": 192,
+           "test_images": 48, "runs": 3, "instances_per_pass": 2, "eval_seed": 5, "device": "cpu", "clean_seed": 0,
+           "groups": [
+               {"name": "sweep", "datasets": ["embedded"], "sigmas": [0.2, 0.3], "device_model": "RRAM1",
+                "methods": ["noise", "ovf", "irs"], "seeds": [0]},
+               {"name": "preset", "datasets": ["embedded"], "sigmas": [0.3], "device_model": "FeFET2",
+                "methods": ["noise"], "seeds": [0]},
+               {"name": "seed", "datasets": ["embedded"], "sigmas": [0.3], "device_model": "RRAM1",
+                "methods": ["noise"], "seeds": [1]}]}
+    cfg.update(over)
+    return cfg
+
+
+def test_committed_tables_recompute_from_committed_json(study):
+    results = json.loads(RESULTS.read_text())
+    text = DOC.read_text()
+    block = text.split(study.BEGIN, 1)[1].split(study.END, 1)[0]
+    assert block.strip() == study.render_tables(results).strip(), \
+        "docs/reproduction.md is stale: run `python -m studies.reproduce report`"
+
+
+def test_committed_json_is_consistent(study):
+    results = json.loads(RESULTS.read_text())
+    cfg = results["config"]
+    trainings, evals = study.plan(cfg)
+    assert sorted(t["name"] for t in results["trainings"]) == sorted(t["name"] for t in trainings)
+    assert sorted(p["name"] for p in results["evaluations"]) == sorted(e["name"] for e in evals)
+    for p in results["evaluations"]:
+        per = p["per_instance_accuracy"]
+        assert len(per) == p["runs"] >= 100
+        mean = math.fsum(per) / len(per)
+        std = math.sqrt(math.fsum((a - mean) ** 2 for a in per) / (len(per) - 1))
+        assert p["accuracy_mean"] == pytest.approx(mean, abs=1e-12)
+        assert p["ci95"] == pytest.approx(1.96 * std / math.sqrt(len(per)), abs=1e-12)
+        if p["method"] != "clean":  # each noise-trained model is tested at its own σ_d and preset
+            assert (p["sigma"], p["device_model"]) == (p["train_sigma"], p["train_device_model"])
+    # the measured run fits the stated budget
+    assert results["time_s"]["total"] <= 60 * 60
+
+
+def test_committed_config_plan(study):
+    cfg = study.load_config(ROOT / "studies" / "reproduction.json")
+    trainings, evals = study.plan(cfg)
+    sigmas = {t["sigma"] for t in trainings if t["method"] != "clean"}
+    assert len(sigmas) <= 3
+    assert {t["device_model"] for t in trainings} == {"RRAM1", "FeFET2"}
+    assert {t["seed"] for t in trainings} == {0, 1}
+    assert {t["dataset"] for t in trainings} == {"mnist", "fashion-mnist"}
+    assert cfg["runs"] >= 100
+    clean = [t for t in trainings if t["method"] == "clean"]
+    assert len(clean) == 2 and trainings[:2] == clean
+    # the clean model of each dataset is swept over every (σ_d, preset) of its dataset
+    for c in clean:
+        points = {(e["sigma"], e["device_model"]) for e in evals if e["model"] == c["name"]}
+        want = {(t["sigma"], t["device_model"]) for t in trainings
+                if t["method"] != "clean" and t["dataset"] == c["dataset"]}
+        assert points == want
+    study.load_config(ROOT / "studies" / "full_scale.json")  # the GPU config is valid too
+
+
+def test_micro_study_runs_reports_and_resumes(study, tmp_path, monkeypatch):
+    cfg = _micro_config()
+    lines = []
+    results = study.run(cfg, tmp_path / "out", progress=False, log=lines.append)
+    assert len(results["trainings"]) == 9 and len(results["evaluations"]) == 11
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert on_disk["evaluations"] == json.loads(json.dumps(results["evaluations"]))
+    for p in results["evaluations"]:
+        assert len(p["per_instance_accuracy"]) == 3 and p["num_inputs"] == 48
+
+    # the report fills the marked block of a doc, recomputed from the results alone
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# title\n{study.BEGIN}\nold\n{study.END}\nafter\n")
+    study.update_doc(doc, on_disk)
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("after\n") and "| noise injection |" in text
+    study.plot(on_disk, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 1000
+
+    # a second run redoes nothing; a changed evaluation setting redoes only the evaluations
+    def no_training(*a, **k):
+        raise AssertionError("retrained a finished model")
+
+    monkeypatch.setattr(study, "_train_one", no_training)
+    again = study.run(cfg, tmp_path / "out", progress=False, log=lines.append)
+    assert again["evaluations"] == results["evaluations"]
+    more = study.run(_micro_config(runs=4), tmp_path / "out", progress=False, log=lines.append)
+    assert all(len(p["per_instance_accuracy"]) == 4 for p in more["evaluations"])
+
+
+def test_config_and_doc_errors(study, tmp_path, capsys):
+    bad = _micro_config()
+    del bad["groups"][0]["sigmas"]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"groups\[0\] lacks 'sigmas'"):
+        study.load_config(path)
+    path.write_text(json.dumps(_micro_config(runs=1)))
+    with pytest.raises(ValueError, match="runs must be"):
+        study.load_config(path)
+    bad = _micro_config()
+    bad["groups"][0]["methods"] = ["clean"]
+    path.write_text(json.dumps(bad))
+    assert study.main(["plan", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "unknown methods" in err and len(err.strip().splitlines()) == 1
+    doc = tmp_path / "doc.md"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="study:begin"):
+        study.update_doc(doc, {})
