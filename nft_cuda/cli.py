@@ -88,7 +88,7 @@ def _deltas(text: str) -> tuple[float, ...]:
 #: argparse dest → TrainConfig field, for the options of ``nft train``.
 _TRAIN_FIELDS = ("model", "dataset", "data_dir", "method", "sigma", "device_model", "beta", "deltas", "head_sigma",
                  "epochs", "batch_size", "lr", "optimizer", "momentum", "scheduler", "weight_decay", "val_fraction",
-                 "seed", "device", "width", "out", "num_workers", "resume", "overwrite", "limit_train",
+                 "seed", "device", "width", "augment", "out", "num_workers", "resume", "overwrite", "limit_train",
                  "limit_eval")
 
 
@@ -116,6 +116,9 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--data-dir", dest="data_dir", metavar="DIR",
                    help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
     g.add_argument("--width", type=_float(0.0, strict=True), help=f"channel multiplier (default {default('width')})")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
+                        "off otherwise)")
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
     g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")

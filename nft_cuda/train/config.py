@@ -102,6 +102,10 @@ class TrainConfig:
         seed: the run's seed, in [0, 2^63).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         width: channel multiplier of the model.
+        augment: random crop (padding 4, filled with normalised black) and horizontal flip of every
+            training batch (:class:`nft_cuda.data.augment.CropFlip`); None (default): on for CIFAR-10/100,
+            off for the MNIST-like datasets, as the reference. Validation and test batches are never
+            augmented.
         out: the run folder (None: ``runs/<method>-<model>-<dataset>-s<sigma>``, see :func:`default_out`).
         num_workers: DataLoader worker processes.
         resume: continue the run in ``out`` from its checkpoint.
@@ -130,6 +134,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     width: float = 1.0
+    augment: bool | None = None
     out: str | None = None
     num_workers: int = 0
     resume: bool = False
@@ -189,6 +194,8 @@ class TrainConfig:
             if dev.type not in ("cpu", "cuda"):
                 raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self.width = _real("width", self.width, minimum=0.0, strict=True)
+        if self.augment is not None:
+            self.augment = _bool("augment", self.augment)
         self.out = _path_or_none("out", self.out)
         self.num_workers = _int("num_workers", self.num_workers, 0)
         self.resume = _bool("resume", self.resume)
@@ -199,6 +206,14 @@ class TrainConfig:
             self.limit_train = _int("limit_train", self.limit_train, 1)
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
+
+    def augments(self) -> bool:
+        """Whether training batches are augmented (``augment``, or the dataset's default)."""
+        if self.augment is not None:
+            return self.augment
+        from nft_cuda.data import get_spec
+
+        return get_spec(self.dataset).kind == "cifar"
 
     def to_dict(self) -> dict:
         """Plain types only (lists for tuples): what the checkpoint stores."""

@@ -142,6 +142,12 @@ class _Data:
         self.test = DataLoader(TensorPairDataset(test_x, test_y), batch_size=config.batch_size, shuffle=False,
                                generator=torch.Generator().manual_seed(0), **common)
         self.sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
+        # Training batches only; the border is each channel's normalised black, as a zero-padded image.
+        self.augment = None
+        if config.augments():
+            from nft_cuda.data.augment import CropFlip
+
+            self.augment = CropFlip(4, fill=[-m / sd for m, sd in zip(self.spec.mean, self.spec.std)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,6 +428,9 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
             t0 = time.perf_counter()
             model.train()
             data.train_generator.manual_seed(_derive_seed(config.seed, epoch))
+            # Augmentation draws from its own (seed, epoch, rank) stream: resuming at an epoch boundary
+            # replays it exactly, and it never touches the noise or batch-order streams.
+            aug_generator = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, 2, group.rank))
             lr = optimizer.param_groups[0]["lr"]
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -431,6 +440,8 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
             for step, (x, y) in enumerate(bar, start=1):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
+                if data.augment is not None:
+                    x = data.augment(x, aug_generator)
                 loss, logits = method.loss(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
