@@ -4,7 +4,7 @@
                          [--numel N] [--no-compile] [--no-ceiling] [--threads N] [--list]
 
 Cases (in this order): ceiling (always, unless --no-ceiling: copy bandwidth and a clean GEMM's FLOP/s,
-the floors throughputs are compared with), perturb, linear, fused, conv, train, eval. Each variant is
+the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, eval. Each variant is
 checked for correctness before it is timed, and NFT_CUDA_STRICT=1 (set by benchmarks.common) turns a
 fallback to pure PyTorch into an error. --quick: fewer repeats, shorter runs, smaller or fewer shapes
 where the full ones are slow on a 2-core CPU, and torch.compile baselines for perturb only; on a CPU
@@ -21,7 +21,7 @@ from dataclasses import asdict
 from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
 from benchmarks.bench_conv import conv_case  # noqa: E402
 from benchmarks.bench_eval import eval_case  # noqa: E402
-from benchmarks.bench_noisy_linear import fused_case, linear_case  # noqa: E402
+from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
 from benchmarks.bench_perturb import perturb_case  # noqa: E402
 from benchmarks.bench_train import train_case  # noqa: E402
 
@@ -29,6 +29,7 @@ CASES = {
     "perturb": perturb_case,
     "linear": linear_case,
     "fused": fused_case,
+    "snapshot": snapshot_case,
     "conv": conv_case,
     "train": train_case,
     "eval": eval_case,
@@ -38,6 +39,7 @@ CASE_HELP = {
     "perturb": "perturb 4M elements, S = 1, 4 vs copy / reference / compiled",
     "linear": "NoisyLinear fwd+bwd (batch 128: 1024², 4096²; the DESIGN target shape) vs clean / reference / compiled",
     "fused": "ops.noisy_linear forward at M = 1, 16 vs perturb + GEMM vs clean GEMM",
+    "snapshot": "ops.snapshot_linear (IRS heads of VGG-8/CIFAR) vs pool + noisy_linear vs pool + clean GEMM",
     "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled",
     "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS",
     "eval": "Monte-Carlo evaluation R = 100 (small model, embedded test slice) vs clean passes / reference loop",

@@ -12,10 +12,14 @@ Case "fused" — ``nft_cuda.ops.noisy_linear`` forward at M ∈ {1, 16} vs pertu
 of the same work. DESIGN §8 (GPU): fused ≥ 1.5× faster than perturb + GEMM at M ≤ 16 with 4096² fp32
 weights (TF32 and bf16 inputs). On CPU the op materialises (perturb + ATen GEMM) by design: no target.
 
+Case "snapshot" — ``nft_cuda.ops.snapshot_linear`` (IRS heads 1 and 3 of VGG-8/CIFAR: 64×32×32 pooled
+to 6×6, 256×8×8 to 3×3, → 512) vs adaptive_avg_pool2d + noisy_linear and vs pool + a clean GEMM. On CUDA
+(TF32, bf16) the pooling runs in the fused GEMM's A-tile loader; on CPU both paths pool with ATen first.
+
 ``--sweep``: the broader forward sweep (M, N = K, S, fp32/TF32/bf16) of fused vs perturb + GEMM vs the
 reference way vs compiled vs clean.
 
-    python -m benchmarks.bench_noisy_linear [--device cpu|cuda] [--quick] [--only linear,fused]
+    python -m benchmarks.bench_noisy_linear [--device cpu|cuda] [--quick] [--only linear,fused,snapshot]
                                             [--no-compile] [--sweep] [--json PATH]
 """
 
@@ -152,6 +156,52 @@ def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     return c.rows
 
 
+# ---- IRS snapshot capture (DESIGN §4.3) -------------------------------------------------------------
+
+
+def snapshot_shapes(cfg: common.Config) -> list[tuple[str, int, int, int, int, int]]:
+    """(mode, batch, C, H = W, pool, N): the VGG-8/CIFAR IRS heads (paper-facts §3), head 1 and head 3."""
+    heads = [(64, 32, 6, 512), (256, 8, 3, 512)]
+    if cfg.cuda:
+        return [(mode, 128, c, hw, p, n) for mode in ("tf32", "bf16") for c, hw, p, n in heads]
+    return [("fp32", 16 if cfg.quick else 128, c, hw, p, n) for c, hw, p, n in heads[:1 if cfg.quick else 2]]
+
+
+def snapshot_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
+    dev, v = cfg.dev, common.VARIATION
+    c = common.Case(cfg, ceilings)
+    for mode, batch, ch, hw, pool, n in snapshot_shapes(cfg):
+        dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+        k = ch * pool * pool
+        name = f"snapshot_linear fwd {mode} B={batch} {ch}x{hw}x{hw} pool {pool} → {n}"
+        g = torch.Generator().manual_seed(0)
+        act = torch.randn(batch, ch, hw, hw, generator=g).to(dev, dtype)
+        w = (torch.randn(n, k, generator=g) / k**0.5).to(dev)
+        b = torch.randn(n, generator=g).to(dev, dtype)
+        rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
+        with common.matmul_precision(cfg.device, mode):
+            wc = w.to(dtype)
+
+            def fused():
+                return nft_cuda.ops.snapshot_linear(act, pool, w, b, v, rng=rng)
+
+            def two_step():
+                snap = torch.flatten(F.adaptive_avg_pool2d(act, pool), 1)
+                return nft_cuda.ops.noisy_linear(snap, w, b, v, rng=rng)
+
+            def clean():
+                return F.linear(torch.flatten(F.adaptive_avg_pool2d(act, pool), 1), wc, b)
+
+            common.check_rel_err(fused(), two_step(), f"{name}: fused vs pool + noisy_linear",
+                                 2e-2 if mode == "bf16" else 5e-3)
+            r = c.time(name, {"snapshot_linear": fused, "pool+noisy_linear": two_step, "pool+clean GEMM": clean},
+                       work=2.0 * batch * k * n, unit=cfg.flop_unit,
+                       ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+        c.compare(r["snapshot_linear"], r["pool+noisy_linear"], "speedup")
+        c.compare(r["snapshot_linear"], r["pool+clean GEMM"], "time")
+    return c.rows
+
+
 # ---- the broad forward sweep (--sweep) --------------------------------------------------------------
 
 SWEEP_CPU = {"M": (1, 16, 128), "NK": (1024,), "S": (1, 4), "modes": ("fp32",)}
@@ -209,7 +259,7 @@ def sweep_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     return c.rows
 
 
-CASES = {"linear": linear_case, "fused": fused_case}
+CASES = {"linear": linear_case, "fused": fused_case, "snapshot": snapshot_case}
 
 
 def main(argv=None) -> None:

@@ -141,3 +141,14 @@ def test_reference_way_matches_the_reference_loop(common):
     plain = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x), plain(x))
+
+
+def test_snapshot_case_runs_and_checks_before_timing(common, tmp_path, capsys):
+    from benchmarks import bench_noisy_linear
+
+    out_json = tmp_path / "snapshot.json"
+    bench_noisy_linear.main(["--device", "cpu", "--quick", "--only", "snapshot", "--no-compile", "--no-ceiling",
+                             "--json", str(out_json)])
+    assert "| snapshot_linear fwd fp32 B=16 64x32x32 pool 6 → 512 | snapshot_linear |" in capsys.readouterr().out
+    variants = {r["variant"] for r in json.loads(out_json.read_text())["results"]}
+    assert variants == {"snapshot_linear", "pool+noisy_linear", "pool+clean GEMM"}
