@@ -6,7 +6,7 @@
     python -m studies.reproduce plan   [--config ...]
 
 ``run`` trains every model of the config and evaluates each with Monte-Carlo, as the paper does
-(paper-facts §6): each noise-trained model (noise injection, OVF, IRS) is trained and tested at the
+(its reference code): each noise-trained model (noise injection, OVF, IRS) is trained and tested at the
 same σ_d and device preset; the clean model of each (model, dataset) is trained once and swept over
 every (σ_d, preset) of the config. Each finished training and evaluation is recorded in the output
 folder as soon as it ends, so an interrupted study re-run with the same command continues where it
@@ -38,9 +38,9 @@ _GROUP_OVERRIDES = ("model", "width", "lr", "epochs", "batch_size")
 _METHOD_ORDER = ("clean", "noise", "ovf", "irs")
 _METHOD_NAMES = {"clean": "clean (W/O noise)", "noise": "noise injection", "ovf": "OVF", "irs": "IRS"}
 
-#: The paper's VGG-8 / MNIST accuracies (%) at the σ_d of this study, digitised from the published
-#: figure (../shared/reference/paper-facts.md §7.1), and its EKL curve (×10⁻², §7.3; the figure
-#: does not name its model and dataset). Device preset not stated (the code's default is RRAM1).
+#: The paper's VGG-8 / MNIST accuracies (%) at the σ_d of this study, digitised from the accuracy
+#: figure published with the authors' code, and its EKL curve (×10⁻²; that figure does not name its
+#: model and dataset). Device preset not stated (the code's default is RRAM1).
 PAPER = {
     "accuracy": {0.2: {"clean": 73.98, "noise": 99.45, "ovf": 99.53, "irs": 99.47},
                  0.3: {"clean": 45.42, "noise": 86.61, "ovf": 99.46, "irs": 90.19},
@@ -193,11 +193,12 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
     from nft_cuda.io import load_model
     from nft_cuda.variation import Variation
 
-    if dataset not in _TEST_SETS:
+    key = (dataset, cfg.get("data_dir"), cfg["test_images"])
+    if key not in _TEST_SETS:
         x, y = load_test_set(dataset, cfg.get("data_dir"))
         n = cfg["test_images"] or y.shape[0]
-        _TEST_SETS[dataset] = (x[:n], y[:n])
-    x, y = _TEST_SETS[dataset]
+        _TEST_SETS[key] = (x[:n], y[:n])
+    x, y = _TEST_SETS[key]
     device = torch.device(cfg["device"])
     model, payload = load_model(model_path, device=device)
     base = payload["variation"]
@@ -404,7 +405,7 @@ def render_tables(results: dict) -> str:
             f"{results['environment'].get('torch')}, commit {results['environment'].get('commit')}).", ""]
 
     if "mnist" in sweep["datasets"]:
-        out += [f"**Beside the paper** (VGG-8 / MNIST, paper-facts §7; ours: {cfg['model']} width {cfg['width']:g}, "
+        out += [f"**Beside the paper** (VGG-8 / MNIST, digitised from its figure; ours: {cfg['model']} width {cfg['width']:g}, "
                 f"mnist, {preset0}; accuracy %, EKL ×10⁻²)", "",
                 "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |", "|---|---|---|---|---|---|"]
         for s in sigmas:
