@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 __all__ = ["parse_sigmas", "register"]
@@ -90,7 +89,11 @@ def register(subparsers) -> None:
                    help="chip instances evaluated per pass (default 8; results do not depend on it)")
     e.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=256, help="test batch size")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    e.add_argument("--json", metavar="PATH", help="write the report as JSON")
+    e.add_argument("--json", metavar="PATH",
+                   help="write the report as JSON (finished points are kept in PATH.partial.jsonl until then: "
+                        "a rerun continues an interrupted one)")
+    e.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="ignore the finished points of an interrupted run with the same --json and start afresh")
     e.add_argument("--csv", metavar="PATH", help="write one row per checkpoint × σ_d as CSV")
     e.add_argument("--plot", metavar="PATH", help="write a PNG: accuracy (CI95 bars) and EKL vs σ_d")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -153,7 +156,7 @@ def _run_eval(args) -> int:
     try:
         report = eval_checkpoints(args.checkpoints, args.sigma, args.device_model, args.runs, args.seed,
                                   args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
-                                  args.progress, batch_size=args.batch_size)
+                                  args.progress, batch_size=args.batch_size, resume=args.resume)
     finally:
         if dist is not None:
             dist.destroy_process_group()

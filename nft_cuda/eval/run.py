@@ -1,17 +1,26 @@
-"""Evaluate exported checkpoints over a σ_d sweep and write the reports (the body of ``nft eval``)."""
+"""Evaluate exported checkpoints over a σ_d sweep and write the reports (the body of ``nft eval``).
+
+Nothing finished is lost on interruption: when a JSON report path is given, every finished
+(checkpoint, σ_d) point is appended to ``<json>.partial.jsonl`` as soon as it ends, keyed on the
+checkpoint file's SHA-256 and every setting that shapes the result. The same call run again skips
+those points, so its report is byte-identical to an uninterrupted run's; the file is removed once the
+report is written.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 
 import torch
 
 from nft_cuda.eval.monte_carlo import monte_carlo
-from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
+from nft_cuda.eval.report import _jsonable, build_report, plot_results, write_csv, write_json
 from nft_cuda.variation import Variation
 
-__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set"]
+__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path"]
 
 
 class TensorBatches:
@@ -40,6 +49,63 @@ def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tens
     return x, y
 
 
+def partial_path(json_path: str) -> str:
+    """Where :func:`eval_checkpoints` keeps the finished points of an unfinished report."""
+    return f"{json_path}.partial.jsonl"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _FinishedPoints:
+    """The (checkpoint, σ_d) results of earlier, interrupted calls: one JSON line per point, appended and
+    fsync'ed as each point ends. A torn last line (a kill mid-write) is dropped on load. ``path=None``
+    disables it (no JSON report, or under torch.distributed where ranks need not share a filesystem)."""
+
+    def __init__(self, path: str | None, resume: bool):
+        self.path, self.done = path, {}
+        if path is None:
+            return
+        if not resume:
+            self.clear()
+            return
+        good = []
+        try:
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                        self.done[rec["key"]] = rec["result"]
+                    except (ValueError, KeyError, TypeError):
+                        break  # a torn or foreign line: keep what came before it
+                    good.append(line if line.endswith("\n") else line + "\n")
+        except FileNotFoundError:
+            return
+        with open(path, "w") as f:  # rewrite without the torn tail, so appends start on a fresh line
+            f.writelines(good)
+
+    def get(self, key: str):
+        return self.done.get(key)
+
+    def add(self, key: str, result: dict) -> None:
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"key": key, "result": _jsonable(result)}, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def clear(self) -> None:
+        if self.path is not None and os.path.exists(self.path):
+            os.remove(self.path)
+
+
 def _labels(paths: list[str]) -> list[str]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) == len(stems):
@@ -60,7 +126,8 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
                      seed: int = 0, data_dir=None, json_path: str | None = None, csv_path: str | None = None,
                      plot_path: str | None = None, instances_per_pass: int = 8, device=None,
                      progress: bool = True, *, batch_size: int = 256, fold: bool | None = None,
-                     distributed: bool | None = None, labels: Sequence[str] | None = None) -> dict:
+                     distributed: bool | None = None, labels: Sequence[str] | None = None,
+                     resume: bool = True) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
@@ -76,6 +143,8 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         batch_size: test batch size.
         fold, distributed: as :func:`~nft_cuda.eval.monte_carlo`.
         labels: the checkpoints' names in the report (default: file names, or paths when those clash).
+        resume: with ``json_path``, reuse the points an interrupted call with the same settings finished
+            (see the module docstring); False discards them and starts afresh.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
@@ -99,6 +168,10 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         labels = _labels(paths)
     elif len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
+    import torch.distributed as dist
+
+    sharded = distributed is not False and dist.is_available() and dist.is_initialized()
+    finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
     models, datasets = {}, {}
@@ -119,9 +192,16 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
                       for s in sigmas]
         loader = TensorBatches(x, y, batch_size)
-        out = monte_carlo(model, loader, variations, runs, seed=seed, instances_per_pass=instances_per_pass,
-                          device=device, progress=progress, fold=fold, distributed=distributed)
-        for r in out:
+        digest = _sha256(path) if finished.path else None
+        for var in variations:  # one point at a time, so each is kept as soon as it ends
+            key = json.dumps({"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]),
+                              "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits],
+                              "runs": runs, "seed": seed, "batch_size": batch_size}, sort_keys=True)
+            r = finished.get(key)
+            if r is None:
+                r = monte_carlo(model, loader, [var], runs, seed=seed, instances_per_pass=instances_per_pass,
+                                device=device, progress=progress, fold=fold, distributed=distributed)[0]
+                finished.add(key, r)
             results.append({"checkpoint": label, **r})
         checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
                             "method": meta.get("method"), "trained_variation": dict(base)})
@@ -133,6 +213,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
     if _is_writer(distributed):
         if json_path:
             write_json(report, json_path)
+            finished.clear()
         if csv_path:
             write_csv(report, csv_path)
         if plot_path:
