@@ -34,6 +34,18 @@ void check_weight_2d(const at::Tensor& weight, const char* op) {
                     weight.sizes());
 }
 
+// bias: [N] float on the weight's device, or absent.
+void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight, const char* op) {
+  if (!bias.has_value()) return;
+  const int64_t n = weight.size(0);
+  TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op, ": bias must be a float tensor, got ",
+                   bias->scalar_type());
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ",
+                    bias->sizes());
+  TORCH_CHECK_VALUE(bias->device() == weight.device(), op, ": bias is on ", bias->device(), " but weight is on ",
+                    weight.device());
+}
+
 }  // namespace
 
 LinearDims check_noisy_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -55,14 +67,7 @@ LinearDims check_noisy_linear(const at::Tensor& x, const at::Tensor& weight, con
     TORCH_CHECK_VALUE(x.size(0) == samples, op, ": with shared_input=False x must have samples=", samples,
                       " leading rows, got shape ", x.sizes());
   }
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op, ": bias must be a float tensor, got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == weight.device(), op, ": bias is on ", bias->device(),
-                      " but weight is on ", weight.device());
-  }
+  check_bias(bias, weight, op);
   const auto xs = x.sizes();
   const int64_t m = prod(xs, shared_input ? 0 : 1, xs.size() - 1);
   return {samples, m, n, k};
@@ -151,14 +156,7 @@ SnapshotDims check_snapshot_linear(const at::Tensor& act, int64_t pool, const at
   TORCH_CHECK_VALUE(c * pool * pool == weight.size(1), op, ": the snapshot has C*pool*pool = ", c * pool * pool,
                     " in_features but weight expects ", weight.size(1));
   const int64_t n = weight.size(0);
-  if (bias.has_value()) {
-    TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op, ": bias must be a float tensor, got ",
-                     bias->scalar_type());
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias must have shape [", n, "], got ",
-                      bias->sizes());
-    TORCH_CHECK_VALUE(bias->device() == weight.device(), op, ": bias is on ", bias->device(),
-                      " but weight is on ", weight.device());
-  }
+  check_bias(bias, weight, op);
   return {samples, act.size(-4), c, h, w, pool, n};
 }
 

@@ -86,23 +86,31 @@ def _noisy_linear_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
+def _straight_through_weight_grad(grad, x, weight, shared_input: bool):
+    """dW = Σ_s dY_sᵀ · X_s, no noise (DESIGN §2); with a shared x, Σ_s dY_sᵀ X = (Σ_s dY_s)ᵀ X."""
+    n, k = weight.shape
+    g = grad.sum(0) if shared_input else grad
+    rows = math.prod(g.shape[:-1])
+    return g.reshape(rows, n).t().matmul(x.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
+
+
+def _bias_grad(grad, dtype):
+    return grad.reshape(math.prod(grad.shape[:-1]), grad.shape[-1]).sum(0).to(dtype)
+
+
 def _noisy_linear_backward(ctx, grad):
     if grad is None:
         return None, None, None, None, None, None, None, None, None
     x, weight, rng, sigmas = ctx.saved_tensors
     scale, state_factor, shared_input, allow_tf32 = ctx.args
-    n, k = weight.shape
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
         gx = torch.ops.nft_cuda._noisy_linear_backward_input(grad, weight, rng, sigmas, scale, state_factor,
                                                              shared_input, allow_tf32).to(x.dtype)
     if ctx.needs_input_grad[1]:
-        # Straight-through (DESIGN §2): dW = Σ_s dY_sᵀ · X_s, no noise. With a shared x, Σ_s dY_sᵀ X = (Σ_s dY_s)ᵀ X.
-        g = grad.sum(0) if shared_input else grad
-        rows = math.prod(g.shape[:-1])
-        gw = g.reshape(rows, n).t().matmul(x.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
+        gw = _straight_through_weight_grad(grad, x, weight, shared_input)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-        gb = grad.reshape(math.prod(grad.shape[:-1]), n).sum(0).to(ctx.bias_dtype)
+        gb = _bias_grad(grad, ctx.bias_dtype)
     # The input gradient comes from a kernel without autograd: differentiating it again would silently
     # give wrong (missing) second-order terms, so a double backward raises instead (DESIGN §9).
     from nft_cuda.layers import _once_differentiable
@@ -148,7 +156,6 @@ def _snapshot_linear_backward(ctx, grad):
         return (None,) * 10
     act, weight, rng, sigmas = ctx.saved_tensors
     pool, scale, state_factor, shared_input, allow_tf32 = ctx.args
-    n, k = weight.shape
     planes = act.reshape(math.prod(act.shape[:-3]), *act.shape[-3:])  # [(S·)B, C, H, W]
     gact = gw = gb = None
     if ctx.needs_input_grad[0]:
@@ -158,12 +165,10 @@ def _snapshot_linear_backward(ctx, grad):
         gsnap = gsnap.reshape(planes.shape[0], planes.shape[1], pool, pool).to(act.dtype)
         gact = torch.ops.aten._adaptive_avg_pool2d_backward(gsnap, planes).reshape(act.shape)
     if ctx.needs_input_grad[2]:
-        snap = F.adaptive_avg_pool2d(planes, pool).reshape(*act.shape[:-3], k)
-        g = grad.sum(0) if shared_input else grad
-        rows = math.prod(g.shape[:-1])
-        gw = g.reshape(rows, n).t().matmul(snap.reshape(rows, k).to(grad.dtype)).to(weight.dtype)
+        snap = F.adaptive_avg_pool2d(planes, pool).reshape(*act.shape[:-3], weight.shape[1])
+        gw = _straight_through_weight_grad(grad, snap, weight, shared_input)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
-        gb = grad.reshape(math.prod(grad.shape[:-1]), n).sum(0).to(ctx.bias_dtype)
+        gb = _bias_grad(grad, ctx.bias_dtype)
     from nft_cuda.layers import _once_differentiable
 
     gact, gw, gb = _once_differentiable((gact, gw, gb), _SNAPSHOT_DOUBLE_BACKWARD_MSG)
