@@ -80,14 +80,7 @@ def conv_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.R
                                                           (x, w), gy)
         rows = c.time(name, fns, work=6.0 * batch * cout * cin * 9 * hw * hw, unit=cfg.flop_unit,
                       ceiling="GEMM fp32")
-        rows["noisy"] = rows["NoisyConv2d"]
-        c.compare(rows["noisy"], rows["clean"], "time")
-        c.compare(rows["noisy"], rows["reference"], "speedup")
-        if "compiled" in rows:
-            c.compare(rows["noisy"], rows["compiled"], "speedup")
-        c.compare(rows["reference"], rows["clean"], "time")
-        if "compiled" in rows:
-            c.compare(rows["compiled"], rows["clean"], "time")
+        c.compare_layer(rows, "NoisyConv2d")
     return c.rows
 
 

@@ -96,14 +96,7 @@ def linear_case(cfg: common.Config, ceilings: dict | None = None) -> list[common
             fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
                                                (x, w, b), gy)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
-        rows["noisy"] = rows["NoisyLinear"]
-        c.compare(rows["noisy"], rows["clean"], "time", "linear_vs_clean" if target else None)
-        c.compare(rows["noisy"], rows["reference"], "speedup")
-        if "compiled" in rows:
-            c.compare(rows["noisy"], rows["compiled"], "speedup")
-        c.compare(rows["reference"], rows["clean"], "time")
-        if "compiled" in rows:
-            c.compare(rows["compiled"], rows["clean"], "time")
+        c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)
     return c.rows
 
 

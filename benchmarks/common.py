@@ -458,6 +458,16 @@ class Case:
         row.compares.append(c)
         return c
 
+    def compare_layer(self, rows: dict, noisy: str, clean_target: str | None = None) -> None:
+        """The ratios of a layer case: ``rows[noisy]`` against clean (time; ``clean_target`` as :meth:`compare`),
+        against the reference way and the compiled composite (speed-up), then those two against clean."""
+        self.compare(rows[noisy], rows["clean"], "time", clean_target)
+        baselines = [k for k in ("reference", "compiled") if k in rows]
+        for base in baselines:
+            self.compare(rows[noisy], rows[base], "speedup")
+        for base in baselines:
+            self.compare(rows[base], rows["clean"], "time")
+
 
 def fmt_time(seconds: float) -> str:
     if math.isnan(seconds):

@@ -519,9 +519,21 @@ class NoisyLinear(NoisyModule, nn.Linear):
 
 
 class _NoisyConvNd(NoisyModule):
+    """The shared body of NoisyConv1d/2d: the constructor of ``_base`` (same signature and state) plus the
+    noise settings, and the noisy forward."""
+
     _base: type
 
-    def _noisy_conv(self, input: torch.Tensor) -> torch.Tensor:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self._base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
+                            dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         noise = self._forward_noise()
         if noise is None:
@@ -572,18 +584,6 @@ class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
 
     _base = nn.Conv1d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 variation: Variation | None = None, mode: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        nn.Conv1d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                           dtype=dtype)
-        self._init_noise(variation, mode, generator)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._noisy_conv(input)
-
 
 class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
     """Drop-in ``nn.Conv2d`` whose weight is perturbed by device variation on every forward.
@@ -596,18 +596,6 @@ class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
     """
 
     _base = nn.Conv2d
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 variation: Variation | None = None, mode: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                           dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                           dtype=dtype)
-        self._init_noise(variation, mode, generator)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._noisy_conv(input)
 
 
 def _share_parameters(new: nn.Module, old: nn.Module) -> None:
