@@ -96,6 +96,9 @@ def register(subparsers) -> None:
                    help="ignore the finished points of an interrupted run with the same --json and start afresh")
     e.add_argument("--csv", metavar="PATH", help="write one row per checkpoint × σ_d as CSV")
     e.add_argument("--plot", metavar="PATH", help="write a PNG: accuracy (CI95 bars) and EKL vs σ_d")
+    e.add_argument("--baseline", metavar="CHECKPOINT",
+                   help="one of the checkpoints: compare every other one with it on the same simulated chips "
+                        "(paired differences of accuracy and EKL with CI95 and a verdict)")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
 
@@ -156,12 +159,18 @@ def _run_eval(args) -> int:
     try:
         report = eval_checkpoints(args.checkpoints, args.sigma, args.device_model, args.runs, args.seed,
                                   args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
-                                  args.progress, batch_size=args.batch_size, resume=args.resume)
+                                  args.progress, batch_size=args.batch_size, resume=args.resume,
+                                  baseline=args.baseline)
     finally:
         if dist is not None:
             dist.destroy_process_group()
     if dist is None or int(os.environ.get("RANK", "0")) == 0:
         print(_table(report))
+        if report.get("paired") is not None:
+            from nft_cuda.eval.paired import paired_table
+
+            print(f"\npaired differences to {report['baseline']} on the same {args.runs} chips:")
+            print(paired_table(report["paired"]))
         for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
             if path:
                 print(f"{what}: {path}")

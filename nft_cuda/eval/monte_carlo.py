@@ -282,9 +282,10 @@ class _FixedNoise:
 
 
 def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var, seed, r0: int, samples: int,
-                fold: bool):
+                fold: bool, kept: dict | None = None):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
-    of device scalars and feeds the probabilities to ``ekl``."""
+    of device scalars and feeds the probabilities to ``ekl``. With ``kept``, the float32 logits of each
+    batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`)."""
     correct = [0] * samples
     conf = [None] * samples
     mismatch = torch.zeros((), dtype=torch.bool, device=device)
@@ -314,6 +315,8 @@ def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var,
                 c = p.amax(-1).sum()
                 conf[t] = c if conf[t] is None else conf[t] + c
                 ekl.update(r0 + t, p, start)
+                if kept is not None:
+                    kept.setdefault(r0 + t, []).append((start, lt))
             start += b
     if start != n or bool(mismatch):
         raise ValueError("the loader did not yield the same labels in the same order as on its first pass: "
@@ -368,7 +371,7 @@ def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instan
 
 def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, instances_per_pass: int = 8,
                 device=None, progress: bool = True, fold: bool | None = None, distributed: bool | None = None,
-                group=None) -> list[dict]:
+                group=None, per_instance_kl: bool = False) -> list[dict]:
     """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
 
     Args:
@@ -394,6 +397,10 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         distributed: shard instances over the ranks of ``group`` (default: when torch.distributed is
             initialised). Every rank must call with the same arguments; all get the same results.
         group: the ``torch.distributed`` process group (default: the world).
+        per_instance_kl: also return ``per_instance_kl`` [R], each chip's KL_r = mean_n KL(p_r,n ‖ p̄_n)
+            in nats, whose mean is the EKL: what a paired comparison of EKL needs
+            (:mod:`nft_cuda.eval.paired`). Costs memory: the float32 logits of this process's instances
+            of one σ_d are kept until its end (R × N × C × 4 bytes).
 
     Returns:
         One dict per variation: ``sigma``, ``device_model``, ``runs``, ``seed``, ``num_inputs``,
@@ -445,15 +452,18 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
                 if var.sigma == 0.0:
                     per_acc = [clean_acc] * runs
                     conf = exact_mean([clean_conf] * runs, runs * n)
-                    ekl = 0.0
+                    ekl, per_kl = 0.0, [0.0] * runs
                 else:
-                    per_acc, conf, ekl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed,
-                                                      instances_per_pass, bool(fold), comm, progress)
+                    per_acc, conf, ekl, per_kl = _sweep_point(model, layers, loader, device, labels, classes, var,
+                                                              runs, seed, instances_per_pass, bool(fold), comm,
+                                                              progress, per_instance_kl)
                 res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed,
                        "num_inputs": n}
                 res.update(accuracy_stats(per_acc))
                 res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc,
                             "per_instance_accuracy": per_acc})
+                if per_instance_kl:
+                    res["per_instance_kl"] = per_kl
                 results.append(res)
     finally:
         state.restore()
@@ -461,14 +471,15 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
 
 
 def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm,
-                 progress):
-    """(per-instance accuracies [R], mean confidence, EKL) of one σ_d."""
+                 progress, chip_kl: bool = False):
+    """(per-instance accuracies [R], mean confidence, EKL, per-instance KL [R] or None) of one σ_d."""
     n = labels.shape[0]
     nblocks = math.ceil(runs / EKL_BLOCK)
     per_round = math.ceil(samples / EKL_BLOCK)        # blocks a rank evaluates per round
     rounds = math.ceil(nblocks / (comm.world * per_round))
     ekl = EKLAccumulator(n, classes, device=device, auto_fold=False)
     local: dict[int, tuple] = {}
+    kept: dict | None = {} if chip_kl else None
 
     def blocks_of(rank: int, j: int) -> range:
         first = (j * comm.world + rank) * per_round
@@ -481,7 +492,8 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
     if progress and comm.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False)
+        bar = tqdm(total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False,
+                   disable=None)  # None: no bar (no carriage returns) when stderr is not a terminal
     try:
         for j in range(rounds):
             blocks = blocks_of(comm.rank, j)
@@ -489,7 +501,8 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
                 lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
                 for r0 in range(lo, hi, samples):
                     s = min(samples, hi - r0)
-                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, var, seed, r0, s, fold)
+                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, var, seed, r0, s, fold,
+                                                kept)
                     for t in range(s):
                         local[r0 + t] = [correct[t], conf[t]]
                     if bar is not None:
@@ -504,7 +517,8 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
             bar.close()
 
     plogp = ekl.instance_plogp()
-    local_out = {r: (int(c), float(f), plogp[r]) for r, (c, f) in local.items()}
+    kl = _chip_kl(kept, plogp, ekl, runs, n) if chip_kl else {}
+    local_out = {r: (int(c), float(f), plogp[r], kl.get(r)) for r, (c, f) in local.items()}
     merged: dict[int, tuple] = {}
     for part in comm.gather_objects(local_out):
         merged.update(part)
@@ -515,4 +529,25 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
             ekl.add_instance_plogp(r, merged[r][2])
     per_acc = [merged[r][0] / n for r in range(runs)]
     conf = exact_mean([merged[r][1] for r in range(runs)], runs * n)
-    return per_acc, conf, ekl.value()
+    per_kl = [merged[r][3] for r in range(runs)] if chip_kl else None
+    return per_acc, conf, ekl.value(), per_kl
+
+
+def _chip_kl(kept: dict, plogp: dict, ekl: EKLAccumulator, runs: int, n: int) -> dict[int, float]:
+    """Per-chip KL_r = mean_n KL(p_r,n ‖ p̄_n) of the instances evaluated here (``kept``: their logits), in
+    float64: (Σ p_r log p_r − Σ p_r log p̄) / N. Their mean over r is the EKL (DESIGN §6); see
+    :mod:`nft_cuda.eval.paired` for why they are the per-chip EKL. Needs the complete Σ_r p_r, which every
+    rank holds once the block sums are exchanged; each cross term is summed batch by batch in loader
+    order, so the values do not depend on the batching or the number of processes either."""
+    ekl.finish()
+    p_bar = ekl.probability_sum() / runs
+    out = {}
+    for r, chunks in kept.items():
+        cross = None
+        for start, logits in chunks:
+            p = torch.softmax(logits.to(torch.float64), dim=-1)  # the very probabilities the EKL summed
+            c = torch.xlogy(p, p_bar[start:start + p.shape[0]]).sum()
+            cross = c if cross is None else cross + c
+        out[r] = (plogp[r] - float(cross)) / n
+    kept.clear()
+    return out

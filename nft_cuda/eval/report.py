@@ -6,6 +6,9 @@ A *report* is the JSON-able dict written by :func:`write_json`::
      "model": ..., "dataset": ..., "seed": ..., "checkpoints": [...],
      "versions": {"nft_cuda": ..., "torch": ...}}
 
+plus, when evaluated against a baseline, ``"baseline": label`` and ``"paired": [...]`` (one entry per other
+checkpoint × σ_d: the per-chip differences to the baseline, see :mod:`nft_cuda.eval.paired`).
+
 The execution strategy (instances per pass, number of processes, device) is not recorded: the numbers
 do not depend on it (DESIGN §6), so two runs that differ only in it write the same file.
 Floats are written with Python's shortest round-trip repr, so a JSON file reads back to the exact
@@ -90,19 +93,26 @@ def _label(result: dict) -> str:
 
 def write_csv(results, path: str) -> None:
     """One row per checkpoint × σ_d (columns :data:`CSV_COLUMNS`; the per-instance accuracies are
-    only in the JSON). ``results`` may be a report dict or a list of result dicts."""
+    only in the JSON). ``results`` may be a report dict or a list of result dicts. A report with a
+    baseline adds the :data:`~nft_cuda.eval.paired.PAIRED_COLUMNS` (empty on the baseline's rows)."""
+    from nft_cuda.eval.paired import PAIRED_COLUMNS
+
+    paired = {}
     if isinstance(results, dict):
+        paired = {(p["checkpoint"], p["sigma"], p["device_model"]): p for p in results.get("paired") or ()}
         results = results["results"]
+    columns = CSV_COLUMNS + (PAIRED_COLUMNS if paired else ())
     rows = []
     for r in results:
         pct = r.get("accuracy_percentiles", {})
-        row = {c: r.get(c) for c in CSV_COLUMNS}
+        p = paired.get((_label(r), r.get("sigma"), r.get("device_model")), {})
+        row = {c: p.get(c) if c in PAIRED_COLUMNS else r.get(c) for c in columns}
         row["checkpoint"] = _label(r)
         for q in (5, 25, 50, 75, 95):
             row[f"accuracy_p{q}"] = pct.get(str(q))
         rows.append({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write_text(path, buf.getvalue())
@@ -110,9 +120,13 @@ def write_csv(results, path: str) -> None:
 
 def plot_results(results, path: str, *, title: str | None = None) -> None:
     """PNG with two panels: accuracy vs σ_d with CI95 error bars, and EKL vs σ_d; one curve per
-    checkpoint × device model. Needs matplotlib (``pip install nft_cuda[plot]``); draws with the Agg
-    canvas directly, without pyplot, so matplotlib's global backend is left alone."""
+    checkpoint × device model. A report with a baseline adds a third panel: the paired accuracy
+    difference to the baseline with its CI95 band (:func:`nft_cuda.eval.paired.plot_paired`). Needs
+    matplotlib (``pip install nft_cuda[plot]``); draws with the Agg canvas directly, without pyplot, so
+    matplotlib's global backend is left alone."""
+    paired = None
     if isinstance(results, dict):
+        paired = results.get("paired") or None
         results = results["results"]
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -129,9 +143,14 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
             name = f"{name} ({r.get('device_model')})" if len(labels) > 1 else str(r.get("device_model"))
         curves.setdefault(name, []).append(r)
 
-    fig = Figure(figsize=(11, 4.2), dpi=120)
+    fig = Figure(figsize=(16.5 if paired else 11, 4.2), dpi=120)
     FigureCanvasAgg(fig)
-    ax_acc, ax_ekl = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if paired else 2)
+    ax_acc, ax_ekl = axes[0], axes[1]
+    if paired:
+        from nft_cuda.eval.paired import plot_paired
+
+        plot_paired(axes[2], paired)
     for name, rs in curves.items():
         rs = sorted(rs, key=lambda r: r["sigma"])
         sig = [r["sigma"] for r in rs]
@@ -146,7 +165,7 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     ax_ekl.set_xlabel("device variation σ_d")
     ax_ekl.set_ylabel("EKL (nats)")
     ax_ekl.set_title("epistemic uncertainty (expected KL)")
-    for ax in (ax_acc, ax_ekl):
+    for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     if title:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from nft_cuda.eval.monte_carlo import monte_carlo
+from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import _jsonable, build_report, plot_results, write_csv, write_json
 from nft_cuda.variation import Variation
 
@@ -127,7 +128,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
                      plot_path: str | None = None, instances_per_pass: int = 8, device=None,
                      progress: bool = True, *, batch_size: int = 256, fold: bool | None = None,
                      distributed: bool | None = None, labels: Sequence[str] | None = None,
-                     resume: bool = True) -> dict:
+                     resume: bool = True, baseline: str | None = None) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
@@ -145,11 +146,16 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         labels: the checkpoints' names in the report (default: file names, or paths when those clash).
         resume: with ``json_path``, reuse the points an interrupted call with the same settings finished
             (see the module docstring); False discards them and starts afresh.
+        baseline: one of ``paths`` (or its label): compare every other checkpoint with it chip by chip
+            (:mod:`nft_cuda.eval.paired`): the report gains ``baseline`` and ``paired`` (one entry per
+            other checkpoint × σ_d: accuracy and EKL differences, CI95, verdicts) and every result
+            ``per_instance_kl``. Refused when the chips differ (device model or bit widths, test set).
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (the file name without extension).
     """
+    from nft_cuda.conversion import noisy_layers
     from nft_cuda.io import load_model
 
     if isinstance(paths, (str, os.PathLike)):
@@ -168,14 +174,16 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         labels = _labels(paths)
     elif len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
+    baseline = _baseline_label(baseline, paths, labels)
     import torch.distributed as dist
 
     sharded = distributed is not False and dist.is_available() and dist.is_initialized()
     finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
-    models, datasets = {}, {}
-    for path, label in zip(paths, labels):
+    models, datasets, chips = {}, {}, {}
+    # The baseline goes first, so a checkpoint that cannot be paired with it is refused before it is evaluated.
+    for path, label in sorted(zip(paths, labels), key=lambda pl: pl[1] != baseline):
         model, payload = load_model(path, device=device)
         meta = payload.get("meta", {}) or {}
         dataset = meta.get("dataset")
@@ -191,16 +199,22 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         base = payload["variation"]
         variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
                       for s in sigmas]
+        chips[label] = ((variations[0].device_model, variations[0].weight_bits, variations[0].device_bits), dataset,
+                        [tuple(m.weight.shape) for _, m in noisy_layers(model)])
+        if baseline is not None and label != baseline:
+            check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
         digest = _sha256(path) if finished.path else None
         for var in variations:  # one point at a time, so each is kept as soon as it ends
             key = json.dumps({"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]),
                               "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits],
-                              "runs": runs, "seed": seed, "batch_size": batch_size}, sort_keys=True)
+                              "runs": runs, "seed": seed, "batch_size": batch_size,
+                              **({"per_instance_kl": True} if baseline is not None else {})}, sort_keys=True)
             r = finished.get(key)
             if r is None:
                 r = monte_carlo(model, loader, [var], runs, seed=seed, instances_per_pass=instances_per_pass,
-                                device=device, progress=progress, fold=fold, distributed=distributed)[0]
+                                device=device, progress=progress, fold=fold, distributed=distributed,
+                                per_instance_kl=baseline is not None)[0]
                 finished.add(key, r)
             results.append({"checkpoint": label, **r})
         checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
@@ -208,8 +222,13 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         models[label], datasets[label] = spec, dataset
         del model
 
-    report = build_report(results, model=_summary(models), dataset=_summary(datasets), seed=seed,
-                          checkpoints=checkpoints)
+    order = {label: i for i, label in enumerate(labels)}  # back to the order of ``paths``
+    results.sort(key=lambda r: order[r["checkpoint"]])
+    checkpoints.sort(key=lambda c: order[c["checkpoint"]])
+    extra = {} if baseline is None else {"baseline": baseline, "paired": compare(results, baseline)}
+    report = build_report(results, model=_summary({k: models[k] for k in labels}),
+                          dataset=_summary({k: datasets[k] for k in labels}), seed=seed,
+                          checkpoints=checkpoints, **extra)
     if _is_writer(distributed):
         if json_path:
             write_json(report, json_path)
@@ -219,6 +238,17 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         if plot_path:
             plot_results(report, plot_path)
     return report
+
+
+def _baseline_label(baseline, paths: list[str], labels) -> str | None:
+    """The label of ``baseline``, given as one of ``paths`` (the same file) or as a label."""
+    if baseline is None:
+        return None
+    baseline = os.fspath(baseline)
+    for path, label in zip(paths, labels):
+        if baseline == label or os.path.realpath(baseline) == os.path.realpath(path):
+            return label
+    raise ValueError(f"the baseline {baseline} must be one of the evaluated checkpoints ({', '.join(paths)})")
 
 
 def _is_writer(distributed) -> bool:
