@@ -11,8 +11,8 @@ arguments, 1 for failures, 130 when interrupted); ``--debug`` (before or after t
 traceback instead.
 
 Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and every module
-named in :data:`PLUGIN_MODULES` that can be imported (e.g. ``nft_cuda.eval.cli`` for ``nft eval`` /
-``nft demo``) is asked to ``register(subparsers)``: it adds its parsers with
+named in :data:`PLUGIN_MODULES` that can be imported (e.g. ``nft_cuda.eval.cli`` for ``nft eval``,
+``nft_cuda.demo`` for ``nft demo``) is asked to ``register(subparsers)``: it adds its parsers with
 ``subparsers.add_parser(name, help=...)`` and sets ``func`` (a callable taking the parsed
 ``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``.
 ``--debug`` is added to every command by this module; errors raised by ``func`` are reported as above.
@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 __all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "train_config_from_args"]
 
 #: Modules that may add commands with ``register(subparsers)``; skipped when not installed.
-PLUGIN_MODULES: list[str] = ["nft_cuda.eval.cli"]
+PLUGIN_MODULES: list[str] = ["nft_cuda.eval.cli", "nft_cuda.demo"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,4 +1,4 @@
-"""`nft eval` and `nft demo` end to end (subprocesses, as a user runs them)."""
+"""`nft eval` end to end (subprocesses, as a user runs them); `nft demo` is in test_demo.py."""
 
 from __future__ import annotations
 
@@ -67,16 +67,6 @@ def test_eval_not_a_model(tmp_path):
     bad.write_bytes(b"not a checkpoint")
     r = _nft("eval", str(bad), "--runs", "2", "--sigma", "0.1")
     assert r.returncode == 1 and r.stderr.startswith("nft: error:") and "Traceback" not in r.stderr
-
-
-def test_demo_runs_and_prints_table(tmp_path):
-    r = _nft("demo", "--epochs", "1", "--runs", "2", "--methods", "noise,irs", "--out", str(tmp_path / "demo"),
-             "--no-progress", "--device", "cpu", "--sigma", "0.2")
-    assert r.returncode == 0, r.stderr
-    assert "| noise |" in r.stdout and "| irs |" in r.stdout
-    report = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert {x["checkpoint"] for x in report["results"]} == {"noise", "irs"}
-    assert (tmp_path / "demo" / "demo.png").stat().st_size > 10_000
 
 
 def test_torchrun_eval_json_identical_to_one_process(checkpoint, tmp_path):

@@ -1,20 +1,18 @@
-"""``nft eval`` and ``nft demo`` (registered into the ``nft`` CLI by nft_cuda.cli's plugin hook).
+"""``nft eval`` (registered into the ``nft`` CLI by nft_cuda.cli's plugin hook).
 
 ``nft eval CHECKPOINT [CHECKPOINT ...]`` runs the Monte-Carlo evaluation of exported models over a
 σ_d sweep and writes JSON / CSV / PNG. Under ``torchrun --nproc_per_node=K -m nft_cuda eval ...``
 the chip instances are sharded across the K processes and gathered: the JSON is bit-identical to a
 one-process run.
 
-``nft demo`` is the project's main job on the embedded dataset, with no download: it trains the
-small model clean, with noise injection, OVF and IRS at one σ_d, evaluates each with Monte-Carlo,
-prints a comparison table and writes the plot.
+``--baseline CHECKPOINT`` adds the paired differences of every other checkpoint to it on the same chips
+(:mod:`nft_cuda.eval.paired`). ``nft demo`` lives in :mod:`nft_cuda.demo`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import time
 
 __all__ = ["parse_sigmas", "register"]
 
@@ -102,23 +100,6 @@ def register(subparsers) -> None:
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
 
-    d = subparsers.add_parser(
-        "demo", help="train the small model clean / noise / OVF / IRS on the embedded data and compare them",
-        description="The main job of nft_cuda on the embedded Fashion-MNIST slice (no download): train the "
-                    "small model with each method at one σ_d, evaluate each with Monte-Carlo and compare.")
-    d.add_argument("--sigma", type=float, default=0.3, help="σ_d of training and evaluation (default 0.3)")
-    d.add_argument("--device-model", dest="device_model", choices=list(PRESETS), default="RRAM1",
-                   help="device variation model (default RRAM1)")
-    d.add_argument("--methods", default="clean,noise,ovf,irs",
-                   help="comma-separated methods to compare (default clean,noise,ovf,irs)")
-    d.add_argument("--epochs", type=_positive_int, default=3, help="training epochs per method (default 3)")
-    d.add_argument("--runs", type=_runs, default=30, help="chip instances per σ_d (default 30)")
-    d.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
-    d.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
-    d.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    d.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    d.set_defaults(func=_run_demo)
-
 
 def _init_distributed():
     """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun."""
@@ -174,50 +155,4 @@ def _run_eval(args) -> int:
         for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
             if path:
                 print(f"{what}: {path}")
-    return 0
-
-
-def _run_demo(args) -> int:
-    from nft_cuda.eval.run import eval_checkpoints
-    from nft_cuda.train.methods import METHODS
-    from nft_cuda.train.trainer import TrainConfig, train
-
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    if not args.sigma >= 0:
-        raise ValueError(f"--sigma must be >= 0, got {args.sigma}")
-    t_start = time.perf_counter()
-    trained = []
-    for method in methods:
-        print(f"== training '{method}' at σ_d = {args.sigma:g} ({args.device_model}), {args.epochs} epochs")
-        config = TrainConfig(model="small", dataset="embedded", method=method, sigma=args.sigma,
-                             device_model=args.device_model, epochs=args.epochs, seed=args.seed,
-                             device=args.device, out=os.path.join(args.out, method), overwrite=True)
-        result = train(config, progress=args.progress)
-        trained.append((method, result))
-
-    print(f"== Monte-Carlo evaluation: {args.runs} chip instances per σ_d")
-    sweep = sorted({0.0, round(args.sigma / 2, 10), float(args.sigma)})
-    paths = [result["model_path"] for _, result in trained]
-    json_path = os.path.join(args.out, "demo.json")
-    plot_path = os.path.join(args.out, "demo.png")
-    device = None if args.device == "auto" else args.device
-    report = eval_checkpoints(paths, sweep, args.device_model, args.runs, args.seed, None, json_path,
-                              os.path.join(args.out, "demo.csv"), plot_path, device=device, progress=args.progress,
-                              labels=methods)
-
-    at_sigma = {r["checkpoint"]: r for r in report["results"] if r["sigma"] == float(args.sigma)}
-    rows = [f"\nσ_d = {args.sigma:g} ({args.device_model}), small model, embedded Fashion-MNIST test slice, "
-            f"{args.runs} chip instances per σ_d",
-            "| method | clean test acc | accuracy under variation (mean ± CI95) | EKL (nats) | train time |",
-            "|---|---|---|---|---|"]
-    for method, result in trained:
-        r = at_sigma[method]
-        ci = r["ci95"] or 0.0
-        rows.append(f"| {method} | {100 * result['test_acc_clean']:.2f} % | {100 * r['accuracy_mean']:.2f} ± "
-                    f"{100 * ci:.2f} % | {r['ekl']:.4f} | {result['time_s']:.0f} s |")
-    print("\n".join(rows))
-    print(f"\nreport: {json_path}\nplot:   {plot_path}\ntotal:  {time.perf_counter() - t_start:.0f} s")
     return 0

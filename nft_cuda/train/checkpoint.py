@@ -72,6 +72,12 @@ def _chmod_default(path) -> None:
         pass
 
 
+def existing_run(out) -> list[str]:
+    """The checkpoint files of a run already in the folder ``out`` (empty when it holds none)."""
+    out = Path(out)
+    return [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
+
+
 @contextlib.contextmanager
 def _run_lock(out: Path):
     """An exclusive lock on ``out/.lock`` for the duration of a run (released by the OS even on SIGKILL),

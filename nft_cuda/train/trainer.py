@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from nft_cuda.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, PREV_CHECKPOINT, CheckpointError,
                                        CheckpointWarning, _atomic_write_bytes, _chmod_default, _message, _run_lock,
-                                       _sidecar, _write_checkpoint, read_checkpoint)
+                                       _sidecar, _write_checkpoint, existing_run, read_checkpoint)
 from nft_cuda.train.config import RESUME_MAY_DIFFER, TrainConfig, _int, default_out
 from nft_cuda.train.distributed import _RANK_STREAM, _Group, _join_group, _resolve_device, _ShardSampler
 
@@ -353,7 +353,7 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
         ckpt, ckpt_path = read_checkpoint(out, warn=main)
         _check_resume_config(config, ckpt["config"], ckpt_path)
     else:
-        existing = [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
+        existing = existing_run(out)
         if existing and not config.overwrite:
             raise CheckpointError(f"{out} already holds a run ({', '.join(existing)}): resume it with --resume, "
                                   "replace it with --overwrite, or choose another --out")
