@@ -316,6 +316,8 @@ def _sweep_rows(points, dataset: str, preset: str, sigmas, seed: int, cell) -> l
 
 def render_tables(results: dict) -> str:
     """The Markdown tables of docs/reproduction.md, computed from ``results`` alone."""
+    from nft_cuda.eval.paired import paired_difference
+
     cfg, points, trainings = results["config"], results["evaluations"], results["trainings"]
     seed0 = cfg["clean_seed"]
     sweep = cfg["groups"][0]
@@ -349,8 +351,8 @@ def render_tables(results: dict) -> str:
             if q is None or len(q["per_instance_accuracy"]) != len(p["per_instance_accuracy"]):
                 cells.append("–")
                 continue
-            d, ci = _mean_ci([a - b for a, b in zip(q["per_instance_accuracy"], p["per_instance_accuracy"])])
-            cells.append(f"{d:+.2f} ± {ci:.2f}")
+            d = paired_difference(q["per_instance_accuracy"], p["per_instance_accuracy"])
+            cells.append(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}")
         if cells != ["–", "–"]:
             out.append(f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | {cells[0]} | "
                        f"{cells[1]} |")
