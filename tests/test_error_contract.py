@@ -493,13 +493,12 @@ def test_cli_seed_out_of_range(capsys):
 def test_cli_unknown_preset_and_negative_sigma(capsys):
     for argv, needle in ((["eval", "m.pt", "--device-model", "PCM"], "invalid choice: 'PCM'"),
                          (["demo", "--device-model", "fefet3"], "invalid choice: 'fefet3'"),
-                         (["eval", "m.pt", "--sigma", "0,-0.1"], "σ_d must be finite and >= 0")):
+                         (["eval", "m.pt", "--sigma", "0,-0.1"], "σ_d must be finite and >= 0"),
+                         (["demo", "--sigma", "-0.1"], "σ_d must be finite and >= 0")):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2
         assert needle in one_error_line(capsys.readouterr().err)
-    assert cli.main(["demo", "--sigma", "-0.1", "--no-progress"]) == 1
-    assert "--sigma must be >= 0" in one_error_line(capsys.readouterr().err)
 
 
 def test_cli_keyboard_interrupt(monkeypatch, capsys):

@@ -445,7 +445,7 @@ _DIST_SCRIPT = textwrap.dedent('''
     _, _, loader = t.make_data(model, n=24, batch=10)
     variations = [nft_cuda.Variation(0.0), nft_cuda.Variation(0.2), nft_cuda.Variation(0.3, "FeFET2")]
     results = monte_carlo(model, loader, variations, 21, seed=t.SEED, instances_per_pass=int(sys.argv[2]),
-                          fold=sys.argv[3] == "fold", progress=False)
+                          fold=sys.argv[3] == "fold", progress=False, per_instance_kl=True)
     rank = dist.get_rank() if distributed else 0
     with open(sys.argv[1] + f".rank{{rank}}", "w") as f:
         json.dump(results, f)
@@ -464,6 +464,6 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(script), str(two), "8", "fold"], check=True, env=env, timeout=120)
     ref = (tmp_path / "one.json.rank0").read_text()
-    assert json.loads(ref)[1]["ekl"] > 0
+    assert json.loads(ref)[1]["ekl"] > 0 and len(json.loads(ref)[1]["per_instance_kl"]) == 21
     assert (tmp_path / "two.json.rank0").read_text() == ref
     assert (tmp_path / "two.json.rank1").read_text() == ref
