@@ -25,7 +25,7 @@ from pathlib import Path
 __all__ = ["EPOCHS", "LR", "UNDERTRAINED_POINTS", "check_out", "register", "run_demo", "undertrained"]
 
 #: Training epochs per method and learning rate (Adam, cosine schedule): see docs/demo.md.
-EPOCHS = 3
+EPOCHS = 10
 LR = 1e-3
 #: A model whose clean test accuracy is this many points (or more) below the clean model's is undertrained.
 UNDERTRAINED_POINTS = 3.0
