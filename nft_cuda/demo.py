@@ -151,10 +151,10 @@ def _summary_lines(report, trained, sigma, device_model, runs, baseline, weak) -
     at_sigma = {r["checkpoint"]: r for r in report["results"] if r["sigma"] == float(sigma)}
     paired = {p["checkpoint"]: p for p in report.get("paired") or () if p["sigma"] == float(sigma)}
     vs = f" vs {baseline}" if baseline else ""
-    lines = [f"\nσ_d = {sigma:g} ({device_model}), small model, embedded Fashion-MNIST test slice, "
-             f"{runs} simulated chips (the same chips for every model)",
-             f"| method | clean test acc | accuracy under variation (mean ± CI95) | EKL (nats) | Δ accuracy{vs} "
-             f"(pp, paired CI95) | verdict | Δ EKL{vs} (nats, paired CI95) | train time |",
+    lines = [(f"\nσ_d = {sigma:g} ({device_model}), small model, embedded Fashion-MNIST test slice, "
+              f"{runs} simulated chips (the same chips for every model)"),
+             (f"| method | clean test acc | accuracy under variation (mean ± CI95) | EKL (nats) | Δ accuracy{vs} "
+              f"(pp, paired CI95) | verdict | Δ EKL{vs} (nats, paired CI95) | train time |"),
              "|---|---|---|---|---|---|---|---|"]
     for method, result in trained.items():
         r, p = at_sigma[method], paired.get(method)
@@ -170,8 +170,8 @@ def _summary_lines(report, trained, sigma, device_model, runs, baseline, weak) -
                      f"{100 * (r['ci95'] or 0.0):.2f} % | {r['ekl']:.4f} | {diff} | {verdict} | {ekl_diff} | "
                      f"{result['time_s']:.0f} s |")
     if baseline:
-        lines.append(f"\nΔ = method − {baseline} on the same chip, averaged over the chips; the verdict is 'better' or "
-                     "'worse' when the paired CI95 excludes 0, else 'no significant difference'.")
+        lines.append(f"\nΔ = method − {baseline} on the same chip, averaged over the chips; the verdict is 'better' "
+                     "or 'worse' when the paired CI95 excludes 0, else 'no significant difference'.")
     for method in weak:
         lines.append(f"note: '{method}' is undertrained: its clean test accuracy "
                      f"({100 * trained[method]['test_acc_clean']:.2f} %) is {UNDERTRAINED_POINTS:g} points or more "

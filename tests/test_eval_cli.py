@@ -69,6 +69,27 @@ def test_eval_not_a_model(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("nft: error:") and "Traceback" not in r.stderr
 
 
+def test_eval_baseline_paired_table_json_csv(checkpoint, tmp_path):
+    import shutil
+
+    other = tmp_path / "same.pt"
+    shutil.copyfile(checkpoint, other)  # the same weights on the same chips: every per-chip difference is 0
+    j, c = tmp_path / "r.json", tmp_path / "r.csv"
+    r = _nft("eval", checkpoint, str(other), "--baseline", checkpoint, "--sigma", "0.2", "--runs", "3", "--json",
+             str(j), "--csv", str(c), "--no-progress", "--batch-size", "500")
+    assert r.returncode == 0, r.stderr
+    assert "paired differences to model on the same 3 chips" in r.stdout
+    assert "| same − model | 0.2 | +0.00 ± 0.00 |" in r.stdout and "no significant difference" in r.stdout
+    paired = json.loads(j.read_text())["paired"]
+    assert len(paired) == 1 and paired[0]["accuracy_difference"] == 0 and paired[0]["ekl_difference"] == 0
+    rows = list(csv.DictReader(c.open()))
+    assert [row["baseline"] for row in rows] == ["", "model"]
+    assert rows[1]["accuracy_verdict"] == "no significant difference"
+    bad = _nft("eval", checkpoint, "--baseline", str(other), "--sigma", "0.2", "--runs", "2")
+    assert bad.returncode == 1 and "must be one of the evaluated checkpoints" in bad.stderr
+    assert bad.stderr.count("\n") == 1
+
+
 def test_torchrun_eval_json_identical_to_one_process(checkpoint, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     # CPU GEMMs/convolutions reduce in a thread-count-dependent order, so both runs use one thread per

@@ -19,7 +19,7 @@ from nft_cuda.eval.paired import NO_DIFFERENCE, PAIRED_COLUMNS, compare, paired_
 from nft_cuda.models import build_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_eval import SEED, make_data, make_model, set_instance_probs  # noqa: E402
+from test_eval import SEED, make_data, make_model, set_instance_probs
 
 SPEC = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
 
@@ -135,13 +135,16 @@ def test_eval_checkpoints_with_baseline(tmp_path, monkeypatch):
     noisy = report["paired"][1]
     # chip r carries the same noise in a and b: the paired CI is narrower than the unpaired one
     assert 0 < noisy["accuracy_difference_ci95"] < noisy["accuracy_difference_ci95_unpaired"]
-    assert json.loads(open(out["json"]).read())["paired"] == json.loads(json.dumps(report["paired"]))
-    rows = list(csv.DictReader(open(out["csv"])))
+    with open(out["json"]) as f:
+        assert json.load(f)["paired"] == json.loads(json.dumps(report["paired"]))
+    with open(out["csv"]) as f:
+        rows = list(csv.DictReader(f))
     assert list(rows[0])[-len(PAIRED_COLUMNS):] == list(PAIRED_COLUMNS)
     assert [r["baseline"] for r in rows] == ["a", "a", "", ""]
     assert float(rows[1]["accuracy_difference_ci95"]) == noisy["accuracy_difference_ci95"]
     assert rows[1]["accuracy_verdict"] == noisy["accuracy_verdict"]
-    assert open(out["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # the same evaluation without a baseline gives the same results, less per_instance_kl
     plain = eval_checkpoints(paths[::-1], [0.0, 0.3], "RRAM1", 24, 7, device="cpu", progress=False, batch_size=16)
     assert plain["results"] == [{k: v for k, v in r.items() if k != "per_instance_kl"} for r in report["results"]]

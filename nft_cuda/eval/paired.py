@@ -170,8 +170,8 @@ def _signed(value: float | None, ci: float | None, scale: float, digits: int) ->
 
 def paired_table(paired: Sequence[dict]) -> str:
     """A Markdown table of :func:`compare`'s entries: differences to the baseline with CI95 and verdicts."""
-    rows = ["| checkpoint − baseline | σ_d | Δ accuracy (pp, paired CI95) | unpaired CI95 | verdict "
-            "| Δ EKL (nats, CI95) | EKL verdict |", "|---|---|---|---|---|---|---|"]
+    rows = [("| checkpoint − baseline | σ_d | Δ accuracy (pp, paired CI95) | unpaired CI95 | verdict "
+             "| Δ EKL (nats, CI95) | EKL verdict |"), "|---|---|---|---|---|---|---|"]
     for p in paired:
         unpaired = p["accuracy_difference_ci95_unpaired"]
         rows.append(f"| {p['checkpoint']} − {p['baseline']} | {p['sigma']:g} | "
