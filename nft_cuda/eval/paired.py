@@ -181,9 +181,10 @@ def paired_table(paired: Sequence[dict]) -> str:
     return "\n".join(rows)
 
 
-def plot_paired(ax, paired: Sequence[dict]) -> None:
+def plot_paired(ax, paired: Sequence[dict], colors: dict | None = None) -> None:
     """Draw the accuracy difference to the baseline vs σ_d with its paired CI95 as a band, one curve per
-    checkpoint × device model, on the matplotlib axes ``ax``."""
+    checkpoint × device model, on the matplotlib axes ``ax`` (``colors``: curve name → colour, to match
+    the other panels)."""
     curves: dict[str, list[dict]] = {}
     models = {p["device_model"] for p in paired}
     for p in paired:
@@ -194,7 +195,7 @@ def plot_paired(ax, paired: Sequence[dict]) -> None:
         sig = [p["sigma"] for p in ps]
         mean = [100.0 * p["accuracy_difference"] for p in ps]
         ci = [100.0 * (p["accuracy_difference_ci95"] or 0.0) for p in ps]
-        line, = ax.plot(sig, mean, marker="o", label=name)
+        line, = ax.plot(sig, mean, marker="o", label=name, color=(colors or {}).get(name))
         ax.fill_between(sig, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
                         color=line.get_color(), alpha=0.2)
     ax.axhline(0.0, color="black", linewidth=0.8)

@@ -147,17 +147,18 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3 if paired else 2)
     ax_acc, ax_ekl = axes[0], axes[1]
-    if paired:
-        from nft_cuda.eval.paired import plot_paired
-
-        plot_paired(axes[2], paired)
+    colors = {}
     for name, rs in curves.items():
         rs = sorted(rs, key=lambda r: r["sigma"])
         sig = [r["sigma"] for r in rs]
         acc = [100.0 * r["accuracy_mean"] for r in rs]
         err = [100.0 * (r["ci95"] or 0.0) for r in rs]
-        ax_acc.errorbar(sig, acc, yerr=err, marker="o", capsize=3, label=name)
+        colors[name] = ax_acc.errorbar(sig, acc, yerr=err, marker="o", capsize=3, label=name).lines[0].get_color()
         ax_ekl.plot(sig, [r["ekl"] for r in rs], marker="o", label=name)
+    if paired:
+        from nft_cuda.eval.paired import plot_paired
+
+        plot_paired(axes[2], paired, colors)
     runs = sorted({r["runs"] for r in results})
     ax_acc.set_xlabel("device variation σ_d")
     ax_acc.set_ylabel("accuracy (%)")
