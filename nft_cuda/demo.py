@@ -172,9 +172,10 @@ def _summary_lines(report, trained, sigma, device_model, runs, baseline, weak) -
     if baseline:
         lines.append(f"\nΔ = method − {baseline} on the same chip, averaged over the chips; the verdict is 'better' "
                      "or 'worse' when the paired CI95 excludes 0, else 'no significant difference'.")
-    for method in weak:
-        lines.append(f"note: '{method}' is undertrained: its clean test accuracy "
-                     f"({100 * trained[method]['test_acc_clean']:.2f} %) is {UNDERTRAINED_POINTS:g} points or more "
-                     f"below the clean model's ({100 * trained['clean']['test_acc_clean']:.2f} %), so its comparison "
-                     "says as much about its training as about its method")
+    if weak:
+        names = ", ".join(f"{m} {100 * trained[m]['test_acc_clean']:.2f} %" for m in weak)
+        lines.append(f"note: undertrained by the {UNDERTRAINED_POINTS:g}-point rule (clean test accuracy "
+                     f"{UNDERTRAINED_POINTS:g} points or more below the clean model's "
+                     f"{100 * trained['clean']['test_acc_clean']:.2f} %): {names} — their comparison reflects their "
+                     "training as well as their method (see docs/demo.md)")
     return lines

@@ -6,7 +6,8 @@ two checkpoints are evaluated with the same seed, σ_d, device model and bit wid
 r of B are *the same simulated chip* (the same standard normals z scaled by the same σ_w rule) carrying
 two different sets of weights: common random numbers. The per-chip difference d_r = m_B,r − m_A,r
 removes what the chips share (a chip that hurts A tends to hurt B), so its spread — and the confidence
-interval of its mean — is usually several times smaller than the two independent CIs suggest. The
+interval of its mean — is smaller than the two independent CIs suggest, by as much as the two models
+react alike to a chip (15–30 % for the demo's independently trained models, docs/demo.md). The
 chips r = 0 .. R−1 are independent draws, so the d_r are i.i.d. and the usual interval of a mean
 applies: mean(d) ± 1.96·std(d)/√R (the normal approximation DESIGN §6 uses for every CI95 of the
 project; for small R a Student-t interval is wider, by 4 % at R = 30).
