@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
-           "read_checkpoint"]
+           "has_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_FORMAT = "nft_cuda.checkpoint/1"
 CHECKPOINT = "checkpoint.pt"
@@ -140,6 +140,12 @@ def _check_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def has_checkpoint(out) -> bool:
+    """Whether the run folder ``out`` holds a checkpoint to resume from (current or previous)."""
+    out = Path(out)
+    return (out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()
+
+
 def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """The checkpoint to resume from in the run folder ``out`` and its path.
 
@@ -149,7 +155,7 @@ def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """
     out = Path(out)
     current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
-    if not current.exists() and not prev.exists():
+    if not has_checkpoint(out):
         raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
                               "or point --out at the run folder)")
     problems = []
