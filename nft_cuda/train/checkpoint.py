@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from nft_cuda.io import chmod_default
+
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
            "has_checkpoint", "read_checkpoint"]
 
@@ -53,23 +55,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _chmod_default(tmp)
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
-
-
-def _chmod_default(path) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a plain open() would have (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
