@@ -29,100 +29,13 @@
 #include "launch_utils.cuh"
 #include "max_abs.cuh"
 #include "noisy_linear.h"
-#include "noisy_tile.cuh"
+#include "noisy_gemm_kernel.cuh"
 #include "op_checks.h"
 
 namespace nft_cuda {
 namespace {
 
-using fused::kBK;
-using fused::kBM;
-using fused::kBN;
-using fused::kMTiles;
-using fused::kNTiles;
-
-// kBackward = false: A = x [M, K] (rows m, reduction k), B column = weight row n, C = N columns.
-// kBackward = true:  A = dY [M, N] (rows m, reduction n), B column = weight column k, C = K columns.
-// a_sample_stride: elements between the A matrices of consecutive samples (0: shared x).
-// reduce_samples: loop over all samples in one block and write one [M, C] output (shared-x dX);
-// otherwise sample s = blockIdx.z writes out + s*M*C.
-// kPooledA (forward only): A is the snapshot of act [M][C][H][W] pooled to geom.p x geom.p, formed in
-// the A-tile loads; the reduction length k_w is C·p².
-template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
-__global__ void __launch_bounds__(fused::kThreads)
-    noisy_gemm_kernel(const x_t* __restrict__ a, int64_t a_sample_stride, const w_t* __restrict__ w,
-                      const x_t* __restrict__ bias, x_t* __restrict__ out, int64_t m_rows, int64_t n_w,
-                      int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* __restrict__ rng,
-                      const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits, float scale,
-                      float state_factor, fused::PoolGeom geom) {
-  static_assert(!(kBackward && kPooledA), "the snapshot capture has no fused backward (dX goes through dSnapshot)");
-  __shared__ fused::Smem<Op> smem;
-  const int64_t red = kBackward ? n_w : k_w;   // reduction length
-  const int64_t cols = kBackward ? k_w : n_w;  // output columns
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kBN;
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int wm = (warp >> 1) * fused::kWarpM;
-  const int wn = (warp & 1) * fused::kWarpN;
-
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
-  const float max_abs = __uint_as_float(*max_bits);
-
-  float acc[kMTiles][kNTiles][4];
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi)
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.0f;
-
-  const int64_t s_begin = reduce_samples ? 0 : static_cast<int64_t>(blockIdx.z);
-  const int64_t s_end = reduce_samples ? samples : s_begin + 1;
-  for (int64_t s = s_begin; s < s_end; ++s) {
-    const StateBand band = make_state_band(sigmas[s], max_abs, scale, state_factor);
-    const uint64_t stream = offset + static_cast<uint64_t>(s);
-    const x_t* a_s = a + s * a_sample_stride;
-    for (int64_t r0 = 0; r0 < red; r0 += kBK) {
-      __syncthreads();  // every warp is done reading the previous slice
-      if constexpr (kPooledA) {
-        fused::load_pooled_a_tile<Op>(smem, a_s, m_rows, geom, m0, r0);
-      } else {
-        fused::load_a_tile<Op>(smem, a_s, m_rows, red, m0, r0);
-      }
-      if (kBackward) {
-        // weight rows n in [r0, r0 + kBK) (reduction), columns k in [c0, c0 + kBN) (output)
-        fused::load_noisy_w_tile<Op, w_t, kBK, kBN, true>(smem, w, n_w, k_w, r0, c0, seed, stream, band);
-      } else {
-        // weight rows n in [c0, c0 + kBN) (output), columns k in [r0, r0 + kBK) (reduction)
-        fused::load_noisy_w_tile<Op, w_t, kBN, kBK, false>(smem, w, n_w, k_w, c0, r0, seed, stream, band);
-      }
-      __syncthreads();
-      fused::mma_tile<Op>(smem, wm, wn, lane, acc);
-    }
-  }
-
-  // Epilogue: accumulator (mi, ni, j) holds row wm + 16 mi + g (+8 for j >= 2), column wn + 8 ni + 2t + (j & 1).
-  const int g = lane >> 2, t = lane & 3;
-  x_t* o = out + (reduce_samples ? 0 : s_begin * m_rows * cols);
-#pragma unroll
-  for (int mi = 0; mi < kMTiles; ++mi) {
-#pragma unroll
-    for (int ni = 0; ni < kNTiles; ++ni) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int64_t row = m0 + wm + mi * 16 + g + (j >= 2 ? 8 : 0);
-        const int64_t col = c0 + wn + ni * 8 + 2 * t + (j & 1);
-        if (row < m_rows && col < cols) {
-          float v = acc[mi][ni][j];
-          if (bias != nullptr) v += static_cast<float>(bias[col]);
-          o[row * cols + col] = static_cast<x_t>(v);
-        }
-      }
-    }
-  }
-}
+using fused::noisy_gemm_kernel;
 
 enum class Path { kFusedBf16, kFusedFp16, kFusedTf32, kMaterialized };
 
@@ -139,17 +52,15 @@ void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, c
             double scale, double state_factor, cudaStream_t stream, const fused::PoolGeom& geom) {
   const int64_t n_w = w.size(0), k_w = w.size(1);
   const int64_t cols = kBackward ? k_w : n_w;
-  const int64_t grid_m = (m_rows + kBM - 1) / kBM;
-  const int64_t grid_c = (cols + kBN - 1) / kBN;
-  const int64_t grid_s = reduce_samples ? 1 : samples;
-  TORCH_CHECK(grid_m <= 0x7fffffff && grid_c <= 65535 && grid_s <= 65535,
+  const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples);
+  TORCH_CHECK(g.m <= 0x7fffffff && g.c <= 65535 && g.s <= 65535,
               "noisy_linear: problem too large for one launch (rows ", m_rows, ", columns ", cols, ", samples ",
               samples, ")");
   at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
   auto* max_ptr = reinterpret_cast<unsigned int*>(max_bits.mutable_data_ptr<int32_t>());
   const w_t* wp = reinterpret_cast<const w_t*>(w.const_data_ptr());
   launch_max_abs<w_t>(wp, w.numel(), max_ptr, stream);
-  const dim3 grid(static_cast<unsigned>(grid_m), static_cast<unsigned>(grid_c), static_cast<unsigned>(grid_s));
+  const dim3 grid(static_cast<unsigned>(g.m), static_cast<unsigned>(g.c), static_cast<unsigned>(g.s));
   noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA><<<grid, fused::kThreads, 0, stream>>>(
       reinterpret_cast<const x_t*>(a.const_data_ptr()), a_sample_stride, wp, bias,
       reinterpret_cast<x_t*>(out.mutable_data_ptr()), m_rows, n_w, k_w, samples, reduce_samples,

@@ -11,11 +11,10 @@
 
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <ATen/OpMathType.h>
 
+#include "mutation.cuh"
+#include "nft_cuda/intrinsics.cuh"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/variation.h"
 
@@ -40,27 +39,21 @@ struct Bf16Op {
   using smem_t = uint16_t;                   // raw bf16 bits
   static constexpr int kPad = 8;             // row stride 40 halves = 20 words: conflict-free fragments
   static constexpr int kStepK = 16;
-  __device__ __forceinline__ static smem_t convert(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_bf16_bits(v); }
 };
 
 struct Fp16Op {
   using smem_t = uint16_t;  // raw fp16 bits
   static constexpr int kPad = 8;
   static constexpr int kStepK = 16;
-  __device__ __forceinline__ static smem_t convert(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_f16_bits(v); }
 };
 
 struct Tf32Op {
   using smem_t = uint32_t;       // tf32 bit pattern (float with the low 13 mantissa bits rounded off)
   static constexpr int kPad = 4;  // row stride 36 words: conflict-free fragments
   static constexpr int kStepK = 8;
-  __device__ __forceinline__ static smem_t convert(float v) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-    return r;
-  }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_tf32(v); }
 };
 
 // 16-byte aligned: the 16-bit tiles are read as 32-bit words (two adjacent reduction elements).
@@ -90,6 +83,11 @@ __device__ __forceinline__ void mma_slice(const Smem<Bf16Op>& s, int wm, int wn,
       a[mi][1] = ld32(&s.a[r + 8][kk + 2 * t]);
       a[mi][2] = ld32(&s.a[r][kk + 2 * t + 8]);
       a[mi][3] = ld32(&s.a[r + 8][kk + 2 * t + 8]);
+      if (kMutation == 1) {
+        const uint32_t swapped = a[mi][1];
+        a[mi][1] = a[mi][2];
+        a[mi][2] = swapped;
+      }
     }
 #pragma unroll
     for (int ni = 0; ni < kNTiles; ++ni) {
@@ -101,19 +99,10 @@ __device__ __forceinline__ void mma_slice(const Smem<Bf16Op>& s, int wm, int wn,
     for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
       for (int ni = 0; ni < kNTiles; ++ni) {
-        float* c = acc[mi][ni];
         if (is_bf16) {
-          asm volatile(
-              "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-              "{%0,%1,%2,%3};\n"
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+          intr::mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
         } else {
-          asm volatile(
-              "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-              "{%0,%1,%2,%3};\n"
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+          intr::mma_f16_16816(acc[mi][ni], a[mi], b[ni]);
         }
       }
     }
@@ -162,12 +151,7 @@ __device__ __forceinline__ void mma_tile<Tf32Op>(const Smem<Tf32Op>& s, int wm, 
     for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
       for (int ni = 0; ni < kNTiles; ++ni) {
-        float* c = acc[mi][ni];
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+        intr::mma_tf32_1688(acc[mi][ni], a[mi], b[ni]);
       }
     }
   }
@@ -211,7 +195,7 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
       const int64_t c = gr / pp;
       const int64_t cell = gr - c * pp;
       const int64_t pi = cell / g.p, pj = cell - pi * g.p;
-      const int64_t h0 = (pi * g.h) / g.p, h1 = ((pi + 1) * g.h + g.p - 1) / g.p;
+      const int64_t h0 = (pi * g.h) / g.p, h1 = ((pi + 1) * g.h + (kMutation == 4 ? 0 : g.p - 1)) / g.p;
       const int64_t w0 = (pj * g.w) / g.p, w1 = ((pj + 1) * g.w + g.p - 1) / g.p;
       const in_t* plane = act + (gm * g.c + c) * g.h * g.w;
       float sum = 0.0f;
@@ -268,7 +252,8 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
       const int kl = static_cast<int>(e - e_begin);
       const w_t wv = w[e];
       const w_t noisy = static_cast<w_t>(
-          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))), z.z[l]));
+          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))),
+                           z.z[kMutation == 3 ? (l ^ 1) : l]));
       const typename Op::smem_t v = Op::convert(static_cast<float>(noisy));
       if (kTransposed) {
         s.b[kl][nl] = v;

@@ -1,0 +1,190 @@
+"""Builds and drives the CPU emulator of the CUDA kernels (csrc/emu, issue 13).
+
+The emulator is a shared library compiled on demand with the system C++ compiler from the kernel
+sources nvcc compiles (csrc/cuda/*.cuh) plus the emulator runtime; no GPU and no nvcc needed. Builds
+are cached under build/emulator/, keyed on the SHA-256 of every source and the compile command, so a
+test session compiles each variant at most once (and not at all when nothing changed).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch.utils.cpp_extension import include_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+CACHE = os.path.join(ROOT, "build", "emulator")
+SOURCES = [os.path.join(CSRC, "emu", "emulator.cpp"), os.path.join(CSRC, "emu", "kernels_emu.cpp")]
+
+# The mutation ids of csrc/cuda/mutation.cuh; each build keeps only the bf16 GEMM (fast to compile).
+MUTATIONS = {
+    1: "swapped A-fragment registers",
+    2: "stream + 1",
+    3: "wrong noise lane",
+    4: "pooling window end without the ceiling",
+    5: "missing barrier between the tile loads and the mma",
+}
+
+DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+OP_CODE = {"bf16": 0, "fp16": 1, "tf32": 2}
+MODE_CODE = {"forward": 0, "backward": 1, "pooled": 2}
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) found to build the emulator")
+    return cxx
+
+
+def _command(mutation: int, output: str) -> list[str]:
+    cmd = [_compiler(), "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror",
+           "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{os.path.join(CSRC, 'include')}"]
+    cmd += [f"-isystem{p}" for p in include_paths()[:1]]
+    if mutation:
+        cmd += [f"-DNFT_EMU_MUTATION={mutation}", "-DNFT_EMU_GEMM_ONLY_BF16"]
+    return cmd + SOURCES + ["-o", output]
+
+
+def _source_hash(mutation: int) -> str:
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(CSRC, "emu", "*")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
+                   + glob.glob(os.path.join(CSRC, "include", "nft_cuda", "*")))
+    for path in files:
+        h.update(os.path.relpath(path, CSRC).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(" ".join(_command(mutation, "out")).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def build(mutation: int = 0) -> str:
+    """Path of the emulator library for `mutation` (0: the real kernels), compiled if not cached."""
+    path = os.path.join(CACHE, f"libnft_emu_{_source_hash(mutation)}_m{mutation}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(CACHE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=CACHE)
+    os.close(fd)
+    proc = subprocess.run(_command(mutation, tmp), capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"building the emulator (mutation {mutation}) failed:\n{proc.stderr[-6000:]}")
+    os.replace(tmp, path)  # atomic: a concurrent session sees a complete library or none
+    return path
+
+
+def build_all(mutations) -> dict[int, str]:
+    """Builds several variants in parallel (two compile jobs)."""
+    mutations = list(mutations)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(mutations, pool.map(build, mutations)))
+
+
+class EmulatorError(RuntimeError):
+    pass
+
+
+def _ptr(t: torch.Tensor | None):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+class Emulator:
+    """ctypes front end of one emulator build; arguments are CPU tensors (made contiguous here)."""
+
+    def __init__(self, path: str):
+        self.lib = ctypes.CDLL(path)
+        self.lib.emu_last_error.restype = ctypes.c_char_p
+        self.mutation = self.lib.emu_mutation()
+
+    def _check(self, rc: int, what: str):
+        if rc == -2:
+            raise EmulatorError(f"{what}: combination not compiled into this emulator build")
+        if rc != 0:
+            raise EmulatorError(f"{what}: {self.lib.emu_last_error().decode()}")
+
+    def counters(self) -> dict[str, int]:
+        buf = (ctypes.c_int64 * 3)()
+        self.lib.emu_counters(buf)
+        return {"mma": buf[0], "barriers": buf[1], "shfl": buf[2]}
+
+    def philox4x32(self, counter: torch.Tensor, key: torch.Tensor, blocks=3, threads=64) -> torch.Tensor:
+        c = counter.contiguous()
+        k = key.contiguous()
+        out = torch.empty_like(c)
+        self._check(self.lib.emu_philox4x32(_ptr(c), _ptr(k), _ptr(out), ctypes.c_int64(c.numel() // 4),
+                                            ctypes.c_uint(blocks), ctypes.c_uint(threads)), "philox4x32")
+        return out
+
+    def philox_normal(self, rng: torch.Tensor, numel: int, streams: int, blocks=3, threads=64) -> torch.Tensor:
+        r = rng.contiguous()
+        out = torch.empty(streams, numel, dtype=torch.float32)
+        self._check(self.lib.emu_philox_normal(_ptr(r), _ptr(out), ctypes.c_int64(numel), ctypes.c_int64(streams),
+                                               ctypes.c_uint(blocks), ctypes.c_uint(threads)), "philox_normal")
+        return out
+
+    def max_abs(self, w: torch.Tensor, blocks=3) -> float:
+        wc = w.contiguous()
+        bits = ctypes.c_uint(0)
+        self._check(self.lib.emu_max_abs(DTYPE_CODE[wc.dtype], _ptr(wc), ctypes.c_int64(wc.numel()),
+                                         ctypes.byref(bits), ctypes.c_uint(blocks)), "max_abs")
+        return torch.tensor([bits.value], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+    def perturb(self, w, rng, sigmas, scale, state_factor, blocks=3, threads=64) -> torch.Tensor:
+        wc = w.contiguous()
+        r = rng.contiguous()
+        sig = sigmas.to(torch.float32).contiguous()
+        out = torch.empty((sig.numel(), *wc.shape), dtype=wc.dtype)
+        self._check(self.lib.emu_perturb(DTYPE_CODE[wc.dtype], _ptr(wc), _ptr(out), ctypes.c_int64(wc.numel()),
+                                         ctypes.c_int64(sig.numel()), _ptr(r), _ptr(sig), ctypes.c_float(scale),
+                                         ctypes.c_float(state_factor), ctypes.c_uint(blocks),
+                                         ctypes.c_uint(threads)), "perturb")
+        return out
+
+    def noisy_gemm(self, op: str, mode: str, a, w, bias, rng, sigmas, scale, state_factor, *, shared_input: bool,
+                   pool: int = 0) -> torch.Tensor:
+        """The fused kernel as noisy_linear_cuda launches it.
+
+        forward:  a = x [M, K] (shared) or [S, M, K]  -> [S, M, N]
+        backward: a = dY [S, M, N]                     -> dX [M, K] (shared: summed over S) or [S, M, K]
+        pooled:   a = act [B, C, H, W] (shared) or [S, B, C, H, W], pool p -> [S, B, N]
+        """
+        ac = a.contiguous()
+        wc = w.contiguous()
+        r = rng.contiguous()
+        sig = sigmas.to(torch.float32).contiguous()
+        samples = sig.numel()
+        n_w, k_w = wc.shape
+        geom = (0, 0, 0)
+        if mode == "forward":
+            m = ac.shape[-2]
+            stride = 0 if shared_input else m * k_w
+            out = torch.empty(samples, m, n_w, dtype=ac.dtype)
+        elif mode == "backward":
+            m = ac.shape[-2]
+            stride = m * n_w
+            out = torch.empty((m, k_w) if shared_input else (samples, m, k_w), dtype=ac.dtype)
+        else:
+            m, c, h, wd = ac.shape[-4:]
+            geom = (c, h, wd)
+            stride = 0 if shared_input else m * c * h * wd
+            out = torch.empty(samples, m, n_w, dtype=ac.dtype)
+        b = bias.to(ac.dtype).contiguous() if bias is not None else None
+        rc = self.lib.emu_noisy_gemm(
+            OP_CODE[op], DTYPE_CODE[wc.dtype], MODE_CODE[mode], _ptr(ac), ctypes.c_int64(stride), _ptr(wc),
+            ctypes.c_int64(n_w), ctypes.c_int64(k_w), _ptr(b), _ptr(out), ctypes.c_int64(m), ctypes.c_int64(samples),
+            ctypes.c_int(1 if (mode == "backward" and shared_input) else 0), _ptr(r), _ptr(sig),
+            ctypes.c_float(scale), ctypes.c_float(state_factor), ctypes.c_int64(geom[0]), ctypes.c_int64(geom[1]),
+            ctypes.c_int64(geom[2]), ctypes.c_int(pool))
+        self._check(rc, f"noisy_gemm {op} {mode}")
+        return out
