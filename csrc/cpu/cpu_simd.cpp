@@ -22,6 +22,17 @@
 #define NFT_CPU_AVX2 0
 #endif
 
+// The noisy add rounds its product before adding (DESIGN §3), so the perturb lanes are compiled with
+// FMA contraction off (GCC would fuse _mm256_mul_ps + _mm256_add_ps); clang contracts only within one
+// expression, which these lanes never write. The normals use explicit FMA intrinsics, unaffected.
+#if defined(__GNUC__) && !defined(__clang__)
+#define NFT_NO_CONTRACT_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"fp-contract=off\")")
+#define NFT_NO_CONTRACT_END _Pragma("GCC pop_options")
+#else
+#define NFT_NO_CONTRACT_BEGIN
+#define NFT_NO_CONTRACT_END
+#endif
+
 namespace nft_cuda {
 namespace cpu {
 
@@ -221,13 +232,13 @@ NFT_AVX2 void normals_avx2(uint64_t seed, uint64_t stream, uint64_t q0, int64_t 
   }
 }
 
+NFT_NO_CONTRACT_BEGIN
 // perturb_f32_scalar on eight lanes: the same comparisons and a rounded product.
 NFT_AVX2_INLINE __m256 perturb8(__m256 wv, __m256 zv, __m256 lo, __m256 hi, __m256 sb, __m256 si) {
   const __m256 aw = _mm256_and_ps(wv, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
   const __m256 in = _mm256_and_ps(_mm256_cmp_ps(aw, lo, _CMP_GT_OQ), _mm256_cmp_ps(aw, hi, _CMP_LT_OQ));
   const __m256 sw = _mm256_blendv_ps(sb, si, in);
-  __m256 prod = _mm256_mul_ps(sw, zv);
-  __asm__("" : "+x"(prod));  // round the product as the scalar code does: GCC would contract to an FMA
+  const __m256 prod = _mm256_mul_ps(sw, zv);  // rounded: contraction is off here (NFT_NO_CONTRACT_BEGIN)
   const __m256 noisy = _mm256_add_ps(wv, prod);
   return _mm256_blendv_ps(wv, noisy, _mm256_cmp_ps(sw, _mm256_setzero_ps(), _CMP_NEQ_UQ));  // sw == 0: w
 }
@@ -249,6 +260,7 @@ NFT_AVX2 void perturb_f32_avx2(const float* w, float* o, const float* z, int64_t
     std::memcpy(o + i, ot, sizeof(float) * rest);
   }
 }
+NFT_NO_CONTRACT_END
 
 NFT_AVX2 float max_abs_f32_avx2(const float* w, int64_t n, float acc) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -415,12 +427,12 @@ NFT_AVX512 void normals_avx512(uint64_t seed, uint64_t stream, uint64_t q0, int6
   }
 }
 
+NFT_NO_CONTRACT_BEGIN
 NFT_AVX512_INLINE __m512 perturb16(__m512 wv, __m512 zv, __m512 lo, __m512 hi, __m512 sb, __m512 si) {
   const __m512 aw = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(wv), _mm512_set1_epi32(0x7FFFFFFF)));
   const __mmask16 in = _mm512_cmp_ps_mask(aw, lo, _CMP_GT_OQ) & _mm512_cmp_ps_mask(aw, hi, _CMP_LT_OQ);
   const __m512 sw = _mm512_mask_blend_ps(in, sb, si);
-  __m512 prod = _mm512_mul_ps(sw, zv);
-  __asm__("" : "+v"(prod));  // round the product as the scalar code does (no FMA contraction)
+  const __m512 prod = _mm512_mul_ps(sw, zv);  // rounded: contraction is off here (NFT_NO_CONTRACT_BEGIN)
   const __m512 noisy = _mm512_add_ps(wv, prod);
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(sw, _mm512_setzero_ps(), _CMP_NEQ_UQ), wv, noisy);
 }
@@ -439,6 +451,7 @@ NFT_AVX512 void perturb_f32_avx512(const float* w, float* o, const float* z, int
     _mm512_mask_storeu_ps(o + i, k, r);
   }
 }
+NFT_NO_CONTRACT_END
 
 }  // namespace
 
