@@ -37,6 +37,7 @@ MUTATIONS = {
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 OP_CODE = {"bf16": 0, "fp16": 1, "tf32": 2}
 MODE_CODE = {"forward": 0, "backward": 1, "pooled": 2}
+H200_SMS = 132
 
 
 def _compiler() -> str:
@@ -126,11 +127,13 @@ class Emulator:
                                             ctypes.c_uint(blocks), ctypes.c_uint(threads)), "philox4x32")
         return out
 
-    def philox_normal(self, rng: torch.Tensor, numel: int, streams: int, blocks=3, threads=64) -> torch.Tensor:
+    def philox_normal(self, rng: torch.Tensor, numel: int, streams: int, blocks=3, threads=64,
+                      grid_y=65535) -> torch.Tensor:
         r = rng.contiguous()
         out = torch.empty(streams, numel, dtype=torch.float32)
         self._check(self.lib.emu_philox_normal(_ptr(r), _ptr(out), ctypes.c_int64(numel), ctypes.c_int64(streams),
-                                               ctypes.c_uint(blocks), ctypes.c_uint(threads)), "philox_normal")
+                                               ctypes.c_uint(blocks), ctypes.c_uint(threads),
+                                               ctypes.c_uint(grid_y)), "philox_normal")
         return out
 
     def max_abs(self, w: torch.Tensor, blocks=3) -> float:
@@ -152,8 +155,13 @@ class Emulator:
         return out
 
     def noisy_gemm(self, op: str, mode: str, a, w, bias, rng, sigmas, scale, state_factor, *, shared_input: bool,
-                   pool: int = 0) -> torch.Tensor:
-        """The fused kernel as noisy_linear_cuda launches it.
+                   pool: int = 0, parts: int = 0, sm_count: int = H200_SMS,
+                   grid_cap=(2**31 - 1, 65535, 65535)) -> torch.Tensor:
+        """The fused kernel as noisy_linear_cuda launches it (max|W|, the GEMM, the split reduction).
+
+        parts: reduction splits (0: the launcher's heuristic for `sm_count` SMs; the choice is left in
+        self.last_parts); grid_cap: the most blocks per grid dimension (smaller than the tile grid makes
+        the kernel loop over tiles, as it does beyond CUDA's 65535 limit in y and z).
 
         forward:  a = x [M, K] (shared) or [S, M, K]  -> [S, M, N]
         backward: a = dY [S, M, N]                     -> dX [M, K] (shared: summed over S) or [S, M, K]
@@ -180,11 +188,14 @@ class Emulator:
             stride = 0 if shared_input else m * c * h * wd
             out = torch.empty(samples, m, n_w, dtype=ac.dtype)
         b = bias.to(ac.dtype).contiguous() if bias is not None else None
+        used = ctypes.c_int(0)
         rc = self.lib.emu_noisy_gemm(
             OP_CODE[op], DTYPE_CODE[wc.dtype], MODE_CODE[mode], _ptr(ac), ctypes.c_int64(stride), _ptr(wc),
             ctypes.c_int64(n_w), ctypes.c_int64(k_w), _ptr(b), _ptr(out), ctypes.c_int64(m), ctypes.c_int64(samples),
             ctypes.c_int(1 if (mode == "backward" and shared_input) else 0), _ptr(r), _ptr(sig),
             ctypes.c_float(scale), ctypes.c_float(state_factor), ctypes.c_int64(geom[0]), ctypes.c_int64(geom[1]),
-            ctypes.c_int64(geom[2]), ctypes.c_int(pool))
+            ctypes.c_int64(geom[2]), ctypes.c_int(pool), ctypes.c_int(parts), ctypes.c_int(sm_count),
+            (ctypes.c_uint * 3)(*grid_cap), ctypes.byref(used))
         self._check(rc, f"noisy_gemm {op} {mode}")
+        self.last_parts = used.value
         return out

@@ -160,12 +160,13 @@ def noisy_weights(w, r, sig, op):
     return compute_round(OPS.perturb(w, r, sig, VAR.scale, VAR.state_factor), op)
 
 
-def check_forward(emu, mode, shape, samples, shared, bias, offset):
+def check_forward(emu, mode, shape, samples, shared, bias, offset, **launch):
     m, n, k = shape
     op, _, _, tol = GEMM_MODES[mode]
     x, w, b, sig = make_gemm_inputs(mode, m, n, k, samples, shared, bias)
     r = rng_tensor(0x1234_5678_9ABC, offset)
-    out = emu.noisy_gemm(op, "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared)
+    out = emu.noisy_gemm(op, "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
+                         **launch)
     wn = noisy_weights(w, r, sig, op)
     x64 = compute_round(x, op)
     xs = x64.unsqueeze(0) if shared else x64
@@ -187,13 +188,14 @@ def test_forward(emu, mode, shape):
         check_forward(emu, mode, shape, samples, shared, bias, offset)
 
 
-def check_backward(emu, mode, shape, samples, shared, offset):
+def check_backward(emu, mode, shape, samples, shared, offset, **launch):
     m, n, k = shape
     op, _, _, tol = GEMM_MODES[mode]
     _, w, _, sig = make_gemm_inputs(mode, m, n, k, samples, True, False)
     dy = torch.randn(samples, m, n, generator=torch.Generator().manual_seed(9)).to(GEMM_MODES[mode][1])
     r = rng_tensor(0xBEEF, offset)
-    out = emu.noisy_gemm(op, "backward", dy, w, None, r, sig, VAR.scale, VAR.state_factor, shared_input=shared)
+    out = emu.noisy_gemm(op, "backward", dy, w, None, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
+                         **launch)
     wn = noisy_weights(w, r, sig, op)
     dy64 = compute_round(dy, op)
     ref, mag = dy64 @ wn, dy64.abs() @ wn.abs()
@@ -228,7 +230,7 @@ def pooled_fp32(act: torch.Tensor, p: int) -> torch.Tensor:
     return out.flatten(-3)
 
 
-def check_pooled(emu, mode, shape, samples, shared, bias, offset):
+def check_pooled(emu, mode, shape, samples, shared, bias, offset, **launch):
     bsz, c, h, wd, p = shape
     op, xdt, wdt, tol = GEMM_MODES[mode]
     g = torch.Generator().manual_seed(bsz + c + h + wd + p)
@@ -239,7 +241,7 @@ def check_pooled(emu, mode, shape, samples, shared, bias, offset):
     sig = torch.tensor([0.1 * (t + 1) for t in range(samples)])
     r = rng_tensor(77, offset)
     out = emu.noisy_gemm(op, "pooled", act, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
-                         pool=p)
+                         pool=p, **launch)
     snap = compute_round(pooled_fp32(act, p), op)
     snap = snap.unsqueeze(0) if shared else snap
     wn = noisy_weights(w, r, sig, op)
@@ -256,6 +258,58 @@ def check_pooled(emu, mode, shape, samples, shared, bias, offset):
 def test_snapshot_forward(emu, mode, shape):
     for samples, shared, bias, offset in ((1, True, True, OFFSETS[0]), (3, False, False, OFFSETS[1])):
         check_pooled(emu, mode, shape, samples, shared, bias, offset)
+
+
+# ---- split reduction and grid-stride tiles ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["bf16_w32", "fp16", "tf32"])
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_split_reduction(emu, mode, parts):
+    # K = 200: 7 slices of 32 split into `parts` ranges (7: one slice each); fp32 partials summed in order.
+    for offset in OFFSETS:
+        check_forward(emu, mode, (37, 70, 200), 3, False, True, offset, parts=parts)
+        check_forward(emu, mode, (2, 3, 97), 1, True, False, offset, parts=parts)
+        check_pooled(emu, mode, (5, 12, 5, 7, 3), 2, True, True, offset, parts=parts)
+        # shared-x backward: the split runs over (sample, slice) pairs, i.e. also over samples
+        check_backward(emu, mode, (37, 70, 40), 5, True, offset, parts=parts)
+        check_backward(emu, mode, (37, 70, 40), 2, False, offset, parts=parts)
+    assert emu.last_parts == parts
+
+
+def test_split_reduction_is_deterministic(emu):
+    x, w, b, sig = make_gemm_inputs("bf16_w32", 37, 70, 200, 2, True, True)
+    r = rng_tensor(3, 4)
+    runs = [emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True,
+                           parts=5) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_split_heuristic(emu):
+    x, w, b, sig = make_gemm_inputs("bf16_w32", 64, 64, 512, 1, True, False)
+    r = rng_tensor(3, 4)
+    # one tile on 132 SMs: split to reach 2 blocks per SM, but keep >= 4 slices (128-deep) per part
+    emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True)
+    assert emu.last_parts == 512 // 32 // 4
+    # enough tiles for the device (3 row blocks >= 2 blocks per SM on one SM): no split
+    x, w, b, sig = make_gemm_inputs("bf16_w32", 130, 64, 512, 1, True, False)
+    emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True, sm_count=1)
+    assert emu.last_parts == 1
+    # shallow reductions are never split
+    x, w, b, sig = make_gemm_inputs("bf16_w32", 64, 64, 100, 1, True, False)
+    emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True)
+    assert emu.last_parts == 1
+
+
+def test_tiles_beyond_the_grid_loop(emu):
+    # A grid capped below the tile count (as CUDA's 65535 limit in y and z caps large problems): the
+    # kernel's grid-stride tile loops must still cover every tile, split parts included.
+    for cap in ((1, 1, 1), (2, 1, 2)):
+        check_forward(emu, "bf16_w32", (130, 140, 70), 3, False, True, OFFSETS[1], grid_cap=cap)
+        check_backward(emu, "tf32", (130, 70, 140), 3, True, OFFSETS[0], grid_cap=cap, parts=2)
+        check_pooled(emu, "fp16", (65, 20, 5, 7, 3), 2, False, False, OFFSETS[1], grid_cap=cap)
+    r = rng_tensor(5, U64 - 2)
+    assert torch.equal(emu.philox_normal(r, 101, 5, grid_y=2), OPS.philox_normal(r, 101, 5))
 
 
 def test_counters_count_the_mma_instructions(emu):

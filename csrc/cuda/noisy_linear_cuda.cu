@@ -8,8 +8,10 @@
 // global memory. One tiled GEMM per launch: 64 x 64 output tiles, 32-deep reduction slices, 4 warps,
 // mma.sync on tensor cores (bf16 / fp16: m16n8k16; float32 with TF32 allowed: m16n8k8), fp32
 // accumulation, bias in the epilogue, every tile edge bounds-checked, 64-bit global indexing.
-// grid = (ceil(M/64), ceil(C/64), S) with C the output columns; the shared-x backward runs the sample
-// loop inside the kernel (grid.z = 1) so the sum over samples needs no extra memory.
+// grid = (ceil(M/64), ceil(C/64), S x parts) with C the output columns (capped at 65535 in y and z: the
+// kernel loops over the rest); the shared-x backward runs the sample loop inside each tile. Small grids
+// (fewer than 2 blocks per SM) split each tile's reduction — over K, and over samples for the shared-x
+// backward — into `parts` ranges summed by split_reduce_kernel in a fixed order (choose_splits).
 //
 // max|W| is reduced on the device first (max_abs.cuh) and read by the kernel: no host sync.
 // Other dtype combinations (exact fp32, float64, weight dtype neither fp32 nor x's dtype) take the
@@ -25,6 +27,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <cstdlib>
 
 #include "launch_utils.cuh"
 #include "max_abs.cuh"
@@ -46,27 +50,46 @@ Path choose_path(at::ScalarType x_type, at::ScalarType w_type, bool allow_tf32) 
   return Path::kMaterialized;
 }
 
+// Reduction splits of the fused GEMM: choose_splits' heuristic, or NFT_CUDA_GEMM_SPLITS=<n> (n >= 1) to
+// force a count (benchmarks/gpu_check.sh runs the split path with it).
+int gemm_parts(int64_t m_rows, int64_t cols, int64_t red, int64_t samples, bool reduce_samples) {
+  if (const char* env = std::getenv("NFT_CUDA_GEMM_SPLITS")) {
+    const int forced = std::atoi(env);
+    if (forced >= 1) return forced < fused::kMaxSplits ? forced : fused::kMaxSplits;
+  }
+  return fused::choose_splits(m_rows, cols, red, samples, reduce_samples, sm_count());
+}
+
+unsigned grid_dim(int64_t tiles, int64_t cap) { return static_cast<unsigned>(tiles < cap ? tiles : cap); }
+
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, const x_t* bias, at::Tensor& out,
             int64_t m_rows, int64_t samples, bool reduce_samples, const at::Tensor& rng, const at::Tensor& sigmas,
             double scale, double state_factor, cudaStream_t stream, const fused::PoolGeom& geom) {
   const int64_t n_w = w.size(0), k_w = w.size(1);
   const int64_t cols = kBackward ? k_w : n_w;
-  const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples);
-  TORCH_CHECK(g.m <= 0x7fffffff && g.c <= 65535 && g.s <= 65535,
-              "noisy_linear: problem too large for one launch (rows ", m_rows, ", columns ", cols, ", samples ",
-              samples, ")");
+  const int parts = gemm_parts(m_rows, cols, kBackward ? n_w : k_w, samples, reduce_samples);
+  const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples, parts);
+  at::Tensor partial;  // fp32 partial sums of the split reduction
+  if (parts > 1) partial = at::empty({g.s * parts, m_rows, cols}, w.options().dtype(at::kFloat));
   at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
   auto* max_ptr = reinterpret_cast<unsigned int*>(max_bits.mutable_data_ptr<int32_t>());
   const w_t* wp = reinterpret_cast<const w_t*>(w.const_data_ptr());
   launch_max_abs<w_t>(wp, w.numel(), max_ptr, stream);
-  const dim3 grid(static_cast<unsigned>(g.m), static_cast<unsigned>(g.c), static_cast<unsigned>(g.s));
+  // Tiles beyond the grid limits are covered by the kernel's grid-stride loops.
+  const dim3 grid(grid_dim(g.m, 0x7fffffff), grid_dim(g.c, fused::kMaxGridYZ), grid_dim(g.s * parts, fused::kMaxGridYZ));
+  x_t* out_ptr = reinterpret_cast<x_t*>(out.mutable_data_ptr());
+  float* partial_ptr = parts > 1 ? partial.mutable_data_ptr<float>() : nullptr;
   noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA><<<grid, fused::kThreads, 0, stream>>>(
-      reinterpret_cast<const x_t*>(a.const_data_ptr()), a_sample_stride, wp, bias,
-      reinterpret_cast<x_t*>(out.mutable_data_ptr()), m_rows, n_w, k_w, samples, reduce_samples,
-      rng.const_data_ptr<int64_t>(), sigmas.const_data_ptr<float>(), max_ptr, static_cast<float>(scale),
-      static_cast<float>(state_factor), geom);
+      reinterpret_cast<const x_t*>(a.const_data_ptr()), a_sample_stride, wp, bias, out_ptr, partial_ptr, m_rows, n_w,
+      k_w, samples, reduce_samples, parts, rng.const_data_ptr<int64_t>(), sigmas.const_data_ptr<float>(), max_ptr,
+      static_cast<float>(scale), static_cast<float>(state_factor), geom);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (parts > 1) {
+    fused::split_reduce_kernel<x_t><<<grid_for(g.s * m_rows * cols), kThreads, 0, stream>>>(
+        partial_ptr, bias, out_ptr, g.s, parts, m_rows, cols);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // Runs the fused GEMM for `path` (not kMaterialized): instantiates (compute op, x dtype, w dtype).

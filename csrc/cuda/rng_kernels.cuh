@@ -31,13 +31,14 @@ __global__ void philox_normal_kernel(const int64_t* __restrict__ rng, float* __r
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
   const int64_t nq = (numel + 3) / 4;
-  const int64_t t = blockIdx.y;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nq;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
-    float* row = out + t * numel + 4 * q;
-    const int64_t count = numel - 4 * q < 4 ? numel - 4 * q : 4;
-    for (int64_t l = 0; l < count; ++l) row[l] = z.z[l];
+  for (int64_t t = blockIdx.y; t < streams; t += gridDim.y) {  // grid.y is capped at 65535 streams
+    for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nq;
+         q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+      const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
+      float* row = out + t * numel + 4 * q;
+      const int64_t count = numel - 4 * q < 4 ? numel - 4 * q : 4;
+      for (int64_t l = 0; l < count; ++l) row[l] = z.z[l];
+    }
   }
 }
 

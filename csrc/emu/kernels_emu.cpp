@@ -10,6 +10,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <limits>
+#include <vector>
+
 #include "cuda/max_abs_kernel.cuh"
 #include "cuda/noisy_gemm_kernel.cuh"
 #include "cuda/perturb_kernel.cuh"
@@ -47,20 +50,46 @@ bool run_max_abs(const scalar_t* w, int64_t n, unsigned* bits, unsigned blocks) 
                          [&] { max_abs_kernel<scalar_t>(w, n, bits); });
 }
 
+// Grid and split choices of one emulated GEMM launch. parts = 0: choose_splits() for sm_count SMs.
+// grid_cap: the most blocks launched per grid dimension (the CUDA launcher uses 2^31-1, 65535, 65535);
+// smaller caps make the kernel's grid-stride tile loops run.
+struct LaunchShape {
+  int parts;
+  int sm_count;
+  unsigned grid_cap[3];
+};
+
+unsigned capped(int64_t tiles, unsigned cap) { return static_cast<unsigned>(tiles < cap ? tiles : cap); }
+
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void* bias, void* out, int64_t m_rows,
               int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* rng,
-              const float* sigmas, float scale, float state_factor, const fused::PoolGeom& geom) {
+              const float* sigmas, float scale, float state_factor, const fused::PoolGeom& geom,
+              const LaunchShape& shape, int* parts_used) {
   unsigned max_bits = 0;
   const w_t* wp = static_cast<const w_t*>(w);
   if (!run_max_abs<w_t>(wp, n_w * k_w, &max_bits, 2)) return false;
   const int64_t cols = kBackward ? k_w : n_w;
-  const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples);
-  const dim3 grid{static_cast<unsigned>(g.m), static_cast<unsigned>(g.c), static_cast<unsigned>(g.s)};
-  return nft_emu::launch(grid, dim3{fused::kThreads, 1, 1}, [&] {
+  const int parts = shape.parts > 0 ? shape.parts
+                                    : fused::choose_splits(m_rows, cols, kBackward ? n_w : k_w, samples,
+                                                           reduce_samples, shape.sm_count);
+  *parts_used = parts;
+  const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples, parts);
+  std::vector<float> partial(parts > 1 ? static_cast<size_t>(g.s * parts * m_rows * cols) : 0,
+                             std::numeric_limits<float>::quiet_NaN());  // unwritten partials would show
+  float* pp = parts > 1 ? partial.data() : nullptr;
+  const x_t* bp = static_cast<const x_t*>(bias);
+  x_t* op = static_cast<x_t*>(out);
+  const dim3 grid{capped(g.m, shape.grid_cap[0]), capped(g.c, shape.grid_cap[1]),
+                  capped(g.s * parts, shape.grid_cap[2])};
+  const bool ok = nft_emu::launch(grid, dim3{fused::kThreads, 1, 1}, [&] {
     fused::noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA>(
-        static_cast<const x_t*>(a), a_sample_stride, wp, static_cast<const x_t*>(bias), static_cast<x_t*>(out),
-        m_rows, n_w, k_w, samples, reduce_samples, rng, sigmas, &max_bits, scale, state_factor, geom);
+        static_cast<const x_t*>(a), a_sample_stride, wp, bp, op, pp, m_rows, n_w, k_w, samples, reduce_samples,
+        parts, rng, sigmas, &max_bits, scale, state_factor, geom);
+  });
+  if (!ok || parts == 1) return ok;
+  return nft_emu::launch(dim3{3, 1, 1}, dim3{64, 1, 1}, [&] {
+    fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols);
   });
 }
 
@@ -68,17 +97,20 @@ template <typename Op, typename x_t, typename w_t>
 bool run_gemm_mode(int mode, const void* a, int64_t a_sample_stride, const void* w, const void* bias, void* out,
                    int64_t m_rows, int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples,
                    const int64_t* rng, const float* sigmas, float scale, float state_factor,
-                   const fused::PoolGeom& geom) {
+                   const fused::PoolGeom& geom, const LaunchShape& shape, int* parts_used) {
   switch (mode) {
     case 0:
       return run_gemm<Op, x_t, w_t, false, false>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                   reduce_samples, rng, sigmas, scale, state_factor, geom);
+                                                   reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                   parts_used);
     case 1:
       return run_gemm<Op, x_t, w_t, true, false>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                  reduce_samples, rng, sigmas, scale, state_factor, geom);
+                                                  reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                  parts_used);
     default:
       return run_gemm<Op, x_t, w_t, false, true>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                  reduce_samples, rng, sigmas, scale, state_factor, geom);
+                                                  reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                  parts_used);
   }
 }
 
@@ -104,9 +136,10 @@ int emu_philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int
                                 [&] { philox4x32_kernel(counter, key, out, rows); }));
 }
 
+// grid_y: the most blocks in y (one per stream up to it; the kernel loops over the rest).
 int emu_philox_normal(const int64_t* rng, float* out, int64_t numel, int64_t streams, unsigned blocks,
-                      unsigned threads) {
-  return status(nft_emu::launch(dim3{blocks, static_cast<unsigned>(streams), 1}, dim3{threads, 1, 1},
+                      unsigned threads, unsigned grid_y) {
+  return status(nft_emu::launch(dim3{blocks, capped(streams, grid_y), 1}, dim3{threads, 1, 1},
                                 [&] { philox_normal_kernel(rng, out, numel, streams); }));
 }
 
@@ -132,16 +165,20 @@ int emu_perturb(int dtype, const void* w, void* out, int64_t n, int64_t samples,
   });
 }
 
-// max|W| then the fused GEMM, as noisy_linear_cuda launches them. mode: 0 forward, 1 backward-input,
-// 2 snapshot forward (A = act [m_rows][pool_c][pool_h][pool_w] pooled to pool x pool).
+// max|W| then the fused GEMM (and the split reduction), as noisy_linear_cuda launches them. mode:
+// 0 forward, 1 backward-input, 2 snapshot forward (A = act [m_rows][pool_c][pool_h][pool_w] pooled to
+// pool x pool). parts = 0: the launcher's heuristic for sm_count SMs; *parts_used reports the choice.
 int emu_noisy_gemm(int op, int w_dtype, int mode, const void* a, int64_t a_sample_stride, const void* w,
                    int64_t n_w, int64_t k_w, const void* bias, void* out, int64_t m_rows, int64_t samples,
                    int reduce_samples, const int64_t* rng, const float* sigmas, float scale, float state_factor,
-                   int64_t pool_c, int64_t pool_h, int64_t pool_w, int pool) {
+                   int64_t pool_c, int64_t pool_h, int64_t pool_w, int pool, int parts, int sm_count,
+                   const unsigned* grid_cap, int* parts_used) {
   const fused::PoolGeom geom{pool_c, pool_h, pool_w, pool};
+  const LaunchShape shape{parts, sm_count, {grid_cap[0], grid_cap[1], grid_cap[2]}};
 #define NFT_EMU_GEMM(OP, XT, WT)                                                                            \
   status(run_gemm_mode<fused::OP, XT, WT>(mode, a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples, \
-                                          reduce_samples != 0, rng, sigmas, scale, state_factor, geom))
+                                          reduce_samples != 0, rng, sigmas, scale, state_factor, geom, shape,  \
+                                          parts_used))
   if (op == 0 && w_dtype == kF32) return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, float);
 #ifndef NFT_EMU_GEMM_ONLY_BF16
   if (op == 0 && w_dtype == kBF16) return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, c10::BFloat16);
