@@ -114,10 +114,22 @@ class Emulator:
         if rc != 0:
             raise EmulatorError(f"{what}: {self.lib.emu_last_error().decode()}")
 
+    COUNTERS = ("mma", "barriers", "shfl", "smem_store_requests", "smem_store_wavefronts", "smem_load_requests",
+                "smem_load_wavefronts")
+
     def counters(self) -> dict[str, int]:
-        buf = (ctypes.c_int64 * 3)()
+        """Counters of the last launch (for a GEMM: of the GEMM kernel, not max|W| or the split reduction)."""
+        buf = (ctypes.c_int64 * len(self.COUNTERS))()
         self.lib.emu_counters(buf)
-        return {"mma": buf[0], "barriers": buf[1], "shfl": buf[2]}
+        return dict(zip(self.COUNTERS, buf))
+
+    def site_counters(self) -> list[tuple[bool, int, int]]:
+        """(store, warp requests, wavefronts) per shared-memory access site of the last launch, in the
+        order the sites first ran (thread 0 of block 0 first: for the GEMM, the A-tile store comes first)."""
+        cap = 64
+        buf = (ctypes.c_int64 * (3 * cap))()
+        n = min(self.lib.emu_site_counters(buf, cap), cap)
+        return [(bool(buf[3 * i]), buf[3 * i + 1], buf[3 * i + 2]) for i in range(n)]
 
     def philox4x32(self, counter: torch.Tensor, key: torch.Tensor, blocks=3, threads=64) -> torch.Tensor:
         c = counter.contiguous()

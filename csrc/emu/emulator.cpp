@@ -4,7 +4,9 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <vector>
 
@@ -21,10 +23,17 @@ constexpr int kMaxRegs = 10;  // mma: c0..c3, a0..a3, b0..b1
 
 enum class State { kReady, kBarrier, kWarp, kDone };
 
+struct SmemAccess {
+  const void* site;  // the call site (return address): one per access instruction of the kernel
+  uintptr_t address;
+  bool store;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;
   State state = State::kDone;
+  std::vector<SmemAccess> smem;  // since the last barrier
 };
 
 // The registers of one warp collective, one row per lane; the last lane to arrive computes `out`.
@@ -48,6 +57,8 @@ struct Runtime {
   bool failed = false;
   std::string error;
   Counters counters;
+  std::map<const void*, int> site_rank;  // first-execution order of the shared-memory access sites
+  std::vector<SiteCounters> sites;
 };
 
 Runtime& rt() {
@@ -73,6 +84,39 @@ void yield_to_scheduler() {
   __builtin_unreachable();
 }
 
+// Groups the recorded shared-memory accesses of each warp into warp instructions and counts their
+// wavefronts (see Counters); clears the records.
+void count_smem_accesses() {
+  Runtime& r = rt();
+  for (int w0 = 0; w0 < r.threads; w0 += 32) {
+    // (site, occurrence) -> words touched by the lanes
+    std::map<std::pair<const void*, size_t>, std::pair<bool, std::vector<uintptr_t>>> groups;
+    for (int t = w0; t < std::min(w0 + 32, r.threads); ++t) {
+      std::map<const void*, size_t> seen;
+      for (const SmemAccess& a : r.fibers[t].smem) {
+        auto& g = groups[{a.site, seen[a.site]++}];
+        g.first = a.store;
+        g.second.push_back(a.address / 4);
+      }
+      r.fibers[t].smem.clear();
+    }
+    for (auto& [key, g] : groups) {
+      std::map<uintptr_t, std::vector<uintptr_t>> by_bank;
+      for (uintptr_t word : g.second) {
+        auto& words = by_bank[word % 32];
+        if (std::find(words.begin(), words.end(), word) == words.end()) words.push_back(word);
+      }
+      size_t wavefronts = 1;
+      for (auto& [bank, words] : by_bank) wavefronts = std::max(wavefronts, words.size());
+      (g.first ? r.counters.smem_store_requests : r.counters.smem_load_requests) += 1;
+      (g.first ? r.counters.smem_store_wavefronts : r.counters.smem_load_wavefronts) += wavefronts;
+      SiteCounters& site = r.sites[r.site_rank.at(key.first)];
+      site.requests += 1;
+      site.wavefronts += static_cast<int64_t>(wavefronts);
+    }
+  }
+}
+
 void release_barrier_if_complete() {
   Runtime& r = rt();
   int live = 0;
@@ -83,6 +127,7 @@ void release_barrier_if_complete() {
     }
     r.barrier_arrived = 0;
     ++r.counters.barriers;
+    count_smem_accesses();
   }
 }
 
@@ -104,6 +149,7 @@ bool run_block() {
     f.ctx.uc_link = &r.scheduler;
     makecontext(&f.ctx, trampoline, 0);
     f.state = State::kReady;
+    f.smem.clear();
   }
   for (WarpExchange& w : r.warps) w.arrived = 0;
   r.barrier_arrived = 0;
@@ -121,7 +167,10 @@ bool run_block() {
       progress = true;
       all_done = false;
     }
-    if (all_done) return true;
+    if (all_done) {
+      count_smem_accesses();
+      return true;
+    }
     if (!progress) {
       r.failed = true;
       r.error = "deadlock: threads wait at a barrier or warp collective that cannot complete (block " +
@@ -356,6 +405,14 @@ uint16_t f32_to_f16_rn(float v) {
   return sign | static_cast<uint16_t>((static_cast<uint32_t>(exp + 15) << 10) + (q - 0x400u));
 }
 
+void smem_access(const void* address, int bytes, bool store) {
+  if (bytes > 4) fail("shared-memory accesses wider than 32 bits are not counted");
+  Runtime& r = rt();
+  const void* site = __builtin_return_address(0);
+  if (r.site_rank.emplace(site, static_cast<int>(r.sites.size())).second) r.sites.push_back({store, 0, 0});
+  r.fibers[r.current].smem.push_back({site, reinterpret_cast<uintptr_t>(address), store});
+}
+
 float bits_to_f32(uint32_t bits) { return f32(bits); }
 uint32_t f32_to_bits(float v) { return bits32(v); }
 
@@ -367,11 +424,15 @@ void syncthreads() {
   yield_to_scheduler();
 }
 
-bool launch(dim3 grid, dim3 block, const std::function<void()>& body) {
+bool launch(dim3 grid, dim3 block, const std::function<void()>& body, bool keep_counters) {
   Runtime& r = rt();
   r.failed = false;
   r.error.clear();
-  r.counters = Counters{};
+  if (!keep_counters) {
+    r.counters = Counters{};
+    r.site_rank.clear();
+    r.sites.clear();
+  }
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > 1024) {
     r.failed = true;
     r.error = "launch: only 1-D blocks of 1..1024 threads are emulated";
@@ -396,5 +457,7 @@ bool launch(dim3 grid, dim3 block, const std::function<void()>& body) {
 
 const std::string& last_error() { return rt().error; }
 const Counters& counters() { return rt().counters; }
+const std::vector<SiteCounters>& site_counters() { return rt().sites; }
+void set_counters(const Counters& c) { rt().counters = c; }
 
 }  // namespace nft_emu

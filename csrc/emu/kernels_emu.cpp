@@ -88,9 +88,10 @@ bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void*
         parts, rng, sigmas, &max_bits, scale, state_factor, geom);
   });
   if (!ok || parts == 1) return ok;
-  return nft_emu::launch(dim3{3, 1, 1}, dim3{64, 1, 1}, [&] {
-    fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols);
-  });
+  // The GEMM's counters are kept (the reduction has no mma and no shared memory).
+  return nft_emu::launch(
+      dim3{3, 1, 1}, dim3{64, 1, 1}, [&] { fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols); },
+      /*keep_counters=*/true);
 }
 
 template <typename Op, typename x_t, typename w_t>
@@ -122,12 +123,25 @@ const char* emu_last_error() { return nft_emu::last_error().c_str(); }
 
 int emu_mutation() { return nft_cuda::kMutation; }
 
-// Counters of the last launch: mma instructions, completed block barriers, warp shuffles.
+// Counters of the last launch (emulator.h): mma instructions, completed block barriers, warp shuffles,
+// shared-memory store requests / wavefronts, load requests / wavefronts.
 void emu_counters(int64_t* out) {
   const nft_emu::Counters& c = nft_emu::counters();
-  out[0] = c.mma;
-  out[1] = c.barriers;
-  out[2] = c.shfl;
+  const int64_t values[] = {c.mma, c.barriers, c.shfl, c.smem_store_requests, c.smem_store_wavefronts,
+                            c.smem_load_requests, c.smem_load_wavefronts};
+  for (int i = 0; i < 7; ++i) out[i] = values[i];
+}
+
+// Shared-memory counters per access site of the last launch: out[3*i .. 3*i+2] = (store, requests,
+// wavefronts) for i < min(sites, capacity); returns the number of sites.
+int emu_site_counters(int64_t* out, int capacity) {
+  const auto& sites = nft_emu::site_counters();
+  for (int i = 0; i < static_cast<int>(sites.size()) && i < capacity; ++i) {
+    out[3 * i] = sites[i].store;
+    out[3 * i + 1] = sites[i].requests;
+    out[3 * i + 2] = sites[i].wavefronts;
+  }
+  return static_cast<int>(sites.size());
 }
 
 int emu_philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows, unsigned blocks,

@@ -9,6 +9,8 @@
 //   shfl_down                        __shfl_down_sync (float)
 //   atomic_max_u32                   atomicMax on unsigned int (max|W| on the float bits)
 //   uint_as_float / float_as_uint    bit casts
+//   st_shared / ld_shared            shared-memory store / load (plain accesses; the emulator counts
+//                                    the bank conflicts of each warp access)
 //
 // Fragments (registers a[4], b[2], c[4] of one lane) follow the PTX ISA tables "Matrix fragments for
 // mma.m16n8k16 with floating point type" and "... mma.m16n8k8" (.tf32); the emulator implements those
@@ -36,6 +38,7 @@ uint16_t f32_to_bf16_rn(float v);
 uint16_t f32_to_f16_rn(float v);
 float bits_to_f32(uint32_t bits);
 uint32_t f32_to_bits(float v);
+void smem_access(const void* address, int bytes, bool store);  // the bank-conflict counter
 }  // namespace nft_emu
 #endif
 
@@ -145,6 +148,22 @@ NFT_INTRINSIC uint32_t float_as_uint(float v) {
 #else
   return nft_emu::f32_to_bits(v);
 #endif
+}
+
+template <typename T>
+NFT_INTRINSIC void st_shared(T& dst, T v) {
+#if !defined(__CUDA_ARCH__)
+  nft_emu::smem_access(&dst, sizeof(T), true);
+#endif
+  dst = v;
+}
+
+template <typename T>
+NFT_INTRINSIC T ld_shared(const T& src) {
+#if !defined(__CUDA_ARCH__)
+  nft_emu::smem_access(&src, sizeof(T), false);
+#endif
+  return src;
 }
 
 #undef NFT_INTRINSIC
