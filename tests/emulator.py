@@ -115,10 +115,10 @@ class Emulator:
             raise EmulatorError(f"{what}: {self.lib.emu_last_error().decode()}")
 
     COUNTERS = ("mma", "barriers", "shfl", "smem_store_requests", "smem_store_wavefronts", "smem_load_requests",
-                "smem_load_wavefronts")
+                "smem_load_wavefronts", "global_load_bytes", "global_store_bytes")
 
     def counters(self) -> dict[str, int]:
-        """Counters of the last launch (for a GEMM: of the GEMM kernel, not max|W| or the split reduction)."""
+        """Counters of the last launch; for a GEMM: of the GEMM kernel and its split reduction, not max|W|."""
         buf = (ctypes.c_int64 * len(self.COUNTERS))()
         self.lib.emu_counters(buf)
         return dict(zip(self.COUNTERS, buf))
@@ -211,3 +211,89 @@ class Emulator:
         self._check(rc, f"noisy_gemm {op} {mode}")
         self.last_parts = used.value
         return out
+
+
+# ---- H200 roofline report (docs/kernels.md) ----------------------------------------------------------
+# python tests/emulator.py  prints the Markdown table of docs/kernels.md: emulator counts per kernel
+# and shape, and a roofline prediction for the H200. Peak numbers: HBM3e ~4.3 TB/s; mma.sync dense
+# ~790 TFLOP/s bf16/fp16 and half that for tf32; the noise at ~50 instructions per normal (DESIGN
+# §4.2) on 132 SMs x 128 lanes x 1.98 GHz.
+
+H200_BYTES_PER_S = 4.3e12
+H200_MMA_FLOPS = {"bf16": 790e12, "fp16": 790e12, "tf32": 395e12}
+H200_LANE_OPS_PER_S = 132 * 128 * 1.98e9
+OPS_PER_NORMAL = 50
+LAUNCH_S = 2e-6  # per kernel launch (max|W|, GEMM, split reduction)
+
+REPORT_CASES = [
+    # (label, op, mode, M or (B, C, H, W, p), N, K, S, shared)
+    ("forward, small M", "bf16", "forward", 16, 1024, 1024, 1, True),
+    ("forward, small M", "tf32", "forward", 16, 1024, 1024, 1, True),
+    ("forward", "bf16", "forward", 256, 1024, 1024, 1, True),
+    ("forward, S=4 per-sample x", "bf16", "forward", 64, 1024, 1024, 4, False),
+    ("backward-input, shared x", "bf16", "backward", 256, 1024, 1024, 4, True),
+    ("backward-input, per-sample", "bf16", "backward", 64, 1024, 1024, 4, False),
+    ("snapshot (VGG-8 tap, p=6)", "bf16", "pooled", (128, 64, 16, 16, 6), 512, None, 1, True),
+]
+
+
+def _case_tensors(op, mode, m, n, k, samples, shared):
+    xdt = {"bf16": torch.bfloat16, "fp16": torch.float16, "tf32": torch.float32}[op]
+    g = torch.Generator().manual_seed(0)
+    if mode == "pooled":
+        b, c, h, w, p = m
+        a = torch.randn((b, c, h, w) if shared else (samples, b, c, h, w), generator=g).to(xdt)
+        weight = torch.randn(n, c * p * p, generator=g) * 0.02
+        return a, weight, p, b, c * p * p
+    if mode == "backward":
+        a = torch.randn(samples, m, n, generator=g).to(xdt)
+    else:
+        a = torch.randn((m, k) if shared else (samples, m, k), generator=g).to(xdt)
+    return a, torch.randn(n, k, generator=g) * 0.02, 0, m, k
+
+
+def report_rows(emu: "Emulator") -> list[dict]:
+    rows = []
+    for label, op, mode, m, n, k, samples, shared in REPORT_CASES:
+        a, w, pool, rows_m, red_k = _case_tensors(op, mode, m, n, k, samples, shared)
+        sig = torch.full((samples,), 0.1)
+        rng = torch.tensor([1, 2], dtype=torch.int64)
+        out = emu.noisy_gemm(op, mode, a, w, None, rng, sig, 0.7, 2.0, shared_input=shared, pool=pool)
+        c = emu.counters()
+        parts = emu.last_parts
+        cols = red_k if mode == "backward" else n
+        red = n if mode == "backward" else red_k
+        flops = 2 * rows_m * n * red_k * samples
+        row_blocks = -(-rows_m // 64)
+        normals = samples * row_blocks * n * red_k  # each W tile regenerated once per row block
+        partial = 0 if parts == 1 else 2 * 4 * parts * (1 if mode == "backward" and shared else samples) * rows_m * cols
+        dram = a.numel() * a.element_size() + w.numel() * 4 + out.numel() * out.element_size() + partial
+        t_mem = dram / H200_BYTES_PER_S
+        t_tc = flops / H200_MMA_FLOPS[op]
+        t_noise = normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S
+        launches = 2 + (parts > 1)
+        t = max(t_mem, t_tc, t_noise) + launches * LAUNCH_S
+        bound = max((t_mem, "memory"), (t_tc, "tensor"), (t_noise, "noise ALU"))[1]
+        shape = f"B,C,H,W={m[:4]} p={m[4]} N={n}" if mode == "pooled" else f"M={m} N={n} K={k}"
+        rows.append(dict(label=label, op=op, shape=f"{shape} S={samples}", red=red, parts=parts,
+                         tiles=row_blocks * -(-cols // 64) * (1 if mode == "backward" and shared else samples),
+                         mma=c["mma"], st=c["smem_store_wavefronts"] / max(c["smem_store_requests"], 1),
+                         ld=c["smem_load_wavefronts"] / max(c["smem_load_requests"], 1),
+                         req_mb=(c["global_load_bytes"] + c["global_store_bytes"]) / 1e6, dram_mb=dram / 1e6,
+                         t_mem=t_mem * 1e6, t_tc=t_tc * 1e6, t_noise=t_noise * 1e6, t=t * 1e6, bound=bound))
+    return rows
+
+
+def report_markdown(rows: list[dict]) -> str:
+    lines = ["| kernel, shape | tiles x parts | mma (emu) | smem wavefronts/req st / ld (emu) | global MB requested "
+             "(emu) | DRAM MB | memory / tensor / noise µs | predicted µs (bound) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} {r['op']}, {r['shape']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
+                     f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram_mb']:.1f} | "
+                     f"{r['t_mem']:.1f} / {r['t_tc']:.1f} / {r['t_noise']:.1f} | {r['t']:.1f} ({r['bound']}) |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report_markdown(report_rows(Emulator(build(0)))))

@@ -130,10 +130,10 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
         if (row < m_rows && col < cols) {
           float v = acc[mi][ni][j];
           if (parts > 1) {
-            po[row * cols + col] = v;
+            intr::st_global(po[row * cols + col], v);
           } else {
-            if (bias != nullptr) v += static_cast<float>(bias[col]);
-            o[row * cols + col] = static_cast<x_t>(v);
+            if (bias != nullptr) v += static_cast<float>(intr::ld_global(bias[col]));
+            intr::st_global(o[row * cols + col], static_cast<x_t>(v));
           }
         }
       }
@@ -189,9 +189,9 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const x_t
     const int64_t sb = i / plane, rc = i - sb * plane;
     const float* p = partial + sb * parts * plane + rc;
     float v = 0.0f;
-    for (int k = 0; k < parts; ++k) v += p[k * plane];
-    if (bias != nullptr) v += static_cast<float>(bias[rc % cols]);
-    out[i] = static_cast<x_t>(v);
+    for (int k = 0; k < parts; ++k) v += intr::ld_global(p[k * plane]);
+    if (bias != nullptr) v += static_cast<float>(intr::ld_global(bias[rc % cols]));
+    intr::st_global(out[i], static_cast<x_t>(v));
   }
 }
 

@@ -168,7 +168,7 @@ __device__ __forceinline__ void load_a_tile(Smem<Op>& s, const in_t* __restrict_
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
     const int64_t gm = m0 + i, gr = r0 + r;
-    const float v = (gm < rows && gr < red) ? static_cast<float>(a[gm * red + gr]) : 0.0f;
+    const float v = (gm < rows && gr < red) ? static_cast<float>(intr::ld_global(a[gm * red + gr])) : 0.0f;
     intr::st_shared(s.a[i][r], Op::convert(v));
   }
 }
@@ -226,7 +226,7 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
       const in_t* plane = act + gm * g.c * g.h * g.w + wd.plane;
       float sum = 0.0f;
       for (int64_t h = wd.h0; h < wd.h1; ++h) {
-        for (int64_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(plane[h * g.w + w]);
+        for (int64_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(intr::ld_global(plane[h * g.w + w]));
       }
       v = sum / static_cast<float>(wd.count);
     }
@@ -281,7 +281,7 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
       const int64_t e = 4 * q + l;
       if (e < e_begin || e >= e_end) continue;
       const int kl = static_cast<int>(e - e_begin);
-      const w_t wv = w[e];
+      const w_t wv = intr::ld_global(w[e]);
       const w_t noisy = static_cast<w_t>(
           add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))),
                            z.z[kMutation == 3 ? (l ^ 1) : l]));

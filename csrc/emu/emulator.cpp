@@ -413,6 +413,10 @@ void smem_access(const void* address, int bytes, bool store) {
   r.fibers[r.current].smem.push_back({site, reinterpret_cast<uintptr_t>(address), store});
 }
 
+void global_access(int bytes, bool store) {
+  (store ? rt().counters.global_store_bytes : rt().counters.global_load_bytes) += bytes;
+}
+
 float bits_to_f32(uint32_t bits) { return f32(bits); }
 uint32_t f32_to_bits(float v) { return bits32(v); }
 

@@ -37,6 +37,8 @@ struct Counters {
   int64_t smem_store_wavefronts = 0;
   int64_t smem_load_requests = 0;
   int64_t smem_load_wavefronts = 0;
+  int64_t global_load_bytes = 0;   // requested by the threads (L1/L2 traffic; DRAM sees less)
+  int64_t global_store_bytes = 0;
 };
 const Counters& counters();
 

@@ -123,13 +123,20 @@ const char* emu_last_error() { return nft_emu::last_error().c_str(); }
 
 int emu_mutation() { return nft_cuda::kMutation; }
 
-// Counters of the last launch (emulator.h): mma instructions, completed block barriers, warp shuffles,
-// shared-memory store requests / wavefronts, load requests / wavefronts.
+// Counters of the last op (emulator.h): mma instructions, completed block barriers, warp shuffles,
+// shared-memory store requests / wavefronts, load requests / wavefronts, global bytes loaded / stored.
 void emu_counters(int64_t* out) {
   const nft_emu::Counters& c = nft_emu::counters();
-  const int64_t values[] = {c.mma, c.barriers, c.shfl, c.smem_store_requests, c.smem_store_wavefronts,
-                            c.smem_load_requests, c.smem_load_wavefronts};
-  for (int i = 0; i < 7; ++i) out[i] = values[i];
+  const int64_t values[] = {c.mma,
+                            c.barriers,
+                            c.shfl,
+                            c.smem_store_requests,
+                            c.smem_store_wavefronts,
+                            c.smem_load_requests,
+                            c.smem_load_wavefronts,
+                            c.global_load_bytes,
+                            c.global_store_bytes};
+  for (int i = 0; i < 9; ++i) out[i] = values[i];
 }
 
 // Shared-memory counters per access site of the last launch: out[3*i .. 3*i+2] = (store, requests,

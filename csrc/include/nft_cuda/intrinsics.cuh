@@ -11,6 +11,8 @@
 //   uint_as_float / float_as_uint    bit casts
 //   st_shared / ld_shared            shared-memory store / load (plain accesses; the emulator counts
 //                                    the bank conflicts of each warp access)
+//   st_global / ld_global            global store / load of the GEMM's operands (plain accesses; the
+//                                    emulator counts the bytes requested)
 //
 // Fragments (registers a[4], b[2], c[4] of one lane) follow the PTX ISA tables "Matrix fragments for
 // mma.m16n8k16 with floating point type" and "... mma.m16n8k8" (.tf32); the emulator implements those
@@ -39,6 +41,7 @@ uint16_t f32_to_f16_rn(float v);
 float bits_to_f32(uint32_t bits);
 uint32_t f32_to_bits(float v);
 void smem_access(const void* address, int bytes, bool store);  // the bank-conflict counter
+void global_access(int bytes, bool store);                       // the global-traffic counter
 }  // namespace nft_emu
 #endif
 
@@ -162,6 +165,22 @@ template <typename T>
 NFT_INTRINSIC T ld_shared(const T& src) {
 #if !defined(__CUDA_ARCH__)
   nft_emu::smem_access(&src, sizeof(T), false);
+#endif
+  return src;
+}
+
+template <typename T>
+NFT_INTRINSIC void st_global(T& dst, T v) {
+#if !defined(__CUDA_ARCH__)
+  nft_emu::global_access(sizeof(T), true);
+#endif
+  dst = v;
+}
+
+template <typename T>
+NFT_INTRINSIC T ld_global(const T& src) {
+#if !defined(__CUDA_ARCH__)
+  nft_emu::global_access(sizeof(T), false);
 #endif
   return src;
 }
