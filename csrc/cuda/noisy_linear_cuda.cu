@@ -181,7 +181,8 @@ at::Tensor snapshot_linear_cuda(const at::Tensor& act, int64_t pool, const at::T
   if (path == Path::kMaterialized) {
     return snapshot_linear_materialized(act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input);
   }
-  TORCH_CHECK(pool <= 0x7fffffff, "snapshot_linear: pool too large");
+  TORCH_CHECK(pool <= 0x7fffffff && d.h <= 0x7fffffff && d.w <= 0x7fffffff,
+              "snapshot_linear: pool and activation planes must be below 2^31 on CUDA");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor ac = act.contiguous();
   const at::Tensor wc = weight.contiguous();

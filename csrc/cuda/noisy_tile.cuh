@@ -180,11 +180,12 @@ struct PoolGeom {
 };
 
 // The pooling window of one snapshot column r (channel c, cell (pi, pj)): act rows [h0, h1), columns
-// [w0, w1) of plane c. count = 0 marks a column outside the snapshot.
+// [w0, w1) of plane c. count = 0 marks a column outside the snapshot. 32-bit bounds (the launcher
+// checks H, W < 2^31) keep the loader's registers low.
 struct PoolWindow {
   int64_t plane;  // c·H·W
-  int64_t h0, h1, w0, w1;
-  int64_t count;
+  int32_t h0, h1, w0, w1;
+  int32_t count;
 };
 
 __device__ __forceinline__ PoolWindow pool_window(const PoolGeom& g, int64_t col) {
@@ -195,10 +196,10 @@ __device__ __forceinline__ PoolWindow pool_window(const PoolGeom& g, int64_t col
   const int64_t cell = col - c * pp;
   const int64_t pi = cell / g.p, pj = cell - pi * g.p;
   wd.plane = c * g.h * g.w;
-  wd.h0 = (pi * g.h) / g.p;
-  wd.h1 = ((pi + 1) * g.h + (kMutation == 4 ? 0 : g.p - 1)) / g.p;  // PyTorch: ceil((pi + 1)·H / p)
-  wd.w0 = (pj * g.w) / g.p;
-  wd.w1 = ((pj + 1) * g.w + g.p - 1) / g.p;
+  wd.h0 = static_cast<int32_t>((pi * g.h) / g.p);
+  wd.h1 = static_cast<int32_t>(((pi + 1) * g.h + (kMutation == 4 ? 0 : g.p - 1)) / g.p);  // ceil((pi+1)·H/p)
+  wd.w0 = static_cast<int32_t>((pj * g.w) / g.p);
+  wd.w1 = static_cast<int32_t>(((pj + 1) * g.w + g.p - 1) / g.p);
   wd.count = (wd.h1 - wd.h0) * (wd.w1 - wd.w0);
   return wd;
 }
@@ -225,8 +226,9 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
     if (gm < rows && wd.count > 0) {
       const in_t* plane = act + gm * g.c * g.h * g.w + wd.plane;
       float sum = 0.0f;
-      for (int64_t h = wd.h0; h < wd.h1; ++h) {
-        for (int64_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(intr::ld_global(plane[h * g.w + w]));
+      for (int32_t h = wd.h0; h < wd.h1; ++h) {
+        const in_t* row = plane + h * g.w;
+        for (int32_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(intr::ld_global(row[w]));
       }
       v = sum / static_cast<float>(wd.count);
     }
