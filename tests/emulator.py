@@ -224,6 +224,8 @@ H200_MMA_FLOPS = {"bf16": 790e12, "fp16": 790e12, "tf32": 395e12}
 H200_LANE_OPS_PER_S = 132 * 128 * 1.98e9
 OPS_PER_NORMAL = 50
 LAUNCH_S = 2e-6  # per kernel launch (max|W|, GEMM, split reduction)
+# predicted = max|W| pass (W read once) + max(GEMM memory, tensor, noise) + launches; DRAM counts each
+# operand once (L2 holds the re-read W and A tiles) plus the split partials written and read back.
 
 REPORT_CASES = [
     # (label, op, mode, M or (B, C, H, W, p), N, K, S, shared)
@@ -252,6 +254,30 @@ def _case_tensors(op, mode, m, n, k, samples, shared):
     return a, torch.randn(n, k, generator=g) * 0.02, 0, m, k
 
 
+def predict(op: str, mode: str, a: torch.Tensor, w_numel: int, out: torch.Tensor, rows_m: int, n: int, red_k: int,
+            samples: int, shared: bool, parts: int) -> dict:
+    """H200 roofline prediction (seconds) of one fused GEMM op call: max|W| + max(memory, tensor, noise)."""
+    cols = red_k if mode == "backward" else n
+    flops = 2 * rows_m * n * red_k * samples
+    row_blocks = -(-rows_m // 64)
+    normals = samples * row_blocks * n * red_k  # each W tile regenerated once per row block
+    sample_blocks = 1 if mode == "backward" and shared else samples
+    partial = 0 if parts == 1 else 2 * 4 * parts * sample_blocks * rows_m * cols
+    dram = a.numel() * a.element_size() + w_numel * 4 + out.numel() * out.element_size() + partial
+    p = dict(t_max_abs=w_numel * 4 / H200_BYTES_PER_S,  # max|W| reads W once more, before the GEMM
+             t_mem=dram / H200_BYTES_PER_S, t_tc=flops / H200_MMA_FLOPS[op],
+             t_noise=normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S, dram=dram,
+             tiles=row_blocks * -(-cols // 64) * sample_blocks)
+    p["t"] = p["t_max_abs"] + max(p["t_mem"], p["t_tc"], p["t_noise"]) + (2 + (parts > 1)) * LAUNCH_S
+    p["bound"] = max((p["t_mem"], "memory"), (p["t_tc"], "tensor"), (p["t_noise"], "noise ALU"))[1]
+    return p
+
+
+def case_label(label, op, mode, m, n, k, samples) -> str:
+    shape = f"B,C,H,W={m[:4]} p={m[4]} N={n}" if mode == "pooled" else f"M={m} N={n} K={k}"
+    return f"{label} {op}, {shape} S={samples}"
+
+
 def report_rows(emu: "Emulator") -> list[dict]:
     rows = []
     for label, op, mode, m, n, k, samples, shared in REPORT_CASES:
@@ -260,38 +286,24 @@ def report_rows(emu: "Emulator") -> list[dict]:
         rng = torch.tensor([1, 2], dtype=torch.int64)
         out = emu.noisy_gemm(op, mode, a, w, None, rng, sig, 0.7, 2.0, shared_input=shared, pool=pool)
         c = emu.counters()
-        parts = emu.last_parts
-        cols = red_k if mode == "backward" else n
-        red = n if mode == "backward" else red_k
-        flops = 2 * rows_m * n * red_k * samples
-        row_blocks = -(-rows_m // 64)
-        normals = samples * row_blocks * n * red_k  # each W tile regenerated once per row block
-        partial = 0 if parts == 1 else 2 * 4 * parts * (1 if mode == "backward" and shared else samples) * rows_m * cols
-        dram = a.numel() * a.element_size() + w.numel() * 4 + out.numel() * out.element_size() + partial
-        t_mem = dram / H200_BYTES_PER_S
-        t_tc = flops / H200_MMA_FLOPS[op]
-        t_noise = normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S
-        launches = 2 + (parts > 1)
-        t = max(t_mem, t_tc, t_noise) + launches * LAUNCH_S
-        bound = max((t_mem, "memory"), (t_tc, "tensor"), (t_noise, "noise ALU"))[1]
-        shape = f"B,C,H,W={m[:4]} p={m[4]} N={n}" if mode == "pooled" else f"M={m} N={n} K={k}"
-        rows.append(dict(label=label, op=op, shape=f"{shape} S={samples}", red=red, parts=parts,
-                         tiles=row_blocks * -(-cols // 64) * (1 if mode == "backward" and shared else samples),
-                         mma=c["mma"], st=c["smem_store_wavefronts"] / max(c["smem_store_requests"], 1),
+        p = predict(op, mode, a, w.numel(), out, rows_m, n, red_k, samples, shared, emu.last_parts)
+        rows.append(dict(name=case_label(label, op, mode, m, n, k, samples), parts=emu.last_parts, mma=c["mma"],
+                         st=c["smem_store_wavefronts"] / max(c["smem_store_requests"], 1),
                          ld=c["smem_load_wavefronts"] / max(c["smem_load_requests"], 1),
-                         req_mb=(c["global_load_bytes"] + c["global_store_bytes"]) / 1e6, dram_mb=dram / 1e6,
-                         t_mem=t_mem * 1e6, t_tc=t_tc * 1e6, t_noise=t_noise * 1e6, t=t * 1e6, bound=bound))
+                         req_mb=(c["global_load_bytes"] + c["global_store_bytes"]) / 1e6, **p))
     return rows
 
 
 def report_markdown(rows: list[dict]) -> str:
     lines = ["| kernel, shape | tiles x parts | mma (emu) | smem wavefronts/req st / ld (emu) | global MB requested "
-             "(emu) | DRAM MB | memory / tensor / noise µs | predicted µs (bound) |",
+             "(emu) | DRAM MB | max\\|W\\| + GEMM memory / tensor / noise µs | predicted µs (GEMM bound) |",
              "|---|---|---|---|---|---|---|---|"]
+    us = 1e6
     for r in rows:
-        lines.append(f"| {r['label']} {r['op']}, {r['shape']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
-                     f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram_mb']:.1f} | "
-                     f"{r['t_mem']:.1f} / {r['t_tc']:.1f} / {r['t_noise']:.1f} | {r['t']:.1f} ({r['bound']}) |")
+        lines.append(f"| {r['name']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
+                     f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram'] / 1e6:.1f} | "
+                     f"{r['t_max_abs'] * us:.1f} + {r['t_mem'] * us:.1f} / {r['t_tc'] * us:.1f} / "
+                     f"{r['t_noise'] * us:.1f} | {r['t'] * us:.1f} ({r['bound']}) |")
     return "\n".join(lines)
 
 
