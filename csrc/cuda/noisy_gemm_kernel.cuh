@@ -153,7 +153,7 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
 // Grid: x over 64-row blocks, y over 64-column blocks, z over (sample block, part); each loops with
 // the grid stride, so a launch capped at 65535 in y and z still covers every tile.
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
-__global__ void __launch_bounds__(kThreads, 4)  // 4 blocks per SM: <= 128 registers
+__global__ void __launch_bounds__(kThreads)
     noisy_gemm_kernel(const x_t* __restrict__ a, int64_t a_sample_stride, const w_t* __restrict__ w,
                       const x_t* __restrict__ bias, x_t* __restrict__ out, float* __restrict__ partial,
                       int64_t m_rows, int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, int parts,
