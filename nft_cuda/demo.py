@@ -84,14 +84,14 @@ def _main(args) -> int:
 
 def check_out(out, methods: Sequence[str], overwrite: bool) -> None:
     """Refuse (ValueError, one line) an ``out`` that holds an earlier demo, unless ``overwrite``: its report
-    files, or a training run in a method's folder (:func:`nft_cuda.train.checkpoint.existing_run`)."""
-    from nft_cuda.train.checkpoint import existing_run
+    files, or a training run in a method's folder (:func:`nft_cuda.train.checkpoint.has_checkpoint`)."""
+    from nft_cuda.train.checkpoint import has_checkpoint
 
     if overwrite:
         return
     out = Path(out)
     found = [name for name in OUTPUTS if (out / name).exists()]
-    found += [f"{m}/{name}" for m in methods for name in existing_run(out / m)]
+    found += [f"a {m} run" for m in methods if has_checkpoint(out / m)]
     if found:
         raise ValueError(f"{out} already holds a demo ({', '.join(found)}): replace it with --overwrite, "
                          "or choose another --out")

@@ -46,7 +46,7 @@ def test_check_out_refuses_an_earlier_demo(tmp_path):
     check_out(tmp_path / "nothing", ["noise"], overwrite=False)
     (tmp_path / "a" / "ovf").mkdir(parents=True)
     (tmp_path / "a" / "ovf" / "checkpoint.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"already holds a demo \(ovf/checkpoint.pt\).*--overwrite"):
+    with pytest.raises(ValueError, match=r"already holds a demo \(a ovf run\).*--overwrite"):
         check_out(tmp_path / "a", ["noise", "ovf"], overwrite=False)
     check_out(tmp_path / "a", ["noise"], overwrite=False)  # another method's folder is not this demo's
     (tmp_path / "b").mkdir()
