@@ -126,7 +126,8 @@ def run_demo(methods: Sequence[str] = ("clean", "noise", "ovf", "irs"), *, sigma
     t_start = time.perf_counter()
     trained = {}
     for method in methods:
-        log(f"== training '{method}' at σ_d = {sigma:g} ({device_model}), {epochs} epochs, lr {lr:g}")
+        log(f"== training '{method}' at σ_d = {sigma:g} ({device_model}), {epochs} epoch{'s' * (epochs != 1)}, "
+            f"lr {lr:g}")
         config = TrainConfig(model="small", dataset="embedded", method=method, sigma=sigma, device_model=device_model,
                              epochs=epochs, lr=lr, seed=seed, device=device, out=os.path.join(out, method),
                              overwrite=True)
