@@ -23,6 +23,16 @@ def check_seed_int(name: str, value) -> int:
     return value
 
 
+def check_uint(name: str, value, bits: int) -> int:
+    """An int in [0, 2^bits) (e.g. a chip instance: bits=32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2^{bits}), got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
+    return value
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

@@ -55,19 +55,18 @@ gloo and the current CUDA device with NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nft_cuda import _args, ops
-from nft_cuda.conversion import noise_mode, noisy_layers
+from nft_cuda import _args
+from nft_cuda.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
-from nft_cuda.layers import NoisyModule
-from nft_cuda.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.variation import Variation
 
 __all__ = ["instance_logits", "monte_carlo"]
@@ -108,28 +107,17 @@ def _model_device(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-class _SavedState:
-    """Training flags of every module and noise state of every noisy layer, restored on exit."""
-
-    def __init__(self, model: nn.Module, layers: list[NoisyModule]):
-        self.training = [(m, m.training) for m in model.modules()]
-        self.layers = []
-        for layer in layers:
-            buf = layer._buffers.get("_instance_rng")
-            self.layers.append((layer, layer.variation, layer._mode, buf, None if buf is None else buf.clone(),
-                                layer.instance_seed, layer.instance, layer.layer_index, layer._sample_plan))
-
-    def restore(self) -> None:
-        for m, flag in self.training:
+@contextlib.contextmanager
+def _kept_state(model: nn.Module):
+    """The model's noisy layers for the block; every module's training flag and every noisy layer's
+    noise state restored on exit."""
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        with kept_noise_state(model) as layers:
+            yield layers
+    finally:
+        for m, flag in training:
             m.training = flag
-        for layer, var, mode, buf, values, iseed, inst, index, plan in self.layers:
-            if buf is not None:
-                buf.copy_(values)
-            layer._buffers["_instance_rng"] = buf
-            layer._variation = var
-            layer._mode = mode
-            layer.instance_seed, layer.instance, layer.layer_index = iseed, inst, index
-            layer._sample_plan = plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,74 +202,13 @@ def _clean_pass(model: nn.Module, loader, device: torch.device):
     return torch.cat(labels), int(correct), float(conf_sum), classes
 
 
-def _group_weights(layers, var: Variation, seed: int, r0: int, samples: int) -> list[torch.Tensor]:
-    """Noisy weights [S, *W] of instances r0 .. r0+S-1 for every noisy layer: layer ℓ uses rng
-    (seed, (ℓ << 32) | r0) and stream offset + t for instance r0 + t (DESIGN §2) — the very call a noisy
-    layer makes in a sample-plan forward (``ops.perturb(weight, variation, rng, samples, sigmas)``)."""
-    out = []
-    for ell, layer in enumerate(layers):
-        dev = layer.weight.device
-        sig = torch.full((samples,), var.sigma, dtype=torch.float32, device=dev)
-        rng = _args.make_rng(seed, (ell << 32) | r0, dev)
-        out.append(ops.perturb(layer.weight.detach(), var, rng=rng, samples=samples, sigmas=sig))
-    return out
+def _check_layer_types(layers) -> None:
+    for layer in layers:
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
 
 
-def _apply(layer: NoisyModule, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The layer's forward with weight ``w``: what its noisy forward computes once W_noisy is drawn."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, w, layer.bias)
-    return layer._conv_forward(x, w, layer.bias)
-
-
-class _FixedNoise:
-    """Context manager: every noisy layer computes with the precomputed noisy weights of a group of S
-    instances, drawn once for the whole loader instead of once per batch.
-
-    fold=True: the batch axis holds S chunks ([S·B, ...]), chunk t uses instance t's weight (as a
-    sample-plan forward, :mod:`nft_cuda.sample_axis`); fold=False: the forward uses instance ``self.t``.
-    Either way each instance's rows go through the same operations on the same shapes as a
-    one-instance forward."""
-
-    _MISSING = object()
-
-    def __init__(self, layers, weights, fold: bool):
-        for layer in layers:
-            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
-        self.layers, self.weights, self.fold, self.t = layers, weights, fold, 0
-        self.saved = []
-
-    def _forward(self, layer, w):
-        samples = w.shape[0]
-
-        def forward(x):
-            if not self.fold:
-                return _apply(layer, x, w[self.t])
-            if x.shape[0] % samples:
-                raise ValueError(f"a batch of {x.shape[0]} rows cannot hold {samples} instances")
-            outs = [_apply(layer, chunk, w[t]) for t, chunk in enumerate(x.chunk(samples, dim=0))]
-            return outs[0] if samples == 1 else torch.cat(outs, dim=0)
-
-        return forward
-
-    def __enter__(self):
-        for layer, w in zip(self.layers, self.weights):
-            self.saved.append((layer, layer.__dict__.get("forward", self._MISSING)))
-            layer.forward = self._forward(layer, w)
-        return self
-
-    def __exit__(self, *exc):
-        for layer, prev in self.saved:
-            if prev is self._MISSING:
-                del layer.forward
-            else:
-                layer.forward = prev
-        self.saved.clear()
-        return False
-
-
-def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var, seed, r0: int, samples: int,
+def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed, r0: int, samples: int,
                 fold: bool):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
     of device scalars and feeds the probabilities to ``ekl``."""
@@ -290,31 +217,35 @@ def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var,
     mismatch = torch.zeros((), dtype=torch.bool, device=device)
     start = 0
     n = labels.shape[0]
-    weights = _group_weights(layers, var, seed, r0, samples)
-    with _FixedNoise(layers, weights, fold) as noise:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            b = y.shape[0]
-            if start + b > n:
-                raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
-                                 "inputs in the same order on every pass (no shuffling)")
-            mismatch |= (y != labels[start:start + b]).any()
-            if fold:
+    # The group's noisy weights, drawn once for the whole loader (not once per batch) and carried by
+    # the layers' sample plans: folded, chunk t of the batch axis uses instance r0 + t; unfolded, the
+    # forward of instance r0 + t uses that instance's one-sample plan.
+    plans = instance_plans(layers, seed, r0, samples, draw=True)
+    one = [{layer: plan.select(t) for layer, plan in plans.items()} for t in range(samples)]
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        b = y.shape[0]
+        if start + b > n:
+            raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
+                             "inputs in the same order on every pass (no shuffling)")
+        mismatch |= (y != labels[start:start + b]).any()
+        if fold:
+            with sample_plan(model, plans, samples):
                 logits = _logits(model, _repeat(x, samples))
-                chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
-            else:
-                chunks = []
-                for t in range(samples):
-                    noise.t = t
+            chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
+        else:
+            chunks = []
+            for t in range(samples):
+                with sample_plan(model, one[t], 1):
                     chunks.append(_logits(model, x))
-            for t, lt in enumerate(chunks):
-                p = torch.softmax(lt.to(torch.float64), dim=-1)
-                correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
-                c = p.amax(-1).sum()
-                conf[t] = c if conf[t] is None else conf[t] + c
-                ekl.update(r0 + t, p, start)
-            start += b
+        for t, lt in enumerate(chunks):
+            p = torch.softmax(lt.to(torch.float64), dim=-1)
+            correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
+            c = p.amax(-1).sum()
+            conf[t] = c if conf[t] is None else conf[t] + c
+            ekl.update(r0 + t, p, start)
+        start += b
     if start != n or bool(mismatch):
         raise ValueError("the loader did not yield the same labels in the same order as on its first pass: "
                          "monte_carlo needs a deterministic loader (shuffle=False)")
@@ -338,27 +269,16 @@ def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instan
     seed = _args.check_seed_int("seed", seed)
     if instances.start < 0 or instances.stop > 2**32:
         raise ValueError(f"instances must lie in [0, 2^32), got {instances!r}")
-    layers = [m for _, m in noisy_layers(model)]
-    if not layers:
+    if not noisy_layers(model):
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
-    state = _SavedState(model, layers)
-    try:
+    with _kept_state(model) as layers:
         if variation is not None:
             for layer in layers:
-                layer._variation = variation
-        plans = {}
-        for ell, layer in enumerate(layers):
-            if layer.variation is None:
-                raise ValueError("every noisy layer needs a variation (or pass variation=)")
-            dev = layer.weight.device
-            sig = torch.full((len(instances),), layer.variation.sigma, dtype=torch.float32, device=dev)
-            plans[layer] = (_args.make_rng(seed, (ell << 32) | instances.start, dev), sig)
+                layer.variation = variation
         s, b = len(instances), inputs.shape[0]
-        with sample_plan(model, plans, s):
+        with sample_plan(model, instance_plans(layers, seed, instances.start, s), s):
             out = _logits(model, _repeat(inputs, s))
         return out.view(s, b, out.shape[-1])
-    finally:
-        state.restore()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,11 +340,11 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
     if len(layers) >= 2**31:
         raise ValueError("too many noisy layers")
+    _check_layer_types(layers)
     device = _model_device(model, device)
     comm = _Comm(distributed, group)
 
-    state = _SavedState(model, layers)
-    try:
+    with _kept_state(model):
         model.eval()
         if fold is None:
             fold = device.type == "cuda"
@@ -441,7 +361,7 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
             results = []
             for var in variations:
                 for layer in layers:
-                    layer._variation = var
+                    layer.variation = var
                 if var.sigma == 0.0:
                     per_acc = [clean_acc] * runs
                     conf = exact_mean([clean_conf] * runs, runs * n)
@@ -455,8 +375,6 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
                 res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc,
                             "per_instance_accuracy": per_acc})
                 results.append(res)
-    finally:
-        state.restore()
     return results
 
 
@@ -489,7 +407,7 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
                 lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
                 for r0 in range(lo, hi, samples):
                     s = min(samples, hi - r0)
-                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, var, seed, r0, s, fold)
+                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, seed, r0, s, fold)
                     for t in range(s):
                         local[r0 + t] = [correct[t], conf[t]]
                     if bar is not None:
