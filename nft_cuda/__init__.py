@@ -12,8 +12,8 @@ if _ext.HAS_C:
 
 from nft_cuda import ops, reference, rng
 from nft_cuda.variation import PRESETS, Variation
-from nft_cuda.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
-from nft_cuda.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
+from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
+from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 from collections.abc import Sequence
@@ -120,3 +121,51 @@ def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.dev
             raise ValueError(f"sigmas must have length samples={samples}, got {len(values)}")
         return torch.tensor(values, dtype=torch.float32).to(device)
     raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(sigmas).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line argument types (argparse ``type=``), shared by every ``nft`` command
+# --------------------------------------------------------------------------------------------------
+
+
+def float_arg(minimum: float | None = None, strict: bool = False):
+    """An argparse type: a finite float ``>= minimum`` (``> minimum`` when ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def int_arg(minimum: int, maximum: int | None = None, why: str = ""):
+    """An argparse type: an int in [minimum, maximum) (``why`` explains the lower bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}{why}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}{why}")
+        if maximum is not None and value >= maximum:
+            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
+        return value
+
+    return parse
+
+
+def floats_arg(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers >= 0 (e.g. OVF's deltas ``0.15,0.10,0.05``)."""
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
+    parse = float_arg(0.0)
+    return tuple(parse(p) for p in parts)

@@ -10,27 +10,23 @@ Errors print one line ``nft: error: ...`` on stderr and exit with a non-zero sta
 arguments, 1 for failures, 130 when interrupted); ``--debug`` (before or after the command) shows the
 traceback instead.
 
-Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and every module
-named in :data:`PLUGIN_MODULES` that can be imported (e.g. ``nft_cuda.eval.cli`` for ``nft eval`` /
-``nft demo``) is asked to ``register(subparsers)``: it adds its parsers with
-``subparsers.add_parser(name, help=...)`` and sets ``func`` (a callable taking the parsed
-``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``.
-``--debug`` is added to every command by this module; errors raised by ``func`` are reported as above.
+Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and
+:func:`build_parser` adds the commands of ``nft_cuda.eval.cli`` (``nft eval`` / ``nft demo``) with its
+``register(subparsers)``. Each command sets ``func`` (a callable taking the parsed ``argparse.Namespace``
+and returning an exit status or None) with ``set_defaults(func=...)``. ``--debug`` is added to every
+command by this module; errors raised by ``func`` are reported as above.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-__all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "train_config_from_args"]
+from nft_cuda import _args
 
-#: Modules that may add commands with ``register(subparsers)``; skipped when not installed.
-PLUGIN_MODULES: list[str] = ["nft_cuda.eval.cli"]
-
+__all__ = ["COMMANDS", "build_parser", "main", "train_config_from_args"]
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``nft: error: <what> (see '<prog> --help')``."""
@@ -45,40 +41,10 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------------
 
 
-def _float(minimum: float | None = None, strict: bool = False):
-    def parse(text: str) -> float:
-        import math
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if minimum is not None and (value <= minimum if strict else value < minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
-        return value
-    return parse
-
-
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-    return parse
-
-
-def _deltas(text: str) -> tuple[float, ...]:
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    if not parts:
-        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
-    parse = _float(0.0)
-    return tuple(parse(p) for p in parts)
+# One set of validators for every command (nft_cuda._args); the short names keep the parsers readable.
+_float = _args.float_arg
+_int = _args.int_arg
+_deltas = _args.floats_arg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,25 +199,6 @@ def _run_fetch(args: argparse.Namespace) -> int:
 COMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("data", _add_data)]
 
 
-def _load_plugins(subparsers) -> None:
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
-                continue  # not installed: no such command
-            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {exc}\n")
-            continue
-        except Exception as exc:  # a broken plugin must not take `nft train` down with it
-            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {type(exc).__name__}: {exc}\n")
-            continue
-        register = getattr(module, "register", None)
-        if register is None:
-            sys.stderr.write(f"nft: warning: {name} has no register(subparsers) function\n")
-            continue
-        register(subparsers)
-
-
 def _add_debug(parser: argparse.ArgumentParser) -> None:
     if "--debug" not in parser._option_string_actions:
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -263,7 +210,7 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nft`` parser: built-in commands, then the plugins' (see the module docstring)."""
+    """The ``nft`` parser: the commands of :data:`COMMANDS`, then eval's (see the module docstring)."""
     from nft_cuda import __version__
 
     parser = _Parser(prog="nft", description="nft_cuda: Negative Feedback Training (OVF / IRS) and robustness "
@@ -273,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for _, add in COMMANDS:
         add(subparsers)
-    _load_plugins(subparsers)
+    from nft_cuda.eval.cli import register as register_eval_commands  # nft eval, nft demo
+
+    register_eval_commands(subparsers)
     _add_debug(parser)
     return parser
 

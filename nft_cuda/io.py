@@ -19,7 +19,7 @@ import tempfile
 import torch
 import torch.nn as nn
 
-from nft_cuda.conversion import convert, noisy_layers
+from nft_cuda.nn.conversion import convert, noisy_layers
 from nft_cuda.variation import Variation
 
 __all__ = ["MODEL_FORMAT", "atomic_save", "load_model", "save_model", "safe_load"]

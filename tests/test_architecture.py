@@ -79,3 +79,83 @@ def test_the_rules_catch_what_they_should(tmp_path):
 @pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_module_touches_another_objects_private_state(path):
     assert _violations(path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiers: ops → nn → train / eval → cli (docs/architecture.md). A module may import its own tier or a
+# lower one, never a higher one.
+# --------------------------------------------------------------------------------------------------
+
+#: Module (or package prefix) → tier. The longest matching prefix wins.
+TIERS = {
+    # 0 ops: the compiled ops, their Python face and the plumbing everything shares
+    "nft_cuda._C": 0, "nft_cuda._ext": 0, "nft_cuda._args": 0, "nft_cuda._autograd": 0,
+    "nft_cuda._registrations": 0, "nft_cuda._files": 0, "nft_cuda.distributed": 0, "nft_cuda.variation": 0,
+    "nft_cuda.reference": 0, "nft_cuda.rng": 0, "nft_cuda.ops": 0,
+    # 1 nn: noisy layers, conversion, sample axis, models and their files; the datasets
+    "nft_cuda": 1, "nft_cuda.nn": 1, "nft_cuda.layers": 1, "nft_cuda.conversion": 1, "nft_cuda.sample_axis": 1,
+    "nft_cuda.models": 1, "nft_cuda.io": 1, "nft_cuda.data": 1,
+    # 2 train / eval
+    "nft_cuda.train": 2, "nft_cuda.eval": 2,
+    # 3 the command line
+    "nft_cuda.cli": 3, "nft_cuda.__main__": 3, "nft_cuda.eval.cli": 3, "nft_cuda.demo": 3,
+}
+
+
+def _tier(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in TIERS:
+            return TIERS[prefix]
+    raise AssertionError(f"module {module} has no tier: add it to TIERS (and docs/architecture.md)")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, module) of every nft_cuda import of a file, at any depth (function-level ones included);
+    ``from nft_cuda import x`` counts as importing nft_cuda.x when that is a module, else nft_cuda."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "nft_cuda"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "nft_cuda":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                where = ROOT / sub.replace(".", "/")
+                is_module = sub in TIERS or where.is_dir() or any(where.parent.glob(where.name + ".*"))
+                out.append((node.lineno, sub if is_module else node.module))
+    return out
+
+
+PACKAGE_FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_from_a_higher_tier(path):
+    me = _module_name(path)
+    mine = _tier(me)
+    upward = [f"{me} (tier {mine}) imports {mod} (tier {_tier(mod)}) at line {line}"
+              for line, mod in _imports(path) if _tier(mod) > mine]
+    assert upward == []
+
+
+def test_the_tier_check_sees_an_upward_import(tmp_path):
+    probe = PACKAGE / "nn" / "layers.py"
+    assert _tier(_module_name(probe)) == 1
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from nft_cuda.eval.run import evaluate\n")
+    assert [mod for _, mod in _imports(fake)] == ["nft_cuda.eval.run"]
+    assert _tier("nft_cuda.eval.run") == 2 > _tier("nft_cuda.nn.layers")
+
+
+def test_no_importlib_plugin_loading():
+    users = [str(p.relative_to(ROOT)) for p in PACKAGE_FILES if "importlib.import_module" in p.read_text()]
+    assert users == []

@@ -1,4 +1,4 @@
-"""``nft eval`` and ``nft demo`` (registered into the ``nft`` CLI by nft_cuda.cli's plugin hook).
+"""``nft eval`` and ``nft demo`` (registered into the ``nft`` CLI by nft_cuda.cli).
 
 ``nft eval CHECKPOINT [CHECKPOINT ...]`` runs the Monte-Carlo evaluation of exported models over a
 σ_d sweep and writes JSON / CSV / PNG. Under ``torchrun --nproc_per_node=K -m nft_cuda eval ...``
@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+from nft_cuda import _args
 
 __all__ = ["parse_sigmas", "register"]
 
@@ -46,23 +48,7 @@ def parse_sigmas(text: str) -> list[float]:
     return values
 
 
-def _int_in(minimum: int, maximum: int | None = None, why: str = ""):
-    """An argparse type: an int in [minimum, maximum) (``why`` explains the lower bound)."""
-    from nft_cuda.cli import _int
-
-    at_least = _int(minimum)
-
-    def parse(text: str) -> int:
-        try:
-            value = at_least(text)
-        except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"{exc}{why}") from None
-        if maximum is not None and value >= maximum:
-            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
-        return value
-
-    return parse
-
+_int_in = _args.int_arg  # nft_cuda._args: one set of validators for every command
 
 _runs = _int_in(2, why=" (a standard deviation needs two instances)")
 _positive_int = _int_in(1)

@@ -10,7 +10,7 @@ Chip instances. Instance r of noisy layer ℓ (ℓ = its position among the nois
 
 Batched instances. Instances are evaluated in groups of S = ``instances_per_pass`` consecutive instances
 r0 .. r0+S-1, one pass over the loader per group. The group's noisy weights are drawn once per pass,
-for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.sample_axis`):
+for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.nn.sample_axis`):
 ``ops.perturb(W, variation, rng=(seed, (ℓ << 32) | r0), samples=S, sigmas=[σ_d] × S)``, whose stream
 offset + t is instance r0 + t — instead of once per batch, as a noisy layer in instance mode would. Then,
 per batch, either the S instances are folded into the batch axis (``fold=True``: the batch repeated S
@@ -20,7 +20,7 @@ the same operations on the same shapes as a one-instance forward, so the per-ins
 depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerances, not always bit for
 bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
 with modules that may mix rows of the batch
-(:func:`nft_cuda.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
+(:func:`nft_cuda.nn.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
 identity) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
@@ -64,9 +64,9 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
-from nft_cuda.conversion import kept_noise_state, noise_mode, noisy_layers
+from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
-from nft_cuda.sample_axis import instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.variation import Variation
 
 __all__ = ["instance_logits", "monte_carlo"]
@@ -308,7 +308,7 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         fold: fold the S instances of a pass into the batch axis (one forward of S·B rows per batch)
             rather than S forwards of B rows. Default: fold on CUDA (bigger kernels), not on CPU (where
             the S-times larger activations leave the caches and cost ~30% more per instance). Models
-            that cannot be folded (:func:`~nft_cuda.sample_axis.unbatchable_modules`) are evaluated one
+            that cannot be folded (:func:`~nft_cuda.nn.sample_axis.unbatchable_modules`) are evaluated one
             instance per forward, with one warning when folding was asked for. Does not change the
             results.
         distributed: shard instances over the ranks of ``group`` (default: when torch.distributed is

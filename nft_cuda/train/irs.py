@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import ops
-from nft_cuda.conversion import noise_mode
-from nft_cuda.layers import NoisyLinear
+from nft_cuda.nn.conversion import noise_mode
+from nft_cuda.nn.layers import NoisyLinear
 from nft_cuda.variation import Variation
 
 __all__ = ["IRSHead", "IRSModel"]

@@ -172,7 +172,7 @@ def evaluate(model: nn.Module, loader, device, noise: str = "off", *, seed: int 
     """
     from tqdm.auto import tqdm
 
-    from nft_cuda.conversion import noise_mode
+    from nft_cuda.nn.conversion import noise_mode
 
     device = torch.device(device)
     net = _backbone(model)
@@ -198,7 +198,7 @@ def export_backbone(model: nn.Module, method, spec: dict) -> nn.Module:
     """A fresh plain copy of the trained backbone for export (CPU): ``build_model`` + ``convert`` with
     the method's variation, the backbone's weights loaded, noise mode train. The training model is
     left untouched (an IRS model keeps its hooks and heads)."""
-    from nft_cuda.conversion import convert
+    from nft_cuda.nn.conversion import convert
     from nft_cuda.models import build_model
 
     kwargs = {k: v for k, v in spec.items() if k != "name"}

@@ -1,0 +1,693 @@
+"""Drop-in noisy layers: :class:`NoisyLinear`, :class:`NoisyConv1d`, :class:`NoisyConv2d` (DESIGN §2, §3, §4.4, §5).
+
+Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
+included, same parameters and ``state_dict`` keys) and adds:
+
+* ``variation``: the :class:`~nft_cuda.Variation` of the layer (a plain attribute, not a parameter);
+* ``mode``: the noise mode (DESIGN §2 "When noise is drawn"):
+
+  - ``"train"``: a fresh draw on every forward call. The layer draws its rng tensor int64[2] =
+    (seed, offset) with ``torch.randint`` on the weight's device from torch's default generator, or from
+    ``generator`` when one is set, so ``torch.manual_seed`` reproduces a run, nothing synchronises with
+    the host and a captured CUDA graph draws fresh noise on every replay;
+  - ``"instance"``: one fixed draw per chip instance: layer ℓ (``layer_index``, its position among the
+    noisy layers of the model in ``named_modules()`` order) of instance r uses
+    (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward;
+  - ``"off"``: the clean weight (plain ``F.linear`` / ``F.conv``).
+
+  The noise mode is independent of ``module.training``: robustness evaluation runs noisy layers in
+  ``eval()`` mode.
+* ``generator``: an optional ``torch.Generator`` (on the weight's device) for the train-mode draws.
+
+The noise of a forward is exactly ``nft_cuda.ops.perturb(weight, variation, rng=rng)[0]`` for that
+forward's rng. The noisy weight is a temporary of the forward: backward saves only the inputs, the
+(clean) weight parameter and the rng tensor, and regenerates the noisy weight from the rng (DESIGN §3).
+The weight gradient is straight-through (DESIGN §2): dL/dW = dL/dW_noisy, e.g. gᵀx for a linear layer.
+Double backward raises a RuntimeError. Under ``torch.autocast`` the weight is perturbed in its own dtype
+and the matmul/convolution runs in the autocast dtype, as ``F.linear``/``F.conv2d`` would.
+
+A layer constructed without a variation has mode ``"off"`` (a plain layer); asking for ``"train"`` or
+``"instance"`` without a variation raises ValueError.
+
+Every mode traces under ``torch.compile(fullgraph=True)`` without graph breaks (autocast included); the
+compiled graph, too, saves only the rng and regenerates the noise in backward. (On CPU with torch 2.14
+the compiled and eager draws are the same for one ``torch.manual_seed``; inductor does not promise that
+for random ops in general, only reproducibility of each.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nft_cuda import _args, _ext, ops
+from nft_cuda._autograd import once_differentiable
+from nft_cuda.variation import Variation
+
+__all__ = ["MODES", "NoiseState", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule", "SamplePlan",
+           "instance_offset"]
+
+#: Noise modes of a noisy layer.
+MODES = ("train", "instance", "off")
+
+_DOUBLE_BACKWARD_MSG = (
+    b"nft_cuda noisy layers do not support double backward: their backward regenerates the noise and "
+    b"is differentiable only once (the straight-through weight gradient has no second derivative)"
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise: exactly nft_cuda.ops.perturb (traced by torch.compile without a graph break).
+# --------------------------------------------------------------------------------------------------
+
+
+def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation) -> torch.Tensor:
+    """W_noisy [*weight.shape] = ``ops.perturb(weight, variation, rng=rng, samples=1)[0]`` (detached)."""
+    return ops.perturb(weight.detach(), variation, rng=rng)[0]
+
+
+def _noisy_weights(weight: torch.Tensor, rng: torch.Tensor, variation: Variation,
+                   sigmas: torch.Tensor | None) -> torch.Tensor:
+    """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
+    if sigmas is None:
+        return ops.perturb(weight.detach(), variation, rng=rng)
+    return ops.perturb(weight.detach(), variation, rng=rng, samples=sigmas.shape[0], sigmas=sigmas)
+
+
+def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
+    """The S chunks of a tensor whose batch axis holds S samples of B rows each ([S·B, ...])."""
+    if samples == 1:
+        return [t]
+    if t.shape[0] % samples:
+        raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+                         f"{samples}, got {t.shape[0]}")
+    return list(t.chunk(samples, dim=0))
+
+
+def _per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tensor:
+    """``fn(weights[t], chunk t of each tensor in batched)`` for the S = len(weights) samples, concatenated
+    along the batch axis (the per-sample loop of every sample-axis forward and backward). Each chunk goes
+    through the same operations on the same shapes as a one-sample call, so results do not depend on S."""
+    samples = weights.shape[0]
+    parts = [_split_samples(t, samples) for t in batched]
+    outs = []  # a plain loop: a comprehension would make the caller's weights a cell dynamo cannot `del`
+    for t in range(samples):
+        outs.append(fn(weights[t], *[p[t] for p in parts]))
+    return outs[0] if samples == 1 else torch.cat(outs, dim=0)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
+    device_type = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    if t is None or dtype is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
+class _NoisyLinearFn(torch.autograd.Function):
+    """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved).
+
+    With ``sigmas`` (float32 [S]) the batch axis of x holds S samples of B rows each and chunk t is
+    multiplied by the noisy weight of stream offset + t at σ_d = sigmas[t] (the sample axis of OVF and
+    batched Monte-Carlo instances); each chunk is the same computation as a one-sample forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
+        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+        xc = _cast(x, compute_dtype)
+        bc = _cast(bias, compute_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            w_noisy = _cast(w_noisy, compute_dtype)
+            out = _per_sample(lambda w, chunk: F.linear(chunk, w, bc), w_noisy, xc)
+        del w_noisy
+        ctx.save_for_backward(xc, weight, rng, sigmas)
+        ctx.variation = variation
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, weight, rng, sigmas = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
+        g = grad_out.to(c_dtype)
+        gx = gw = gb = None
+        with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
+                gx = _per_sample(lambda w, chunk: torch.matmul(chunk, w), w_noisy, g).to(x_dtype)
+                del w_noisy
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[1]:
+                # Straight-through: dL/dW = Σ_samples dL/dW_noisy = gᵀx over every row; needs no weight.
+                gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+            if b_dtype is not None and ctx.needs_input_grad[2]:
+                gb = g2.sum(0).to(b_dtype)
+        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
+        return gx, gw, gb, None, None, None, None
+
+
+#: NoisyLinear on CUDA uses the fused variation-sampled matmul (ops.noisy_linear: noise generated inside the
+#: GEMM's weight-tile loads) when each sample has at most this many rows and the compute dtype has a fused
+#: tensor-core kernel (bf16/fp16 with an fp32 or same-dtype weight; fp32 weight and input with TF32 allowed).
+#: Above it the fused kernel regenerates each weight tile for every 64-row block of the input and is bound by
+#: noise generation (DESIGN §4.2 cost model), so perturbing once and calling cuBLAS wins. Both paths give the
+#: same noise for one rng; only the GEMM rounding differs.
+FUSED_LINEAR_MAX_ROWS = 256
+
+#: The fused kernels compile (tensor-core SASS checked in CI) but have not yet run on a GPU, so
+#: NoisyLinear routes to them only when NFT_CUDA_FUSED_LINEAR=1 until a GPU check verifies them
+#: (benchmarks/gpu_check.sh; see benchmarks/RESULTS.md). ops.noisy_linear itself always uses them.
+FUSED_LINEAR_ENABLED = os.environ.get("NFT_CUDA_FUSED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype) -> bool:
+    """Whether a CUDA NoisyLinear forward takes the fused path (see FUSED_LINEAR_MAX_ROWS)."""
+    if not FUSED_LINEAR_ENABLED or x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
+        return False
+    if compute_dtype is None and x.dtype != weight.dtype:
+        return False  # as nn.Linear: mismatched dtypes go to F.linear, which raises
+    dtype = compute_dtype if compute_dtype is not None else x.dtype
+    if dtype in (torch.bfloat16, torch.float16):
+        if weight.dtype not in (torch.float32, dtype):
+            return False
+    elif dtype == torch.float32:
+        if weight.dtype != torch.float32 or not ops.tf32_allowed():
+            return False
+    else:
+        return False
+    if x.dim() == 0:
+        return False
+    rows = 1
+    for size in x.shape[:-1]:
+        rows *= size
+    return rows <= FUSED_LINEAR_MAX_ROWS * samples
+
+
+def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
+    """NoisyLinear's forward through ops.noisy_linear (autograd registered with the op: it saves x, the
+    clean weight and rng only). The sample axis of a sample plan is the leading chunking of x's batch."""
+    xc = _cast(x, compute_dtype)
+    bc = _cast(bias, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if sigmas is None:
+            return ops.noisy_linear(xc, weight, bc, variation, rng=rng)[0]
+        samples = sigmas.shape[0]
+        if xc.dim() < 2 or xc.shape[0] % samples:
+            raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+                             f"{samples}, got {xc.shape[0] if xc.dim() else 0}")
+        xs = xc.reshape(samples, xc.shape[0] // samples, *xc.shape[1:])
+        out = ops.noisy_linear(xs, weight, bc, variation, rng=rng, samples=samples, sigmas=sigmas,
+                               shared_input=False)
+        return out.reshape(xc.shape[0], *out.shape[2:])
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+
+
+class _NoisyConvFn(torch.autograd.Function):
+    """y = conv(x, W_noisy, b) with W_noisy regenerated in backward (never saved). x is pre-padded
+    for non-zero padding modes and string paddings, so ``padding`` is a tuple of ints here.
+    ``sigmas`` adds a sample axis as in :class:`_NoisyLinearFn`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding,
+                dilation, groups):
+        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+        xc = _cast(x, compute_dtype)
+        bc = _cast(bias, compute_dtype)
+        conv = _CONV[weight.dim() - 2]
+        with torch.autocast(x.device.type, enabled=False):
+            w_noisy = _cast(w_noisy, compute_dtype)
+            out = _per_sample(lambda w, chunk: conv(chunk, w, bc, stride, padding, dilation, groups), w_noisy, xc)
+        del w_noisy
+        ctx.save_for_backward(xc, weight, rng, sigmas)
+        ctx.variation = variation
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xc, weight, rng, sigmas = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
+        stride, padding, dilation, groups = ctx.conv
+        need_x = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = b_dtype is not None and ctx.needs_input_grad[2]
+        gx = gw = gb = None
+        if need_x or need_w or need_b:
+            g = grad_out.to(c_dtype)
+            conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
+            with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
+                if need_w or need_b:
+                    # Straight-through: the weight gradient does not depend on the weight's values and
+                    # sums over every row of every sample, so one call over the whole batch serves all.
+                    _, gw, gb = torch.ops.aten.convolution_backward(
+                        g, xc, weight.detach().to(c_dtype), [weight.shape[0]] if need_b else None, *conv_args,
+                        [False, need_w, need_b])
+                    gw = gw.to(w_dtype) if need_w else None
+                    gb = gb.to(b_dtype) if need_b else None
+                if need_x:
+                    w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
+
+                    def input_grad(w, gc, xs):
+                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args,
+                                                                   [True, False, False])[0]
+
+                    gx = _per_sample(input_grad, w_noisy, g, xc).to(x_dtype)
+                    del w_noisy
+        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
+        return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------------------
+
+
+def instance_offset(layer_index: int, instance: int) -> int:
+    """The stream offset of chip instance r of noisy layer ℓ: (ℓ << 32) | r (DESIGN §2). The one place
+    this formula is written: instance mode, :func:`nft_cuda.set_instance` and Monte-Carlo plans use it."""
+    layer_index = _args.check_uint("layer_index", layer_index, 31)
+    instance = _args.check_uint("instance", instance, 32)
+    return (layer_index << 32) | instance
+
+
+def _check_mode(mode) -> str:
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str, one of {', '.join(MODES)}; got {type(mode).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unknown noise mode '{mode}'; choose one of {', '.join(MODES)}")
+    return mode
+
+
+class SamplePlan(NamedTuple):
+    """The noise of a layer's following forwards, set by :meth:`NoisyModule.set_sample_plan`.
+
+    The batch axis holds S = len(sigmas) chunks; chunk t uses stream t of ``rng`` (offset + t) at
+    σ_d = ``sigmas[t]``. ``weights`` [S, *weight.shape], when given, are those S noisy weights drawn in
+    advance (:meth:`NoisyModule.noisy_weights`), so a Monte-Carlo pass draws them once for a whole test
+    set instead of once per batch; the forward then uses them as they are (no weight gradient).
+    """
+
+    rng: torch.Tensor
+    sigmas: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.sigmas.shape[0]
+
+    def select(self, t: int) -> "SamplePlan":
+        """The one-sample plan of sample t (stream offset + t)."""
+        rng = torch.stack((self.rng[0], self.rng[1] + t))
+        weights = None if self.weights is None else self.weights[t:t + 1]
+        return SamplePlan(rng, self.sigmas[t:t + 1], weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseState:
+    """A snapshot of a layer's noise settings (:meth:`NoisyModule.noise_state`), restored by
+    :meth:`NoisyModule.restore_noise_state`. The instance rng buffer is kept as the same tensor object
+    (a captured graph may hold it) together with a copy of its values."""
+
+    variation: Variation | None
+    mode: str
+    layer_index: int
+    instance_seed: int | None
+    instance: int | None
+    instance_rng: torch.Tensor | None
+    instance_rng_values: torch.Tensor | None
+    sample_plan: SamplePlan | None
+
+
+class NoisyModule(nn.Module):
+    """Noise state shared by the noisy layers (a mixin; see the module docstring).
+
+    Attributes:
+        variation: :class:`~nft_cuda.Variation` or None (then the mode is ``"off"``).
+        mode: ``"train"``, ``"instance"`` or ``"off"``.
+        generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
+        layer_index: ℓ, the layer's position among the noisy layers of its model (set by
+            :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`; 0 for a lone layer).
+        instance_seed, instance: the (seed, r) of the last :meth:`set_instance`, or None.
+        sample_plan: the :class:`SamplePlan` overriding the noise of the next forwards, or None.
+
+    The noise state (all of the above but ``generator``) is read with :meth:`noise_state`, put back
+    with :meth:`restore_noise_state`, and kept over a block with ``with layer.kept_noise_state(): ...``.
+    """
+
+    def _init_noise(self, variation, mode, generator) -> None:
+        self._variation = None
+        self._mode = "off"
+        self.variation = variation
+        self.mode = ("train" if variation is not None else "off") if mode is None else mode
+        self.generator = generator
+        self.layer_index = 0
+        self.instance_seed: int | None = None
+        self.instance: int | None = None
+        self.register_buffer("_instance_rng", None, persistent=False)
+        self._sample_plan: SamplePlan | None = None
+
+    # -- attributes ---------------------------------------------------------------------------------
+
+    @property
+    def variation(self) -> Variation | None:
+        return self._variation
+
+    @variation.setter
+    def variation(self, value) -> None:
+        if value is not None and not isinstance(value, Variation):
+            raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
+        if value is None and getattr(self, "_mode", "off") != "off":
+            raise ValueError(f"cannot remove the variation of a layer in noise mode '{self._mode}'; "
+                             "set mode='off' first")
+        self._variation = value
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value) -> None:
+        value = _check_mode(value)
+        if value != "off" and self._variation is None:
+            raise ValueError(f"noise mode '{value}' needs a variation; pass variation=nft_cuda.Variation(...) "
+                             "or use mode='off'")
+        if value == "instance" and self._buffers.get("_instance_rng") is None:
+            raise ValueError("noise mode 'instance' needs a chip instance: call set_instance(seed, instance) "
+                             "(or nft_cuda.set_instance(model, seed, instance))")
+        self._mode = value
+
+    @property
+    def sample_plan(self) -> SamplePlan | None:
+        return self._sample_plan
+
+    def set_instance(self, seed: int, instance: int, layer_index: int | None = None) -> None:
+        """Switch to mode ``"instance"``: rng = (seed, instance_offset(layer_index, instance)) (DESIGN §2).
+
+        Args:
+            seed: the evaluation seed, in [0, 2^63).
+            instance: the chip instance r, in [0, 2^32).
+            layer_index: ℓ in [0, 2^31); default: the layer's current ``layer_index``.
+
+        The rng is a non-persistent int64[2] buffer on the weight's device (it follows ``.to()``);
+        an existing one is updated in place without a host synchronisation, so a CUDA graph or a
+        compiled graph captured in instance mode sees the new instance.
+        """
+        if self._variation is None:
+            raise ValueError("set_instance needs a variation; set layer.variation first")
+        seed = _args.check_seed_int("seed", seed)
+        instance = _args.check_uint("instance", instance, 32)
+        if layer_index is None:
+            layer_index = self.layer_index
+        layer_index = _args.check_uint("layer_index", layer_index, 31)
+        offset = instance_offset(layer_index, instance)
+        device = self.weight.device
+        buf = self._buffers.get("_instance_rng")
+        if buf is None or buf.device != device:
+            self._instance_rng = _args.make_rng(seed, offset, device)
+        else:
+            buf[0].fill_(seed)
+            buf[1].fill_(offset)
+        self.layer_index = layer_index
+        self.instance_seed, self.instance = seed, instance
+        self._mode = "instance"
+
+    # -- noise state --------------------------------------------------------------------------------
+
+    def noise_state(self) -> NoiseState:
+        """A snapshot of the noise settings (variation, mode, instance, sample plan)."""
+        buf = self._buffers.get("_instance_rng")
+        return NoiseState(self._variation, self._mode, self.layer_index, self.instance_seed, self.instance, buf,
+                          None if buf is None else buf.clone(), self._sample_plan)
+
+    def restore_noise_state(self, state: NoiseState) -> None:
+        """Put back a snapshot of :meth:`noise_state` exactly (the instance rng buffer in place)."""
+        if not isinstance(state, NoiseState):
+            raise TypeError(f"state must be a NoiseState from noise_state(), got {type(state).__name__}")
+        if state.instance_rng is not None:
+            state.instance_rng.copy_(state.instance_rng_values)
+        self._buffers["_instance_rng"] = state.instance_rng
+        self._variation = state.variation
+        self._mode = state.mode
+        self.layer_index, self.instance_seed, self.instance = state.layer_index, state.instance_seed, state.instance
+        self._sample_plan = state.sample_plan
+
+    @contextlib.contextmanager
+    def kept_noise_state(self) -> Iterator["NoisyModule"]:
+        """Context manager: whatever the block changes, the noise state is restored on exit."""
+        state = self.noise_state()
+        try:
+            yield self
+        finally:
+            self.restore_noise_state(state)
+
+    # -- noise ------------------------------------------------------------------------------------
+
+    def set_sample_plan(self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None, *,
+                        weights: torch.Tensor | None = None) -> None:
+        """Override the noise of the following forwards (used by OVF, IRS and batched Monte-Carlo; see
+        :class:`SamplePlan` and :mod:`nft_cuda.nn.sample_axis`): stream t of ``rng`` (offset + t) at
+        σ_d = ``sigmas[t]`` for the t-th chunk of the batch axis, S = len(sigmas) (default: one sample at
+        the layer's σ_d). ``weights`` [S, *weight.shape]: those noisy weights, drawn in advance with
+        :meth:`noisy_weights`. ``rng=None`` restores the layer's own mode."""
+        if rng is None:
+            self._sample_plan = None
+            return
+        if self._variation is None:
+            raise ValueError("a sample plan needs a variation; set layer.variation first")
+        if sigmas is None:
+            sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=rng.device)
+        if weights is not None and weights.shape != (sigmas.shape[0], *self.weight.shape):
+            raise ValueError(f"plan weights must have shape [{sigmas.shape[0]}, *weight.shape] = "
+                             f"{[sigmas.shape[0], *self.weight.shape]}, got {list(weights.shape)}")
+        self._sample_plan = SamplePlan(rng, sigmas, weights)
+
+    def _check_input(self, input) -> None:
+        """A clear error for an input that is not a tensor or is on another device than the weight (the
+        same exception types as the plain layer, but naming both devices); checked before any draw."""
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
+        if input.device != self.weight.device:
+            raise RuntimeError(f"{type(self).__name__}: input is on {input.device} but the weight is on "
+                               f"{self.weight.device}; move one of them (e.g. layer.to(input.device))")
+
+    def forward_noise(self) -> SamplePlan | None:
+        """The noise of the next forward: the sample plan if one is set, else a one-sample plan with the
+        rng of the layer's own mode (sigmas None: the layer's σ_d; a fresh draw in mode train), or None
+        for a clean forward (mode off)."""
+        plan = self._sample_plan
+        if plan is not None:
+            return plan
+        rng = self._forward_rng()
+        return None if rng is None else SamplePlan(rng, None)
+
+    def _forward_rng(self) -> torch.Tensor | None:
+        """The rng tensor of this forward in the layer's own mode, or None in mode off."""
+        mode = self._mode
+        if mode == "off":
+            return None
+        if self._variation is None:
+            raise RuntimeError(f"{type(self).__name__} in noise mode '{mode}' has no variation")
+        if mode == "instance":
+            rng = self._instance_rng
+            if rng.device != self.weight.device:
+                raise RuntimeError(f"the instance rng is on {rng.device} but the weight is on {self.weight.device}; "
+                                   "call set_instance again after moving the weight")
+            return rng
+        gen = self.generator
+        if gen is not None and gen.device != self.weight.device:
+            raise ValueError(f"generator is on {gen.device} but the weight is on {self.weight.device}")
+        return _args.random_rng(self.weight.device, gen)
+
+    def noisy_weight(self, rng: torch.Tensor | None = None) -> torch.Tensor:
+        """The noisy weight W_noisy [*weight.shape] (detached) for ``rng`` (int64[2] on the weight's
+        device), or for the rng the layer's next forward would use (a fresh draw in mode train).
+        Equal to ``nft_cuda.ops.perturb(weight, variation, rng=rng)[0]``; the clean weight in mode off
+        when no rng is given."""
+        if rng is None:
+            rng = self._forward_rng()
+            if rng is None:
+                return self.weight.detach().clone()
+        elif self._variation is None:
+            raise ValueError("noisy_weight needs a variation")
+        with torch.no_grad():
+            return _noisy_weight(self.weight, rng, self._variation)
+
+    def noisy_weights(self, rng: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The S = len(sigmas) noisy weights [S, *weight.shape] (detached) a sample plan (rng, sigmas)
+        gives: exactly what the layer's sample-plan forward draws, ready for ``set_sample_plan(weights=)``."""
+        if self._variation is None:
+            raise ValueError("noisy_weights needs a variation")
+        with torch.no_grad():
+            return _noisy_weights(self.weight, rng, self._variation, sigmas)
+
+    def _noise_repr(self) -> str:
+        return f"variation={self._variation}, mode={self._mode}"
+
+
+class NoisyLinear(NoisyModule, nn.Linear):
+    """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        variation: the :class:`~nft_cuda.Variation`; None gives a plain linear layer (mode off).
+        mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
+            :meth:`set_instance`) or ``"off"`` (default without a variation).
+        generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
+
+    Shapes: input [*, in_features] → output [*, out_features]; weight [out_features, in_features].
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, variation: Variation | None = None, *, mode: str | None = None,
+                    generator: torch.Generator | None = None) -> "NoisyLinear":
+        """A NoisyLinear sharing ``module``'s parameters (the same Parameter objects)."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"NoisyLinear.from_module expects an nn.Linear, got {type(module).__name__}")
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                  variation=variation, mode=mode, generator=generator)
+        _share_parameters(new, module)
+        return new
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        noise = self.forward_noise()
+        if noise is None:
+            return F.linear(input, self.weight, self.bias)
+        if noise.weights is not None:
+            return _per_sample(lambda w, chunk: F.linear(chunk, w, self.bias), noise.weights, input)
+        rng, sigmas, _ = noise
+        compute_dtype = _compute_dtype(input)
+        samples = 1 if sigmas is None else sigmas.shape[0]
+        if _fused_linear_ok(input, self.weight, samples, compute_dtype):
+            return _fused_linear(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
+        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{nn.Linear.extra_repr(self)}, {self._noise_repr()}"
+
+
+class _NoisyConvNd(NoisyModule):
+    """The shared body of NoisyConv1d/2d: the constructor of ``_base`` (same signature and state) plus the
+    noise settings, and the noisy forward."""
+
+    _base: type
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 variation: Variation | None = None, mode: str | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        self._base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
+                            dtype=dtype)
+        self._init_noise(variation, mode, generator)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        noise = self.forward_noise()
+        if noise is None:
+            return self._conv_with_weight(input, self.weight)
+        if noise.weights is not None:
+            return _per_sample(lambda w, chunk: self._conv_with_weight(chunk, w), noise.weights, input)
+        n = self.weight.dim() - 2
+        if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
+            return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
+        return self._conv_with_rng(input, noise.rng, noise.sigmas)
+
+    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward)."""
+        conv = _CONV[weight.dim() - 2]
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(input, weight, self.bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
+        return conv(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None) -> torch.Tensor:
+        n = self.weight.dim() - 2
+        if self.padding_mode != "zeros" or isinstance(self.padding, str):
+            # As nn.ConvNd: explicit padding (also resolves 'same'/'valid', possibly asymmetric).
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            if any(self._reversed_padding_repeated_twice):
+                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * n
+        else:
+            padding = tuple(self.padding)
+        return _NoisyConvFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, _compute_dtype(input),
+                                  tuple(self.stride), padding, tuple(self.dilation), self.groups)
+
+    @classmethod
+    def from_module(cls, module, variation: Variation | None = None, *, mode: str | None = None,
+                    generator: torch.Generator | None = None):
+        """A noisy convolution sharing ``module``'s parameters (the same Parameter objects)."""
+        if not isinstance(module, cls._base):
+            raise TypeError(f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, "
+                            f"got {type(module).__name__}")
+        new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                  padding=module.padding, dilation=module.dilation, groups=module.groups,
+                  bias=module.bias is not None, padding_mode=module.padding_mode, device="meta",
+                  variation=variation, mode=mode, generator=generator)
+        _share_parameters(new, module)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
+
+
+class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
+    """Drop-in ``nn.Conv1d`` whose weight is perturbed by device variation on every forward.
+
+    Args: as ``nn.Conv1d``, plus ``variation``, ``mode`` and ``generator`` as :class:`NoisyLinear`.
+
+    Shapes: input [N, C_in, L] (or [C_in, L]) → [N, C_out, L_out]; weight [C_out, C_in/groups, k].
+    """
+
+    _base = nn.Conv1d
+
+
+class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
+    """Drop-in ``nn.Conv2d`` whose weight is perturbed by device variation on every forward.
+
+    Args: as ``nn.Conv2d`` (all padding modes, string paddings, groups, dilation), plus ``variation``,
+    ``mode`` and ``generator`` as :class:`NoisyLinear`.
+
+    Shapes: input [N, C_in, H, W] (or [C_in, H, W]) → [N, C_out, H_out, W_out];
+    weight [C_out, C_in/groups, kh, kw].
+    """
+
+    _base = nn.Conv2d
+
+
+def _share_parameters(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new`` the Parameter objects of ``old`` (built on the meta device, it owns none) and its
+    train/eval flag."""
+    new.weight = old.weight
+    new.bias = old.bias
+    new.train(old.training)
+
+
+#: plain module class → noisy class
+NOISY_CLASSES: dict[type, type] = {nn.Linear: NoisyLinear, nn.Conv1d: NoisyConv1d, nn.Conv2d: NoisyConv2d}
+#: noisy class → plain module class
+PLAIN_CLASSES: dict[type, type] = {v: k for k, v in NOISY_CLASSES.items()}
