@@ -14,3 +14,13 @@ from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_mod
 __all__ = ["MODES", "NoiseState", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule", "SamplePlan",
            "convert", "instance_offset", "instance_plans", "kept_noise_state", "noise_mode", "noisy_layers",
            "sample_plan", "set_instance", "set_noise_mode", "strip", "unbatchable_modules"]
+
+# The old module names (nft_cuda.layers, nft_cuda.conversion, nft_cuda.sample_axis) keep working: they are
+# the very same module objects, so attribute reads and monkeypatching act on the real modules.
+import sys as _sys
+
+for _name in ("layers", "conversion", "sample_axis"):
+    _module = _sys.modules[f"{__name__}.{_name}"]
+    _sys.modules[f"nft_cuda.{_name}"] = _module
+    setattr(_sys.modules["nft_cuda"], _name, _module)
+del _sys, _name, _module
