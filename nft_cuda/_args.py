@@ -124,6 +124,51 @@ def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.dev
 
 
 # --------------------------------------------------------------------------------------------------
+# Settings (TrainConfig and the like): a clear TypeError / ValueError naming the setting
+# --------------------------------------------------------------------------------------------------
+
+
+def check_real(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
+          max_strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    if maximum is not None and (value >= maximum if max_strict else value > maximum):
+        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
+    return value
+
+
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    key = value.strip().lower()
+    if key not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return key
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+
+# --------------------------------------------------------------------------------------------------
 # Command-line argument types (argparse ``type=``), shared by every ``nft`` command
 # --------------------------------------------------------------------------------------------------
 

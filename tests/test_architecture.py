@@ -1,16 +1,20 @@
-"""Structure rules of the Python package, checked on its source (no imports of the checked modules).
+"""Structure rules of the Python package, checked on its source (docs/architecture.md):
 
-* Encapsulation: no module writes another object's underscore attributes or calls its underscore
-  methods (nn's private ``_conv_forward`` included); objects change their own private state, others
-  go through public methods (e.g. ``NoisyModule.noise_state`` / ``restore_noise_state``). Private
-  names of torch's own namespaces (``torch._check``, ``torch.ops.aten._…``, ``torch._C``) are torch's
-  documented extension points and allowed.
+* encapsulation: no module writes another object's underscore attributes or calls its underscore
+  methods (nn's private ``_conv_forward`` included), and no module imports another's private names;
+  objects change their own private state, others go through public methods (e.g.
+  ``NoisyModule.noise_state`` / ``restore_noise_state``). Private names of torch's own namespaces
+  (``torch._check``, ``torch.ops.aten._…``, ``torch._C``) are torch's extension points and allowed;
+* tiers: ops → nn → train / eval → cli; no import from a higher tier, no importlib plugin loading;
+* size: no function longer than 80 lines (docstrings not counted);
+* documentation: every "§N" cited in code and docs is a section of docs/design.md.
 """
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -159,3 +163,109 @@ def test_the_tier_check_sees_an_upward_import(tmp_path):
 def test_no_importlib_plugin_loading():
     users = [str(p.relative_to(ROOT)) for p in PACKAGE_FILES if "importlib.import_module" in p.read_text()]
     assert users == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """Modules share public names (``checkpoint.write_checkpoint``), not each other's private helpers;
+    private *modules* (``nft_cuda._args``) are shared plumbing and fine to import."""
+    bad = []
+    for path in CHECKED:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nft_cuda":
+                for a in node.names:
+                    where = ROOT / f"{node.module}.{a.name}".replace(".", "/")
+                    is_module = where.is_dir() or any(where.parent.glob(where.name + ".*"))
+                    if a.name.startswith("_") and not a.name.startswith("__") and not is_module:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {a.name}")
+    assert bad == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Size: every function fits on a screen.
+# --------------------------------------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 80
+
+
+def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function from its ``def`` to its end, not counting its docstring (documentation is
+    not what makes a function hard to read)."""
+    lines = fn.end_lineno - fn.lineno + 1
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in PACKAGE_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} has {_code_lines(node)} lines")
+    assert long == []
+
+
+def test_the_length_rule_ignores_docstrings_only():
+    doc = '    """' + "\n".join(["x"] * 100) + '"""\n'
+    fn = ast.parse("def f():\n" + doc + "    return 1\n").body[0]
+    assert _code_lines(fn) == 2
+    fn = ast.parse("def g():\n" + "    a = 1\n" * 81).body[0]
+    assert _code_lines(fn) == 82
+
+
+# --------------------------------------------------------------------------------------------------
+# Documentation: every "§N" cited anywhere resolves to a section of docs/design.md.
+# --------------------------------------------------------------------------------------------------
+
+_CITING = ("nft_cuda", "csrc", "tests", "benchmarks", "studies", "docs", "tools", ".ci")
+_SUFFIXES = {".py", ".md", ".h", ".cuh", ".cu", ".cpp", ".sh", ".toml", ".json", ".yaml", ".yml", ""}
+
+
+def _design_sections() -> set[str]:
+    text = (ROOT / "docs" / "design.md").read_text()
+    return set(re.findall(r"^#+ §(\d+(?:\.\d+)?) ", text, flags=re.M))
+
+
+def _citations() -> dict[str, list[str]]:
+    """§ number → files citing it (the design document itself excluded)."""
+    files = [ROOT / "README.md"] + [p for top in _CITING if (ROOT / top).exists()
+                                     for p in (ROOT / top).rglob("*") if p.is_file() and p.suffix in _SUFFIXES]
+    cited: dict[str, list[str]] = {}
+    for path in files:
+        if path == ROOT / "docs" / "design.md" or "__pycache__" in path.parts:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for number in re.findall(r"§ ?(\d+(?:\.\d+)?)", text):
+            cited.setdefault(number, []).append(str(path.relative_to(ROOT)))
+    return cited
+
+
+def test_design_document_has_numbered_sections():
+    assert {str(n) for n in range(1, 10)} <= _design_sections()
+
+
+def test_every_cited_section_exists():
+    sections = _design_sections()
+    cited = _citations()
+    assert cited, "no § citations found: the scan is broken"
+    missing = {n: sorted(set(files))[:3] for n, files in cited.items() if n not in sections}
+    assert missing == {}
+
+
+def test_the_instance_offset_is_computed_in_one_function():
+    """(ℓ << 32) | r, the stream offset of a chip instance (design §2), is written only in
+    nft_cuda.nn.layers.instance_offset; everything else calls it."""
+    places = []
+    for path in PACKAGE_FILES:
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.LShift) and \
+                            isinstance(node.right, ast.Constant) and node.right.value == 32:
+                        places.append(f"{path.relative_to(ROOT)}:{fn.name}")
+    assert places == ["nft_cuda/nn/layers.py:instance_offset"]

@@ -103,20 +103,6 @@ def register(subparsers) -> None:
     d.set_defaults(func=_run_demo)
 
 
-def _init_distributed():
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return dist
-
-
 def _table(report: dict) -> str:
     rows = ["| checkpoint | σ_d | accuracy (mean ± CI95) | std | EKL (nats) | confidence |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -133,20 +119,20 @@ def _run_eval(args) -> int:
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-    dist = _init_distributed()
-    device = args.device
-    if dist is not None and device is None:
-        import torch
+    from nft_cuda import distributed
 
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    # Under torchrun: join the group; the backend follows --device (gloo for cpu, nccl for cuda).
+    group = distributed.join(args.device or "auto")
+    device = args.device
+    if group.active and device is None:
+        device = str(group.device)
     try:
         report = eval_checkpoints(args.checkpoints, args.sigma, args.device_model, args.runs, args.seed,
                                   args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
                                   args.progress, batch_size=args.batch_size, resume=args.resume)
     finally:
-        if dist is not None:
-            dist.destroy_process_group()
-    if dist is None or int(os.environ.get("RANK", "0")) == 0:
+        group.close()
+    if group.is_main:
         print(_table(report))
         for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
             if path:

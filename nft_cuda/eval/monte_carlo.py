@@ -64,6 +64,8 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
+from nft_cuda.distributed import Group
+from nft_cuda.distributed import current as current_group
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
@@ -125,45 +127,15 @@ def _kept_state(model: nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class _Comm:
-    def __init__(self, distributed, group):
-        import torch.distributed as dist
-
-        initialised = dist.is_available() and dist.is_initialized()
-        if distributed is None:
-            distributed = initialised
-        if distributed and not initialised:
-            raise RuntimeError("monte_carlo(distributed=True) needs torch.distributed to be initialised "
-                               "(torchrun + torch.distributed.init_process_group)")
-        self.dist = dist if distributed else None
-        self.group = group
-        if self.dist is None:
-            self.rank, self.world = 0, 1
-            return
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        backend = str(dist.get_backend(group)).lower()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-
-    def global_rank(self, rank: int) -> int:
-        return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
-
-    def broadcast(self, tensor: torch.Tensor | None, src: int, shape, device) -> torch.Tensor:
-        if self.world == 1:
-            return tensor
-        if self.rank == src:
-            buf = tensor.to(self.device, torch.float64).contiguous()
-        else:
-            buf = torch.empty(shape, dtype=torch.float64, device=self.device)
-        self.dist.broadcast(buf, src=self.global_rank(src), group=self.group)
-        return buf.to(device)
-
-    def gather_objects(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj, group=self.group)
-        return out
+def _broadcast_block(comm: Group, tensor: torch.Tensor | None, src: int, shape, device) -> torch.Tensor:
+    """Rank ``src``'s float64 block sum on every rank (through the collectives' device)."""
+    if not comm.active:
+        return tensor
+    if comm.rank == src:
+        buf = tensor.to(comm.device, torch.float64).contiguous()
+    else:
+        buf = torch.empty(shape, dtype=torch.float64, device=comm.device)
+    return comm.broadcast(buf, src).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -342,7 +314,7 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         raise ValueError("too many noisy layers")
     _check_layer_types(layers)
     device = _model_device(model, device)
-    comm = _Comm(distributed, group)
+    comm = current_group(group, distributed)
 
     with _kept_state(model):
         model.eval()
@@ -416,7 +388,7 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
             for src in range(comm.world):
                 for b in blocks_of(src, j):
                     mine_b = ekl.take_block(b) if src == comm.rank else None
-                    ekl.put_block(b, comm.broadcast(mine_b, src, (n, classes), device))
+                    ekl.put_block(b, _broadcast_block(comm, mine_b, src, (n, classes), device))
     finally:
         if bar is not None:
             bar.close()

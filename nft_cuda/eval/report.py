@@ -18,10 +18,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
+
+from nft_cuda._files import atomic_write_text, json_safe
 
 __all__ = ["CSV_COLUMNS", "build_report", "plot_results", "read_json", "write_csv", "write_json"]
 
@@ -48,35 +49,11 @@ def build_report(results: Sequence[dict], *, model=None, dataset=None, seed=None
     return report
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def write_json(report, path: str) -> None:
     """Write a report (:func:`build_report`), or a bare list of results, as JSON (atomically)."""
     if not isinstance(report, dict):
         report = build_report(report)
-    _atomic_write_text(path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str) -> dict:
@@ -105,7 +82,7 @@ def write_csv(results, path: str) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def plot_results(results, path: str, *, title: str | None = None) -> None:

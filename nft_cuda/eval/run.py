@@ -9,15 +9,16 @@ report is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
 
 import torch
 
+from nft_cuda._files import json_safe, sha256_file
+from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
-from nft_cuda.eval.report import _jsonable, build_report, plot_results, write_csv, write_json
+from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
 from nft_cuda.variation import Variation
 
 __all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path"]
@@ -52,14 +53,6 @@ def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tens
 def partial_path(json_path: str) -> str:
     """Where :func:`eval_checkpoints` keeps the finished points of an unfinished report."""
     return f"{json_path}.partial.jsonl"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _FinishedPoints:
@@ -97,7 +90,7 @@ class _FinishedPoints:
             return
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "result": _jsonable(result)}, allow_nan=False) + "\n")
+            f.write(json.dumps({"key": key, "result": json_safe(result)}, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -168,9 +161,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         labels = _labels(paths)
     elif len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
-    import torch.distributed as dist
-
-    sharded = distributed is not False and dist.is_available() and dist.is_initialized()
+    sharded = distributed is not False and current_group().active
     finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
@@ -192,7 +183,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
                       for s in sigmas]
         loader = TensorBatches(x, y, batch_size)
-        digest = _sha256(path) if finished.path else None
+        digest = sha256_file(path) if finished.path else None
         for var in variations:  # one point at a time, so each is kept as soon as it ends
             key = json.dumps({"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]),
                               "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits],
@@ -222,8 +213,6 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
 
 
 def _is_writer(distributed) -> bool:
-    import torch.distributed as dist
-
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
-        return True
-    return dist.get_rank() == 0
+    """Whether this process writes the files: the only process, or rank 0 of an evaluation sharded
+    over an initialised process group."""
+    return distributed is False or current_group().is_main

@@ -103,6 +103,23 @@ def _per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tens
     return outs[0] if samples == 1 else torch.cat(outs, dim=0)
 
 
+def _save_and_apply(ctx, op, x, weight, bias, rng, sigmas, variation, compute_dtype) -> torch.Tensor:
+    """The forward of the noisy autograd Functions: chunk t of the batch through ``op(chunk, W_noisy[t],
+    bias)`` in the compute dtype, with W_noisy drawn here and freed before returning. Saves only the
+    input, the clean weight and the rng (backward regenerates the noise, DESIGN §3)."""
+    w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+    xc = _cast(x, compute_dtype)
+    bc = _cast(bias, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        w_noisy = _cast(w_noisy, compute_dtype)
+        out = _per_sample(lambda w, chunk: op(chunk, w, bc), w_noisy, xc)
+    del w_noisy
+    ctx.save_for_backward(xc, weight, rng, sigmas)
+    ctx.variation = variation
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+    return out
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
     device_type = x.device.type
@@ -127,17 +144,7 @@ class _NoisyLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
-        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
-        xc = _cast(x, compute_dtype)
-        bc = _cast(bias, compute_dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            w_noisy = _cast(w_noisy, compute_dtype)
-            out = _per_sample(lambda w, chunk: F.linear(chunk, w, bc), w_noisy, xc)
-        del w_noisy
-        ctx.save_for_backward(xc, weight, rng, sigmas)
-        ctx.variation = variation
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
-        return out
+        return _save_and_apply(ctx, F.linear, x, weight, bias, rng, sigmas, variation, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -226,19 +233,10 @@ class _NoisyConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding,
                 dilation, groups):
-        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
-        xc = _cast(x, compute_dtype)
-        bc = _cast(bias, compute_dtype)
         conv = _CONV[weight.dim() - 2]
-        with torch.autocast(x.device.type, enabled=False):
-            w_noisy = _cast(w_noisy, compute_dtype)
-            out = _per_sample(lambda w, chunk: conv(chunk, w, bc, stride, padding, dilation, groups), w_noisy, xc)
-        del w_noisy
-        ctx.save_for_backward(xc, weight, rng, sigmas)
-        ctx.variation = variation
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
-        return out
+        return _save_and_apply(ctx, lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups), x,
+                               weight, bias, rng, sigmas, variation, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
