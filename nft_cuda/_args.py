@@ -42,6 +42,13 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_count(name: str, value) -> int:
+    """A positive int (batch sizes, instance counts): ValueError "<name> must be a positive int" otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_weight(weight, name: str = "weight") -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")

@@ -299,13 +299,11 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     variations = _as_variations(variations)
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be a positive int, got {runs!r}")
+    _args.check_count("runs", runs)
     if runs > 2**32:
         raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
     seed = _args.check_seed_int("seed", seed)
-    if isinstance(instances_per_pass, bool) or not isinstance(instances_per_pass, int) or instances_per_pass < 1:
-        raise ValueError(f"instances_per_pass must be a positive int, got {instances_per_pass!r}")
+    _args.check_count("instances_per_pass", instances_per_pass)
     _check_loader(loader)
     layers = [m for _, m in noisy_layers(model)]
     if not layers:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from nft_cuda import _args
 from nft_cuda._files import json_safe, sha256_file
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
@@ -30,8 +31,7 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _args.check_count("batch_size", batch_size)
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def __len__(self) -> int:
