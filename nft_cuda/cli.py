@@ -59,23 +59,29 @@ _TRAIN_FIELDS = ("model", "dataset", "data_dir", "method", "sigma", "device_mode
 
 
 def _add_train(subparsers) -> argparse.ArgumentParser:
-    from nft_cuda.models import MODELS
-    from nft_cuda.train.methods import METHODS
-    from nft_cuda.train.trainer import TrainConfig
-    from nft_cuda.variation import PRESETS
-
-    d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "train", help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
         description="Train a model with device-variation-aware training and export the best model (by noisy "
                     "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
         argument_default=argparse.SUPPRESS)
-    S = argparse.SUPPRESS
+    _add_model_and_data_options(p.add_argument_group("model and data"), _train_default)
+    _add_method_options(p.add_argument_group("method"), _train_default)
+    _add_optimisation_options(p.add_argument_group("optimisation"), _train_default)
+    _add_run_options(p.add_argument_group("run"))
+    p.set_defaults(func=_run_train)
+    return p
 
-    def default(name):
-        return d[name].default
 
-    g = p.add_argument_group("model and data")
+def _train_default(name: str):
+    """The TrainConfig default of a field (shown in the help)."""
+    from nft_cuda.train.trainer import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _add_model_and_data_options(g, default) -> None:
+    from nft_cuda.models import MODELS
+
     g.add_argument("--model", choices=list(MODELS), help=f"model (default {default('model')})")
     g.add_argument("--dataset", choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
                    help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)")
@@ -85,7 +91,12 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
                         "off otherwise)")
-    g = p.add_argument_group("method")
+
+
+def _add_method_options(g, default) -> None:
+    from nft_cuda.train.methods import METHODS
+    from nft_cuda.variation import PRESETS
+
     g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
     g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")
     g.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
@@ -95,7 +106,9 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--deltas", type=_deltas, metavar="D1,D2,...",
                    help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)")
     g.add_argument("--head-sigma", dest="head_sigma", type=_float(0.0), help="irs: σ of the heads (default: --sigma)")
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_options(g, default) -> None:
     g.add_argument("--epochs", type=_int(1), help=f"epochs (default {default('epochs')})")
     g.add_argument("--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})")
     g.add_argument("--lr", type=_float(0.0, strict=True), help=f"learning rate (default {default('lr')})")
@@ -108,20 +121,20 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", dest="val_fraction", type=_float(0.0),
                    help=f"share of the training split used for model selection (default {default('val_fraction')})")
     g.add_argument("--seed", type=_int(0), help=f"seed (default {default('seed')})")
-    g = p.add_argument_group("run")
+
+
+def _add_run_options(g) -> None:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<method>-<model>-<dataset>-s<sigma>)")
-    g.add_argument("--resume", action="store_true", default=S,
+    g.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                    help="continue the run in --out from its checkpoint (settings come from the checkpoint)")
-    g.add_argument("--overwrite", action="store_true", default=S, help="replace a run already in --out")
+    g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace a run already in --out")
     g.add_argument("--num-workers", dest="num_workers", type=_int(0), help="DataLoader workers (default 0)")
     g.add_argument("--limit-train", dest="limit_train", type=_int(1), metavar="N",
                    help="debugging: use only N training samples")
     g.add_argument("--limit-eval", dest="limit_eval", type=_int(1), metavar="N",
                    help="debugging: use only N validation and N test samples")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
-    p.set_defaults(func=_run_train)
-    return p
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def train_config_from_args(args: argparse.Namespace):

@@ -174,10 +174,28 @@ def _clean_pass(model: nn.Module, loader, device: torch.device):
     return torch.cat(labels), int(correct), float(conf_sum), classes
 
 
-def _check_layer_types(layers) -> None:
+def _check_run_args(runs, seed, instances_per_pass, loader) -> int:
+    """Check monte_carlo's counts, seed and loader; returns the seed as an int."""
+    _args.check_count("runs", runs)
+    if runs > 2**32:
+        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
+    seed = _args.check_seed_int("seed", seed)
+    _args.check_count("instances_per_pass", instances_per_pass)
+    _check_loader(loader)
+    return seed
+
+
+def _evaluable_layers(model: nn.Module) -> list:
+    """The model's noisy layers in ℓ order, checked to be ones monte_carlo can evaluate."""
+    layers = [m for _, m in noisy_layers(model)]
+    if not layers:
+        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
+    if len(layers) >= 2**31:
+        raise ValueError("too many noisy layers")
     for layer in layers:
         if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
+    return layers
 
 
 def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed, r0: int, samples: int,
@@ -299,18 +317,8 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     variations = _as_variations(variations)
-    _args.check_count("runs", runs)
-    if runs > 2**32:
-        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
-    seed = _args.check_seed_int("seed", seed)
-    _args.check_count("instances_per_pass", instances_per_pass)
-    _check_loader(loader)
-    layers = [m for _, m in noisy_layers(model)]
-    if not layers:
-        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
-    if len(layers) >= 2**31:
-        raise ValueError("too many noisy layers")
-    _check_layer_types(layers)
+    seed = _check_run_args(runs, seed, instances_per_pass, loader)
+    layers = _evaluable_layers(model)
     device = _model_device(model, device)
     comm = current_group(group, distributed)
 
@@ -325,27 +333,29 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
                           stacklevel=2)
             fold = False
         with torch.no_grad():
-            labels, clean_correct, clean_conf, classes = _clean_pass(model, loader, device)
-            n = labels.shape[0]
-            clean_acc = clean_correct / n
-            results = []
-            for var in variations:
-                for layer in layers:
-                    layer.variation = var
-                if var.sigma == 0.0:
-                    per_acc = [clean_acc] * runs
-                    conf = exact_mean([clean_conf] * runs, runs * n)
-                    ekl = 0.0
-                else:
-                    per_acc, conf, ekl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed,
-                                                      instances_per_pass, bool(fold), comm, progress)
-                res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed,
-                       "num_inputs": n}
-                res.update(accuracy_stats(per_acc))
-                res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc,
-                            "per_instance_accuracy": per_acc})
-                results.append(res)
-    return results
+            clean = _clean_pass(model, loader, device)
+            return [_sweep_result(model, layers, loader, device, clean, var, runs, seed, instances_per_pass,
+                                  bool(fold), comm, progress) for var in variations]
+
+
+def _sweep_result(model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress) -> dict:
+    """The result dict of one σ_d (see :func:`monte_carlo`); ``clean`` is :func:`_clean_pass`'s."""
+    labels, clean_correct, clean_conf, classes = clean
+    n = labels.shape[0]
+    clean_acc = clean_correct / n
+    for layer in layers:
+        layer.variation = var
+    if var.sigma == 0.0:
+        per_acc = [clean_acc] * runs
+        conf = exact_mean([clean_conf] * runs, runs * n)
+        ekl = 0.0
+    else:
+        per_acc, conf, ekl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples,
+                                          fold, comm, progress)
+    res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed, "num_inputs": n}
+    res.update(accuracy_stats(per_acc))
+    res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
+    return res
 
 
 def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm,

@@ -85,14 +85,16 @@ class _FinishedPoints:
     def get(self, key: str):
         return self.done.get(key)
 
-    def add(self, key: str, result: dict) -> None:
+    def add(self, key: str, result: dict) -> dict:
+        """Keep ``result`` (appended to the file at once); returns it."""
         if self.path is None:
-            return
+            return result
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
             f.write(json.dumps({"key": key, "result": json_safe(result)}, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        return result
 
     def clear(self) -> None:
         if self.path is not None and os.path.exists(self.path):
@@ -143,8 +145,54 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (the file name without extension).
     """
-    from nft_cuda.io import load_model
+    paths, sigmas, device, labels = _checked_args(paths, sigmas, device, labels)
+    sharded = distributed is not False and current_group().active
+    finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
+    test_sets: dict[str, tuple] = {}
+    results, checkpoints = [], []
+    models, datasets = {}, {}
+    for path, label in zip(paths, labels):
+        model, payload, dataset, (x, y) = _load_with_test_set(path, device, data_dir, test_sets)
+        meta = payload.get("meta", {}) or {}
+        spec = dict(payload["model"])
+        base = payload["variation"]
+        variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
+                      for s in sigmas]
+        loader = TensorBatches(x, y, batch_size)
+        digest = sha256_file(path) if finished.path else None
+        setting = {"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]), "runs": runs,
+                   "seed": seed, "batch_size": batch_size}
+        for r in _points(model, loader, variations, finished, setting, runs=runs, seed=seed, device=device,
+                         instances_per_pass=instances_per_pass, progress=progress, fold=fold, distributed=distributed):
+            results.append({"checkpoint": label, **r})
+        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
+                            "method": meta.get("method"), "trained_variation": dict(base)})
+        models[label], datasets[label] = spec, dataset
+        del model
 
+    report = build_report(results, model=_summary(models), dataset=_summary(datasets), seed=seed,
+                          checkpoints=checkpoints)
+    if _is_writer(distributed):
+        _write_outputs(report, finished, json_path, csv_path, plot_path)
+    return report
+
+
+def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
+    """The Monte-Carlo result of each variation, one point at a time so each is kept as soon as it ends;
+    a point an interrupted call finished with the same ``setting`` is reused."""
+    out = []
+    for var in variations:
+        key = json.dumps({**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]},
+                         sort_keys=True)
+        r = finished.get(key)
+        if r is None:
+            r = finished.add(key, monte_carlo(model, loader, [var], **monte_carlo_args)[0])
+        out.append(r)
+    return out
+
+
+def _checked_args(paths, sigmas, device, labels):
+    """eval_checkpoints' paths (a list), σ_d values (floats), device and labels, checked."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [os.fspath(p) for p in paths]
@@ -155,61 +203,41 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         raise ValueError("sigmas must hold at least one σ_d")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-
     if labels is None:
         labels = _labels(paths)
     elif len(labels) != len(paths) or len(set(labels)) != len(labels):
         raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
-    sharded = distributed is not False and current_group().active
-    finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
-    test_sets: dict[str, tuple] = {}
-    results, checkpoints = [], []
-    models, datasets = {}, {}
-    for path, label in zip(paths, labels):
-        model, payload = load_model(path, device=device)
-        meta = payload.get("meta", {}) or {}
-        dataset = meta.get("dataset")
-        if not dataset:
-            raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
-        if dataset not in test_sets:
-            test_sets[dataset] = load_test_set(dataset, data_dir)
-        x, y = test_sets[dataset]
-        spec = dict(payload["model"])
-        if x.shape[1] != spec.get("in_channels", x.shape[1]):
-            raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
-                             f"but the {dataset} test set has {x.shape[1]}")
-        base = payload["variation"]
-        variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
-                      for s in sigmas]
-        loader = TensorBatches(x, y, batch_size)
-        digest = sha256_file(path) if finished.path else None
-        for var in variations:  # one point at a time, so each is kept as soon as it ends
-            key = json.dumps({"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]),
-                              "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits],
-                              "runs": runs, "seed": seed, "batch_size": batch_size}, sort_keys=True)
-            r = finished.get(key)
-            if r is None:
-                r = monte_carlo(model, loader, [var], runs, seed=seed, instances_per_pass=instances_per_pass,
-                                device=device, progress=progress, fold=fold, distributed=distributed)[0]
-                finished.add(key, r)
-            results.append({"checkpoint": label, **r})
-        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
-                            "method": meta.get("method"), "trained_variation": dict(base)})
-        models[label], datasets[label] = spec, dataset
-        del model
+    return paths, sigmas, torch.device(device), labels
 
-    report = build_report(results, model=_summary(models), dataset=_summary(datasets), seed=seed,
-                          checkpoints=checkpoints)
-    if _is_writer(distributed):
-        if json_path:
-            write_json(report, json_path)
-            finished.clear()
-        if csv_path:
-            write_csv(report, csv_path)
-        if plot_path:
-            plot_results(report, plot_path)
-    return report
+
+def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
+    """(model, payload, dataset name, (images, labels)) of an exported model and the test split of its
+    dataset (loaded once per dataset into ``test_sets``), checked to fit each other."""
+    from nft_cuda.io import load_model
+
+    model, payload = load_model(path, device=device)
+    dataset = (payload.get("meta", {}) or {}).get("dataset")
+    if not dataset:
+        raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
+    if dataset not in test_sets:
+        test_sets[dataset] = load_test_set(dataset, data_dir)
+    x, y = test_sets[dataset]
+    spec = payload["model"]
+    if x.shape[1] != spec.get("in_channels", x.shape[1]):
+        raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
+                         f"but the {dataset} test set has {x.shape[1]}")
+    return model, payload, dataset, (x, y)
+
+
+def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> None:
+    """Write the report's files (the writing process only); the finished points go once the JSON is in."""
+    if json_path:
+        write_json(report, json_path)
+        finished.clear()
+    if csv_path:
+        write_csv(report, csv_path)
+    if plot_path:
+        plot_results(report, plot_path)
 
 
 def _is_writer(distributed) -> bool:
