@@ -56,6 +56,12 @@ _nonneg_int = _int_in(0, 2**63)
 
 
 def register(subparsers) -> None:
+    """Add ``nft eval`` and ``nft demo`` to the ``nft`` parser (called by nft_cuda.cli)."""
+    _add_eval(subparsers)
+    _add_demo(subparsers)
+
+
+def _add_eval(subparsers) -> None:
     from nft_cuda.variation import PRESETS
 
     e = subparsers.add_parser(
@@ -84,6 +90,10 @@ def register(subparsers) -> None:
     e.add_argument("--plot", metavar="PATH", help="write a PNG: accuracy (CI95 bars) and EKL vs σ_d")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
+
+
+def _add_demo(subparsers) -> None:
+    from nft_cuda.variation import PRESETS
 
     d = subparsers.add_parser(
         "demo", help="train the small model clean / noise / OVF / IRS on the embedded data and compare them",
