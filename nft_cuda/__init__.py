@@ -12,14 +12,14 @@ if _ext.HAS_C:
 
 from nft_cuda import ops, reference, rng
 from nft_cuda.variation import PRESETS, Variation
-from nft_cuda.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
-from nft_cuda.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
+from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
+from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 
 __version__ = "0.1.0"
 
 #: Subpackages loaded on first use, so ``nft_cuda.eval.monte_carlo`` works after a bare ``import nft_cuda``
 #: without making that import pay for training, evaluation, data and CLI code (PEP 562).
-_LAZY_SUBMODULES = frozenset({"cli", "data", "demo", "eval", "io", "models", "train"})
+_LAZY_SUBMODULES = frozenset({"cli", "data", "demo", "distributed", "eval", "io", "models", "train"})
 
 
 def __getattr__(name: str):

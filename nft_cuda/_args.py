@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
 from collections.abc import Sequence
@@ -20,6 +21,16 @@ def check_seed_int(name: str, value) -> int:
     value = int(value)
     if not 0 <= value < _U63:
         raise ValueError(f"{name} must be in [0, 2^63), got {value}")
+    return value
+
+
+def check_uint(name: str, value, bits: int) -> int:
+    """An int in [0, 2^bits) (e.g. a chip instance: bits=32)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int in [0, 2^{bits}), got {type(value).__name__}")
+    value = int(value)
+    if not 0 <= value < 2**bits:
+        raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
     return value
 
 
@@ -49,6 +60,13 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     return dev
+
+
+def check_count(name: str, value) -> int:
+    """A positive int (batch sizes, instance counts): ValueError "<name> must be a positive int" otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 def check_weight(weight, name: str = "weight") -> torch.Tensor:
@@ -130,3 +148,96 @@ def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.dev
             raise ValueError(f"sigmas must have length samples={samples}, got {len(values)}")
         return torch.tensor(values, dtype=torch.float32).to(device)
     raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(sigmas).__name__}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings (TrainConfig and the like): a clear TypeError / ValueError naming the setting
+# --------------------------------------------------------------------------------------------------
+
+
+def check_real(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
+          max_strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    if maximum is not None and (value >= maximum if max_strict else value > maximum):
+        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
+    return value
+
+
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    key = value.strip().lower()
+    if key not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return key
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line argument types (argparse ``type=``), shared by every ``nft`` command
+# --------------------------------------------------------------------------------------------------
+
+
+def float_arg(minimum: float | None = None, strict: bool = False):
+    """An argparse type: a finite float ``>= minimum`` (``> minimum`` when ``strict``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+def int_arg(minimum: int, maximum: int | None = None, why: str = ""):
+    """An argparse type: an int in [minimum, maximum) (``why`` explains the lower bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}{why}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}{why}")
+        if maximum is not None and value >= maximum:
+            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
+        return value
+
+    return parse
+
+
+def floats_arg(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers >= 0 (e.g. OVF's deltas ``0.15,0.10,0.05``)."""
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
+    parse = float_arg(0.0)
+    return tuple(parse(p) for p in parts)

@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nft_cuda._autograd import once_differentiable
+
 
 @torch.library.register_fake("nft_cuda::philox4x32")
 def _philox4x32_fake(counter, key):
@@ -113,9 +115,7 @@ def _noisy_linear_backward(ctx, grad):
         gb = _bias_grad(grad, ctx.bias_dtype)
     # The input gradient comes from a kernel without autograd: differentiating it again would silently
     # give wrong (missing) second-order terms, so a double backward raises instead (DESIGN §9).
-    from nft_cuda.layers import _once_differentiable
-
-    gx, gw, gb = _once_differentiable((gx, gw, gb), _NOISY_LINEAR_DOUBLE_BACKWARD_MSG)
+    gx, gw, gb = once_differentiable((gx, gw, gb), _NOISY_LINEAR_DOUBLE_BACKWARD_MSG)
     return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -169,9 +169,7 @@ def _snapshot_linear_backward(ctx, grad):
         gw = _straight_through_weight_grad(grad, snap, weight, shared_input)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         gb = _bias_grad(grad, ctx.bias_dtype)
-    from nft_cuda.layers import _once_differentiable
-
-    gact, gw, gb = _once_differentiable((gact, gw, gb), _SNAPSHOT_DOUBLE_BACKWARD_MSG)
+    gact, gw, gb = once_differentiable((gact, gw, gb), _SNAPSHOT_DOUBLE_BACKWARD_MSG)
     return gact, None, gw, gb, None, None, None, None, None, None
 
 

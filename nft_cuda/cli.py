@@ -10,27 +10,23 @@ Errors print one line ``nft: error: ...`` on stderr and exit with a non-zero sta
 arguments, 1 for failures, 130 when interrupted); ``--debug`` (before or after the command) shows the
 traceback instead.
 
-Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and every module
-named in :data:`PLUGIN_MODULES` that can be imported (e.g. ``nft_cuda.eval.cli`` for ``nft eval``,
-``nft_cuda.demo`` for ``nft demo``) is asked to ``register(subparsers)``: it adds its parsers with
-``subparsers.add_parser(name, help=...)`` and sets ``func`` (a callable taking the parsed
-``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``.
-``--debug`` is added to every command by this module; errors raised by ``func`` are reported as above.
+Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and
+:func:`build_parser` adds ``nft eval`` (``nft_cuda.eval.cli``) and ``nft demo`` (``nft_cuda.demo``) with
+their ``register(subparsers)``. Each command sets ``func`` (a callable taking the parsed
+``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``. ``--debug``
+is added to every command by this module; errors raised by ``func`` are reported as above.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
-__all__ = ["COMMANDS", "PLUGIN_MODULES", "build_parser", "main", "train_config_from_args"]
+from nft_cuda import _args
 
-#: Modules that may add commands with ``register(subparsers)``; skipped when not installed.
-PLUGIN_MODULES: list[str] = ["nft_cuda.eval.cli", "nft_cuda.demo"]
-
+__all__ = ["COMMANDS", "build_parser", "main", "train_config_from_args"]
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``nft: error: <what> (see '<prog> --help')``."""
@@ -45,40 +41,10 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------------------------------
 
 
-def _float(minimum: float | None = None, strict: bool = False):
-    def parse(text: str) -> float:
-        import math
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if minimum is not None and (value <= minimum if strict else value < minimum):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
-        return value
-    return parse
-
-
-def _int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text}")
-        return value
-    return parse
-
-
-def _deltas(text: str) -> tuple[float, ...]:
-    parts = [p for p in text.replace(" ", ",").split(",") if p]
-    if not parts:
-        raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
-    parse = _float(0.0)
-    return tuple(parse(p) for p in parts)
+# One set of validators for every command (nft_cuda._args); the short names keep the parsers readable.
+_float = _args.float_arg
+_int = _args.int_arg
+_deltas = _args.floats_arg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,23 +59,29 @@ _TRAIN_FIELDS = ("model", "dataset", "data_dir", "method", "sigma", "device_mode
 
 
 def _add_train(subparsers) -> argparse.ArgumentParser:
-    from nft_cuda.models import MODELS
-    from nft_cuda.train.methods import METHODS
-    from nft_cuda.train.trainer import TrainConfig
-    from nft_cuda.variation import PRESETS
-
-    d = TrainConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "train", help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
         description="Train a model with device-variation-aware training and export the best model (by noisy "
                     "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
         argument_default=argparse.SUPPRESS)
-    S = argparse.SUPPRESS
+    _add_model_and_data_options(p.add_argument_group("model and data"), _train_default)
+    _add_method_options(p.add_argument_group("method"), _train_default)
+    _add_optimisation_options(p.add_argument_group("optimisation"), _train_default)
+    _add_run_options(p.add_argument_group("run"))
+    p.set_defaults(func=_run_train)
+    return p
 
-    def default(name):
-        return d[name].default
 
-    g = p.add_argument_group("model and data")
+def _train_default(name: str):
+    """The TrainConfig default of a field (shown in the help)."""
+    from nft_cuda.train.trainer import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def _add_model_and_data_options(g, default) -> None:
+    from nft_cuda.models import MODELS
+
     g.add_argument("--model", choices=list(MODELS), help=f"model (default {default('model')})")
     g.add_argument("--dataset", choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
                    help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)")
@@ -119,7 +91,12 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
                         "off otherwise)")
-    g = p.add_argument_group("method")
+
+
+def _add_method_options(g, default) -> None:
+    from nft_cuda.train.methods import METHODS
+    from nft_cuda.variation import PRESETS
+
     g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
     g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")
     g.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
@@ -129,7 +106,9 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--deltas", type=_deltas, metavar="D1,D2,...",
                    help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)")
     g.add_argument("--head-sigma", dest="head_sigma", type=_float(0.0), help="irs: σ of the heads (default: --sigma)")
-    g = p.add_argument_group("optimisation")
+
+
+def _add_optimisation_options(g, default) -> None:
     g.add_argument("--epochs", type=_int(1), help=f"epochs (default {default('epochs')})")
     g.add_argument("--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})")
     g.add_argument("--lr", type=_float(0.0, strict=True), help=f"learning rate (default {default('lr')})")
@@ -142,20 +121,20 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--val-fraction", dest="val_fraction", type=_float(0.0),
                    help=f"share of the training split used for model selection (default {default('val_fraction')})")
     g.add_argument("--seed", type=_int(0), help=f"seed (default {default('seed')})")
-    g = p.add_argument_group("run")
+
+
+def _add_run_options(g) -> None:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<method>-<model>-<dataset>-s<sigma>)")
-    g.add_argument("--resume", action="store_true", default=S,
+    g.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
                    help="continue the run in --out from its checkpoint (settings come from the checkpoint)")
-    g.add_argument("--overwrite", action="store_true", default=S, help="replace a run already in --out")
+    g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace a run already in --out")
     g.add_argument("--num-workers", dest="num_workers", type=_int(0), help="DataLoader workers (default 0)")
     g.add_argument("--limit-train", dest="limit_train", type=_int(1), metavar="N",
                    help="debugging: use only N training samples")
     g.add_argument("--limit-eval", dest="limit_eval", type=_int(1), metavar="N",
                    help="debugging: use only N validation and N test samples")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
-    p.set_defaults(func=_run_train)
-    return p
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -238,25 +217,6 @@ def _run_fetch(args: argparse.Namespace) -> int:
 COMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("data", _add_data)]
 
 
-def _load_plugins(subparsers) -> None:
-    for name in PLUGIN_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and (name == exc.name or name.startswith(exc.name + ".")):
-                continue  # not installed: no such command
-            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {exc}\n")
-            continue
-        except Exception as exc:  # a broken plugin must not take `nft train` down with it
-            sys.stderr.write(f"nft: warning: could not load the commands of {name}: {type(exc).__name__}: {exc}\n")
-            continue
-        register = getattr(module, "register", None)
-        if register is None:
-            sys.stderr.write(f"nft: warning: {name} has no register(subparsers) function\n")
-            continue
-        register(subparsers)
-
-
 def _add_debug(parser: argparse.ArgumentParser) -> None:
     if "--debug" not in parser._option_string_actions:
         parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -268,7 +228,7 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nft`` parser: built-in commands, then the plugins' (see the module docstring)."""
+    """The ``nft`` parser: the commands of :data:`COMMANDS`, then eval's and demo's (see the module docstring)."""
     from nft_cuda import __version__
 
     parser = _Parser(prog="nft", description="nft_cuda: Negative Feedback Training (OVF / IRS) and robustness "
@@ -278,7 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for _, add in COMMANDS:
         add(subparsers)
-    _load_plugins(subparsers)
+    from nft_cuda import demo
+    from nft_cuda.eval import cli as eval_cli
+
+    eval_cli.register(subparsers)  # nft eval
+    demo.register(subparsers)  # nft demo
     _add_debug(parser)
     return parser
 

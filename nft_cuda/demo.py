@@ -39,8 +39,8 @@ def _print(msg: str) -> None:
 
 
 def register(subparsers) -> None:
-    """Add ``nft demo`` (the plugin hook of :mod:`nft_cuda.cli`)."""
-    from nft_cuda.eval.cli import _nonneg_int, _positive_int, _runs
+    """Add ``nft demo`` to the ``nft`` parser (called by :mod:`nft_cuda.cli`)."""
+    from nft_cuda._args import int_arg
     from nft_cuda.variation import PRESETS
 
     d = subparsers.add_parser(
@@ -53,10 +53,11 @@ def register(subparsers) -> None:
                    help="device variation model (default RRAM1)")
     d.add_argument("--methods", default="clean,noise,ovf,irs",
                    help="comma-separated methods to compare (default clean,noise,ovf,irs)")
-    d.add_argument("--epochs", type=_positive_int, default=EPOCHS,
+    d.add_argument("--epochs", type=int_arg(1), default=EPOCHS,
                    help=f"training epochs per method (default {EPOCHS})")
-    d.add_argument("--runs", type=_runs, default=30, help="chip instances per σ_d (default 30)")
-    d.add_argument("--seed", type=_nonneg_int, default=0, help="seed (default 0)")
+    d.add_argument("--runs", type=int_arg(2, why=" (a standard deviation needs two instances)"), default=30,
+                   help="chip instances per σ_d (default 30)")
+    d.add_argument("--seed", type=int_arg(0, 2**63), default=0, help="seed (default 0)")
     d.add_argument("--out", default=os.path.join("runs", "demo"), help="output folder (default runs/demo)")
     d.add_argument("--overwrite", action="store_true", help="replace a demo already in --out")
     d.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")

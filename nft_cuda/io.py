@@ -14,50 +14,20 @@ An exported model file is a plain dict of tensors, numbers and strings written a
 from __future__ import annotations
 
 import os
-import tempfile
 
 import torch
 import torch.nn as nn
 
-from nft_cuda.conversion import convert, noisy_layers
+from nft_cuda._files import atomic_save
+from nft_cuda.nn.conversion import convert, noisy_layers
 from nft_cuda.variation import Variation
 
-__all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "chmod_default", "load_model", "resolve_model_path",
-           "save_model", "safe_load"]
+__all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model",
+           "safe_load"]
 
 MODEL_FORMAT = "nft_cuda.model/1"
 #: The exported model's file name in a run folder of ``nft train``.
 MODEL_FILE = "model.pt"
-
-
-def chmod_default(path) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a plain open() would have (0666 & ~umask), so an
-    atomically written output is as readable as any other."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save to ``path`` through a temp file in the same directory, fsync'd, then renamed: a
-    crash leaves either the old file or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def safe_load(path: str, map_location="cpu"):

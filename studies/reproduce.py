@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -133,10 +132,9 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    from nft_cuda._files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def _done(path: Path, spec: dict):
@@ -151,21 +149,9 @@ def _done(path: Path, spec: dict):
 
 
 def _environment() -> dict:
-    import torch
+    from nft_cuda._files import environment
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": _commit()}
-
-
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    return environment(Path(__file__).resolve().parent)
 
 
 def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -130,30 +130,6 @@ def test_data_fetch_calls_fetch(monkeypatch, tmp_path, capsys):
     assert "could not fetch mnist" in one_error_line(capsys.readouterr().err)
 
 
-def test_plugin_registry(monkeypatch, capsys):
-    seen = {}
-
-    def register(subparsers):
-        p = subparsers.add_parser("hello", help="a plugin command")
-        p.add_argument("--who", default="world")
-        p.set_defaults(func=lambda args: seen.setdefault("who", args.who) and 0)
-
-    plugin = types.ModuleType("fake_nft_plugin")
-    plugin.register = register
-    broken = types.ModuleType("broken_nft_plugin")  # no register()
-    monkeypatch.setitem(sys.modules, "fake_nft_plugin", plugin)
-    monkeypatch.setitem(sys.modules, "broken_nft_plugin", broken)
-    monkeypatch.setattr(cli, "PLUGIN_MODULES", ["fake_nft_plugin", "not_installed_nft_plugin", "broken_nft_plugin"])
-    assert cli.main(["hello", "--who", "nft"]) == 0
-    assert seen["who"] == "nft"
-    err = capsys.readouterr().err
-    assert "not_installed" not in err  # a missing plugin is silently skipped
-    assert "broken_nft_plugin has no register" in err
-    # --debug is available on plugin commands too.
-    args = cli.build_parser().parse_args(["hello", "--debug"])
-    assert args.debug is True
-
-
 @pytest.mark.parametrize("checkpointed", [False, True], ids=["before-first-checkpoint", "after-a-checkpoint"])
 def test_interrupted_train_gives_advice_that_works(checkpointed, tmp_path, monkeypatch, capsys):
     """Ctrl-C before the first checkpoint: no --resume advice (it would fail with "nothing to resume")."""
@@ -175,3 +151,12 @@ def test_interrupted_train_gives_advice_that_works(checkpointed, tmp_path, monke
         assert err == f"nft: interrupted; continue with: nft train --out {out} --resume"
     else:
         assert "--resume" not in err and "nothing to resume" in err and "same command again" in err
+
+
+def test_every_command_is_registered_directly_with_debug():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "data", "eval", "demo"} <= set(sub.choices)
+    assert not hasattr(cli, "PLUGIN_MODULES")  # no import-by-name plugin list: eval's commands are wired in
+    # --debug is available on eval's commands too.
+    assert parser.parse_args(["eval", "model.pt", "--debug"]).debug is True

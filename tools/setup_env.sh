@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up used by the README commands and by CI:
 #   1. a virtual environment in .venv (override: NFT_VENV) with torch and the demo/test dependencies;
-#   2. nft_cuda installed in editable mode with its extension built in place.
+#   2. the style tools (ruff, clang-format) of tools/lint.sh (NFT_SETUP_LINT_ONLY=1: stop after them);
+#   3. nft_cuda installed in editable mode with its extension built in place.
 # Re-running it installs nothing that is already there and rebuilds the extension only when a
 # file under csrc/ or setup.py is newer than the built library (so the test command never rebuilds
 # what CI has just built). Build switches (FORCE_CUDA, NFT_CUDA_SKIP_CUDA, TORCH_CUDA_ARCH_LIST, ...)
@@ -22,6 +23,16 @@ if ! "$VENV/bin/python" -c "import torch, numpy, pytest, hypothesis, tqdm, matpl
   "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" numpy pytest hypothesis tqdm matplotlib ninja \
     "setuptools>=64" wheel 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch; print('[setup] torch', torch.__version__)"
+fi
+
+# The style tools of tools/lint.sh (pip packages, versions as in .pre-commit-config.yaml).
+if ! "$VENV/bin/ruff" --version >/dev/null 2>&1 || ! "$VENV/bin/clang-format" --version >/dev/null 2>&1; then
+  echo "[setup] installing ruff and clang-format"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "ruff==0.17.6" "clang-format==23.1.5" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+fi
+if [ "${NFT_SETUP_LINT_ONLY:-0}" = "1" ]; then
+  exit 0  # .ci/run: only what tools/lint.sh needs, before the build
 fi
 
 lib=$(ls nft_cuda/_C*.so 2>/dev/null | head -n 1 || true)

@@ -22,6 +22,7 @@ from nft_cuda.data.datasets import (
     Loaders,
     TensorPairDataset,
     available_datasets,
+    batch_loader,
     canonical_name,
     default_data_dir,
     find_files,
@@ -44,7 +45,7 @@ from nft_cuda.data.idx import read_idx, read_idx_pair
 
 __all__ = [
     "DATASETS", "EMBEDDED_SHA256", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset",
-    "available_datasets", "canonical_name", "default_data_dir", "find_files", "get_spec", "load_arrays",
+    "available_datasets", "batch_loader", "canonical_name", "default_data_dir", "find_files", "get_spec", "load_arrays",
     "load_dataset", "make_loaders", "resolve_data_dir", "train_val_split", "verify_dataset",
     "ChecksumError", "DatasetError", "DatasetFormatError", "DatasetNotFoundError", "UnknownDatasetError",
     "read_idx", "read_idx_pair",

@@ -13,13 +13,12 @@ re-hashes. Unwritable folders (e.g. ``/usr/share/datasets``) simply get no stamp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
+from nft_cuda._files import atomic_write_bytes, sha256_hex
 from nft_cuda.data.errors import ChecksumError
 
 __all__ = ["STAMP_NAME", "sha256_hex", "check_sha256", "stamp_valid", "write_stamp", "atomic_write_bytes"]
@@ -28,11 +27,6 @@ STAMP_NAME = ".nft_cuda_verified.json"
 _STAMP_VERSION = 1
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-def sha256_hex(data) -> str:
-    """Hex SHA-256 of a bytes-like object."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def check_sha256(data, expected: str, *, name: str, hint: str = "") -> str:
@@ -88,22 +82,3 @@ def write_stamp(path: PathLike, sha256: str) -> bool:
         return True
     except OSError:
         return False
-
-
-def atomic_write_bytes(path: PathLike, data) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

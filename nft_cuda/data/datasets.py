@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nft_cuda._args import check_count
 from nft_cuda.data import cifar as _cifar
 from nft_cuda.data import idx as _idx
 from nft_cuda.data.checksum import check_sha256, sha256_hex, stamp_valid, write_stamp
@@ -49,7 +50,7 @@ __all__ = [
     "DATASETS", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset", "DEFAULT_DATA_DIR",
     "EMBEDDED_FILE", "EMBEDDED_SHA256", "available_datasets", "get_spec", "canonical_name",
     "default_data_dir", "resolve_data_dir", "find_files", "load_arrays", "load_dataset", "verify_dataset",
-    "to_tensor", "train_val_split", "make_loaders",
+    "to_tensor", "train_val_split", "batch_loader", "make_loaders",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -507,6 +508,22 @@ def _batch_collate(batch):
     return torch.utils.data.default_collate(batch)
 
 
+def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 sampler: Optional[torch.utils.data.Sampler] = None, generator: Optional[torch.Generator] = None,
+                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+    """The one way nft_cuda batches a pair of tensors (training, validation, test and distributed shards).
+
+    Batches are gathered with one index per batch (:class:`TensorPairDataset`), not sample by sample.
+    ``sampler`` is the hook for another order (e.g. :class:`nft_cuda.distributed.ShardSampler`, one rank's
+    slice of the epoch); otherwise ``shuffle`` draws the order from ``generator``. Passing a ``generator``
+    also keeps the loader's per-epoch worker seed off torch's global RNG.
+    """
+    dataset = TensorPairDataset(images, labels)
+    order = dict(sampler=sampler) if sampler is not None else dict(shuffle=shuffle)
+    return DataLoader(dataset, batch_size=batch_size, generator=generator, drop_last=drop_last,
+                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=_batch_collate, **order)
+
+
 def make_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int = 128,
                  val_fraction: float = 0.1, seed: int = 0, *, eval_batch_size: Optional[int] = None,
                  num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
@@ -519,25 +536,19 @@ def make_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int
     every run (it changes from epoch to epoch, reproducibly). Validation and test loaders do not shuffle.
     ``val`` is None when ``val_fraction == 0``. ``eval_batch_size`` defaults to ``batch_size``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    eval_bs = batch_size if eval_batch_size is None else eval_batch_size
-    if isinstance(eval_bs, bool) or not isinstance(eval_bs, int) or eval_bs < 1:
-        raise ValueError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
+    check_count("batch_size", batch_size)
+    eval_bs = check_count("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
     train_x, train_y = load_dataset(name, data_dir, "train", verify=verify)
     test_x, test_y = load_dataset(name, data_dir, "test", verify=verify)
     tr_idx, va_idx = train_val_split(train_y.shape[0], val_fraction, seed, labels=train_y if stratify else None)
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=_batch_collate)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory)
     val_loader = None
     if va_idx.numel():
-        val_loader = DataLoader(TensorPairDataset(train_x[va_idx], train_y[va_idx]), batch_size=eval_bs,
-                                shuffle=False, **common)
-        train_set = TensorPairDataset(train_x[tr_idx], train_y[tr_idx])
-    else:
-        train_set = TensorPairDataset(train_x, train_y)
-    del train_x
+        val_loader = batch_loader(train_x[va_idx], train_y[va_idx], eval_bs, **common)
+        train_x, train_y = train_x[tr_idx], train_y[tr_idx]
     g = torch.Generator().manual_seed(int(seed) % (2**63))
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=g, drop_last=drop_last,
-                              **common)
-    test_loader = DataLoader(TensorPairDataset(test_x, test_y), batch_size=eval_bs, shuffle=False, **common)
+    train_loader = batch_loader(train_x, train_y, batch_size, shuffle=True, generator=g, drop_last=drop_last,
+                                **common)
+    del train_x
+    test_loader = batch_loader(test_x, test_y, eval_bs, **common)
     return Loaders(train_loader, val_loader, test_loader)

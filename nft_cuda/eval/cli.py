@@ -1,4 +1,4 @@
-"""``nft eval`` (registered into the ``nft`` CLI by nft_cuda.cli's plugin hook).
+"""``nft eval`` (registered into the ``nft`` CLI by nft_cuda.cli).
 
 ``nft eval CHECKPOINT [CHECKPOINT ...]`` runs the Monte-Carlo evaluation of exported models over a
 σ_d sweep and writes JSON / CSV / PNG. Under ``torchrun --nproc_per_node=K -m nft_cuda eval ...``
@@ -16,6 +16,8 @@ import math
 import os
 import re
 import sys
+
+from nft_cuda import _args
 
 __all__ = ["parse_sigmas", "register"]
 
@@ -65,23 +67,7 @@ def parse_sigmas(text: str) -> list[float]:
     return values
 
 
-def _int_in(minimum: int, maximum: int | None = None, why: str = ""):
-    """An argparse type: an int in [minimum, maximum) (``why`` explains the lower bound)."""
-    from nft_cuda.cli import _int
-
-    at_least = _int(minimum)
-
-    def parse(text: str) -> int:
-        try:
-            value = at_least(text)
-        except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"{exc}{why}") from None
-        if maximum is not None and value >= maximum:
-            raise argparse.ArgumentTypeError(f"must be < {maximum}, got {text}")
-        return value
-
-    return parse
-
+_int_in = _args.int_arg  # nft_cuda._args: one set of validators for every command
 
 _runs = _int_in(2, why=" (a standard deviation needs two instances)")
 _positive_int = _int_in(1)
@@ -89,6 +75,11 @@ _nonneg_int = _int_in(0, 2**63)
 
 
 def register(subparsers) -> None:
+    """Add ``nft eval`` to the ``nft`` parser (called by nft_cuda.cli)."""
+    _add_eval(subparsers)
+
+
+def _add_eval(subparsers) -> None:
     from nft_cuda.variation import PRESETS
 
     e = subparsers.add_parser(
@@ -123,20 +114,6 @@ def register(subparsers) -> None:
     e.set_defaults(func=_run_eval)
 
 
-def _init_distributed():
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when launched by torchrun."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return None
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
-    return dist
-
-
 def _table(report: dict) -> str:
     rows = ["| checkpoint | σ_d | accuracy (mean ± CI95) | std | EKL (nats) | confidence |", "|---|---|---|---|---|---|"]
     for r in report["results"]:
@@ -152,20 +129,23 @@ def _run_eval(args) -> int:
     from nft_cuda.eval.run import eval_checkpoints, partial_path
     from nft_cuda.io import resolve_model_path
 
-    paths = [resolve_model_path(p) for p in args.checkpoints]
-    device = None if args.device is None else str(resolve_device(args.device))  # before joining a group
-    dist = _init_distributed()
-    if dist is not None and device is None:
-        import torch
+    from nft_cuda import distributed
 
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+    paths = [resolve_model_path(p) for p in args.checkpoints]
+    if args.device is not None:
+        resolve_device(args.device)  # the one clear error for a missing GPU, before joining a group
+    # Under torchrun: join the group; the backend follows --device (gloo for cpu, nccl for cuda).
+    group = distributed.join(args.device or "auto")
+    device = args.device
+    if group.active and device is None:
+        device = str(group.device)
     try:
         report = eval_checkpoints(paths, args.sigma, args.device_model, args.runs, args.seed,
                                   args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
                                   args.progress, batch_size=args.batch_size, resume=args.resume,
                                   baseline=args.baseline)
     except KeyboardInterrupt:
-        if args.json and dist is None:  # sharded runs keep no partial file
+        if args.json and not group.active:  # sharded runs keep no partial file
             sys.stderr.write(f"nft: interrupted; the finished points are kept in {partial_path(args.json)}: "
                              "run the same command again to continue\n")
         else:
@@ -173,9 +153,8 @@ def _run_eval(args) -> int:
                              "for a rerun)\n")
         return 130
     finally:
-        if dist is not None:
-            dist.destroy_process_group()
-    if dist is None or int(os.environ.get("RANK", "0")) == 0:
+        group.close()
+    if group.is_main:
         print(_table(report))
         if report.get("paired") is not None:
             from nft_cuda.eval.paired import paired_table

@@ -28,6 +28,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from nft_cuda import _args
+
 __all__ = ["EKL_BLOCK", "PERCENTILES", "Z95", "Z99", "EKLAccumulator", "accuracy_stats", "entropy",
            "exact_mean", "expected_kl"]
 
@@ -122,8 +124,7 @@ class EKLAccumulator:
     def __init__(self, num_inputs: int, num_classes: int, *, device=None, block_size: int = EKL_BLOCK,
                  auto_fold: bool = True):
         for name, v in (("num_inputs", num_inputs), ("num_classes", num_classes), ("block_size", block_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _args.check_count(name, v)
         self.num_inputs = num_inputs
         self.num_classes = num_classes
         self.block_size = block_size

@@ -10,7 +10,7 @@ Chip instances. Instance r of noisy layer ℓ (ℓ = its position among the nois
 
 Batched instances. Instances are evaluated in groups of S = ``instances_per_pass`` consecutive instances
 r0 .. r0+S-1, one pass over the loader per group. The group's noisy weights are drawn once per pass,
-for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.sample_axis`):
+for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.nn.sample_axis`):
 ``ops.perturb(W, variation, rng=(seed, (ℓ << 32) | r0), samples=S, sigmas=[σ_d] × S)``, whose stream
 offset + t is instance r0 + t — instead of once per batch, as a noisy layer in instance mode would. Then,
 per batch, either the S instances are folded into the batch axis (``fold=True``: the batch repeated S
@@ -20,7 +20,7 @@ the same operations on the same shapes as a one-instance forward, so the per-ins
 depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerances, not always bit for
 bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
 with modules that may mix rows of the batch
-(:func:`nft_cuda.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
+(:func:`nft_cuda.nn.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
 identity) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
@@ -55,19 +55,20 @@ gloo and the current CUDA device with NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nft_cuda import _args, ops
-from nft_cuda.conversion import noise_mode, noisy_layers
+from nft_cuda import _args
+from nft_cuda.distributed import Group
+from nft_cuda.distributed import current as current_group
+from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
-from nft_cuda.layers import NoisyModule
-from nft_cuda.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.variation import Variation
 
 __all__ = ["instance_logits", "monte_carlo"]
@@ -108,28 +109,17 @@ def _model_device(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-class _SavedState:
-    """Training flags of every module and noise state of every noisy layer, restored on exit."""
-
-    def __init__(self, model: nn.Module, layers: list[NoisyModule]):
-        self.training = [(m, m.training) for m in model.modules()]
-        self.layers = []
-        for layer in layers:
-            buf = layer._buffers.get("_instance_rng")
-            self.layers.append((layer, layer.variation, layer._mode, buf, None if buf is None else buf.clone(),
-                                layer.instance_seed, layer.instance, layer.layer_index, layer._sample_plan))
-
-    def restore(self) -> None:
-        for m, flag in self.training:
+@contextlib.contextmanager
+def _kept_state(model: nn.Module):
+    """The model's noisy layers for the block; every module's training flag and every noisy layer's
+    noise state restored on exit."""
+    training = [(m, m.training) for m in model.modules()]
+    try:
+        with kept_noise_state(model) as layers:
+            yield layers
+    finally:
+        for m, flag in training:
             m.training = flag
-        for layer, var, mode, buf, values, iseed, inst, index, plan in self.layers:
-            if buf is not None:
-                buf.copy_(values)
-            layer._buffers["_instance_rng"] = buf
-            layer._variation = var
-            layer._mode = mode
-            layer.instance_seed, layer.instance, layer.layer_index = iseed, inst, index
-            layer._sample_plan = plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,45 +127,15 @@ class _SavedState:
 # --------------------------------------------------------------------------------------------------
 
 
-class _Comm:
-    def __init__(self, distributed, group):
-        import torch.distributed as dist
-
-        initialised = dist.is_available() and dist.is_initialized()
-        if distributed is None:
-            distributed = initialised
-        if distributed and not initialised:
-            raise RuntimeError("monte_carlo(distributed=True) needs torch.distributed to be initialised "
-                               "(torchrun + torch.distributed.init_process_group)")
-        self.dist = dist if distributed else None
-        self.group = group
-        if self.dist is None:
-            self.rank, self.world = 0, 1
-            return
-        self.rank = dist.get_rank(group)
-        self.world = dist.get_world_size(group)
-        backend = str(dist.get_backend(group)).lower()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
-
-    def global_rank(self, rank: int) -> int:
-        return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
-
-    def broadcast(self, tensor: torch.Tensor | None, src: int, shape, device) -> torch.Tensor:
-        if self.world == 1:
-            return tensor
-        if self.rank == src:
-            buf = tensor.to(self.device, torch.float64).contiguous()
-        else:
-            buf = torch.empty(shape, dtype=torch.float64, device=self.device)
-        self.dist.broadcast(buf, src=self.global_rank(src), group=self.group)
-        return buf.to(device)
-
-    def gather_objects(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        self.dist.all_gather_object(out, obj, group=self.group)
-        return out
+def _broadcast_block(comm: Group, tensor: torch.Tensor | None, src: int, shape, device) -> torch.Tensor:
+    """Rank ``src``'s float64 block sum on every rank (through the collectives' device)."""
+    if not comm.active:
+        return tensor
+    if comm.rank == src:
+        buf = tensor.to(comm.device, torch.float64).contiguous()
+    else:
+        buf = torch.empty(shape, dtype=torch.float64, device=comm.device)
+    return comm.broadcast(buf, src).to(device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,74 +174,31 @@ def _clean_pass(model: nn.Module, loader, device: torch.device):
     return torch.cat(labels), int(correct), float(conf_sum), classes
 
 
-def _group_weights(layers, var: Variation, seed: int, r0: int, samples: int) -> list[torch.Tensor]:
-    """Noisy weights [S, *W] of instances r0 .. r0+S-1 for every noisy layer: layer ℓ uses rng
-    (seed, (ℓ << 32) | r0) and stream offset + t for instance r0 + t (DESIGN §2) — the very call a noisy
-    layer makes in a sample-plan forward (``ops.perturb(weight, variation, rng, samples, sigmas)``)."""
-    out = []
-    for ell, layer in enumerate(layers):
-        dev = layer.weight.device
-        sig = torch.full((samples,), var.sigma, dtype=torch.float32, device=dev)
-        rng = _args.make_rng(seed, (ell << 32) | r0, dev)
-        out.append(ops.perturb(layer.weight.detach(), var, rng=rng, samples=samples, sigmas=sig))
-    return out
+def _check_run_args(runs, seed, instances_per_pass, loader) -> int:
+    """Check monte_carlo's counts, seed and loader; returns the seed as an int."""
+    _args.check_count("runs", runs)
+    if runs > 2**32:
+        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
+    seed = _args.check_seed_int("seed", seed)
+    _args.check_count("instances_per_pass", instances_per_pass)
+    _check_loader(loader)
+    return seed
 
 
-def _apply(layer: NoisyModule, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The layer's forward with weight ``w``: what its noisy forward computes once W_noisy is drawn."""
-    if isinstance(layer, nn.Linear):
-        return F.linear(x, w, layer.bias)
-    return layer._conv_forward(x, w, layer.bias)
+def _evaluable_layers(model: nn.Module) -> list:
+    """The model's noisy layers in ℓ order, checked to be ones monte_carlo can evaluate."""
+    layers = [m for _, m in noisy_layers(model)]
+    if not layers:
+        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
+    if len(layers) >= 2**31:
+        raise ValueError("too many noisy layers")
+    for layer in layers:
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
+    return layers
 
 
-class _FixedNoise:
-    """Context manager: every noisy layer computes with the precomputed noisy weights of a group of S
-    instances, drawn once for the whole loader instead of once per batch.
-
-    fold=True: the batch axis holds S chunks ([S·B, ...]), chunk t uses instance t's weight (as a
-    sample-plan forward, :mod:`nft_cuda.sample_axis`); fold=False: the forward uses instance ``self.t``.
-    Either way each instance's rows go through the same operations on the same shapes as a
-    one-instance forward."""
-
-    _MISSING = object()
-
-    def __init__(self, layers, weights, fold: bool):
-        for layer in layers:
-            if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-                raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
-        self.layers, self.weights, self.fold, self.t = layers, weights, fold, 0
-        self.saved = []
-
-    def _forward(self, layer, w):
-        samples = w.shape[0]
-
-        def forward(x):
-            if not self.fold:
-                return _apply(layer, x, w[self.t])
-            if x.shape[0] % samples:
-                raise ValueError(f"a batch of {x.shape[0]} rows cannot hold {samples} instances")
-            outs = [_apply(layer, chunk, w[t]) for t, chunk in enumerate(x.chunk(samples, dim=0))]
-            return outs[0] if samples == 1 else torch.cat(outs, dim=0)
-
-        return forward
-
-    def __enter__(self):
-        for layer, w in zip(self.layers, self.weights):
-            self.saved.append((layer, layer.__dict__.get("forward", self._MISSING)))
-            layer.forward = self._forward(layer, w)
-        return self
-
-    def __exit__(self, *exc):
-        for layer, prev in self.saved:
-            if prev is self._MISSING:
-                del layer.forward
-            else:
-                layer.forward = prev
-        self.saved.clear()
-        return False
-
-
-def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var, seed, r0: int, samples: int,
+def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed, r0: int, samples: int,
                 fold: bool, kept: dict | None = None):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
     of device scalars and feeds the probabilities to ``ekl``. With ``kept``, the float32 logits of each
@@ -291,33 +208,37 @@ def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, var,
     mismatch = torch.zeros((), dtype=torch.bool, device=device)
     start = 0
     n = labels.shape[0]
-    weights = _group_weights(layers, var, seed, r0, samples)
-    with _FixedNoise(layers, weights, fold) as noise:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            b = y.shape[0]
-            if start + b > n:
-                raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
-                                 "inputs in the same order on every pass (no shuffling)")
-            mismatch |= (y != labels[start:start + b]).any()
-            if fold:
+    # The group's noisy weights, drawn once for the whole loader (not once per batch) and carried by
+    # the layers' sample plans: folded, chunk t of the batch axis uses instance r0 + t; unfolded, the
+    # forward of instance r0 + t uses that instance's one-sample plan.
+    plans = instance_plans(layers, seed, r0, samples, draw=True)
+    one = [{layer: plan.select(t) for layer, plan in plans.items()} for t in range(samples)]
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        b = y.shape[0]
+        if start + b > n:
+            raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
+                             "inputs in the same order on every pass (no shuffling)")
+        mismatch |= (y != labels[start:start + b]).any()
+        if fold:
+            with sample_plan(model, plans, samples):
                 logits = _logits(model, _repeat(x, samples))
-                chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
-            else:
-                chunks = []
-                for t in range(samples):
-                    noise.t = t
+            chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
+        else:
+            chunks = []
+            for t in range(samples):
+                with sample_plan(model, one[t], 1):
                     chunks.append(_logits(model, x))
-            for t, lt in enumerate(chunks):
-                p = torch.softmax(lt.to(torch.float64), dim=-1)
-                correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
-                c = p.amax(-1).sum()
-                conf[t] = c if conf[t] is None else conf[t] + c
-                ekl.update(r0 + t, p, start)
-                if kept is not None:
-                    kept.setdefault(r0 + t, []).append((start, lt))
-            start += b
+        for t, lt in enumerate(chunks):
+            p = torch.softmax(lt.to(torch.float64), dim=-1)
+            correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
+            c = p.amax(-1).sum()
+            conf[t] = c if conf[t] is None else conf[t] + c
+            ekl.update(r0 + t, p, start)
+            if kept is not None:
+                kept.setdefault(r0 + t, []).append((start, lt))
+        start += b
     if start != n or bool(mismatch):
         raise ValueError("the loader did not yield the same labels in the same order as on its first pass: "
                          "monte_carlo needs a deterministic loader (shuffle=False)")
@@ -341,27 +262,16 @@ def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instan
     seed = _args.check_seed_int("seed", seed)
     if instances.start < 0 or instances.stop > 2**32:
         raise ValueError(f"instances must lie in [0, 2^32), got {instances!r}")
-    layers = [m for _, m in noisy_layers(model)]
-    if not layers:
+    if not noisy_layers(model):
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
-    state = _SavedState(model, layers)
-    try:
+    with _kept_state(model) as layers:
         if variation is not None:
             for layer in layers:
-                layer._variation = variation
-        plans = {}
-        for ell, layer in enumerate(layers):
-            if layer.variation is None:
-                raise ValueError("every noisy layer needs a variation (or pass variation=)")
-            dev = layer.weight.device
-            sig = torch.full((len(instances),), layer.variation.sigma, dtype=torch.float32, device=dev)
-            plans[layer] = (_args.make_rng(seed, (ell << 32) | instances.start, dev), sig)
+                layer.variation = variation
         s, b = len(instances), inputs.shape[0]
-        with sample_plan(model, plans, s):
+        with sample_plan(model, instance_plans(layers, seed, instances.start, s), s):
             out = _logits(model, _repeat(inputs, s))
         return out.view(s, b, out.shape[-1])
-    finally:
-        state.restore()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,7 +301,7 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         fold: fold the S instances of a pass into the batch axis (one forward of S·B rows per batch)
             rather than S forwards of B rows. Default: fold on CUDA (bigger kernels), not on CPU (where
             the S-times larger activations leave the caches and cost ~30% more per instance). Models
-            that cannot be folded (:func:`~nft_cuda.sample_axis.unbatchable_modules`) are evaluated one
+            that cannot be folded (:func:`~nft_cuda.nn.sample_axis.unbatchable_modules`) are evaluated one
             instance per forward, with one warning when folding was asked for. Does not change the
             results.
         distributed: shard instances over the ranks of ``group`` (default: when torch.distributed is
@@ -414,24 +324,12 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     variations = _as_variations(variations)
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be a positive int, got {runs!r}")
-    if runs > 2**32:
-        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
-    seed = _args.check_seed_int("seed", seed)
-    if isinstance(instances_per_pass, bool) or not isinstance(instances_per_pass, int) or instances_per_pass < 1:
-        raise ValueError(f"instances_per_pass must be a positive int, got {instances_per_pass!r}")
-    _check_loader(loader)
-    layers = [m for _, m in noisy_layers(model)]
-    if not layers:
-        raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
-    if len(layers) >= 2**31:
-        raise ValueError("too many noisy layers")
+    seed = _check_run_args(runs, seed, instances_per_pass, loader)
+    layers = _evaluable_layers(model)
     device = _model_device(model, device)
-    comm = _Comm(distributed, group)
+    comm = current_group(group, distributed)
 
-    state = _SavedState(model, layers)
-    try:
+    with _kept_state(model):
         model.eval()
         if fold is None:
             fold = device.type == "cuda"
@@ -442,32 +340,32 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
                           stacklevel=2)
             fold = False
         with torch.no_grad():
-            labels, clean_correct, clean_conf, classes = _clean_pass(model, loader, device)
-            n = labels.shape[0]
-            clean_acc = clean_correct / n
-            results = []
-            for var in variations:
-                for layer in layers:
-                    layer._variation = var
-                if var.sigma == 0.0:
-                    per_acc = [clean_acc] * runs
-                    conf = exact_mean([clean_conf] * runs, runs * n)
-                    ekl, per_kl = 0.0, [0.0] * runs
-                else:
-                    per_acc, conf, ekl, per_kl = _sweep_point(model, layers, loader, device, labels, classes, var,
-                                                              runs, seed, instances_per_pass, bool(fold), comm,
-                                                              progress, per_instance_kl)
-                res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed,
-                       "num_inputs": n}
-                res.update(accuracy_stats(per_acc))
-                res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc,
-                            "per_instance_accuracy": per_acc})
-                if per_instance_kl:
-                    res["per_instance_kl"] = per_kl
-                results.append(res)
-    finally:
-        state.restore()
-    return results
+            clean = _clean_pass(model, loader, device)
+            return [_sweep_result(model, layers, loader, device, clean, var, runs, seed, instances_per_pass,
+                                  bool(fold), comm, progress, per_instance_kl) for var in variations]
+
+
+def _sweep_result(model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress,
+                  chip_kl: bool) -> dict:
+    """The result dict of one σ_d (see :func:`monte_carlo`); ``clean`` is :func:`_clean_pass`'s."""
+    labels, clean_correct, clean_conf, classes = clean
+    n = labels.shape[0]
+    clean_acc = clean_correct / n
+    for layer in layers:
+        layer.variation = var
+    if var.sigma == 0.0:
+        per_acc = [clean_acc] * runs
+        conf = exact_mean([clean_conf] * runs, runs * n)
+        ekl, per_kl = 0.0, [0.0] * runs
+    else:
+        per_acc, conf, ekl, per_kl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed,
+                                                  samples, fold, comm, progress, chip_kl)
+    res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed, "num_inputs": n}
+    res.update(accuracy_stats(per_acc))
+    res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
+    if chip_kl:
+        res["per_instance_kl"] = per_kl
+    return res
 
 
 def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm,
@@ -501,7 +399,7 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
                 lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
                 for r0 in range(lo, hi, samples):
                     s = min(samples, hi - r0)
-                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, var, seed, r0, s, fold,
+                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, seed, r0, s, fold,
                                                 kept)
                     for t in range(s):
                         local[r0 + t] = [correct[t], conf[t]]
@@ -511,7 +409,7 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
             for src in range(comm.world):
                 for b in blocks_of(src, j):
                     mine_b = ekl.take_block(b) if src == comm.rank else None
-                    ekl.put_block(b, comm.broadcast(mine_b, src, (n, classes), device))
+                    ekl.put_block(b, _broadcast_block(comm, mine_b, src, (n, classes), device))
     finally:
         if bar is not None:
             bar.close()

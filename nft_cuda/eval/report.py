@@ -21,10 +21,11 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
+
+from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 
 __all__ = ["CSV_COLUMNS", "build_report", "plot_results", "read_json", "write_csv", "write_json"]
 
@@ -51,45 +52,11 @@ def build_report(results: Sequence[dict], *, model=None, dataset=None, seed=None
     return report
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    _atomic_write(path, text.encode("utf-8"))
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Temp file in the same folder, fsync'd, default permissions (not mkstemp's 0600), then renamed."""
-    from nft_cuda.io import chmod_default
-
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _jsonable(obj):
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def write_json(report, path: str) -> None:
     """Write a report (:func:`build_report`), or a bare list of results, as JSON (atomically)."""
     if not isinstance(report, dict):
         report = build_report(report)
-    _atomic_write_text(path, json.dumps(_jsonable(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: str) -> dict:
@@ -125,7 +92,7 @@ def write_csv(results, path: str) -> None:
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _default_title(report: dict | None, results: Sequence[dict]) -> str:
@@ -205,4 +172,4 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    _atomic_write(path, png.getvalue())
+    atomic_write_bytes(path, png.getvalue())

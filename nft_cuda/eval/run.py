@@ -9,17 +9,19 @@ report is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Sequence
 
 import torch
 
+from nft_cuda import _args
 from nft_cuda._args import resolve_device
+from nft_cuda._files import json_safe, sha256_file
+from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
-from nft_cuda.eval.report import _jsonable, build_report, plot_results, write_csv, write_json
+from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
 from nft_cuda.variation import Variation
 
@@ -32,8 +34,7 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        _args.check_count("batch_size", batch_size)
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def __len__(self) -> int:
@@ -55,14 +56,6 @@ def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tens
 def partial_path(json_path: str) -> str:
     """Where :func:`eval_checkpoints` keeps the finished points of an unfinished report."""
     return f"{json_path}.partial.jsonl"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _FinishedPoints:
@@ -95,14 +88,16 @@ class _FinishedPoints:
     def get(self, key: str):
         return self.done.get(key)
 
-    def add(self, key: str, result: dict) -> None:
+    def add(self, key: str, result: dict) -> dict:
+        """Keep ``result`` (appended to the file at once); returns it."""
         if self.path is None:
-            return
+            return result
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"key": key, "result": _jsonable(result)}, allow_nan=False) + "\n")
+            f.write(json.dumps({"key": key, "result": json_safe(result)}, allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        return result
 
     def clear(self) -> None:
         if self.path is not None and os.path.exists(self.path):
@@ -175,45 +170,20 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (see ``labels``).
     """
-    from nft_cuda.conversion import noisy_layers
-    from nft_cuda.io import load_model
+    from nft_cuda.nn.conversion import noisy_layers
 
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [resolve_model_path(p) for p in paths]
-    if not paths:
-        raise ValueError("eval_checkpoints needs at least one checkpoint path")
-    sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
-    if not sigmas:
-        raise ValueError("sigmas must hold at least one σ_d")
-    device = resolve_device("auto" if device is None else str(device))
-
-    if labels is None:
-        labels = _labels(paths)
-    elif len(labels) != len(paths) or len(set(labels)) != len(labels):
-        raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
+    paths, sigmas, device, labels = _checked_args(paths, sigmas, device, labels)
     baseline = _baseline_label(baseline, paths, labels)
-    import torch.distributed as dist
-
-    sharded = distributed is not False and dist.is_available() and dist.is_initialized()
+    sharded = distributed is not False and current_group().active
     finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
     models, datasets, chips = {}, {}, {}
     # The baseline goes first, so a checkpoint that cannot be paired with it is refused before it is evaluated.
     for path, label in sorted(zip(paths, labels), key=lambda pl: pl[1] != baseline):
-        model, payload = load_model(path, device=device)
+        model, payload, dataset, (x, y) = _load_with_test_set(path, device, data_dir, test_sets)
         meta = payload.get("meta", {}) or {}
-        dataset = meta.get("dataset")
-        if not dataset:
-            raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
-        if dataset not in test_sets:
-            test_sets[dataset] = load_test_set(dataset, data_dir)
-        x, y = test_sets[dataset]
         spec = dict(payload["model"])
-        if x.shape[1] != spec.get("in_channels", x.shape[1]):
-            raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
-                             f"but the {dataset} test set has {x.shape[1]}")
         base = payload["variation"]
         variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
                       for s in sigmas]
@@ -222,18 +192,12 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
-        digest = _sha256(path) if finished.path else None
-        for var in variations:  # one point at a time, so each is kept as soon as it ends
-            key = json.dumps({"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]),
-                              "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits],
-                              "runs": runs, "seed": seed, "batch_size": batch_size,
-                              **({"per_instance_kl": True} if baseline is not None else {})}, sort_keys=True)
-            r = finished.get(key)
-            if r is None:
-                r = monte_carlo(model, loader, [var], runs, seed=seed, instances_per_pass=instances_per_pass,
-                                device=device, progress=progress, fold=fold, distributed=distributed,
-                                per_instance_kl=baseline is not None)[0]
-                finished.add(key, r)
+        digest = sha256_file(path) if finished.path else None
+        setting = {"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]), "runs": runs,
+                   "seed": seed, "batch_size": batch_size, **({"per_instance_kl": True} if baseline else {})}
+        for r in _points(model, loader, variations, finished, setting, runs=runs, seed=seed, device=device,
+                         instances_per_pass=instances_per_pass, progress=progress, fold=fold, distributed=distributed,
+                         per_instance_kl=baseline is not None):
             results.append({"checkpoint": label, **r})
         checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
                             "method": meta.get("method"), "trained_variation": dict(base)})
@@ -248,14 +212,70 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
                           dataset=_summary({k: datasets[k] for k in labels}), seed=seed,
                           checkpoints=checkpoints, **extra)
     if _is_writer(distributed):
-        if json_path:
-            write_json(report, json_path)
-            finished.clear()
-        if csv_path:
-            write_csv(report, csv_path)
-        if plot_path:
-            plot_results(report, plot_path)
+        _write_outputs(report, finished, json_path, csv_path, plot_path)
     return report
+
+
+def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
+    """The Monte-Carlo result of each variation, one point at a time so each is kept as soon as it ends;
+    a point an interrupted call finished with the same ``setting`` is reused."""
+    out = []
+    for var in variations:
+        key = json.dumps({**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]},
+                         sort_keys=True)
+        r = finished.get(key)
+        if r is None:
+            r = finished.add(key, monte_carlo(model, loader, [var], **monte_carlo_args)[0])
+        out.append(r)
+    return out
+
+
+def _checked_args(paths, sigmas, device, labels):
+    """eval_checkpoints' paths (a list), σ_d values (floats), device and labels, checked."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [resolve_model_path(p) for p in paths]
+    if not paths:
+        raise ValueError("eval_checkpoints needs at least one checkpoint path")
+    sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
+    if not sigmas:
+        raise ValueError("sigmas must hold at least one σ_d")
+    device = resolve_device("auto" if device is None else str(device))
+    if labels is None:
+        labels = _labels(paths)
+    elif len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
+    return paths, sigmas, device, labels
+
+
+def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
+    """(model, payload, dataset name, (images, labels)) of an exported model and the test split of its
+    dataset (loaded once per dataset into ``test_sets``), checked to fit each other."""
+    from nft_cuda.io import load_model
+
+    model, payload = load_model(path, device=device)
+    dataset = (payload.get("meta", {}) or {}).get("dataset")
+    if not dataset:
+        raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
+    if dataset not in test_sets:
+        test_sets[dataset] = load_test_set(dataset, data_dir)
+    x, y = test_sets[dataset]
+    spec = payload["model"]
+    if x.shape[1] != spec.get("in_channels", x.shape[1]):
+        raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
+                         f"but the {dataset} test set has {x.shape[1]}")
+    return model, payload, dataset, (x, y)
+
+
+def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> None:
+    """Write the report's files (the writing process only); the finished points go once the JSON is in."""
+    if json_path:
+        write_json(report, json_path)
+        finished.clear()
+    if csv_path:
+        write_csv(report, csv_path)
+    if plot_path:
+        plot_results(report, plot_path)
 
 
 def _baseline_label(baseline, paths: list[str], labels) -> str | None:
@@ -271,8 +291,6 @@ def _baseline_label(baseline, paths: list[str], labels) -> str | None:
 
 
 def _is_writer(distributed) -> bool:
-    import torch.distributed as dist
-
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
-        return True
-    return dist.get_rank() == 0
+    """Whether this process writes the files: the only process, or rank 0 of an evaluation sharded
+    over an initialised process group."""
+    return distributed is False or current_group().is_main

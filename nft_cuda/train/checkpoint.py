@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from nft_cuda.io import chmod_default
+from nft_cuda._files import atomic_write_bytes, sha256_file, sha256_hex
 
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
            "has_checkpoint", "read_checkpoint"]
@@ -32,40 +30,8 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was unusable and the previous good one is used instead."""
 
 
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsync'd temp file in the same folder and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
 @contextlib.contextmanager
-def _run_lock(out: Path):
+def run_lock(out: Path):
     """An exclusive lock on ``out/.lock`` for the duration of a run (released by the OS even on SIGKILL),
     so two trainings never write the same run folder."""
     try:
@@ -84,11 +50,11 @@ def _run_lock(out: Path):
         os.close(fd)
 
 
-def _sidecar(path: Path) -> Path:
+def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
-def _message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
@@ -103,17 +69,13 @@ def _check_checkpoint(path: Path) -> dict:
 
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")
-    side = _sidecar(path)
+    side = sidecar_path(path)
     if side.is_file():
         try:
             expected = side.read_text().split()[0].lower()
         except (OSError, IndexError, UnicodeDecodeError):
             raise CheckpointError(f"{side} is unreadable") from None
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(f"{path} does not match its SHA-256 sidecar ({side.name}): the file is truncated "
                                   "or corrupt")
     else:
@@ -122,7 +84,7 @@ def _check_checkpoint(path: Path) -> dict:
     try:
         ckpt = safe_load(str(path))
     except ValueError as exc:
-        raise CheckpointError(_message(exc)) from None
+        raise CheckpointError(error_message(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an nft_cuda training checkpoint (format {CHECKPOINT_FORMAT!r})")
     missing = [k for k in ("config", "epoch", "model", "optimizer", "scheduler", "rng", "best", "history")
@@ -173,15 +135,15 @@ def _serialize(obj) -> bytes:
     return buf.getvalue()
 
 
-def _write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
+def write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
     """Write checkpoint.pt and its sidecar; with ``rotate`` first keep the current (good) one as
     checkpoint.prev.pt. Every step is an atomic rename, so a crash at any point leaves a consistent
     (checkpoint, sidecar) pair in checkpoint.pt or in checkpoint.prev.pt."""
     current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
     data = _serialize(payload)
-    digest = hashlib.sha256(data).hexdigest()
-    if rotate and current.is_file() and _sidecar(current).is_file():
-        for src, dst in ((_sidecar(current), _sidecar(prev)), (current, prev)):
+    digest = sha256_hex(data)
+    if rotate and current.is_file() and sidecar_path(current).is_file():
+        for src, dst in ((sidecar_path(current), sidecar_path(prev)), (current, prev)):
             tmp = dst.with_name(f".tmp-{dst.name}")
             if tmp.exists():
                 tmp.unlink()
@@ -192,7 +154,7 @@ def _write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
 
                 shutil.copyfile(src, tmp)
             os.replace(tmp, dst)
-    _atomic_write_bytes(current, data)
-    _atomic_write_bytes(_sidecar(current), f"{digest}  {CHECKPOINT}\n".encode())
+    atomic_write_bytes(current, data)
+    atomic_write_bytes(sidecar_path(current), f"{digest}  {CHECKPOINT}\n".encode())
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from nft_cuda import _args
 
 __all__ = ["RESUME_MAY_DIFFER", "TrainConfig", "default_out"]
 
@@ -26,43 +26,11 @@ _U63 = 2**63
 # --------------------------------------------------------------------------------------------------
 
 
-def _real(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
-          max_strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
-    if maximum is not None and (value >= maximum if max_strict else value > maximum):
-        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
-    return value
-
-
-def _int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    key = value.strip().lower()
-    if key not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
-    return key
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return value
+# The validators are nft_cuda._args's (one set for the whole package); short names keep __post_init__ readable.
+_real = _args.check_real
+_int = _args.check_int
+_choice = _args.check_choice
+_bool = _args.check_bool
 
 
 def _path_or_none(name: str, value) -> str | None:

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import ops
-from nft_cuda.conversion import noise_mode
-from nft_cuda.layers import NoisyLinear
+from nft_cuda.nn.conversion import noise_mode
+from nft_cuda.nn.layers import NoisyLinear
 from nft_cuda.variation import Variation
 
 __all__ = ["IRSHead", "IRSModel"]
@@ -36,21 +36,22 @@ class IRSHead(nn.Module):
             nn.init.zeros_(fc.bias)
 
     def forward(self, activation: torch.Tensor) -> torch.Tensor:
-        noise = self.fc1._forward_noise()  # the draw fc1's own forward would make
-        if noise is not None and noise[1] is None and self._snapshot_op_ok(activation):
+        noise = self.fc1.forward_noise()  # the draw fc1's own forward would make
+        own = noise is not None and noise.sigmas is None  # not a sample plan set by the caller
+        if own and self._snapshot_op_ok(activation):
             # The snapshot op (DESIGN §4.3): pooling and the noisy matmul in one op; the snapshot is
             # not kept for backward, which spreads its gradient over the pooling windows.
             hidden = ops.snapshot_linear(activation, self.pool, self.fc1.weight, self.fc1.bias,
-                                         self.fc1.variation, rng=noise[0])[0]
+                                         self.fc1.variation, rng=noise.rng)[0]
         else:
             snapshot = torch.flatten(F.adaptive_avg_pool2d(activation, self.pool), 1)
-            if noise is not None and noise[1] is None:
+            if own:
                 # Autocast or mixed dtypes: the layer's own path, with the rng already drawn above.
-                self.fc1.set_sample_plan(noise[0])
+                self.fc1.set_sample_plan(noise.rng)
                 try:
                     hidden = self.fc1(snapshot)
                 finally:
-                    self.fc1.set_sample_plan(None)
+                    self.fc1.set_sample_plan(None)  # there was none (own noise)
             else:
                 hidden = self.fc1(snapshot)  # clean, or a sample plan set by the caller
         return self.fc2(F.relu(hidden))

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args
-from nft_cuda.conversion import convert, noisy_layers, set_noise_mode
-from nft_cuda.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
+from nft_cuda.nn.sample_axis import sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
 from nft_cuda.variation import Variation

@@ -57,13 +57,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nft_cuda import _args
 from nft_cuda._args import resolve_device
+from nft_cuda._files import atomic_write_bytes, json_safe
+from nft_cuda.distributed import RANK_STREAM, Group, ShardSampler, join
 from nft_cuda.io import MODEL_FILE
 from nft_cuda.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, PREV_CHECKPOINT, CheckpointError,
-                                       CheckpointWarning, _atomic_write_bytes, _message, _run_lock,
-                                       _sidecar, _write_checkpoint, read_checkpoint)
-from nft_cuda.train.config import RESUME_MAY_DIFFER, TrainConfig, _int, default_out
-from nft_cuda.train.distributed import _RANK_STREAM, _Group, _join_group, _ShardSampler
+                                       CheckpointWarning, error_message, read_checkpoint, run_lock, sidecar_path,
+                                       write_checkpoint)
+from nft_cuda.train.config import RESUME_MAY_DIFFER, TrainConfig, default_out
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "TrainConfig", "default_out",
            "evaluate", "export_backbone", "read_checkpoint", "train"]
@@ -97,16 +99,9 @@ def _forked_rng(device: torch.device, seed: int):
 # --------------------------------------------------------------------------------------------------
 
 
-def _passthrough(batch):
-    # TensorPairDataset.__getitems__ already returns the gathered (images, labels) batch.
-    return batch
-
-
 class _Data:
-    def __init__(self, config: TrainConfig, device: torch.device, group: _Group | None = None):
-        from torch.utils.data import DataLoader
-
-        from nft_cuda.data import TensorPairDataset, get_spec, load_dataset, train_val_split
+    def __init__(self, config: TrainConfig, device: torch.device, group: Group | None = None):
+        from nft_cuda.data import batch_loader, get_spec, load_dataset, train_val_split
 
         self.spec = get_spec(config.dataset)
         train_x, train_y = load_dataset(config.dataset, config.data_dir, "train")
@@ -119,29 +114,25 @@ class _Data:
             test_x, test_y = test_x[:config.limit_eval], test_y[:config.limit_eval]
         self.input_shape = tuple(train_x.shape[1:])
         self.example = train_x[tr_idx[:2]]
-        common = dict(num_workers=config.num_workers, collate_fn=_passthrough,
-                      pin_memory=device.type == "cuda")
+        common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
         # Every loader has its own generator, so iterating one never touches torch's global RNG.
         self.train_generator = torch.Generator()
-        train_set = TensorPairDataset(train_x[tr_idx], train_y[tr_idx])
+        sampler = None
         if group is not None and group.active:
             # Each rank takes its slice of the same (seed, epoch) permutation; batch_size is per rank.
             n = int(tr_idx.numel())
             if n < group.world:
                 raise ValueError(f"the training split has {n} sample(s), fewer than the {group.world} ranks "
                                  "(raise --limit-train or use fewer processes)")
-            self.train = DataLoader(train_set, batch_size=config.batch_size,
-                                    sampler=_ShardSampler(n, group.rank, group.world, self.train_generator),
-                                    **common)
-        else:
-            self.train = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                                    generator=self.train_generator, **common)
+            sampler = ShardSampler(n, group.rank, group.world, self.train_generator)
+        self.train = batch_loader(train_x[tr_idx], train_y[tr_idx], config.batch_size, shuffle=True, sampler=sampler,
+                                  generator=None if sampler is not None else self.train_generator, **common)
         self.val = None
         if va_idx.numel():
-            self.val = DataLoader(TensorPairDataset(train_x[va_idx], train_y[va_idx]), batch_size=config.batch_size,
-                                  shuffle=False, generator=torch.Generator().manual_seed(0), **common)
-        self.test = DataLoader(TensorPairDataset(test_x, test_y), batch_size=config.batch_size, shuffle=False,
-                               generator=torch.Generator().manual_seed(0), **common)
+            self.val = batch_loader(train_x[va_idx], train_y[va_idx], config.batch_size,
+                                    generator=torch.Generator().manual_seed(0), **common)
+        self.test = batch_loader(test_x, test_y, config.batch_size, generator=torch.Generator().manual_seed(0),
+                                 **common)
         self.sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
         # Training batches only; the border is each channel's normalised black, as a zero-padded image.
         self.augment = None
@@ -173,7 +164,7 @@ def evaluate(model: nn.Module, loader, device, noise: str = "off", *, seed: int 
     """
     from tqdm.auto import tqdm
 
-    from nft_cuda.conversion import noise_mode
+    from nft_cuda.nn.conversion import noise_mode
 
     device = torch.device(device)
     net = _backbone(model)
@@ -199,7 +190,7 @@ def export_backbone(model: nn.Module, method, spec: dict) -> nn.Module:
     """A fresh plain copy of the trained backbone for export (CPU): ``build_model`` + ``convert`` with
     the method's variation, the backbone's weights loaded, noise mode train. The training model is
     left untouched (an IRS model keeps its hooks and heads)."""
-    from nft_cuda.conversion import convert
+    from nft_cuda.nn.conversion import convert
     from nft_cuda.models import build_model
 
     kwargs = {k: v for k, v in spec.items() if k != "name"}
@@ -242,7 +233,7 @@ def _check_resume_config(config: TrainConfig, saved: dict, path: Path) -> None:
     try:
         saved_cfg = TrainConfig.from_dict(dict(saved))
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its config is not valid here: {_message(exc)}") from None
+        raise CheckpointError(f"{path}: its config is not valid here: {error_message(exc)}") from None
     diffs = [f"{f.name}={getattr(saved_cfg, f.name)!r} (now {getattr(config, f.name)!r})"
              for f in dataclasses.fields(TrainConfig)
              if f.name not in RESUME_MAY_DIFFER and getattr(saved_cfg, f.name) != getattr(config, f.name)]
@@ -256,26 +247,15 @@ def _check_resume_config(config: TrainConfig, saved: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _json_safe(obj):
-    """NaN/inf (e.g. the validation accuracy of a run without a validation split) → None: strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _write_metrics(out: Path, history: list[dict]) -> None:
-    rows = [_json_safe(row) for row in history]
-    _atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+    rows = [json_safe(row) for row in history]
+    atomic_write_bytes(out / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(METRICS_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    _atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "metrics.csv", buf.getvalue().encode())
 
 
 def _print(msg: str) -> None:
@@ -314,10 +294,10 @@ def train(config: TrainConfig, progress: bool = True, *, log: Callable[[str], No
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     if stop_after is not None:
-        stop_after = _int("stop_after", stop_after, 1)
+        stop_after = _args.check_int("stop_after", stop_after, 1)
     t_start = time.perf_counter()
     out = config.resolved_out()
-    group = _join_group(config.device)  # inactive unless launched by torchrun with WORLD_SIZE > 1
+    group = join(config.device)  # inactive unless launched by torchrun with WORLD_SIZE > 1
     try:
         if not group.is_main:  # only rank 0 prints and shows progress bars
             log, progress = None, False
@@ -331,219 +311,306 @@ def train(config: TrainConfig, progress: bool = True, *, log: Callable[[str], No
             out.mkdir(parents=True, exist_ok=True)
         group.barrier()
         # Only rank 0 writes the run folder, so only it holds the lock.
-        with _run_lock(out) if group.is_main else contextlib.nullcontext():
+        with run_lock(out) if group.is_main else contextlib.nullcontext():
             return _train_locked(config, progress, say, stop_after, out, device, t_start, group)
     finally:
         group.close()
 
 
-def _train_locked(config, progress, say, stop_after, out, device, t_start, group: _Group) -> dict:
-    from tqdm.auto import tqdm
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run carries from epoch to epoch (built by :func:`_start_run`)."""
 
-    from nft_cuda import __version__
-    from nft_cuda.io import load_model, save_model
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    group: Group
+    say: Callable[[str], None]
+    progress: bool
+    data: _Data
+    spec: dict
+    method: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    params: list
+    start_epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    best: dict = dataclasses.field(default_factory=lambda: {"epoch": 0, "val_acc": -1.0})
+    rotate: bool = False  # whether the next checkpoint write first keeps the current one as checkpoint.prev.pt
+    meta: dict = dataclasses.field(default_factory=dict)
 
-    main = group.is_main
+    @property
+    def main(self) -> bool:
+        return self.group.is_main
+
+
+def _train_locked(config, progress, say, stop_after, out, device, t_start, group: Group) -> dict:
+    """The training loop: prepare the run folder, restore, then per epoch train, validate and save;
+    finally test the exported best model."""
+    ckpt, ckpt_path = _prepare_run_folder(config, out, group.is_main)
+    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        run = _start_run(config, out, device, group, say, progress)
+        if ckpt is not None:
+            _restore(run, ckpt, ckpt_path)
+        _announce(run)
+        stopped, done_here = False, 0
+        for epoch in range(run.start_epoch + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            lr, train_loss, train_acc = _train_epoch(run, epoch)
+            rng_state, rank_states = _rng_states(run)
+            val_noisy, val_clean, improved = _validate(run, epoch)
+            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
+                   "val_acc_noisy": val_noisy, "val_acc_clean": val_clean, "best_epoch": run.best["epoch"],
+                   "best_val_acc": run.best["val_acc"], "epoch_time_s": time.perf_counter() - t0}
+            _save(run, epoch, row, improved, rng_state, rank_states)
+            done_here += 1
+            if stop_after is not None and done_here >= stop_after and epoch < config.epochs:
+                stopped = True
+                break
+        result = {"out": str(out), "model_path": str(out / MODEL_FILE),
+                  "epochs": run.history[-1]["epoch"] if run.history else 0, "best_epoch": run.best["epoch"],
+                  "best_val_acc": run.best["val_acc"], "history": run.history,
+                  "resumed_from": run.start_epoch if ckpt is not None else None, "stopped": stopped,
+                  "sizes": run.data.sizes, "test_acc_clean": None, "test_acc_noisy": None}
+        if not stopped:
+            _final_test(run, result)
+        result["time_s"] = time.perf_counter() - t_start
+        if not stopped and run.main:
+            _write_summary(run, result)
+        return result
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+
+
+def _prepare_run_folder(config: TrainConfig, out: Path, main: bool):
+    """Clear what a killed writer left, then either read the checkpoint to resume (every rank) or make
+    sure the folder holds no run (``--overwrite`` removes the old one's files). Returns (checkpoint,
+    its path), both None for a fresh run."""
     for stale in out.glob(".tmp-*") if main else ():  # temp files of a writer that was killed mid-write
         try:
             stale.unlink()
         except OSError:
             pass
-    ckpt = ckpt_path = None
     if config.resume:  # every rank loads the checkpoint
         ckpt, ckpt_path = read_checkpoint(out, warn=main)
         _check_resume_config(config, ckpt["config"], ckpt_path)
-    else:
-        existing = [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
-        if existing and not config.overwrite:
-            raise CheckpointError(f"{out} already holds a run ({', '.join(existing)}): resume it with --resume, "
-                                  "replace it with --overwrite, or choose another --out")
-        stale = [out / n for n in (CHECKPOINT, PREV_CHECKPOINT)]
-        stale += [_sidecar(p) for p in stale] + [out / n for n in (MODEL_FILE, "metrics.jsonl", "metrics.csv",
-                                                                  "summary.json")]
-        for p in stale if main else ():  # --overwrite: nothing of the old run may be mistaken for the new one's
-            if p.exists():
-                p.unlink()
+        return ckpt, ckpt_path
+    existing = [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
+    if existing and not config.overwrite:
+        raise CheckpointError(f"{out} already holds a run ({', '.join(existing)}): resume it with --resume, "
+                              "replace it with --overwrite, or choose another --out")
+    stale = [out / n for n in (CHECKPOINT, PREV_CHECKPOINT)]
+    stale += [sidecar_path(p) for p in stale] + [out / n for n in (MODEL_FILE, "metrics.jsonl", "metrics.csv",
+                                                              "summary.json")]
+    for p in stale if main else ():  # --overwrite: nothing of the old run may be mistaken for the new one's
+        if p.exists():
+            p.unlink()
+    return None, None
 
-    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+def _start_run(config: TrainConfig, out: Path, device, group: Group, say, progress) -> _Run:
+    """Seed, load the data, build model / method / optimizer; under torchrun give every rank rank 0's
+    parameters and every rank but 0 a training-noise stream of its own."""
+    from nft_cuda import __version__
+
+    torch.manual_seed(config.seed)
+    data = _Data(config, device, group)
+    spec, method, model, optimizer, scheduler = _build(config, data, device)
+    params = list(model.parameters())
+    if group.active:
+        # Identical start on every rank (the seeded init already is; this makes it certain), then a
+        # training-noise stream of its own for every rank but 0 (rank 0 keeps one process's stream).
+        group.broadcast_tensors(params + list(model.buffers()))
+        if group.rank > 0:
+            torch.manual_seed(_derive_seed(config.seed, RANK_STREAM, group.rank))
+    meta = {
+        "method": method.describe(), "dataset": config.dataset, "classes": list(data.spec.classes),
+        "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
+        "config": config.to_dict(), "nft_cuda_version": __version__, "torch_version": str(torch.__version__),
+    }
+    return _Run(config, out, device, group, say, progress, data, spec, method, model, optimizer, scheduler, params,
+                meta=meta)
+
+
+def _restore(run: _Run, ckpt: dict, ckpt_path: Path) -> None:
+    """Continue from a checkpoint: model, optimizer, scheduler, history, best and this rank's RNG."""
+    config, group, out = run.config, run.group, run.out
     try:
-        torch.manual_seed(config.seed)
-        data = _Data(config, device, group)
-        spec, method, model, optimizer, scheduler = _build(config, data, device)
-        params = list(model.parameters())
-        if group.active:
-            # Identical start on every rank (the seeded init already is; this makes it certain), then a
-            # training-noise stream of its own for every rank but 0 (rank 0 keeps one process's stream).
-            group.broadcast_tensors(params + list(model.buffers()))
-            if group.rank > 0:
-                torch.manual_seed(_derive_seed(config.seed, _RANK_STREAM, group.rank))
+        run.model.load_state_dict(ckpt["model"], strict=True)
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scheduler is not None:
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{ckpt_path} does not fit this model: {error_message(exc)}") from None
+    run.start_epoch = int(ckpt["epoch"])
+    run.history = list(ckpt["history"])
+    run.best = dict(ckpt["best"])
+    rng = ckpt["rng"]
+    ranks = rng.get("ranks")
+    if group.rank > 0 and (not isinstance(ranks, list) or len(ranks) != group.world):
+        # a checkpoint of another world size: a fresh per-rank stream, seeded from the epoch
+        torch.manual_seed(_derive_seed(config.seed, RANK_STREAM, group.rank, run.start_epoch))
+        rng = None
+    elif group.rank > 0:
+        rng = ranks[group.rank]
+    if rng is not None:
+        torch.set_rng_state(rng["torch"])
+        if run.device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"], run.device)
+    run.rotate = ckpt_path.name == CHECKPOINT  # never let a bad checkpoint.pt replace the good prev
+    run.say(f"resuming {out} at epoch {run.start_epoch + 1}/{config.epochs} from {ckpt_path.name}")
+    if run.start_epoch and not (out / MODEL_FILE).is_file():
+        raise CheckpointError(f"{out / MODEL_FILE} (the exported best model) is missing; cannot resume")
 
-        start_epoch, history = 0, []
-        best = {"epoch": 0, "val_acc": -1.0}
-        rotate = False
-        if ckpt is not None:
-            try:
-                model.load_state_dict(ckpt["model"], strict=True)
-                optimizer.load_state_dict(ckpt["optimizer"])
-                if scheduler is not None:
-                    scheduler.load_state_dict(ckpt["scheduler"])
-            except (RuntimeError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{ckpt_path} does not fit this model: {_message(exc)}") from None
-            start_epoch = int(ckpt["epoch"])
-            history = list(ckpt["history"])
-            best = dict(ckpt["best"])
-            rng = ckpt["rng"]
-            ranks = rng.get("ranks")
-            if group.rank > 0 and (not isinstance(ranks, list) or len(ranks) != group.world):
-                # a checkpoint of another world size: a fresh per-rank stream, seeded from the epoch
-                torch.manual_seed(_derive_seed(config.seed, _RANK_STREAM, group.rank, start_epoch))
-                rng = None
-            elif group.rank > 0:
-                rng = ranks[group.rank]
-            if rng is not None:
-                torch.set_rng_state(rng["torch"])
-                if device.type == "cuda" and rng.get("cuda") is not None:
-                    torch.cuda.set_rng_state(rng["cuda"], device)
-            rotate = ckpt_path.name == CHECKPOINT  # never let a bad checkpoint.pt replace the good prev
-            say(f"resuming {out} at epoch {start_epoch + 1}/{config.epochs} from {ckpt_path.name}")
-            if start_epoch and not (out / MODEL_FILE).is_file():
-                raise CheckpointError(f"{out / MODEL_FILE} (the exported best model) is missing; cannot resume")
 
-        say(f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
-            f"{config.device_model}) on {device}: {data.sizes['train']} train / {data.sizes['val']} val / "
-            f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {out}")
-        if group.active:
-            say(f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
+def _announce(run: _Run) -> None:
+    config, data, group = run.config, run.data, run.group
+    run.say(f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
+            f"{config.device_model}) on {run.device}: {data.sizes['train']} train / {data.sizes['val']} val / "
+            f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {run.out}")
+    if group.active:
+        run.say(f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
                 f"samples per rank per epoch, batch size {config.batch_size} per rank")
-        meta_common = {
-            "method": method.describe(), "dataset": config.dataset, "classes": list(data.spec.classes),
-            "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
-            "config": config.to_dict(), "nft_cuda_version": __version__, "torch_version": str(torch.__version__),
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
+    """One pass over the training split (gradients averaged over the ranks); returns (lr, loss, accuracy)
+    of the epoch over all ranks, and steps the scheduler."""
+    from tqdm.auto import tqdm
+
+    config, data, device, group, optimizer = run.config, run.data, run.device, run.group, run.optimizer
+    run.model.train()
+    data.train_generator.manual_seed(_derive_seed(config.seed, epoch))
+    # Augmentation draws from its own (seed, epoch, rank) stream: resuming at an epoch boundary
+    # replays it exactly, and it never touches the noise or batch-order streams.
+    aug_generator = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, 2, group.rank))
+    lr = optimizer.param_groups[0]["lr"]
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    bar = tqdm(data.train, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+               disable=None if run.progress else True, file=sys.stderr, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar, start=1):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if data.augment is not None:
+            x = data.augment(x, aug_generator)
+        loss, logits = run.method.loss(run.model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        group.average_gradients(run.params)
+        optimizer.step()
+        loss_sum += loss.detach().double() * y.numel()
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        seen += y.numel()
+        if not bar.disable and (step % 10 == 0 or step == len(data.train)):
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+    bar.close()
+    if group.active:  # the epoch's loss and accuracy over all ranks
+        totals = group.sum_(torch.stack((loss_sum, correct.double(),
+                                         torch.tensor(float(seen), dtype=torch.float64, device=device))))
+        loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].item())
+    train_loss = loss_sum.item() / max(seen, 1)
+    if not math.isfinite(train_loss):
+        raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}; lower the learning rate "
+                           f"(--lr {config.lr:g}) or σ")
+    if run.scheduler is not None:
+        run.scheduler.step()
+    return lr, train_loss, correct.item() / max(seen, 1)
+
+
+def _rng_states(run: _Run):
+    """(this rank's RNG state, every rank's or None): what a resume needs to continue the noise streams.
+    Also gives every rank rank 0's BatchNorm statistics, so all hold the model rank 0 checkpoints."""
+    device, group = run.device, run.group
+    rng_state = {"torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rank_states = None
+    if group.active:
+        group.broadcast_tensors(list(run.model.buffers()))
+        rank_states = group.gather_objects(rng_state)
+    return rng_state, rank_states
+
+
+def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
+    """Noisy and clean validation accuracy (rank 0; the others get its numbers), and whether the epoch
+    is the new best (without a validation split: always, so the last epoch is exported). Exports the
+    best model."""
+    config, data, device = run.config, run.data, run.device
+    val_noisy = val_clean = float("nan")
+    if data.val is not None and run.main:  # validation on rank 0; the others wait below
+        val_noisy = evaluate(run.model, data.val, device, "train", seed=_derive_seed(config.seed, epoch, 1),
+                             progress=run.progress, desc="val (noisy)")
+        val_clean = evaluate(run.model, data.val, device, "off", progress=run.progress, desc="val (clean)")
+    val_noisy, val_clean = run.group.broadcast_object((val_noisy, val_clean))
+    improved = val_noisy > run.best["val_acc"] if data.val is not None else True  # no val split: the last
+    if improved:
+        run.best = {"epoch": epoch, "val_acc": val_noisy if data.val is not None else float("nan")}
+    if improved and run.main:
+        from nft_cuda.io import save_model
+
+        save_model(str(run.out / MODEL_FILE), export_backbone(run.model, run.method, run.spec), spec=run.spec,
+                   variation=run.method.variation,
+                   meta={**run.meta, "epoch": epoch, "val_acc_noisy": val_noisy, "val_acc_clean": val_clean})
+    return val_noisy, val_clean, improved
+
+
+def _save(run: _Run, epoch: int, row: dict, improved: bool, rng_state, rank_states) -> None:
+    """Record the epoch: metrics files and the checkpoint (rank 0), then a barrier so no rank goes on
+    before they are written; log one line."""
+    from nft_cuda import __version__
+
+    run.history.append(row)
+    if run.main:
+        _write_metrics(run.out, run.history)
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "config": run.config.to_dict(),
+            "epoch": epoch,
+            "model": run.model.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "rng": rng_state if rank_states is None else {**rng_state, "ranks": rank_states},
+            "best": run.best,
+            "history": run.history,
+            "versions": {"nft_cuda": __version__, "torch": str(torch.__version__)},
         }
+        write_checkpoint(run.out, payload, run.rotate)
+    run.group.barrier()  # the checkpoint and model of this epoch are written before any rank goes on
+    run.rotate = True
+    has_val = run.data.val is not None
+    val_text = (f"val acc noisy {row['val_acc_noisy']:.2%} / clean {row['val_acc_clean']:.2%}" if has_val
+                else "no validation split")
+    run.say(f"epoch {epoch}/{run.config.epochs}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.2%}, "
+            f"{val_text}, lr {row['lr']:.3g}, {row['epoch_time_s']:.1f} s{'  *best' if improved and has_val else ''}")
 
-        stopped = False
-        done_here = 0
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            data.train_generator.manual_seed(_derive_seed(config.seed, epoch))
-            # Augmentation draws from its own (seed, epoch, rank) stream: resuming at an epoch boundary
-            # replays it exactly, and it never touches the noise or batch-order streams.
-            aug_generator = torch.Generator().manual_seed(_derive_seed(config.seed, epoch, 2, group.rank))
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.int64, device=device)
-            seen = 0
-            bar = tqdm(data.train, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                       disable=None if progress else True, file=sys.stderr, dynamic_ncols=True)
-            for step, (x, y) in enumerate(bar, start=1):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if data.augment is not None:
-                    x = data.augment(x, aug_generator)
-                loss, logits = method.loss(model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                group.average_gradients(params)
-                optimizer.step()
-                loss_sum += loss.detach().double() * y.numel()
-                correct += (logits.detach().argmax(dim=1) == y).sum()
-                seen += y.numel()
-                if not bar.disable and (step % 10 == 0 or step == len(data.train)):
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
-            bar.close()
-            if group.active:  # the epoch's loss and accuracy over all ranks
-                totals = group.sum_(torch.stack((loss_sum, correct.double(),
-                                                 torch.tensor(float(seen), dtype=torch.float64, device=device))))
-                loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].item())
-            train_loss = loss_sum.item() / max(seen, 1)
-            if not math.isfinite(train_loss):
-                raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}; lower the learning rate "
-                                   f"(--lr {config.lr:g}) or σ")
-            train_acc = correct.item() / max(seen, 1)
-            if scheduler is not None:
-                scheduler.step()
 
-            rng_state = {"torch": torch.get_rng_state(),
-                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            rank_states = None
-            if group.active:
-                group.broadcast_tensors(list(model.buffers()))  # rank 0's BatchNorm statistics everywhere
-                rank_states = group.gather_objects(rng_state)  # every rank's noise stream, for resuming
-            val_noisy = val_clean = float("nan")
-            if data.val is not None and main:  # validation on rank 0; the others wait below
-                val_noisy = evaluate(model, data.val, device, "train", seed=_derive_seed(config.seed, epoch, 1),
-                                     progress=progress, desc="val (noisy)")
-                val_clean = evaluate(model, data.val, device, "off", progress=progress, desc="val (clean)")
-            val_noisy, val_clean = group.broadcast_object((val_noisy, val_clean))
-            improved = val_noisy > best["val_acc"] if data.val is not None else True  # no val split: the last
-            if improved:
-                best = {"epoch": epoch, "val_acc": val_noisy if data.val is not None else float("nan")}
-            if improved and main:
-                save_model(str(out / MODEL_FILE), export_backbone(model, method, spec), spec=spec,
-                           variation=method.variation,
-                           meta={**meta_common, "epoch": epoch, "val_acc_noisy": val_noisy,
-                                 "val_acc_clean": val_clean})
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_acc_noisy": val_noisy, "val_acc_clean": val_clean, "best_epoch": best["epoch"],
-                   "best_val_acc": best["val_acc"], "epoch_time_s": time.perf_counter() - t0}
-            history.append(row)
-            if main:
-                _write_metrics(out, history)
-            payload = None if not main else {
-                "format": CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state if rank_states is None else {**rng_state, "ranks": rank_states},
-                "best": best,
-                "history": history,
-                "versions": {"nft_cuda": __version__, "torch": str(torch.__version__)},
-            }
-            if main:
-                _write_checkpoint(out, payload, rotate)
-            group.barrier()  # the checkpoint and model of this epoch are written before any rank goes on
-            rotate = True
-            val_text = (f"val acc noisy {val_noisy:.2%} / clean {val_clean:.2%}" if data.val is not None
-                        else "no validation split")
-            say(f"epoch {epoch}/{config.epochs}: loss {train_loss:.4f}, train acc {train_acc:.2%}, {val_text}, "
-                f"lr {lr:.3g}, {row['epoch_time_s']:.1f} s{'  *best' if improved and data.val is not None else ''}")
-            done_here += 1
-            if stop_after is not None and done_here >= stop_after and epoch < config.epochs:
-                stopped = True
-                break
+def _final_test(run: _Run, result: dict) -> None:
+    """Clean and noisy test accuracy of the exported best model (rank 0; the others get its numbers)."""
+    from nft_cuda.io import load_model
 
-        result = {"out": str(out), "model_path": str(out / MODEL_FILE), "epochs": history[-1]["epoch"] if history
-                  else 0, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"], "history": history,
-                  "resumed_from": start_epoch if ckpt is not None else None, "stopped": stopped,
-                  "sizes": data.sizes, "test_acc_clean": None, "test_acc_noisy": None}
-        if stopped:
-            result["time_s"] = time.perf_counter() - t_start
-            return result
+    config, device, data = run.config, run.device, run.data
+    if run.main:
+        exported, _ = load_model(str(run.out / MODEL_FILE), device=device)
+        result["test_acc_clean"] = evaluate(exported, data.test, device, "off", progress=run.progress,
+                                            desc="test (clean)")
+        result["test_acc_noisy"] = evaluate(exported, data.test, device, "train",
+                                            seed=_derive_seed(config.seed, 2**32), progress=run.progress,
+                                            desc="test (noisy)")
+    result["test_acc_clean"], result["test_acc_noisy"] = run.group.broadcast_object(
+        (result["test_acc_clean"], result["test_acc_noisy"]))
 
-        if main:  # test evaluation on rank 0; the others get its numbers
-            exported, _ = load_model(str(out / MODEL_FILE), device=device)
-            result["test_acc_clean"] = evaluate(exported, data.test, device, "off", progress=progress,
-                                                desc="test (clean)")
-            result["test_acc_noisy"] = evaluate(exported, data.test, device, "train",
-                                                seed=_derive_seed(config.seed, 2**32), progress=progress,
-                                                desc="test (noisy)")
-        result["test_acc_clean"], result["test_acc_noisy"] = group.broadcast_object(
-            (result["test_acc_clean"], result["test_acc_noisy"]))
-        result["time_s"] = time.perf_counter() - t_start
-        if not main:
-            return result
-        summary = {k: v for k, v in result.items() if k != "history"}
-        summary["config"] = config.to_dict()
-        _atomic_write_bytes(out / "summary.json", (json.dumps(_json_safe(summary), indent=2) + "\n").encode())
-        chosen = (f"best epoch {best['epoch']} (val acc noisy {best['val_acc']:.2%})" if data.val is not None
-                  else f"last epoch {best['epoch']} (no validation split)")
-        say(f"{chosen}: test acc clean "
-            f"{result['test_acc_clean']:.2%}, noisy {result['test_acc_noisy']:.2%}; model: {out / MODEL_FILE}")
-        return result
-    finally:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+
+def _write_summary(run: _Run, result: dict) -> None:
+    summary = {k: v for k, v in result.items() if k != "history"}
+    summary["config"] = run.config.to_dict()
+    atomic_write_bytes(run.out / "summary.json", (json.dumps(json_safe(summary), indent=2) + "\n").encode())
+    best = run.best
+    chosen = (f"best epoch {best['epoch']} (val acc noisy {best['val_acc']:.2%})" if run.data.val is not None
+              else f"last epoch {best['epoch']} (no validation split)")
+    run.say(f"{chosen}: test acc clean "
+            f"{result['test_acc_clean']:.2%}, noisy {result['test_acc_noisy']:.2%}; model: {run.out / MODEL_FILE}")

@@ -1,4 +1,12 @@
-"""Data-parallel training under torchrun (DESIGN §7)."""
+"""torchrun support shared by training and evaluation (DESIGN §7): join the process group (the backend
+follows the device: gloo on CPU, nccl on CUDA), this process's rank / world size / main-process test,
+broadcast, gather, all-reduce, and closing the group.
+
+:func:`join` is what a command calls at start (``nft train``, ``nft eval``); :func:`current` describes a
+group someone else initialised (a library call such as :func:`nft_cuda.eval.monte_carlo` under a user's
+torchrun script). A single process is an inactive :class:`Group` of one, on which every collective is
+the identity, so callers never branch on "distributed or not".
+"""
 
 from __future__ import annotations
 
@@ -26,15 +34,16 @@ from nft_cuda._args import resolve_device
 # the model rank 0 checkpoints.
 
 
-_RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of ranks > 0
+RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of ranks > 0
 
 
-class _Group:
+class Group:
     """This process's place in a torchrun group; a single-process run is an inactive group of one."""
 
     def __init__(self, dist=None, rank: int = 0, world: int = 1, created: bool = False,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, group=None):
         self.dist, self.rank, self.world, self.created, self.device = dist, rank, world, created, device
+        self.group = group  # the torch.distributed process group (None: the world)
 
     @property
     def active(self) -> bool:
@@ -51,21 +60,32 @@ class _Group:
 
     def barrier(self) -> None:
         if self.active:
-            self.dist.barrier()
+            self.dist.barrier(group=self.group)
+
+    def global_rank(self, rank: int) -> int:
+        """The world rank of ``rank`` of this group."""
+        return rank if self.group is None else self.dist.get_global_rank(self.group, rank)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``tensor`` on every rank, in place (every rank passes a tensor of the same
+        shape and dtype on :attr:`device`)."""
+        if self.active:
+            self.dist.broadcast(tensor, src=self.global_rank(src), group=self.group)
+        return tensor
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` on every rank (also a barrier)."""
         if not self.active:
             return obj
         box = [obj if self.is_main else None]
-        self.dist.broadcast_object_list(box, src=0)
+        self.dist.broadcast_object_list(box, src=self.global_rank(0), group=self.group)
         return box[0]
 
     def gather_objects(self, obj) -> list:
         if not self.active:
             return [obj]
         boxes = [None] * self.world
-        self.dist.all_gather_object(boxes, obj)
+        self.dist.all_gather_object(boxes, obj, group=self.group)
         return boxes
 
     def broadcast_tensors(self, tensors) -> None:
@@ -73,11 +93,12 @@ class _Group:
         if not self.active:
             return
         for t in tensors:
-            self.dist.broadcast(t.data, src=0)
+            self.broadcast(t.data, 0)
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) ``tensor`` in place over the ranks."""
         if self.active:
-            self.dist.all_reduce(tensor)
+            self.dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def average_gradients(self, params: Sequence[torch.Tensor]) -> None:
@@ -108,9 +129,10 @@ class _Group:
                 g.copy_(avg)
 
 
-def _join_group(device_name: str) -> _Group:
-    """Join the torchrun process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA, device
-    ``cuda:LOCAL_RANK`` for ``auto``/``cuda``), or use one that is already initialised."""
+def join(device_name: str = "auto") -> Group:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1, or use one that is already
+    initialised. The backend follows the device: ``cpu`` → gloo, ``cuda`` / ``auto`` with CUDA present →
+    nccl on ``cuda:LOCAL_RANK``. Close it with :meth:`Group.close` (only a group it created is destroyed)."""
     try:
         import torch.distributed as dist
     except ImportError:  # pragma: no cover - builds without distributed support
@@ -119,7 +141,7 @@ def _join_group(device_name: str) -> _Group:
     initialised = available and dist.is_initialized()
     world = dist.get_world_size() if initialised else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
-        return _Group()
+        return Group()
     if not available:
         raise RuntimeError(f"WORLD_SIZE={world} but this torch build has no torch.distributed support")
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
@@ -133,10 +155,10 @@ def _join_group(device_name: str) -> _Group:
             torch.cuda.set_device(device)
         dist.init_process_group(backend)
         created = True
-    return _Group(dist, dist.get_rank(), dist.get_world_size(), created, device)
+    return Group(dist, dist.get_rank(), dist.get_world_size(), created, device)
 
 
-class _ShardSampler(torch.utils.data.Sampler):
+class ShardSampler(torch.utils.data.Sampler):
     """One rank's contiguous slice of the epoch's permutation (drawn from ``generator``, the same on every
     rank); the remainder of ``n // world`` is dropped so every rank runs the same number of steps."""
 
@@ -152,3 +174,27 @@ class _ShardSampler(torch.utils.data.Sampler):
         return iter(perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist())
 
 
+
+
+def current(group=None, distributed: bool | None = None) -> Group:
+    """The already-initialised process group ``group`` (default: the world) as a :class:`Group`, or an
+    inactive group of one when torch.distributed is not initialised (or ``distributed`` is False). Its
+    :attr:`Group.device` is where the collectives run: the current CUDA device with nccl, else the CPU."""
+    import torch.distributed as dist
+
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = initialised
+    if not distributed:
+        return Group()
+    if not initialised:
+        raise RuntimeError("distributed=True needs torch.distributed to be initialised "
+                           "(torchrun + torch.distributed.init_process_group)")
+    backend = str(dist.get_backend(group)).lower()
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+    return Group(dist, dist.get_rank(group), dist.get_world_size(group), False, device, group)
+
+
+def is_main(group=None) -> bool:
+    """Whether this process is the one that writes files: rank 0, or the only process."""
+    return current(group).is_main

@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
-from nft_cuda.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, _check_uint
+from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule
 from nft_cuda.variation import Variation
 
-__all__ = ["FAST_PATH_MODULES", "convert", "guard_fast_paths", "noise_mode", "noisy_layers", "set_instance",
-           "set_noise_mode", "strip"]
+__all__ = ["FAST_PATH_MODULES", "convert", "guard_fast_paths", "kept_noise_state", "noise_mode", "noisy_layers",
+           "set_instance", "set_noise_mode", "strip"]
 
 
 def _check_model(model) -> nn.Module:
@@ -306,7 +306,7 @@ def set_noise_mode(model: nn.Module, mode: str) -> nn.Module:
 def set_instance(model: nn.Module, seed: int, instance: int) -> nn.Module:
     """Put every noisy layer of ``model`` in instance mode for chip instance ``instance`` (DESIGN §2):
     layer ℓ (its position among noisy layers in ``named_modules()`` order) uses
-    rng = (seed, (ℓ << 32) | instance). Returns ``model``.
+    rng = (seed, nft_cuda.nn.layers.instance_offset(ℓ, instance)) = (seed, (ℓ << 32) | instance). Returns ``model``.
 
     Args:
         seed: the evaluation seed, in [0, 2^63).
@@ -316,7 +316,7 @@ def set_instance(model: nn.Module, seed: int, instance: int) -> nn.Module:
     compiled graph captured in instance mode evaluates the new instance."""
     _check_model(model)
     _args.check_seed_int("seed", seed)
-    _check_uint("instance", instance, 32)
+    _args.check_uint("instance", instance, 32)
     layers = _renumber(model)
     for name, layer in noisy_layers(model):
         if layer.variation is None:
@@ -336,4 +336,18 @@ def noise_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
         yield model
     finally:
         for layer, m in previous:
-            layer._mode = m
+            layer.mode = m
+
+
+@contextlib.contextmanager
+def kept_noise_state(model: nn.Module) -> Iterator[list[NoisyModule]]:
+    """Context manager: the noisy layers of ``model`` (in ℓ order) for the block; whatever the block
+    changes in their noise state (variations, modes, instances, sample plans), it is restored on exit
+    (:meth:`NoisyModule.noise_state`)."""
+    layers = [layer for _, layer in noisy_layers(model)]
+    states = [layer.noise_state() for layer in layers]
+    try:
+        yield layers
+    finally:
+        for layer, state in zip(layers, states):
+            layer.restore_noise_state(state)

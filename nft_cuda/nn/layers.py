@@ -37,17 +37,22 @@ for random ops in general, only reproducibility of each.)
 
 from __future__ import annotations
 
-import numbers
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, ops
+from nft_cuda._autograd import once_differentiable
 from nft_cuda.variation import Variation
 
-__all__ = ["MODES", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule"]
+__all__ = ["MODES", "NoiseState", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule", "SamplePlan",
+           "instance_offset"]
 
 #: Noise modes of a noisy layer.
 MODES = ("train", "instance", "off")
@@ -86,6 +91,35 @@ def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
     return list(t.chunk(samples, dim=0))
 
 
+def _per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tensor:
+    """``fn(weights[t], chunk t of each tensor in batched)`` for the S = len(weights) samples, concatenated
+    along the batch axis (the per-sample loop of every sample-axis forward and backward). Each chunk goes
+    through the same operations on the same shapes as a one-sample call, so results do not depend on S."""
+    samples = weights.shape[0]
+    parts = [_split_samples(t, samples) for t in batched]
+    outs = []  # a plain loop: a comprehension would make the caller's weights a cell dynamo cannot `del`
+    for t in range(samples):
+        outs.append(fn(weights[t], *[p[t] for p in parts]))
+    return outs[0] if samples == 1 else torch.cat(outs, dim=0)
+
+
+def _save_and_apply(ctx, op, x, weight, bias, rng, sigmas, variation, compute_dtype) -> torch.Tensor:
+    """The forward of the noisy autograd Functions: chunk t of the batch through ``op(chunk, W_noisy[t],
+    bias)`` in the compute dtype, with W_noisy drawn here and freed before returning. Saves only the
+    input, the clean weight and the rng (backward regenerates the noise, DESIGN §3)."""
+    w_noisy = _noisy_weights(weight, rng, variation, sigmas)
+    xc = _cast(x, compute_dtype)
+    bc = _cast(bias, compute_dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        w_noisy = _cast(w_noisy, compute_dtype)
+        out = _per_sample(lambda w, chunk: op(chunk, w, bc), w_noisy, xc)
+    del w_noisy
+    ctx.save_for_backward(xc, weight, rng, sigmas)
+    ctx.variation = variation
+    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
+    return out
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
     device_type = x.device.type
@@ -100,31 +134,6 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
     return t.to(dtype)
 
 
-def _once_differentiable(grads: tuple, message: bytes = _DOUBLE_BACKWARD_MSG) -> tuple:
-    """Make a second differentiation through these gradients raise a clear RuntimeError (``message``).
-
-    Only matters when backward runs with create_graph=True (grad mode on inside backward); compiled
-    graphs have their own double-backward error. Also used by the autograd of ops.noisy_linear.
-    """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return grads
-    idx = [i for i, g in enumerate(grads) if g is not None]
-    if not idx:
-        return grads
-    tensors = []
-    for i in idx:
-        t = grads[i].detach()
-        t.requires_grad_(True)
-        tensors.append(t)
-    wrapped = torch._C._functions.DelayedError(message, len(tensors))(*tensors)
-    if isinstance(wrapped, torch.Tensor):
-        wrapped = (wrapped,)
-    out = list(grads)
-    for i, t in zip(idx, wrapped):
-        out[i] = t
-    return tuple(out)
-
-
 class _NoisyLinearFn(torch.autograd.Function):
     """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved).
 
@@ -135,22 +144,7 @@ class _NoisyLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
-        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
-        samples = w_noisy.shape[0]
-        xc = _cast(x, compute_dtype)
-        bc = _cast(bias, compute_dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            w_noisy = _cast(w_noisy, compute_dtype)
-            chunks = _split_samples(xc, samples)
-            outs = []  # a plain loop: a comprehension would make w_noisy a cell, which dynamo cannot `del`
-            for t, chunk in enumerate(chunks):
-                outs.append(F.linear(chunk, w_noisy[t], bc))
-            out = outs[0] if samples == 1 else torch.cat(outs, dim=0)
-        del w_noisy
-        ctx.save_for_backward(xc, weight, rng, sigmas)
-        ctx.variation = variation
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
-        return out
+        return _save_and_apply(ctx, F.linear, x, weight, bias, rng, sigmas, variation, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -161,11 +155,7 @@ class _NoisyLinearFn(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-                chunks = _split_samples(g, w_noisy.shape[0])
-                gxs = []
-                for t, chunk in enumerate(chunks):
-                    gxs.append(torch.matmul(chunk, w_noisy[t]))
-                gx = (gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=0)).to(x_dtype)
+                gx = _per_sample(lambda w, chunk: torch.matmul(chunk, w), w_noisy, g).to(x_dtype)
                 del w_noisy
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[1]:
@@ -173,7 +163,7 @@ class _NoisyLinearFn(torch.autograd.Function):
                 gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
             if b_dtype is not None and ctx.needs_input_grad[2]:
                 gb = g2.sum(0).to(b_dtype)
-        gx, gw, gb = _once_differentiable((gx, gw, gb))
+        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
         return gx, gw, gb, None, None, None, None
 
 
@@ -243,24 +233,10 @@ class _NoisyConvFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding,
                 dilation, groups):
-        w_noisy = _noisy_weights(weight, rng, variation, sigmas)
-        samples = w_noisy.shape[0]
-        xc = _cast(x, compute_dtype)
-        bc = _cast(bias, compute_dtype)
         conv = _CONV[weight.dim() - 2]
-        with torch.autocast(x.device.type, enabled=False):
-            w_noisy = _cast(w_noisy, compute_dtype)
-            chunks = _split_samples(xc, samples)
-            outs = []
-            for t, chunk in enumerate(chunks):
-                outs.append(conv(chunk, w_noisy[t], bc, stride, padding, dilation, groups))
-            out = outs[0] if samples == 1 else torch.cat(outs, dim=0)
-        del w_noisy
-        ctx.save_for_backward(xc, weight, rng, sigmas)
-        ctx.variation = variation
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
-        return out
+        return _save_and_apply(ctx, lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups), x,
+                               weight, bias, rng, sigmas, variation, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -285,21 +261,28 @@ class _NoisyConvFn(torch.autograd.Function):
                     gb = gb.to(b_dtype) if need_b else None
                 if need_x:
                     w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-                    g_chunks = _split_samples(g, w_noisy.shape[0])
-                    x_chunks = _split_samples(xc, w_noisy.shape[0])
-                    gxs = []
-                    for t, (gc, xs) in enumerate(zip(g_chunks, x_chunks)):
-                        gxs.append(torch.ops.aten.convolution_backward(gc, xs, w_noisy[t], None, *conv_args,
-                                                                       [True, False, False])[0])
-                    gx = (gxs[0] if len(gxs) == 1 else torch.cat(gxs, dim=0)).to(x_dtype)
+
+                    def input_grad(w, gc, xs):
+                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args,
+                                                                   [True, False, False])[0]
+
+                    gx = _per_sample(input_grad, w_noisy, g, xc).to(x_dtype)
                     del w_noisy
-        gx, gw, gb = _once_differentiable((gx, gw, gb))
+        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
         return gx, gw, gb, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------
+
+
+def instance_offset(layer_index: int, instance: int) -> int:
+    """The stream offset of chip instance r of noisy layer ℓ: (ℓ << 32) | r (DESIGN §2). The one place
+    this formula is written: instance mode, :func:`nft_cuda.set_instance` and Monte-Carlo plans use it."""
+    layer_index = _args.check_uint("layer_index", layer_index, 31)
+    instance = _args.check_uint("instance", instance, 32)
+    return (layer_index << 32) | instance
 
 
 def _check_mode(mode) -> str:
@@ -310,13 +293,44 @@ def _check_mode(mode) -> str:
     return mode
 
 
-def _check_uint(name: str, value, bits: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int in [0, 2^{bits}), got {type(value).__name__}")
-    value = int(value)
-    if not 0 <= value < 2**bits:
-        raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
-    return value
+class SamplePlan(NamedTuple):
+    """The noise of a layer's following forwards, set by :meth:`NoisyModule.set_sample_plan`.
+
+    The batch axis holds S = len(sigmas) chunks; chunk t uses stream t of ``rng`` (offset + t) at
+    σ_d = ``sigmas[t]``. ``weights`` [S, *weight.shape], when given, are those S noisy weights drawn in
+    advance (:meth:`NoisyModule.noisy_weights`), so a Monte-Carlo pass draws them once for a whole test
+    set instead of once per batch; the forward then uses them as they are (no weight gradient).
+    """
+
+    rng: torch.Tensor
+    sigmas: torch.Tensor
+    weights: torch.Tensor | None = None
+
+    @property
+    def samples(self) -> int:
+        return self.sigmas.shape[0]
+
+    def select(self, t: int) -> "SamplePlan":
+        """The one-sample plan of sample t (stream offset + t)."""
+        rng = torch.stack((self.rng[0], self.rng[1] + t))
+        weights = None if self.weights is None else self.weights[t:t + 1]
+        return SamplePlan(rng, self.sigmas[t:t + 1], weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseState:
+    """A snapshot of a layer's noise settings (:meth:`NoisyModule.noise_state`), restored by
+    :meth:`NoisyModule.restore_noise_state`. The instance rng buffer is kept as the same tensor object
+    (a captured graph may hold it) together with a copy of its values."""
+
+    variation: Variation | None
+    mode: str
+    layer_index: int
+    instance_seed: int | None
+    instance: int | None
+    instance_rng: torch.Tensor | None
+    instance_rng_values: torch.Tensor | None
+    sample_plan: SamplePlan | None
 
 
 class NoisyModule(nn.Module):
@@ -329,6 +343,10 @@ class NoisyModule(nn.Module):
         layer_index: ℓ, the layer's position among the noisy layers of its model (set by
             :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`; 0 for a lone layer).
         instance_seed, instance: the (seed, r) of the last :meth:`set_instance`, or None.
+        sample_plan: the :class:`SamplePlan` overriding the noise of the next forwards, or None.
+
+    The noise state (all of the above but ``generator``) is read with :meth:`noise_state`, put back
+    with :meth:`restore_noise_state`, and kept over a block with ``with layer.kept_noise_state(): ...``.
     """
 
     def _init_noise(self, variation, mode, generator) -> None:
@@ -341,7 +359,7 @@ class NoisyModule(nn.Module):
         self.instance_seed: int | None = None
         self.instance: int | None = None
         self.register_buffer("_instance_rng", None, persistent=False)
-        self._sample_plan: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sample_plan: SamplePlan | None = None
 
     # -- attributes ---------------------------------------------------------------------------------
 
@@ -373,8 +391,12 @@ class NoisyModule(nn.Module):
                              "(or nft_cuda.set_instance(model, seed, instance))")
         self._mode = value
 
+    @property
+    def sample_plan(self) -> SamplePlan | None:
+        return self._sample_plan
+
     def set_instance(self, seed: int, instance: int, layer_index: int | None = None) -> None:
-        """Switch to mode ``"instance"``: rng = (seed, (layer_index << 32) | instance) (DESIGN §2).
+        """Switch to mode ``"instance"``: rng = (seed, instance_offset(layer_index, instance)) (DESIGN §2).
 
         Args:
             seed: the evaluation seed, in [0, 2^63).
@@ -388,11 +410,11 @@ class NoisyModule(nn.Module):
         if self._variation is None:
             raise ValueError("set_instance needs a variation; set layer.variation first")
         seed = _args.check_seed_int("seed", seed)
-        instance = _check_uint("instance", instance, 32)
+        instance = _args.check_uint("instance", instance, 32)
         if layer_index is None:
             layer_index = self.layer_index
-        layer_index = _check_uint("layer_index", layer_index, 31)
-        offset = (layer_index << 32) | instance
+        layer_index = _args.check_uint("layer_index", layer_index, 31)
+        offset = instance_offset(layer_index, instance)
         device = self.weight.device
         buf = self._buffers.get("_instance_rng")
         if buf is None or buf.device != device:
@@ -404,12 +426,44 @@ class NoisyModule(nn.Module):
         self.instance_seed, self.instance = seed, instance
         self._mode = "instance"
 
+    # -- noise state --------------------------------------------------------------------------------
+
+    def noise_state(self) -> NoiseState:
+        """A snapshot of the noise settings (variation, mode, instance, sample plan)."""
+        buf = self._buffers.get("_instance_rng")
+        return NoiseState(self._variation, self._mode, self.layer_index, self.instance_seed, self.instance, buf,
+                          None if buf is None else buf.clone(), self._sample_plan)
+
+    def restore_noise_state(self, state: NoiseState) -> None:
+        """Put back a snapshot of :meth:`noise_state` exactly (the instance rng buffer in place)."""
+        if not isinstance(state, NoiseState):
+            raise TypeError(f"state must be a NoiseState from noise_state(), got {type(state).__name__}")
+        if state.instance_rng is not None:
+            state.instance_rng.copy_(state.instance_rng_values)
+        self._buffers["_instance_rng"] = state.instance_rng
+        self._variation = state.variation
+        self._mode = state.mode
+        self.layer_index, self.instance_seed, self.instance = state.layer_index, state.instance_seed, state.instance
+        self._sample_plan = state.sample_plan
+
+    @contextlib.contextmanager
+    def kept_noise_state(self) -> Iterator["NoisyModule"]:
+        """Context manager: whatever the block changes, the noise state is restored on exit."""
+        state = self.noise_state()
+        try:
+            yield self
+        finally:
+            self.restore_noise_state(state)
+
     # -- noise ------------------------------------------------------------------------------------
 
-    def set_sample_plan(self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None) -> None:
-        """Override the noise of the following forwards (used by OVF and batched Monte-Carlo; see
-        :mod:`nft_cuda.sample_axis`): stream t of ``rng`` (offset + t) at σ_d = ``sigmas[t]`` for the
-        t-th chunk of the batch axis, S = len(sigmas). ``None`` restores the layer's own mode."""
+    def set_sample_plan(self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None, *,
+                        weights: torch.Tensor | None = None) -> None:
+        """Override the noise of the following forwards (used by OVF, IRS and batched Monte-Carlo; see
+        :class:`SamplePlan` and :mod:`nft_cuda.nn.sample_axis`): stream t of ``rng`` (offset + t) at
+        σ_d = ``sigmas[t]`` for the t-th chunk of the batch axis, S = len(sigmas) (default: one sample at
+        the layer's σ_d). ``weights`` [S, *weight.shape]: those noisy weights, drawn in advance with
+        :meth:`noisy_weights`. ``rng=None`` restores the layer's own mode."""
         if rng is None:
             self._sample_plan = None
             return
@@ -417,7 +471,10 @@ class NoisyModule(nn.Module):
             raise ValueError("a sample plan needs a variation; set layer.variation first")
         if sigmas is None:
             sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=rng.device)
-        self._sample_plan = (rng, sigmas)
+        if weights is not None and weights.shape != (sigmas.shape[0], *self.weight.shape):
+            raise ValueError(f"plan weights must have shape [{sigmas.shape[0]}, *weight.shape] = "
+                             f"{[sigmas.shape[0], *self.weight.shape]}, got {list(weights.shape)}")
+        self._sample_plan = SamplePlan(rng, sigmas, weights)
 
     def _check_input(self, input) -> None:
         """A clear error for an input that is not a tensor or is on another device than the weight (the
@@ -428,13 +485,15 @@ class NoisyModule(nn.Module):
             raise RuntimeError(f"{type(self).__name__}: input is on {input.device} but the weight is on "
                                f"{self.weight.device}; move one of them (e.g. layer.to(input.device))")
 
-    def _forward_noise(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(rng, sigmas or None) of this forward, or None for a clean forward."""
+    def forward_noise(self) -> SamplePlan | None:
+        """The noise of the next forward: the sample plan if one is set, else a one-sample plan with the
+        rng of the layer's own mode (sigmas None: the layer's σ_d; a fresh draw in mode train), or None
+        for a clean forward (mode off)."""
         plan = self._sample_plan
         if plan is not None:
             return plan
         rng = self._forward_rng()
-        return None if rng is None else (rng, None)
+        return None if rng is None else SamplePlan(rng, None)
 
     def _forward_rng(self) -> torch.Tensor | None:
         """The rng tensor of this forward in the layer's own mode, or None in mode off."""
@@ -467,6 +526,14 @@ class NoisyModule(nn.Module):
             raise ValueError("noisy_weight needs a variation")
         with torch.no_grad():
             return _noisy_weight(self.weight, rng, self._variation)
+
+    def noisy_weights(self, rng: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """The S = len(sigmas) noisy weights [S, *weight.shape] (detached) a sample plan (rng, sigmas)
+        gives: exactly what the layer's sample-plan forward draws, ready for ``set_sample_plan(weights=)``."""
+        if self._variation is None:
+            raise ValueError("noisy_weights needs a variation")
+        with torch.no_grad():
+            return _noisy_weights(self.weight, rng, self._variation, sigmas)
 
     def _noise_repr(self) -> str:
         return f"variation={self._variation}, mode={self._mode}"
@@ -504,10 +571,12 @@ class NoisyLinear(NoisyModule, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        noise = self._forward_noise()
+        noise = self.forward_noise()
         if noise is None:
             return F.linear(input, self.weight, self.bias)
-        rng, sigmas = noise
+        if noise.weights is not None:
+            return _per_sample(lambda w, chunk: F.linear(chunk, w, self.bias), noise.weights, input)
+        rng, sigmas, _ = noise
         compute_dtype = _compute_dtype(input)
         samples = 1 if sigmas is None else sigmas.shape[0]
         if _fused_linear_ok(input, self.weight, samples, compute_dtype):
@@ -535,13 +604,23 @@ class _NoisyConvNd(NoisyModule):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
-        noise = self._forward_noise()
+        noise = self.forward_noise()
         if noise is None:
-            return self._base._conv_forward(self, input, self.weight, self.bias)
+            return self._conv_with_weight(input, self.weight)
+        if noise.weights is not None:
+            return _per_sample(lambda w, chunk: self._conv_with_weight(chunk, w), noise.weights, input)
         n = self.weight.dim() - 2
         if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
-            return self._conv_with_rng(input.unsqueeze(0), *noise).squeeze(0)
-        return self._conv_with_rng(input, *noise)
+            return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
+        return self._conv_with_rng(input, noise.rng, noise.sigmas)
+
+    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward)."""
+        conv = _CONV[weight.dim() - 2]
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(input, weight, self.bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
+        return conv(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None) -> torch.Tensor:
         n = self.weight.dim() - 2

@@ -24,9 +24,10 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from nft_cuda.layers import NoisyModule
+from nft_cuda import _args
+from nft_cuda.nn.layers import NoisyModule, SamplePlan, instance_offset
 
-__all__ = ["BATCHABLE_LEAVES", "sample_plan", "unbatchable_modules"]
+__all__ = ["BATCHABLE_LEAVES", "instance_plans", "sample_plan", "unbatchable_modules"]
 
 #: Leaf module types known to act on each row of the batch independently.
 BATCHABLE_LEAVES: tuple[type, ...] = (
@@ -66,22 +67,24 @@ def _per_chunk_batch_norm(samples: int):
 
 
 @contextlib.contextmanager
-def sample_plan(model: nn.Module, plans: Mapping[NoisyModule, tuple[torch.Tensor, torch.Tensor]],
+def sample_plan(model: nn.Module, plans: Mapping[NoisyModule, SamplePlan | tuple[torch.Tensor, torch.Tensor]],
                 samples: int) -> Iterator[None]:
     """Run ``model`` with the given noise plan per noisy layer for the duration of the block.
 
     Args:
         model: the model (its BatchNorms are switched to per-chunk statistics when ``samples`` > 1
             and they are in training mode).
-        plans: noisy layer → (rng int64[2], sigmas float32 [samples]) on the layer's device.
+        plans: noisy layer → :class:`~nft_cuda.nn.layers.SamplePlan` or (rng int64[2], sigmas float32
+            [samples]) on the layer's device.
         samples: S, the number of chunks of the batch axis.
     """
     patched = []
     try:
-        for layer, (rng, sigmas) in plans.items():
-            if sigmas.shape != (samples,):
-                raise ValueError(f"sigmas must have shape [{samples}], got {list(sigmas.shape)}")
-            layer.set_sample_plan(rng, sigmas)
+        for layer, plan in plans.items():
+            plan = SamplePlan(*plan)
+            if plan.sigmas.shape != (samples,):
+                raise ValueError(f"sigmas must have shape [{samples}], got {list(plan.sigmas.shape)}")
+            layer.set_sample_plan(plan.rng, plan.sigmas, weights=plan.weights)
         if samples > 1:
             for module in model.modules():
                 if isinstance(module, _BATCH_NORMS) and module.training:
@@ -93,3 +96,22 @@ def sample_plan(model: nn.Module, plans: Mapping[NoisyModule, tuple[torch.Tensor
             layer.set_sample_plan(None)
         for module in patched:
             del module.forward
+
+
+def instance_plans(layers: list[NoisyModule], seed: int, first: int, samples: int, *,
+                   draw: bool = False) -> dict[NoisyModule, SamplePlan]:
+    """The sample plans of chip instances ``first`` .. ``first + samples - 1`` (DESIGN §2, §6).
+
+    ``layers`` are the model's noisy layers in ℓ order (:func:`nft_cuda.noisy_layers`). Layer ℓ gets
+    rng = (seed, instance_offset(ℓ, first)), so stream t is instance first + t, at the layer's σ_d:
+    sample t of a plan forward equals ``nft_cuda.set_instance(model, seed, first + t)``. With ``draw``
+    the S noisy weights are drawn now (once, e.g. for a whole test set) and carried by the plan."""
+    plans = {}
+    for ell, layer in enumerate(layers):
+        if layer.variation is None:
+            raise ValueError("every noisy layer needs a variation (or pass variation=)")
+        device = layer.weight.device
+        sigmas = torch.full((samples,), layer.variation.sigma, dtype=torch.float32, device=device)
+        rng = _args.make_rng(seed, instance_offset(ell, first), device)
+        plans[layer] = SamplePlan(rng, sigmas, layer.noisy_weights(rng, sigmas) if draw else None)
+    return plans

@@ -1,0 +1,26 @@
+"""The nn tier of nft_cuda: noisy layers (:mod:`.layers`), whole-model conversion and noise modes
+(:mod:`.conversion`) and the sample axis of OVF and batched Monte-Carlo (:mod:`.sample_axis`).
+
+It builds on the ops tier (:mod:`nft_cuda.ops`, :mod:`nft_cuda._autograd`) and is used by the
+train and eval tiers; see docs/architecture.md.
+"""
+
+from nft_cuda.nn.layers import (MODES, NoiseState, NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule, SamplePlan,
+                                instance_offset)
+from nft_cuda.nn.conversion import (FAST_PATH_MODULES, convert, guard_fast_paths, kept_noise_state, noise_mode,
+                                    noisy_layers, set_instance, set_noise_mode, strip)
+from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
+
+__all__ = ["FAST_PATH_MODULES", "MODES", "NoiseState", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule", "SamplePlan",
+           "convert", "guard_fast_paths", "instance_offset", "instance_plans", "kept_noise_state", "noise_mode", "noisy_layers",
+           "sample_plan", "set_instance", "set_noise_mode", "strip", "unbatchable_modules"]
+
+# The old module names (nft_cuda.layers, nft_cuda.conversion, nft_cuda.sample_axis) keep working: they are
+# the very same module objects, so attribute reads and monkeypatching act on the real modules.
+import sys as _sys
+
+for _name in ("layers", "conversion", "sample_axis"):
+    _module = _sys.modules[f"{__name__}.{_name}"]
+    _sys.modules[f"nft_cuda.{_name}"] = _module
+    setattr(_sys.modules["nft_cuda"], _name, _module)
+del _sys, _name, _module

@@ -1,0 +1,288 @@
+"""Structure rules of the Python package, checked on its source (docs/architecture.md):
+
+* encapsulation: no module writes another object's underscore attributes or calls its underscore
+  methods (nn's private ``_conv_forward`` included), and no module imports another's private names;
+  objects change their own private state, others go through public methods (e.g.
+  ``NoisyModule.noise_state`` / ``restore_noise_state``). Private names of torch's own namespaces
+  (``torch._check``, ``torch.ops.aten._…``, ``torch._C``) are torch's extension points and allowed;
+* tiers: ops → nn → train / eval → cli; no import from a higher tier, no importlib plugin loading;
+* size: no function longer than 80 lines (docstrings not counted);
+* documentation: every "§N" cited in code and docs is a section of docs/design.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "nft_cuda"
+CHECKED = sorted(PACKAGE.rglob("*.py")) + sorted((ROOT / "studies").glob("*.py"))
+
+#: Receivers whose private members a module may touch: itself, and torch's own namespaces.
+_OWN = {"self", "cls", "ctx"}
+_TORCH_ROOTS = {"torch"}
+
+
+def _root(node: ast.AST) -> str | None:
+    """The leftmost name of a dotted expression (``torch.ops.aten._x`` → ``torch``), or None."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _foreign_private(node: ast.AST) -> bool:
+    """Whether ``node`` is ``x._name`` with x neither the object itself nor a torch namespace."""
+    if not (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")):
+        return False
+    receiver = node.value
+    if isinstance(receiver, ast.Name) and receiver.id in _OWN:
+        return False  # self._x: the object's own state
+    if isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id == "super":
+        return False  # super()._x: the object's own (inherited) state
+    return _root(receiver) not in _TORCH_ROOTS
+
+
+def _violations(path: pathlib.Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        for target in targets:
+            while isinstance(target, ast.Subscript):  # x._buffers["k"] = ... writes x._buffers
+                target = target.value
+            if _foreign_private(target):
+                out.append(f"{name}:{node.lineno}: writes {ast.unparse(target)}")
+        if isinstance(node, ast.Call) and _foreign_private(node.func):
+            out.append(f"{name}:{node.lineno}: calls {ast.unparse(node.func)}")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "_conv_forward":
+            out.append(f"{name}:{node.lineno}: calls nn's private _conv_forward")
+    return out
+
+
+def test_the_rules_catch_what_they_should(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("layer._mode = 'off'\nlayer._buffers['_instance_rng'] = b\nlayer._conv_forward(x, w, b)\n"
+                   "self._base._conv_forward(self, x)\n")
+    found = _violations(bad)
+    assert [v.split(":")[1] for v in found] == ["1", "2", "3", "3", "4", "4"], found
+    good = tmp_path / "good.py"
+    good.write_text("self._mode = 'off'\ntorch._check(True)\ntorch.ops.aten._adaptive_avg_pool2d_backward(g, x)\n"
+                    "super()._init(x)\n")
+    assert _violations(good) == []
+
+
+@pytest.mark.parametrize("path", CHECKED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_touches_another_objects_private_state(path):
+    assert _violations(path) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiers: ops → nn → train / eval → cli (docs/architecture.md). A module may import its own tier or a
+# lower one, never a higher one.
+# --------------------------------------------------------------------------------------------------
+
+#: Module (or package prefix) → tier. The longest matching prefix wins.
+TIERS = {
+    # 0 ops: the compiled ops, their Python face and the plumbing everything shares
+    "nft_cuda._C": 0, "nft_cuda._ext": 0, "nft_cuda._args": 0, "nft_cuda._autograd": 0,
+    "nft_cuda._registrations": 0, "nft_cuda._files": 0, "nft_cuda.distributed": 0, "nft_cuda.variation": 0,
+    "nft_cuda.reference": 0, "nft_cuda.rng": 0, "nft_cuda.ops": 0,
+    # 1 nn: noisy layers, conversion, sample axis, models and their files; the datasets
+    "nft_cuda": 1, "nft_cuda.nn": 1, "nft_cuda.layers": 1, "nft_cuda.conversion": 1, "nft_cuda.sample_axis": 1,
+    "nft_cuda.models": 1, "nft_cuda.io": 1, "nft_cuda.data": 1,
+    # 2 train / eval
+    "nft_cuda.train": 2, "nft_cuda.eval": 2,
+    # 3 the command line
+    "nft_cuda.cli": 3, "nft_cuda.__main__": 3, "nft_cuda.eval.cli": 3, "nft_cuda.demo": 3,
+}
+
+
+def _tier(module: str) -> int:
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in TIERS:
+            return TIERS[prefix]
+    raise AssertionError(f"module {module} has no tier: add it to TIERS (and docs/architecture.md)")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _walk_skipping_lazy_getattr(tree: ast.AST):
+    """ast.walk, minus the body of a module-level ``__getattr__`` (PEP 562): a package may offer a higher
+    tier as a lazy attribute (``nft_cuda.eval``) without depending on it."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(node, ast.Module) and isinstance(child, ast.FunctionDef) and child.name == "__getattr__":
+                continue
+            stack.append(child)
+
+
+def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
+    """(line, module) of every nft_cuda import of a file, at any depth (function-level ones included);
+    ``from nft_cuda import x`` counts as importing nft_cuda.x when that is a module, else nft_cuda."""
+    out = []
+    for node in _walk_skipping_lazy_getattr(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "nft_cuda"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] == "nft_cuda":
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                where = ROOT / sub.replace(".", "/")
+                is_module = sub in TIERS or where.is_dir() or any(where.parent.glob(where.name + ".*"))
+                out.append((node.lineno, sub if is_module else node.module))
+    return out
+
+
+PACKAGE_FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_from_a_higher_tier(path):
+    me = _module_name(path)
+    mine = _tier(me)
+    upward = [f"{me} (tier {mine}) imports {mod} (tier {_tier(mod)}) at line {line}"
+              for line, mod in _imports(path) if _tier(mod) > mine]
+    assert upward == []
+
+
+def test_the_tier_check_sees_an_upward_import(tmp_path):
+    probe = PACKAGE / "nn" / "layers.py"
+    assert _tier(_module_name(probe)) == 1
+    fake = tmp_path / "x.py"
+    fake.write_text("def f():\n    from nft_cuda.eval.run import evaluate\n"
+                    "def __getattr__(name):\n    from nft_cuda import train\n")
+    assert [mod for _, mod in _imports(fake)] == ["nft_cuda.eval.run"]
+    assert _tier("nft_cuda.eval.run") == 2 > _tier("nft_cuda.nn.layers")
+
+
+def test_no_importlib_plugin_loading():
+    """The command line wires its commands with plain imports (a lazy attribute of the package, which
+    may use importlib to defer a heavy import, is not a plugin list)."""
+    cli_tier = [p for p in PACKAGE_FILES if _tier(_module_name(p)) == 3]
+    users = [str(p.relative_to(ROOT)) for p in cli_tier if "importlib" in p.read_text()]
+    assert cli_tier and users == []
+
+
+def test_no_private_name_is_imported_from_another_module():
+    """Modules share public names (``checkpoint.write_checkpoint``), not each other's private helpers;
+    private *modules* (``nft_cuda._args``) are shared plumbing and fine to import."""
+    bad = []
+    for path in CHECKED:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "nft_cuda":
+                for a in node.names:
+                    where = ROOT / f"{node.module}.{a.name}".replace(".", "/")
+                    is_module = where.is_dir() or any(where.parent.glob(where.name + ".*"))
+                    if a.name.startswith("_") and not a.name.startswith("__") and not is_module:
+                        bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: from {node.module} import {a.name}")
+    assert bad == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Size: every function fits on a screen.
+# --------------------------------------------------------------------------------------------------
+
+MAX_FUNCTION_LINES = 80
+
+
+def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines of a function from its ``def`` to its end, not counting its docstring (documentation is
+    not what makes a function hard to read)."""
+    lines = fn.end_lineno - fn.lineno + 1
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        lines -= first.end_lineno - first.lineno + 1
+    return lines
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = []
+    for path in PACKAGE_FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > MAX_FUNCTION_LINES:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name} has {_code_lines(node)} lines")
+    assert long == []
+
+
+def test_the_length_rule_ignores_docstrings_only():
+    doc = '    """' + "\n".join(["x"] * 100) + '"""\n'
+    fn = ast.parse("def f():\n" + doc + "    return 1\n").body[0]
+    assert _code_lines(fn) == 2
+    fn = ast.parse("def g():\n" + "    a = 1\n" * 81).body[0]
+    assert _code_lines(fn) == 82
+
+
+# --------------------------------------------------------------------------------------------------
+# Documentation: every "§N" cited anywhere resolves to a section of docs/design.md.
+# --------------------------------------------------------------------------------------------------
+
+_CITING = ("nft_cuda", "csrc", "tests", "benchmarks", "studies", "docs", "tools", ".ci")
+_SUFFIXES = {".py", ".md", ".h", ".cuh", ".cu", ".cpp", ".sh", ".toml", ".json", ".yaml", ".yml", ""}
+
+
+def _design_sections() -> set[str]:
+    text = (ROOT / "docs" / "design.md").read_text()
+    return set(re.findall(r"^#+ §(\d+(?:\.\d+)?) ", text, flags=re.M))
+
+
+def _citations() -> dict[str, list[str]]:
+    """§ number → files citing it (the design document itself excluded)."""
+    files = [ROOT / "README.md"] + [p for top in _CITING if (ROOT / top).exists()
+                                     for p in (ROOT / top).rglob("*") if p.is_file() and p.suffix in _SUFFIXES]
+    cited: dict[str, list[str]] = {}
+    for path in files:
+        if path == ROOT / "docs" / "design.md" or "__pycache__" in path.parts:
+            continue
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        for number in re.findall(r"§ ?(\d+(?:\.\d+)?)", text):
+            cited.setdefault(number, []).append(str(path.relative_to(ROOT)))
+    return cited
+
+
+def test_design_document_has_numbered_sections():
+    assert {str(n) for n in range(1, 10)} <= _design_sections()
+
+
+def test_every_cited_section_exists():
+    sections = _design_sections()
+    cited = _citations()
+    assert cited, "no § citations found: the scan is broken"
+    missing = {n: sorted(set(files))[:3] for n, files in cited.items() if n not in sections}
+    assert missing == {}
+
+
+def test_the_instance_offset_is_computed_in_one_function():
+    """(ℓ << 32) | r, the stream offset of a chip instance (design §2), is written only in
+    nft_cuda.nn.layers.instance_offset; everything else calls it."""
+    places = []
+    for path in PACKAGE_FILES:
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.LShift) and \
+                            isinstance(node.right, ast.Constant) and node.right.value == 32:
+                        places.append(f"{path.relative_to(ROOT)}:{fn.name}")
+    assert places == ["nft_cuda/nn/layers.py:instance_offset"]
