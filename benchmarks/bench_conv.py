@@ -14,7 +14,7 @@ rng it drew (dW straight-through), and every noisy variant moves the clean outpu
 
 from __future__ import annotations
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -28,16 +28,16 @@ VGG8_CONVS = {"block1": (3, 64, 32), "block2": (64, 128, 32), "block3": (128, 25
               "block4": (256, 256, 16), "block5": (256, 512, 8), "block6": (512, 512, 8)}
 
 
-def conv_shapes(cfg: common.Config) -> list[str]:
+def conv_shapes(cfg: config.Config) -> list[str]:
     if cfg.quick and not cfg.cuda:
         return ["block5"]
     return list(VGG8_CONVS)
 
 
-def conv_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
+def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.VARIATION
     batch = 128 if cfg.cuda else 32
-    c = common.Case(cfg, ceilings)
+    c = results.Case(cfg, ceilings)
     for block in conv_shapes(cfg):
         cin, cout, hw = VGG8_CONVS[block]
         name = f"NoisyConv2d fwd+bwd VGG-8 {block} {cin}→{cout} {hw}×{hw} batch {batch}"
@@ -51,7 +51,7 @@ def conv_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.R
 
         compiled = comp_out = None
         if cfg.compile_layers:  # one fresh compile per shape, in grad mode as timed (no recompiles)
-            compiled = common.compile_fresh(common.composite_conv2d)
+            compiled = baselines.compile_fresh(baselines.composite_conv2d)
             comp_out = compiled(x, w, None, v.sigma, v.scale, v.state_factor).detach()
         noisy.generator = torch.Generator(device=dev).manual_seed(7)
         y = noisy(x)
@@ -59,21 +59,21 @@ def conv_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.R
         noisy.generator = None
         rng = _args.random_rng(dev, torch.Generator(device=dev).manual_seed(7))
         w_noisy = nft_cuda.ops.perturb(w.detach(), v, rng=rng)[0]
-        tol = common.gemm_tol(cfg)
+        tol = checks.gemm_tol(cfg)
         with torch.no_grad():
-            common.check_rel_err(y, F.conv2d(x, w_noisy, padding=1), f"{name}: output vs conv(x, perturb(W))", tol)
-            common.check_rel_err(gx, torch.nn.grad.conv2d_input(x.shape, w_noisy, gy, padding=1), f"{name}: dx", tol)
-            common.check_rel_err(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1),
+            checks.check_rel_err(y, F.conv2d(x, w_noisy, padding=1), f"{name}: output vs conv(x, perturb(W))", tol)
+            checks.check_rel_err(gx, torch.nn.grad.conv2d_input(x.shape, w_noisy, gy, padding=1), f"{name}: dx", tol)
+            checks.check_rel_err(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1),
                                  f"{name}: dW (straight-through)", tol)
-            outs = {"noisy": y, "reference": common.reference_conv2d(x, w, None, v)}
+            outs = {"noisy": y, "reference": baselines.reference_conv2d(x, w, None, v)}
             if compiled is not None:
                 outs["compiled"] = comp_out
-            common.check_deviation(outs, clean(x), name)
+            checks.check_deviation(outs, clean(x), name)
 
         fns = {
             "NoisyConv2d": lambda: torch.autograd.grad(noisy(x), (x, noisy.weight), gy),
             "clean": lambda: torch.autograd.grad(clean(x), (x, w), gy),
-            "reference": lambda: torch.autograd.grad(common.reference_conv2d(x, w, None, v), (x, w), gy),
+            "reference": lambda: torch.autograd.grad(baselines.reference_conv2d(x, w, None, v), (x, w), gy),
         }
         if compiled is not None:
             fns["compiled"] = lambda: torch.autograd.grad(compiled(x, w, None, v.sigma, v.scale, v.state_factor),
@@ -88,7 +88,7 @@ CASES = {"conv": conv_case}
 
 
 def main(argv=None) -> None:
-    common.cli_main(__doc__, CASES, argv)
+    runner.cli_main(__doc__, CASES, argv)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import copy
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -48,7 +48,7 @@ def reference_ovf_loss(model, x, y, variation, beta: float, deltas=DELTAS):
     """The reference's OVF: forward t = 0 at σ_d, t = n at σ_d + δ_n, each with reference-way noise."""
     outs = []
     for delta in (0.0, *deltas):
-        for layer in common.reference_layers(model):
+        for layer in baselines.reference_layers(model):
             layer.sigma = variation.sigma + delta
         outs.append(model(x))
     return nft_loss(outs[0], outs[1:], y, beta)
@@ -63,18 +63,18 @@ def _step(model, loss_fn, x, y, name: str):
         loss = loss_fn(model, x, y)
         loss.backward()
         if not checked:  # the first call is the warm-up: check it
-            common.check_finite(loss.detach(), f"{name}: loss")
+            checks.check_finite(loss.detach(), f"{name}: loss")
             for pname, p in model.named_parameters():
                 if p.requires_grad and p.grad is not None:
-                    common.check_finite(p.grad, f"{name}: gradient of {pname}")
+                    checks.check_finite(p.grad, f"{name}: gradient of {pname}")
             checked.append(True)
         opt.step()
 
     return step
 
 
-def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
+def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.VARIATION
     batch = 128 if cfg.cuda else 32
     width = 0.25 if (cfg.quick and not cfg.cuda) else 1.0
     exact = width == 1.0
@@ -90,9 +90,9 @@ def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     models = {
         "clean": copy.deepcopy(base),
         "noise": noise_m.prepare(copy.deepcopy(base)),
-        "reference": common.reference_convert(copy.deepcopy(base), v),
+        "reference": baselines.reference_convert(copy.deepcopy(base), v),
         "OVF": ovf_m.prepare(copy.deepcopy(base)),
-        "reference OVF": common.reference_convert(copy.deepcopy(base), v),
+        "reference OVF": baselines.reference_convert(copy.deepcopy(base), v),
         "IRS": irs_m.prepare(copy.deepcopy(base), x, num_classes=10),
     }
     beta = ovf_m.beta
@@ -118,23 +118,23 @@ def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     with torch.no_grad():
         clean_loss = ce(models["clean"], x, y)
         _set_sigma(models["noise"], 0.0)
-        common.check_close(losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean",
+        checks.check_close(losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean",
                            rtol=rtol)
         _set_sigma(models["noise"], v.sigma)
-        for layer in common.reference_layers(models["reference"]):
+        for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = 0.0
-        common.check_close(ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean",
+        checks.check_close(ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean",
                            rtol=rtol)
-        for layer in common.reference_layers(models["reference"]):
+        for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = v.sigma
         _set_sigma(models["OVF"], 0.0)
         ovf0 = OVF(v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS)).loss(models["OVF"], x, y)[0]
         ref0 = reference_ovf_loss(models["reference OVF"], x, y, v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS))
-        common.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
+        checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
         _set_sigma(models["OVF"], v.sigma)
 
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
-    rows = common.Case(cfg, ceilings)
+    rows = results.Case(cfg, ceilings)
     r = rows.time(name, steps, work=float(batch), unit="img/s", slow=True)
     rows.compare(r["noise"], r["clean"], "time", "noise_step_vs_clean", exact=exact)
     rows.compare(r["noise"], r["reference"], "speedup")
@@ -150,7 +150,7 @@ CASES = {"train": train_case}
 
 
 def main(argv=None) -> None:
-    common.cli_main(__doc__, CASES, argv)
+    runner.cli_main(__doc__, CASES, argv)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ def _run(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def common(monkeypatch):
-    """benchmarks.common imported here without leaving NFT_CUDA_STRICT set for other tests."""
+def bench(monkeypatch):
+    """The benchmarks package imported here without leaving NFT_CUDA_STRICT set for other tests."""
     monkeypatch.setenv("NFT_CUDA_STRICT", os.environ.get("NFT_CUDA_STRICT", "0"))
     monkeypatch.syspath_prepend(ROOT)
-    from benchmarks import common
+    import benchmarks
 
-    return common
+    return benchmarks
 
 
 def test_suite_quick_perturb_prints_table_and_writes_json(tmp_path):
@@ -69,7 +69,7 @@ def test_suite_quick_perturb_prints_table_and_writes_json(tmp_path):
     assert targets["copy"]["exact"] is False and isinstance(targets["copy"]["met"], bool)
 
 
-def test_bench_module_cli_still_runs(common, tmp_path, capsys):
+def test_bench_module_cli_still_runs(bench, tmp_path, capsys):
     from benchmarks import bench_perturb
 
     out_json = tmp_path / "perturb.json"
@@ -79,40 +79,48 @@ def test_bench_module_cli_still_runs(common, tmp_path, capsys):
     assert json.loads(out_json.read_text())["results"]
 
 
-def test_unknown_case_is_rejected(common):
+def test_unknown_case_is_rejected(bench):
     from benchmarks.__main__ import CASES
+    from benchmarks.config import parse_only
 
-    assert common.parse_only("perturb, eval", CASES) == ["perturb", "eval"]
+    assert parse_only("perturb, eval", CASES) == ["perturb", "eval"]
     with pytest.raises(SystemExit, match="unknown case"):
-        common.parse_only("perturb,nope", CASES)
+        parse_only("perturb,nope", CASES)
 
 
-def test_ratios_targets_and_table(common):
-    cfg = common.Config(device="cpu", quick=True)
-    case = common.Case(cfg)
-    t = lambda name, s: common.Timing(name, s, s * 0.9, s * 1.1, 3)  # noqa: E731
-    fast = case.add(common.Row("c", "nft", t("nft", 0.02)))
-    copy = case.add(common.Row("c", "copy", t("copy", 0.01)))
-    ref = case.add(common.Row("c", "reference", t("reference", 0.2)))
+def test_ratios_targets_and_table(bench):
+    from benchmarks.config import Config
+    from benchmarks.report import summary_table
+    from benchmarks.results import Case, Row
+    from benchmarks.timing import Timing
+
+    cfg = Config(device="cpu", quick=True)
+    case = Case(cfg)
+    t = lambda name, s: Timing(name, s, s * 0.9, s * 1.1, 3)  # noqa: E731
+    fast = case.add(Row("c", "nft", t("nft", 0.02)))
+    copy = case.add(Row("c", "copy", t("copy", 0.01)))
+    ref = case.add(Row("c", "reference", t("reference", 0.2)))
     c1 = case.compare(fast, copy, "time", "perturb_vs_copy")
     c2 = case.compare(fast, ref, "speedup", "perturb_vs_reference", exact=False)
     c3 = case.compare(ref, copy, "time")
     assert c1.value == pytest.approx(2.0) and c1.target == "≤ 4×" and c1.met is True
     assert c2.value == pytest.approx(10.0) and c2.target == "≥ 5×" and c2.met is True and not c2.exact
     assert c3.target is None and c3.met is None
-    gpu = common.Case(common.Config(device="cuda"))
+    gpu = Case(Config(device="cuda"))
     assert gpu.compare(fast, copy, "time", "perturb_vs_copy").met is False  # ≤ 1.25× on GPU
     assert gpu.compare(fast, copy, "speedup", "fused_vs_materialised").target == "≥ 1.5×"
     assert case.compare(fast, copy, "speedup", "fused_vs_materialised").target is None  # no CPU target
-    table = common.summary_table(case.rows)
+    table = summary_table(case.rows)
     assert "| c | nft | 20 ms (18 ms–22 ms) |" in table
     assert "2.000× copy; speed-up 10.0× vs reference" in table
     assert "≤ 4×; ≥ 5× vs reference" in table and "yes; (yes)" in table
 
 
-def test_time_group_interleaves_and_reports_spread(common):
+def test_time_group_interleaves_and_reports_spread(bench):
+    from benchmarks.timing import time_group
+
     calls = []
-    timings = common.time_group({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+    timings = time_group({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                 min_run_time=0.0, warmup=1, rounds=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then one call of each per round
     for name in ("a", "b"):
@@ -120,20 +128,21 @@ def test_time_group_interleaves_and_reports_spread(common):
         assert tm.runs == 3 and tm.min_s <= tm.median_s <= tm.max_s and not math.isnan(tm.median_s)
 
 
-def test_reference_way_matches_the_reference_loop(common):
+def test_reference_way_matches_the_reference_loop(bench):
     import torch
 
-    from nft_cuda.eval.reference_loop import reference_perturb_
+    from benchmarks.baselines import reference_convert, reference_layers, reference_noise
+    from benchmarks.config import VARIATION as v
+    from benchmarks.reference_loop import reference_perturb_
 
-    v = common.VARIATION
     w = torch.randn(64, 32)
     want = w.clone()
     reference_perturb_(want, v, torch.Generator().manual_seed(1))
-    got = w + common.reference_noise(w, v, generator=torch.Generator().manual_seed(1))
+    got = w + reference_noise(w, v, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    model = common.reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(),
+    model = reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(),
                                                          torch.nn.Linear(8, 2)), v)
-    layers = common.reference_layers(model)
+    layers = reference_layers(model)
     assert [type(m).__name__ for m in layers] == ["ReferenceLinear", "ReferenceLinear"]
     for layer in layers:
         layer.sigma = 0.0
@@ -143,7 +152,26 @@ def test_reference_way_matches_the_reference_loop(common):
     torch.testing.assert_close(model(x), plain(x))
 
 
-def test_snapshot_case_runs_and_checks_before_timing(common, tmp_path, capsys):
+def test_reference_loop_smoke(bench, tmp_path):
+    import torch
+
+    import nft_cuda
+    from benchmarks.reference_loop import reference_monte_carlo
+    from nft_cuda.io import save_model
+    from nft_cuda.models import build_model
+
+    torch.manual_seed(0)
+    model = nft_cuda.convert(build_model("small", in_channels=1, num_classes=10), nft_cuda.Variation(0.1)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 1, 32, 32, generator=g)
+    loader = [(x[:8], torch.arange(8) % 10), (x[8:], torch.arange(8) % 10)]
+    spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
+    save_model(str(tmp_path / "m.pt"), model, spec=spec, variation=nft_cuda.Variation(0.1))
+    res = reference_monte_carlo(str(tmp_path / "m.pt"), loader, nft_cuda.Variation(0.3), 3, seed=0)
+    assert len(res["per_instance_accuracy"]) == 3 and res["ekl"] > 0 and 0 < res["confidence"] <= 1
+
+
+def test_snapshot_case_runs_and_checks_before_timing(bench, tmp_path, capsys):
     from benchmarks import bench_noisy_linear
 
     out_json = tmp_path / "snapshot.json"

@@ -412,18 +412,6 @@ def test_eval_checkpoints(tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k != "checkpoint"} for r in report["results"]] == direct
 
 
-def test_reference_loop_smoke(tmp_path):
-    from nft_cuda.eval.reference_loop import reference_monte_carlo
-    from nft_cuda.io import save_model
-
-    model = make_model()
-    _, _, loader = make_data(model, n=16)
-    spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
-    save_model(str(tmp_path / "m.pt"), model, spec=spec, variation=nft_cuda.Variation(0.1))
-    res = reference_monte_carlo(str(tmp_path / "m.pt"), loader, nft_cuda.Variation(0.3), 3, seed=0)
-    assert len(res["per_instance_accuracy"]) == 3 and res["ekl"] > 0 and 0 < res["confidence"] <= 1
-
-
 # ------------------------------------------------------------------------------------------------
 # Scale-out: 2 processes with gloo give the JSON of one process (DESIGN §7). Runs in CI (< 60 s).
 # ------------------------------------------------------------------------------------------------
