@@ -14,7 +14,7 @@ rng it drew (dW straight-through), and every noisy variant moves the clean outpu
 
 from __future__ import annotations
 
-from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -35,7 +35,7 @@ def conv_shapes(cfg: config.Config) -> list[str]:
 
 
 def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
-    dev, v = cfg.dev, config.VARIATION
+    dev, v = cfg.dev, config.LAYER_VARIATION
     batch = 128 if cfg.cuda else 32
     c = results.Case(cfg, ceilings)
     for block in conv_shapes(cfg):
@@ -78,9 +78,13 @@ def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.
         if compiled is not None:
             fns["compiled"] = lambda: torch.autograd.grad(compiled(x, w, None, v.sigma, v.scale, v.state_factor),
                                                           (x, w), gy)
+        peer_fns, peer_note = peer.layer_variants(
+            cfg, name, noisy, clean, v, lambda layer: lambda: torch.autograd.grad(layer(x), (x, layer.weight), gy))
+        fns.update(peer_fns)
         rows = c.time(name, fns, work=6.0 * batch * cout * cin * 9 * hw * hw, unit=cfg.flop_unit,
                       ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyConv2d")
+        peer.finish(c, rows, name, "NoisyConv2d", peer_note, "layer_vs_peer")
     return c.rows
 
 

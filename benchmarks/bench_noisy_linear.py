@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -51,7 +51,7 @@ def linear_shapes(cfg: config.Config) -> list[tuple[int, int, bool]]:
 
 
 def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
-    dev, v = cfg.dev, config.VARIATION
+    dev, v = cfg.dev, config.LAYER_VARIATION
     c = results.Case(cfg, ceilings)
     for m, nk, target in linear_shapes(cfg):
         name = f"NoisyLinear fwd+bwd {nk}² batch {m}"
@@ -95,8 +95,12 @@ def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[result
         if compiled is not None:
             fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
                                                (x, w, b), gy)
+        peer_fns, peer_note = peer.layer_variants(
+            cfg, name, noisy, clean, v, lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
+        fns.update(peer_fns)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)
+        peer.finish(c, rows, name, "NoisyLinear", peer_note, "layer_vs_peer")
     return c.rows
 
 

@@ -25,9 +25,11 @@ a finite loss and finite gradients.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
-from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -54,11 +56,16 @@ def reference_ovf_loss(model, x, y, variation, beta: float, deltas=DELTAS):
     return nft_loss(outs[0], outs[1:], y, beta)
 
 
-def _step(model, loss_fn, x, y, name: str):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def _step(model, loss_fn, x, y, name: str, opt=None, context=contextlib.nullcontext):
+    """One training step of ``model`` (SGD lr 0.01, momentum 0.9 unless ``opt``) inside ``context()``."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     checked = []
 
     def step():
+        with context():
+            _one_step()
+
+    def _one_step():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, x, y)
         loss.backward()
@@ -74,7 +81,7 @@ def _step(model, loss_fn, x, y, name: str):
 
 
 def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
-    dev, v = cfg.dev, config.VARIATION
+    dev, v = cfg.dev, config.LAYER_VARIATION
     batch = 128 if cfg.cuda else 32
     width = 0.25 if (cfg.quick and not cfg.cuda) else 1.0
     exact = width == 1.0
@@ -133,7 +140,11 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
         checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
         _set_sigma(models["OVF"], v.sigma)
 
+    peer_models, peer_note = peer.model_variants(cfg, name, models["noise"], base, v)
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
+    for k, model in peer_models.items():
+        steps[k] = _step(model, ce, x, y, f"{name} {k}", opt=peer.optimizer(model, lr=0.01, momentum=0.9),
+                         context=functools.partial(peer.use_triton, k == peer.triton_variant()))
     rows = results.Case(cfg, ceilings)
     r = rows.time(name, steps, work=float(batch), unit="img/s", slow=True)
     rows.compare(r["noise"], r["clean"], "time", "noise_step_vs_clean", exact=exact)
@@ -143,6 +154,7 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
     rows.compare(r["OVF"], r["reference OVF"], "speedup", "ovf_vs_reference", exact=exact)
     rows.compare(r["reference OVF"], r["clean"], "time")
     rows.compare(r["IRS"], r["clean"], "time")
+    peer.finish(rows, r, name, "noise", peer_note, "train_vs_peer", exact=exact)
     return rows.rows
 
 

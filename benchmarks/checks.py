@@ -4,6 +4,7 @@ timed."""
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 
 import nft_cuda
 from benchmarks.config import Config
@@ -57,3 +58,68 @@ def gemm_tol(cfg: Config) -> float:
     on CUDA cuDNN may use TF32 (torch's default for convolutions) and other algorithms."""
     return 5e-3 if cfg.cuda else 1e-4
 
+
+
+def effective_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight one forward of ``layer`` used, noise included, read through its output (bias removed).
+
+    The input is a basis: the identity for a Linear; for a Conv (stride 1, no dilation, one group) every
+    one-hot kh×kw patch, whose output pixel at (padding, padding) sees the whole patch. One forward is one
+    noise draw, so it gives every weight of that draw — for any library's layer, whatever its kernels.
+    """
+    w = layer.weight
+    with torch.no_grad():
+        if hasattr(layer, "kernel_size"):
+            if tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or layer.groups != 1:
+                raise ValueError("effective_weight: only stride-1, undilated, single-group convolutions")
+            cout, cin, kh, kw = w.shape
+            fan_in = cin * kh * kw
+            x = torch.eye(fan_in, device=w.device, dtype=w.dtype).view(fan_in, cin, kh, kw)
+            y = layer(x)[:, :, layer.padding[0], layer.padding[1]]
+        else:
+            y = layer(torch.eye(w.shape[1], device=w.device, dtype=w.dtype))
+        if layer.bias is not None:
+            y = y - layer.bias
+        return y.t().reshape(w.shape)
+
+
+def _noise_rel_std(layer: nn.Module) -> float:
+    """std of (weight used − weight) / max|W| of one forward of ``layer``."""
+    w = layer.weight.detach()
+    return ((effective_weight(layer) - w).std() / w.abs().max()).item()
+
+
+def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_cuda.Variation, name: str,
+                   peer_name: str = "peer", tol: float = 0.02) -> str:
+    """Before timing a peer variant: both layers inject the same noise, where each library says.
+
+    In train mode the measured noise std relative to max|W| of each is within ``tol`` (relative) of σ_d·scale
+    (hence of each other); after ``.eval()`` the peer adds no noise, nft_cuda still does (its noise mode is
+    explicit), and nft_cuda's ``noise_mode(layer, "off")`` adds none. Both layers are left in train mode.
+    Returns a note stating the measured figures."""
+    want = variation.sigma * variation.scale
+    nft_layer.train()
+    peer_layer.train()
+    got = {"nft_cuda": _noise_rel_std(nft_layer), peer_name: _noise_rel_std(peer_layer)}
+    for label, value in got.items():
+        if not abs(value / want - 1.0) <= tol:
+            raise CheckError(f"{name}: {label} injects noise of std {value:.5g}·max|W| in training, "
+                             f"expected σ_d·scale = {want:.5g} (± {tol:.0%})")
+    try:
+        nft_layer.eval()
+        peer_layer.eval()
+        off = {f"{peer_name} after eval()": _noise_rel_std(peer_layer)}
+        with nft_cuda.noise_mode(nft_layer, "off"):
+            off["nft_cuda in noise mode off"] = _noise_rel_std(nft_layer)
+        nft_eval = _noise_rel_std(nft_layer)
+    finally:
+        nft_layer.train()
+        peer_layer.train()
+    for label, value in off.items():
+        if value > want / 10:
+            raise CheckError(f"{name}: {label} still injects noise (std {value:.3g}·max|W|)")
+    if not abs(nft_eval / want - 1.0) <= 3 * tol:
+        raise CheckError(f"{name}: nft_cuda after eval() injects noise of std {nft_eval:.5g}·max|W|; its noise "
+                         f"mode is explicit, so eval() must leave it on ({want:.5g})")
+    return (f"same noise: std / max abs W {got[peer_name]:.5f} vs nft_cuda {got['nft_cuda']:.5f} (σ_d·scale "
+            f"{want:.5f}); eval() turns its noise off, not nft_cuda's")

@@ -68,7 +68,7 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     for r in rows:
         targeted = [c for c in r.compares if c.target]
         out.append([
-            r.case, r.variant + (f" ({r.note})" if r.note else ""), fmt_timing(r.timing), _fmt_throughput(r),
+            r.case, r.variant + (f" ({r.note})" if r.note else ""), "—" if r.skipped else fmt_timing(r.timing), _fmt_throughput(r),
             "; ".join(_fmt_compare(c) for c in r.compares),
             "; ".join(_fmt_target(c) for c in targeted), "; ".join(_fmt_met(c) for c in targeted),
         ])
@@ -100,6 +100,6 @@ def rows_from_json(data: dict) -> list[Row]:
         t = Timing(r["variant"], r["median_s"], r["min_s"], r["max_s"], r["runs"])
         rows.append(Row(r["case"], r["variant"], t, r.get("throughput"), r.get("unit"), r.get("ceiling"),
                         r.get("ceiling_pct"), [Compare(**c) for c in r.get("compares", [])], r.get("note", ""),
-                        r.get("threads", 0)))
+                        r.get("threads", 0), r.get("skipped", False)))
     return rows
 

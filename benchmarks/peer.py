@@ -1,0 +1,240 @@
+"""The peer library: IBM's aihwkit-lightning, set to inject the same noise as nft_cuda's RRAM1.
+
+An optional benchmark dependency: ``pip install --no-deps aihwkit-lightning==2.1.0`` (its metadata pins
+an older torch; its code is pure Python and runs on torch 2.14). When it is missing, the peer variants are
+reported as skipped rows (:func:`skipped_row`) with the reason, and everything else runs.
+
+Configuration (:func:`rpu_config`, as a new user would write it): ``TorchInferenceRPUConfig`` with
+``modifier.noise_type = ADD_NORMAL`` and ``modifier.std_dev = σ_d · √4369/85`` (the RRAM1 scale of
+8-bit weights on 2-bit devices), which adds ``std_dev · max|W| · N(0, 1)`` to every weight on every
+training forward — nft_cuda's RRAM1 noise law. Every other non-ideality is off (its defaults: no input
+range, input or output quantisation, output noise or bound, weight clipping or quantisation), and one tile
+(``mapping.max_input_size = -1``), so max|W| is the whole layer's. It has no state-dependent noise, so
+the peer cases use :data:`benchmarks.config.LAYER_VARIATION` (RRAM1).
+
+Noise modes differ: the peer injects noise only while ``module.training`` (``model.eval()`` turns it off),
+whereas nft_cuda's noise mode is explicit (``nft_cuda.set_noise_mode`` / ``noise_mode``;
+``model.eval()`` leaves it on). :func:`benchmarks.checks.check_same_job` verifies both before timing.
+
+Monte-Carlo inference has no peer variant: aihwkit-lightning has no inference-time noise that stays fixed
+for a chip — in eval mode it adds no weight noise, and in train mode it redraws the noise on every forward
+(every batch) and BatchNorm switches to batch statistics — so it cannot evaluate R fixed chip instances.
+
+On CUDA with Triton and a Volta-or-newer GPU, the peer has its own kernels (``AIHWKIT_USE_TRITON=1``,
+read on every forward): :func:`triton_available` and :func:`use_triton` give that variant too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+import os
+
+import torch
+import torch.nn as nn
+
+import nft_cuda
+from benchmarks.results import Row
+from benchmarks.timing import Timing
+
+NAME = "aihwkit-lightning"
+INSTALL = "pip install --no-deps aihwkit-lightning==2.1.0"
+
+
+def _quiet_import():
+    """Import aihwkit_lightning (its import prints a line when Triton cannot be used)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        import aihwkit_lightning
+        import aihwkit_lightning.nn  # noqa: F401  (the layers: where the Triton probe runs)
+    return aihwkit_lightning
+
+
+def missing() -> str:
+    """Why the peer cannot run here ("" when it can)."""
+    try:
+        _quiet_import()
+    except ImportError as exc:
+        return f"{NAME} is not installed ({INSTALL}): {exc}"
+    return ""
+
+
+def version() -> str | None:
+    try:
+        from importlib.metadata import version as dist_version
+
+        return dist_version(NAME)
+    except Exception:  # not installed, or installed without metadata
+        return None
+
+
+def noise_std(variation: nft_cuda.Variation) -> float:
+    """The peer's ``modifier.std_dev`` for ``variation``: σ_d · scale (relative to max|W|)."""
+    if variation.state_factor != 1.0:
+        raise ValueError(f"{NAME} has no state-dependent noise: it can only match RRAM1, not {variation}")
+    return variation.sigma * variation.scale
+
+
+def rpu_config(variation: nft_cuda.Variation):
+    """The ``TorchInferenceRPUConfig`` that injects ``variation``'s (RRAM1) noise and nothing else."""
+    std = noise_std(variation)
+    _quiet_import()
+    from aihwkit_lightning.simulator.configs import (TorchInferenceRPUConfig, WeightClipType,
+                                                     WeightNoiseInjectionType, WeightQuantizationType)
+
+    cfg = TorchInferenceRPUConfig()
+    cfg.modifier.noise_type = WeightNoiseInjectionType.ADD_NORMAL
+    cfg.modifier.std_dev = std
+    cfg.modifier.quantization_type = WeightQuantizationType.NONE
+    cfg.clip.type = WeightClipType.NONE
+    cfg.forward.inp_res = -1  # no input quantisation
+    cfg.forward.out_res = -1  # no output quantisation
+    cfg.forward.out_noise = 0.0
+    cfg.forward.out_bound = 0.0
+    cfg.pre_post.input_range.enable = False
+    cfg.mapping.max_input_size = -1  # one tile: max|W| over the whole layer
+    return cfg
+
+
+def describe(variation: nft_cuda.Variation) -> str:
+    """The peer's configuration, as the table states it."""
+    return (f"{NAME} {version() or '?'}: TorchInferenceRPUConfig, modifier ADD_NORMAL std_dev "
+            f"{noise_std(variation):.5g} (= σ_d·√4369/85, of max|W|), no quantisation, clipping, input range "
+            "or output noise, one tile")
+
+
+def convert(module: nn.Module, variation: nft_cuda.Variation) -> nn.Module:
+    """``module`` (a copy) with every Linear/Conv converted to the peer's analog layers
+    (``convert_to_analog``), noise set by :func:`rpu_config`."""
+    _quiet_import()
+    from aihwkit_lightning.nn.conversion import convert_to_analog
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return convert_to_analog(copy.deepcopy(module), rpu_config(variation))
+
+
+def optimizer(model: nn.Module, **sgd):
+    """The peer's optimizer for ``model``: ``AnalogOptimizer`` wrapping SGD (it clips weights after each
+    step when a clip type is set; none is here)."""
+    from aihwkit_lightning.optim import AnalogOptimizer
+
+    return AnalogOptimizer(torch.optim.SGD, model.analog_layers, model.parameters(), **sgd)
+
+
+def triton_available() -> bool:
+    """The peer's Triton kernels can run here (Triton installed, a Volta-or-newer CUDA GPU)."""
+    if missing() or not torch.cuda.is_available():
+        return False
+    from aihwkit_lightning.nn.modules import linear
+
+    return bool(linear.TRITON_AVAIL)
+
+
+@contextlib.contextmanager
+def use_triton(enabled: bool = True):
+    """The peer's layers on their Triton kernels inside the block (``AIHWKIT_USE_TRITON``, read on every
+    forward; any non-empty value enables it)."""
+    old = os.environ.pop("AIHWKIT_USE_TRITON", None)
+    if enabled:
+        os.environ["AIHWKIT_USE_TRITON"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("AIHWKIT_USE_TRITON", None)
+        if old is not None:
+            os.environ["AIHWKIT_USE_TRITON"] = old
+
+
+def skipped_row(case: str, reason: str, variant: str = NAME) -> Row:
+    """The row a peer variant leaves when it cannot run: no timing, the reason in its note."""
+    return Row(case, variant, Timing(variant, math.nan, math.nan, math.nan, 0), note=f"skipped: {reason}",
+               skipped=True)
+
+
+def triton_variant() -> str:
+    return f"{NAME} Triton"
+
+
+def layer_variants(cfg, case: str, nft_layer: nn.Module, clean_layer: nn.Module, variation: nft_cuda.Variation,
+                   timed) -> tuple[dict, str]:
+    """The peer's variants of a layer case: its layer converted from ``clean_layer`` (same weights), checked
+    to do the same job as ``nft_layer`` (:func:`~benchmarks.checks.check_same_job`), and ``timed(layer)``
+    (the function to time for a layer) — on its Triton kernels too where they can run. Returns
+    (name → function, the check's note), or ({}, why not) when the peer is missing."""
+    from benchmarks import checks
+
+    reason = missing()
+    if reason:
+        return {}, reason
+    layer = convert(clean_layer, variation)
+    note = checks.check_same_job(nft_layer, layer, variation, case, NAME)
+    fns = {NAME: timed(layer)}
+    if cfg.cuda and triton_available():
+        with use_triton():
+            checks.check_same_job(nft_layer, layer, variation, f"{case} (Triton)", triton_variant())
+        fn = timed(layer)
+
+        def on_triton():
+            with use_triton():
+                return fn()
+
+        fns[triton_variant()] = on_triton
+    return fns, note
+
+
+def model_variants(cfg, case: str, nft_model: nn.Module, base: nn.Module, variation: nft_cuda.Variation
+                   ) -> tuple[dict, str]:
+    """The peer's variants of a model case: ``base`` converted (``convert_to_analog``), once per variant (each
+    trains its own copy; the Triton one where it can run: time its steps inside :func:`use_triton`), checked
+    layer by layer against ``nft_model``'s noisy layers of the same names. Returns (name → model, the check's
+    note), or ({}, why not) when the peer is missing."""
+    reason = missing()
+    if reason:
+        return {}, reason
+    models = {NAME: convert(base, variation)}
+    if cfg.cuda and triton_available():
+        models[triton_variant()] = convert(base, variation)
+    note = ""
+    for variant, model in models.items():
+        with use_triton(variant == triton_variant()):
+            note = note or check_model(nft_model, model, variation, f"{case} {variant}")
+    return models, note
+
+
+def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda.Variation, case: str) -> str:
+    """:func:`~benchmarks.checks.check_same_job` on each pair of same-named layers big enough to measure a
+    std within 2% (≥ 64K weights: a standard error of 0.3%) and cheap to probe (fan-in ≤ 4608); at least
+    one. Returns the first pair's note, naming it."""
+    from benchmarks import checks
+
+    peer_layers = dict(peer_model.named_modules())
+    note = ""
+    for name, layer in nft_cuda.noisy_layers(nft_model):
+        w = layer.weight
+        if w.numel() < 2**16 or w[0].numel() > 4608:
+            continue
+        if name not in peer_layers:
+            raise checks.CheckError(f"{case}: {NAME} has no layer '{name}' to compare with nft_cuda's")
+        text = checks.check_same_job(layer, peer_layers[name], variation, f"{case} layer {name}", NAME)
+        note = note or f"{text} (layer {name})"
+    if not note:
+        raise checks.CheckError(f"{case}: no layer large enough to compare the noise of nft_cuda and {NAME}")
+    return note
+
+
+def finish(case_rows, rows: dict, case: str, nft_variant: str, note: str, target: str | None = None, *,
+           exact: bool = True) -> None:
+    """The peer's part of a case's results: ``note`` (the same-job check) on its rows and the nft_cuda row's
+    speed-up against each (DESIGN §8 ``target`` against the row to beat: the Triton path where it ran,
+    else the PyTorch one), each against clean; or, when the peer did not run, a skipped row saying why."""
+    ran = [k for k in (NAME, triton_variant()) if k in rows]
+    if not ran:
+        case_rows.add(skipped_row(case, note))
+        return
+    for k in ran:
+        rows[k].note = note
+        case_rows.compare(rows[nft_variant], rows[k], "speedup", target if k == ran[-1] else None, exact=exact)
+    if "clean" in rows:
+        for k in ran:
+            case_rows.compare(rows[k], rows["clean"], "time")
