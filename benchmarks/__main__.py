@@ -1,7 +1,9 @@
 """The benchmark suite: every case in one process, one summary table (Markdown) and JSON.
 
-    python -m benchmarks [--quick] [--device cpu|cuda] [--only CASE[,CASE]] [--json PATH] [--markdown PATH]
+    python -m benchmarks [--quick] [--device cpu|cuda] [--only CASE[,CASE]] [--json [PATH]] [--markdown PATH]
                          [--numel N] [--no-compile] [--no-ceiling] [--threads N] [--list]
+    python -m benchmarks --compare A.json B.json
+    python -m benchmarks --render RUN.json [--markdown PATH]
 
 Cases (in this order): ceiling (always, unless --no-ceiling: copy bandwidth and a clean GEMM's FLOP/s,
 the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, eval. Each variant is
@@ -18,7 +20,7 @@ import argparse
 import time
 from dataclasses import asdict
 
-from benchmarks import config, environment, report, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
+from benchmarks import config, environment, history, peer, report, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from benchmarks.bench_conv import conv_case  # noqa: E402
 from benchmarks.bench_eval import eval_case  # noqa: E402
 from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
@@ -37,11 +39,12 @@ CASES = {
 
 CASE_HELP = {
     "perturb": "perturb 4M elements, S = 1, 4 vs copy / reference / compiled",
-    "linear": "NoisyLinear fwd+bwd (batch 128: 1024², 4096²; the DESIGN target shape) vs clean / reference / compiled",
+    "linear": "NoisyLinear fwd+bwd (batch 128: 1024², 4096²; the DESIGN target shape) vs clean / reference / compiled"
+              " / aihwkit-lightning",
     "fused": "ops.noisy_linear forward at M = 1, 16 vs perturb + GEMM vs clean GEMM",
     "snapshot": "ops.snapshot_linear (IRS heads of VGG-8/CIFAR) vs pool + noisy_linear vs pool + clean GEMM",
-    "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled",
-    "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS",
+    "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled / aihwkit-lightning",
+    "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS, aihwkit-lightning",
     "eval": "Monte-Carlo evaluation R = 100 (small model, embedded test slice) vs clean passes / reference loop",
 }
 
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--render", metavar="JSON", help="print (and with --markdown write) the table of a saved JSON "
                                                      "run instead of running")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="print every ratio of two saved runs side by side with its spread and the change B / A")
     return p
 
 
@@ -75,6 +80,9 @@ def render_markdown(env: dict, cfg: config.Config, rows: list, failures: list, e
         lines += ["Note: the machine was busy (torch's threads measured slower than one on a parallel op), so "
                   f"these cases ran on 1 thread and none of their comparisons is the DESIGN configuration: "
                   f"{'; '.join(reduced)}.", ""]
+    if any(r.variant.startswith(peer.NAME) for r in rows):
+        lines += [f"Peer: {peer.describe(config.LAYER_VARIATION) if not peer.missing() else peer.missing()}; "
+                  f"matched to nft_cuda's {config.LAYER_VARIATION} (the layer and training cases' noise).", ""]
     lines += [report.summary_table(rows), "", LEGEND]
     if failures:
         lines += ["", "**Failed cases:**", ""] + [f"- {f['case']}: {f['error']}" for f in failures]
@@ -106,18 +114,22 @@ def main(argv=None) -> int:
         return 0
     if a.render:
         return render_saved(a.render, a.markdown)
+    if a.compare:
+        print(history.compare_text(*a.compare), end="")
+        return 0
     cfg = config.config_from_args(a)
     names = list(CASES) if not a.only else config.parse_only(a.only, CASES)
     t0 = time.perf_counter()
     env = environment.environment()
+    json_path = history.json_path(a.json, env, asdict(cfg))
     print(environment.env_line(env), flush=True)
     print(f"[bench] {'quick' if cfg.quick else 'full'} run on {cfg.device}: {', '.join(names)}", flush=True)
 
     def save(ceilings, rows, failures, final=False):
         elapsed = time.perf_counter() - t0
         load_end = environment.load_average()
-        if a.json:
-            report.write_json(a.json, env, rows, config=asdict(cfg), cases=names, ceilings=ceilings,
+        if json_path:
+            report.write_json(json_path, env, rows, config=asdict(cfg), cases=names, ceilings=ceilings,
                               failures=failures, complete=final, elapsed_s=elapsed, load_average_end=load_end)
         if a.markdown:
             with open(a.markdown, "w") as f:
@@ -131,6 +143,8 @@ def main(argv=None) -> int:
     print()
     print(LEGEND)
     print(f"\n[bench] total {elapsed:.1f} s; load average at start {env['load_average']}, at end {load_end}")
+    if json_path:
+        print(f"[bench] JSON: {json_path}")
     if failures:
         print(f"[bench] FAILED: {', '.join(f['case'] for f in failures)}")
         return 1

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 import nft_cuda
+from benchmarks.history import TO_HISTORY
 
 #: The variation of the kernel cases (perturb, fused, snapshot, eval): σ_d = 0.1 on the two-state-factor
 #: preset, so the state-band mask matters (RRAM1 would make both bands equal).
@@ -94,7 +95,8 @@ def add_common_args(p) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile baseline")
     p.add_argument("--no-ceiling", action="store_true", help="skip measuring the copy/GEMM ceilings")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--json", help="write the results as JSON to this path")
+    p.add_argument("--json", nargs="?", const=TO_HISTORY, metavar="PATH",
+                   help="write the results as JSON to PATH; without PATH to a new file in benchmarks/history/")
 
 
 

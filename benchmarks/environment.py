@@ -35,6 +35,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def dist_version(name: str) -> str | None:
+    """The installed version of an optional package (the peer, Triton), or None."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -56,6 +66,8 @@ def environment() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "nft_cuda": nft_cuda.__version__,
         "commit": git_commit(),
+        "aihwkit_lightning": dist_version("aihwkit-lightning"),
+        "triton": dist_version("triton"),
         "extension": {"cuda_compiled": info.get("cuda_compiled"), "cuda_version": info.get("cuda_version"),
                       "strict": info.get("strict"),
                       "perturb": info.get("ops", {}).get("perturb")},

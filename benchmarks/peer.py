@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 
 import nft_cuda
+from benchmarks.environment import dist_version
 from benchmarks.results import Row
 from benchmarks.timing import Timing
 
@@ -61,12 +62,7 @@ def missing() -> str:
 
 
 def version() -> str | None:
-    try:
-        from importlib.metadata import version as dist_version
-
-        return dist_version(NAME)
-    except Exception:  # not installed, or installed without metadata
-        return None
+    return dist_version(NAME)
 
 
 def noise_std(variation: nft_cuda.Variation) -> float:

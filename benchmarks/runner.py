@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import torch
 
-from benchmarks import config, environment, report
+from benchmarks import config, environment, history, report
 from benchmarks.ceilings import measure_ceilings
 from benchmarks.config import Config
 from benchmarks.results import Row
@@ -72,8 +72,9 @@ def cli_main(description: str, cases, argv=None, extra_args=None) -> tuple[argpa
     ceil, rows, failures = run_cases(cfg, cases, names, ceilings=not a.no_ceiling)
     print()
     print(report.summary_table(rows))
-    if a.json:
-        report.write_json(a.json, env, rows, config=asdict(cfg), ceilings=ceil, failures=failures)
+    path = history.json_path(a.json, env, asdict(cfg))
+    if path:
+        report.write_json(path, env, rows, config=asdict(cfg), ceilings=ceil, failures=failures)
     if failures:
         raise SystemExit(f"failed: {', '.join(f['case'] for f in failures)}")
     return a, rows
