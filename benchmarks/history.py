@@ -65,8 +65,8 @@ def _ratio_range(row: dict, base: dict, compare: dict) -> tuple[float, float]:
     return k * lo, k * hi
 
 
-def ratios(data: dict) -> dict[tuple[str, str, str], tuple[str, float, float, float]]:
-    """(case, variant, baseline) → (kind, value, low, high) of every ratio of a run."""
+def ratios(data: dict) -> dict[tuple[str, str, str, str], tuple[float, float, float]]:
+    """(case, variant, kind, baseline) → (value, low, high) of every ratio of a run."""
     rows = {(r["case"], r["variant"]): r for r in data["results"]}
     out = {}
     for r in data["results"]:
@@ -75,7 +75,7 @@ def ratios(data: dict) -> dict[tuple[str, str, str], tuple[str, float, float, fl
             if base is None:
                 continue
             lo, hi = _ratio_range(r, base, c)
-            out[(r["case"], r["variant"], c["baseline"])] = (c["kind"], c["value"], lo, hi)
+            out[(r["case"], r["variant"], c["kind"], c["baseline"])] = (c["value"], lo, hi)
     return out
 
 
@@ -98,15 +98,16 @@ def compare_runs(a: dict, b: dict) -> tuple[list[str], list[list[str]]]:
     for key in ra:
         if key not in rb:
             continue
-        kind, va, la, ha = ra[key]
-        _, vb, lb, hb = rb[key]
+        case, variant, kind, baseline = key
+        va, la, ha = ra[key]
+        vb, lb, hb = rb[key]
         change = vb / va if va else math.nan
         flag = ""
         if hb < la or lb > ha:  # the spreads do not overlap
             lower = hb < la
             flag = "**worse**" if lower == (kind == "speedup") else "better"
         what = "speed-up vs" if kind == "speedup" else "time ×"
-        table.append([key[0], key[1], f"{what} {key[2]}", _fmt(va, la, ha), _fmt(vb, lb, hb), f"{change:.3f}", flag])
+        table.append([case, variant, f"{what} {baseline}", _fmt(va, la, ha), _fmt(vb, lb, hb), f"{change:.3f}", flag])
     only = len(set(ra) ^ set(rb))
     if only:
         notes.append(f"{only} ratio(s) measured in only one of the runs (not shown)")

@@ -202,6 +202,8 @@ def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda
     """:func:`~benchmarks.checks.check_same_job` on each pair of same-named layers big enough to measure a
     std within 2% (≥ 64K weights: a standard error of 0.3%) and cheap to probe (fan-in ≤ 4608); at least
     one. Returns the first pair's note, naming it."""
+    from aihwkit_lightning.nn import AnalogLayerBase
+
     from benchmarks import checks
 
     peer_layers = dict(peer_model.named_modules())
@@ -210,8 +212,8 @@ def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda
         w = layer.weight
         if w.numel() < 2**16 or w[0].numel() > 4608:
             continue
-        if name not in peer_layers:
-            raise checks.CheckError(f"{case}: {NAME} has no layer '{name}' to compare with nft_cuda's")
+        if not isinstance(peer_layers.get(name), AnalogLayerBase):
+            raise checks.CheckError(f"{case}: {NAME} has no analog layer '{name}' to compare with nft_cuda's")
         text = checks.check_same_job(layer, peer_layers[name], variation, f"{case} layer {name}", NAME)
         note = note or f"{text} (layer {name})"
     if not note:

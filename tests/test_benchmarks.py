@@ -180,3 +180,144 @@ def test_snapshot_case_runs_and_checks_before_timing(bench, tmp_path, capsys):
     assert "| snapshot_linear fwd fp32 B=16 64x32x32 pool 6 → 512 | snapshot_linear |" in capsys.readouterr().out
     variants = {r["variant"] for r in json.loads(out_json.read_text())["results"]}
     assert variants == {"snapshot_linear", "pool+noisy_linear", "pool+clean GEMM"}
+
+
+# ---- the peer library (aihwkit-lightning): present and absent ----------------------------------------
+
+
+@pytest.fixture
+def no_peer(bench, monkeypatch):
+    """aihwkit-lightning hidden, as if it were not installed (a None entry makes its import fail)."""
+    for name in [m for m in sys.modules if m == "aihwkit_lightning" or m.startswith("aihwkit_lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "aihwkit_lightning", None)
+
+
+def test_peer_absent_leaves_skipped_rows_with_the_reason(no_peer, tmp_path):
+    import torch
+
+    from benchmarks import config, peer, report, results
+
+    reason = peer.missing()
+    assert "aihwkit-lightning is not installed" in reason and "pip install --no-deps" in reason
+    cfg = config.Config(device="cpu", quick=True)
+    lin = torch.nn.Linear(8, 4)
+    fns, note = peer.layer_variants(cfg, "c", lin, lin, config.LAYER_VARIATION, lambda layer: lambda: None)
+    assert fns == {} and note == reason
+    models, note = peer.model_variants(cfg, "c", lin, lin, config.LAYER_VARIATION)
+    assert models == {} and note == reason
+    case = results.Case(cfg)
+    t = results.Timing("NoisyLinear", 0.01, 0.009, 0.011, 3)
+    rows = {"NoisyLinear": case.add(results.Row("c", "NoisyLinear", t))}
+    peer.finish(case, rows, "c", "NoisyLinear", note, "layer_vs_peer")
+    skipped = case.rows[-1]
+    assert skipped.skipped and skipped.variant == "aihwkit-lightning" and skipped.timing.runs == 0
+    assert skipped.note == f"skipped: {reason}"
+    assert rows["NoisyLinear"].compares == []  # nothing compared with a peer that did not run
+    table = report.summary_table(case.rows)
+    assert "| c | aihwkit-lightning (skipped: aihwkit-lightning is not installed" in table and "| — |" in table
+    report.write_json(str(tmp_path / "r.json"), {}, case.rows)
+    back = report.rows_from_json(json.loads((tmp_path / "r.json").read_text()))
+    assert back[-1].skipped and back[-1].note == skipped.note
+
+
+def test_peer_present_does_the_same_job_before_timing(bench):
+    pytest.importorskip("aihwkit_lightning", reason="aihwkit-lightning is not installed "
+                                                    "(pip install --no-deps aihwkit-lightning==2.1.0)")
+    import torch
+
+    import nft_cuda
+    from benchmarks import checks, config, peer, results
+
+    v = config.LAYER_VARIATION
+    cfg = config.Config(device="cpu", quick=True)
+    torch.manual_seed(0)
+    for noisy in (nft_cuda.NoisyLinear(512, 256, variation=v), nft_cuda.NoisyConv2d(64, 128, 3, padding=1, variation=v)):
+        clean = torch.nn.Linear(512, 256) if isinstance(noisy, torch.nn.Linear) else torch.nn.Conv2d(64, 128, 3, padding=1)
+        clean.load_state_dict(noisy.state_dict())
+        # the probe reads back exactly the weight a forward used
+        torch.testing.assert_close(checks.effective_weight(clean), clean.weight.detach(), rtol=0, atol=1e-6)
+        fns, note = peer.layer_variants(cfg, "c", noisy, clean, v, lambda layer: lambda: layer)
+        assert list(fns) == ["aihwkit-lightning"] and note.startswith("same noise: std / max abs W 0.07")
+        layer = fns["aihwkit-lightning"]()
+        assert layer.training and noisy.training  # left in train mode, as timed
+        assert type(layer).__name__ in ("AnalogLinear", "AnalogConv2d")
+        torch.testing.assert_close(layer.weight, clean.weight)
+    # a peer injecting a different noise is caught before timing
+    noisy = nft_cuda.NoisyLinear(512, 256, variation=v)
+    wrong = peer.convert(torch.nn.Linear(512, 256), v.with_sigma(0.12))
+    with pytest.raises(checks.CheckError, match="aihwkit-lightning injects noise of std"):
+        checks.check_same_job(noisy, wrong, v, "c", "aihwkit-lightning")
+    with pytest.raises(ValueError, match="only match RRAM1"):
+        peer.rpu_config(config.VARIATION)
+    # a model: every same-named layer big enough is compared; the speed-up carries the DESIGN target
+    import copy
+
+    from nft_cuda.models import build_model
+
+    base = build_model("vgg8", in_channels=3, num_classes=10, width=0.25)
+    models, note = peer.model_variants(cfg, "m", nft_cuda.convert(copy.deepcopy(base), v), base, v)
+    assert list(models) == ["aihwkit-lightning"] and "(layer " in note
+    case = results.Case(cfg)
+    rows = {k: case.add(results.Row("m", k, results.Timing(k, s, s, s, 3)))
+            for k, s in (("noise", 0.1), ("clean", 0.09), ("aihwkit-lightning", 0.2))}
+    peer.finish(case, rows, "m", "noise", note, "train_vs_peer")
+    c = rows["noise"].compares[0]
+    assert c.baseline == "aihwkit-lightning" and c.value == pytest.approx(2.0) and c.target == "≥ 1.5×" and c.met
+
+
+# ---- the performance history -------------------------------------------------------------------------
+
+
+def test_json_without_path_writes_a_history_file(bench, tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_perturb, history
+
+    monkeypatch.setattr(history, "HISTORY_DIR", str(tmp_path / "history"))
+    for _ in range(2):
+        bench_perturb.main(["--device", "cpu", "--quick", "--numel", "16384", "--no-compile", "--no-ceiling", "--json"])
+    files = sorted(os.listdir(tmp_path / "history"))
+    assert len(files) == 2 and all(f.endswith("-cpu-quick.json") for f in files)  # one file per run
+    data = json.loads((tmp_path / "history" / files[0]).read_text())
+    assert data["environment"]["commit"] in files[0].replace("-dirty", "+dirty")
+    assert {"torch", "machine", "aihwkit_lightning", "triton"} <= set(data["environment"])
+    assert data["results"]
+
+
+def _run_json(ratio_rows):
+    """A saved run with rows (case, variant, median, min, max) and a ratio of 'x' to 'base'."""
+    results = []
+    for case, variant, med, lo, hi, compares in ratio_rows:
+        results.append({"case": case, "variant": variant, "median_s": med, "min_s": lo, "max_s": hi, "runs": 3,
+                        "compares": compares})
+    return {"environment": {"commit": "abc", "date": "d", "machine": "m"}, "config": {"device": "cpu", "quick": True},
+            "results": results}
+
+
+def test_compare_prints_ratio_changes_with_spreads(bench, tmp_path):
+    from benchmarks import history
+    from benchmarks.__main__ import main
+
+    def run(x_med, x_lo, x_hi):
+        return _run_json([
+            ("c", "x", x_med, x_lo, x_hi, [{"baseline": "base", "kind": "time", "value": x_med / 1.0},
+                                           {"baseline": "base", "kind": "speedup", "value": 1.0 / x_med}]),
+            ("c", "base", 1.0, 0.99, 1.01, []),
+        ])
+
+    a, b, c = run(1.2, 1.15, 1.25), run(1.5, 1.45, 1.55), run(1.21, 1.1, 1.3)
+    for name, data in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    notes, table = history.compare_runs(a, b)
+    assert notes == []
+    time_row = next(r for r in table if r[2] == "time × base")
+    assert time_row[3] == "1.200 (1.139–1.263)" and time_row[5] == "1.250" and time_row[6] == "**worse**"
+    speed_row = next(r for r in table if r[2] == "speed-up vs base")
+    assert speed_row[5] == "0.800" and speed_row[6] == "**worse**"
+    _, table = history.compare_runs(b, a)
+    assert {r[6] for r in table} == {"better"}
+    _, table = history.compare_runs(a, c)  # overlapping spreads: no flag
+    assert {r[6] for r in table} == {""}
+    assert main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(SystemExit, match="not a benchmark run"):
+        history.compare_text(str(tmp_path / "a.json"), str(tmp_path / "bad.json"))
