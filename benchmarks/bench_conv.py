@@ -3,11 +3,14 @@
 Variants: NoisyConv2d (train mode: perturb into a temporary + ATen/cuDNN convolution, noise regenerated
 in backward), the clean nn.Conv2d (the floor), the reference way (per forward max|W| read to the host,
 mask, host torch.normal copied to the device, add, F.conv2d) and torch.compile of its composite (full
-runs only). Batch 32 on CPU, 128 on GPU. Quick runs on CPU time block5 only (256 → 512 at 8×8).
-No DESIGN §8 row of its own: the VGG-8 noise-injection step (≤ 1.10× clean) covers it.
+runs only), and the peer aihwkit-lightning's AnalogConv2d (benchmarks/peer.py; its Triton path too on
+CUDA; skipped with the reason when not installed). Noise: RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION).
+Batch 32 on CPU, 128 on GPU. Quick runs on CPU time block5 only (256 → 512 at 8×8). DESIGN §8: ≥ 1.0× the
+peer; vs clean, the VGG-8 noise-injection step (≤ 1.10× clean) covers it.
 
 Checked before timing: the layer's output and gradients are those of W_noisy = perturb(W, rng) for the
-rng it drew (dW straight-through), and every noisy variant moves the clean output by the same amount.
+rng it drew (dW straight-through), every noisy variant moves the clean output by the same amount, and the
+peer injects the same noise where nft_cuda does (checks.check_same_job).
 
     python -m benchmarks.bench_conv [--device cpu|cuda] [--quick] [--no-compile] [--json PATH]
 """

@@ -5,8 +5,11 @@ Case "linear" — NoisyLinear forward+backward (dx, dW, db) vs
   reference  the reference way: per forward max|W| read to the host, mask, torch.normal on the host
              copied to the device, add, F.linear (autograd through W + constant noise)
   compiled   torch.compile of that composite without the host read (full runs only)
-Shapes: batch 128 with N = K = 1024 and 4096 (4096 only in full runs on CPU), and the DESIGN §8
-target shapes: 1024² at batch 2048 on CPU (≤ 1.15× clean); 4096² at M = 4096 on GPU (≤ 1.10×).
+  aihwkit-lightning  the peer's AnalogLinear with the same noise (benchmarks/peer.py; checked first with
+             checks.check_same_job; its Triton path too on CUDA; skipped with the reason when not installed)
+Noise: RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION, the law the peer can match). Shapes: batch 128 with
+N = K = 1024 and 4096 (4096 only in full runs on CPU), and the DESIGN §8 target shapes: 1024² at batch
+2048 on CPU (≤ 1.15× clean); 4096² at M = 4096 on GPU (≤ 1.10×). DESIGN §8: ≥ 1.0× the peer.
 
 Case "fused" — ``nft_cuda.ops.noisy_linear`` forward at M ∈ {1, 16} vs perturb + GEMM and a clean GEMM
 of the same work. DESIGN §8 (GPU): fused ≥ 1.5× faster than perturb + GEMM at M ≤ 16 with 4096² fp32

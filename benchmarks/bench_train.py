@@ -9,16 +9,22 @@ Variants (all start from the same weights; SGD lr 0.01, momentum 0.9):
   OVF            OVF with N = 3 (σ_d + 0.15, 0.10, 0.05), the N + 1 forwards batched along a sample axis
   reference OVF  the reference's OVF: N + 1 = 4 sequential forwards with reference-way noise at σ_d + δ_n
   IRS            IRS with VGG-8's default taps (block1, block2, block4; pools 6, 4, 3)
+  aihwkit-lightning  the peer's step (benchmarks/peer.py): convert_to_analog with the same noise, its
+                 AnalogOptimizer around the same SGD (with Triton on CUDA: a "… Triton" variant too);
+                 skipped, with the reason, when it is not installed
+
+The noise is RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION: the law the peer can match).
 
 DESIGN §8 targets: noise step ≤ 1.10× clean; OVF ≤ 4.2× clean and ≥ 1.0× faster than the reference OVF
-on CPU (≥ 20× on GPU). The steps are timed round by round, interleaved, so load changes hit all alike.
+on CPU (≥ 20× on GPU); the noise step ≥ 1.5× faster than the peer's (on GPU: than its Triton path). The steps are timed round by round, interleaved, so load changes hit all alike.
 Quick runs on CPU use VGG-8 at width 0.25 (1/16 of the FLOPs and of the weights: the noise's share is
 about the same, the per-layer overheads weigh more; not the DESIGN configuration: marked "(yes)"/"(no)").
 
 Checked before timing, at σ_d = 0 and δ = 0 (where every noisy variant must equal its clean twin): the
 noise step's and the reference step's loss equal the clean loss, and OVF's loss equals the reference
 OVF's (batched vs sequential, BatchNorm per forward); then the first (warm-up) step of every variant has
-a finite loss and finite gradients.
+a finite loss and finite gradients; the peer's layers inject the same noise as nft_cuda's (same-named
+layers, checks.check_same_job).
 
     python -m benchmarks.bench_train [--device cpu|cuda] [--quick] [--json PATH]
 """

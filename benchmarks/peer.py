@@ -44,6 +44,11 @@ NAME = "aihwkit-lightning"
 INSTALL = "pip install --no-deps aihwkit-lightning==2.1.0"
 
 
+#: Why the Monte-Carlo case has no peer variant (the row it leaves says so).
+NO_MONTE_CARLO = (f"{NAME} cannot evaluate fixed chips: no weight noise in eval mode, and in train mode a new "
+                  "draw on every forward (every batch) with BatchNorm on batch statistics")
+
+
 def _quiet_import():
     """Import aihwkit_lightning (its import prints a line when Triton cannot be used)."""
     with contextlib.redirect_stdout(io.StringIO()):
