@@ -99,7 +99,8 @@ def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[result
             fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
                                                (x, w, b), gy)
         peer_fns, peer_note = peer.layer_variants(
-            cfg, name, noisy, clean, v, lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
+            cfg, name, noisy, clean, v,
+            lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
         fns.update(peer_fns)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)

@@ -16,7 +16,8 @@ Variants (all start from the same weights; SGD lr 0.01, momentum 0.9):
 The noise is RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION: the law the peer can match).
 
 DESIGN §8 targets: noise step ≤ 1.10× clean; OVF ≤ 4.2× clean and ≥ 1.0× faster than the reference OVF
-on CPU (≥ 20× on GPU); the noise step ≥ 1.5× faster than the peer's (on GPU: than its Triton path). The steps are timed round by round, interleaved, so load changes hit all alike.
+on CPU (≥ 20× on GPU); the noise step ≥ 1.5× faster than the peer's (on GPU: than its Triton path).
+The steps are timed round by round, interleaved, so load changes hit all alike.
 Quick runs on CPU use VGG-8 at width 0.25 (1/16 of the FLOPs and of the weights: the noise's share is
 about the same, the per-layer overheads weigh more; not the DESIGN configuration: marked "(yes)"/"(no)").
 

@@ -49,7 +49,8 @@ def load(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if "results" not in data or "environment" not in data:
-        raise SystemExit(f"{path}: not a benchmark run (no 'results'/'environment'): written by python -m benchmarks --json?")
+        raise SystemExit(f"{path}: not a benchmark run (no 'results'/'environment'); "
+                         "runs are written by python -m benchmarks --json")
     return data
 
 

@@ -68,7 +68,8 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     for r in rows:
         targeted = [c for c in r.compares if c.target]
         out.append([
-            r.case, r.variant + (f" ({r.note})" if r.note else ""), "—" if r.skipped else fmt_timing(r.timing), _fmt_throughput(r),
+            r.case, r.variant + (f" ({r.note})" if r.note else ""),
+            "—" if r.skipped else fmt_timing(r.timing), _fmt_throughput(r),
             "; ".join(_fmt_compare(c) for c in r.compares),
             "; ".join(_fmt_target(c) for c in targeted), "; ".join(_fmt_met(c) for c in targeted),
         ])

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import require_optional
 
 import nft_cuda
 from nft_cuda.eval import (EKLAccumulator, accuracy_stats, build_report, eval_checkpoints, expected_kl,
@@ -383,12 +384,13 @@ def test_reports(tmp_path):
     assert len(rows) == 8 and rows[1]["checkpoint"] == "ovf" and float(rows[1]["sigma"]) == 0.1
     assert float(rows[1]["accuracy_mean"]) == results[1]["accuracy_mean"]
     assert float(rows[1]["accuracy_p95"]) == results[1]["accuracy_percentiles"]["95"]
-    pytest.importorskip("matplotlib")
+    require_optional("matplotlib")
     plot_results(report, str(tmp_path / "r.png"), title="test")
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_checkpoints(tmp_path, monkeypatch):
+    require_optional("matplotlib")  # writes a plot
     from nft_cuda.eval import run as run_module
     from nft_cuda.io import save_model
 

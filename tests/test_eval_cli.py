@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require_optional
 
 from nft_cuda.train.trainer import TrainConfig, train
 
@@ -29,6 +30,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_writes_json_csv_png(checkpoint, tmp_path):
+    require_optional("matplotlib")  # writes a plot
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     r = _nft("eval", checkpoint, "--sigma", "0,0.2", "--runs", "3", "--json", str(j), "--csv", str(c),
              "--plot", str(p), "--no-progress", "--batch-size", "500")
@@ -70,6 +72,7 @@ def test_eval_not_a_model(tmp_path):
 
 
 def test_demo_runs_and_prints_table(tmp_path):
+    require_optional("matplotlib")  # writes a plot
     r = _nft("demo", "--epochs", "1", "--runs", "2", "--methods", "noise,irs", "--out", str(tmp_path / "demo"),
              "--no-progress", "--device", "cpu", "--sigma", "0.2")
     assert r.returncode == 0, r.stderr
