@@ -81,8 +81,10 @@ def render_markdown(env: dict, cfg: config.Config, rows: list, failures: list, e
                   f"these cases ran on 1 thread and none of their comparisons is the DESIGN configuration: "
                   f"{'; '.join(reduced)}.", ""]
     if any(r.variant.startswith(peer.NAME) for r in rows):
-        lines += [f"Peer: {peer.describe(config.LAYER_VARIATION) if not peer.missing() else peer.missing()}; "
-                  f"matched to nft_cuda's {config.LAYER_VARIATION} (the layer and training cases' noise).", ""]
+        missing = peer.missing()
+        lines += [f"Peer: not run: {missing}." if missing else
+                  f"Peer: {peer.describe(config.LAYER_VARIATION)}; matched to nft_cuda's {config.LAYER_VARIATION} "
+                  "(the noise of the layer and training cases).", ""]
     lines += [report.summary_table(rows), "", LEGEND]
     if failures:
         lines += ["", "**Failed cases:**", ""] + [f"- {f['case']}: {f['error']}" for f in failures]
