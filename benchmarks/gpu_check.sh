@@ -61,9 +61,9 @@ if tier bench; then
     || echo 'aihwkit-lightning not installed: peer rows skipped'); triton: $($PY -c 'import triton; print(triton.__version__)' 2>/dev/null \
     || echo 'not installed: no Triton peer rows')"
   # The whole suite in quick mode (every case, correctness checked before timing, NFT_CUDA_STRICT=1).
-  # Budget 240 s (not yet measured on a GPU: expect cold torch.compile/Triton builds and the host-side
-  # reference baselines to dominate). bench.json / bench.md are rewritten after every case, so a
-  # timeout keeps the cases that finished.
+  # Budget 240 s (not yet measured on a GPU: expect cold torch.compile/Triton builds, the peer's too,
+  # and the host-side reference baselines to dominate). bench.json / bench.md are rewritten after every
+  # case, so a timeout keeps the cases that finished.
   start=$(date +%s)
   timeout 240 $PY -m benchmarks --device cuda --quick --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
     > "$OUT/bench.log" 2>&1; rc=$?
