@@ -83,15 +83,15 @@ def effective_weight(layer: nn.Module) -> torch.Tensor:
         return y.t().reshape(w.shape)
 
 
-#: Noise samples a std is measured from: 2^17 gives a standard error of 0.2%, a tenth of the 2% bound.
-NOISE_SAMPLES = 2**17
+#: Noise samples a std is measured from: 2^16 give a standard error of 0.28%, a seventh of the 2% bound.
+NOISE_SAMPLES = 2**16
 
 
-def _noise_rel_std(layer: nn.Module, max_draws: int = 128) -> float:
-    """std of (weight used − weight) / max|W| over forwards of ``layer``: one draw of a large layer, more
-    (up to ``max_draws``) of a small one, until :data:`NOISE_SAMPLES` noise values are pooled."""
+def _noise_rel_std(layer: nn.Module, samples: int = 1) -> float:
+    """std of (weight used − weight) / max|W| over forwards of ``layer``: as many draws as pool ``samples``
+    noise values (one draw of a large layer; at most 64)."""
     w = layer.weight.detach()
-    draws = min(max_draws, -(-NOISE_SAMPLES // w.numel()))
+    draws = min(64, -(-samples // w.numel()))
     noise = torch.stack([effective_weight(layer) - w for _ in range(draws)])
     return (noise.std() / w.abs().max()).item()
 
@@ -107,7 +107,8 @@ def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_c
     want = variation.sigma * variation.scale
     nft_layer.train()
     peer_layer.train()
-    got = {"nft_cuda": _noise_rel_std(nft_layer), peer_name: _noise_rel_std(peer_layer)}
+    got = {"nft_cuda": _noise_rel_std(nft_layer, NOISE_SAMPLES),
+           peer_name: _noise_rel_std(peer_layer, NOISE_SAMPLES)}
     for label, value in got.items():
         if not abs(value / want - 1.0) <= tol:
             raise CheckError(f"{name}: {label} injects noise of std {value:.5g}·max|W| in training, "
@@ -125,7 +126,7 @@ def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_c
     for label, value in off.items():
         if value > want / 10:
             raise CheckError(f"{name}: {label} still injects noise (std {value:.3g}·max|W|)")
-    if not abs(nft_eval / want - 1.0) <= 3 * tol:
+    if not nft_eval > want / 2:
         raise CheckError(f"{name}: nft_cuda after eval() injects noise of std {nft_eval:.5g}·max|W|; its noise "
                          f"mode is explicit, so eval() must leave it on ({want:.5g})")
     return (f"same noise: std / max abs W {got[peer_name]:.5f} vs nft_cuda {got['nft_cuda']:.5f} (σ_d·scale "
