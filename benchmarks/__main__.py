@@ -86,6 +86,10 @@ def render_markdown(env: dict, cfg: config.Config, rows: list, failures: list, e
                   f"Peer: {peer.describe(config.LAYER_VARIATION)}; matched to nft_cuda's {config.LAYER_VARIATION} "
                   "(the noise of the layer and training cases).", ""]
     lines += [report.summary_table(rows), "", LEGEND]
+    side_by_side = report.peer_summary_table(rows, peer.NAME)
+    if side_by_side:
+        lines += ["", "nft_cuda vs the peer, per case (medians; the peer's Triton path where it ran):", "",
+                  side_by_side]
     if failures:
         lines += ["", "**Failed cases:**", ""] + [f"- {f['case']}: {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"

@@ -104,3 +104,32 @@ def rows_from_json(data: dict) -> list[Row]:
                         r.get("threads", 0), r.get("skipped", False)))
     return rows
 
+
+
+PEER_HEADERS = ["case", "nft_cuda", "aihwkit-lightning", "reference", "compiled", "clean", "speed-up vs peer",
+                "DESIGN §8", "met?"]
+
+
+def peer_summary_rows(rows: list[Row], peer: str) -> list[list[str]]:
+    """One line per case where the peer ran: the medians of nft_cuda's variant, the peer (its Triton path
+    where it ran, the row DESIGN §8 judges), the reference way, the compiled composite and clean, and
+    nft_cuda's speed-up vs the peer."""
+    by_case: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_case.setdefault(r.case, {})[r.variant] = r
+    out = []
+    for case, variants in by_case.items():
+        for r in variants.values():
+            c = next((c for c in r.compares if c.baseline.startswith(peer) and c.target), None)
+            if c is None:
+                continue
+            cell = lambda k: fmt_time(variants[k].timing.median_s) if k in variants else "—"  # noqa: E731
+            out.append([case, f"{fmt_time(r.timing.median_s)} ({r.variant})", cell(c.baseline), cell("reference"),
+                        cell("compiled"), cell("clean"), f"{_fmt_ratio(c.value)}×", _fmt_target(c), _fmt_met(c)])
+    return out
+
+
+def peer_summary_table(rows: list[Row], peer: str) -> str:
+    """:func:`peer_summary_rows` as Markdown ("" when the peer ran in no case)."""
+    body = peer_summary_rows(rows, peer)
+    return markdown_table(PEER_HEADERS, body) if body else ""

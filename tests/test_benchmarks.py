@@ -265,6 +265,10 @@ def test_peer_present_does_the_same_job_before_timing(bench):
     peer.finish(case, rows, "m", "noise", note, "train_vs_peer")
     c = rows["noise"].compares[0]
     assert c.baseline == "aihwkit-lightning" and c.value == pytest.approx(2.0) and c.target == "≥ 1.5×" and c.met
+    from benchmarks.report import peer_summary_rows
+
+    assert peer_summary_rows(case.rows, "aihwkit-lightning") == [
+        ["m", "100 ms (noise)", "200 ms", "—", "—", "90 ms", "2.000×", "≥ 1.5× vs aihwkit-lightning", "yes"]]
 
 
 # ---- the performance history -------------------------------------------------------------------------
