@@ -81,13 +81,13 @@ def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.
         if compiled is not None:
             fns["compiled"] = lambda: torch.autograd.grad(compiled(x, w, None, v.sigma, v.scale, v.state_factor),
                                                           (x, w), gy)
-        peer_fns, peer_note = peer.layer_variants(
+        peers = peer.layer_variants(
             cfg, name, noisy, clean, v, lambda layer: lambda: torch.autograd.grad(layer(x), (x, layer.weight), gy))
-        fns.update(peer_fns)
+        fns.update(peers.items)
         rows = c.time(name, fns, work=6.0 * batch * cout * cin * 9 * hw * hw, unit=cfg.flop_unit,
                       ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyConv2d")
-        peer.finish(c, rows, name, "NoisyConv2d", peer_note, "layer_vs_peer")
+        peer.finish(c, rows, name, "NoisyConv2d", peers, "layer_vs_peer")
     return c.rows
 
 

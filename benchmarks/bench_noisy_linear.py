@@ -98,13 +98,13 @@ def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[result
         if compiled is not None:
             fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
                                                (x, w, b), gy)
-        peer_fns, peer_note = peer.layer_variants(
+        peers = peer.layer_variants(
             cfg, name, noisy, clean, v,
             lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
-        fns.update(peer_fns)
+        fns.update(peers.items)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)
-        peer.finish(c, rows, name, "NoisyLinear", peer_note, "layer_vs_peer")
+        peer.finish(c, rows, name, "NoisyLinear", peers, "layer_vs_peer")
     return c.rows
 
 

@@ -147,9 +147,9 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
         checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
         _set_sigma(models["OVF"], v.sigma)
 
-    peer_models, peer_note = peer.model_variants(cfg, name, models["noise"], base, v)
+    peers = peer.model_variants(cfg, name, models["noise"], base, v)
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
-    for k, model in peer_models.items():
+    for k, model in peers.items.items():
         steps[k] = _step(model, ce, x, y, f"{name} {k}", opt=peer.optimizer(model, lr=0.01, momentum=0.9),
                          context=functools.partial(peer.use_triton, k == peer.triton_variant()))
     rows = results.Case(cfg, ceilings)
@@ -161,7 +161,7 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
     rows.compare(r["OVF"], r["reference OVF"], "speedup", "ovf_vs_reference", exact=exact)
     rows.compare(r["reference OVF"], r["clean"], "time")
     rows.compare(r["IRS"], r["clean"], "time")
-    peer.finish(rows, r, name, "noise", peer_note, "train_vs_peer", exact=exact)
+    peer.finish(rows, r, name, "noise", peers, "train_vs_peer", exact=exact)
     return rows.rows
 
 

@@ -90,9 +90,12 @@ NOISE_SAMPLES = 2**16
 def _noise_rel_std(layer: nn.Module, samples: int = 1) -> float:
     """std of (weight used − weight) / max|W| over forwards of ``layer``: as many draws as pool ``samples``
     noise values (one draw of a large layer; at most 64)."""
-    w = layer.weight.detach()
+    w = layer.weight.detach().clone()
     draws = min(64, -(-samples // w.numel()))
     noise = torch.stack([effective_weight(layer) - w for _ in range(draws)])
+    if not torch.equal(layer.weight.detach(), w):  # aihwkit-lightning 2.1.0's Triton path does this
+        raise CheckError(f"{type(layer).__name__} changed its weight parameter in a forward: the noise is written "
+                         "into the weights and accumulates")
     return (noise.std() / w.abs().max()).item()
 
 
@@ -101,8 +104,10 @@ def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_c
     """Before timing a peer variant: both layers inject the same noise, where each library says.
 
     In train mode the measured noise std relative to max|W| of each (pooled over draws for a small layer)
-    is within ``tol`` (relative) of σ_d·scale (hence of each other); after ``.eval()`` the peer adds no noise, nft_cuda still does (its noise mode is
-    explicit), and nft_cuda's ``noise_mode(layer, "off")`` adds none. Both layers are left in train mode.
+    is within ``tol`` (relative) of σ_d·scale (hence of each other), and no forward changes the weight
+    parameter; after ``.eval()`` (one draw each) the peer adds no noise, nft_cuda still does (its noise
+    mode is explicit), and nft_cuda's ``noise_mode(layer, "off")`` adds none. Both layers are left in train
+    mode.
     Returns a note stating the measured figures."""
     want = variation.sigma * variation.scale
     nft_layer.train()

@@ -31,6 +31,7 @@ import copy
 import io
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -157,50 +158,69 @@ def triton_variant() -> str:
     return f"{NAME} Triton"
 
 
+@dataclass
+class Variants:
+    """The peer's variants of one case, after their same-job checks."""
+
+    items: dict = field(default_factory=dict)  # variant → the function to time (layer) or the model (step)
+    notes: dict = field(default_factory=dict)  # variant → its same-job check's note
+    skipped: dict = field(default_factory=dict)  # variant → why it is not timed
+
+
+def _triton_check(out: Variants, check) -> bool:
+    """Run ``check()`` (a same-job check on the Triton path) and record its note, or why the Triton variant
+    is skipped: the peer's Triton kernels are experimental (2.1.0: its conv path raises a TypeError, its
+    linear path writes the noise into the weights), so their failure is reported, not fatal."""
+    try:
+        with use_triton():
+            out.notes[triton_variant()] = check()
+    except Exception as exc:  # noqa: BLE001 — any failure of the peer's own kernels
+        out.skipped[triton_variant()] = f"its Triton path fails the same-job check: {type(exc).__name__}: {exc}"
+        return False
+    return True
+
+
 def layer_variants(cfg, case: str, nft_layer: nn.Module, clean_layer: nn.Module, variation: nft_cuda.Variation,
-                   timed) -> tuple[dict, str]:
+                   timed) -> Variants:
     """The peer's variants of a layer case: its layer converted from ``clean_layer`` (same weights), checked
     to do the same job as ``nft_layer`` (:func:`~benchmarks.checks.check_same_job`), and ``timed(layer)``
-    (the function to time for a layer) — on its Triton kernels too where they can run. Returns
-    (name → function, the check's note), or ({}, why not) when the peer is missing."""
+    (the function to time for a layer) — on its Triton kernels too where they can run (a layer of its own).
+    When the peer is missing, every variant is skipped with the reason."""
     from benchmarks import checks
 
     reason = missing()
     if reason:
-        return {}, reason
+        return Variants(skipped={NAME: reason})
     layer = convert(clean_layer, variation)
-    note = checks.check_same_job(nft_layer, layer, variation, case, NAME)
-    fns = {NAME: timed(layer)}
+    out = Variants({NAME: timed(layer)}, {NAME: checks.check_same_job(nft_layer, layer, variation, case, NAME)})
     if cfg.cuda and triton_available():
-        with use_triton():
-            checks.check_same_job(nft_layer, layer, variation, f"{case} (Triton)", triton_variant())
-        fn = timed(layer)
+        tlayer = convert(clean_layer, variation)
+        if _triton_check(out, lambda: checks.check_same_job(nft_layer, tlayer, variation, case, triton_variant())):
+            fn = timed(tlayer)
 
-        def on_triton():
-            with use_triton():
-                return fn()
+            def on_triton():
+                with use_triton():
+                    return fn()
 
-        fns[triton_variant()] = on_triton
-    return fns, note
+            out.items[triton_variant()] = on_triton
+    return out
 
 
 def model_variants(cfg, case: str, nft_model: nn.Module, base: nn.Module, variation: nft_cuda.Variation
-                   ) -> tuple[dict, str]:
+                   ) -> Variants:
     """The peer's variants of a model case: ``base`` converted (``convert_to_analog``), once per variant (each
     trains its own copy; the Triton one where it can run: time its steps inside :func:`use_triton`), checked
-    layer by layer against ``nft_model``'s noisy layers of the same names. Returns (name → model, the check's
-    note), or ({}, why not) when the peer is missing."""
+    layer by layer against ``nft_model``'s noisy layers of the same names (:func:`check_model`)."""
     reason = missing()
     if reason:
-        return {}, reason
-    models = {NAME: convert(base, variation)}
+        return Variants(skipped={NAME: reason})
+    model = convert(base, variation)
+    out = Variants({NAME: model}, {NAME: check_model(nft_model, model, variation, f"{case} {NAME}")})
     if cfg.cuda and triton_available():
-        models[triton_variant()] = convert(base, variation)
-    note = ""
-    for variant, model in models.items():
-        with use_triton(variant == triton_variant()):
-            note = note or check_model(nft_model, model, variation, f"{case} {variant}")
-    return models, note
+        tmodel = convert(base, variation)
+        if _triton_check(out, lambda: check_model(nft_model, tmodel, variation, f"{case} {triton_variant()}")):
+            out.items[triton_variant()] = tmodel
+    return out
 
 
 def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda.Variation, case: str) -> str:
@@ -228,18 +248,17 @@ def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda
     return note
 
 
-def finish(case_rows, rows: dict, case: str, nft_variant: str, note: str, target: str | None = None, *,
+def finish(case_rows, rows: dict, case: str, nft_variant: str, peer: Variants, target: str | None = None, *,
            exact: bool = True) -> None:
-    """The peer's part of a case's results: ``note`` (the same-job check) on its rows and the nft_cuda row's
-    speed-up against each (DESIGN §8 ``target`` against the row to beat: the Triton path where it ran,
-    else the PyTorch one), each against clean; or, when the peer did not run, a skipped row saying why."""
+    """The peer's part of a case's results: each timed peer row gets its same-job note, nft_cuda's row its
+    speed-up against it (the DESIGN §8 ``target`` against the row to beat: the Triton path where it ran,
+    else the PyTorch one), the peer row its ratio to clean; each skipped variant leaves a row saying why."""
     ran = [k for k in (NAME, triton_variant()) if k in rows]
-    if not ran:
-        case_rows.add(skipped_row(case, note))
-        return
     for k in ran:
-        rows[k].note = note
+        rows[k].note = peer.notes.get(k, "")
         case_rows.compare(rows[nft_variant], rows[k], "speedup", target if k == ran[-1] else None, exact=exact)
     if "clean" in rows:
         for k in ran:
             case_rows.compare(rows[k], rows["clean"], "time")
+    for k, reason in peer.skipped.items():
+        case_rows.add(skipped_row(case, reason, k))

@@ -202,14 +202,14 @@ def test_peer_absent_leaves_skipped_rows_with_the_reason(no_peer, tmp_path):
     assert "aihwkit-lightning is not installed" in reason and "pip install --no-deps" in reason
     cfg = config.Config(device="cpu", quick=True)
     lin = torch.nn.Linear(8, 4)
-    fns, note = peer.layer_variants(cfg, "c", lin, lin, config.LAYER_VARIATION, lambda layer: lambda: None)
-    assert fns == {} and note == reason
-    models, note = peer.model_variants(cfg, "c", lin, lin, config.LAYER_VARIATION)
-    assert models == {} and note == reason
+    peers = peer.layer_variants(cfg, "c", lin, lin, config.LAYER_VARIATION, lambda layer: lambda: None)
+    assert peers.items == {} and peers.skipped == {"aihwkit-lightning": reason}
+    models = peer.model_variants(cfg, "c", lin, lin, config.LAYER_VARIATION)
+    assert models.items == {} and models.skipped == {"aihwkit-lightning": reason}
     case = results.Case(cfg)
     t = results.Timing("NoisyLinear", 0.01, 0.009, 0.011, 3)
     rows = {"NoisyLinear": case.add(results.Row("c", "NoisyLinear", t))}
-    peer.finish(case, rows, "c", "NoisyLinear", note, "layer_vs_peer")
+    peer.finish(case, rows, "c", "NoisyLinear", peers, "layer_vs_peer")
     skipped = case.rows[-1]
     assert skipped.skipped and skipped.variant == "aihwkit-lightning" and skipped.timing.runs == 0
     assert skipped.note == f"skipped: {reason}"
@@ -238,9 +238,10 @@ def test_peer_present_does_the_same_job_before_timing(bench):
         clean.load_state_dict(noisy.state_dict())
         # the probe reads back exactly the weight a forward used
         torch.testing.assert_close(checks.effective_weight(clean), clean.weight.detach(), rtol=0, atol=1e-6)
-        fns, note = peer.layer_variants(cfg, "c", noisy, clean, v, lambda layer: lambda: layer)
-        assert list(fns) == ["aihwkit-lightning"] and note.startswith("same noise: std / max abs W 0.07")
-        layer = fns["aihwkit-lightning"]()
+        peers = peer.layer_variants(cfg, "c", noisy, clean, v, lambda layer: lambda: layer)
+        assert list(peers.items) == ["aihwkit-lightning"] and peers.skipped == {}
+        assert peers.notes["aihwkit-lightning"].startswith("same noise: std / max abs W 0.07")
+        layer = peers.items["aihwkit-lightning"]()
         assert layer.training and noisy.training  # left in train mode, as timed
         assert type(layer).__name__ in ("AnalogLinear", "AnalogConv2d")
         torch.testing.assert_close(layer.weight, clean.weight)
@@ -249,6 +250,15 @@ def test_peer_present_does_the_same_job_before_timing(bench):
     wrong = peer.convert(torch.nn.Linear(512, 256), v.with_sigma(0.12))
     with pytest.raises(checks.CheckError, match="aihwkit-lightning injects noise of std"):
         checks.check_same_job(noisy, wrong, v, "c", "aihwkit-lightning")
+
+    class WritesNoiseIntoWeight(torch.nn.Linear):  # as the peer's Triton path does (2.1.0)
+        def forward(self, x):
+            with torch.no_grad():
+                self.weight.add_(torch.randn_like(self.weight) * 0.1 * self.weight.abs().max())
+            return super().forward(x)
+
+    with pytest.raises(checks.CheckError, match="changed its weight parameter"):
+        checks.check_same_job(noisy, WritesNoiseIntoWeight(512, 256), v, "c", "peer")
     with pytest.raises(ValueError, match="only match RRAM1"):
         peer.rpu_config(config.VARIATION)
     # a model: every same-named layer big enough is compared; the speed-up carries the DESIGN target
@@ -257,18 +267,37 @@ def test_peer_present_does_the_same_job_before_timing(bench):
     from nft_cuda.models import build_model
 
     base = build_model("vgg8", in_channels=3, num_classes=10, width=0.25)
-    models, note = peer.model_variants(cfg, "m", nft_cuda.convert(copy.deepcopy(base), v), base, v)
-    assert list(models) == ["aihwkit-lightning"] and "(layer " in note
+    models = peer.model_variants(cfg, "m", nft_cuda.convert(copy.deepcopy(base), v), base, v)
+    assert list(models.items) == ["aihwkit-lightning"] and "(layer " in models.notes["aihwkit-lightning"]
     case = results.Case(cfg)
     rows = {k: case.add(results.Row("m", k, results.Timing(k, s, s, s, 3)))
             for k, s in (("noise", 0.1), ("clean", 0.09), ("aihwkit-lightning", 0.2))}
-    peer.finish(case, rows, "m", "noise", note, "train_vs_peer")
+    models.skipped["aihwkit-lightning Triton"] = "its Triton path fails the same-job check: TypeError: …"
+    peer.finish(case, rows, "m", "noise", models, "train_vs_peer")
     c = rows["noise"].compares[0]
     assert c.baseline == "aihwkit-lightning" and c.value == pytest.approx(2.0) and c.target == "≥ 1.5×" and c.met
     from benchmarks.report import peer_summary_rows
 
+    assert case.rows[-1].skipped and case.rows[-1].variant == "aihwkit-lightning Triton"
     assert peer_summary_rows(case.rows, "aihwkit-lightning") == [
         ["m", "100 ms (noise)", "200 ms", "—", "—", "90 ms", "2.000×", "≥ 1.5× vs aihwkit-lightning", "yes"]]
+
+
+def test_peer_triton_failure_is_reported_not_fatal(bench, monkeypatch):
+    from benchmarks import peer
+
+    monkeypatch.delenv("AIHWKIT_USE_TRITON", raising=False)
+    seen = []
+
+    def broken():  # as the peer's Triton conv path (2.1.0): a TypeError inside its layer
+        seen.append(os.environ.get("AIHWKIT_USE_TRITON"))
+        raise TypeError("TritonLinear.forward() missing 1 required positional argument: 'training'")
+
+    out = peer.Variants()
+    assert peer._triton_check(out, broken) is False and seen == ["1"]  # run on the Triton path
+    assert "AIHWKIT_USE_TRITON" not in os.environ  # and switched back off
+    assert out.skipped["aihwkit-lightning Triton"].startswith("its Triton path fails the same-job check: TypeError")
+    assert peer._triton_check(out, lambda: "same noise") is True and out.notes["aihwkit-lightning Triton"] == "same noise"
 
 
 # ---- the performance history -------------------------------------------------------------------------
