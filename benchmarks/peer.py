@@ -21,7 +21,9 @@ for a chip — in eval mode it adds no weight noise, and in train mode it redraw
 (every batch) and BatchNorm switches to batch statistics — so it cannot evaluate R fixed chip instances.
 
 On CUDA with Triton and a Volta-or-newer GPU, the peer has its own kernels (``AIHWKIT_USE_TRITON=1``,
-read on every forward): :func:`triton_available` and :func:`use_triton` give that variant too.
+read on every forward): :func:`triton_available` and :func:`use_triton` give that variant too, checked
+on a copy of its own; a Triton variant that fails its check is skipped with the error (2.1.0's conv path
+raises a TypeError, its linear path writes the noise into the weights).
 """
 
 from __future__ import annotations
