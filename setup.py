@@ -1,7 +1,8 @@
 """Build script for nft_cuda.
 
-Always builds the C++ CPU kernels; builds the CUDA kernels when a CUDA toolkit and a CUDA build of
-torch are present (or when FORCE_CUDA=1: compiling needs no GPU). Install with
+Always builds the C++ CPU kernels; builds the CUDA kernels when a GPU is visible and a CUDA toolkit and
+a CUDA build of torch are present, or when FORCE_CUDA=1 (compiling needs no GPU: CI and Docker builds
+set it). Install with
 
     pip install --no-build-isolation -e .
 
@@ -9,6 +10,7 @@ torch are present (or when FORCE_CUDA=1: compiling needs no GPU). Install with
 
 Environment switches (all optional):
   FORCE_CUDA=1              build the CUDA kernels even if no GPU is visible; error if impossible
+                            (without it a GPU-less machine builds the CPU kernels only, in seconds)
   NFT_CUDA_SKIP_CUDA=1      CPU kernels only (fast local iteration)
   NFT_CUDA_NO_EXT=1         no compiled extension at all (pure-PyTorch package)
   TORCH_CUDA_ARCH_LIST      e.g. "9.0" or "8.0;9.0+PTX"; default: the visible GPU, else 8.0;9.0+PTX
@@ -16,9 +18,13 @@ Environment switches (all optional):
   NFT_CUDA_PTXAS_VERBOSE=1  print ptxas register/spill reports
   NFT_CUDA_DEBUG=1          -O0 -g builds
   MAX_JOBS                  parallel compile jobs (ninja)
+
+pip shows this script's "[nft_cuda setup]" lines only with -v; the decisions are also written to
+nft_cuda/_build_info.json, which nft_cuda.backend_info() reports (and its CUDA fallback warning quotes).
 """
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -30,8 +36,9 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def _flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _flag(name, env=None):
+    env = os.environ if env is None else env
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _log(msg):
@@ -81,9 +88,41 @@ def pip_cuda_include_dirs():
     return unique
 
 
+def decide_cuda(env, torch_cuda, cuda_home, gpu_visible):
+    """(build the CUDA kernels?, why) from the environment switches and what this machine has.
+
+    The convention of PyTorch extensions: CUDA when a GPU is visible or FORCE_CUDA=1 asks for it; a
+    toolkit alone (a GPU-less machine with CUDA installed) does not cost a CUDA build.
+    """
+    if _flag("NFT_CUDA_SKIP_CUDA", env):
+        return False, "NFT_CUDA_SKIP_CUDA=1"
+    if _flag("FORCE_CUDA", env):
+        if torch_cuda is None:
+            raise SystemExit("[nft_cuda setup] FORCE_CUDA=1 but this torch is a CPU-only build")
+        if cuda_home is None:
+            raise SystemExit("[nft_cuda setup] FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return True, "FORCE_CUDA=1"
+    if torch_cuda is None:
+        return False, "this torch is a CPU-only build"
+    if cuda_home is None:
+        return False, "no CUDA toolkit found (set CUDA_HOME)"
+    if not gpu_visible:
+        return False, "no GPU visible; set FORCE_CUDA=1 to compile the CUDA kernels anyway"
+    return True, f"GPU visible, torch CUDA {torch_cuda}, toolkit {cuda_home}"
+
+
+def write_build_info(info):
+    """Record the build decisions beside the package (read by nft_cuda.backend_info())."""
+    path = os.path.join(ROOT, "nft_cuda", "_build_info.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+        f.write("\n")
+
+
 def extension_modules():
     if _flag("NFT_CUDA_NO_EXT"):
         _log("NFT_CUDA_NO_EXT=1: no compiled extension; the package runs on pure PyTorch")
+        write_build_info({"extension": False, "cuda": False, "why": "NFT_CUDA_NO_EXT=1"})
         return [], {}
 
     cuda_home = find_cuda_home()
@@ -94,17 +133,8 @@ def extension_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     torch_cuda = torch.version.cuda
-    if _flag("NFT_CUDA_SKIP_CUDA"):
-        with_cuda, why = False, "NFT_CUDA_SKIP_CUDA=1"
-    elif _flag("FORCE_CUDA"):
-        if torch_cuda is None:
-            sys.exit("[nft_cuda setup] FORCE_CUDA=1 but this torch is a CPU-only build")
-        if cuda_home is None:
-            sys.exit("[nft_cuda setup] FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
-        with_cuda, why = True, "FORCE_CUDA=1"
-    else:
-        with_cuda = torch_cuda is not None and cuda_home is not None
-        why = f"auto: torch CUDA {torch_cuda}, toolkit {cuda_home}"
+    gpu_visible = torch_cuda is not None and torch.cuda.is_available()
+    with_cuda, why = decide_cuda(os.environ, torch_cuda, cuda_home, gpu_visible)
 
     debug = _flag("NFT_CUDA_DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -144,6 +174,8 @@ def extension_modules():
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}")
         _log(f"extra include dirs: {include_dirs[2:] or 'none'}")
     _log(f"sources: {', '.join(sources)}")
+    write_build_info({"extension": True, "cuda": with_cuda, "why": why, "torch": torch.__version__,
+                      "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None})
 
     ext = ext_cls(
         name="nft_cuda._C",
@@ -156,11 +188,11 @@ def extension_modules():
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = extension_modules()
-
-setup(
-    packages=find_packages(include=["nft_cuda", "nft_cuda.*"]),
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    include_package_data=True,
-)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import decide_cuda
+    ext_modules, cmdclass = extension_modules()
+    setup(
+        packages=find_packages(include=["nft_cuda", "nft_cuda.*"]),
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        include_package_data=True,
+    )

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU check, run on a lent GPU machine (see DEVELOPERS notes): builds the extension for the local
-# GPU, then in tiers under `timeout`: the full test suite (CUDA tests run, none may skip), a
-# compute-sanitizer pass on a small case, and the GPU benchmarks. Logs go under $OUT (default ./out).
+# GPU, then in tiers under `timeout`: the full test suite (CUDA tests run, none may skip; again with the
+# split reduction forced), a compute-sanitizer pass on a small case, the fused kernels' measured time vs
+# their roofline prediction, and the GPU benchmarks. Logs go under $OUT (default ./out).
 #   bash benchmarks/gpu_check.sh            # all tiers
 #   TIERS="build tests" bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-TIERS=${TIERS:-"build tests sanitizer bench"}
+TIERS=${TIERS:-"build tests sanitizer roofline bench"}
 PY=${PYTHON:-python3}
 export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FORCE_CUDA=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,6 +40,12 @@ if tier tests; then
   NFT_CUDA_FUSED_LINEAR=1 timeout 240 $PY -m pytest tests/test_layers.py tests/test_noisy_linear.py tests/test_sample_axis.py \
     -q -rs -p no:cacheprovider > "$OUT/tests_fused_layers.log" 2>&1; rc=$?
   note "tests (NFT_CUDA_FUSED_LINEAR=1): rc=$rc in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/tests_fused_layers.log")"
+  # The fused GEMM with its split reduction forced (3 parts; the heuristic splits only deep reductions on
+  # small grids, which few test shapes are): forward, backward-input and snapshot against the oracles.
+  start=$(date +%s)
+  NFT_CUDA_GEMM_SPLITS=3 NFT_CUDA_FUSED_LINEAR=1 timeout 240 $PY -m pytest tests/test_noisy_linear.py \
+    tests/test_irs_snapshot.py tests/test_cuda.py -q -rs -p no:cacheprovider > "$OUT/tests_split.log" 2>&1; rc=$?
+  note "tests (NFT_CUDA_GEMM_SPLITS=3): rc=$rc in $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/tests_split.log")"
 fi
 
 if tier sanitizer; then
@@ -48,6 +55,18 @@ if tier sanitizer; then
     timeout 300 "$CS" --tool "$tool" --error-exitcode 3 $PY benchmarks/sanitizer_case.py > "$OUT/sanitizer_$tool.log" 2>&1; rc=$?
     note "compute-sanitizer $tool: rc=$rc in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1)"
   done
+  start=$(date +%s)  # the split reduction's workspace and second kernel too
+  NFT_CUDA_GEMM_SPLITS=3 timeout 300 "$CS" --tool memcheck --error-exitcode 3 $PY benchmarks/sanitizer_case.py \
+    > "$OUT/sanitizer_memcheck_split.log" 2>&1; rc=$?
+  note "compute-sanitizer memcheck (NFT_CUDA_GEMM_SPLITS=3): rc=$rc in $(( $(date +%s) - start )) s: $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_memcheck_split.log" | tail -n 1)"
+fi
+
+if tier roofline; then
+  # Measured time of each fused GEMM case vs its H200 roofline prediction (docs/kernels.md).
+  start=$(date +%s)
+  timeout 120 $PY benchmarks/kernel_roofline.py --json "$OUT/roofline.json" > "$OUT/roofline.md" 2>&1; rc=$?
+  note "roofline (benchmarks/kernel_roofline.py): rc=$rc in $(( $(date +%s) - start )) s"
+  cat "$OUT/roofline.md" >> "$summary"
 fi
 
 if tier bench; then

@@ -17,6 +17,22 @@ from nft_cuda.conversion import convert, noise_mode, noisy_layers, set_instance,
 
 __version__ = "0.1.0"
 
+#: Subpackages loaded on first use, so ``nft_cuda.eval.monte_carlo`` works after a bare ``import nft_cuda``
+#: without making that import pay for training, evaluation, data and CLI code (PEP 562).
+_LAZY_SUBMODULES = frozenset({"cli", "data", "eval", "io", "models", "train"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # also binds it as an attribute
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY_SUBMODULES)
+
 __all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__",
            "NoisyLinear", "NoisyConv1d", "NoisyConv2d", "NoisyModule", "convert", "strip", "noisy_layers",
            "set_noise_mode", "set_instance", "noise_mode"]

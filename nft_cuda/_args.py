@@ -31,6 +31,26 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch.device of a ``--device``-style name: "auto" (CUDA when available), "cpu", "cuda", "cuda:N".
+
+    One message for a CUDA device on a machine without one, whoever asks (train, eval, demo)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device '{name}' was requested but CUDA is not available (use --device cpu or auto)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) present")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def check_weight(weight, name: str = "weight") -> torch.Tensor:
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")

@@ -13,12 +13,13 @@ Environment switches:
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 
 import torch
 
-__all__ = ["HAS_C", "LOAD_ERROR", "OPS", "STRICT", "backend_info", "has_kernel", "use_kernel"]
+__all__ = ["BUILD_INFO", "HAS_C", "LOAD_ERROR", "OPS", "STRICT", "backend_info", "has_kernel", "use_kernel"]
 
 OPS = ("philox4x32", "philox_normal", "perturb", "noisy_linear", "_noisy_linear_backward_input", "snapshot_linear")
 
@@ -53,6 +54,20 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
             stacklevel=2,
         )
 
+
+
+def _read_build_info() -> dict | None:
+    """setup.py's build decisions (nft_cuda/_build_info.json), or None when it left none."""
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+BUILD_INFO = _read_build_info()
+
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _warned: set[tuple[str, str]] = set()
 
@@ -79,6 +94,9 @@ def use_kernel(op: str, device: torch.device) -> bool:
     if has_kernel(op, device.type):
         return True
     reason = LOAD_ERROR if not HAS_C else f"the extension was built without {device.type} kernels"
+    if HAS_C and device.type == "cuda" and BUILD_INFO and not BUILD_INFO.get("cuda"):
+        reason += (f": {BUILD_INFO.get('why')}; rebuild with "
+                   "`FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine with a CUDA toolkit")
     if STRICT:
         raise RuntimeError(
             f"nft_cuda: no compiled {device.type} kernel for '{op}' ({reason}) and NFT_CUDA_STRICT=1 "
@@ -95,8 +113,9 @@ def backend_info() -> dict:
     """Which backend serves each op on each device type, and how the extension was built.
 
     Returns a dict: ``{"extension": path or None, "load_error": str or None, "cuda_compiled": bool,
-    "cuda_version": int or None, "strict": bool, "ops": {op: {"cpu": ..., "cuda": ...}}}`` where each
-    backend is "C++ kernel", "CUDA kernel" or "pure PyTorch".
+    "cuda_version": int or None, "strict": bool, "build": setup.py's decisions (``{"cuda": bool,
+    "why": str, ...}``) or None, "ops": {op: {"cpu": ..., "cuda": ...}}}`` where each backend is
+    "C++ kernel", "CUDA kernel" or "pure PyTorch".
     """
     cuda_version = int(torch.ops.nft_cuda._cuda_version()) if HAS_C else -1
     ops = {}
@@ -112,5 +131,6 @@ def backend_info() -> dict:
         "cuda_version": cuda_version if cuda_version >= 0 else None,
         "cuda_available": torch.cuda.is_available(),
         "strict": STRICT,
+        "build": BUILD_INFO,
         "ops": ops,
     }

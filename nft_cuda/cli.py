@@ -179,6 +179,7 @@ def train_config_from_args(args: argparse.Namespace):
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from nft_cuda.train.checkpoint import has_checkpoint
     from nft_cuda.train.trainer import train
 
     config = train_config_from_args(args)
@@ -186,7 +187,11 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(config, progress=getattr(args, "progress", True))
     except KeyboardInterrupt:
         out = config.resolved_out()
-        sys.stderr.write(f"nft: interrupted; continue with: nft train --out {out} --resume\n")
+        if has_checkpoint(out):
+            sys.stderr.write(f"nft: interrupted; continue with: nft train --out {out} --resume\n")
+        else:
+            sys.stderr.write(f"nft: interrupted before the first checkpoint in {out}: nothing to resume; "
+                             "run the same command again to start over\n")
         return 130
     return 0 if result is not None else 1
 

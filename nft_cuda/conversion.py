@@ -17,21 +17,32 @@ Only modules whose type is exactly ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
 (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used without calling its
 ``forward``, or parametrized modules) are left alone. Forward/backward hooks registered on a replaced
 module are not carried over.
+
+Fast paths. Some ``torch.nn`` modules (:data:`FAST_PATH_MODULES`: the Transformer encoder, its layers, the
+decoder layer and ``nn.MultiheadAttention``) run, in eval mode without gradients, one fused kernel that
+reads their submodules' weights directly instead of calling the submodules: noisy layers inside them
+would be skipped and every chip would give the clean output. :func:`convert` therefore puts each such
+module that holds a noisy layer on its module-calling path (see :func:`guard_fast_paths`);
+:func:`strip` takes the guard off again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import threading
+import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
+import torch
 import torch.nn as nn
 
 from nft_cuda import _args
 from nft_cuda.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, _check_uint
 from nft_cuda.variation import Variation
 
-__all__ = ["convert", "noise_mode", "noisy_layers", "set_instance", "set_noise_mode", "strip"]
+__all__ = ["FAST_PATH_MODULES", "convert", "guard_fast_paths", "noise_mode", "noisy_layers", "set_instance",
+           "set_noise_mode", "strip"]
 
 
 def _check_model(model) -> nn.Module:
@@ -170,6 +181,7 @@ def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
         memo[id(module)] = NOISY_CLASSES[type(module)].from_module(module, var, mode=mode)
     model = _replace(model, memo)
     _renumber(model)
+    guard_fast_paths(model)
     return model
 
 
@@ -185,7 +197,71 @@ def strip(model: nn.Module) -> nn.Module:
             if plain_cls is None:
                 raise TypeError(f"strip: no plain counterpart known for {type(module).__name__}")
             memo[id(module)] = _plain_copy(module, plain_cls)
-    return _replace(model, memo)
+    model = _replace(model, memo)
+    guard_fast_paths(model)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# Fast-path guard
+# --------------------------------------------------------------------------------------------------
+
+#: Module types whose forward may bypass their submodules: in eval mode without gradients they call
+#: one fused kernel (``torch._transformer_encoder_layer_fwd``, ``torch._native_multi_head_attention``, the
+#: nested-tensor encoder) that reads the submodules' weights directly. All of them look at
+#: ``torch.backends.mha.get_fastpath_enabled()`` first.
+FAST_PATH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention,
+)
+
+_guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its two hook handles
+_saved_flags = threading.local()  # per-thread stack of the fast-path flags our pre-hooks replaced
+
+
+def _fast_path_off(module: nn.Module, args) -> None:
+    # The flag is global: switch it off for the duration of this module's forward only. (Having a
+    # pre-hook at all also makes TransformerEncoderLayer skip its fast path.)
+    stack = _saved_flags.__dict__.setdefault("stack", [])
+    stack.append(torch.backends.mha.get_fastpath_enabled())
+    torch.backends.mha.set_fastpath_enabled(False)
+
+
+def _fast_path_restore(module: nn.Module, args, output) -> None:
+    stack = _saved_flags.__dict__.get("stack")
+    if stack:
+        torch.backends.mha.set_fastpath_enabled(stack.pop())
+
+
+def _is_guarded(module: nn.Module) -> bool:
+    return any(hook is _fast_path_off for hook in module._forward_pre_hooks.values())
+
+
+def guard_fast_paths(model: nn.Module) -> list[str]:
+    """Put every :data:`FAST_PATH_MODULES` module of ``model`` that contains a noisy layer on its
+    module-calling path, so its noisy layers are used in every mode (eval, ``no_grad``,
+    ``inference_mode``), and take the guard off modules that no longer contain one. Idempotent;
+    :func:`convert` and :func:`strip` call it. Returns the names of the guarded modules.
+
+    The guard is a forward pre-hook that switches ``torch.backends.mha`` fast paths off while the module
+    runs (restored afterwards, even on error) — only for the guarded modules: other transformer layers
+    keep their fast path. A deep copy of a guarded model keeps working guards; :func:`strip` on that copy
+    leaves them in place (they then only cost the fast path's speed).
+    """
+    _check_model(model)
+    guarded = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FAST_PATH_MODULES):
+            continue
+        wants = any(isinstance(m, NoisyModule) for m in module.modules())
+        if wants:
+            guarded.append(name)
+            if not _is_guarded(module):
+                _guards[module] = (module.register_forward_pre_hook(_fast_path_off),
+                                   module.register_forward_hook(_fast_path_restore, always_call=True))
+        elif module in _guards:
+            for handle in _guards.pop(module):
+                handle.remove()
+    return guarded
 
 
 def _plain_copy(module: nn.Module, plain_cls: type) -> nn.Module:

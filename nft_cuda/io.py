@@ -22,9 +22,23 @@ import torch.nn as nn
 from nft_cuda.conversion import convert, noisy_layers
 from nft_cuda.variation import Variation
 
-__all__ = ["MODEL_FORMAT", "atomic_save", "load_model", "save_model", "safe_load"]
+__all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "chmod_default", "load_model", "resolve_model_path",
+           "save_model", "safe_load"]
 
 MODEL_FORMAT = "nft_cuda.model/1"
+#: The exported model's file name in a run folder of ``nft train``.
+MODEL_FILE = "model.pt"
+
+
+def chmod_default(path) -> None:
+    """Give a mkstemp file (mode 0600) the permissions a plain open() would have (0666 & ~umask), so an
+    atomically written output is as readable as any other."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
 
 
 def atomic_save(obj, path: str) -> None:
@@ -38,6 +52,7 @@ def atomic_save(obj, path: str) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -72,14 +87,42 @@ def save_model(path: str, model: nn.Module, *, spec: dict, variation: Variation,
     atomic_save(payload, path)
 
 
-def load_model(path: str, device="cpu") -> tuple[nn.Module, dict]:
-    """(model, payload): the exported backbone rebuilt with its noisy layers (mode train) on ``device``."""
+def resolve_model_path(path) -> str:
+    """The exported model file meant by ``path``: the file itself, or ``path/model.pt`` when ``path`` is a
+    run folder of ``nft train``. Raises FileNotFoundError naming what is missing."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        candidate = os.path.join(path, MODEL_FILE)
+        if os.path.isfile(candidate):
+            return candidate
+        raise FileNotFoundError(f"{path} is a folder without {MODEL_FILE}: give a run folder of `nft train` "
+                                "(it holds the exported model.pt) or an exported model file")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such file: {path} (checkpoint not found)")
+    return path
+
+
+def _not_a_model(path: str, payload) -> ValueError:
+    what = payload.get("format") if isinstance(payload, dict) else None
+    beside = os.path.join(os.path.dirname(path), MODEL_FILE)
+    if isinstance(what, str) and what.startswith("nft_cuda.checkpoint"):
+        hint = f"it is the resume state of a training run; evaluate the exported model {beside}"
+        if not os.path.isfile(beside):
+            hint += " (not written yet: the run has not finished an epoch)"
+    else:
+        hint = "export one with `nft train` or nft_cuda.io.save_model"
+    return ValueError(f"{path} is not an exported nft_cuda model (format {MODEL_FORMAT!r}): {hint}")
+
+
+def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
+    """(model, payload): the exported backbone rebuilt with its noisy layers (mode train) on ``device``.
+    ``path`` is a model file or a run folder of ``nft train`` (its model.pt)."""
     from nft_cuda.models import build_model
 
+    path = resolve_model_path(path)
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not an exported nft_cuda model (format {MODEL_FORMAT!r}); "
-                         "export one with `nft train` or nft_cuda.io.save_model")
+        raise _not_a_model(path, payload)
     try:  # a file of the right format but with missing or bad entries: one clear error naming the file
         spec = dict(payload["model"])
         name = spec.pop("name")

@@ -155,3 +155,38 @@ def one_error_line(stderr: str) -> str:
     assert lines[0].startswith("nft: error: "), stderr
     assert "Traceback" not in stderr
     return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise must reach the output
+# ----------------------------------------------------------------------------------------------
+
+
+def assert_chips_differ(model: torch.nn.Module, inputs: torch.Tensor, seed: int = 0) -> None:
+    """Fail unless, for every noisy layer of a converted ``model`` taken alone (the others in mode "off"),
+    chips 0 and 1 give different outputs in eval mode under ``torch.no_grad`` and under
+    ``torch.inference_mode``, and unless noise mode "off" gives an output different from chip 0.
+
+    Catches modules whose fast path reads their submodules' weights directly (noise silently bypassed):
+    a bypassed layer alone changes nothing.
+    """
+    import nft_cuda
+
+    model.eval()
+    layers = nft_cuda.noisy_layers(model)
+    assert layers, "the model has no noisy layer"
+    for context in (torch.no_grad, torch.inference_mode):
+        for name, layer in layers:
+            with context():
+                outs = []
+                for chip in (0, 1):
+                    nft_cuda.set_instance(model, seed=seed, instance=chip)
+                    for _, other in layers:
+                        if other is not layer:
+                            other.mode = "off"
+                    outs.append(model(inputs))
+                with nft_cuda.noise_mode(model, "off"):
+                    clean = model(inputs)
+            assert not torch.equal(outs[0], outs[1]), (
+                f"chips 0 and 1 are identical with only layer '{name}' noisy, under {context.__name__}")
+            assert not torch.equal(outs[0], clean), f"layer '{name}' has no effect under {context.__name__}"

@@ -152,3 +152,26 @@ def test_plugin_registry(monkeypatch, capsys):
     # --debug is available on plugin commands too.
     args = cli.build_parser().parse_args(["hello", "--debug"])
     assert args.debug is True
+
+
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["before-first-checkpoint", "after-a-checkpoint"])
+def test_interrupted_train_gives_advice_that_works(checkpointed, tmp_path, monkeypatch, capsys):
+    """Ctrl-C before the first checkpoint: no --resume advice (it would fail with "nothing to resume")."""
+    import nft_cuda.train.trainer as trainer
+
+    out = tmp_path / "int5"
+
+    def interrupted(config, progress=True):
+        out.mkdir(parents=True, exist_ok=True)
+        if checkpointed:
+            (out / "checkpoint.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert cli.main(["train", "--method", "noise", "--epochs", "3", "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    if checkpointed:
+        assert err == f"nft: interrupted; continue with: nft train --out {out} --resume"
+    else:
+        assert "--resume" not in err and "nothing to resume" in err and "same command again" in err

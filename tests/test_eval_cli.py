@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import require_optional
+from conftest import one_error_line, require_optional
 
 from nft_cuda.train.trainer import TrainConfig, train
 
@@ -97,3 +97,126 @@ def test_torchrun_eval_json_identical_to_one_process(checkpoint, tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(one.read_text()) == json.loads(two.read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# What a new user hits (in process: the same cli.main the `nft` script calls)
+# --------------------------------------------------------------------------------------------------
+
+
+def _main(capsys, *argv):
+    from nft_cuda import cli
+
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_accepts_a_run_folder_labels_it_and_writes_readable_reports(checkpoint, tmp_path, capsys):
+    require_optional("matplotlib")  # writes a plot
+    run = os.path.dirname(checkpoint)
+    j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    code, out, err = _main(capsys, "eval", run, "--sigma", "0.1", "--runs", "2", "--no-progress", "--json", str(j),
+                           "--csv", str(c), "--plot", str(p))
+    assert code == 0, err
+    report = json.loads(j.read_text())
+    assert report["checkpoints"][0]["path"] == checkpoint
+    assert {r["checkpoint"] for r in report["results"]} == {os.path.basename(run)}  # not "model"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (j, c, p, checkpoint):
+        assert (os.stat(path).st_mode & 0o777) == 0o666 & ~umask, path
+
+
+def test_eval_of_a_training_checkpoint_names_the_model_beside_it(checkpoint, capsys):
+    training_state = os.path.join(os.path.dirname(checkpoint), "checkpoint.pt")
+    code, _, err = _main(capsys, "eval", training_state, "--sigma", "0.1", "--runs", "2", "--no-progress")
+    assert code == 1
+    line = one_error_line(err)
+    assert f"evaluate the exported model {checkpoint}" in line
+
+
+def test_eval_of_a_folder_without_a_model(tmp_path, capsys):
+    code, _, err = _main(capsys, "eval", str(tmp_path), "--runs", "2")
+    assert code == 1 and "is a folder without model.pt" in one_error_line(err)
+
+
+def test_cuda_without_a_gpu_gives_one_message_in_train_and_eval(checkpoint, monkeypatch, capsys, tmp_path):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    expected = "device 'cuda' was requested but CUDA is not available (use --device cpu or auto)"
+    code, _, err = _main(capsys, "eval", checkpoint, "--device", "cuda", "--runs", "2", "--no-progress")
+    assert code == 1 and one_error_line(err) == f"nft: error: {expected}"
+    code, _, err = _main(capsys, "train", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path / "t"),
+                         "--no-progress")
+    assert code == 1 and one_error_line(err) == f"nft: error: {expected}"
+
+
+def test_interrupted_eval_says_the_same_command_continues(checkpoint, monkeypatch, capsys, tmp_path):
+    import nft_cuda.eval.run as eval_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_run, "eval_checkpoints", interrupted)
+    j = tmp_path / "r.json"
+    code, _, err = _main(capsys, "eval", checkpoint, "--runs", "2", "--json", str(j))
+    assert code == 130
+    assert err.strip() == (f"nft: interrupted; the finished points are kept in {j}.partial.jsonl: run the same "
+                           "command again to continue")
+    code, _, err = _main(capsys, "eval", checkpoint, "--runs", "2")
+    assert code == 130 and "add --json PATH" in err
+
+
+@pytest.mark.parametrize("text, values", [
+    ("0:0.4:0.05", [round(0.05 * i, 10) for i in range(9)]),
+    ("0:0.4:0.15", [0.0, 0.15, 0.3]),  # never past stop
+    ("0.2:0.2:0.1", [0.2]),
+    ("0 0.1, 0.2", [0.0, 0.1, 0.2]),
+    ("0.3", [0.3]),
+])
+def test_parse_sigmas_values(text, values):
+    from nft_cuda.eval.cli import parse_sigmas
+
+    assert parse_sigmas(text) == values
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("0:0.4:0", "step of a sweep start:stop:step must be > 0"),
+    ("0:0.4:-0.1", "must be > 0"),
+    ("0.1:0.05:0.1", "needs start <= stop"),
+    ("0.3:0:0.1", "needs start <= stop"),
+    ("0,0.1,,0.2", "empty value"),
+    ("0.1,0.1", "listed twice"),
+    ("0:0.4", "start:stop:step"),
+    ("a,b", "expected σ_d"),
+])
+def test_parse_sigmas_says_what_is_wrong(text, needle):
+    import argparse
+
+    from nft_cuda.eval.cli import parse_sigmas
+
+    with pytest.raises(argparse.ArgumentTypeError, match=needle):
+        parse_sigmas(text)
+
+
+@pytest.mark.parametrize("paths, labels", [
+    (["runs/try-noise/model.pt"], ["try-noise"]),
+    (["runs/a/model.pt", "runs/b/model.pt"], ["a", "b"]),
+    (["runs/x/model.pt", "old/x/model.pt"], ["runs/x", "old/x"]),
+    (["a.pt", "b.pt"], ["a", "b"]),
+    (["d1/m.pt", "d2/m.pt"], ["d1/m", "d2/m"]),
+])
+def test_labels_name_the_run_folder(paths, labels):
+    from nft_cuda.eval.run import _labels
+
+    assert _labels(paths) == labels
+
+
+def test_plot_title_names_model_dataset_and_device_model():
+    from nft_cuda.eval.report import _default_title
+
+    report = {"model": {"name": "small"}, "dataset": "embedded",
+              "results": [{"device_model": "FeFET2"}, {"device_model": "FeFET2"}]}
+    assert _default_title(report, report["results"]) == "model small · dataset embedded · device model FeFET2"

@@ -90,3 +90,37 @@ def test_fused_kernels_use_tensor_cores_and_no_local_memory(variant, direction):
         assert any(op in ("HMMA", "HGMMA") for op in ops), f"{name}: no HMMA/HGMMA instruction"
         local = sorted({op for op in ops if op in ("LDL", "STL")})
         assert not local, f"{name}: local-memory instructions {local} (spills or local arrays)"
+
+
+@functools.lru_cache(maxsize=1)
+def _resource_usage(tool: str) -> dict[str, dict[str, int]]:
+    """cuobjdump -res-usage of the extension: {function: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}}."""
+    libs = glob.glob(os.path.join(os.path.dirname(nft_cuda.__file__), "_C*.so"))
+    assert libs, "compiled extension not found next to the package"
+    out = subprocess.run([tool, "-res-usage", libs[0]], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    usage: dict[str, dict[str, int]] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.search(r"Function (\S+):", line)
+        if m:
+            current = m.group(1)
+            continue
+        if current is not None and "REG:" in line:
+            usage[current] = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", line)}
+            current = None
+    return usage
+
+
+def test_kernel_resources_from_the_cubin():
+    """Every kernel (issue 13): no local memory or stack, <= 128 registers, static shared memory < 48 KB."""
+    if not _ext.HAS_C:
+        pytest.skip("compiled extension not loaded")
+    _sass_by_function()  # skips on a CPU-only build, fails if the tool is missing
+    usage = _resource_usage(_cuobjdump())
+    ours = {name: u for name, u in usage.items() if "nft_cuda" in name}
+    assert any("noisy_gemm_kernel" in n for n in ours) and any("perturb_kernel" in n for n in ours), sorted(usage)
+    for name, u in ours.items():
+        assert u.get("LOCAL", 0) == 0 and u.get("STACK", 0) == 0, f"{name}: local memory / stack {u}"
+        assert u["REG"] <= 128, f"{name}: {u['REG']} registers"
+        assert u.get("SHARED", 0) < 48 * 1024, f"{name}: {u.get('SHARED')} B static shared memory"

@@ -8,6 +8,7 @@
 
 #include "nft_cuda/normal.h"
 #include "nft_cuda/philox.h"
+#include "nft_cuda/poly.h"
 #include "nft_cuda/variation.h"
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -20,6 +21,17 @@
 #endif
 #else
 #define NFT_CPU_AVX2 0
+#endif
+
+// The noisy add rounds its product before adding (DESIGN §3), so the perturb lanes are compiled with
+// FMA contraction off (GCC would fuse _mm256_mul_ps + _mm256_add_ps); clang contracts only within one
+// expression, which these lanes never write. The normals use explicit FMA intrinsics, unaffected.
+#if defined(__GNUC__) && !defined(__clang__)
+#define NFT_NO_CONTRACT_BEGIN _Pragma("GCC push_options") _Pragma("GCC optimize(\"fp-contract=off\")")
+#define NFT_NO_CONTRACT_END _Pragma("GCC pop_options")
+#else
+#define NFT_NO_CONTRACT_BEGIN
+#define NFT_NO_CONTRACT_END
 #endif
 
 namespace nft_cuda {
@@ -125,20 +137,13 @@ NFT_AVX2_INLINE __m256 log8(__m256 u) {
   const __m256 fe = _mm256_cvtepi32_ps(e);
   const __m256 x = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
   const __m256 z = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(-1.1514610310e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.1676998740e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(-1.2420140846e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.4249322787e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(-1.6668057665e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(2.0000714765e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(-2.4999993993e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 p = _mm256_set1_ps(poly::kLogP[0]);
+  for (int i = 1; i < poly::kLogTerms; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(poly::kLogP[i]));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, x), z);
-  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(poly::kLn2Lo), y);
   y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
   const __m256 r = _mm256_add_ps(x, y);
-  return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), r);
+  return _mm256_fmadd_ps(fe, _mm256_set1_ps(poly::kLn2Hi), r);
 }
 
 // sincospi_host (normal.h) for x in (0, 2): same exact reduction and coefficients; the quadrant
@@ -147,18 +152,11 @@ NFT_AVX2_INLINE void sincospi8(__m256 x, __m256& s, __m256& c) {
   const __m256 j = _mm256_round_ps(_mm256_add_ps(x, x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), j, x);  // exact
   const __m256 y2 = _mm256_mul_ps(y, y);
-  __m256 sp = _mm256_set1_ps(0.0821458866111282f);
-  sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(-0.599264529320792f));
-  sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(2.55016403987735f));
-  sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(-5.16771278004997f));
-  sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(3.14159265358979f));
+  __m256 sp = _mm256_set1_ps(poly::kSinPi[poly::kSinPiTerms - 1]);
+  for (int i = poly::kSinPiTerms - 2; i >= 0; --i) sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(poly::kSinPi[i]));
   sp = _mm256_mul_ps(sp, y);
-  __m256 cp = _mm256_set1_ps(-0.0258068913900141f);
-  cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(0.235330630358893f));
-  cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(-1.33526276885459f));
-  cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(4.05871212641677f));
-  cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(-4.93480220054468f));
-  cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(1.0f));
+  __m256 cp = _mm256_set1_ps(poly::kCosPi[poly::kCosPiTerms - 1]);
+  for (int i = poly::kCosPiTerms - 2; i >= 0; --i) cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(poly::kCosPi[i]));
   const __m256i q = _mm256_cvtps_epi32(j);  // j is an integer in [0, 4]
   const __m256 swap = _mm256_castsi256_ps(
       _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
@@ -221,13 +219,13 @@ NFT_AVX2 void normals_avx2(uint64_t seed, uint64_t stream, uint64_t q0, int64_t 
   }
 }
 
+NFT_NO_CONTRACT_BEGIN
 // perturb_f32_scalar on eight lanes: the same comparisons and a rounded product.
 NFT_AVX2_INLINE __m256 perturb8(__m256 wv, __m256 zv, __m256 lo, __m256 hi, __m256 sb, __m256 si) {
   const __m256 aw = _mm256_and_ps(wv, _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)));
   const __m256 in = _mm256_and_ps(_mm256_cmp_ps(aw, lo, _CMP_GT_OQ), _mm256_cmp_ps(aw, hi, _CMP_LT_OQ));
   const __m256 sw = _mm256_blendv_ps(sb, si, in);
-  __m256 prod = _mm256_mul_ps(sw, zv);
-  __asm__("" : "+x"(prod));  // round the product as the scalar code does: GCC would contract to an FMA
+  const __m256 prod = _mm256_mul_ps(sw, zv);  // rounded: contraction is off here (NFT_NO_CONTRACT_BEGIN)
   const __m256 noisy = _mm256_add_ps(wv, prod);
   return _mm256_blendv_ps(wv, noisy, _mm256_cmp_ps(sw, _mm256_setzero_ps(), _CMP_NEQ_UQ));  // sw == 0: w
 }
@@ -249,6 +247,7 @@ NFT_AVX2 void perturb_f32_avx2(const float* w, float* o, const float* z, int64_t
     std::memcpy(o + i, ot, sizeof(float) * rest);
   }
 }
+NFT_NO_CONTRACT_END
 
 NFT_AVX2 float max_abs_f32_avx2(const float* w, int64_t n, float acc) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
@@ -320,38 +319,24 @@ NFT_AVX512_INLINE __m512 log16(__m512 u) {
   const __m512 fe = _mm512_cvtepi32_ps(e);
   const __m512 x = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
   const __m512 z = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(-1.1514610310e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.1676998740e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(-1.2420140846e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.4249322787e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(-1.6668057665e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(2.0000714765e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(-2.4999993993e-1f));
-  p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 p = _mm512_set1_ps(poly::kLogP[0]);
+  for (int i = 1; i < poly::kLogTerms; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(poly::kLogP[i]));
   __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, x), z);
-  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(poly::kLn2Lo), y);
   y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
   const __m512 r = _mm512_add_ps(x, y);
-  return _mm512_fmadd_ps(fe, _mm512_set1_ps(0.693359375f), r);
+  return _mm512_fmadd_ps(fe, _mm512_set1_ps(poly::kLn2Hi), r);
 }
 
 NFT_AVX512_INLINE void sincospi16(__m512 x, __m512& s, __m512& c) {
   const __m512 j = _mm512_roundscale_ps(_mm512_add_ps(x, x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), j, x);
   const __m512 y2 = _mm512_mul_ps(y, y);
-  __m512 sp = _mm512_set1_ps(0.0821458866111282f);
-  sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(-0.599264529320792f));
-  sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(2.55016403987735f));
-  sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(-5.16771278004997f));
-  sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(3.14159265358979f));
+  __m512 sp = _mm512_set1_ps(poly::kSinPi[poly::kSinPiTerms - 1]);
+  for (int i = poly::kSinPiTerms - 2; i >= 0; --i) sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(poly::kSinPi[i]));
   sp = _mm512_mul_ps(sp, y);
-  __m512 cp = _mm512_set1_ps(-0.0258068913900141f);
-  cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(0.235330630358893f));
-  cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(-1.33526276885459f));
-  cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(4.05871212641677f));
-  cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(-4.93480220054468f));
-  cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(1.0f));
+  __m512 cp = _mm512_set1_ps(poly::kCosPi[poly::kCosPiTerms - 1]);
+  for (int i = poly::kCosPiTerms - 2; i >= 0; --i) cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(poly::kCosPi[i]));
   const __m512i q = _mm512_cvtps_epi32(j);
   const __mmask16 swap = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
   const __m512i two = _mm512_set1_epi32(2);
@@ -415,12 +400,12 @@ NFT_AVX512 void normals_avx512(uint64_t seed, uint64_t stream, uint64_t q0, int6
   }
 }
 
+NFT_NO_CONTRACT_BEGIN
 NFT_AVX512_INLINE __m512 perturb16(__m512 wv, __m512 zv, __m512 lo, __m512 hi, __m512 sb, __m512 si) {
   const __m512 aw = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(wv), _mm512_set1_epi32(0x7FFFFFFF)));
   const __mmask16 in = _mm512_cmp_ps_mask(aw, lo, _CMP_GT_OQ) & _mm512_cmp_ps_mask(aw, hi, _CMP_LT_OQ);
   const __m512 sw = _mm512_mask_blend_ps(in, sb, si);
-  __m512 prod = _mm512_mul_ps(sw, zv);
-  __asm__("" : "+v"(prod));  // round the product as the scalar code does (no FMA contraction)
+  const __m512 prod = _mm512_mul_ps(sw, zv);  // rounded: contraction is off here (NFT_NO_CONTRACT_BEGIN)
   const __m512 noisy = _mm512_add_ps(wv, prod);
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(sw, _mm512_setzero_ps(), _CMP_NEQ_UQ), wv, noisy);
 }
@@ -439,6 +424,7 @@ NFT_AVX512 void perturb_f32_avx512(const float* w, float* o, const float* z, int
     _mm512_mask_storeu_ps(o + i, k, r);
   }
 }
+NFT_NO_CONTRACT_END
 
 }  // namespace
 

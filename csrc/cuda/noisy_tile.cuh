@@ -11,11 +11,10 @@
 
 #include <cstdint>
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <ATen/OpMathType.h>
 
+#include "mutation.cuh"
+#include "nft_cuda/intrinsics.cuh"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/variation.h"
 
@@ -40,27 +39,21 @@ struct Bf16Op {
   using smem_t = uint16_t;                   // raw bf16 bits
   static constexpr int kPad = 8;             // row stride 40 halves = 20 words: conflict-free fragments
   static constexpr int kStepK = 16;
-  __device__ __forceinline__ static smem_t convert(float v) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_bf16_bits(v); }
 };
 
 struct Fp16Op {
   using smem_t = uint16_t;  // raw fp16 bits
   static constexpr int kPad = 8;
   static constexpr int kStepK = 16;
-  __device__ __forceinline__ static smem_t convert(float v) { return __half_as_ushort(__float2half_rn(v)); }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_f16_bits(v); }
 };
 
 struct Tf32Op {
   using smem_t = uint32_t;       // tf32 bit pattern (float with the low 13 mantissa bits rounded off)
   static constexpr int kPad = 4;  // row stride 36 words: conflict-free fragments
   static constexpr int kStepK = 8;
-  __device__ __forceinline__ static smem_t convert(float v) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
-    return r;
-  }
+  __device__ __forceinline__ static smem_t convert(float v) { return intr::to_tf32(v); }
 };
 
 // 16-byte aligned: the 16-bit tiles are read as 32-bit words (two adjacent reduction elements).
@@ -73,7 +66,9 @@ struct alignas(16) Smem {
 static_assert(((kBK + Bf16Op::kPad) * sizeof(uint16_t)) % 4 == 0, "16-bit tile rows must keep 32-bit alignment");
 static_assert(sizeof(Smem<Bf16Op>) == sizeof(Smem<Fp16Op>), "fp16 tiles are read through the bf16 layout");
 
-__device__ __forceinline__ uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+__device__ __forceinline__ uint32_t ld32(const uint16_t* p) {
+  return intr::ld_shared(*reinterpret_cast<const uint32_t*>(p));
+}
 
 // acc[mi][ni][4] += A(warp rows) · B(warp cols) over one kBK slice held in shared memory.
 // Fragment layouts: PTX ISA "Matrix fragments for mma.m16n8k16" (f16/bf16) and "mma.m16n8k8" (tf32).
@@ -90,6 +85,11 @@ __device__ __forceinline__ void mma_slice(const Smem<Bf16Op>& s, int wm, int wn,
       a[mi][1] = ld32(&s.a[r + 8][kk + 2 * t]);
       a[mi][2] = ld32(&s.a[r][kk + 2 * t + 8]);
       a[mi][3] = ld32(&s.a[r + 8][kk + 2 * t + 8]);
+      if (kMutation == 1) {
+        const uint32_t swapped = a[mi][1];
+        a[mi][1] = a[mi][2];
+        a[mi][2] = swapped;
+      }
     }
 #pragma unroll
     for (int ni = 0; ni < kNTiles; ++ni) {
@@ -101,19 +101,10 @@ __device__ __forceinline__ void mma_slice(const Smem<Bf16Op>& s, int wm, int wn,
     for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
       for (int ni = 0; ni < kNTiles; ++ni) {
-        float* c = acc[mi][ni];
         if (is_bf16) {
-          asm volatile(
-              "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-              "{%0,%1,%2,%3};\n"
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+          intr::mma_bf16_16816(acc[mi][ni], a[mi], b[ni]);
         } else {
-          asm volatile(
-              "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-              "{%0,%1,%2,%3};\n"
-              : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-              : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+          intr::mma_f16_16816(acc[mi][ni], a[mi], b[ni]);
         }
       }
     }
@@ -147,27 +138,22 @@ __device__ __forceinline__ void mma_tile<Tf32Op>(const Smem<Tf32Op>& s, int wm, 
 #pragma unroll
     for (int mi = 0; mi < kMTiles; ++mi) {
       const int r = wm + mi * 16 + g;
-      a[mi][0] = s.a[r][kk + t];
-      a[mi][1] = s.a[r + 8][kk + t];
-      a[mi][2] = s.a[r][kk + t + 4];
-      a[mi][3] = s.a[r + 8][kk + t + 4];
+      a[mi][0] = intr::ld_shared(s.a[r][kk + t]);
+      a[mi][1] = intr::ld_shared(s.a[r + 8][kk + t]);
+      a[mi][2] = intr::ld_shared(s.a[r][kk + t + 4]);
+      a[mi][3] = intr::ld_shared(s.a[r + 8][kk + t + 4]);
     }
 #pragma unroll
     for (int ni = 0; ni < kNTiles; ++ni) {
       const int c = wn + ni * 8 + g;
-      b[ni][0] = s.b[c][kk + t];
-      b[ni][1] = s.b[c][kk + t + 4];
+      b[ni][0] = intr::ld_shared(s.b[c][kk + t]);
+      b[ni][1] = intr::ld_shared(s.b[c][kk + t + 4]);
     }
 #pragma unroll
     for (int mi = 0; mi < kMTiles; ++mi) {
 #pragma unroll
       for (int ni = 0; ni < kNTiles; ++ni) {
-        float* c = acc[mi][ni];
-        asm volatile(
-            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-            "{%0,%1,%2,%3};\n"
-            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-            : "r"(a[mi][0]), "r"(a[mi][1]), "r"(a[mi][2]), "r"(a[mi][3]), "r"(b[ni][0]), "r"(b[ni][1]));
+        intr::mma_tf32_1688(acc[mi][ni], a[mi], b[ni]);
       }
     }
   }
@@ -182,8 +168,8 @@ __device__ __forceinline__ void load_a_tile(Smem<Op>& s, const in_t* __restrict_
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
     const int64_t gm = m0 + i, gr = r0 + r;
-    const float v = (gm < rows && gr < red) ? static_cast<float>(a[gm * red + gr]) : 0.0f;
-    s.a[i][r] = Op::convert(v);
+    const float v = (gm < rows && gr < red) ? static_cast<float>(intr::ld_global(a[gm * red + gr])) : 0.0f;
+    intr::st_shared(s.a[i][r], Op::convert(v));
   }
 }
 
@@ -193,34 +179,60 @@ struct PoolGeom {
   int p;
 };
 
+// The pooling window of one snapshot column r (channel c, cell (pi, pj)): act rows [h0, h1), columns
+// [w0, w1) of plane c. count = 0 marks a column outside the snapshot. 32-bit bounds (the launcher
+// checks H, W < 2^31) keep the loader's registers low.
+struct PoolWindow {
+  int64_t plane;  // c·H·W
+  int32_t h0, h1, w0, w1;
+  int32_t count;
+};
+
+__device__ __forceinline__ PoolWindow pool_window(const PoolGeom& g, int64_t col) {
+  const int64_t pp = static_cast<int64_t>(g.p) * g.p;
+  PoolWindow wd{0, 0, 0, 0, 0, 0};
+  if (col >= g.c * pp) return wd;
+  const int64_t c = col / pp;
+  const int64_t cell = col - c * pp;
+  const int64_t pi = cell / g.p, pj = cell - pi * g.p;
+  wd.plane = c * g.h * g.w;
+  wd.h0 = static_cast<int32_t>((pi * g.h) / g.p);
+  wd.h1 = static_cast<int32_t>(((pi + 1) * g.h + (kMutation == 4 ? 0 : g.p - 1)) / g.p);  // ceil((pi+1)·H/p)
+  wd.w0 = static_cast<int32_t>((pj * g.w) / g.p);
+  wd.w1 = static_cast<int32_t>(((pj + 1) * g.w + g.p - 1) / g.p);
+  wd.count = (wd.h1 - wd.h0) * (wd.w1 - wd.w0);
+  return wd;
+}
+
 // s.a[i][r] = snapshot[m0 + i][r0 + r], the snapshot being adaptive_avg_pool2d(act, p) flattened
 // C-major (r = c·p² + pi·p + pj) and computed here from act [rows][C][H][W] (contiguous): the mean
 // over PyTorch's window, rows floor(pi·H/p) .. ceil((pi+1)·H/p) and likewise for columns, summed in
-// fp32. Zero outside [rows, C·p²]. The snapshot never exists in global memory; each column block of
-// the GEMM recomputes it from act, which stays in L2 (the IRS taps are a few MB at most).
+// fp32 (rows, then columns). Zero outside [rows, C·p²]. The slice's 32 windows are worked out once
+// (64-bit divisions by 32 threads) into shared memory, then every thread sums its elements from the
+// table. The snapshot never exists in global memory; each column block of the GEMM re-pools its rows
+// from act, which stays in L2 (the IRS taps are a few MB at most). Contains a barrier: call from
+// every thread of the block.
 template <typename Op, typename in_t>
 __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __restrict__ act, int64_t rows,
                                                    const PoolGeom& g, int64_t m0, int64_t r0) {
-  const int64_t pp = static_cast<int64_t>(g.p) * g.p;
-  const int64_t red = g.c * pp;
+  __shared__ PoolWindow windows[kBK];
+  if (threadIdx.x < kBK) windows[threadIdx.x] = pool_window(g, r0 + threadIdx.x);
+  __syncthreads();  // the table is complete (its previous readers passed the slice's first barrier)
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
-    const int64_t gm = m0 + i, gr = r0 + r;
+    const int64_t gm = m0 + i;
+    const PoolWindow wd = windows[r];
     float v = 0.0f;
-    if (gm < rows && gr < red) {
-      const int64_t c = gr / pp;
-      const int64_t cell = gr - c * pp;
-      const int64_t pi = cell / g.p, pj = cell - pi * g.p;
-      const int64_t h0 = (pi * g.h) / g.p, h1 = ((pi + 1) * g.h + g.p - 1) / g.p;
-      const int64_t w0 = (pj * g.w) / g.p, w1 = ((pj + 1) * g.w + g.p - 1) / g.p;
-      const in_t* plane = act + (gm * g.c + c) * g.h * g.w;
+    if (gm < rows && wd.count > 0) {
+      const in_t* plane = act + gm * g.c * g.h * g.w + wd.plane;
       float sum = 0.0f;
-      for (int64_t h = h0; h < h1; ++h) {
-        for (int64_t w = w0; w < w1; ++w) sum += static_cast<float>(plane[h * g.w + w]);
+      for (int32_t h = wd.h0; h < wd.h1; ++h) {
+        const in_t* row = plane + h * g.w;
+        for (int32_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(intr::ld_global(row[w]));
       }
-      v = sum / static_cast<float>((h1 - h0) * (w1 - w0));
+      v = sum / static_cast<float>(wd.count);
     }
-    s.a[i][r] = Op::convert(v);
+    intr::st_shared(s.a[i][r], Op::convert(v));
   }
 }
 
@@ -244,16 +256,21 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
     const int nl = idx / CK, kl = idx % CK;
     if (nb + nl >= n_rows || kb + kl >= k_cols) {
       if (kTransposed) {
-        s.b[kl][nl] = Op::convert(0.0f);
+        intr::st_shared(s.b[kl][nl], Op::convert(0.0f));
       } else {
-        s.b[nl][kl] = Op::convert(0.0f);
+        intr::st_shared(s.b[nl][kl], Op::convert(0.0f));
       }
     }
   }
   constexpr int kGroups = CK / 4 + 1;
   const int64_t k_end = (kb + CK < k_cols) ? kb + CK : k_cols;
   for (int task = threadIdx.x; task < RN * kGroups; task += kThreads) {
-    const int nl = task / kGroups, gi = task % kGroups;
+    // Forward: consecutive threads take consecutive Philox blocks of one weight row (coalesced reads;
+    // stores along a tile row). Transposed: consecutive threads take the same block of consecutive
+    // weight rows, so a warp's stores s.b[kl][nl] run along a tile row (nl) instead of down a column
+    // (kl four rows apart per thread, ~8-way bank conflicts: tests/test_emulator.py counts them).
+    const int nl = kTransposed ? task % RN : task / kGroups;
+    const int gi = kTransposed ? task / RN : task % kGroups;
     const int64_t n = nb + nl;
     if (n >= n_rows || kb >= k_end) continue;
     const int64_t row = n * k_cols;
@@ -266,14 +283,15 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
       const int64_t e = 4 * q + l;
       if (e < e_begin || e >= e_end) continue;
       const int kl = static_cast<int>(e - e_begin);
-      const w_t wv = w[e];
+      const w_t wv = intr::ld_global(w[e]);
       const w_t noisy = static_cast<w_t>(
-          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))), z.z[l]));
+          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))),
+                           z.z[kMutation == 3 ? (l ^ 1) : l]));
       const typename Op::smem_t v = Op::convert(static_cast<float>(noisy));
       if (kTransposed) {
-        s.b[kl][nl] = v;
+        intr::st_shared(s.b[kl][nl], v);
       } else {
-        s.b[nl][kl] = v;
+        intr::st_shared(s.b[nl][kl], v);
       }
     }
   }

@@ -6,7 +6,6 @@
 //   2. a grid-stride sweep: each thread loads four weights once and writes all S samples.
 // sigma_d per sample, (seed, offset) and max|W| are read on the device.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,47 +17,11 @@
 
 #include "launch_utils.cuh"
 #include "max_abs.cuh"
-#include "nft_cuda/normal.h"
-#include "nft_cuda/variation.h"
+#include "perturb_kernel.cuh"
 #include "op_checks.h"
 
 namespace nft_cuda {
 namespace {
-
-template <typename scalar_t>
-__global__ void perturb_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t n,
-                               int64_t samples, const int64_t* __restrict__ rng,
-                               const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits,
-                               float scale, float state_factor) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
-  const float m = __uint_as_float(*max_bits);
-  const int64_t nq = (n + 3) / 4;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nq;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t base = 4 * q;
-    const int count = n - base < 4 ? static_cast<int>(n - base) : 4;
-    acc_t wv[4];
-    float aw[4];
-#pragma unroll
-    for (int l = 0; l < 4; ++l) {
-      if (l < count) {
-        wv[l] = static_cast<acc_t>(w[base + l]);
-        aw[l] = fabsf(static_cast<float>(w[base + l]));
-      }
-    }
-    for (int64_t t = 0; t < samples; ++t) {
-      const StateBand band = make_state_band(sigmas[t], m, scale, state_factor);
-      const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
-      scalar_t* o = out + t * n + base;
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        if (l < count) o[l] = static_cast<scalar_t>(add_noise<acc_t>(wv[l], sigma_w(band, aw[l]), z.z[l]));
-      }
-    }
-  }
-}
 
 at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas,
                         double scale, double state_factor) {
@@ -79,13 +42,11 @@ at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const a
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
-  C10_CUDA_CHECK(cudaMemsetAsync(max_bits.mutable_data_ptr(), 0, sizeof(unsigned int), stream));
   auto* max_ptr = static_cast<unsigned int*>(max_bits.mutable_data_ptr());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cuda", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    max_abs_kernel<scalar_t><<<grid_for(n), kThreads, 0, stream>>>(wp, n, max_ptr);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_max_abs<scalar_t>(wp, n, max_ptr, stream);
     perturb_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
         wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(),
         sig.const_data_ptr<float>(), max_ptr, static_cast<float>(scale), static_cast<float>(state_factor));

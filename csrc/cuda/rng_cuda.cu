@@ -8,43 +8,11 @@
 #include <torch/library.h>
 
 #include "launch_utils.cuh"
-#include "nft_cuda/normal.h"
-#include "nft_cuda/philox.h"
+#include "rng_kernels.cuh"
 #include "op_checks.h"
 
 namespace nft_cuda {
 namespace {
-
-__global__ void philox4x32_kernel(const int64_t* __restrict__ counter, const int64_t* __restrict__ key,
-                                  int64_t* __restrict__ out, int64_t rows) {
-  const uint32_t k0 = static_cast<uint32_t>(key[0]);
-  const uint32_t k1 = static_cast<uint32_t>(key[1]);
-  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < rows;
-       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    PhiloxWords in;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) in.x[j] = static_cast<uint32_t>(counter[4 * r + j]);
-    const PhiloxWords w = philox4x32_10(in, k0, k1);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[4 * r + j] = static_cast<int64_t>(w.x[j]);
-  }
-}
-
-// The seed/offset pair is read on the device: no host synchronisation (DESIGN §3).
-__global__ void philox_normal_kernel(const int64_t* __restrict__ rng, float* __restrict__ out, int64_t numel,
-                                     int64_t streams) {
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
-  const int64_t nq = (numel + 3) / 4;
-  const int64_t t = blockIdx.y;
-  for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nq;
-       q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
-    float* row = out + t * numel + 4 * q;
-    const int64_t count = numel - 4 * q < 4 ? numel - 4 * q : 4;
-    for (int64_t l = 0; l < count; ++l) row[l] = z.z[l];
-  }
-}
 
 at::Tensor philox4x32_cuda(const at::Tensor& counter, const at::Tensor& key) {
   check_counter_key(counter, key);
@@ -62,12 +30,11 @@ at::Tensor philox4x32_cuda(const at::Tensor& counter, const at::Tensor& key) {
 
 at::Tensor philox_normal_cuda(const at::Tensor& rng, int64_t numel, int64_t streams) {
   check_normal_args(rng, numel, streams);
-  TORCH_CHECK_VALUE(streams <= 65535, "philox_normal: streams must be <= 65535 on CUDA, got ", streams);
   const c10::cuda::CUDAGuard guard(rng.device());
   const at::Tensor r = rng.contiguous();
   at::Tensor out = at::empty({streams, numel}, rng.options().dtype(at::kFloat));
   if (numel == 0) return out;
-  const dim3 grid(grid_for((numel + 3) / 4), static_cast<unsigned int>(streams));
+  const dim3 grid(grid_for((numel + 3) / 4), static_cast<unsigned int>(streams < 65535 ? streams : 65535));
   philox_normal_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       r.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>(), numel, streams);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -13,7 +13,10 @@ prints a comparison table and writes the plot.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
+import sys
 import time
 
 __all__ = ["parse_sigmas", "register"]
@@ -21,28 +24,46 @@ __all__ = ["parse_sigmas", "register"]
 DEFAULT_SWEEP = "0:0.4:0.05"
 
 
+def _sweep(text: str) -> list[float]:
+    """start:stop:step, stop included when the steps reach it (to 1e-9 of a step), never passed."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"a sweep is start:stop:step, got {text!r}")
+    start, stop, step = (float(p) for p in parts)
+    if not step > 0:
+        raise ValueError(f"the step of a sweep start:stop:step must be > 0, got {parts[2].strip()!r}")
+    if not stop >= start:
+        raise ValueError(f"a sweep start:stop:step needs start <= stop, got {text!r}")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > 10000:
+        raise ValueError(f"the sweep {text!r} has {count} values; at most 10000")
+    return [round(start + i * step, 10) for i in range(count)]
+
+
 def parse_sigmas(text: str) -> list[float]:
-    """σ_d values from "0.3", "0,0.1,0.2" or a sweep "start:stop:step" (stop included)."""
+    """σ_d values from "0.3", "0,0.1,0.2" (or space-separated) or a sweep "start:stop:step" (stop included).
+
+    Raises argparse.ArgumentTypeError saying what is wrong: a step <= 0, start > stop, an empty list
+    item, a value listed twice, a negative or non-finite σ_d."""
     text = text.strip()
     try:
         if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3 or parts[2] <= 0:
-                raise ValueError
-            start, stop, step = parts
-            count = int(round((stop - start) / step)) + 1
-            if count < 1 or count > 10000:
-                raise ValueError
-            values = [round(start + i * step, 10) for i in range(count)]
+            values = _sweep(text)
         else:
-            values = [float(p) for p in text.replace(" ", ",").split(",") if p]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected σ_d as 0.3, 0,0.1,0.2 or start:stop:step, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one σ_d")
+            items = re.split(r"\s*,\s*|\s+", text)
+            if "" in items:
+                raise ValueError(f"empty value in the σ_d list {text!r}")
+            values = [float(p) for p in items]
+    except ValueError as exc:
+        msg = str(exc) if "σ_d" in str(exc) or "sweep" in str(exc) else (
+            f"expected σ_d as 0.3, 0,0.1,0.2 or start:stop:step, got {text!r}")
+        raise argparse.ArgumentTypeError(msg) from None
     for v in values:
         if not (v >= 0 and v < float("inf")):
             raise argparse.ArgumentTypeError(f"σ_d must be finite and >= 0, got {v:g}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"σ_d {', '.join(f'{v:g}' for v in twice)} listed twice")
     return values
 
 
@@ -76,7 +97,8 @@ def register(subparsers) -> None:
         "eval", help="Monte-Carlo robustness evaluation of exported models (accuracy under variation, EKL)",
         description="Evaluate R simulated chip instances per σ_d of each exported model (OUT/model.pt of "
                     "`nft train`) on the test split of its dataset.")
-    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="exported model files (model.pt)")
+    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="exported model files, or run folders of `nft train` (their model.pt)")
     e.add_argument("--sigma", type=parse_sigmas, default=parse_sigmas(DEFAULT_SWEEP),
                    help=f"σ_d: one value, a list 0,0.1,0.2 or a sweep start:stop:step (default {DEFAULT_SWEEP})")
     e.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
@@ -142,21 +164,29 @@ def _table(report: dict) -> str:
 
 
 def _run_eval(args) -> int:
-    from nft_cuda.eval.run import eval_checkpoints
+    from nft_cuda._args import resolve_device
+    from nft_cuda.eval.run import eval_checkpoints, partial_path
+    from nft_cuda.io import resolve_model_path
 
-    for path in args.checkpoints:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
+    paths = [resolve_model_path(p) for p in args.checkpoints]
+    device = None if args.device is None else str(resolve_device(args.device))  # before joining a group
     dist = _init_distributed()
-    device = args.device
     if dist is not None and device is None:
         import torch
 
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     try:
-        report = eval_checkpoints(args.checkpoints, args.sigma, args.device_model, args.runs, args.seed,
+        report = eval_checkpoints(paths, args.sigma, args.device_model, args.runs, args.seed,
                                   args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
                                   args.progress, batch_size=args.batch_size, resume=args.resume)
+    except KeyboardInterrupt:
+        if args.json and dist is None:  # sharded runs keep no partial file
+            sys.stderr.write(f"nft: interrupted; the finished points are kept in {partial_path(args.json)}: "
+                             "run the same command again to continue\n")
+        else:
+            sys.stderr.write("nft: interrupted; nothing was kept (add --json PATH to keep finished points "
+                             "for a rerun)\n")
+        return 130
     finally:
         if dist is not None:
             dist.destroy_process_group()

@@ -49,12 +49,22 @@ def build_report(results: Sequence[dict], *, model=None, dataset=None, seed=None
 
 
 def _atomic_write_text(path: str, text: str) -> None:
+    _atomic_write(path, text.encode("utf-8"))
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    """Temp file in the same folder, fsync'd, default permissions (not mkstemp's 0600), then renamed."""
+    from nft_cuda.io import chmod_default
+
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -108,12 +118,33 @@ def write_csv(results, path: str) -> None:
     _atomic_write_text(path, buf.getvalue())
 
 
+def _default_title(report: dict | None, results: Sequence[dict]) -> str:
+    """What was evaluated: model, dataset and device model(s), so a plot read alone says it."""
+    parts = []
+    model = (report or {}).get("model")
+    if isinstance(model, dict) and model.get("name"):
+        parts.append(f"model {model['name']}")
+    dataset = (report or {}).get("dataset")
+    if isinstance(dataset, str):
+        parts.append(f"dataset {dataset}")
+    elif isinstance(dataset, dict):
+        parts.append("datasets " + ", ".join(sorted(set(map(str, dataset.values())))))
+    device_models = sorted({str(r.get("device_model")) for r in results if r.get("device_model")})
+    if device_models:
+        parts.append(("device model " if len(device_models) == 1 else "device models ") + ", ".join(device_models))
+    return " · ".join(parts)
+
+
 def plot_results(results, path: str, *, title: str | None = None) -> None:
     """PNG with two panels: accuracy vs σ_d with CI95 error bars, and EKL vs σ_d; one curve per
-    checkpoint × device model. Needs matplotlib (``pip install nft_cuda[plot]``); draws with the Agg
+    checkpoint × device model. The title names the model, dataset and device model (from a report
+    dict; ``title`` replaces it). Needs matplotlib (``pip install nft_cuda[plot]``); draws with the Agg
     canvas directly, without pyplot, so matplotlib's global backend is left alone."""
-    if isinstance(results, dict):
-        results = results["results"]
+    report = results if isinstance(results, dict) else None
+    if report is not None:
+        results = report["results"]
+    if title is None:
+        title = _default_title(report, results)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -152,6 +183,6 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fig.savefig(path, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    _atomic_write(path, png.getvalue())

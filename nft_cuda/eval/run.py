@@ -16,8 +16,10 @@ from collections.abc import Sequence
 
 import torch
 
+from nft_cuda._args import resolve_device
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.report import _jsonable, build_report, plot_results, write_csv, write_json
+from nft_cuda.io import MODEL_FILE, resolve_model_path
 from nft_cuda.variation import Variation
 
 __all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path"]
@@ -106,11 +108,28 @@ class _FinishedPoints:
             os.remove(self.path)
 
 
+def _label_parts(path: str) -> list[str]:
+    """Folders and name of a checkpoint, the ``model.pt`` of a run folder named by its folder."""
+    folder, name = os.path.split(os.path.abspath(path))
+    parts = [p for p in folder.split(os.sep) if p]
+    if name != MODEL_FILE or not parts:
+        parts.append(os.path.splitext(name)[0])
+    return parts
+
+
 def _labels(paths: list[str]) -> list[str]:
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    return [os.path.normpath(p) for p in paths]
+    """Short unique names: the run folder's name for ``OUT/model.pt``, else the file name without its
+    extension; where names clash, as many parent folders as it takes to tell them apart."""
+    parts = [_label_parts(p) for p in paths]
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = {label for label in labels if labels.count(label) > 1}
+        grown = [i for i, label in enumerate(labels) if label in clashing and depth[i] < len(parts[i])]
+        if not grown:
+            return labels
+        for i in grown:
+            depth[i] += 1
 
 
 def _summary(values: dict):
@@ -132,7 +151,7 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
     Args:
-        paths: one path or a list of exported model files.
+        paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
         sigmas: the σ_d sweep.
         device_model: the device model preset (default: each checkpoint's own, with its bit widths).
         runs, seed, instances_per_pass, progress: as :func:`~nft_cuda.eval.monte_carlo`.
@@ -142,27 +161,26 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         device: where to evaluate (default: CUDA when available, else CPU).
         batch_size: test batch size.
         fold, distributed: as :func:`~nft_cuda.eval.monte_carlo`.
-        labels: the checkpoints' names in the report (default: file names, or paths when those clash).
+        labels: the checkpoints' names in the report (default: the run folder's name for ``OUT/model.pt``,
+            else the file name; parent folders are added where names clash).
         resume: with ``json_path``, reuse the points an interrupted call with the same settings finished
             (see the module docstring); False discards them and starts afresh.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
-        checkpoint × σ_d, each with a ``checkpoint`` label (the file name without extension).
+        checkpoint × σ_d, each with a ``checkpoint`` label (see ``labels``).
     """
     from nft_cuda.io import load_model
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    paths = [os.fspath(p) for p in paths]
+    paths = [resolve_model_path(p) for p in paths]
     if not paths:
         raise ValueError("eval_checkpoints needs at least one checkpoint path")
     sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
     if not sigmas:
         raise ValueError("sigmas must hold at least one σ_d")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device("auto" if device is None else str(device))
 
     if labels is None:
         labels = _labels(paths)

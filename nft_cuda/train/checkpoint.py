@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from nft_cuda.io import chmod_default
+
 __all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
-           "read_checkpoint"]
+           "has_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_FORMAT = "nft_cuda.checkpoint/1"
 CHECKPOINT = "checkpoint.pt"
@@ -53,23 +55,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        _chmod_default(tmp)
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
-
-
-def _chmod_default(path) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a plain open() would have (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 @contextlib.contextmanager
@@ -140,6 +132,12 @@ def _check_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def has_checkpoint(out) -> bool:
+    """Whether the run folder ``out`` holds a checkpoint to resume from (current or previous)."""
+    out = Path(out)
+    return (out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()
+
+
 def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """The checkpoint to resume from in the run folder ``out`` and its path.
 
@@ -149,7 +147,7 @@ def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """
     out = Path(out)
     current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
-    if not current.exists() and not prev.exists():
+    if not has_checkpoint(out):
         raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
                               "or point --out at the run folder)")
     problems = []

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from nft_cuda._args import resolve_device
+
 # --------------------------------------------------------------------------------------------------
 # Distributed (torchrun) support (DESIGN §7)
 # --------------------------------------------------------------------------------------------------
@@ -22,20 +24,6 @@ import torch
 # same device → bit-identical weights. BatchNorm statistics stay per rank while training (as DDP without
 # SyncBatchNorm); rank 0's buffers are broadcast before validation and checkpointing, so every rank holds
 # the model rank 0 checkpoints.
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device '{name}' was requested but CUDA is not available (use --device cpu or auto)")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device '{name}': only {torch.cuda.device_count()} CUDA device(s) present")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 _RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of ranks > 0
@@ -137,7 +125,7 @@ def _join_group(device_name: str) -> _Group:
     local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available()):
         device_name = f"cuda:{local_rank}"
-    device = _resolve_device(device_name)
+    device = resolve_device(device_name)
     created = False
     if not initialised:
         backend = "nccl" if device.type == "cuda" else "gloo"

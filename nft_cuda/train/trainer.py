@@ -57,16 +57,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from nft_cuda._args import resolve_device
+from nft_cuda.io import MODEL_FILE
 from nft_cuda.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, PREV_CHECKPOINT, CheckpointError,
-                                       CheckpointWarning, _atomic_write_bytes, _chmod_default, _message, _run_lock,
+                                       CheckpointWarning, _atomic_write_bytes, _message, _run_lock,
                                        _sidecar, _write_checkpoint, read_checkpoint)
 from nft_cuda.train.config import RESUME_MAY_DIFFER, TrainConfig, _int, default_out
-from nft_cuda.train.distributed import _RANK_STREAM, _Group, _join_group, _resolve_device, _ShardSampler
+from nft_cuda.train.distributed import _RANK_STREAM, _Group, _join_group, _ShardSampler
 
 __all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "TrainConfig", "default_out",
            "evaluate", "export_backbone", "read_checkpoint", "train"]
 
-MODEL_FILE = "model.pt"
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_acc_noisy", "val_acc_clean", "best_epoch",
                    "best_val_acc", "epoch_time_s")
 
@@ -321,7 +322,7 @@ def train(config: TrainConfig, progress: bool = True, *, log: Callable[[str], No
         if not group.is_main:  # only rank 0 prints and shows progress bars
             log, progress = None, False
         say = log if log is not None else (lambda msg: None)
-        device = group.device if group.active else _resolve_device(config.device)
+        device = group.device if group.active else resolve_device(config.device)
         for split in ("train", "test"):  # a missing dataset fails before the run folder is created
             find_files(config.dataset, config.data_dir, split)
         if config.resume and not ((out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()):
@@ -485,7 +486,6 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
                            variation=method.variation,
                            meta={**meta_common, "epoch": epoch, "val_acc_noisy": val_noisy,
                                  "val_acc_clean": val_clean})
-                _chmod_default(out / MODEL_FILE)
             row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                    "val_acc_noisy": val_noisy, "val_acc_clean": val_clean, "best_epoch": best["epoch"],
                    "best_val_acc": best["val_acc"], "epoch_time_s": time.perf_counter() - t0}

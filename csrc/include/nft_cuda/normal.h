@@ -14,6 +14,7 @@
 
 #include "nft_cuda/macros.h"
 #include "nft_cuda/philox.h"
+#include "nft_cuda/poly.h"
 
 namespace nft_cuda {
 
@@ -24,18 +25,18 @@ NFT_INLINE float uniform_from_word(uint32_t x) {
 #if !defined(__CUDA_ARCH__)
 // sin(πx) and cos(πx) for x in (0, 2) on the host, with exact argument reduction: x = 2u is a
 // multiple of 2^-23, so y = x - j/2 (j = nearest quadrant) is exact and |y| <= 1/4; the Taylor
-// polynomials of sin(πy) (degree 9) and cos(πy) (degree 10) are then accurate to ~1e-9, well
-// below float32 rounding. Float-only arithmetic keeps the scalar loop cheap.
+// polynomials of sin(πy) (degree 9) and cos(πy) (degree 10; coefficients in poly.h, shared with the
+// SIMD lanes) are then accurate to ~1e-9, well below float32 rounding. Float-only arithmetic keeps the
+// scalar loop cheap.
 inline void sincospi_host(float x, float& s, float& c) {
   const float j = std::nearbyint(2.0f * x);
   const float y = x - 0.5f * j;
   const float y2 = y * y;
-  const float sp = y * (3.14159265358979f +
-                        y2 * (-5.16771278004997f +
-                              y2 * (2.55016403987735f + y2 * (-0.599264529320792f + y2 * 0.0821458866111282f))));
-  const float cp = 1.0f + y2 * (-4.93480220054468f +
-                                y2 * (4.05871212641677f +
-                                      y2 * (-1.33526276885459f + y2 * (0.235330630358893f - y2 * 0.0258068913900141f))));
+  using poly::kCosPi;
+  using poly::kSinPi;
+  const float sp = y * (kSinPi[0] + y2 * (kSinPi[1] + y2 * (kSinPi[2] + y2 * (kSinPi[3] + y2 * kSinPi[4]))));
+  const float cp =
+      kCosPi[0] + y2 * (kCosPi[1] + y2 * (kCosPi[2] + y2 * (kCosPi[3] + y2 * (kCosPi[4] + y2 * kCosPi[5]))));
   switch (static_cast<int>(j) & 3) {
     case 0: s = sp; c = cp; break;
     case 1: s = cp; c = -sp; break;

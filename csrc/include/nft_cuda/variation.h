@@ -37,11 +37,40 @@ NFT_INLINE float sigma_w(const StateBand& b, float abs_w) {
   return (abs_w > b.t_lo && abs_w < b.t_hi) ? b.sigma_in : b.sigma_base;
 }
 
-// W_noisy = W + sigma_w * z in the weight's accumulation type (float for half types). A zero
-// sigma returns w untouched (sigma_d = 0 or max|W| = 0 must give W exactly, signed zeros too).
+// Round-to-nearest multiply and add that no compiler may contract into one fused multiply-add:
+// nvcc contracts a * b + c into an FMA by default, which rounds the product differently from the
+// CPU kernel and the reference. The host compilers of the CPU kernels build with FMA contraction
+// off (x86-64 baseline ISA: no FMA instruction; the SIMD path rounds the product explicitly).
+NFT_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+NFT_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+NFT_INLINE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+// W_noisy = W + sigma_w * z in the weight's accumulation type (float for half types): the product
+// is rounded to float32 first, then added (DESIGN §3), on every backend. A zero sigma returns w
+// untouched (sigma_d = 0 or max|W| = 0 must give W exactly, signed zeros too).
 template <typename acc_t>
 NFT_INLINE acc_t add_noise(acc_t w, float sw, float z) {
-  return sw == 0.0f ? w : w + static_cast<acc_t>(sw * z);
+  return sw == 0.0f ? w : add_rn(w, static_cast<acc_t>(mul_rn(sw, z)));
 }
 
 }  // namespace nft_cuda
