@@ -5,8 +5,11 @@ Case "linear" — NoisyLinear forward+backward (dx, dW, db) vs
   reference  the reference way: per forward max|W| read to the host, mask, torch.normal on the host
              copied to the device, add, F.linear (autograd through W + constant noise)
   compiled   torch.compile of that composite without the host read (full runs only)
-Shapes: batch 128 with N = K = 1024 and 4096 (4096 only in full runs on CPU), and the DESIGN §8
-target shapes: 1024² at batch 2048 on CPU (≤ 1.15× clean); 4096² at M = 4096 on GPU (≤ 1.10×).
+  aihwkit-lightning  the peer's AnalogLinear with the same noise (benchmarks/peer.py; checked first with
+             checks.check_same_job; its Triton path too on CUDA; skipped with the reason when not installed)
+Noise: RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION, the law the peer can match). Shapes: batch 128 with
+N = K = 1024 and 4096 (4096 only in full runs on CPU), and the DESIGN §8 target shapes: 1024² at batch
+2048 on CPU (≤ 1.15× clean); 4096² at M = 4096 on GPU (≤ 1.10×). DESIGN §8: ≥ 1.0× the peer.
 
 Case "fused" — ``nft_cuda.ops.noisy_linear`` forward at M ∈ {1, 16} vs perturb + GEMM and a clean GEMM
 of the same work. DESIGN §8 (GPU): fused ≥ 1.5× faster than perturb + GEMM at M ≤ 16 with 4096² fp32
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -42,7 +45,7 @@ def _fwd_bwd(forward, inputs, grad):
     return torch.autograd.grad(forward(), inputs, grad)
 
 
-def linear_shapes(cfg: common.Config) -> list[tuple[int, int, bool]]:
+def linear_shapes(cfg: config.Config) -> list[tuple[int, int, bool]]:
     """(batch M, N = K, is the DESIGN §8 target shape)."""
     if cfg.cuda:
         extra = [] if cfg.quick else [(8192, 4096, True)]
@@ -50,9 +53,9 @@ def linear_shapes(cfg: common.Config) -> list[tuple[int, int, bool]]:
     return [(128, 1024, False)] + ([] if cfg.quick else [(128, 4096, False)]) + [(2048, 1024, True)]
 
 
-def linear_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
-    c = common.Case(cfg, ceilings)
+def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.LAYER_VARIATION
+    c = results.Case(cfg, ceilings)
     for m, nk, target in linear_shapes(cfg):
         name = f"NoisyLinear fwd+bwd {nk}² batch {m}"
         torch.manual_seed(0)
@@ -68,7 +71,7 @@ def linear_case(cfg: common.Config, ceilings: dict | None = None) -> list[common
         # clean output by the same relative amount.
         compiled = comp_out = None
         if cfg.compile_layers:  # one fresh compile per shape, in grad mode as timed (no recompiles)
-            compiled = common.compile_fresh(common.composite_linear)
+            compiled = baselines.compile_fresh(baselines.composite_linear)
             comp_out = compiled(x, w, b, v.sigma, v.scale, v.state_factor).detach()
         noisy.generator = torch.Generator(device=dev).manual_seed(7)
         y = noisy(x)
@@ -76,31 +79,36 @@ def linear_case(cfg: common.Config, ceilings: dict | None = None) -> list[common
         noisy.generator = None
         rng = _args.random_rng(dev, torch.Generator(device=dev).manual_seed(7))
         w_noisy = nft_cuda.ops.perturb(w.detach(), v, rng=rng)[0]
-        tol = common.gemm_tol(cfg)
+        tol = checks.gemm_tol(cfg)
         with torch.no_grad():
-            common.check_rel_err(y, F.linear(x, w_noisy, b), f"{name}: output vs F.linear(x, perturb(W))", tol)
-            common.check_rel_err(gx, gy @ w_noisy, f"{name}: dx", tol)
-            common.check_rel_err(gw, gy.t() @ x, f"{name}: dW (straight-through)", tol)
-            common.check_rel_err(gb, gy.sum(0), f"{name}: db", tol)
-            outs = {"noisy": y, "reference": common.reference_linear(x, w, b, v)}
+            checks.check_rel_err(y, F.linear(x, w_noisy, b), f"{name}: output vs F.linear(x, perturb(W))", tol)
+            checks.check_rel_err(gx, gy @ w_noisy, f"{name}: dx", tol)
+            checks.check_rel_err(gw, gy.t() @ x, f"{name}: dW (straight-through)", tol)
+            checks.check_rel_err(gb, gy.sum(0), f"{name}: db", tol)
+            outs = {"noisy": y, "reference": baselines.reference_linear(x, w, b, v)}
             if compiled is not None:
                 outs["compiled"] = comp_out
-            common.check_deviation(outs, clean(x), name)
+            checks.check_deviation(outs, clean(x), name)
 
         fns = {
             "NoisyLinear": lambda: _fwd_bwd(lambda: noisy(x), (x, noisy.weight, noisy.bias), gy),
             "clean": lambda: _fwd_bwd(lambda: clean(x), (x, w, b), gy),
-            "reference": lambda: _fwd_bwd(lambda: common.reference_linear(x, w, b, v), (x, w, b), gy),
+            "reference": lambda: _fwd_bwd(lambda: baselines.reference_linear(x, w, b, v), (x, w, b), gy),
         }
         if compiled is not None:
             fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
                                                (x, w, b), gy)
+        peers = peer.layer_variants(
+            cfg, name, noisy, clean, v,
+            lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
+        fns.update(peers.items)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)
+        peer.finish(c, rows, name, "NoisyLinear", peers, "layer_vs_peer")
     return c.rows
 
 
-def fused_shapes(cfg: common.Config) -> list[tuple[str, int, int, int]]:
+def fused_shapes(cfg: config.Config) -> list[tuple[str, int, int, int]]:
     """(mode, M, N = K, S)."""
     if cfg.cuda:
         out = [(mode, m, 4096, 1) for mode in ("tf32", "bf16") for m in (1, 16)]
@@ -111,9 +119,9 @@ def fused_shapes(cfg: common.Config) -> list[tuple[str, int, int, int]]:
     return [("fp32", m, nk, 1) for nk in ((1024,) if cfg.quick else (1024, 4096)) for m in (1, 16)]
 
 
-def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
-    c = common.Case(cfg, ceilings)
+def fused_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.VARIATION
+    c = results.Case(cfg, ceilings)
     for mode, m, nk, samples in fused_shapes(cfg):
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         name = f"noisy_linear fwd {mode} M={m} {nk}² S={samples}"
@@ -122,7 +130,7 @@ def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
         b = torch.randn(nk, generator=g).to(dev, dtype)
         x = torch.randn(m, nk, generator=g).to(dev, dtype)
         rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
-        with common.matmul_precision(cfg.device, mode):
+        with config.matmul_precision(cfg.device, mode):
             w_stack = w.to(dtype).unsqueeze(0).expand(samples, nk, nk).contiguous()
 
             def fused():
@@ -136,7 +144,7 @@ def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
                 return torch.matmul(x, w_stack.transpose(1, 2)) + b
 
             # Correctness before timing: both paths draw the same noise (only GEMM rounding differs).
-            common.check_rel_err(fused(), materialised(), f"{name}: fused vs perturb+GEMM",
+            checks.check_rel_err(fused(), materialised(), f"{name}: fused vs perturb+GEMM",
                                  2e-2 if mode == "bf16" else 5e-3)
             r = c.time(name, {"noisy_linear": fused, "perturb+GEMM": materialised, "clean GEMM": clean},
                        work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
@@ -152,7 +160,7 @@ def fused_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
 # ---- IRS snapshot capture (DESIGN §4.3) -------------------------------------------------------------
 
 
-def snapshot_shapes(cfg: common.Config) -> list[tuple[str, int, int, int, int, int]]:
+def snapshot_shapes(cfg: config.Config) -> list[tuple[str, int, int, int, int, int]]:
     """(mode, batch, C, H = W, pool, N): the VGG-8/CIFAR IRS heads (paper-facts §3), head 1 and head 3."""
     heads = [(64, 32, 6, 512), (256, 8, 3, 512)]
     if cfg.cuda:
@@ -160,9 +168,9 @@ def snapshot_shapes(cfg: common.Config) -> list[tuple[str, int, int, int, int, i
     return [("fp32", 16 if cfg.quick else 128, c, hw, p, n) for c, hw, p, n in heads[:1 if cfg.quick else 2]]
 
 
-def snapshot_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
-    c = common.Case(cfg, ceilings)
+def snapshot_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.VARIATION
+    c = results.Case(cfg, ceilings)
     for mode, batch, ch, hw, pool, n in snapshot_shapes(cfg):
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         k = ch * pool * pool
@@ -172,7 +180,7 @@ def snapshot_case(cfg: common.Config, ceilings: dict | None = None) -> list[comm
         w = (torch.randn(n, k, generator=g) / k**0.5).to(dev)
         b = torch.randn(n, generator=g).to(dev, dtype)
         rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
-        with common.matmul_precision(cfg.device, mode):
+        with config.matmul_precision(cfg.device, mode):
             wc = w.to(dtype)
 
             def fused():
@@ -185,7 +193,7 @@ def snapshot_case(cfg: common.Config, ceilings: dict | None = None) -> list[comm
             def clean():
                 return F.linear(torch.flatten(F.adaptive_avg_pool2d(act, pool), 1), wc, b)
 
-            common.check_rel_err(fused(), two_step(), f"{name}: fused vs pool + noisy_linear",
+            checks.check_rel_err(fused(), two_step(), f"{name}: fused vs pool + noisy_linear",
                                  2e-2 if mode == "bf16" else 5e-3)
             r = c.time(name, {"snapshot_linear": fused, "pool+noisy_linear": two_step, "pool+clean GEMM": clean},
                        work=2.0 * batch * k * n, unit=cfg.flop_unit,
@@ -203,23 +211,23 @@ SWEEP_GPU = {"M": (1, 16, 128, 4096), "NK": (1024, 4096), "S": (1, 4), "modes": 
 
 def reference_way(x, w, b, v: nft_cuda.Variation, samples: int):
     """S samples of the reference way's forward (one host read + host draw per sample)."""
-    return torch.stack([common.reference_linear(x, w, b, v) for _ in range(samples)])
+    return torch.stack([baselines.reference_linear(x, w, b, v) for _ in range(samples)])
 
 
 def composite(x, w, b, sigma: float, scale: float, s: float, samples: int):
-    return torch.stack([common.composite_linear(x, w, b, sigma, scale, s) for _ in range(samples)])
+    return torch.stack([baselines.composite_linear(x, w, b, sigma, scale, s) for _ in range(samples)])
 
 
-def sweep_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
+def sweep_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.VARIATION
     cases = SWEEP_GPU if cfg.cuda else SWEEP_CPU
-    c = common.Case(cfg, ceilings)
+    c = results.Case(cfg, ceilings)
     for mode in cases["modes"]:
         dtype = torch.bfloat16 if mode == "bf16" else torch.float32
         for nk in cases["NK"]:
             compiled = None
             if cfg.compile:
-                common.compile_fresh(composite)  # clears dynamo's caches between (mode, N = K) groups
+                baselines.compile_fresh(composite)  # clears dynamo's caches between (mode, N = K) groups
                 compiled = torch.compile(composite, dynamic=True)
             g = torch.Generator().manual_seed(0)
             w = (torch.randn(nk, nk, generator=g) / nk**0.5).to(dev)
@@ -229,7 +237,7 @@ def sweep_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
                 x = torch.randn(m, nk, generator=g).to(dev, dtype)
                 for samples in cases["S"]:
                     name = f"fwd sweep {mode} M={m} {nk}² S={samples}"
-                    with common.matmul_precision(cfg.device, mode):
+                    with config.matmul_precision(cfg.device, mode):
                         wc = w.to(dtype)
                         w_stack = wc.unsqueeze(0).expand(samples, nk, nk).contiguous()
                         fns = {
@@ -242,7 +250,7 @@ def sweep_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
                         if compiled is not None:
                             fns["compiled"] = functools.partial(compiled, x, wc, b, v.sigma, v.scale, v.state_factor,
                                                                 samples)
-                        common.check_rel_err(fns["noisy_linear"](), fns["perturb+GEMM"](),
+                        checks.check_rel_err(fns["noisy_linear"](), fns["perturb+GEMM"](),
                                              f"{name}: fused vs perturb+GEMM", 2e-2 if mode == "bf16" else 5e-3)
                         rows = c.time(name, fns, work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
                                       ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
@@ -256,7 +264,7 @@ CASES = {"linear": linear_case, "fused": fused_case, "snapshot": snapshot_case}
 
 
 def main(argv=None) -> None:
-    common.cli_main(__doc__, lambda a: {"sweep": sweep_case} if a.sweep else CASES, argv,
+    runner.cli_main(__doc__, lambda a: {"sweep": sweep_case} if a.sweep else CASES, argv,
                     extra_args=lambda p: p.add_argument("--sweep", action="store_true",
                                                         help="the broad forward sweep instead of the cases"))
 

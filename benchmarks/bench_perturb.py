@@ -15,25 +15,25 @@ Checked before timing: the kernel equals the pure-PyTorch oracle on the same str
 
 from __future__ import annotations
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 
 import nft_cuda  # noqa: E402
 from nft_cuda import reference  # noqa: E402
-from nft_cuda.eval.reference_loop import reference_perturb_  # noqa: E402
+from benchmarks.reference_loop import reference_perturb_  # noqa: E402
 
 DESIGN_NUMEL = 4 * 2**20
 
 
-def perturb_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v, numel = cfg.dev, common.VARIATION, cfg.numel
+def perturb_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v, numel = cfg.dev, config.VARIATION, cfg.numel
     g = torch.Generator().manual_seed(0)
     w = torch.randn(numel // 1024, 1024, generator=g).to(dev)
     rng = torch.tensor([12345, 0], dtype=torch.int64, device=dev)
     case_name = f"perturb {numel / 2**20:g}M fp32"
     exact = numel == DESIGN_NUMEL
-    c = common.Case(cfg, ceilings)
+    c = results.Case(cfg, ceilings)
 
     # Correctness before timing. The pure-PyTorch oracle takes seconds per million elements on a CPU,
     # so quick runs compare on the first 256 rows (a weight of its own) and check the timed tensor's
@@ -43,25 +43,25 @@ def perturb_case(cfg: common.Config, ceilings: dict | None = None) -> list[commo
         sig = torch.full((samples,), v.sigma, device=dev)
         got = nft_cuda.ops.perturb(wc, v, rng=rng, samples=samples)
         want = reference.perturb(wc, rng, sig, v.scale, v.state_factor)
-        common.check_close(got, want, f"perturb S={samples} vs the pure-PyTorch oracle", rtol=0,
+        checks.check_close(got, want, f"perturb S={samples} vs the pure-PyTorch oracle", rtol=0,
                            atol=1e-5 * v.sigma_w(wc).max().item() + 1e-6)
         got = got if wc is w else nft_cuda.ops.perturb(w, v, rng=rng, samples=samples)
-        common.check_noise_std(got[samples - 1], w, v, f"perturb S={samples}")
-    common.check_noise_std(common.reference_weight(w, v), w, v, "reference way")
+        checks.check_noise_std(got[samples - 1], w, v, f"perturb S={samples}")
+    checks.check_noise_std(baselines.reference_weight(w, v), w, v, "reference way")
     same = w.clone()
     reference_perturb_(same, v, torch.Generator().manual_seed(3))
-    common.check_close(w + common.reference_noise(w, v, generator=torch.Generator().manual_seed(3)), same,
-                       "reference way vs nft_cuda.eval.reference_loop", rtol=0, atol=0)
+    checks.check_close(w + baselines.reference_noise(w, v, generator=torch.Generator().manual_seed(3)), same,
+                       "reference way vs benchmarks.reference_loop", rtol=0, atol=0)
     compiled = None
     if cfg.compile:
-        compiled = common.compile_fresh(common.composite_weight)
-        common.check_noise_std(compiled(w, v.sigma, v.scale, v.state_factor), w, v, "compiled composite")
+        compiled = baselines.compile_fresh(baselines.composite_weight)
+        checks.check_noise_std(compiled(w, v.sigma, v.scale, v.state_factor), w, v, "compiled composite")
 
     nbytes = numel * w.element_size()
     fns = {f"perturb S={s}": (lambda s=s: nft_cuda.ops.perturb(w, v, rng=rng, samples=s)) for s in (1, 4)}
     fns["copy"] = lambda: w.clone()
     fns["copy ×4"] = lambda: w.unsqueeze(0).expand(4, *w.shape).contiguous()
-    fns["reference"] = lambda: common.reference_weight(w, v)
+    fns["reference"] = lambda: baselines.reference_weight(w, v)
     if compiled is not None:
         fns["compiled"] = lambda: compiled(w, v.sigma, v.scale, v.state_factor)
     # bytes read + written: W once, plus S outputs
@@ -81,7 +81,7 @@ CASES = {"perturb": perturb_case}
 
 
 def main(argv=None) -> None:
-    common.cli_main(__doc__, CASES, argv)
+    runner.cli_main(__doc__, CASES, argv)
 
 
 if __name__ == "__main__":

@@ -9,25 +9,34 @@ Variants (all start from the same weights; SGD lr 0.01, momentum 0.9):
   OVF            OVF with N = 3 (σ_d + 0.15, 0.10, 0.05), the N + 1 forwards batched along a sample axis
   reference OVF  the reference's OVF: N + 1 = 4 sequential forwards with reference-way noise at σ_d + δ_n
   IRS            IRS with VGG-8's default taps (block1, block2, block4; pools 6, 4, 3)
+  aihwkit-lightning  the peer's step (benchmarks/peer.py): convert_to_analog with the same noise, its
+                 AnalogOptimizer around the same SGD (with Triton on CUDA: a "… Triton" variant too);
+                 skipped, with the reason, when it is not installed
+
+The noise is RRAM1 at σ_d = 0.1 (config.LAYER_VARIATION: the law the peer can match).
 
 DESIGN §8 targets: noise step ≤ 1.10× clean; OVF ≤ 4.2× clean and ≥ 1.0× faster than the reference OVF
-on CPU (≥ 20× on GPU). The steps are timed round by round, interleaved, so load changes hit all alike.
+on CPU (≥ 20× on GPU); the noise step ≥ 1.5× faster than the peer's (on GPU: than its Triton path).
+The steps are timed round by round, interleaved, so load changes hit all alike.
 Quick runs on CPU use VGG-8 at width 0.25 (1/16 of the FLOPs and of the weights: the noise's share is
 about the same, the per-layer overheads weigh more; not the DESIGN configuration: marked "(yes)"/"(no)").
 
 Checked before timing, at σ_d = 0 and δ = 0 (where every noisy variant must equal its clean twin): the
 noise step's and the reference step's loss equal the clean loss, and OVF's loss equals the reference
 OVF's (batched vs sequential, BatchNorm per forward); then the first (warm-up) step of every variant has
-a finite loss and finite gradients.
+a finite loss and finite gradients; the peer's layers inject the same noise as nft_cuda's (same-named
+layers, checks.check_same_job).
 
     python -m benchmarks.bench_train [--device cpu|cuda] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -48,33 +57,38 @@ def reference_ovf_loss(model, x, y, variation, beta: float, deltas=DELTAS):
     """The reference's OVF: forward t = 0 at σ_d, t = n at σ_d + δ_n, each with reference-way noise."""
     outs = []
     for delta in (0.0, *deltas):
-        for layer in common.reference_layers(model):
+        for layer in baselines.reference_layers(model):
             layer.sigma = variation.sigma + delta
         outs.append(model(x))
     return nft_loss(outs[0], outs[1:], y, beta)
 
 
-def _step(model, loss_fn, x, y, name: str):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+def _step(model, loss_fn, x, y, name: str, opt=None, context=contextlib.nullcontext):
+    """One training step of ``model`` (SGD lr 0.01, momentum 0.9 unless ``opt``) inside ``context()``."""
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     checked = []
 
     def step():
+        with context():
+            _one_step()
+
+    def _one_step():
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model, x, y)
         loss.backward()
         if not checked:  # the first call is the warm-up: check it
-            common.check_finite(loss.detach(), f"{name}: loss")
+            checks.check_finite(loss.detach(), f"{name}: loss")
             for pname, p in model.named_parameters():
                 if p.requires_grad and p.grad is not None:
-                    common.check_finite(p.grad, f"{name}: gradient of {pname}")
+                    checks.check_finite(p.grad, f"{name}: gradient of {pname}")
             checked.append(True)
         opt.step()
 
     return step
 
 
-def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.Row]:
-    dev, v = cfg.dev, common.VARIATION
+def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
+    dev, v = cfg.dev, config.LAYER_VARIATION
     batch = 128 if cfg.cuda else 32
     width = 0.25 if (cfg.quick and not cfg.cuda) else 1.0
     exact = width == 1.0
@@ -90,9 +104,9 @@ def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     models = {
         "clean": copy.deepcopy(base),
         "noise": noise_m.prepare(copy.deepcopy(base)),
-        "reference": common.reference_convert(copy.deepcopy(base), v),
+        "reference": baselines.reference_convert(copy.deepcopy(base), v),
         "OVF": ovf_m.prepare(copy.deepcopy(base)),
-        "reference OVF": common.reference_convert(copy.deepcopy(base), v),
+        "reference OVF": baselines.reference_convert(copy.deepcopy(base), v),
         "IRS": irs_m.prepare(copy.deepcopy(base), x, num_classes=10),
     }
     beta = ovf_m.beta
@@ -118,23 +132,27 @@ def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     with torch.no_grad():
         clean_loss = ce(models["clean"], x, y)
         _set_sigma(models["noise"], 0.0)
-        common.check_close(losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean",
+        checks.check_close(losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean",
                            rtol=rtol)
         _set_sigma(models["noise"], v.sigma)
-        for layer in common.reference_layers(models["reference"]):
+        for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = 0.0
-        common.check_close(ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean",
+        checks.check_close(ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean",
                            rtol=rtol)
-        for layer in common.reference_layers(models["reference"]):
+        for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = v.sigma
         _set_sigma(models["OVF"], 0.0)
         ovf0 = OVF(v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS)).loss(models["OVF"], x, y)[0]
         ref0 = reference_ovf_loss(models["reference OVF"], x, y, v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS))
-        common.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
+        checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
         _set_sigma(models["OVF"], v.sigma)
 
+    peers = peer.model_variants(cfg, name, models["noise"], base, v)
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
-    rows = common.Case(cfg, ceilings)
+    for k, model in peers.items.items():
+        steps[k] = _step(model, ce, x, y, f"{name} {k}", opt=peer.optimizer(model, lr=0.01, momentum=0.9),
+                         context=functools.partial(peer.use_triton, k == peer.triton_variant()))
+    rows = results.Case(cfg, ceilings)
     r = rows.time(name, steps, work=float(batch), unit="img/s", slow=True)
     rows.compare(r["noise"], r["clean"], "time", "noise_step_vs_clean", exact=exact)
     rows.compare(r["noise"], r["reference"], "speedup")
@@ -143,6 +161,7 @@ def train_case(cfg: common.Config, ceilings: dict | None = None) -> list[common.
     rows.compare(r["OVF"], r["reference OVF"], "speedup", "ovf_vs_reference", exact=exact)
     rows.compare(r["reference OVF"], r["clean"], "time")
     rows.compare(r["IRS"], r["clean"], "time")
+    peer.finish(rows, r, name, "noise", peers, "train_vs_peer", exact=exact)
     return rows.rows
 
 
@@ -150,7 +169,7 @@ CASES = {"train": train_case}
 
 
 def main(argv=None) -> None:
-    common.cli_main(__doc__, CASES, argv)
+    runner.cli_main(__doc__, CASES, argv)
 
 
 if __name__ == "__main__":

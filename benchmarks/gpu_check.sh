@@ -70,10 +70,19 @@ if tier roofline; then
 fi
 
 if tier bench; then
+  # The peer aihwkit-lightning (optional): the row to beat on a GPU is its Triton path, which the suite
+  # times whenever Triton and a Volta-or-newer GPU are present. The device has no network: give its wheel
+  # (pip download --no-deps aihwkit-lightning==2.1.0) as PEER_WHEEL=path when it is not installed.
+  if ! $PY -c "import aihwkit_lightning" > /dev/null 2>&1 && [ -n "${PEER_WHEEL:-}" ]; then
+    $PY -m pip install --no-deps "$PEER_WHEEL" > "$OUT/peer_install.log" 2>&1
+  fi
+  note "peer: $($PY -c 'from importlib.metadata import version as v; print("aihwkit-lightning", v("aihwkit-lightning"))' 2>/dev/null \
+    || echo 'aihwkit-lightning not installed: peer rows skipped'); triton: $($PY -c 'import triton; print(triton.__version__)' 2>/dev/null \
+    || echo 'not installed: no Triton peer rows')"
   # The whole suite in quick mode (every case, correctness checked before timing, NFT_CUDA_STRICT=1).
-  # Budget 240 s (not yet measured on a GPU: expect cold torch.compile/Triton builds and the host-side
-  # reference baselines to dominate). bench.json / bench.md are rewritten after every case, so a
-  # timeout keeps the cases that finished.
+  # Budget 240 s (not yet measured on a GPU: expect cold torch.compile/Triton builds, the peer's too,
+  # and the host-side reference baselines to dominate). bench.json / bench.md are rewritten after every
+  # case, so a timeout keeps the cases that finished.
   start=$(date +%s)
   timeout 240 $PY -m benchmarks --device cuda --quick --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
     > "$OUT/bench.log" 2>&1; rc=$?

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 
-from benchmarks import common  # sets NFT_CUDA_STRICT=1 before nft_cuda is imported
+from benchmarks import config, environment, timing  # benchmarks sets NFT_CUDA_STRICT=1 first
 
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
@@ -22,7 +22,7 @@ from nft_cuda.train import build_method  # noqa: E402
 
 
 def _targets(dev: torch.device, width: float) -> dict:
-    v = common.VARIATION
+    v = config.VARIATION
     batch = 128 if dev.type == "cuda" else 32
     out = {}
 
@@ -68,19 +68,19 @@ def main(argv=None) -> None:
     p.add_argument("--calls", type=int, default=3, help="profiled calls per target (after one warm-up)")
     a = p.parse_args(argv)
     dev = torch.device(a.device)
-    print(common.env_line(common.environment()))
+    print(environment.env_line(environment.environment()))
     targets = _targets(dev, a.width)
-    names = list(targets) if not a.only else common.parse_only(a.only, targets)
+    names = list(targets) if not a.only else config.parse_only(a.only, targets)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
     for name in names:
         label, fn = targets[name]
         fn()
-        common.synchronize()
+        timing.synchronize()
         with profile(activities=activities) as prof:
             for _ in range(a.calls):
                 fn()
-            common.synchronize()
+            timing.synchronize()
         print(f"\n### {label} ({a.calls} calls)\n")
         print(prof.key_averages().table(sort_by=sort, row_limit=a.rows))
 

@@ -31,6 +31,13 @@ _U64 = 2**64
 _MASK32 = 0xFFFFFFFF
 
 
+def require_optional(module: str):
+    """The optional package ``module`` (matplotlib, hypothesis, ...), or a skip of the calling test (at module
+    level: of the whole module) saying it is missing and how to get every test dependency."""
+    return pytest.importorskip(module, reason=f"needs the optional package {module!r}, which is not installed "
+                                              "(pip install -e .[test] installs every test dependency)")
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """Each test using it runs on "cpu" and, when a GPU is present, on "cuda"."""

@@ -26,13 +26,13 @@ def _run(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def common(monkeypatch):
-    """benchmarks.common imported here without leaving NFT_CUDA_STRICT set for other tests."""
+def bench(monkeypatch):
+    """The benchmarks package imported here without leaving NFT_CUDA_STRICT set for other tests."""
     monkeypatch.setenv("NFT_CUDA_STRICT", os.environ.get("NFT_CUDA_STRICT", "0"))
     monkeypatch.syspath_prepend(ROOT)
-    from benchmarks import common
+    import benchmarks
 
-    return common
+    return benchmarks
 
 
 def test_suite_quick_perturb_prints_table_and_writes_json(tmp_path):
@@ -69,7 +69,7 @@ def test_suite_quick_perturb_prints_table_and_writes_json(tmp_path):
     assert targets["copy"]["exact"] is False and isinstance(targets["copy"]["met"], bool)
 
 
-def test_bench_module_cli_still_runs(common, tmp_path, capsys):
+def test_bench_module_cli_still_runs(bench, tmp_path, capsys):
     from benchmarks import bench_perturb
 
     out_json = tmp_path / "perturb.json"
@@ -79,40 +79,48 @@ def test_bench_module_cli_still_runs(common, tmp_path, capsys):
     assert json.loads(out_json.read_text())["results"]
 
 
-def test_unknown_case_is_rejected(common):
+def test_unknown_case_is_rejected(bench):
     from benchmarks.__main__ import CASES
+    from benchmarks.config import parse_only
 
-    assert common.parse_only("perturb, eval", CASES) == ["perturb", "eval"]
+    assert parse_only("perturb, eval", CASES) == ["perturb", "eval"]
     with pytest.raises(SystemExit, match="unknown case"):
-        common.parse_only("perturb,nope", CASES)
+        parse_only("perturb,nope", CASES)
 
 
-def test_ratios_targets_and_table(common):
-    cfg = common.Config(device="cpu", quick=True)
-    case = common.Case(cfg)
-    t = lambda name, s: common.Timing(name, s, s * 0.9, s * 1.1, 3)  # noqa: E731
-    fast = case.add(common.Row("c", "nft", t("nft", 0.02)))
-    copy = case.add(common.Row("c", "copy", t("copy", 0.01)))
-    ref = case.add(common.Row("c", "reference", t("reference", 0.2)))
+def test_ratios_targets_and_table(bench):
+    from benchmarks.config import Config
+    from benchmarks.report import summary_table
+    from benchmarks.results import Case, Row
+    from benchmarks.timing import Timing
+
+    cfg = Config(device="cpu", quick=True)
+    case = Case(cfg)
+    t = lambda name, s: Timing(name, s, s * 0.9, s * 1.1, 3)  # noqa: E731
+    fast = case.add(Row("c", "nft", t("nft", 0.02)))
+    copy = case.add(Row("c", "copy", t("copy", 0.01)))
+    ref = case.add(Row("c", "reference", t("reference", 0.2)))
     c1 = case.compare(fast, copy, "time", "perturb_vs_copy")
     c2 = case.compare(fast, ref, "speedup", "perturb_vs_reference", exact=False)
     c3 = case.compare(ref, copy, "time")
     assert c1.value == pytest.approx(2.0) and c1.target == "≤ 4×" and c1.met is True
     assert c2.value == pytest.approx(10.0) and c2.target == "≥ 5×" and c2.met is True and not c2.exact
     assert c3.target is None and c3.met is None
-    gpu = common.Case(common.Config(device="cuda"))
+    gpu = Case(Config(device="cuda"))
     assert gpu.compare(fast, copy, "time", "perturb_vs_copy").met is False  # ≤ 1.25× on GPU
     assert gpu.compare(fast, copy, "speedup", "fused_vs_materialised").target == "≥ 1.5×"
     assert case.compare(fast, copy, "speedup", "fused_vs_materialised").target is None  # no CPU target
-    table = common.summary_table(case.rows)
+    table = summary_table(case.rows)
     assert "| c | nft | 20 ms (18 ms–22 ms) |" in table
     assert "2.000× copy; speed-up 10.0× vs reference" in table
     assert "≤ 4×; ≥ 5× vs reference" in table and "yes; (yes)" in table
 
 
-def test_time_group_interleaves_and_reports_spread(common):
+def test_time_group_interleaves_and_reports_spread(bench):
+    from benchmarks.timing import time_group
+
     calls = []
-    timings = common.time_group({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+    timings = time_group({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
                                 min_run_time=0.0, warmup=1, rounds=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then one call of each per round
     for name in ("a", "b"):
@@ -120,20 +128,21 @@ def test_time_group_interleaves_and_reports_spread(common):
         assert tm.runs == 3 and tm.min_s <= tm.median_s <= tm.max_s and not math.isnan(tm.median_s)
 
 
-def test_reference_way_matches_the_reference_loop(common):
+def test_reference_way_matches_the_reference_loop(bench):
     import torch
 
-    from nft_cuda.eval.reference_loop import reference_perturb_
+    from benchmarks.baselines import reference_convert, reference_layers, reference_noise
+    from benchmarks.config import VARIATION as v
+    from benchmarks.reference_loop import reference_perturb_
 
-    v = common.VARIATION
     w = torch.randn(64, 32)
     want = w.clone()
     reference_perturb_(want, v, torch.Generator().manual_seed(1))
-    got = w + common.reference_noise(w, v, generator=torch.Generator().manual_seed(1))
+    got = w + reference_noise(w, v, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    model = common.reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(),
+    model = reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(),
                                                          torch.nn.Linear(8, 2)), v)
-    layers = common.reference_layers(model)
+    layers = reference_layers(model)
     assert [type(m).__name__ for m in layers] == ["ReferenceLinear", "ReferenceLinear"]
     for layer in layers:
         layer.sigma = 0.0
@@ -143,7 +152,26 @@ def test_reference_way_matches_the_reference_loop(common):
     torch.testing.assert_close(model(x), plain(x))
 
 
-def test_snapshot_case_runs_and_checks_before_timing(common, tmp_path, capsys):
+def test_reference_loop_smoke(bench, tmp_path):
+    import torch
+
+    import nft_cuda
+    from benchmarks.reference_loop import reference_monte_carlo
+    from nft_cuda.io import save_model
+    from nft_cuda.models import build_model
+
+    torch.manual_seed(0)
+    model = nft_cuda.convert(build_model("small", in_channels=1, num_classes=10), nft_cuda.Variation(0.1)).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 1, 32, 32, generator=g)
+    loader = [(x[:8], torch.arange(8) % 10), (x[8:], torch.arange(8) % 10)]
+    spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
+    save_model(str(tmp_path / "m.pt"), model, spec=spec, variation=nft_cuda.Variation(0.1))
+    res = reference_monte_carlo(str(tmp_path / "m.pt"), loader, nft_cuda.Variation(0.3), 3, seed=0)
+    assert len(res["per_instance_accuracy"]) == 3 and res["ekl"] > 0 and 0 < res["confidence"] <= 1
+
+
+def test_snapshot_case_runs_and_checks_before_timing(bench, tmp_path, capsys):
     from benchmarks import bench_noisy_linear
 
     out_json = tmp_path / "snapshot.json"
@@ -152,3 +180,178 @@ def test_snapshot_case_runs_and_checks_before_timing(common, tmp_path, capsys):
     assert "| snapshot_linear fwd fp32 B=16 64x32x32 pool 6 → 512 | snapshot_linear |" in capsys.readouterr().out
     variants = {r["variant"] for r in json.loads(out_json.read_text())["results"]}
     assert variants == {"snapshot_linear", "pool+noisy_linear", "pool+clean GEMM"}
+
+
+# ---- the peer library (aihwkit-lightning): present and absent ----------------------------------------
+
+
+@pytest.fixture
+def no_peer(bench, monkeypatch):
+    """aihwkit-lightning hidden, as if it were not installed (a None entry makes its import fail)."""
+    for name in [m for m in sys.modules if m == "aihwkit_lightning" or m.startswith("aihwkit_lightning.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "aihwkit_lightning", None)
+
+
+def test_peer_absent_leaves_skipped_rows_with_the_reason(no_peer, tmp_path):
+    import torch
+
+    from benchmarks import config, peer, report, results
+
+    reason = peer.missing()
+    assert "aihwkit-lightning is not installed" in reason and "pip install --no-deps" in reason
+    cfg = config.Config(device="cpu", quick=True)
+    lin = torch.nn.Linear(8, 4)
+    peers = peer.layer_variants(cfg, "c", lin, lin, config.LAYER_VARIATION, lambda layer: lambda: None)
+    assert peers.items == {} and peers.skipped == {"aihwkit-lightning": reason}
+    models = peer.model_variants(cfg, "c", lin, lin, config.LAYER_VARIATION)
+    assert models.items == {} and models.skipped == {"aihwkit-lightning": reason}
+    case = results.Case(cfg)
+    t = results.Timing("NoisyLinear", 0.01, 0.009, 0.011, 3)
+    rows = {"NoisyLinear": case.add(results.Row("c", "NoisyLinear", t))}
+    peer.finish(case, rows, "c", "NoisyLinear", peers, "layer_vs_peer")
+    skipped = case.rows[-1]
+    assert skipped.skipped and skipped.variant == "aihwkit-lightning" and skipped.timing.runs == 0
+    assert skipped.note == f"skipped: {reason}"
+    assert rows["NoisyLinear"].compares == []  # nothing compared with a peer that did not run
+    table = report.summary_table(case.rows)
+    assert "| c | aihwkit-lightning (skipped: aihwkit-lightning is not installed" in table and "| — |" in table
+    report.write_json(str(tmp_path / "r.json"), {}, case.rows)
+    back = report.rows_from_json(json.loads((tmp_path / "r.json").read_text()))
+    assert back[-1].skipped and back[-1].note == skipped.note
+
+
+def test_peer_present_does_the_same_job_before_timing(bench):
+    pytest.importorskip("aihwkit_lightning", reason="aihwkit-lightning is not installed "
+                                                    "(pip install --no-deps aihwkit-lightning==2.1.0)")
+    import torch
+
+    import nft_cuda
+    from benchmarks import checks, config, peer, results
+
+    v = config.LAYER_VARIATION
+    cfg = config.Config(device="cpu", quick=True)
+    torch.manual_seed(0)
+    pairs = [(nft_cuda.NoisyLinear(512, 256, variation=v), torch.nn.Linear(512, 256)),
+             (nft_cuda.NoisyConv2d(64, 128, 3, padding=1, variation=v), torch.nn.Conv2d(64, 128, 3, padding=1))]
+    for noisy, clean in pairs:
+        clean.load_state_dict(noisy.state_dict())
+        # the probe reads back exactly the weight a forward used
+        torch.testing.assert_close(checks.effective_weight(clean), clean.weight.detach(), rtol=0, atol=1e-6)
+        peers = peer.layer_variants(cfg, "c", noisy, clean, v, lambda layer: lambda: layer)
+        assert list(peers.items) == ["aihwkit-lightning"] and peers.skipped == {}
+        assert peers.notes["aihwkit-lightning"].startswith("same noise: std / max abs W 0.07")
+        layer = peers.items["aihwkit-lightning"]()
+        assert layer.training and noisy.training  # left in train mode, as timed
+        assert type(layer).__name__ in ("AnalogLinear", "AnalogConv2d")
+        torch.testing.assert_close(layer.weight, clean.weight)
+    # a peer injecting a different noise is caught before timing
+    noisy = nft_cuda.NoisyLinear(512, 256, variation=v)
+    wrong = peer.convert(torch.nn.Linear(512, 256), v.with_sigma(0.12))
+    with pytest.raises(checks.CheckError, match="aihwkit-lightning injects noise of std"):
+        checks.check_same_job(noisy, wrong, v, "c", "aihwkit-lightning")
+
+    class WritesNoiseIntoWeight(torch.nn.Linear):  # as the peer's Triton path does (2.1.0)
+        def forward(self, x):
+            with torch.no_grad():
+                self.weight.add_(torch.randn_like(self.weight) * 0.1 * self.weight.abs().max())
+            return super().forward(x)
+
+    with pytest.raises(checks.CheckError, match="changed its weight parameter"):
+        checks.check_same_job(noisy, WritesNoiseIntoWeight(512, 256), v, "c", "peer")
+    with pytest.raises(ValueError, match="only match RRAM1"):
+        peer.rpu_config(config.VARIATION)
+    # a model: every same-named layer big enough is compared; the speed-up carries the DESIGN target
+    import copy
+
+    from nft_cuda.models import build_model
+
+    base = build_model("vgg8", in_channels=3, num_classes=10, width=0.25)
+    models = peer.model_variants(cfg, "m", nft_cuda.convert(copy.deepcopy(base), v), base, v)
+    assert list(models.items) == ["aihwkit-lightning"] and "(layer " in models.notes["aihwkit-lightning"]
+    case = results.Case(cfg)
+    rows = {k: case.add(results.Row("m", k, results.Timing(k, s, s, s, 3)))
+            for k, s in (("noise", 0.1), ("clean", 0.09), ("aihwkit-lightning", 0.2))}
+    models.skipped["aihwkit-lightning Triton"] = "its Triton path fails the same-job check: TypeError: …"
+    peer.finish(case, rows, "m", "noise", models, "train_vs_peer")
+    c = rows["noise"].compares[0]
+    assert c.baseline == "aihwkit-lightning" and c.value == pytest.approx(2.0) and c.target == "≥ 1.5×" and c.met
+    from benchmarks.report import peer_summary_rows
+
+    assert case.rows[-1].skipped and case.rows[-1].variant == "aihwkit-lightning Triton"
+    assert peer_summary_rows(case.rows, "aihwkit-lightning") == [
+        ["m", "100 ms (noise)", "200 ms", "—", "—", "90 ms", "2.000×", "≥ 1.5× vs aihwkit-lightning", "yes"]]
+
+
+def test_peer_triton_failure_is_reported_not_fatal(bench, monkeypatch):
+    from benchmarks import peer
+
+    monkeypatch.delenv("AIHWKIT_USE_TRITON", raising=False)
+    seen = []
+
+    def broken():  # as the peer's Triton conv path (2.1.0): a TypeError inside its layer
+        seen.append(os.environ.get("AIHWKIT_USE_TRITON"))
+        raise TypeError("TritonLinear.forward() missing 1 required positional argument: 'training'")
+
+    out = peer.Variants()
+    assert peer._triton_check(out, broken) is False and seen == ["1"]  # run on the Triton path
+    assert "AIHWKIT_USE_TRITON" not in os.environ  # and switched back off
+    assert out.skipped["aihwkit-lightning Triton"].startswith("its Triton path fails the same-job check: TypeError")
+    assert peer._triton_check(out, lambda: "same noise") is True and out.notes["aihwkit-lightning Triton"] == "same noise"
+
+
+# ---- the performance history -------------------------------------------------------------------------
+
+
+def test_json_without_path_writes_a_history_file(bench, tmp_path, monkeypatch, capsys):
+    from benchmarks import bench_perturb, history
+
+    monkeypatch.setattr(history, "HISTORY_DIR", str(tmp_path / "history"))
+    for _ in range(2):
+        bench_perturb.main(["--device", "cpu", "--quick", "--numel", "16384", "--no-compile", "--no-ceiling", "--json"])
+    files = sorted(os.listdir(tmp_path / "history"))
+    assert len(files) == 2 and all("-cpu-quick" in f and f.endswith(".json") for f in files)  # one file per run
+    data = json.loads((tmp_path / "history" / files[0]).read_text())
+    assert data["environment"]["commit"] in files[0].replace("-dirty", "+dirty")
+    assert {"torch", "machine", "aihwkit_lightning", "triton"} <= set(data["environment"])
+    assert data["results"]
+
+
+def _run_json(ratio_rows):
+    """A saved run with rows (case, variant, median, min, max) and a ratio of 'x' to 'base'."""
+    results = []
+    for case, variant, med, lo, hi, compares in ratio_rows:
+        results.append({"case": case, "variant": variant, "median_s": med, "min_s": lo, "max_s": hi, "runs": 3,
+                        "compares": compares})
+    return {"environment": {"commit": "abc", "date": "d", "machine": "m"}, "config": {"device": "cpu", "quick": True},
+            "results": results}
+
+
+def test_compare_prints_ratio_changes_with_spreads(bench, tmp_path):
+    from benchmarks import history
+    from benchmarks.__main__ import main
+
+    def run(x_med, x_lo, x_hi):
+        return _run_json([
+            ("c", "x", x_med, x_lo, x_hi, [{"baseline": "base", "kind": "time", "value": x_med / 1.0},
+                                           {"baseline": "base", "kind": "speedup", "value": 1.0 / x_med}]),
+            ("c", "base", 1.0, 0.99, 1.01, []),
+        ])
+
+    a, b, c = run(1.2, 1.15, 1.25), run(1.5, 1.45, 1.55), run(1.21, 1.1, 1.3)
+    for name, data in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    notes, table = history.compare_runs(a, b)
+    assert notes == []
+    time_row = next(r for r in table if r[2] == "time × base")
+    assert time_row[3] == "1.200 (1.139–1.263)" and time_row[5] == "1.250" and time_row[6] == "**worse**"
+    speed_row = next(r for r in table if r[2] == "speed-up vs base")
+    assert speed_row[5] == "0.800" and speed_row[6] == "**worse**"
+    _, table = history.compare_runs(b, a)
+    assert {r[6] for r in table} == {"better"}
+    _, table = history.compare_runs(a, c)  # overlapping spreads: no flag
+    assert {r[6] for r in table} == {""}
+    assert main(["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    (tmp_path / "bad.json").write_text(json.dumps({"x": 1}))
+    with pytest.raises(SystemExit, match="not a benchmark run"):
+        history.compare_text(str(tmp_path / "a.json"), str(tmp_path / "bad.json"))

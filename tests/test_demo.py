@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import require_optional
 
 from nft_cuda.demo import UNDERTRAINED_POINTS, check_out, undertrained
 
@@ -21,6 +22,7 @@ def _nft(*args, timeout=900):
 
 
 def test_demo_log_has_no_carriage_returns_and_reports_paired_verdicts(tmp_path):
+    require_optional("matplotlib")  # the demo writes its plot
     out = tmp_path / "demo"
     # no --no-progress: the output goes to pipes, as in `nft demo > log 2>&1`
     r = _nft("demo", "--epochs", "1", "--runs", "3", "--methods", "noise,irs", "--out", str(out), "--device", "cpu",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import one_error_line
+from conftest import one_error_line, require_optional
 
 from nft_cuda.train.trainer import TrainConfig, train
 
@@ -30,6 +30,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_eval_writes_json_csv_png(checkpoint, tmp_path):
+    require_optional("matplotlib")  # writes a plot
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     r = _nft("eval", checkpoint, "--sigma", "0,0.2", "--runs", "3", "--json", str(j), "--csv", str(c),
              "--plot", str(p), "--no-progress", "--batch-size", "500")
@@ -126,6 +127,7 @@ def _main(capsys, *argv):
 
 
 def test_eval_accepts_a_run_folder_labels_it_and_writes_readable_reports(checkpoint, tmp_path, capsys):
+    require_optional("matplotlib")  # writes a plot
     run = os.path.dirname(checkpoint)
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
     code, out, err = _main(capsys, "eval", run, "--sigma", "0.1", "--runs", "2", "--no-progress", "--json", str(j),

@@ -26,9 +26,11 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICES, ulp
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from conftest import DEVICES, require_optional, ulp
+
+require_optional("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from nft_cuda import PRESETS, Variation, _ext, reference
 

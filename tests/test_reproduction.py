@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import require_optional
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "reproduction.md"
@@ -88,6 +89,7 @@ def test_committed_config_plan(study):
 
 
 def test_micro_study_runs_reports_and_resumes(study, tmp_path, monkeypatch):
+    require_optional("matplotlib")  # writes a plot
     cfg = _micro_config()
     lines = []
     results = study.run(cfg, tmp_path / "out", progress=False, log=lines.append)

@@ -15,8 +15,11 @@ included, same parameters and ``state_dict`` keys) and adds:
     (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward;
   - ``"off"``: the clean weight (plain ``F.linear`` / ``F.conv``).
 
-  The noise mode is independent of ``module.training``: robustness evaluation runs noisy layers in
-  ``eval()`` mode.
+  The noise mode is independent of ``module.training``: **``model.eval()`` does not switch the noise
+  off** (unlike aihwkit's layers, whose noise follows ``training``); it only sets BatchNorm/Dropout to
+  inference, and robustness evaluation runs noisy layers in ``eval()`` mode. Switch the noise
+  explicitly: ``model.eval(); nft_cuda.set_noise_mode(model, "off")`` for clean weights, or
+  ``with nft_cuda.noise_mode(model, "off"): ...`` for one block.
 * ``generator``: an optional ``torch.Generator`` (on the weight's device) for the train-mode draws.
 
 The noise of a forward is exactly ``nft_cuda.ops.perturb(weight, variation, rng=rng)[0]`` for that
@@ -550,6 +553,9 @@ class NoisyLinear(NoisyModule, nn.Linear):
         generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
 
     Shapes: input [*, in_features] → output [*, out_features]; weight [out_features, in_features].
+
+    The noise mode is explicit: ``.eval()`` leaves it as it is (still noisy in ``"train"`` mode). For clean
+    outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
@@ -659,6 +665,8 @@ class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
     Args: as ``nn.Conv1d``, plus ``variation``, ``mode`` and ``generator`` as :class:`NoisyLinear`.
 
     Shapes: input [N, C_in, L] (or [C_in, L]) → [N, C_out, L_out]; weight [C_out, C_in/groups, k].
+
+    The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
     """
 
     _base = nn.Conv1d
@@ -672,6 +680,8 @@ class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
 
     Shapes: input [N, C_in, H, W] (or [C_in, H, W]) → [N, C_out, H_out, W_out];
     weight [C_out, C_in/groups, kh, kw].
+
+    The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
     """
 
     _base = nn.Conv2d

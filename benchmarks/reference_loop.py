@@ -1,4 +1,4 @@
-"""The reference code's Monte-Carlo loop, in plain PyTorch, for benchmarks (DESIGN §8).
+"""The reference code's Monte-Carlo loop, in plain PyTorch: a baseline of the benchmarks (DESIGN §8).
 
 This is how the NeFT reference evaluates robustness, and what :func:`nft_cuda.eval.monte_carlo` is
 measured against: for every chip instance, re-create the model and reload the checkpoint from disk, then
@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from nft_cuda.conversion import noisy_layers, set_noise_mode
-from nft_cuda.eval.metrics import accuracy_stats, expected_kl
-from nft_cuda.variation import Variation
+from nft_cuda import Variation, noisy_layers, set_noise_mode
+from nft_cuda.eval import accuracy_stats, expected_kl
 
 __all__ = ["reference_monte_carlo", "reference_perturb_"]
 
