@@ -26,6 +26,7 @@ from benchmarks.bench_eval import eval_case  # noqa: E402
 from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
 from benchmarks.bench_perturb import perturb_case  # noqa: E402
 from benchmarks.bench_train import train_case  # noqa: E402
+from nft_cuda import _files  # noqa: E402
 
 CASES = {
     "perturb": perturb_case,
@@ -107,8 +108,7 @@ def render_saved(path: str, markdown: str | None) -> int:
                            data.get("complete", True))
     print(text)
     if markdown:
-        with open(markdown, "w") as f:
-            f.write(text)
+        _files.atomic_write_text(markdown, text)
     return 0
 
 
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
             report.write_json(json_path, env, rows, config=asdict(cfg), cases=names, ceilings=ceilings,
                               failures=failures, complete=final, elapsed_s=elapsed, load_average_end=load_end)
         if a.markdown:
-            with open(a.markdown, "w") as f:
-                f.write(render_markdown(env, cfg, rows, failures, elapsed, load_end, final))
+            _files.atomic_write_text(a.markdown, render_markdown(env, cfg, rows, failures, elapsed, load_end, final))
         return elapsed, load_end
 
     ceilings, rows, failures = runner.run_cases(cfg, CASES, names, ceilings=not a.no_ceiling, after_case=save)

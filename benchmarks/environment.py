@@ -5,23 +5,16 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import subprocess
 
 import torch
 
 import nft_cuda
+from nft_cuda import _files
 
 
 def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=root, timeout=10).stdout.strip()
-        return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return _files.commit(root, mark_dirty=True) or "unknown"
 
 
 def _cpu_model() -> str:

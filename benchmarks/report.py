@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+from nft_cuda import _files
+
 from benchmarks.results import Compare, Row
 from benchmarks.timing import Timing
 
@@ -89,9 +91,9 @@ def summary_table(rows: list[Row]) -> str:
 
 def write_json(path: str, env: dict, results: list, **extra) -> None:
     payload = {"environment": env, **extra, "results": [r.to_dict() if isinstance(r, Row) else r for r in results]}
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=str, allow_nan=True)
-        f.write("\n")
+    # Rewritten after every case: atomically, so an interrupted run leaves its last complete state. NaN stays a
+    # number here (Python's JSON reads it back), unlike the library's reports (_files.json_safe: null).
+    _files.atomic_write_text(path, json.dumps(payload, indent=2, default=str, allow_nan=True) + "\n")
 
 
 def rows_from_json(data: dict) -> list[Row]:

@@ -113,13 +113,19 @@ def json_safe(obj):
     return obj
 
 
-def commit(where: PathLike | None = None) -> str | None:
-    """The short git commit of the checkout holding ``where`` (default: this package), or None."""
+def commit(where: PathLike | None = None, *, mark_dirty: bool = False) -> str | None:
+    """The short git commit of the checkout holding ``where`` (default: this package), or None; with
+    ``mark_dirty``, suffixed ``+dirty`` when tracked files differ from it (a benchmark of uncommitted code)."""
     cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=cwd)
-        return out.stdout.strip() or None
+        sha = out.stdout.strip() or None
+        if sha and mark_dirty:
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=10, cwd=cwd)
+            sha += "+dirty" if status.stdout.strip() else ""
+        return sha
     except (OSError, subprocess.SubprocessError):
         return None
 
