@@ -33,7 +33,8 @@ from nft_cuda import ops
 from nft_cuda.nn.layers import NoisyModule, SamplePlan
 
 __all__ = ["NoisyEmbedding", "NoisySpec", "cat_samples", "recomputed", "register_noisy", "registered",
-           "register_class", "retyped_copy", "sample_chunks", "spec_of", "straight_through_samples"]
+           "register_class", "retyped_copy", "sample_chunks", "spec_of", "straight_through_samples",
+           "unregister_noisy"]
 
 
 def straight_through_samples(layer: NoisyModule, plan: SamplePlan | None) -> torch.Tensor:
@@ -197,6 +198,11 @@ def _make_noisy_class(spec: NoisySpec) -> type:
     noisy_cls = type(f"Noisy{cls.__name__}", (_RegisteredNoisy, cls), body)
     _REGISTRY[cls] = noisy_cls
     return noisy_cls
+
+
+def unregister_noisy(cls: type) -> None:
+    """Undo :func:`register_noisy` for ``cls`` (its layers stay digital again); no error if absent."""
+    _REGISTRY.pop(cls, None)
 
 
 def registered(cls: type) -> type | None:
