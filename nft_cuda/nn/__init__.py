@@ -10,11 +10,13 @@ from nft_cuda.nn.layers import (MODES, NoiseState, NoisyConv1d, NoisyConv2d, Noi
 from nft_cuda.nn.conversion import (convert, kept_noise_state, noise_mode, noisy_layers, set_instance,
                                     set_noise_mode, strip)
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.attention import NoisyMultiheadAttention
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
 from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, conversion_summary
 
 __all__ = ["MODES", "ConversionSummary", "ConvertedLayer", "DigitalWeight", "NoiseState", "NoisyConv1d",
-           "NoisyConv2d", "NoisyEmbedding", "NoisyLinear", "NoisyModule", "SamplePlan", "conversion_summary",
+           "NoisyConv2d", "NoisyEmbedding", "NoisyLinear", "NoisyModule", "NoisyMultiheadAttention", "SamplePlan",
+           "conversion_summary",
            "convert", "instance_offset", "instance_plans", "kept_noise_state", "noise_mode", "noisy_layers",
            "register_noisy", "sample_plan", "set_instance", "set_noise_mode", "strip", "unbatchable_modules",
            "unregister_noisy"]

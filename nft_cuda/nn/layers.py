@@ -545,6 +545,11 @@ class NoisyModule(nn.Module):
         """Names of the parameters this layer perturbs (``weight`` is their crossbar tensor)."""
         return ("weight",)
 
+    @torch.no_grad()
+    def load_crossbar_(self, value: torch.Tensor) -> None:
+        """Copy ``value`` [*weight.shape] into the parameter(s) behind ``weight``, in place."""
+        self.weight.copy_(value)
+
 
 class NoisyLinear(NoisyModule, nn.Linear):
     """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
