@@ -216,7 +216,7 @@ def test_constructor_with_variation_makes_both_projections_noisy():
     assert [n for n, _ in nft_cuda.noisy_layers(layer)] == ["", "out_proj"]
     plain = NoisyMultiheadAttention(E, H)
     assert plain.mode == "off" and type(plain.out_proj) is not NoisyLinear
-    with pytest.raises(TypeError, match="expects an nn.MultiheadAttention"):
+    with pytest.raises(TypeError, match="expects a MultiheadAttention"):
         NoisyMultiheadAttention.from_module(nn.Linear(2, 2))
     x = torch.randn(2, 3, E)
     layer.set_sample_plan(torch.tensor([0, 0]), torch.tensor([0.1, 0.2]))

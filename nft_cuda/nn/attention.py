@@ -25,20 +25,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nft_cuda.nn.generic import recomputed, register_class, retyped_copy, sample_chunks, straight_through_samples
+from nft_cuda.nn.generic import (RetypedNoisy, SeveralWeightCrossbar, recomputed, register_class, sample_chunks,
+                                 straight_through_samples)
 from nft_cuda.nn.layers import NoisyLinear, NoisyModule
 from nft_cuda.variation import Variation
 
 __all__ = ["NoisyMultiheadAttention"]
 
 
-class NoisyMultiheadAttention(NoisyModule, nn.MultiheadAttention):
+class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadAttention):
     """Drop-in ``nn.MultiheadAttention`` whose projections are perturbed by device variation.
 
     Args: as ``nn.MultiheadAttention``, plus ``variation``, ``mode`` and ``generator`` as
     :class:`~nft_cuda.NoisyLinear`. With a variation, ``out_proj`` is made a NoisyLinear too (layer
     index 1 of this lone layer; :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance` renumber).
+    ``from_module`` shares the module's parameters and submodules: ``out_proj`` stays what it is
+    (:func:`nft_cuda.convert` converts it as a layer of its own).
     """
+
+    _plain = nn.MultiheadAttention
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
@@ -52,26 +57,6 @@ class NoisyMultiheadAttention(NoisyModule, nn.MultiheadAttention):
             self.out_proj = NoisyLinear.from_module(self.out_proj, variation, mode=mode, generator=generator)
             self.out_proj.layer_index = 1
 
-    @classmethod
-    def from_module(cls, module: nn.MultiheadAttention, variation: Variation | None = None, *,
-                    mode: str | None = None, generator: torch.Generator | None = None) -> "NoisyMultiheadAttention":
-        """A NoisyMultiheadAttention sharing ``module``'s parameters and submodules (``out_proj`` stays
-        what it is: :func:`nft_cuda.convert` converts it as a layer of its own)."""
-        if not isinstance(module, nn.MultiheadAttention):
-            raise TypeError(f"NoisyMultiheadAttention.from_module expects an nn.MultiheadAttention, "
-                            f"got {type(module).__name__}")
-        new = retyped_copy(module, cls)
-        new.init_noise(variation, mode, generator)
-        return new
-
-    def init_noise(self, variation, mode, generator) -> None:
-        """Start the noise state of a retyped copy."""
-        self._init_noise(variation, mode, generator)
-
-    def plain_copy(self) -> nn.MultiheadAttention:
-        """The plain ``nn.MultiheadAttention`` with the same state (what :func:`nft_cuda.strip` puts back)."""
-        return retyped_copy(self, nn.MultiheadAttention)
-
     # -- the crossbar tensor of the in-projection -----------------------------------------------------
 
     def crossbar_weight_names(self) -> tuple[str, ...]:
@@ -79,33 +64,12 @@ class NoisyMultiheadAttention(NoisyModule, nn.MultiheadAttention):
             return ("in_proj_weight",)
         return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """The in-projection as one crossbar tensor: ``in_proj_weight``, or the flattened q/k/v weights
-        concatenated (differentiable: gradients reach the parameters)."""
-        if self._qkv_same_embed_dim:
-            return self.in_proj_weight
-        return torch.cat([self.q_proj_weight.reshape(-1), self.k_proj_weight.reshape(-1),
-                          self.v_proj_weight.reshape(-1)])
-
-    @torch.no_grad()
-    def load_crossbar_(self, value: torch.Tensor) -> None:
-        """Copy a crossbar tensor [*weight.shape] into ``in_proj_weight`` or the q/k/v weights."""
-        if self._qkv_same_embed_dim:
-            self.in_proj_weight.copy_(value)
-            return
-        parts = self._in_projection(value)
-        for name in self.crossbar_weight_names():
-            getattr(self, name).copy_(parts[name])
-
     def _in_projection(self, w: torch.Tensor) -> dict:
         """The keyword arguments of F.multi_head_attention_forward for crossbar tensor ``w``."""
+        parts = self.crossbar_parts(w)
         if self._qkv_same_embed_dim:
-            return {"in_proj_weight": w}
-        e = self.embed_dim
-        q, k, v = w.split([e * e, e * self.kdim, e * self.vdim])
-        return {"in_proj_weight": None, "use_separate_proj_weight": True, "q_proj_weight": q.reshape(e, e),
-                "k_proj_weight": k.reshape(e, self.kdim), "v_proj_weight": v.reshape(e, self.vdim)}
+            return parts
+        return {"in_proj_weight": None, "use_separate_proj_weight": True, **parts}
 
     def _check_input(self, input) -> None:
         if not isinstance(input, torch.Tensor):

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from nft_cuda import ops
 from nft_cuda.nn.layers import NoisyModule, SamplePlan
 
-__all__ = ["NoisyEmbedding", "NoisySpec", "cat_samples", "recomputed", "register_noisy", "registered",
+__all__ = ["NoisyEmbedding", "NoisySpec", "RetypedNoisy", "SeveralWeightCrossbar", "cat_samples", "recomputed", "register_noisy", "registered",
            "register_class", "retyped_copy", "sample_chunks", "spec_of", "straight_through_samples",
            "unregister_noisy"]
 
@@ -98,6 +98,58 @@ def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
     return new
 
 
+class RetypedNoisy(NoisyModule):
+    """A noisy class made from its plain class ``_plain`` by retyping a module (:func:`retyped_copy`):
+    ``from_module`` keeps every attribute, parameter and submodule of the plain module."""
+
+    _plain: type
+
+    @classmethod
+    def from_module(cls, module: nn.Module, variation=None, *, mode: str | None = None, generator=None):
+        """The noisy version of ``module`` (sharing its Parameter and submodule objects)."""
+        if not isinstance(module, cls._plain):
+            raise TypeError(f"{cls.__name__}.from_module expects a {cls._plain.__name__}, got {type(module).__name__}")
+        new = retyped_copy(module, cls)
+        new.init_noise(variation, mode, generator)
+        return new
+
+    def init_noise(self, variation, mode, generator) -> None:
+        """Start the noise state of a retyped copy."""
+        self._init_noise(variation, mode, generator)
+
+    def plain_copy(self) -> nn.Module:
+        """The plain module with the same state (what :func:`nft_cuda.strip` puts back)."""
+        return retyped_copy(self, self._plain)
+
+
+class SeveralWeightCrossbar(NoisyModule):
+    """A noisy layer whose crossbar tensor ``weight`` is the flattened concatenation, in
+    :meth:`crossbar_weight_names` order, of several weight parameters (one name: that parameter itself).
+    One max|W| then scales the noise of all of them."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The crossbar tensor (differentiable: gradients reach the parameters)."""
+        names = self.crossbar_weight_names()
+        if len(names) == 1:
+            return getattr(self, names[0])
+        return torch.cat([getattr(self, n).reshape(-1) for n in names])
+
+    def crossbar_parts(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter name → its part of a crossbar tensor ``value`` [*weight.shape], in its shape."""
+        names = self.crossbar_weight_names()
+        if len(names) == 1:
+            return {names[0]: value}
+        params = [getattr(self, n) for n in names]
+        parts = value.split([p.numel() for p in params])
+        return {n: part.view(p.shape) for n, part, p in zip(names, parts, params)}
+
+    @torch.no_grad()
+    def load_crossbar_(self, value: torch.Tensor) -> None:
+        for name, part in self.crossbar_parts(value).items():
+            getattr(self, name).copy_(part)
+
+
 @dataclasses.dataclass(frozen=True)
 class NoisySpec:
     """How a layer type becomes noisy: ``cls``, its crossbar ``weight`` (a parameter name of the module
@@ -114,7 +166,7 @@ class NoisySpec:
 _REGISTRY: dict[type, type] = {}
 
 
-class _RegisteredNoisy(NoisyModule):
+class _RegisteredNoisy(RetypedNoisy):
     """Body of the classes made by :func:`register_noisy` (the user's class follows in the MRO)."""
 
     _spec: NoisySpec
@@ -136,26 +188,8 @@ class _RegisteredNoisy(NoisyModule):
     def _check_input(self, input) -> None:  # inputs are whatever the user's forward takes
         return None
 
-    @classmethod
-    def from_module(cls, module: nn.Module, variation=None, *, mode: str | None = None, generator=None):
-        """The noisy version of ``module`` (sharing its Parameter objects)."""
-        if not isinstance(module, cls._spec.cls):
-            raise TypeError(f"{cls.__name__}.from_module expects a {cls._spec.cls.__name__}, "
-                            f"got {type(module).__name__}")
-        new = retyped_copy(module, cls)
-        new.init_noise(variation, mode, generator)
-        return new
-
-    def init_noise(self, variation, mode, generator) -> None:
-        """Start the noise state of a retyped copy (see :func:`retyped_copy`)."""
-        self._init_noise(variation, mode, generator)
-
     def crossbar_weight_names(self) -> tuple[str, ...]:
         return (self._spec.weight,)
-
-    def plain_copy(self) -> nn.Module:
-        """The plain module with the same state (what :func:`nft_cuda.strip` puts back)."""
-        return retyped_copy(self, self._spec.cls)
 
     def extra_repr(self) -> str:
         return f"{self._spec.cls.extra_repr(self)}, {self._noise_repr()}"
@@ -188,7 +222,7 @@ def register_noisy(cls: type, weight: str, apply: Callable) -> type:
 
 def _make_noisy_class(spec: NoisySpec) -> type:
     cls, weight = spec.cls, spec.weight
-    body = {"_spec": spec, "__module__": cls.__module__, "__doc__": f"Noisy {cls.__name__} (register_noisy)."}
+    body = {"_spec": spec, "_plain": cls, "__module__": cls.__module__, "__doc__": f"Noisy {cls.__name__} (register_noisy)."}
     if weight != "weight":
         if hasattr(cls, "weight"):
             raise ValueError(f"register_noisy: {cls.__name__} has its own 'weight' attribute; register that one "
