@@ -11,11 +11,12 @@ from nft_cuda.nn.conversion import (convert, kept_noise_state, noise_mode, noisy
                                     set_noise_mode, strip)
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.nn.attention import NoisyMultiheadAttention
+from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
 from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, conversion_summary
 
 __all__ = ["MODES", "ConversionSummary", "ConvertedLayer", "DigitalWeight", "NoiseState", "NoisyConv1d",
-           "NoisyConv2d", "NoisyEmbedding", "NoisyLinear", "NoisyModule", "NoisyMultiheadAttention", "SamplePlan",
+           "NoisyConv2d", "NoisyEmbedding", "NoisyGRU", "NoisyLSTM", "NoisyLinear", "NoisyModule", "NoisyMultiheadAttention", "NoisyRNN", "SamplePlan",
            "conversion_summary",
            "convert", "instance_offset", "instance_plans", "kept_noise_state", "noise_mode", "noisy_layers",
            "register_noisy", "sample_plan", "set_instance", "set_noise_mode", "strip", "unbatchable_modules",

@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from nft_cuda import _args
-from nft_cuda.nn import attention  # noqa: F401  (registers NoisyMultiheadAttention for convert)
+from nft_cuda.nn import attention, recurrent  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn import generic, summary
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule
 from nft_cuda.variation import Variation
