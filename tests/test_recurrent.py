@@ -246,3 +246,29 @@ def test_torch_compile_runs_it_eagerly_like_plain_rnns():
     eager = layer(x)[0]
     eager.sum().backward()
     assert torch.equal(compiled, eager) and torch.equal(grad, x.grad)
+
+
+class _AttentionThenLSTM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.lstm = nn.LSTM(16, 8, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, tokens):
+        h = self.emb(tokens)
+        out, _ = self.lstm(h + self.attn(h, h, h, need_weights=False)[0])
+        return self.head(out[:, -1])
+
+
+def test_monte_carlo_evaluates_attention_and_recurrent_layers_folded_as_unfolded():
+    from nft_cuda.eval import monte_carlo
+
+    torch.manual_seed(0)
+    model = nft_cuda.convert(_AttentionThenLSTM(), V, strict=True)
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randint(0, 20, (6, 5), generator=gen), torch.randint(0, 3, (6,), generator=gen)) for _ in range(2)]
+    folded = monte_carlo(model, data, nft_cuda.Variation(0.5), runs=4, seed=0, progress=False, fold=True)[0]
+    unfolded = monte_carlo(model, data, nft_cuda.Variation(0.5), runs=4, seed=0, progress=False, fold=False)[0]
+    assert folded == unfolded and folded["ekl"] > 0

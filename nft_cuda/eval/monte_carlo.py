@@ -25,8 +25,9 @@ identity) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
 training flags, variations, noise modes and instance state are restored afterwards. σ_d = 0 needs no
-sampling: every instance is the clean model (R identical accuracies, std 0, EKL 0). The noisy layers
-must be ``Linear`` / ``Conv1d`` / ``Conv2d`` noisy layers (the ones :func:`nft_cuda.convert` makes).
+sampling: every instance is the clean model (R identical accuracies, std 0, EKL 0). Any noisy layer
+works (linear, convolution, attention, recurrent, registered types): each takes the instances' noise
+through its sample plan.
 
 The loader must yield the same inputs in the same order on every pass (a test loader: no shuffling);
 it is iterated once for the clean accuracy and once per pass, and the labels of every pass are checked
@@ -174,12 +175,6 @@ def _clean_pass(model: nn.Module, loader, device: torch.device):
     return torch.cat(labels), int(correct), float(conf_sum), classes
 
 
-def _check_layer_types(layers) -> None:
-    for layer in layers:
-        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
-
-
 def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed, r0: int, samples: int,
                 fold: bool):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
@@ -310,7 +305,6 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
     if len(layers) >= 2**31:
         raise ValueError("too many noisy layers")
-    _check_layer_types(layers)
     device = _model_device(model, device)
     comm = current_group(group, distributed)
 

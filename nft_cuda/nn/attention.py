@@ -25,8 +25,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nft_cuda.nn.generic import (RetypedNoisy, SeveralWeightCrossbar, recomputed, register_class, sample_chunks,
-                                 straight_through_samples)
+from nft_cuda.nn.generic import (
+    RetypedNoisy,
+    SeveralWeightCrossbar,
+    recomputed,
+    register_class,
+    sample_chunks,
+    straight_through_samples,
+)
 from nft_cuda.nn.layers import NoisyLinear, NoisyModule
 from nft_cuda.variation import Variation
 

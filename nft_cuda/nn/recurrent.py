@@ -22,9 +22,15 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from nft_cuda.nn.generic import (
+    RetypedNoisy,
+    SeveralWeightCrossbar,
+    recomputed,
+    register_class,
+    sample_chunks,
+    straight_through_samples,
+)
 from nft_cuda.nn.layers import NoisyModule
-from nft_cuda.nn.generic import (RetypedNoisy, SeveralWeightCrossbar, recomputed, register_class, sample_chunks,
-                                 straight_through_samples)
 from nft_cuda.variation import Variation
 
 __all__ = ["NoisyGRU", "NoisyLSTM", "NoisyRNN"]
