@@ -54,7 +54,7 @@ def test_summary_lists_converted_layers_and_digital_weights_with_reasons():
     assert s.noisy_params == 24 and s.digital_params == 80 + 64
     assert s.other_params == 8 + 8 + 8 + 3  # LayerNorm weight+bias, custom.b, head.bias
     text = str(s)
-    assert "1 noisy layers" in text and "head.weight (24)" in text and "custom.w [8, 8] (64)" in text
+    assert "1 noisy layer," in text and "head.weight (24)" in text and "custom.w [8, 8] (64)" in text
     assert [w.name for w in s.unexpected] == ["custom.w"]
 
 

@@ -76,7 +76,8 @@ class ConversionSummary:
     def __str__(self) -> str:
         total = self.noisy_params + self.digital_params
         share = 100.0 * self.noisy_params / total if total else 0.0
-        lines = [f"nft_cuda.convert: {len(self.converted)} noisy layers, {self.noisy_params:,} of {total:,} "
+        count = len(self.converted)
+        lines = [f"nft_cuda.convert: {count} noisy layer{'' if count == 1 else 's'}, {self.noisy_params:,} of {total:,} "
                  f"weight-matrix parameters noisy ({share:.1f}%); {self.other_params:,} 1-D/bias parameters digital"]
         for layer in self.converted:
             lines.append(f"  noisy    {layer.name or '<model>'}: {layer.original_type} -> {layer.noisy_type}, "
