@@ -136,3 +136,18 @@ def test_registration_errors():
     nft_cuda.register_noisy(_Other, "w", _apply)
     with pytest.raises(ValueError, match="registered with weight 'w', which is not one of its parameters"):
         nft_cuda.convert(_Other(), V)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    _registered()
+    layer = nft_cuda.convert(TransposedLinear(5, 4), V)
+    nft_cuda.set_instance(layer, seed=0, instance=1)
+    x = torch.randn(3, 5, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    compiled.sum().backward()
+    grad = layer.w.grad.clone()
+    layer.zero_grad()
+    eager = layer(x)
+    eager.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, layer.w.grad, rtol=1e-5, atol=1e-6)
