@@ -48,7 +48,9 @@ def reference_monte_carlo(path: str, loader, variation: Variation, runs: int, *,
         model.eval()
         with torch.no_grad():
             for _name, layer in noisy_layers(model):
-                reference_perturb_(layer.weight, variation, gen)
+                weight = layer.weight.detach().clone()  # a crossbar may span several parameters (attention)
+                reference_perturb_(weight, variation, gen)
+                layer.load_crossbar_(weight)
             correct, n, probs = 0, 0, []
             for x, y in loader:
                 x, y = x.to(device), y.to(device)

@@ -14,6 +14,10 @@ from nft_cuda import ops, reference, rng
 from nft_cuda.variation import PRESETS, Variation
 from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
 from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
+from nft_cuda.nn.attention import NoisyMultiheadAttention
+from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
+from nft_cuda.nn.generic import register_noisy
+from nft_cuda.nn.summary import ConversionSummary, conversion_summary
 
 __version__ = "0.1.0"
 
@@ -35,4 +39,5 @@ def __dir__() -> list[str]:
 
 __all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__",
            "NoisyLinear", "NoisyConv1d", "NoisyConv2d", "NoisyModule", "convert", "strip", "noisy_layers",
-           "set_noise_mode", "set_instance", "noise_mode"]
+           "set_noise_mode", "set_instance", "noise_mode", "register_noisy", "NoisyMultiheadAttention", "NoisyRNN", "NoisyLSTM", "NoisyGRU", "ConversionSummary",
+           "conversion_summary"]

@@ -100,7 +100,7 @@ def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
         variation = Variation(**payload["variation"])
         noisy = list(payload["noisy"])
         if noisy:
-            convert(model, variation, include=noisy)
+            convert(model, variation, include=noisy, embeddings=True)  # exactly the listed layers, embeddings too
         state = payload["state_dict"]
     except KeyError as exc:
         raise ValueError(f"{path} is a malformed exported nft_cuda model: missing entry {exc}") from None

@@ -245,10 +245,10 @@ def test_shared_module_lone_layer_and_mha():
     assert isinstance(noisy, NoisyLinear) and noisy.weight is lin.weight
     assert type(nft_cuda.strip(noisy)) is nn.Linear
 
-    # nn.MultiheadAttention uses out_proj.weight without calling out_proj: it is not converted
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: both convert together
     model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "fc": nn.Linear(8, 2)})
     nft_cuda.convert(model, V)
-    assert _noisy_names(model) == ["fc"]
+    assert _noisy_names(model) == ["attn", "attn.out_proj", "fc"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ identity) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
 training flags, variations, noise modes and instance state are restored afterwards. σ_d = 0 needs no
-sampling: every instance is the clean model (R identical accuracies, std 0, EKL 0). The noisy layers
-must be ``Linear`` / ``Conv1d`` / ``Conv2d`` noisy layers (the ones :func:`nft_cuda.convert` makes).
+sampling: every instance is the clean model (R identical accuracies, std 0, EKL 0). Any noisy layer
+works (linear, convolution, attention, recurrent, registered types): each takes the instances' noise
+through its sample plan.
 
 The loader must yield the same inputs in the same order on every pass (a test loader: no shuffling);
 it is iterated once for the clean accuracy and once per pass, and the labels of every pass are checked
@@ -192,9 +193,6 @@ def _evaluable_layers(model: nn.Module) -> list:
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
     if len(layers) >= 2**31:
         raise ValueError("too many noisy layers")
-    for layer in layers:
-        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            raise TypeError(f"monte_carlo does not know how to evaluate noisy layer type {type(layer).__name__}")
     return layers
 
 

@@ -1,6 +1,6 @@
 """Turning any ``nn.Module`` into a noisy one and back, and setting the noise mode of a whole model.
 
-* :func:`convert` swaps ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers for their noisy
+* :func:`convert` swaps ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (and registered) layers for their noisy
   counterparts (sharing the same Parameter objects, so devices, dtypes and weights are kept), with
   name filters and per-layer variations;
 * :func:`strip` gives back a plain model with the same parameters;
@@ -13,10 +13,14 @@ and matches a layer when it matches the layer's name or the name of one of its a
 ``"classifier"`` selects every layer inside ``classifier``, ``"features.0"`` selects that layer (or
 everything inside it when it is a container) and ``"*.downsample"`` every layer of every downsample.
 
-Only modules whose type is exactly ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d`` are converted: subclasses
-(e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used without calling its
-``forward``, or parametrized modules) are left alone. Forward/backward hooks registered on a replaced
-module are not carried over.
+Converted are ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` and their subclasses that keep the base
+class's ``forward`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``: a child whose weight its parent
+reads directly is converted only together with that parent), the layer types registered with
+:func:`nft_cuda.register_noisy` and, with ``embeddings=True``, ``nn.Embedding``. Subclasses with their own
+``forward``, parametrized modules and unknown types stay digital; normalisation layers and embeddings
+stay digital by default. :func:`nft_cuda.conversion_summary` says what a conversion did and why each
+weight matrix left digital was left; ``strict=True`` makes a gap an error. Forward/backward hooks
+registered on a replaced module are not carried over.
 
 Fast paths. Some ``torch.nn`` modules (:data:`FAST_PATH_MODULES`: the Transformer encoder, its layers, the
 decoder layer and ``nn.MultiheadAttention``) run, in eval mode without gradients, one fused kernel that
@@ -36,8 +40,11 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from nft_cuda import _args
+from nft_cuda.nn import attention, recurrent  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
+from nft_cuda.nn import generic, summary
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule
 from nft_cuda.variation import Variation
 
@@ -98,33 +105,48 @@ def _renumber(model: nn.Module) -> list[NoisyModule]:
     return layers
 
 
-def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
-            per_layer: Mapping[str, Variation] | None = None, *, mode: str = "train") -> nn.Module:
-    """Swap the Linear/Conv1d/Conv2d layers of ``model`` for noisy ones, in place.
+def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bool]:
+    """(noisy class, "", _) for a module convert can make noisy, else (None, why it stays digital, whether
+    that is a documented default rather than a gap)."""
+    t = type(module)
+    if isinstance(module, NoisyModule):
+        return t, "", True
+    if t in NOISY_CLASSES:
+        return NOISY_CLASSES[t], "", True
+    noisy = generic.registered(t)
+    if noisy is not None:
+        spec = generic.spec_of(noisy)
+        if spec is not None and not spec.by_default and not embeddings:
+            return None, f"{t.__name__}: embeddings stay digital by default (convert(..., embeddings=True))", True
+        if spec is not None and spec.weight not in dict(module.named_parameters(recurse=False)):
+            raise ValueError(f"convert: {t.__name__} is registered with weight {spec.weight!r}, which is not one of "
+                             f"its parameters {[n for n, _ in module.named_parameters(recurse=False)]}")
+        return noisy, "", True
+    if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
+        return None, "parametrized layer (torch.nn.utils.parametrize): not converted", False
+    for base, noisy in NOISY_CLASSES.items():
+        if isinstance(module, base):
+            if t.forward is base.forward:  # a subclass that only adds attributes (e.g. MHA's out_proj)
+                return noisy, "", True
+            return None, (f"{t.__name__} subclasses nn.{base.__name__} with its own forward: "
+                          "register it with nft_cuda.register_noisy"), False
+    if isinstance(module, _NORMALISATIONS):
+        return None, f"{t.__name__}: normalisation layers stay digital", True
+    return None, f"unsupported type {t.__name__}: register it with nft_cuda.register_noisy", False
 
-    Args:
-        model: any ``nn.Module`` (Sequential, ModuleDict, torchvision-style models, a lone layer).
-        variation: the :class:`~nft_cuda.Variation` of every converted layer without a
-            ``per_layer`` entry.
-        include: module-name patterns; only matching layers are converted (default: all).
-        exclude: module-name patterns of layers to keep digital (e.g. the first and last layer).
-        per_layer: pattern → Variation overriding ``variation`` for the matching converted layers. An
-            exact layer name wins over globs; among globs, the first matching entry wins.
-        mode: the noise mode of the converted layers, ``"train"`` (default) or ``"off"``.
 
-    Returns:
-        ``model`` itself with its layers replaced (or the new layer when ``model`` is itself a
-        Linear/Conv layer). The noisy layers share the original Parameter objects, so the state_dict,
-        devices and dtypes are unchanged. Layers already noisy and selected get the new variation.
-        Every noisy layer's ``layer_index`` is set to its position among the noisy layers in
-        ``named_modules()`` order (DESIGN §2).
+#: Modules whose forward reads a child's weight without calling the child: the child can only be noisy
+#: when its parent is converted too.
+_READS_CHILD_WEIGHTS: tuple[type, ...] = (nn.MultiheadAttention,)
+_NORMALISATIONS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
-    Raises:
-        TypeError: wrong argument types.
-        ValueError: a pattern of ``include``/``exclude``/``per_layer`` matching no convertible layer
-            (the message lists them and the layer names), or an unknown mode.
-    """
-    _check_model(model)
+
+def _weight_names(module_name: str, module: nn.Module) -> list[str]:
+    prefix = f"{module_name}." if module_name else ""
+    return [prefix + n for n, p in module.named_parameters(recurse=False) if summary.is_weight_matrix(n, p)]
+
+
+def _check_options(variation, include, exclude, per_layer, mode, embeddings, strict):
     if not isinstance(variation, Variation):
         raise TypeError(f"variation must be an nft_cuda.Variation, got {type(variation).__name__}")
     include = _patterns("include", include)
@@ -141,23 +163,104 @@ def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
             raise TypeError(f"per_layer['{pat}'] must be an nft_cuda.Variation, got {type(var).__name__}")
     if not isinstance(mode, str) or mode not in ("train", "off"):
         raise ValueError(f"convert: mode must be 'train' or 'off' (use set_instance for instance mode), got {mode!r}")
+    for flag, value in (("embeddings", embeddings), ("strict", strict)):
+        if not isinstance(value, bool):
+            raise TypeError(f"convert: {flag} must be a bool, got {type(value).__name__}")
+    return include, exclude, per_layer
 
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if type(m) in NOISY_CLASSES or isinstance(m, NoisyModule)]
+
+def _select(modules, kinds, include, exclude, per_layer):
+    """(selected (name, module) pairs, reasons for the convertible or weight-holding modules left out)."""
+    candidates = [(n, m) for n, m in modules if kinds[n][0] is not None]
     names = [n for n, _ in candidates]
+    weights = {n: _weight_names(n, m) for n, m in modules}
+
+    def excluded(name: str) -> bool:
+        return any(_matches(name, p) or any(_matches(w, p) for w in weights[name]) for p in exclude or ())
 
     unknown = []
-    for label, pats in (("include", include), ("exclude", exclude), ("per_layer", list(per_layer))):
+    for label, pats, pool in (("include", include, names), ("exclude", exclude, names + sum(weights.values(), [])),
+                              ("per_layer", list(per_layer), names)):
         for p in pats or ():
-            if not any(_matches(n, p) for n in names):
+            if not any(_matches(n, p) for n in pool):
                 unknown.append(f"{label} {p!r}")
     if unknown:
-        raise ValueError(f"convert: {', '.join(unknown)} match no Linear/Conv1d/Conv2d layer; "
+        raise ValueError(f"convert: {', '.join(unknown)} match no convertible layer; "
                          f"the convertible layers are {_listing(names)}")
+    reasons: dict[str, tuple[str, bool]] = {}
+    selected = []
+    for name, module in modules:
+        if excluded(name):
+            reasons[name] = ("excluded by the user (exclude=)", True)
+        elif kinds[name][0] is None:
+            reasons[name] = kinds[name][1:]
+        elif include is not None and not any(_matches(name, p) for p in include):
+            reasons[name] = ("not selected by include=", True)
+        else:
+            selected.append((name, module))
+    return _drop_children_read_directly(modules, selected, reasons), reasons
 
-    selected = [(n, m) for n, m in candidates
-                if (include is None or any(_matches(n, p) for p in include))
-                and not any(_matches(n, p) for p in exclude or ())]
+
+def _drop_children_read_directly(modules, selected, reasons):
+    kept = {n for n, _ in selected}
+    by_name = dict(modules)
+    out = []
+    for name, module in selected:
+        parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
+        owner = by_name.get(parent) if parent is not None else None
+        if (isinstance(owner, _READS_CHILD_WEIGHTS) and not isinstance(owner, NoisyModule)
+                and parent not in kept):
+            why, chosen = reasons.get(parent, ("", False))
+            reasons[name] = (f"its weight is read directly by '{parent}' ({type(owner).__name__}), which stays "
+                             f"digital" + (f": {why}" if why else ""), chosen)
+        else:
+            out.append((name, module))
+    return out
+
+
+def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
+            per_layer: Mapping[str, Variation] | None = None, *, mode: str = "train", embeddings: bool = False,
+            strict: bool = False) -> nn.Module:
+    """Swap the layers of ``model`` that a crossbar would hold for noisy ones, in place.
+
+    Converted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and their subclasses that keep the base
+    class's forward (e.g. the ``out_proj`` of attention), the types registered with
+    :func:`nft_cuda.register_noisy`, and ``nn.Embedding`` when ``embeddings=True``. What was converted and
+    every weight matrix (≥ 2-D parameter, not a bias) left digital, with the reason, is in
+    :func:`nft_cuda.conversion_summary` ``(model)``.
+
+    Args:
+        model: any ``nn.Module`` (Sequential, ModuleDict, torchvision-style models, a lone layer).
+        variation: the :class:`~nft_cuda.Variation` of every converted layer without a
+            ``per_layer`` entry.
+        include: module-name patterns; only matching layers are converted (default: all).
+        exclude: module-name patterns of layers to keep digital (e.g. the first and last layer); a
+            pattern may also name a weight (``"pos_embedding"``) to mark it as digital on purpose.
+        per_layer: pattern → Variation overriding ``variation`` for the matching converted layers. An
+            exact layer name wins over globs; among globs, the first matching entry wins.
+        mode: the noise mode of the converted layers, ``"train"`` (default) or ``"off"``.
+        embeddings: also make ``nn.Embedding`` layers noisy (default: they stay digital).
+        strict: raise ValueError, converting nothing, when a weight matrix would stay digital without
+            being excluded (an unsupported or unregistered layer type, say); the message lists them all.
+
+    Returns:
+        ``model`` itself with its layers replaced (or the new layer when ``model`` is itself a
+        convertible layer). The noisy layers share the original Parameter objects, so the state_dict,
+        devices and dtypes are unchanged. Layers already noisy and selected get the new variation.
+        Every noisy layer's ``layer_index`` is set to its position among the noisy layers in
+        ``named_modules()`` order (DESIGN §2).
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: a pattern of ``include``/``exclude``/``per_layer`` matching no convertible layer
+            (the message lists them and the layer names), an unknown mode, or ``strict`` with weight
+            matrices left digital.
+    """
+    _check_model(model)
+    include, exclude, per_layer = _check_options(variation, include, exclude, per_layer, mode, embeddings, strict)
+    modules = list(model.named_modules())
+    kinds = {name: _classify(m, embeddings) for name, m in modules}
+    selected, reasons = _select(modules, kinds, include, exclude, per_layer)
     sel_names = [n for n, _ in selected]
     unused = [p for p in per_layer if not any(_matches(n, p) for n in sel_names)]
     if unused:
@@ -173,15 +276,23 @@ def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
         return variation
 
     memo: dict[int, nn.Module] = {}
+    converted: dict[str, NoisyModule] = {}
     for name, module in selected:
-        var = variation_of(name)
+        if not isinstance(module, NoisyModule) and id(module) not in memo:
+            memo[id(module)] = kinds[name][0].from_module(module, variation_of(name), mode=mode)
+        converted[name] = memo.get(id(module), module)
+    result = summary.build_summary(model, converted, reasons)
+    if strict and result.unexpected:
+        raise ValueError("convert(strict=True): these weight matrices would stay digital:\n  " + "\n  ".join(
+            f"{w.name} {list(w.shape)}: {w.reason}" for w in result.unexpected)
+            + "\nregister their layer types (nft_cuda.register_noisy) or exclude them (exclude=[...])")
+    for name, module in selected:
         if isinstance(module, NoisyModule):
-            module.variation = var
-            continue
-        memo[id(module)] = NOISY_CLASSES[type(module)].from_module(module, var, mode=mode)
+            module.variation = variation_of(name)
     model = _replace(model, memo)
     _renumber(model)
     guard_fast_paths(model)
+    summary.remember(model, result)
     return model
 
 
@@ -194,9 +305,12 @@ def strip(model: nn.Module) -> nn.Module:
     for _, module in model.named_modules():
         if isinstance(module, NoisyModule) and id(module) not in memo:
             plain_cls = next((p for noisy, p in PLAIN_CLASSES.items() if isinstance(module, noisy)), None)
-            if plain_cls is None:
+            if plain_cls is not None:
+                memo[id(module)] = _plain_copy(module, plain_cls)
+            elif callable(getattr(module, "plain_copy", None)):
+                memo[id(module)] = module.plain_copy()
+            else:
                 raise TypeError(f"strip: no plain counterpart known for {type(module).__name__}")
-            memo[id(module)] = _plain_copy(module, plain_cls)
     model = _replace(model, memo)
     guard_fast_paths(model)
     return model

@@ -352,6 +352,9 @@ class NoisyModule(nn.Module):
     with :meth:`restore_noise_state`, and kept over a block with ``with layer.kept_noise_state(): ...``.
     """
 
+    #: The attributes (and the buffer ``_instance_rng``) :meth:`_init_noise` adds to the plain module.
+    NOISE_ATTRIBUTES = ("_variation", "_mode", "generator", "layer_index", "instance_seed", "instance", "_sample_plan")
+
     def _init_noise(self, variation, mode, generator) -> None:
         self._variation = None
         self._mode = "off"
@@ -540,6 +543,15 @@ class NoisyModule(nn.Module):
 
     def _noise_repr(self) -> str:
         return f"variation={self._variation}, mode={self._mode}"
+
+    def crossbar_weight_names(self) -> tuple[str, ...]:
+        """Names of the parameters this layer perturbs (``weight`` is their crossbar tensor)."""
+        return ("weight",)
+
+    @torch.no_grad()
+    def load_crossbar_(self, value: torch.Tensor) -> None:
+        """Copy ``value`` [*weight.shape] into the parameter(s) behind ``weight``, in place."""
+        self.weight.copy_(value)
 
 
 class NoisyLinear(NoisyModule, nn.Linear):

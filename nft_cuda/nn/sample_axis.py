@@ -36,7 +36,7 @@ BATCHABLE_LEAVES: tuple[type, ...] = (
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softmax, nn.LogSoftmax,
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.LayerNorm, nn.GroupNorm, nn.ZeroPad2d, nn.ConstantPad2d,
+    nn.LayerNorm, nn.GroupNorm, nn.ZeroPad2d, nn.ConstantPad2d, nn.Embedding,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,  # handled chunk by chunk
 )
 

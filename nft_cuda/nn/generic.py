@@ -1,0 +1,264 @@
+"""Noisy layers built around a forward function: the mechanism of :class:`NoisyMultiheadAttention`, of
+embeddings and of the layer types a user registers with :func:`register_noisy` (DESIGN §2, §3, §5).
+
+Such a layer's forward draws its noisy weight(s) with ``nft_cuda.ops.perturb`` for the layer's rng (so
+the noise is exactly that of ``layer.noisy_weight(rng)``) and applies them with a plain function. The
+weight gradient is straight-through (``ops.perturb``'s own gradient). Under autograd the call is
+checkpointed (``torch.utils.checkpoint``, non-reentrant): forward keeps only its inputs, and backward
+draws the noisy weights again from the same rng and re-runs the function, so no noisy weight is stored
+(DESIGN §3). With a sample plan of S samples the inputs' batch axis holds S chunks; chunk t is applied
+with noisy weight t (DESIGN §5).
+
+A layer type becomes convertible by :func:`nft_cuda.convert` with :func:`register_noisy`::
+
+    nft_cuda.register_noisy(MyTransposedLinear, weight="w", apply=lambda m, w, x: x @ w + m.b)
+
+``apply(module, weight, *args, **kwargs)`` must compute the module's forward with ``weight`` in place of
+the named parameter. Registering makes a noisy class ``Noisy<Name>`` (a subclass of both
+:class:`~nft_cuda.nn.layers.NoisyModule` and the user's class): in mode off it calls the class's own
+forward (bit-identical), in modes train/instance ``apply`` with the noisy weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nft_cuda import ops
+from nft_cuda.nn.layers import NoisyModule, SamplePlan
+
+__all__ = ["NoisyEmbedding", "NoisySpec", "RetypedNoisy", "SeveralWeightCrossbar", "cat_samples", "recomputed", "register_noisy", "registered",
+           "register_class", "retyped_copy", "sample_chunks", "spec_of", "straight_through_samples",
+           "unregister_noisy"]
+
+
+def straight_through_samples(layer: NoisyModule, plan: SamplePlan | None) -> torch.Tensor:
+    """[S, *layer.weight.shape]: the noisy weights of ``plan`` (straight-through gradient to the clean
+    weight), the plan's precomputed weights when it carries them, or the clean weight [1, ...] for no
+    plan (mode off)."""
+    if plan is None:
+        return layer.weight.unsqueeze(0)
+    if plan.weights is not None:
+        return plan.weights
+    if plan.sigmas is None:
+        return ops.perturb(layer.weight, layer.variation, rng=plan.rng)
+    return ops.perturb(layer.weight, layer.variation, rng=plan.rng, samples=plan.sigmas.shape[0], sigmas=plan.sigmas)
+
+
+def recomputed(fn: Callable, *args):
+    """``fn(*args)``; under autograd checkpointed, so backward re-runs ``fn`` (redrawing the noise from
+    the same rng) instead of keeping what it saved."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def sample_chunks(t, samples: int, dim: int = 0) -> list:
+    """The S chunks of a batched tensor along ``dim`` (S copies of anything else: None, flags)."""
+    if not isinstance(t, torch.Tensor) or samples == 1:
+        return [t] * samples
+    if t.dim() <= dim or t.shape[dim] % samples:
+        raise ValueError(f"a sample-axis forward with {samples} samples needs inputs whose batch axis (dim {dim}) "
+                         f"is a multiple of {samples}, got shape {list(t.shape)}")
+    return list(t.chunk(samples, dim=dim))
+
+
+def cat_samples(outs: list, dim: int = 0):
+    """Concatenate per-sample outputs (tensors, or tuples of tensors / None) along ``dim``."""
+    if len(outs) == 1:
+        return outs[0]
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outs, dim=dim)
+    if isinstance(first, tuple):
+        return tuple(cat_samples(list(parts), dim) if parts[0] is not None else None for parts in zip(*outs))
+    raise TypeError(f"a sample-axis forward needs tensor outputs, got {type(first).__name__}")
+
+
+def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
+    """A module of class ``cls`` with ``module``'s state: the same Parameter, buffer and submodule
+    objects and attributes (hooks are not carried over). ``cls`` must be ``type(module)``'s noisy
+    subclass or, for a noisy module, its plain base (then the noise state is left behind)."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    fresh, old = vars(new), vars(module)
+    noise = set(NoisyModule.NOISE_ATTRIBUTES) if not issubclass(cls, NoisyModule) else set()
+    fresh.update({k: v for k, v in old.items() if k not in fresh and k not in noise})
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        fresh[key].update(old[key])
+    if noise:
+        fresh["_buffers"].pop("_instance_rng", None)
+        fresh["_non_persistent_buffers_set"].discard("_instance_rng")
+    new.train(module.training)
+    return new
+
+
+class RetypedNoisy(NoisyModule):
+    """A noisy class made from its plain class ``_plain`` by retyping a module (:func:`retyped_copy`):
+    ``from_module`` keeps every attribute, parameter and submodule of the plain module."""
+
+    _plain: type
+
+    @classmethod
+    def from_module(cls, module: nn.Module, variation=None, *, mode: str | None = None, generator=None):
+        """The noisy version of ``module`` (sharing its Parameter and submodule objects)."""
+        if not isinstance(module, cls._plain):
+            raise TypeError(f"{cls.__name__}.from_module expects a {cls._plain.__name__}, got {type(module).__name__}")
+        new = retyped_copy(module, cls)
+        new.init_noise(variation, mode, generator)
+        return new
+
+    def init_noise(self, variation, mode, generator) -> None:
+        """Start the noise state of a retyped copy."""
+        self._init_noise(variation, mode, generator)
+
+    def plain_copy(self) -> nn.Module:
+        """The plain module with the same state (what :func:`nft_cuda.strip` puts back)."""
+        return retyped_copy(self, self._plain)
+
+
+class SeveralWeightCrossbar(NoisyModule):
+    """A noisy layer whose crossbar tensor ``weight`` is the flattened concatenation, in
+    :meth:`crossbar_weight_names` order, of several weight parameters (one name: that parameter itself).
+    One max|W| then scales the noise of all of them."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The crossbar tensor (differentiable: gradients reach the parameters)."""
+        names = self.crossbar_weight_names()
+        if len(names) == 1:
+            return getattr(self, names[0])
+        return torch.cat([getattr(self, n).reshape(-1) for n in names])
+
+    def crossbar_parts(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameter name → its part of a crossbar tensor ``value`` [*weight.shape], in its shape."""
+        names = self.crossbar_weight_names()
+        if len(names) == 1:
+            return {names[0]: value}
+        params = [getattr(self, n) for n in names]
+        parts = value.split([p.numel() for p in params])
+        return {n: part.view(p.shape) for n, part, p in zip(names, parts, params)}
+
+    @torch.no_grad()
+    def load_crossbar_(self, value: torch.Tensor) -> None:
+        for name, part in self.crossbar_parts(value).items():
+            getattr(self, name).copy_(part)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoisySpec:
+    """How a layer type becomes noisy: ``cls``, its crossbar ``weight`` (a parameter name of the module
+    itself) and ``apply(module, weight, *args, **kwargs)``. ``by_default`` False means
+    :func:`nft_cuda.convert` converts it only when asked (embeddings)."""
+
+    cls: type
+    weight: str
+    apply: Callable
+    by_default: bool = True
+
+
+#: plain class → noisy class of the registered (and built-in generic) layer types
+_REGISTRY: dict[type, type] = {}
+
+
+class _RegisteredNoisy(RetypedNoisy):
+    """Body of the classes made by :func:`register_noisy` (the user's class follows in the MRO)."""
+
+    _spec: NoisySpec
+
+    def forward(self, *args, **kwargs):
+        noise = self.forward_noise()
+        if noise is None:
+            return self._spec.cls.forward(self, *args, **kwargs)
+        apply = self._spec.apply
+
+        def noisy_forward(*inputs):
+            weights = straight_through_samples(self, noise)
+            samples = weights.shape[0]
+            chunks = [sample_chunks(a, samples) for a in inputs]
+            return cat_samples([apply(self, weights[t], *[c[t] for c in chunks], **kwargs) for t in range(samples)])
+
+        return recomputed(noisy_forward, *args)
+
+    def _check_input(self, input) -> None:  # inputs are whatever the user's forward takes
+        return None
+
+    def crossbar_weight_names(self) -> tuple[str, ...]:
+        return (self._spec.weight,)
+
+    def extra_repr(self) -> str:
+        return f"{self._spec.cls.extra_repr(self)}, {self._noise_repr()}"
+
+
+def register_noisy(cls: type, weight: str, apply: Callable) -> type:
+    """Make layers of type ``cls`` convertible by :func:`nft_cuda.convert`; returns the noisy class.
+
+    Args:
+        cls: an ``nn.Module`` subclass (exact type; its subclasses need their own registration).
+        weight: the name of the crossbar weight, a parameter of the module itself (e.g. ``"w"``).
+        apply: ``apply(module, weight, *args, **kwargs)``: the module's forward computed with ``weight``
+            instead of the parameter. It is called with each sample's noisy weight; with a sample axis
+            every tensor positional argument is split along dim 0.
+
+    Registering a class again replaces its registration. Raises TypeError/ValueError for a class that
+    is not an ``nn.Module`` type, a non-callable ``apply`` or a malformed ``weight`` name; a module
+    without that parameter is reported by :func:`nft_cuda.convert`.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_noisy: cls must be an nn.Module subclass, got {cls!r}")
+    if issubclass(cls, NoisyModule):
+        raise TypeError(f"register_noisy: {cls.__name__} is already a noisy layer")
+    if not isinstance(weight, str) or not weight.isidentifier():
+        raise ValueError(f"register_noisy: weight must be a parameter name such as 'weight', got {weight!r}")
+    if not callable(apply):
+        raise TypeError(f"register_noisy: apply must be callable (module, weight, *args) -> output, got {apply!r}")
+    return _make_noisy_class(NoisySpec(cls, weight, apply))
+
+
+def _make_noisy_class(spec: NoisySpec) -> type:
+    cls, weight = spec.cls, spec.weight
+    body = {"_spec": spec, "_plain": cls, "__module__": cls.__module__, "__doc__": f"Noisy {cls.__name__} (register_noisy)."}
+    if weight != "weight":
+        if hasattr(cls, "weight"):
+            raise ValueError(f"register_noisy: {cls.__name__} has its own 'weight' attribute; register that one "
+                             f"or rename it")
+        body["weight"] = property(lambda self: self._parameters[weight],
+                                  doc=f"The crossbar weight (parameter '{weight}').")
+    noisy_cls = type(f"Noisy{cls.__name__}", (_RegisteredNoisy, cls), body)
+    _REGISTRY[cls] = noisy_cls
+    return noisy_cls
+
+
+def unregister_noisy(cls: type) -> None:
+    """Undo :func:`register_noisy` for ``cls`` (its layers stay digital again); no error if absent."""
+    _REGISTRY.pop(cls, None)
+
+
+def registered(cls: type) -> type | None:
+    """The noisy class registered for exactly ``cls``, or None."""
+    return _REGISTRY.get(cls)
+
+
+def spec_of(noisy_cls: type) -> NoisySpec | None:
+    """The registration behind a registered noisy class, or None."""
+    spec = getattr(noisy_cls, "_spec", None)
+    return spec if isinstance(spec, NoisySpec) else None
+
+
+def _embedding(module: nn.Embedding, weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    return F.embedding(input, weight, module.padding_idx, module.max_norm, module.norm_type,
+                       module.scale_grad_by_freq, module.sparse)
+
+
+#: The noisy embedding: converted only with ``convert(..., embeddings=True)``.
+NoisyEmbedding = _make_noisy_class(NoisySpec(nn.Embedding, "weight", _embedding, by_default=False))
+
+
+def register_class(plain_cls: type, noisy_cls: type) -> None:
+    """Register a hand-written noisy class (with its own ``from_module``) for exactly ``plain_cls``."""
+    _REGISTRY[plain_cls] = noisy_cls
