@@ -76,8 +76,9 @@ def test_guard_is_needed_without_it_the_fast_path_hides_the_noise():
     chip 1 (if torch ever drops the fast path, this documents that the guard became unnecessary)."""
     torch.manual_seed(0)
     model = nft_cuda.convert(_EncoderClassifier(True), VAR)
-    for handle in nft_cuda.conversion._guards.pop(model.enc):
-        handle.remove()
+    for module in model.modules():  # every guard: the encoder layer's and its attention's
+        for handle in nft_cuda.conversion._guards.pop(module, ()):
+            handle.remove()
     with pytest.raises(AssertionError, match="identical"):
         assert_chips_differ(model, torch.randn(4, 5, 16))
 
@@ -100,7 +101,7 @@ def test_guard_only_on_converted_modules_and_removed_by_strip():
     model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
                           nn.TransformerEncoderLayer(16, 2, 32, batch_first=True))
     nft_cuda.convert(model, VAR, exclude=["1"])
-    assert nft_cuda.conversion.guard_fast_paths(model) == ["0"]
+    assert nft_cuda.conversion.guard_fast_paths(model) == ["0", "0.self_attn"]
     assert len(model[0]._forward_pre_hooks) == 1 and not model[1]._forward_pre_hooks
     twin = copy.deepcopy(model)  # the copy's guard works too
     assert_chips_differ(twin, torch.randn(2, 5, 16))

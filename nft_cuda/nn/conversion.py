@@ -311,6 +311,7 @@ def strip(model: nn.Module) -> nn.Module:
                 memo[id(module)] = module.plain_copy()
             else:
                 raise TypeError(f"strip: no plain counterpart known for {type(module).__name__}")
+    summary.forget(model)
     model = _replace(model, memo)
     guard_fast_paths(model)
     return model
