@@ -174,8 +174,15 @@ def extension_modules():
         _log(f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPU)')}")
         _log(f"extra include dirs: {include_dirs[2:] or 'none'}")
     _log(f"sources: {', '.join(sources)}")
-    write_build_info({"extension": True, "cuda": with_cuda, "why": why, "torch": torch.__version__,
-                      "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None})
+    write_build_info(
+        {
+            "extension": True,
+            "cuda": with_cuda,
+            "why": why,
+            "torch": torch.__version__,
+            "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        }
+    )
 
     ext = ext_cls(
         name="nft_cuda._C",

@@ -41,7 +41,7 @@ CASES = {
 CASE_HELP = {
     "perturb": "perturb 4M elements, S = 1, 4 vs copy / reference / compiled",
     "linear": "NoisyLinear fwd+bwd (batch 128: 1024², 4096²; the DESIGN target shape) vs clean / reference / compiled"
-              " / aihwkit-lightning",
+    " / aihwkit-lightning",
     "fused": "ops.noisy_linear forward at M = 1, 16 vs perturb + GEMM vs clean GEMM",
     "snapshot": "ops.snapshot_linear (IRS heads of VGG-8/CIFAR) vs pool + noisy_linear vs pool + clean GEMM",
     "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled / aihwkit-lightning",
@@ -59,38 +59,62 @@ or a quick run that dropped to one thread on a busy machine)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     config.add_common_args(p)
     p.add_argument("--markdown", help="write the summary (environment + table) as Markdown to this path")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
-    p.add_argument("--render", metavar="JSON", help="print (and with --markdown write) the table of a saved JSON "
-                                                     "run instead of running")
-    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="print every ratio of two saved runs side by side with its spread and the change B / A")
+    p.add_argument(
+        "--render",
+        metavar="JSON",
+        help="print (and with --markdown write) the table of a saved JSON run instead of running",
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("A.json", "B.json"),
+        help="print every ratio of two saved runs side by side with its spread and the change B / A",
+    )
     return p
 
 
-def render_markdown(env: dict, cfg: config.Config, rows: list, failures: list, elapsed: float,
-                    load_end, complete: bool = True) -> str:
+def render_markdown(
+    env: dict, cfg: config.Config, rows: list, failures: list, elapsed: float, load_end, complete: bool = True
+) -> str:
     mode = "quick" if cfg.quick else "full"
-    lines = [f"## {cfg.device.upper()} ({mode} run{'' if complete else ', incomplete'})", "",
-             f"{environment.env_line(env)} load_average_end={load_end} elapsed={elapsed:.0f}s", ""]
+    lines = [
+        f"## {cfg.device.upper()} ({mode} run{'' if complete else ', incomplete'})",
+        "",
+        f"{environment.env_line(env)} load_average_end={load_end} elapsed={elapsed:.0f}s",
+        "",
+    ]
     reduced = list(dict.fromkeys(r.case for r in rows if r.threads and r.threads < (env.get("cpu_threads") or 0)))
     if reduced:
-        lines += ["Note: the machine was busy (torch's threads measured slower than one on a parallel op), so "
-                  f"these cases ran on 1 thread and none of their comparisons is the DESIGN configuration: "
-                  f"{'; '.join(reduced)}.", ""]
+        lines += [
+            "Note: the machine was busy (torch's threads measured slower than one on a parallel op), so "
+            f"these cases ran on 1 thread and none of their comparisons is the DESIGN configuration: "
+            f"{'; '.join(reduced)}.",
+            "",
+        ]
     if any(r.variant.startswith(peer.NAME) for r in rows):
         missing = peer.missing()
-        lines += [f"Peer: not run: {missing}." if missing else
-                  f"Peer: {peer.describe(config.LAYER_VARIATION)}; matched to nft_cuda's {config.LAYER_VARIATION} "
-                  "(the noise of the layer and training cases).", ""]
+        lines += [
+            f"Peer: not run: {missing}."
+            if missing
+            else f"Peer: {peer.describe(config.LAYER_VARIATION)}; matched to nft_cuda's {config.LAYER_VARIATION} "
+            "(the noise of the layer and training cases).",
+            "",
+        ]
     lines += [report.summary_table(rows), "", LEGEND]
     side_by_side = report.peer_summary_table(rows, peer.NAME)
     if side_by_side:
-        lines += ["", "nft_cuda vs the peer, per case (medians; the peer's Triton path where it ran):", "",
-                  side_by_side]
+        lines += [
+            "",
+            "nft_cuda vs the peer, per case (medians; the peer's Triton path where it ran):",
+            "",
+            side_by_side,
+        ]
     if failures:
         lines += ["", "**Failed cases:**", ""] + [f"- {f['case']}: {f['error']}" for f in failures]
     return "\n".join(lines) + "\n"
@@ -103,9 +127,15 @@ def render_saved(path: str, markdown: str | None) -> int:
         data = json.load(f)
     c = data["config"]
     cfg = config.Config(device=c["device"], quick=c["quick"], numel=c["numel"], compile=c["compile"])
-    text = render_markdown(data["environment"], cfg, report.rows_from_json(data), data.get("failures", []),
-                           data.get("elapsed_s", float("nan")), data.get("load_average_end"),
-                           data.get("complete", True))
+    text = render_markdown(
+        data["environment"],
+        cfg,
+        report.rows_from_json(data),
+        data.get("failures", []),
+        data.get("elapsed_s", float("nan")),
+        data.get("load_average_end"),
+        data.get("complete", True),
+    )
     print(text)
     if markdown:
         _files.atomic_write_text(markdown, text)
@@ -135,8 +165,18 @@ def main(argv=None) -> int:
         elapsed = time.perf_counter() - t0
         load_end = environment.load_average()
         if json_path:
-            report.write_json(json_path, env, rows, config=asdict(cfg), cases=names, ceilings=ceilings,
-                              failures=failures, complete=final, elapsed_s=elapsed, load_average_end=load_end)
+            report.write_json(
+                json_path,
+                env,
+                rows,
+                config=asdict(cfg),
+                cases=names,
+                ceilings=ceilings,
+                failures=failures,
+                complete=final,
+                elapsed_s=elapsed,
+                load_average_end=load_end,
+            )
         if a.markdown:
             _files.atomic_write_text(a.markdown, render_markdown(env, cfg, rows, failures, elapsed, load_end, final))
         return elapsed, load_end

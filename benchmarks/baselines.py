@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import nft_cuda
 
 
-def reference_noise(w: torch.Tensor, variation: nft_cuda.Variation, sigma: float | None = None,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def reference_noise(
+    w: torch.Tensor, variation: nft_cuda.Variation, sigma: float | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The reference's device-variation noise for weight ``w``, on ``w``'s device (a constant: no grad).
 
     max|W| read to the host, the state-band mask, ``torch.normal`` on the host, copied to the device —

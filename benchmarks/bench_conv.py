@@ -17,18 +17,23 @@ peer injects the same noise where nft_cuda does (checks.check_same_job).
 
 from __future__ import annotations
 
-from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nft_cuda  # noqa: E402
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from nft_cuda import _args  # noqa: E402
 
 #: VGG-8's convolutions: block → (in channels, out channels, input height = width).
-VGG8_CONVS = {"block1": (3, 64, 32), "block2": (64, 128, 32), "block3": (128, 256, 16),
-              "block4": (256, 256, 16), "block5": (256, 512, 8), "block6": (512, 512, 8)}
+VGG8_CONVS = {
+    "block1": (3, 64, 32),
+    "block2": (64, 128, 32),
+    "block3": (128, 256, 16),
+    "block4": (256, 256, 16),
+    "block5": (256, 512, 8),
+    "block6": (512, 512, 8),
+}
 
 
 def conv_shapes(cfg: config.Config) -> list[str]:
@@ -66,8 +71,9 @@ def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.
         with torch.no_grad():
             checks.check_rel_err(y, F.conv2d(x, w_noisy, padding=1), f"{name}: output vs conv(x, perturb(W))", tol)
             checks.check_rel_err(gx, torch.nn.grad.conv2d_input(x.shape, w_noisy, gy, padding=1), f"{name}: dx", tol)
-            checks.check_rel_err(gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1),
-                                 f"{name}: dW (straight-through)", tol)
+            checks.check_rel_err(
+                gw, torch.nn.grad.conv2d_weight(x, w.shape, gy, padding=1), f"{name}: dW (straight-through)", tol
+            )
             outs = {"noisy": y, "reference": baselines.reference_conv2d(x, w, None, v)}
             if compiled is not None:
                 outs["compiled"] = comp_out
@@ -79,13 +85,14 @@ def conv_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.
             "reference": lambda: torch.autograd.grad(baselines.reference_conv2d(x, w, None, v), (x, w), gy),
         }
         if compiled is not None:
-            fns["compiled"] = lambda: torch.autograd.grad(compiled(x, w, None, v.sigma, v.scale, v.state_factor),
-                                                          (x, w), gy)
+            fns["compiled"] = lambda: torch.autograd.grad(
+                compiled(x, w, None, v.sigma, v.scale, v.state_factor), (x, w), gy
+            )
         peers = peer.layer_variants(
-            cfg, name, noisy, clean, v, lambda layer: lambda: torch.autograd.grad(layer(x), (x, layer.weight), gy))
+            cfg, name, noisy, clean, v, lambda layer: lambda: torch.autograd.grad(layer(x), (x, layer.weight), gy)
+        )
         fns.update(peers.items)
-        rows = c.time(name, fns, work=6.0 * batch * cout * cin * 9 * hw * hw, unit=cfg.flop_unit,
-                      ceiling="GEMM fp32")
+        rows = c.time(name, fns, work=6.0 * batch * cout * cin * 9 * hw * hw, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyConv2d")
         peer.finish(c, rows, name, "NoisyConv2d", peers, "layer_vs_peer")
     return c.rows

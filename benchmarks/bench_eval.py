@@ -33,14 +33,13 @@ import functools
 import os
 import tempfile
 
-from benchmarks import checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nft_cuda  # noqa: E402
-from nft_cuda.eval import TensorBatches, monte_carlo  # noqa: E402
+from benchmarks import checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from benchmarks.reference_loop import reference_monte_carlo  # noqa: E402
+from nft_cuda.eval import TensorBatches, monte_carlo  # noqa: E402
 from nft_cuda.io import save_model  # noqa: E402
 from nft_cuda.models import build_model  # noqa: E402
 
@@ -56,8 +55,11 @@ def _data(split: str):
     except Exception as exc:  # the embedded slice may be missing from a broken install
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
         n = 6000 if split == "train" else 1000
-        return (torch.randn(n, 1, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g),
-                f"random images (embedded {split} split unavailable: {type(exc).__name__})")
+        return (
+            torch.randn(n, 1, 32, 32, generator=g),
+            torch.randint(0, 10, (n,), generator=g),
+            f"random images (embedded {split} split unavailable: {type(exc).__name__})",
+        )
 
 
 def trained_small_model(device: torch.device, variation: nft_cuda.Variation, steps: int, batch: int = 64):
@@ -77,9 +79,15 @@ def trained_small_model(device: torch.device, variation: nft_cuda.Variation, ste
     return model.eval()
 
 
-def eval_case(cfg: config.Config, ceilings: dict | None = None, *, runs: int | None = None,
-              images: int | None = None, batch: int | None = None,
-              passes: tuple[int, ...] | None = None) -> list[results.Row]:
+def eval_case(
+    cfg: config.Config,
+    ceilings: dict | None = None,
+    *,
+    runs: int | None = None,
+    images: int | None = None,
+    batch: int | None = None,
+    passes: tuple[int, ...] | None = None,
+) -> list[results.Row]:
     dev, v = cfg.dev, config.VARIATION
     runs = runs or (24 if cfg.quick and not cfg.cuda else 100)
     images = images or (1000 if cfg.cuda else (64 if cfg.quick else 512))
@@ -122,17 +130,23 @@ def eval_case(cfg: config.Config, ceilings: dict | None = None, *, runs: int | N
         # Exact on CPU. On CUDA the folded forward (S·B rows) may take other cuDNN/TF32 algorithms than B
         # rows, so a near-tie may flip (DESIGN §6: predictions equal except top-2 margins below 1e-4).
         acc_tol, ekl_tol = (2.0 / images, 1e-3) if cfg.cuda else (1e-12, 1e-9)
-        for label, got in (("monte_carlo", m0["accuracy_mean"]), ("monte_carlo clean_accuracy", m0["clean_accuracy"]),
-                           ("reference loop", r0["accuracy_mean"])):
+        for label, got in (
+            ("monte_carlo", m0["accuracy_mean"]),
+            ("monte_carlo clean_accuracy", m0["clean_accuracy"]),
+            ("reference loop", r0["accuracy_mean"]),
+        ):
             if abs(got - acc0) > acc_tol:
                 raise checks.CheckError(f"{name}: {label} at σ=0 gives accuracy {got}, the clean passes {acc0}")
         a = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=4, progress=False)[0]
         b = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=1, progress=False)[0]
-        if (max(abs(p - q) for p, q in zip(a["per_instance_accuracy"], b["per_instance_accuracy"])) > acc_tol
-                or abs(a["ekl"] - b["ekl"]) > ekl_tol * abs(b["ekl"])):
-            raise checks.CheckError(f"{name}: 4 instances per pass differ from one at a time: "
-                                    f"{a['per_instance_accuracy']} / {b['per_instance_accuracy']}, "
-                                    f"EKL {a['ekl']} / {b['ekl']}")
+        if max(abs(p - q) for p, q in zip(a["per_instance_accuracy"], b["per_instance_accuracy"])) > acc_tol or abs(
+            a["ekl"] - b["ekl"]
+        ) > ekl_tol * abs(b["ekl"]):
+            raise checks.CheckError(
+                f"{name}: 4 instances per pass differ from one at a time: "
+                f"{a['per_instance_accuracy']} / {b['per_instance_accuracy']}, "
+                f"EKL {a['ekl']} / {b['ekl']}"
+            )
 
         fns = {f"{runs} clean passes": clean_passes}
         fns.update({f"monte_carlo S={s}": functools.partial(mc, s) for s in passes})
@@ -156,8 +170,10 @@ def eval_case(cfg: config.Config, ceilings: dict | None = None, *, runs: int | N
     mc_res = last[f"S={passes[0]}"]
     se = (mc_res["accuracy_std"] ** 2 / runs + res["accuracy_std"] ** 2 / runs) ** 0.5
     if abs(mc_res["accuracy_mean"] - res["accuracy_mean"]) > 5 * se + 0.01:
-        raise checks.CheckError(f"{name}: Monte-Carlo accuracy {mc_res['accuracy_mean']:.4f} and the reference loop's "
-                                f"{res['accuracy_mean']:.4f} disagree beyond 5 standard errors")
+        raise checks.CheckError(
+            f"{name}: Monte-Carlo accuracy {mc_res['accuracy_mean']:.4f} and the reference loop's "
+            f"{res['accuracy_mean']:.4f} disagree beyond 5 standard errors"
+        )
     return c.rows
 
 

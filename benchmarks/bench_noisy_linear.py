@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import functools
 
-from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import nft_cuda  # noqa: E402
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from nft_cuda import _args  # noqa: E402
 
 
@@ -96,11 +95,17 @@ def linear_case(cfg: config.Config, ceilings: dict | None = None) -> list[result
             "reference": lambda: _fwd_bwd(lambda: baselines.reference_linear(x, w, b, v), (x, w, b), gy),
         }
         if compiled is not None:
-            fns["compiled"] = lambda: _fwd_bwd(lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor),
-                                               (x, w, b), gy)
+            fns["compiled"] = lambda: _fwd_bwd(
+                lambda: compiled(x, w, b, v.sigma, v.scale, v.state_factor), (x, w, b), gy
+            )
         peers = peer.layer_variants(
-            cfg, name, noisy, clean, v,
-            lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy))
+            cfg,
+            name,
+            noisy,
+            clean,
+            v,
+            lambda layer: lambda: _fwd_bwd(lambda: layer(x), (x, layer.weight, layer.bias), gy),
+        )
         fns.update(peers.items)
         rows = c.time(name, fns, work=6.0 * m * nk * nk, unit=cfg.flop_unit, ceiling="GEMM fp32")
         c.compare_layer(rows, "NoisyLinear", "linear_vs_clean" if target else None)
@@ -144,11 +149,16 @@ def fused_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
                 return torch.matmul(x, w_stack.transpose(1, 2)) + b
 
             # Correctness before timing: both paths draw the same noise (only GEMM rounding differs).
-            checks.check_rel_err(fused(), materialised(), f"{name}: fused vs perturb+GEMM",
-                                 2e-2 if mode == "bf16" else 5e-3)
-            r = c.time(name, {"noisy_linear": fused, "perturb+GEMM": materialised, "clean GEMM": clean},
-                       work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
-                       ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+            checks.check_rel_err(
+                fused(), materialised(), f"{name}: fused vs perturb+GEMM", 2e-2 if mode == "bf16" else 5e-3
+            )
+            r = c.time(
+                name,
+                {"noisy_linear": fused, "perturb+GEMM": materialised, "clean GEMM": clean},
+                work=2.0 * samples * m * nk * nk,
+                unit=cfg.flop_unit,
+                ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32",
+            )
             r_fused, r_mat, r_clean = r["noisy_linear"], r["perturb+GEMM"], r["clean GEMM"]
         target = "fused_vs_materialised" if (nk == 4096 and m <= 16) else None
         c.compare(r_fused, r_mat, "speedup", target)
@@ -165,7 +175,7 @@ def snapshot_shapes(cfg: config.Config) -> list[tuple[str, int, int, int, int, i
     heads = [(64, 32, 6, 512), (256, 8, 3, 512)]
     if cfg.cuda:
         return [(mode, 128, c, hw, p, n) for mode in ("tf32", "bf16") for c, hw, p, n in heads]
-    return [("fp32", 16 if cfg.quick else 128, c, hw, p, n) for c, hw, p, n in heads[:1 if cfg.quick else 2]]
+    return [("fp32", 16 if cfg.quick else 128, c, hw, p, n) for c, hw, p, n in heads[: 1 if cfg.quick else 2]]
 
 
 def snapshot_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
@@ -193,11 +203,16 @@ def snapshot_case(cfg: config.Config, ceilings: dict | None = None) -> list[resu
             def clean():
                 return F.linear(torch.flatten(F.adaptive_avg_pool2d(act, pool), 1), wc, b)
 
-            checks.check_rel_err(fused(), two_step(), f"{name}: fused vs pool + noisy_linear",
-                                 2e-2 if mode == "bf16" else 5e-3)
-            r = c.time(name, {"snapshot_linear": fused, "pool+noisy_linear": two_step, "pool+clean GEMM": clean},
-                       work=2.0 * batch * k * n, unit=cfg.flop_unit,
-                       ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+            checks.check_rel_err(
+                fused(), two_step(), f"{name}: fused vs pool + noisy_linear", 2e-2 if mode == "bf16" else 5e-3
+            )
+            r = c.time(
+                name,
+                {"snapshot_linear": fused, "pool+noisy_linear": two_step, "pool+clean GEMM": clean},
+                work=2.0 * batch * k * n,
+                unit=cfg.flop_unit,
+                ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32",
+            )
         c.compare(r["snapshot_linear"], r["pool+noisy_linear"], "speedup")
         c.compare(r["snapshot_linear"], r["pool+clean GEMM"], "time")
     return c.rows
@@ -242,18 +257,32 @@ def sweep_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
                         w_stack = wc.unsqueeze(0).expand(samples, nk, nk).contiguous()
                         fns = {
                             "noisy_linear": lambda: nft_cuda.ops.noisy_linear(x, w, b, v, rng=rng, samples=samples),
-                            "perturb+GEMM": lambda: torch.matmul(
-                                x, nft_cuda.ops.perturb(w, v, rng=rng, samples=samples).to(dtype).transpose(1, 2)) + b,
+                            "perturb+GEMM": lambda: (
+                                torch.matmul(
+                                    x, nft_cuda.ops.perturb(w, v, rng=rng, samples=samples).to(dtype).transpose(1, 2)
+                                )
+                                + b
+                            ),
                             "reference": functools.partial(reference_way, x, wc, b, v, samples),
                             "clean": lambda: torch.matmul(x, w_stack.transpose(1, 2)) + b,
                         }
                         if compiled is not None:
-                            fns["compiled"] = functools.partial(compiled, x, wc, b, v.sigma, v.scale, v.state_factor,
-                                                                samples)
-                        checks.check_rel_err(fns["noisy_linear"](), fns["perturb+GEMM"](),
-                                             f"{name}: fused vs perturb+GEMM", 2e-2 if mode == "bf16" else 5e-3)
-                        rows = c.time(name, fns, work=2.0 * samples * m * nk * nk, unit=cfg.flop_unit,
-                                      ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32")
+                            fns["compiled"] = functools.partial(
+                                compiled, x, wc, b, v.sigma, v.scale, v.state_factor, samples
+                            )
+                        checks.check_rel_err(
+                            fns["noisy_linear"](),
+                            fns["perturb+GEMM"](),
+                            f"{name}: fused vs perturb+GEMM",
+                            2e-2 if mode == "bf16" else 5e-3,
+                        )
+                        rows = c.time(
+                            name,
+                            fns,
+                            work=2.0 * samples * m * nk * nk,
+                            unit=cfg.flop_unit,
+                            ceiling="GEMM bf16" if mode == "bf16" else "GEMM fp32",
+                        )
                     for k, r in rows.items():
                         if k != "clean":
                             c.compare(r, rows["clean"], "time")
@@ -264,9 +293,14 @@ CASES = {"linear": linear_case, "fused": fused_case, "snapshot": snapshot_case}
 
 
 def main(argv=None) -> None:
-    runner.cli_main(__doc__, lambda a: {"sweep": sweep_case} if a.sweep else CASES, argv,
-                    extra_args=lambda p: p.add_argument("--sweep", action="store_true",
-                                                        help="the broad forward sweep instead of the cases"))
+    runner.cli_main(
+        __doc__,
+        lambda a: {"sweep": sweep_case} if a.sweep else CASES,
+        argv,
+        extra_args=lambda p: p.add_argument(
+            "--sweep", action="store_true", help="the broad forward sweep instead of the cases"
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ Checked before timing: the kernel equals the pure-PyTorch oracle on the same str
 
 from __future__ import annotations
 
-from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 
 import nft_cuda  # noqa: E402
-from nft_cuda import reference  # noqa: E402
+from benchmarks import baselines, checks, config, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from benchmarks.reference_loop import reference_perturb_  # noqa: E402
+from nft_cuda import reference  # noqa: E402
 
 DESIGN_NUMEL = 4 * 2**20
 
@@ -43,15 +42,25 @@ def perturb_case(cfg: config.Config, ceilings: dict | None = None) -> list[resul
         sig = torch.full((samples,), v.sigma, device=dev)
         got = nft_cuda.ops.perturb(wc, v, rng=rng, samples=samples)
         want = reference.perturb(wc, rng, sig, v.scale, v.state_factor)
-        checks.check_close(got, want, f"perturb S={samples} vs the pure-PyTorch oracle", rtol=0,
-                           atol=1e-5 * v.sigma_w(wc).max().item() + 1e-6)
+        checks.check_close(
+            got,
+            want,
+            f"perturb S={samples} vs the pure-PyTorch oracle",
+            rtol=0,
+            atol=1e-5 * v.sigma_w(wc).max().item() + 1e-6,
+        )
         got = got if wc is w else nft_cuda.ops.perturb(w, v, rng=rng, samples=samples)
         checks.check_noise_std(got[samples - 1], w, v, f"perturb S={samples}")
     checks.check_noise_std(baselines.reference_weight(w, v), w, v, "reference way")
     same = w.clone()
     reference_perturb_(same, v, torch.Generator().manual_seed(3))
-    checks.check_close(w + baselines.reference_noise(w, v, generator=torch.Generator().manual_seed(3)), same,
-                       "reference way vs benchmarks.reference_loop", rtol=0, atol=0)
+    checks.check_close(
+        w + baselines.reference_noise(w, v, generator=torch.Generator().manual_seed(3)),
+        same,
+        "reference way vs benchmarks.reference_loop",
+        rtol=0,
+        atol=0,
+    )
     compiled = None
     if cfg.compile:
         compiled = baselines.compile_fresh(baselines.composite_weight)
@@ -65,8 +74,14 @@ def perturb_case(cfg: config.Config, ceilings: dict | None = None) -> list[resul
     if compiled is not None:
         fns["compiled"] = lambda: compiled(w, v.sigma, v.scale, v.state_factor)
     # bytes read + written: W once, plus S outputs
-    work = {"perturb S=1": 2 * nbytes, "perturb S=4": 5 * nbytes, "copy": 2 * nbytes, "copy ×4": 5 * nbytes,
-            "reference": 2 * nbytes, "compiled": 2 * nbytes}
+    work = {
+        "perturb S=1": 2 * nbytes,
+        "perturb S=4": 5 * nbytes,
+        "copy": 2 * nbytes,
+        "copy ×4": 5 * nbytes,
+        "reference": 2 * nbytes,
+        "compiled": 2 * nbytes,
+    }
     r = c.time(case_name, fns, work=work, unit="GB/s", ceiling="copy", notes={"perturb S=4": "ratios per sample"})
     for samples, copy in ((1, r["copy"]), (4, r["copy ×4"])):
         row = r[f"perturb S={samples}"]

@@ -36,11 +36,10 @@ import contextlib
 import copy
 import functools
 
-from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks import baselines, checks, config, peer, results, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from nft_cuda.conversion import noisy_layers  # noqa: E402
 from nft_cuda.models import build_model  # noqa: E402
 from nft_cuda.train import OVF, build_method, nft_loss  # noqa: E402
@@ -132,13 +131,15 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
     with torch.no_grad():
         clean_loss = ce(models["clean"], x, y)
         _set_sigma(models["noise"], 0.0)
-        checks.check_close(losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean",
-                           rtol=rtol)
+        checks.check_close(
+            losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean", rtol=rtol
+        )
         _set_sigma(models["noise"], v.sigma)
         for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = 0.0
-        checks.check_close(ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean",
-                           rtol=rtol)
+        checks.check_close(
+            ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean", rtol=rtol
+        )
         for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = v.sigma
         _set_sigma(models["OVF"], 0.0)
@@ -150,8 +151,15 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
     peers = peer.model_variants(cfg, name, models["noise"], base, v)
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
     for k, model in peers.items.items():
-        steps[k] = _step(model, ce, x, y, f"{name} {k}", opt=peer.optimizer(model, lr=0.01, momentum=0.9),
-                         context=functools.partial(peer.use_triton, k == peer.triton_variant()))
+        steps[k] = _step(
+            model,
+            ce,
+            x,
+            y,
+            f"{name} {k}",
+            opt=peer.optimizer(model, lr=0.01, momentum=0.9),
+            context=functools.partial(peer.use_triton, k == peer.triton_variant()),
+        )
     rows = results.Case(cfg, ceilings)
     r = rows.time(name, steps, work=float(batch), unit="img/s", slow=True)
     rows.compare(r["noise"], r["clean"], "time", "noise_step_vs_clean", exact=exact)

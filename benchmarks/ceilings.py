@@ -38,4 +38,3 @@ def measure_ceilings(cfg: Config) -> tuple[dict, list[Row]]:
             row.throughput = work[name] / row.timing.min_s / scale
         ceilings[keys[name]] = (row.throughput, units[name])
     return ceilings, case.rows
-

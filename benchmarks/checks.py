@@ -14,8 +14,9 @@ class CheckError(AssertionError):
     """A variant failed its correctness check; it is not timed."""
 
 
-def check_noise_std(noisy: torch.Tensor, w: torch.Tensor, variation: nft_cuda.Variation, name: str,
-                    tol: float = 0.03) -> None:
+def check_noise_std(
+    noisy: torch.Tensor, w: torch.Tensor, variation: nft_cuda.Variation, name: str, tol: float = 0.03
+) -> None:
     """(W_noisy − W)/σ_w has unit standard deviation (DESIGN §2 noise model)."""
     ratio = ((noisy.float() - w.float()) / variation.sigma_w(w.float())).std().item()
     if not abs(ratio - 1.0) <= tol:
@@ -36,15 +37,16 @@ def check_rel_err(got: torch.Tensor, want: torch.Tensor, name: str, tol: float) 
     return err
 
 
-
 def check_deviation(outs: dict[str, torch.Tensor], clean: torch.Tensor, case: str, tol: float = 0.25) -> None:
     """Every noisy variant moves the clean output by the same relative amount (same noise law): the
     relative deviations ‖y − y_clean‖/‖y_clean‖ agree within ``tol`` (relative) and are non-zero."""
     dev = {k: ((v.float() - clean.float()).norm() / clean.float().norm()).item() for k, v in outs.items()}
     lo, hi = min(dev.values()), max(dev.values())
     if not (lo > 0 and hi <= lo * (1 + tol)):
-        raise CheckError(f"{case}: relative deviation from the clean output differs between variants: "
-                         + ", ".join(f"{k} {v:.3e}" for k, v in dev.items()))
+        raise CheckError(
+            f"{case}: relative deviation from the clean output differs between variants: "
+            + ", ".join(f"{k} {v:.3e}" for k, v in dev.items())
+        )
 
 
 def check_finite(t: torch.Tensor, name: str) -> None:
@@ -52,12 +54,10 @@ def check_finite(t: torch.Tensor, name: str) -> None:
         raise CheckError(f"{name}: non-finite values")
 
 
-
 def gemm_tol(cfg: Config) -> float:
     """Relative tolerance between two float32 GEMMs/convolutions of the same operands: tight on CPU;
     on CUDA cuDNN may use TF32 (torch's default for convolutions) and other algorithms."""
     return 5e-3 if cfg.cuda else 1e-4
-
 
 
 def effective_weight(layer: nn.Module) -> torch.Tensor:
@@ -94,13 +94,21 @@ def _noise_rel_std(layer: nn.Module, samples: int = 1) -> float:
     draws = min(64, -(-samples // w.numel()))
     noise = torch.stack([effective_weight(layer) - w for _ in range(draws)])
     if not torch.equal(layer.weight.detach(), w):  # aihwkit-lightning 2.1.0's Triton path does this
-        raise CheckError(f"{type(layer).__name__} changed its weight parameter in a forward: the noise is written "
-                         "into the weights and accumulates")
+        raise CheckError(
+            f"{type(layer).__name__} changed its weight parameter in a forward: the noise is written "
+            "into the weights and accumulates"
+        )
     return (noise.std() / w.abs().max()).item()
 
 
-def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_cuda.Variation, name: str,
-                   peer_name: str = "peer", tol: float = 0.02) -> str:
+def check_same_job(
+    nft_layer: nn.Module,
+    peer_layer: nn.Module,
+    variation: nft_cuda.Variation,
+    name: str,
+    peer_name: str = "peer",
+    tol: float = 0.02,
+) -> str:
     """Before timing a peer variant: both layers inject the same noise, where each library says.
 
     In train mode the measured noise std relative to max|W| of each (pooled over draws for a small layer)
@@ -112,12 +120,13 @@ def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_c
     want = variation.sigma * variation.scale
     nft_layer.train()
     peer_layer.train()
-    got = {"nft_cuda": _noise_rel_std(nft_layer, NOISE_SAMPLES),
-           peer_name: _noise_rel_std(peer_layer, NOISE_SAMPLES)}
+    got = {"nft_cuda": _noise_rel_std(nft_layer, NOISE_SAMPLES), peer_name: _noise_rel_std(peer_layer, NOISE_SAMPLES)}
     for label, value in got.items():
         if not abs(value / want - 1.0) <= tol:
-            raise CheckError(f"{name}: {label} injects noise of std {value:.5g}·max|W| in training, "
-                             f"expected σ_d·scale = {want:.5g} (± {tol:.0%})")
+            raise CheckError(
+                f"{name}: {label} injects noise of std {value:.5g}·max|W| in training, "
+                f"expected σ_d·scale = {want:.5g} (± {tol:.0%})"
+            )
     try:
         nft_layer.eval()
         peer_layer.eval()
@@ -132,7 +141,11 @@ def check_same_job(nft_layer: nn.Module, peer_layer: nn.Module, variation: nft_c
         if value > want / 10:
             raise CheckError(f"{name}: {label} still injects noise (std {value:.3g}·max|W|)")
     if not nft_eval > want / 2:
-        raise CheckError(f"{name}: nft_cuda after eval() injects noise of std {nft_eval:.5g}·max|W|; its noise "
-                         f"mode is explicit, so eval() must leave it on ({want:.5g})")
-    return (f"same noise: std / max abs W {got[peer_name]:.5f} vs nft_cuda {got['nft_cuda']:.5f} (σ_d·scale "
-            f"{want:.5f}); eval() turns its noise off, not nft_cuda's")
+        raise CheckError(
+            f"{name}: nft_cuda after eval() injects noise of std {nft_eval:.5g}·max|W|; its noise "
+            f"mode is explicit, so eval() must leave it on ({want:.5g})"
+        )
+    return (
+        f"same noise: std / max abs W {got[peer_name]:.5f} vs nft_cuda {got['nft_cuda']:.5f} (σ_d·scale "
+        f"{want:.5f}); eval() turns its noise off, not nft_cuda's"
+    )

@@ -86,7 +86,6 @@ class Config:
         return self.compile and not self.quick
 
 
-
 def add_common_args(p) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     p.add_argument("--quick", action="store_true", help="fewer repeats, shorter runs, smaller shapes where slow")
@@ -95,9 +94,13 @@ def add_common_args(p) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip every torch.compile baseline")
     p.add_argument("--no-ceiling", action="store_true", help="skip measuring the copy/GEMM ceilings")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--json", nargs="?", const=TO_HISTORY, metavar="PATH",
-                   help="write the results as JSON to PATH; without PATH to a new file in benchmarks/history/")
-
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const=TO_HISTORY,
+        metavar="PATH",
+        help="write the results as JSON to PATH; without PATH to a new file in benchmarks/history/",
+    )
 
 
 def config_from_args(a) -> Config:
@@ -165,11 +168,11 @@ def adapt_threads(cfg: Config, log=print) -> None:
     cfg.threads_reduced = ""
     ratio = thread_contention(samples=5)
     if ratio >= 1.0:
-        cfg.threads_reduced = (f"{DEFAULT_THREADS} threads were {ratio:.1f}× slower than 1 on a parallel op "
-                               "(busy machine): 1 thread")
+        cfg.threads_reduced = (
+            f"{DEFAULT_THREADS} threads were {ratio:.1f}× slower than 1 on a parallel op (busy machine): 1 thread"
+        )
         torch.set_num_threads(1)
         log(f"[bench] {cfg.threads_reduced}", flush=True)
-
 
 
 @contextlib.contextmanager

@@ -61,13 +61,15 @@ def environment() -> dict:
         "commit": git_commit(),
         "aihwkit_lightning": dist_version("aihwkit-lightning"),
         "triton": dist_version("triton"),
-        "extension": {"cuda_compiled": info.get("cuda_compiled"), "cuda_version": info.get("cuda_version"),
-                      "strict": info.get("strict"),
-                      "perturb": info.get("ops", {}).get("perturb")},
+        "extension": {
+            "cuda_compiled": info.get("cuda_compiled"),
+            "cuda_version": info.get("cuda_version"),
+            "strict": info.get("strict"),
+            "perturb": info.get("ops", {}).get("perturb"),
+        },
     }
     return env
 
 
 def env_line(env: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in env.items() if k != "extension")
-

@@ -49,8 +49,9 @@ def load(path: str) -> dict:
     with open(path) as f:
         data = json.load(f)
     if "results" not in data or "environment" not in data:
-        raise SystemExit(f"{path}: not a benchmark run (no 'results'/'environment'); "
-                         "runs are written by python -m benchmarks --json")
+        raise SystemExit(
+            f"{path}: not a benchmark run (no 'results'/'environment'); runs are written by python -m benchmarks --json"
+        )
     return data
 
 
@@ -121,10 +122,20 @@ def compare_text(path_a: str, path_b: str) -> str:
 
     a, b = load(path_a), load(path_b)
     notes, table = compare_runs(a, b)
-    head = [f"A: {path_a} (commit {a['environment'].get('commit')}, {a['environment'].get('date')})",
-            f"B: {path_b} (commit {b['environment'].get('commit')}, {b['environment'].get('date')})"]
+    head = [
+        f"A: {path_a} (commit {a['environment'].get('commit')}, {a['environment'].get('date')})",
+        f"B: {path_b} (commit {b['environment'].get('commit')}, {b['environment'].get('date')})",
+    ]
     headers = ["case", "variant", "ratio", "A (spread)", "B (spread)", "B / A", "change"]
-    lines = head + [f"Note: {n}" for n in notes] + ["", markdown_table(headers, table), "",
-                    "spread: the range the two rows' min–max times allow; a change is flagged when the spreads "
-                    "of A and B do not overlap (time ratios: lower is better; speed-ups: higher)."]
+    lines = (
+        head
+        + [f"Note: {n}" for n in notes]
+        + [
+            "",
+            markdown_table(headers, table),
+            "",
+            "spread: the range the two rows' min–max times allow; a change is flagged when the spreads "
+            "of A and B do not overlap (time ratios: lower is better; speed-ups: higher).",
+        ]
+    )
     return "\n".join(lines) + "\n"

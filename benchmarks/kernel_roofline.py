@@ -49,14 +49,18 @@ def main() -> None:
         rng = torch.tensor([1, 2], dtype=torch.int64, device="cuda")
         tf32 = op == "tf32"
         if mode == "forward":
+
             def fn():
                 return ops.noisy_linear(a, w, None, rng, sig, 0.7, 2.0, shared, tf32)
         elif mode == "backward":
+
             def fn():
                 return ops._noisy_linear_backward_input(a, w, rng, sig, 0.7, 2.0, shared, tf32)
         else:
+
             def fn():
                 return ops.snapshot_linear(a, pool, w, None, rng, sig, 0.7, 2.0, shared, tf32)
+
         out = fn()
         measured = time_op(fn)
         p = model.predict(op, mode, a, w.numel(), out, rows_m, n, red_k, samples, shared, 1)

@@ -48,8 +48,10 @@ INSTALL = "pip install --no-deps aihwkit-lightning==2.1.0"
 
 
 #: Why the Monte-Carlo case has no peer variant (the row it leaves says so).
-NO_MONTE_CARLO = (f"{NAME} cannot evaluate fixed chips: no weight noise in eval mode, and in train mode a new "
-                  "draw on every forward (every batch) with BatchNorm on batch statistics")
+NO_MONTE_CARLO = (
+    f"{NAME} cannot evaluate fixed chips: no weight noise in eval mode, and in train mode a new "
+    "draw on every forward (every batch) with BatchNorm on batch statistics"
+)
 
 
 def _quiet_import():
@@ -84,8 +86,12 @@ def rpu_config(variation: nft_cuda.Variation):
     """The ``TorchInferenceRPUConfig`` that injects ``variation``'s (RRAM1) noise and nothing else."""
     std = noise_std(variation)
     _quiet_import()
-    from aihwkit_lightning.simulator.configs import (TorchInferenceRPUConfig, WeightClipType,
-                                                     WeightNoiseInjectionType, WeightQuantizationType)
+    from aihwkit_lightning.simulator.configs import (
+        TorchInferenceRPUConfig,
+        WeightClipType,
+        WeightNoiseInjectionType,
+        WeightQuantizationType,
+    )
 
     cfg = TorchInferenceRPUConfig()
     cfg.modifier.noise_type = WeightNoiseInjectionType.ADD_NORMAL
@@ -103,9 +109,11 @@ def rpu_config(variation: nft_cuda.Variation):
 
 def describe(variation: nft_cuda.Variation) -> str:
     """The peer's configuration, as the table states it."""
-    return (f"{NAME} {version() or '?'}: TorchInferenceRPUConfig, modifier ADD_NORMAL std_dev "
-            f"{noise_std(variation):.5g} (= σ_d·√4369/85, of max|W|), no quantisation, clipping, input range "
-            "or output noise, one tile")
+    return (
+        f"{NAME} {version() or '?'}: TorchInferenceRPUConfig, modifier ADD_NORMAL std_dev "
+        f"{noise_std(variation):.5g} (= σ_d·√4369/85, of max|W|), no quantisation, clipping, input range "
+        "or output noise, one tile"
+    )
 
 
 def convert(module: nn.Module, variation: nft_cuda.Variation) -> nn.Module:
@@ -152,8 +160,7 @@ def use_triton(enabled: bool = True):
 
 def skipped_row(case: str, reason: str, variant: str = NAME) -> Row:
     """The row a peer variant leaves when it cannot run: no timing, the reason in its note."""
-    return Row(case, variant, Timing(variant, math.nan, math.nan, math.nan, 0), note=f"skipped: {reason}",
-               skipped=True)
+    return Row(case, variant, Timing(variant, math.nan, math.nan, math.nan, 0), note=f"skipped: {reason}", skipped=True)
 
 
 def triton_variant() -> str:
@@ -182,8 +189,9 @@ def _triton_check(out: Variants, check) -> bool:
     return True
 
 
-def layer_variants(cfg, case: str, nft_layer: nn.Module, clean_layer: nn.Module, variation: nft_cuda.Variation,
-                   timed) -> Variants:
+def layer_variants(
+    cfg, case: str, nft_layer: nn.Module, clean_layer: nn.Module, variation: nft_cuda.Variation, timed
+) -> Variants:
     """The peer's variants of a layer case: its layer converted from ``clean_layer`` (same weights), checked
     to do the same job as ``nft_layer`` (:func:`~benchmarks.checks.check_same_job`), and ``timed(layer)``
     (the function to time for a layer) — on its Triton kernels too where they can run (a layer of its own).
@@ -208,8 +216,7 @@ def layer_variants(cfg, case: str, nft_layer: nn.Module, clean_layer: nn.Module,
     return out
 
 
-def model_variants(cfg, case: str, nft_model: nn.Module, base: nn.Module, variation: nft_cuda.Variation
-                   ) -> Variants:
+def model_variants(cfg, case: str, nft_model: nn.Module, base: nn.Module, variation: nft_cuda.Variation) -> Variants:
     """The peer's variants of a model case: ``base`` converted (``convert_to_analog``), once per variant (each
     trains its own copy; the Triton one where it can run: time its steps inside :func:`use_triton`), checked
     layer by layer against ``nft_model``'s noisy layers of the same names (:func:`check_model`)."""
@@ -250,8 +257,9 @@ def check_model(nft_model: nn.Module, peer_model: nn.Module, variation: nft_cuda
     return note
 
 
-def finish(case_rows, rows: dict, case: str, nft_variant: str, peer: Variants, target: str | None = None, *,
-           exact: bool = True) -> None:
+def finish(
+    case_rows, rows: dict, case: str, nft_variant: str, peer: Variants, target: str | None = None, *, exact: bool = True
+) -> None:
     """The peer's part of a case's results: each timed peer row gets its same-job note, nft_cuda's row its
     speed-up against it (the DESIGN §8 ``target`` against the row to beat: the Triton path where it ran,
     else the PyTorch one), the peer row its ratio to clean; each skipped variant leaves a row saying why."""

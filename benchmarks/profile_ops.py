@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import copy
 
-from benchmarks import config, environment, timing  # benchmarks sets NFT_CUDA_STRICT=1 first
-
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 import nft_cuda  # noqa: E402
+from benchmarks import config, environment, timing  # benchmarks sets NFT_CUDA_STRICT=1 first
 from nft_cuda.eval import TensorBatches, monte_carlo  # noqa: E402
 from nft_cuda.models import build_model  # noqa: E402
 from nft_cuda.train import build_method  # noqa: E402
@@ -32,8 +31,10 @@ def _targets(dev: torch.device, width: float) -> dict:
     lin = nft_cuda.NoisyLinear(1024, 1024, variation=v, device=dev)
     x = torch.randn(2048, 1024, device=dev, requires_grad=True)
     gy = torch.randn(2048, 1024, device=dev)
-    out["linear"] = ("NoisyLinear fwd+bwd 1024² batch 2048",
-                     lambda: torch.autograd.grad(lin(x), (x, lin.weight, lin.bias), gy))
+    out["linear"] = (
+        "NoisyLinear fwd+bwd 1024² batch 2048",
+        lambda: torch.autograd.grad(lin(x), (x, lin.weight, lin.bias), gy),
+    )
 
     torch.manual_seed(0)
     base = build_model("vgg8", in_channels=3, num_classes=10, width=width).to(dev)

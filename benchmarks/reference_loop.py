@@ -31,8 +31,7 @@ def reference_perturb_(weight: torch.Tensor, variation: Variation, generator: to
     weight.add_(noise.to(weight.device))
 
 
-def reference_monte_carlo(path: str, loader, variation: Variation, runs: int, *, seed: int = 0,
-                          device="cpu") -> dict:
+def reference_monte_carlo(path: str, loader, variation: Variation, runs: int, *, seed: int = 0, device="cpu") -> dict:
     """R instances the reference way (see the module docstring) from the exported model at ``path``.
 
     Returns the accuracy statistics of :func:`~nft_cuda.eval.metrics.accuracy_stats` plus ``ekl``,
@@ -64,6 +63,7 @@ def reference_monte_carlo(path: str, loader, variation: Variation, runs: int, *,
         conf.append(float(p.amax(-1).mean()))
         probs_all.append(p)
     res = accuracy_stats(accs)
-    res.update({"confidence": sum(conf) / runs, "ekl": expected_kl(torch.stack(probs_all)),
-                "per_instance_accuracy": accs})
+    res.update(
+        {"confidence": sum(conf) / runs, "ekl": expected_kl(torch.stack(probs_all)), "per_instance_accuracy": accs}
+    )
     return res

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import math
 
-from nft_cuda import _files
-
 from benchmarks.results import Compare, Row
 from benchmarks.timing import Timing
+from nft_cuda import _files
 
 
 def fmt_time(seconds: float) -> str:
@@ -25,8 +24,6 @@ def fmt_timing(t: Timing) -> str:
     if math.isnan(t.median_s):
         return "nan (OOM)"
     return f"{fmt_time(t.median_s)} ({fmt_time(t.min_s)}–{fmt_time(t.max_s)})"
-
-
 
 
 def _fmt_ratio(v: float) -> str:
@@ -69,12 +66,17 @@ def summary_rows(rows: list[Row]) -> list[list[str]]:
     out = []
     for r in rows:
         targeted = [c for c in r.compares if c.target]
-        out.append([
-            r.case, r.variant + (f" ({r.note})" if r.note else ""),
-            "—" if r.skipped else fmt_timing(r.timing), _fmt_throughput(r),
-            "; ".join(_fmt_compare(c) for c in r.compares),
-            "; ".join(_fmt_target(c) for c in targeted), "; ".join(_fmt_met(c) for c in targeted),
-        ])
+        out.append(
+            [
+                r.case,
+                r.variant + (f" ({r.note})" if r.note else ""),
+                "—" if r.skipped else fmt_timing(r.timing),
+                _fmt_throughput(r),
+                "; ".join(_fmt_compare(c) for c in r.compares),
+                "; ".join(_fmt_target(c) for c in targeted),
+                "; ".join(_fmt_met(c) for c in targeted),
+            ]
+        )
     return out
 
 
@@ -86,7 +88,6 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def summary_table(rows: list[Row]) -> str:
     return markdown_table(SUMMARY_HEADERS, summary_rows(rows))
-
 
 
 def write_json(path: str, env: dict, results: list, **extra) -> None:
@@ -101,15 +102,35 @@ def rows_from_json(data: dict) -> list[Row]:
     rows = []
     for r in data["results"]:
         t = Timing(r["variant"], r["median_s"], r["min_s"], r["max_s"], r["runs"])
-        rows.append(Row(r["case"], r["variant"], t, r.get("throughput"), r.get("unit"), r.get("ceiling"),
-                        r.get("ceiling_pct"), [Compare(**c) for c in r.get("compares", [])], r.get("note", ""),
-                        r.get("threads", 0), r.get("skipped", False)))
+        rows.append(
+            Row(
+                r["case"],
+                r["variant"],
+                t,
+                r.get("throughput"),
+                r.get("unit"),
+                r.get("ceiling"),
+                r.get("ceiling_pct"),
+                [Compare(**c) for c in r.get("compares", [])],
+                r.get("note", ""),
+                r.get("threads", 0),
+                r.get("skipped", False),
+            )
+        )
     return rows
 
 
-
-PEER_HEADERS = ["case", "nft_cuda", "aihwkit-lightning", "reference", "compiled", "clean", "speed-up vs peer",
-                "DESIGN §8", "met?"]
+PEER_HEADERS = [
+    "case",
+    "nft_cuda",
+    "aihwkit-lightning",
+    "reference",
+    "compiled",
+    "clean",
+    "speed-up vs peer",
+    "DESIGN §8",
+    "met?",
+]
 
 
 def peer_summary_rows(rows: list[Row], peer: str) -> list[list[str]]:
@@ -126,8 +147,19 @@ def peer_summary_rows(rows: list[Row], peer: str) -> list[list[str]]:
             if c is None:
                 continue
             cell = lambda k: fmt_time(variants[k].timing.median_s) if k in variants else "—"  # noqa: E731
-            out.append([case, f"{fmt_time(r.timing.median_s)} ({r.variant})", cell(c.baseline), cell("reference"),
-                        cell("compiled"), cell("clean"), f"{_fmt_ratio(c.value)}×", _fmt_target(c), _fmt_met(c)])
+            out.append(
+                [
+                    case,
+                    f"{fmt_time(r.timing.median_s)} ({r.variant})",
+                    cell(c.baseline),
+                    cell("reference"),
+                    cell("compiled"),
+                    cell("clean"),
+                    f"{_fmt_ratio(c.value)}×",
+                    _fmt_target(c),
+                    _fmt_met(c),
+                ]
+            )
     return out
 
 

@@ -29,7 +29,6 @@ TARGETS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
-
 @dataclass
 class Compare:
     """One ratio of a row to a baseline row of the same case."""
@@ -72,9 +71,18 @@ class Case:
         self.ceilings = ceilings or {}
         self.rows: list[Row] = []
 
-    def time(self, case: str, fns: dict, *, work: float | None = None, unit: str | None = None,
-             ceiling: str | None = None, slow: bool = False, notes: dict | None = None,
-             warmup: int | None = None) -> dict[str, Row]:
+    def time(
+        self,
+        case: str,
+        fns: dict,
+        *,
+        work: float | None = None,
+        unit: str | None = None,
+        ceiling: str | None = None,
+        slow: bool = False,
+        notes: dict | None = None,
+        warmup: int | None = None,
+    ) -> dict[str, Row]:
         """Time the variants ``fns`` (name → function) side by side (:func:`time_group`) and add one row
         each. ``work`` per call (bytes, FLOPs, images; a number or a dict per variant) gives the
         throughput in ``unit`` and, with ``ceiling`` (a key of the measured ceilings), its percentage.
@@ -83,11 +91,17 @@ class Case:
         when the checks already warmed up)."""
         cfg = self.cfg
         if slow:
-            timings = time_group(fns, min_run_time=0.0, warmup=1 if warmup is None else warmup,
-                                 rounds=cfg.slow_runs, budget=cfg.slow_budget)
+            timings = time_group(
+                fns,
+                min_run_time=0.0,
+                warmup=1 if warmup is None else warmup,
+                rounds=cfg.slow_runs,
+                budget=cfg.slow_budget,
+            )
         else:
-            timings = time_group(fns, min_run_time=cfg.min_run_time, warmup=cfg.warmup if warmup is None else warmup,
-                                 rounds=cfg.min_runs)
+            timings = time_group(
+                fns, min_run_time=cfg.min_run_time, warmup=cfg.warmup if warmup is None else warmup, rounds=cfg.min_runs
+            )
         rows = {}
         for k, t in timings.items():
             row = Row(case, k, t, note=(notes or {}).get(k, ""), threads=torch.get_num_threads())
@@ -106,8 +120,16 @@ class Case:
         self.rows.append(row)
         return row
 
-    def compare(self, row: Row, base: Row, kind: str = "time", target: str | None = None, *, per: float = 1.0,
-                exact: bool = True) -> Compare:
+    def compare(
+        self,
+        row: Row,
+        base: Row,
+        kind: str = "time",
+        target: str | None = None,
+        *,
+        per: float = 1.0,
+        exact: bool = True,
+    ) -> Compare:
         """Attach time(row)/per / time(base) ("time") or its inverse ("speedup") to ``row``; ``target`` a
         key of :data:`TARGETS` (ignored where it names no value for this device)."""
         t = row.timing.median_s / per
@@ -131,4 +153,3 @@ class Case:
             self.compare(rows[noisy], rows[base], "speedup")
         for base in baselines:
             self.compare(rows[base], rows["clean"], "time")
-

@@ -16,8 +16,9 @@ from benchmarks.config import Config
 from benchmarks.results import Row
 
 
-def run_cases(cfg: Config, cases: dict, names: list[str], *, ceilings: bool = True, log=print,
-              after_case=None) -> tuple[dict, list[Row], list[dict]]:
+def run_cases(
+    cfg: Config, cases: dict, names: list[str], *, ceilings: bool = True, log=print, after_case=None
+) -> tuple[dict, list[Row], list[dict]]:
     """Measure the ceilings, then each named case (a function of (cfg, ceilings) returning its rows).
 
     A case that fails (a correctness check, an error) is reported and skipped; the others still run.
@@ -41,8 +42,10 @@ def run_cases(cfg: Config, cases: dict, names: list[str], *, ceilings: bool = Tr
         except Exception as exc:  # report, keep going: one broken case must not hide the others
             traceback.print_exc()
             failures.append({"case": name, "error": f"{type(exc).__name__}: {exc}"})
-            log(f"[bench] {name}: FAILED after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}",
-                flush=True)
+            log(
+                f"[bench] {name}: FAILED after {time.perf_counter() - t0:.1f} s: {type(exc).__name__}: {exc}",
+                flush=True,
+            )
             if after_case is not None:
                 after_case(ceil, rows, failures)
             continue
@@ -78,4 +81,3 @@ def cli_main(description: str, cases, argv=None, extra_args=None) -> tuple[argpa
     if failures:
         raise SystemExit(f"failed: {', '.join(f['case'] for f in failures)}")
     return a, rows
-

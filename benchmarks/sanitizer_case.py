@@ -17,8 +17,13 @@ counter = torch.randint(0, 2**32, (37, 4), device=dev)
 nft_cuda.rng.philox4x32(counter, torch.tensor([1, 2], device=dev))
 # fused variation-sampled matmul: every fused variant, forward and backward-input, odd tile edges
 torch.backends.cuda.matmul.fp32_precision = "tf32"
-for xdt, wdt in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32),
-                 (torch.float16, torch.float16), (torch.float32, torch.float32)]:
+for xdt, wdt in [
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.float32),
+]:
     for m, n, k in [(1, 7, 5), (65, 66, 35), (3, 130, 97)]:
         for shared in (True, False):
             x = torch.randn(*(() if shared else (3,)), m, k, device=dev, dtype=xdt, requires_grad=True)

@@ -40,8 +40,9 @@ def _timed_block(fn, number: int) -> float:
     return (time.perf_counter() - t0) / number
 
 
-def time_group(fns: dict, *, min_run_time: float = 1.0, warmup: int = 2, rounds: int = 3,
-               budget: float = 0.0, max_rounds: int = 15) -> dict[str, Timing]:
+def time_group(
+    fns: dict, *, min_run_time: float = 1.0, warmup: int = 2, rounds: int = 3, budget: float = 0.0, max_rounds: int = 15
+) -> dict[str, Timing]:
     """Median (min–max) seconds per call of each function in ``fns``, timed side by side.
 
     After ``warmup`` calls each (which also estimate the cost of a call), the variants are timed round by
@@ -83,4 +84,3 @@ def time_group(fns: dict, *, min_run_time: float = 1.0, warmup: int = 2, rounds:
         else:
             out[k] = Timing(k, statistics.median(t), min(t), max(t), len(t))
     return out
-

@@ -16,7 +16,8 @@ namespace {
 
 int64_t prod(at::IntArrayRef sizes, size_t begin, size_t end) {
   int64_t p = 1;
-  for (size_t i = begin; i < end; ++i) p *= sizes[i];
+  for (size_t i = begin; i < end; ++i)
+    p *= sizes[i];
   return p;
 }
 
@@ -30,13 +31,13 @@ at::Tensor call_perturb(const at::Tensor& weight, const at::Tensor& rng, const a
 
 void check_weight_2d(const at::Tensor& weight, const char* op) {
   check_weight(weight, op);
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got ",
-                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [out_features, in_features], got ", weight.sizes());
 }
 
 // bias: [N] float on the weight's device, or absent.
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight, const char* op) {
-  if (!bias.has_value()) return;
+  if (!bias.has_value())
+    return;
   const int64_t n = weight.size(0);
   TORCH_CHECK_TYPE(is_supported_float(bias->scalar_type()), op, ": bias must be a float tensor, got ",
                    bias->scalar_type());
@@ -56,8 +57,7 @@ LinearDims check_noisy_linear(const at::Tensor& x, const at::Tensor& weight, con
   check_sigmas(sigmas, weight, op);
   TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
                    x.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == weight.device(), op, ": x is on ", x.device(), " but weight is on ",
-                    weight.device());
+  TORCH_CHECK_VALUE(x.device() == weight.device(), op, ": x is on ", x.device(), " but weight is on ", weight.device());
   const int64_t samples = sigmas.numel();
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= (shared_input ? 1 : 2), op, ": x must be ",
@@ -93,7 +93,8 @@ LinearDims check_noisy_linear_backward(const at::Tensor& grad, const at::Tensor&
 
 std::vector<int64_t> noisy_linear_out_shape(const at::Tensor& x, int64_t n, int64_t samples, bool shared_input) {
   std::vector<int64_t> shape;
-  if (shared_input) shape.push_back(samples);
+  if (shared_input)
+    shape.push_back(samples);
   shape.insert(shape.end(), x.sizes().begin(), x.sizes().end() - 1);
   shape.push_back(n);
   return shape;
@@ -112,11 +113,13 @@ at::Tensor noisy_linear_materialized(const at::Tensor& x, const at::Tensor& weig
   // The nested perturb/GEMM calls are an implementation detail of this kernel: no autograd here.
   const at::AutoDispatchBelowADInplaceOrView guard;
   at::Tensor wn = call_perturb(weight, rng, sigmas, scale, state_factor);  // [S, N, K], weight dtype
-  if (wn.scalar_type() != x.scalar_type()) wn = wn.to(x.scalar_type());
-  const at::Tensor wt = wn.transpose(1, 2);  // [S, K, N]
-  at::Tensor out = shared_input ? at::matmul(x.reshape({d.m, d.k}), wt)        // [S, M, N] (broadcast)
+  if (wn.scalar_type() != x.scalar_type())
+    wn = wn.to(x.scalar_type());
+  const at::Tensor wt = wn.transpose(1, 2);                              // [S, K, N]
+  at::Tensor out = shared_input ? at::matmul(x.reshape({d.m, d.k}), wt)  // [S, M, N] (broadcast)
                                 : at::bmm(x.reshape({d.samples, d.m, d.k}), wt);
-  if (bias.has_value()) out.add_(bias->to(x.scalar_type()));
+  if (bias.has_value())
+    out.add_(bias->to(x.scalar_type()));
   return out.reshape(noisy_linear_out_shape(x, d.n, d.samples, shared_input));
 }
 
@@ -126,9 +129,11 @@ at::Tensor noisy_linear_backward_input_materialized(const at::Tensor& grad, cons
   const LinearDims d = check_noisy_linear_backward(grad, weight, rng, sigmas);
   const at::AutoDispatchBelowADInplaceOrView guard;
   at::Tensor wn = call_perturb(weight, rng, sigmas, scale, state_factor);
-  if (wn.scalar_type() != grad.scalar_type()) wn = wn.to(grad.scalar_type());
+  if (wn.scalar_type() != grad.scalar_type())
+    wn = wn.to(grad.scalar_type());
   at::Tensor dx = at::bmm(grad.reshape({d.samples, d.m, d.n}), wn);  // [S, M, K]
-  if (shared_input) dx = at::sum(dx, {0});
+  if (shared_input)
+    dx = at::sum(dx, {0});
   return dx.reshape(noisy_linear_grad_input_shape(grad, d.k, shared_input));
 }
 

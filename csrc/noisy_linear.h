@@ -50,7 +50,6 @@ at::Tensor pool_snapshot(const at::Tensor& act, int64_t pool);
 // launcher's path for dtypes the fused kernel does not cover.
 at::Tensor snapshot_linear_materialized(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, const at::Tensor& rng,
-                                        const at::Tensor& sigmas, double scale, double state_factor,
-                                        bool shared_input);
+                                        const at::Tensor& sigmas, double scale, double state_factor, bool shared_input);
 
 }  // namespace nft_cuda

@@ -20,34 +20,29 @@ inline void check_weight(const at::Tensor& weight, const char* op) {
 }
 
 inline void check_rng(const at::Tensor& rng, const at::Tensor& like, const char* op) {
-  TORCH_CHECK_TYPE(rng.scalar_type() == at::kLong, op, ": rng must be an int64 tensor, got ",
-                   rng.scalar_type());
-  TORCH_CHECK_VALUE(rng.dim() == 1 && rng.numel() == 2, op,
-                    ": rng must have shape [2] holding (seed, offset), got ", rng.sizes());
-  TORCH_CHECK_VALUE(rng.device() == like.device(), op, ": rng is on ", rng.device(),
-                    " but weight is on ", like.device());
+  TORCH_CHECK_TYPE(rng.scalar_type() == at::kLong, op, ": rng must be an int64 tensor, got ", rng.scalar_type());
+  TORCH_CHECK_VALUE(rng.dim() == 1 && rng.numel() == 2, op, ": rng must have shape [2] holding (seed, offset), got ",
+                    rng.sizes());
+  TORCH_CHECK_VALUE(rng.device() == like.device(), op, ": rng is on ", rng.device(), " but weight is on ",
+                    like.device());
 }
 
 inline void check_sigmas(const at::Tensor& sigmas, const at::Tensor& like, const char* op) {
-  TORCH_CHECK_TYPE(sigmas.scalar_type() == at::kFloat, op, ": sigmas must be float32, got ",
-                   sigmas.scalar_type());
-  TORCH_CHECK_VALUE(sigmas.dim() == 1, op, ": sigmas must be 1-D (one sigma_d per sample), got ",
-                    sigmas.sizes());
-  TORCH_CHECK_VALUE(sigmas.device() == like.device(), op, ": sigmas is on ", sigmas.device(),
-                    " but weight is on ", like.device());
+  TORCH_CHECK_TYPE(sigmas.scalar_type() == at::kFloat, op, ": sigmas must be float32, got ", sigmas.scalar_type());
+  TORCH_CHECK_VALUE(sigmas.dim() == 1, op, ": sigmas must be 1-D (one sigma_d per sample), got ", sigmas.sizes());
+  TORCH_CHECK_VALUE(sigmas.device() == like.device(), op, ": sigmas is on ", sigmas.device(), " but weight is on ",
+                    like.device());
 }
 
 inline void check_counter_key(const at::Tensor& counter, const at::Tensor& key) {
   TORCH_CHECK_TYPE(counter.scalar_type() == at::kLong, "philox4x32: counter must be int64, got ",
                    counter.scalar_type());
-  TORCH_CHECK_TYPE(key.scalar_type() == at::kLong, "philox4x32: key must be int64, got ",
-                   key.scalar_type());
-  TORCH_CHECK_VALUE(counter.dim() >= 1 && counter.size(-1) == 4,
-                    "philox4x32: counter must have shape [..., 4], got ", counter.sizes());
-  TORCH_CHECK_VALUE(key.dim() == 1 && key.numel() == 2, "philox4x32: key must have shape [2], got ",
-                    key.sizes());
-  TORCH_CHECK_VALUE(counter.device() == key.device(), "philox4x32: counter is on ", counter.device(),
-                    " but key is on ", key.device());
+  TORCH_CHECK_TYPE(key.scalar_type() == at::kLong, "philox4x32: key must be int64, got ", key.scalar_type());
+  TORCH_CHECK_VALUE(counter.dim() >= 1 && counter.size(-1) == 4, "philox4x32: counter must have shape [..., 4], got ",
+                    counter.sizes());
+  TORCH_CHECK_VALUE(key.dim() == 1 && key.numel() == 2, "philox4x32: key must have shape [2], got ", key.sizes());
+  TORCH_CHECK_VALUE(counter.device() == key.device(), "philox4x32: counter is on ", counter.device(), " but key is on ",
+                    key.device());
 }
 
 inline void check_normal_args(const at::Tensor& rng, int64_t numel, int64_t streams) {

@@ -37,17 +37,20 @@ TORCH_LIBRARY(nft_cuda, m) {
   // the noise of sample s being exactly perturb(weight, rng, sigmas)[s]. shared_input: x [..., K] for
   // every sample, out [S, ..., N]; else x [S, ..., K], out [S, ..., N]. out has x's dtype. allow_tf32
   // lets the CUDA kernel run float32 on TF32 tensor cores (the Python wrapper reads torch's setting).
-  m.def("noisy_linear(Tensor x, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
-        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
+  m.def(
+      "noisy_linear(Tensor x, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
+      "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
   // dX of noisy_linear: grad [S, ..., N] -> grad[s] · W_noisy[s] (noise regenerated), summed over s
   // when shared_input ([..., K]), else [S, ..., K]. Has grad's dtype.
-  m.def("_noisy_linear_backward_input(Tensor grad, Tensor weight, Tensor rng, Tensor sigmas, float scale, "
-        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
+  m.def(
+      "_noisy_linear_backward_input(Tensor grad, Tensor weight, Tensor rng, Tensor sigmas, float scale, "
+      "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
   // IRS snapshot capture (DESIGN §4.3): noisy_linear(flatten(adaptive_avg_pool2d(act, pool)), ...) with act
   // [B, C, H, W] (shared_input) or [S, B, C, H, W], weight [N, C*pool*pool]; out [S, B, N], act's dtype. On
   // CUDA the pooling runs in the GEMM's A-operand loader, so the snapshot is never written.
-  m.def("snapshot_linear(Tensor act, int pool, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
-        "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
+  m.def(
+      "snapshot_linear(Tensor act, int pool, Tensor weight, Tensor? bias, Tensor rng, Tensor sigmas, float scale, "
+      "float state_factor, bool shared_input, bool allow_tf32=False) -> Tensor");
   // CUDA_VERSION the extension was compiled with, -1 for a CPU-only build.
   m.def("_cuda_version() -> int", &cuda_version);
 }

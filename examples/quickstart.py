@@ -1,6 +1,6 @@
 """Quick start: the device-variation model, the shared noise stream and the perturb op.
 
-    bash tools/setup_env.sh && .venv/bin/python examples/quickstart.py
+bash tools/setup_env.sh && .venv/bin/python examples/quickstart.py
 """
 
 import torch
@@ -31,5 +31,9 @@ print(f"max |kernel - pure PyTorch| = {(noisy - oracle).abs().max():.2e}")
 w = weight.clone().requires_grad_()
 sweep = nft_cuda.ops.perturb(w, variation, seed=1, samples=3, sigmas=[0.0, 0.2, 0.4])
 sweep.sum().backward()
-print("σ_d = 0 leaves W exact:", torch.equal(sweep[0].detach(), weight), "| dL/dW = 3 everywhere:",
-      bool((w.grad == 3).all()))
+print(
+    "σ_d = 0 leaves W exact:",
+    torch.equal(sweep[0].detach(), weight),
+    "| dL/dW = 3 everywhere:",
+    bool((w.grad == 3).all()),
+)

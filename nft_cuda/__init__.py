@@ -11,13 +11,13 @@ if _ext.HAS_C:
     from nft_cuda import _registrations  # noqa: F401
 
 from nft_cuda import ops, reference, rng
-from nft_cuda.variation import PRESETS, Variation
-from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
-from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 from nft_cuda.nn.attention import NoisyMultiheadAttention
-from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
+from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 from nft_cuda.nn.generic import register_noisy
+from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
+from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.summary import ConversionSummary, conversion_summary
+from nft_cuda.variation import PRESETS, Variation
 
 __version__ = "0.1.0"
 
@@ -37,7 +37,30 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted(set(globals()) | _LAZY_SUBMODULES)
 
-__all__ = ["PRESETS", "Variation", "backend_info", "ops", "reference", "rng", "__version__",
-           "NoisyLinear", "NoisyConv1d", "NoisyConv2d", "NoisyModule", "convert", "strip", "noisy_layers",
-           "set_noise_mode", "set_instance", "noise_mode", "register_noisy", "NoisyMultiheadAttention", "NoisyRNN", "NoisyLSTM", "NoisyGRU", "ConversionSummary",
-           "conversion_summary"]
+
+__all__ = [
+    "PRESETS",
+    "Variation",
+    "backend_info",
+    "ops",
+    "reference",
+    "rng",
+    "__version__",
+    "NoisyLinear",
+    "NoisyConv1d",
+    "NoisyConv2d",
+    "NoisyModule",
+    "convert",
+    "strip",
+    "noisy_layers",
+    "set_noise_mode",
+    "set_instance",
+    "noise_mode",
+    "register_noisy",
+    "NoisyMultiheadAttention",
+    "NoisyRNN",
+    "NoisyLSTM",
+    "NoisyGRU",
+    "ConversionSummary",
+    "conversion_summary",
+]

@@ -155,8 +155,15 @@ def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.dev
 # --------------------------------------------------------------------------------------------------
 
 
-def check_real(name: str, value, *, minimum: float | None = None, strict: bool = False, maximum: float | None = None,
-          max_strict: bool = False) -> float:
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+    max_strict: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
@@ -192,7 +199,6 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
     return value
-
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,7 +55,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         )
 
 
-
 def _read_build_info() -> dict | None:
     """setup.py's build decisions (nft_cuda/_build_info.json), or None when it left none."""
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")
@@ -95,8 +94,10 @@ def use_kernel(op: str, device: torch.device) -> bool:
         return True
     reason = LOAD_ERROR if not HAS_C else f"the extension was built without {device.type} kernels"
     if HAS_C and device.type == "cuda" and BUILD_INFO and not BUILD_INFO.get("cuda"):
-        reason += (f": {BUILD_INFO.get('why')}; rebuild with "
-                   "`FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine with a CUDA toolkit")
+        reason += (
+            f": {BUILD_INFO.get('why')}; rebuild with "
+            "`FORCE_CUDA=1 pip install --no-build-isolation -e .` on a machine with a CUDA toolkit"
+        )
     if STRICT:
         raise RuntimeError(
             f"nft_cuda: no compiled {device.type} kernel for '{op}' ({reason}) and NFT_CUDA_STRICT=1 "
@@ -104,8 +105,9 @@ def use_kernel(op: str, device: torch.device) -> bool:
         )
     if HAS_C and (op, device.type) not in _warned and device.type == "cuda":
         _warned.add((op, device.type))
-        warnings.warn(f"nft_cuda: '{op}' on {device.type} runs on pure PyTorch ({reason})", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"nft_cuda: '{op}' on {device.type} runs on pure PyTorch ({reason})", RuntimeWarning, stacklevel=3
+        )
     return False
 
 

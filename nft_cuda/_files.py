@@ -15,8 +15,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_save", "atomic_write", "atomic_write_bytes", "atomic_write_text", "commit", "default_mode",
-           "environment", "fsync_dir", "json_safe", "sha256_file", "sha256_hex"]
+__all__ = [
+    "atomic_save",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "commit",
+    "default_mode",
+    "environment",
+    "fsync_dir",
+    "json_safe",
+    "sha256_file",
+    "sha256_hex",
+]
 
 PathLike = str | os.PathLike
 
@@ -118,12 +129,18 @@ def commit(where: PathLike | None = None, *, mark_dirty: bool = False) -> str | 
     ``mark_dirty``, suffixed ``+dirty`` when tracked files differ from it (a benchmark of uncommitted code)."""
     cwd = Path(where) if where is not None else Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=cwd)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10, cwd=cwd
+        )
         sha = out.stdout.strip() or None
         if sha and mark_dirty:
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, timeout=10, cwd=cwd)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                cwd=cwd,
+            )
             sha += "+dirty" if status.stdout.strip() else ""
         return sha
     except (OSError, subprocess.SubprocessError):
@@ -134,6 +151,11 @@ def environment(where: PathLike | None = None) -> dict:
     """The environment stamp of a run: Python, torch, platform, CPU count, torch threads and commit."""
     import torch
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "commit": commit(where)}
-
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "commit": commit(where),
+    }

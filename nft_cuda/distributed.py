@@ -40,8 +40,15 @@ RANK_STREAM = 0x5EED_D1A7  # mixes the rank into the training-noise seed of rank
 class Group:
     """This process's place in a torchrun group; a single-process run is an inactive group of one."""
 
-    def __init__(self, dist=None, rank: int = 0, world: int = 1, created: bool = False,
-                 device: torch.device | None = None, group=None):
+    def __init__(
+        self,
+        dist=None,
+        rank: int = 0,
+        world: int = 1,
+        created: bool = False,
+        device: torch.device | None = None,
+        group=None,
+    ):
         self.dist, self.rank, self.world, self.created, self.device = dist, rank, world, created, device
         self.group = group  # the torch.distributed process group (None: the world)
 
@@ -171,9 +178,7 @@ class ShardSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         perm = torch.randperm(self.n, generator=self.generator)
-        return iter(perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank].tolist())
-
-
+        return iter(perm[self.rank * self.per_rank : (self.rank + 1) * self.per_rank].tolist())
 
 
 def current(group=None, distributed: bool | None = None) -> Group:
@@ -188,8 +193,10 @@ def current(group=None, distributed: bool | None = None) -> Group:
     if not distributed:
         return Group()
     if not initialised:
-        raise RuntimeError("distributed=True needs torch.distributed to be initialised "
-                           "(torchrun + torch.distributed.init_process_group)")
+        raise RuntimeError(
+            "distributed=True needs torch.distributed to be initialised "
+            "(torchrun + torch.distributed.init_process_group)"
+        )
     backend = str(dist.get_backend(group)).lower()
     device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
     return Group(dist, dist.get_rank(group), dist.get_world_size(group), False, device, group)

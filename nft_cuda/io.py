@@ -22,8 +22,7 @@ from nft_cuda._files import atomic_save
 from nft_cuda.nn.conversion import convert, noisy_layers
 from nft_cuda.variation import Variation
 
-__all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model",
-           "safe_load"]
+__all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model", "safe_load"]
 
 MODEL_FORMAT = "nft_cuda.model/1"
 #: The exported model's file name in a run folder of ``nft train``.
@@ -37,8 +36,10 @@ def safe_load(path: str, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError / RuntimeError / EOFError for bad files
-        raise ValueError(f"{path} is not a readable nft_cuda file (corrupt, truncated, or not weights-only "
-                         f"safe): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ValueError(
+            f"{path} is not a readable nft_cuda file (corrupt, truncated, or not weights-only "
+            f"safe): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
 
 
 def save_model(path: str, model: nn.Module, *, spec: dict, variation: Variation, meta: dict | None = None) -> None:
@@ -48,8 +49,12 @@ def save_model(path: str, model: nn.Module, *, spec: dict, variation: Variation,
     payload = {
         "format": MODEL_FORMAT,
         "model": dict(spec),
-        "variation": {"sigma": variation.sigma, "device_model": variation.device_model,
-                      "weight_bits": variation.weight_bits, "device_bits": variation.device_bits},
+        "variation": {
+            "sigma": variation.sigma,
+            "device_model": variation.device_model,
+            "weight_bits": variation.weight_bits,
+            "device_bits": variation.device_bits,
+        },
         "noisy": [name for name, _ in noisy_layers(model)],
         "state_dict": state,
         "meta": dict(meta or {}),
@@ -65,8 +70,10 @@ def resolve_model_path(path) -> str:
         candidate = os.path.join(path, MODEL_FILE)
         if os.path.isfile(candidate):
             return candidate
-        raise FileNotFoundError(f"{path} is a folder without {MODEL_FILE}: give a run folder of `nft train` "
-                                "(it holds the exported model.pt) or an exported model file")
+        raise FileNotFoundError(
+            f"{path} is a folder without {MODEL_FILE}: give a run folder of `nft train` "
+            "(it holds the exported model.pt) or an exported model file"
+        )
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such file: {path} (checkpoint not found)")
     return path

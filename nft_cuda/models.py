@@ -43,7 +43,9 @@ class VGG8(nn.Module):
         spatial = input_size // 8
         hidden = _ch(1024, width)
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(c[-1] * spatial * spatial, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(c[-1] * spatial * spatial, hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
 
@@ -80,8 +82,9 @@ class ResNet18(nn.Module):
         super().__init__()
         del input_size  # global average pooling makes the head independent of it
         c = [_ch(x, width) for x in (64, 128, 256, 512)]
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]),
-                                  nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, c[0], 3, padding=1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True)
+        )
         cin = c[0]
         for i, (cout, stride) in enumerate(zip(c, (1, 2, 2, 2)), start=1):
             self.add_module(f"layer{i}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
@@ -108,8 +111,12 @@ class SmallNet(nn.Module):
             cin = cout
         spatial = input_size // 8
         hidden = _ch(128, width)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c[2] * spatial * spatial, hidden),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c[2] * spatial * spatial, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.block3(self.block2(self.block1(x))))
@@ -125,8 +132,9 @@ IRS_TAPS: dict[str, dict[str, int]] = {
 }
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, input_size: int = 32,
-                width: float = 1.0) -> nn.Module:
+def build_model(
+    name: str, *, in_channels: int, num_classes: int, input_size: int = 32, width: float = 1.0
+) -> nn.Module:
     """A plain model by name: "small", "vgg8" or "resnet18"."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")

@@ -18,8 +18,16 @@ from nft_cuda.variation import Variation
 __all__ = ["perturb", "noisy_linear", "snapshot_linear", "tf32_allowed"]
 
 
-def perturb(weight: torch.Tensor, variation: Variation, *, seed: int | None = None, offset: int | None = None,
-            rng: torch.Tensor | None = None, samples: int = 1, sigmas=None) -> torch.Tensor:
+def perturb(
+    weight: torch.Tensor,
+    variation: Variation,
+    *,
+    seed: int | None = None,
+    offset: int | None = None,
+    rng: torch.Tensor | None = None,
+    samples: int = 1,
+    sigmas=None,
+) -> torch.Tensor:
     """Noisy copies of a weight under device variation (DESIGN §2, §4.1).
 
     Args:
@@ -74,8 +82,9 @@ def _check_x(x, name: str = "x") -> torch.Tensor:
     return x
 
 
-def _linear_args(x_shape, x_device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input,
-                 name: str):
+def _linear_args(
+    x_shape, x_device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, name: str
+):
     """Checks the matmul arguments shared by noisy_linear and snapshot_linear (x_shape: the GEMM input's
     shape, [..., K] or [S, ..., K]); returns (samples, rng tensor, sigmas tensor)."""
     _args.check_weight(weight)
@@ -97,16 +106,27 @@ def _linear_args(x_shape, x_device, weight, bias, variation, seed, offset, rng, 
         want = "[..., in_features]" if shared_input else "[samples, ..., in_features]"
         raise ValueError(f"x must be {want} with in_features={weight.shape[1]}, got shape {list(x_shape)}")
     if not shared_input and x_shape[0] != samples:
-        raise ValueError(f"with shared_input=False {name} must have samples={samples} leading rows, "
-                         f"got {list(x_shape)}")
+        raise ValueError(
+            f"with shared_input=False {name} must have samples={samples} leading rows, got {list(x_shape)}"
+        )
     rng = _args.resolve_rng(weight.device, seed, offset, rng)
     sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
     return samples, rng, sig
 
 
-def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, variation: Variation, *,
-                 seed: int | None = None, offset: int | None = None, rng: torch.Tensor | None = None,
-                 samples: int = 1, sigmas=None, shared_input: bool = True) -> torch.Tensor:
+def noisy_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    variation: Variation,
+    *,
+    seed: int | None = None,
+    offset: int | None = None,
+    rng: torch.Tensor | None = None,
+    samples: int = 1,
+    sigmas=None,
+    shared_input: bool = True,
+) -> torch.Tensor:
     """Variation-sampled linear layer (DESIGN §4.2): ``out[t] = x(t) · W_noisy[t]ᵀ + bias`` for t < S.
 
     The noise of sample t is exactly ``perturb(weight, variation, rng=rng, samples=S, sigmas=sigmas)[t]``,
@@ -127,19 +147,31 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         backward through the compiled kernel raises RuntimeError (the pure-PyTorch fallback allows it).
     """
     _check_x(x)
-    samples, rng, sig = _linear_args(x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas,
-                                     shared_input, "x")
+    samples, rng, sig = _linear_args(
+        x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "x"
+    )
     allow_tf32 = x.device.type == "cuda" and x.dtype == torch.float32 and tf32_allowed()
     if _ext.use_kernel("noisy_linear", weight.device):
-        return torch.ops.nft_cuda.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor,
-                                               shared_input, allow_tf32)
+        return torch.ops.nft_cuda.noisy_linear(
+            x, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32
+        )
     return reference.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input)
 
 
-def snapshot_linear(act: torch.Tensor, pool: int, weight: torch.Tensor, bias: torch.Tensor | None,
-                    variation: Variation, *, seed: int | None = None, offset: int | None = None,
-                    rng: torch.Tensor | None = None, samples: int = 1, sigmas=None,
-                    shared_input: bool = True) -> torch.Tensor:
+def snapshot_linear(
+    act: torch.Tensor,
+    pool: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    variation: Variation,
+    *,
+    seed: int | None = None,
+    offset: int | None = None,
+    rng: torch.Tensor | None = None,
+    samples: int = 1,
+    sigmas=None,
+    shared_input: bool = True,
+) -> torch.Tensor:
     """IRS snapshot capture (DESIGN §4.3): ``noisy_linear(flatten(adaptive_avg_pool2d(act, pool), 1), ...)``.
 
     Args:
@@ -166,19 +198,21 @@ def snapshot_linear(act: torch.Tensor, pool: int, weight: torch.Tensor, bias: to
         raise ValueError(f"pool must be >= 1, got {pool}")
     want_dim = 4 if shared_input else 5
     if act.dim() != want_dim:
-        raise ValueError(f"act must be {'[B, C, H, W]' if shared_input else '[S, B, C, H, W]'}, "
-                         f"got shape {list(act.shape)}")
+        raise ValueError(
+            f"act must be {'[B, C, H, W]' if shared_input else '[S, B, C, H, W]'}, got shape {list(act.shape)}"
+        )
     if act.shape[-2] < 1 or act.shape[-1] < 1:
         raise ValueError(f"act must have non-empty spatial dims, got shape {list(act.shape)}")
     lead = act.shape[:-3]
     snap_shape = (*lead, act.shape[-3] * pool * pool)
-    samples, rng, sig = _linear_args(snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples,
-                                     sigmas, shared_input, "act")
+    samples, rng, sig = _linear_args(
+        snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "act"
+    )
     if _ext.use_kernel("snapshot_linear", weight.device):
         allow_tf32 = act.device.type == "cuda" and act.dtype == torch.float32 and tf32_allowed()
-        return torch.ops.nft_cuda.snapshot_linear(act, pool, weight, bias, rng, sig, variation.scale,
-                                                  variation.state_factor, shared_input, allow_tf32)
+        return torch.ops.nft_cuda.snapshot_linear(
+            act, pool, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32
+        )
     pooled = F.adaptive_avg_pool2d(act.reshape(math.prod(lead), *act.shape[-3:]), pool)
     snap = pooled.reshape(snap_shape)
-    return noisy_linear(snap, weight, bias, variation, rng=rng, samples=samples, sigmas=sig,
-                        shared_input=shared_input)
+    return noisy_linear(snap, weight, bias, variation, rng=rng, samples=samples, sigmas=sig, shared_input=shared_input)

@@ -101,8 +101,9 @@ def sigma_w(weight: torch.Tensor, sigmas: torch.Tensor, scale: float, state_fact
     return torch.where(band.unsqueeze(0), inside.view(view), base.view(view))
 
 
-def perturb(weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor, scale: float,
-            state_factor: float) -> torch.Tensor:
+def perturb(
+    weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor, scale: float, state_factor: float
+) -> torch.Tensor:
     """[S, *weight.shape]: W + σ_w · z_t for t < S = sigmas.numel() (DESIGN §2, §4.1).
 
     Differentiable: the noise is a constant, so dL/dW = Σ_t dL/dW_noisy[t] (straight-through).
@@ -118,9 +119,17 @@ def perturb(weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor, scale
     return out.to(weight.dtype)
 
 
-def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rng: torch.Tensor,
-                 sigmas: torch.Tensor, scale: float, state_factor: float, shared_input: bool,
-                 allow_tf32: bool = False) -> torch.Tensor:
+def noisy_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rng: torch.Tensor,
+    sigmas: torch.Tensor,
+    scale: float,
+    state_factor: float,
+    shared_input: bool,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
     """out[s] = x(s) · perturb(weight)[s]ᵀ + bias (DESIGN §4.2): [S, ..., N] in x's dtype.
 
     ``shared_input``: x [..., K] for every sample; else x [S, ..., K]. The noisy weight is rounded to
@@ -144,9 +153,16 @@ def noisy_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return out
 
 
-def noisy_linear_backward_input(grad: torch.Tensor, weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor,
-                                scale: float, state_factor: float, shared_input: bool,
-                                allow_tf32: bool = False) -> torch.Tensor:
+def noisy_linear_backward_input(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    rng: torch.Tensor,
+    sigmas: torch.Tensor,
+    scale: float,
+    state_factor: float,
+    shared_input: bool,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
     """dX of :func:`noisy_linear`: grad [S, ..., N] · perturb(weight)[s], summed over s if shared_input."""
     samples = sigmas.numel()
     wn = perturb(weight.detach(), rng, sigmas, scale, state_factor).to(grad.dtype)

@@ -59,9 +59,7 @@ class Variation:
         if canonical is None:
             close = difflib.get_close_matches(self.device_model, list(PRESETS), n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(
-                f"unknown device_model '{self.device_model}'{hint}; choose one of {', '.join(PRESETS)}"
-            )
+            raise ValueError(f"unknown device_model '{self.device_model}'{hint}; choose one of {', '.join(PRESETS)}")
         object.__setattr__(self, "device_model", canonical)
 
         wb = _check_int("weight_bits", self.weight_bits)
@@ -90,7 +88,7 @@ class Variation:
         s = self.state_factor
         return math.sqrt(a) / b / math.sqrt(0.4 * s * s + 0.6)
 
-    def with_sigma(self, sigma: float) -> "Variation":
+    def with_sigma(self, sigma: float) -> Variation:
         """The same device model at another σ_d."""
         return dataclasses.replace(self, sigma=sigma)
 

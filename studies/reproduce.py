@@ -41,12 +41,16 @@ _METHOD_NAMES = {"clean": "clean (W/O noise)", "noise": "noise injection", "ovf"
 #: figure published with the authors' code, and its EKL curve (×10⁻²; that figure does not name its
 #: model and dataset). Device preset not stated (the code's default is RRAM1).
 PAPER = {
-    "accuracy": {0.2: {"clean": 73.98, "noise": 99.45, "ovf": 99.53, "irs": 99.47},
-                 0.3: {"clean": 45.42, "noise": 86.61, "ovf": 99.46, "irs": 90.19},
-                 0.35: {"clean": 35.40, "noise": 52.30, "ovf": 99.01, "irs": 58.28}},
-    "ekl_e2": {0.2: {"clean": 0.721, "noise": 0.919, "ovf": 0.076, "irs": 0.065},
-               0.3: {"clean": 0.194, "noise": 3.226, "ovf": 0.238, "irs": 0.289},
-               0.35: {"clean": 0.016, "noise": 5.118, "ovf": 0.432, "irs": 0.362}},
+    "accuracy": {
+        0.2: {"clean": 73.98, "noise": 99.45, "ovf": 99.53, "irs": 99.47},
+        0.3: {"clean": 45.42, "noise": 86.61, "ovf": 99.46, "irs": 90.19},
+        0.35: {"clean": 35.40, "noise": 52.30, "ovf": 99.01, "irs": 58.28},
+    },
+    "ekl_e2": {
+        0.2: {"clean": 0.721, "noise": 0.919, "ovf": 0.076, "irs": 0.065},
+        0.3: {"clean": 0.194, "noise": 3.226, "ovf": 0.238, "irs": 0.289},
+        0.35: {"clean": 0.016, "noise": 5.118, "ovf": 0.432, "irs": 0.362},
+    },
 }
 
 
@@ -59,8 +63,19 @@ def load_config(path) -> dict:
     """The study config (JSON), checked: one clear ValueError naming the bad entry."""
     with open(path) as f:
         cfg = json.load(f)
-    required = ("model", "width", "epochs", "batch_size", "lr", "runs", "instances_per_pass", "eval_seed",
-                "device", "clean_seed", "groups")
+    required = (
+        "model",
+        "width",
+        "epochs",
+        "batch_size",
+        "lr",
+        "runs",
+        "instances_per_pass",
+        "eval_seed",
+        "device",
+        "clean_seed",
+        "groups",
+    )
     missing = [k for k in required if k not in cfg]
     if missing:
         raise ValueError(f"{path}: missing config entries {missing}")
@@ -74,8 +89,9 @@ def load_config(path) -> dict:
                 raise ValueError(f"{path}: groups[{i}] lacks '{key}'")
         bad = [m for m in g["methods"] if m not in ("noise", "ovf", "irs")]
         if bad:
-            raise ValueError(f"{path}: groups[{i}] has unknown methods {bad} (noise, ovf, irs; the clean model "
-                             "is always trained)")
+            raise ValueError(
+                f"{path}: groups[{i}] has unknown methods {bad} (noise, ovf, irs; the clean model is always trained)"
+            )
         if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
             raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
     if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
@@ -102,9 +118,19 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
         hyper = {k: _setting(cfg, g, k) for k in _GROUP_OVERRIDES}
         for ds in g["datasets"]:
             clean = _train_name(hyper["model"], ds, "clean", 0.0, "RRAM1", cfg["clean_seed"])
-            trainings.setdefault(clean, {"name": clean, "dataset": ds, "method": "clean", "sigma": 0.0,
-                                         "device_model": "RRAM1", "seed": cfg["clean_seed"], "group": g["name"],
-                                         **hyper})
+            trainings.setdefault(
+                clean,
+                {
+                    "name": clean,
+                    "dataset": ds,
+                    "method": "clean",
+                    "sigma": 0.0,
+                    "device_model": "RRAM1",
+                    "seed": cfg["clean_seed"],
+                    "group": g["name"],
+                    **hyper,
+                },
+            )
             for sigma in g["sigmas"]:
                 point = (float(sigma), g["device_model"])
                 if point not in clean_points.setdefault(clean, []):
@@ -112,11 +138,23 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
                 for seed in g["seeds"]:
                     for method in g["methods"]:
                         name = _train_name(hyper["model"], ds, method, sigma, g["device_model"], seed)
-                        trainings.setdefault(name, {"name": name, "dataset": ds, "method": method,
-                                                    "sigma": float(sigma), "device_model": g["device_model"],
-                                                    "seed": seed, "group": g["name"], **hyper})
-                        evals.setdefault(name, {"name": name, "model": name, "sigma": float(sigma),
-                                                "device_model": g["device_model"]})
+                        trainings.setdefault(
+                            name,
+                            {
+                                "name": name,
+                                "dataset": ds,
+                                "method": method,
+                                "sigma": float(sigma),
+                                "device_model": g["device_model"],
+                                "seed": seed,
+                                "group": g["name"],
+                                **hyper,
+                            },
+                        )
+                        evals.setdefault(
+                            name,
+                            {"name": name, "model": name, "sigma": float(sigma), "device_model": g["device_model"]},
+                        )
     clean_evals = []
     for clean, points in clean_points.items():
         for sigma, preset in points:
@@ -157,15 +195,34 @@ def _environment() -> dict:
 def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
     from nft_cuda.train.trainer import TrainConfig, train
 
-    config = TrainConfig(model=t["model"], dataset=t["dataset"], method=t["method"], sigma=t["sigma"],
-                         device_model=t["device_model"], epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"],
-                         width=t["width"], seed=t["seed"], device=cfg["device"], data_dir=cfg.get("data_dir"),
-                         limit_train=cfg["limit_train"], limit_eval=cfg["test_images"],
-                         out=str(out / "train" / t["name"]), overwrite=True)
+    config = TrainConfig(
+        model=t["model"],
+        dataset=t["dataset"],
+        method=t["method"],
+        sigma=t["sigma"],
+        device_model=t["device_model"],
+        epochs=t["epochs"],
+        batch_size=t["batch_size"],
+        lr=t["lr"],
+        width=t["width"],
+        seed=t["seed"],
+        device=cfg["device"],
+        data_dir=cfg.get("data_dir"),
+        limit_train=cfg["limit_train"],
+        limit_eval=cfg["test_images"],
+        out=str(out / "train" / t["name"]),
+        overwrite=True,
+    )
     result = train(config, progress=progress, log=None)
-    return {"time_s": result["time_s"], "test_acc_clean": result["test_acc_clean"],
-            "test_acc_noisy": result["test_acc_noisy"], "best_epoch": result["best_epoch"],
-            "best_val_acc": result["best_val_acc"], "sizes": result["sizes"], "model_path": result["model_path"]}
+    return {
+        "time_s": result["time_s"],
+        "test_acc_clean": result["test_acc_clean"],
+        "test_acc_noisy": result["test_acc_noisy"],
+        "best_epoch": result["best_epoch"],
+        "best_val_acc": result["best_val_acc"],
+        "sizes": result["sizes"],
+        "model_path": result["model_path"],
+    }
 
 
 _TEST_SETS: dict = {}
@@ -190,8 +247,16 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
     base = payload["variation"]
     var = Variation(e["sigma"], e["device_model"], base["weight_bits"], base["device_bits"])
     t0 = time.perf_counter()
-    res = monte_carlo(model, TensorBatches(x, y, 256), [var], cfg["runs"], seed=cfg["eval_seed"],
-                      instances_per_pass=cfg["instances_per_pass"], device=device, progress=progress)[0]
+    res = monte_carlo(
+        model,
+        TensorBatches(x, y, 256),
+        [var],
+        cfg["runs"],
+        seed=cfg["eval_seed"],
+        instances_per_pass=cfg["instances_per_pass"],
+        device=device,
+        progress=progress,
+    )[0]
     res["time_s"] = time.perf_counter() - t0
     return res
 
@@ -221,34 +286,62 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         step += 1
         t = trained[e["model"]]
         path = out / "eval" / f"{e['name']}.json"
-        spec = {k: cfg[k] for k in ("runs", "eval_seed", "test_images", "instances_per_pass", "device")} | e | {
-            "trained": trainings_spec(t)}
+        spec = (
+            {k: cfg[k] for k in ("runs", "eval_seed", "test_images", "instances_per_pass", "device")}
+            | e
+            | {"trained": trainings_spec(t)}
+        )
         rec = _done(path, spec)
         if rec is None:
             log(f"[{step}/{total}] eval {e['name']}: {cfg['runs']} chip instances ({_elapsed(t_start)} elapsed)")
             rec = {"spec": spec, "result": _eval_one(cfg, e, t["model_path"], t["dataset"], progress)}
             _write_json(path, rec)
             r = rec["result"]
-            log(f"    accuracy {100 * r['accuracy_mean']:.2f} ± {100 * r['ci95']:.2f} %, EKL {r['ekl']:.4f}, "
-                f"{r['time_s']:.0f} s")
+            log(
+                f"    accuracy {100 * r['accuracy_mean']:.2f} ± {100 * r['ci95']:.2f} %, EKL {r['ekl']:.4f}, "
+                f"{r['time_s']:.0f} s"
+            )
         r = rec["result"]
-        points.append({"name": e["name"], "model": e["model"], "dataset": t["dataset"], "method": t["method"],
-                       "train_sigma": t["sigma"], "train_device_model": t["device_model"], "seed": t["seed"],
-                       "sigma": e["sigma"], "device_model": e["device_model"], "runs": r["runs"],
-                       "num_inputs": r["num_inputs"], "eval_seed": r["seed"],
-                       "accuracy_mean": r["accuracy_mean"], "ci95": r["ci95"], "ekl": r["ekl"],
-                       "confidence": r["confidence"], "clean_accuracy": r["clean_accuracy"], "time_s": r["time_s"],
-                       "per_instance_accuracy": r["per_instance_accuracy"]})
-    results = {"config": cfg, "environment": _environment(),
-               "trainings": [{k: v for k, v in t.items() if k != "model_path"} for t in trained.values()],
-               "evaluations": points,
-               "time_s": {"training": sum(t["time_s"] for t in trained.values()),
-                          "evaluation": sum(p["time_s"] for p in points)}}
+        points.append(
+            {
+                "name": e["name"],
+                "model": e["model"],
+                "dataset": t["dataset"],
+                "method": t["method"],
+                "train_sigma": t["sigma"],
+                "train_device_model": t["device_model"],
+                "seed": t["seed"],
+                "sigma": e["sigma"],
+                "device_model": e["device_model"],
+                "runs": r["runs"],
+                "num_inputs": r["num_inputs"],
+                "eval_seed": r["seed"],
+                "accuracy_mean": r["accuracy_mean"],
+                "ci95": r["ci95"],
+                "ekl": r["ekl"],
+                "confidence": r["confidence"],
+                "clean_accuracy": r["clean_accuracy"],
+                "time_s": r["time_s"],
+                "per_instance_accuracy": r["per_instance_accuracy"],
+            }
+        )
+    results = {
+        "config": cfg,
+        "environment": _environment(),
+        "trainings": [{k: v for k, v in t.items() if k != "model_path"} for t in trained.values()],
+        "evaluations": points,
+        "time_s": {
+            "training": sum(t["time_s"] for t in trained.values()),
+            "evaluation": sum(p["time_s"] for p in points),
+        },
+    }
     results["time_s"]["total"] = results["time_s"]["training"] + results["time_s"]["evaluation"]
     _write_json(out / "results.json", results)
-    log(f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
+    log(
+        f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
         f"({results['time_s']['training'] / 60:.1f} training, {results['time_s']['evaluation'] / 60:.1f} Monte-Carlo); "
-        f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}")
+        f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}"
+    )
     return results
 
 
@@ -311,26 +404,49 @@ def render_tables(results: dict) -> str:
     preset0 = sweep["device_model"]
     runs = {p["runs"] for p in points}
     inputs = {p["num_inputs"] for p in points}
-    out = [f"Every number below is recomputed from `docs/reproduction/results.json` by "
-           f"`python -m studies.reproduce report`: accuracy is the mean over {'/'.join(map(str, sorted(runs)))} "
-           f"simulated chips ± CI95 (1.96·std/√R) in %, each chip evaluated on the first "
-           f"{'/'.join(map(str, sorted(inputs)))} test images; EKL is in nats ×10⁻².", ""]
+    out = [
+        f"Every number below is recomputed from `docs/reproduction/results.json` by "
+        f"`python -m studies.reproduce report`: accuracy is the mean over {'/'.join(map(str, sorted(runs)))} "
+        f"simulated chips ± CI95 (1.96·std/√R) in %, each chip evaluated on the first "
+        f"{'/'.join(map(str, sorted(inputs)))} test images; EKL is in nats ×10⁻².",
+        "",
+    ]
     head = "| method | " + " | ".join(f"σ_d = {s:g}" for s in sigmas) + " |"
     rule = "|---|" + "---|" * len(sigmas)
     for ds in sweep["datasets"]:
-        out += [f"**Accuracy under variation (%), {ds}, {preset0}, seed {seed0}**", "", head, rule,
-                *_sweep_rows(points, ds, preset0, sigmas, seed0, _acc), "",
-                f"**EKL (×10⁻² nats), {ds}, {preset0}, seed {seed0}**", "", head, rule,
-                *_sweep_rows(points, ds, preset0, sigmas, seed0, lambda p: f"{100 * p['ekl']:.3f}"), ""]
+        out += [
+            f"**Accuracy under variation (%), {ds}, {preset0}, seed {seed0}**",
+            "",
+            head,
+            rule,
+            *_sweep_rows(points, ds, preset0, sigmas, seed0, _acc),
+            "",
+            f"**EKL (×10⁻² nats), {ds}, {preset0}, seed {seed0}**",
+            "",
+            head,
+            rule,
+            *_sweep_rows(points, ds, preset0, sigmas, seed0, lambda p: f"{100 * p['ekl']:.3f}"),
+            "",
+        ]
 
-    out += ["**OVF and IRS minus noise injection, paired by chip** (percentage points, mean ± CI95 of the "
-            "per-chip differences: chip i of every model draws the same noise stream)", "",
-            "| dataset | preset | σ_d | seed | OVF − noise | IRS − noise |", "|---|---|---|---|---|---|"]
+    out += [
+        "**OVF and IRS minus noise injection, paired by chip** (percentage points, mean ± CI95 of the "
+        "per-chip differences: chip i of every model draws the same noise stream)",
+        "",
+        "| dataset | preset | σ_d | seed | OVF − noise | IRS − noise |",
+        "|---|---|---|---|---|---|",
+    ]
     for p in points:
         if p["method"] != "noise":
             continue
-        key = dict(dataset=p["dataset"], sigma=p["sigma"], device_model=p["device_model"], seed=p["seed"],
-                   train_sigma=p["train_sigma"], train_device_model=p["train_device_model"])
+        key = dict(
+            dataset=p["dataset"],
+            sigma=p["sigma"],
+            device_model=p["device_model"],
+            seed=p["seed"],
+            train_sigma=p["train_sigma"],
+            train_device_model=p["train_device_model"],
+        )
         cells = []
         for m in ("ovf", "irs"):
             q = _find(points, method=m, **key)
@@ -340,8 +456,9 @@ def render_tables(results: dict) -> str:
             d = paired_difference(q["per_instance_accuracy"], p["per_instance_accuracy"])
             cells.append(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}")
         if cells != ["–", "–"]:
-            out.append(f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | {cells[0]} | "
-                       f"{cells[1]} |")
+            out.append(
+                f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | {cells[0]} | {cells[1]} |"
+            )
     out.append("")
 
     for g in cfg["groups"][1:]:
@@ -353,10 +470,13 @@ def render_tables(results: dict) -> str:
                     if other == (preset0, seed0):
                         continue
                     what = f"device preset {g['device_model']}" if g["device_model"] != preset0 else f"seed {seed}"
-                    out += [f"**{what} vs {preset0} seed {seed0}: {ds}, σ_d = {s:g}** (accuracy %, EKL ×10⁻²)", "",
-                            f"| method | accuracy, {preset0} seed {seed0} | accuracy, {g['device_model']} seed {seed} "
-                            f"| EKL, {preset0} seed {seed0} | EKL, {g['device_model']} seed {seed} |",
-                            "|---|---|---|---|---|"]
+                    out += [
+                        f"**{what} vs {preset0} seed {seed0}: {ds}, σ_d = {s:g}** (accuracy %, EKL ×10⁻²)",
+                        "",
+                        f"| method | accuracy, {preset0} seed {seed0} | accuracy, {g['device_model']} seed {seed} "
+                        f"| EKL, {preset0} seed {seed0} | EKL, {g['device_model']} seed {seed} |",
+                        "|---|---|---|---|---|",
+                    ]
                     for method in _METHOD_ORDER:
                         pair = []
                         for preset, sd in ((preset0, seed0), other):
@@ -374,9 +494,12 @@ def render_tables(results: dict) -> str:
                         out.append(f"| {_METHOD_NAMES[method]} | {accs[0]} | {accs[1]} | {ekls[0]} | {ekls[1]} |")
                     out.append("")
 
-    out += ["**Training cost** (wall time per model on this machine; clean test accuracy of the exported "
-            "model, σ_d = 0)", "", "| method | models | mean train time (s) | × noise injection | "
-            "clean test accuracy (%, range) |", "|---|---|---|---|---|"]
+    out += [
+        "**Training cost** (wall time per model on this machine; clean test accuracy of the exported model, σ_d = 0)",
+        "",
+        "| method | models | mean train time (s) | × noise injection | clean test accuracy (%, range) |",
+        "|---|---|---|---|---|",
+    ]
     by_method = {m: [t for t in trainings if t["method"] == m] for m in _METHOD_ORDER}
     noise_t = by_method["noise"] and math.fsum(t["time_s"] for t in by_method["noise"]) / len(by_method["noise"])
     for m in _METHOD_ORDER:
@@ -388,14 +511,22 @@ def render_tables(results: dict) -> str:
         accs = [100 * t["test_acc_clean"] for t in ts]
         out.append(f"| {_METHOD_NAMES[m]} | {len(ts)} | {mean_t:.1f} | {ratio} | {min(accs):.2f}–{max(accs):.2f} |")
     tt = results["time_s"]
-    out += ["", f"Total work: {tt['training'] / 60:.1f} min training + {tt['evaluation'] / 60:.1f} min Monte-Carlo = "
-            f"**{tt['total'] / 60:.1f} min** ({results['environment'].get('cpu_count')} CPU cores, torch "
-            f"{results['environment'].get('torch')}, commit {results['environment'].get('commit')}).", ""]
+    out += [
+        "",
+        f"Total work: {tt['training'] / 60:.1f} min training + {tt['evaluation'] / 60:.1f} min Monte-Carlo = "
+        f"**{tt['total'] / 60:.1f} min** ({results['environment'].get('cpu_count')} CPU cores, torch "
+        f"{results['environment'].get('torch')}, commit {results['environment'].get('commit')}).",
+        "",
+    ]
 
     if "mnist" in sweep["datasets"]:
-        out += [f"**Beside the paper** (VGG-8 / MNIST, digitised from its figure; ours: {cfg['model']} width {cfg['width']:g}, "
-                f"mnist, {preset0}; accuracy %, EKL ×10⁻²)", "",
-                "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |", "|---|---|---|---|---|---|"]
+        out += [
+            f"**Beside the paper** (VGG-8 / MNIST, digitised from its figure; ours: {cfg['model']} width {cfg['width']:g}, "
+            f"mnist, {preset0}; accuracy %, EKL ×10⁻²)",
+            "",
+            "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |",
+            "|---|---|---|---|---|---|",
+        ]
         for s in sigmas:
             if s not in PAPER["accuracy"]:
                 continue
@@ -406,8 +537,10 @@ def render_tables(results: dict) -> str:
                 p = _find(points, **want)
                 ours = "–" if p is None else _acc(p)
                 ekl = "–" if p is None else f"{100 * p['ekl']:.3f}"
-                out.append(f"| {s:g} | {_METHOD_NAMES[m]} | {PAPER['accuracy'][s][m]:.2f} | {ours} | "
-                           f"{PAPER['ekl_e2'][s][m]:.3f} | {ekl} |")
+                out.append(
+                    f"| {s:g} | {_METHOD_NAMES[m]} | {PAPER['accuracy'][s][m]:.2f} | {ours} | "
+                    f"{PAPER['ekl_e2'][s][m]:.3f} | {ekl} |"
+                )
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -467,8 +600,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train and evaluate every model of the config (resumable)")
     r.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (default studies/reproduction.json)")
     r.add_argument("--out", default=os.path.join("runs", "study"), help="output folder (default runs/study)")
-    r.add_argument("--data-dir", dest="data_dir",
-                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    r.add_argument(
+        "--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
+    )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     s = sub.add_parser("report", help="recompute the tables of docs/reproduction.md and the plot from results.json")
     s.add_argument("--results", default=os.path.join("docs", "reproduction", "results.json"))

@@ -34,8 +34,11 @@ _MASK32 = 0xFFFFFFFF
 def require_optional(module: str):
     """The optional package ``module`` (matplotlib, hypothesis, ...), or a skip of the calling test (at module
     level: of the whole module) saying it is missing and how to get every test dependency."""
-    return pytest.importorskip(module, reason=f"needs the optional package {module!r}, which is not installed "
-                                              "(pip install -e .[test] installs every test dependency)")
+    return pytest.importorskip(
+        module,
+        reason=f"needs the optional package {module!r}, which is not installed "
+        "(pip install -e .[test] installs every test dependency)",
+    )
 
 
 @pytest.fixture(params=DEVICES)
@@ -145,7 +148,7 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """float64 ulp of |x| in ``dtype`` (spacing to the next representable value away from 0)."""
     a = x.detach().cpu().abs().to(dtype)
     nxt = torch.nextafter(a, torch.full_like(a, float("inf")))
-    return (nxt.to(torch.float64) - a.to(torch.float64))
+    return nxt.to(torch.float64) - a.to(torch.float64)
 
 
 def one_error_line(stderr: str) -> str:
@@ -188,5 +191,6 @@ def assert_chips_differ(model: torch.nn.Module, inputs: torch.Tensor, seed: int 
                 with nft_cuda.noise_mode(model, "off"):
                     clean = model(inputs)
             assert not torch.equal(outs[0], outs[1]), (
-                f"chips 0 and 1 are identical with only layer '{name}' noisy, under {context.__name__}")
+                f"chips 0 and 1 are identical with only layer '{name}' noisy, under {context.__name__}"
+            )
             assert not torch.equal(outs[0], clean), f"layer '{name}' has no effect under {context.__name__}"

@@ -48,8 +48,19 @@ def _compiler() -> str:
 
 
 def _command(mutation: int, output: str) -> list[str]:
-    cmd = [_compiler(), "-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-Wall", "-Werror",
-           "-Wno-unknown-pragmas", f"-I{CSRC}", f"-I{os.path.join(CSRC, 'include')}"]
+    cmd = [
+        _compiler(),
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        "-ffp-contract=off",
+        "-Wall",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        f"-I{CSRC}",
+        f"-I{os.path.join(CSRC, 'include')}",
+    ]
     cmd += [f"-isystem{p}" for p in include_paths()[:1]]
     if mutation:
         cmd += [f"-DNFT_EMU_MUTATION={mutation}", "-DNFT_EMU_GEMM_ONLY_BF16"]
@@ -58,8 +69,11 @@ def _command(mutation: int, output: str) -> list[str]:
 
 def _source_hash(mutation: int) -> str:
     h = hashlib.sha256()
-    files = sorted(glob.glob(os.path.join(CSRC, "emu", "*")) + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
-                   + glob.glob(os.path.join(CSRC, "include", "nft_cuda", "*")))
+    files = sorted(
+        glob.glob(os.path.join(CSRC, "emu", "*"))
+        + glob.glob(os.path.join(CSRC, "cuda", "*.cuh"))
+        + glob.glob(os.path.join(CSRC, "include", "nft_cuda", "*"))
+    )
     for path in files:
         h.update(os.path.relpath(path, CSRC).encode())
         with open(path, "rb") as f:
@@ -114,8 +128,17 @@ class Emulator:
         if rc != 0:
             raise EmulatorError(f"{what}: {self.lib.emu_last_error().decode()}")
 
-    COUNTERS = ("mma", "barriers", "shfl", "smem_store_requests", "smem_store_wavefronts", "smem_load_requests",
-                "smem_load_wavefronts", "global_load_bytes", "global_store_bytes")
+    COUNTERS = (
+        "mma",
+        "barriers",
+        "shfl",
+        "smem_store_requests",
+        "smem_store_wavefronts",
+        "smem_load_requests",
+        "smem_load_wavefronts",
+        "global_load_bytes",
+        "global_store_bytes",
+    )
 
     def counters(self) -> dict[str, int]:
         """Counters of the last launch; for a GEMM: of the GEMM kernel and its split reduction, not max|W|."""
@@ -135,24 +158,47 @@ class Emulator:
         c = counter.contiguous()
         k = key.contiguous()
         out = torch.empty_like(c)
-        self._check(self.lib.emu_philox4x32(_ptr(c), _ptr(k), _ptr(out), ctypes.c_int64(c.numel() // 4),
-                                            ctypes.c_uint(blocks), ctypes.c_uint(threads)), "philox4x32")
+        self._check(
+            self.lib.emu_philox4x32(
+                _ptr(c),
+                _ptr(k),
+                _ptr(out),
+                ctypes.c_int64(c.numel() // 4),
+                ctypes.c_uint(blocks),
+                ctypes.c_uint(threads),
+            ),
+            "philox4x32",
+        )
         return out
 
-    def philox_normal(self, rng: torch.Tensor, numel: int, streams: int, blocks=3, threads=64,
-                      grid_y=65535) -> torch.Tensor:
+    def philox_normal(
+        self, rng: torch.Tensor, numel: int, streams: int, blocks=3, threads=64, grid_y=65535
+    ) -> torch.Tensor:
         r = rng.contiguous()
         out = torch.empty(streams, numel, dtype=torch.float32)
-        self._check(self.lib.emu_philox_normal(_ptr(r), _ptr(out), ctypes.c_int64(numel), ctypes.c_int64(streams),
-                                               ctypes.c_uint(blocks), ctypes.c_uint(threads),
-                                               ctypes.c_uint(grid_y)), "philox_normal")
+        self._check(
+            self.lib.emu_philox_normal(
+                _ptr(r),
+                _ptr(out),
+                ctypes.c_int64(numel),
+                ctypes.c_int64(streams),
+                ctypes.c_uint(blocks),
+                ctypes.c_uint(threads),
+                ctypes.c_uint(grid_y),
+            ),
+            "philox_normal",
+        )
         return out
 
     def max_abs(self, w: torch.Tensor, blocks=3) -> float:
         wc = w.contiguous()
         bits = ctypes.c_uint(0)
-        self._check(self.lib.emu_max_abs(DTYPE_CODE[wc.dtype], _ptr(wc), ctypes.c_int64(wc.numel()),
-                                         ctypes.byref(bits), ctypes.c_uint(blocks)), "max_abs")
+        self._check(
+            self.lib.emu_max_abs(
+                DTYPE_CODE[wc.dtype], _ptr(wc), ctypes.c_int64(wc.numel()), ctypes.byref(bits), ctypes.c_uint(blocks)
+            ),
+            "max_abs",
+        )
         return torch.tensor([bits.value], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
 
     def perturb(self, w, rng, sigmas, scale, state_factor, blocks=3, threads=64) -> torch.Tensor:
@@ -160,15 +206,42 @@ class Emulator:
         r = rng.contiguous()
         sig = sigmas.to(torch.float32).contiguous()
         out = torch.empty((sig.numel(), *wc.shape), dtype=wc.dtype)
-        self._check(self.lib.emu_perturb(DTYPE_CODE[wc.dtype], _ptr(wc), _ptr(out), ctypes.c_int64(wc.numel()),
-                                         ctypes.c_int64(sig.numel()), _ptr(r), _ptr(sig), ctypes.c_float(scale),
-                                         ctypes.c_float(state_factor), ctypes.c_uint(blocks),
-                                         ctypes.c_uint(threads)), "perturb")
+        self._check(
+            self.lib.emu_perturb(
+                DTYPE_CODE[wc.dtype],
+                _ptr(wc),
+                _ptr(out),
+                ctypes.c_int64(wc.numel()),
+                ctypes.c_int64(sig.numel()),
+                _ptr(r),
+                _ptr(sig),
+                ctypes.c_float(scale),
+                ctypes.c_float(state_factor),
+                ctypes.c_uint(blocks),
+                ctypes.c_uint(threads),
+            ),
+            "perturb",
+        )
         return out
 
-    def noisy_gemm(self, op: str, mode: str, a, w, bias, rng, sigmas, scale, state_factor, *, shared_input: bool,
-                   pool: int = 0, parts: int = 0, sm_count: int = H200_SMS,
-                   grid_cap=(2**31 - 1, 65535, 65535)) -> torch.Tensor:
+    def noisy_gemm(
+        self,
+        op: str,
+        mode: str,
+        a,
+        w,
+        bias,
+        rng,
+        sigmas,
+        scale,
+        state_factor,
+        *,
+        shared_input: bool,
+        pool: int = 0,
+        parts: int = 0,
+        sm_count: int = H200_SMS,
+        grid_cap=(2**31 - 1, 65535, 65535),
+    ) -> torch.Tensor:
         """The fused kernel as noisy_linear_cuda launches it (max|W|, the GEMM, the split reduction).
 
         parts: reduction splits (0: the launcher's heuristic for `sm_count` SMs; the choice is left in
@@ -202,12 +275,32 @@ class Emulator:
         b = bias.to(ac.dtype).contiguous() if bias is not None else None
         used = ctypes.c_int(0)
         rc = self.lib.emu_noisy_gemm(
-            OP_CODE[op], DTYPE_CODE[wc.dtype], MODE_CODE[mode], _ptr(ac), ctypes.c_int64(stride), _ptr(wc),
-            ctypes.c_int64(n_w), ctypes.c_int64(k_w), _ptr(b), _ptr(out), ctypes.c_int64(m), ctypes.c_int64(samples),
-            ctypes.c_int(1 if (mode == "backward" and shared_input) else 0), _ptr(r), _ptr(sig),
-            ctypes.c_float(scale), ctypes.c_float(state_factor), ctypes.c_int64(geom[0]), ctypes.c_int64(geom[1]),
-            ctypes.c_int64(geom[2]), ctypes.c_int(pool), ctypes.c_int(parts), ctypes.c_int(sm_count),
-            (ctypes.c_uint * 3)(*grid_cap), ctypes.byref(used))
+            OP_CODE[op],
+            DTYPE_CODE[wc.dtype],
+            MODE_CODE[mode],
+            _ptr(ac),
+            ctypes.c_int64(stride),
+            _ptr(wc),
+            ctypes.c_int64(n_w),
+            ctypes.c_int64(k_w),
+            _ptr(b),
+            _ptr(out),
+            ctypes.c_int64(m),
+            ctypes.c_int64(samples),
+            ctypes.c_int(1 if (mode == "backward" and shared_input) else 0),
+            _ptr(r),
+            _ptr(sig),
+            ctypes.c_float(scale),
+            ctypes.c_float(state_factor),
+            ctypes.c_int64(geom[0]),
+            ctypes.c_int64(geom[1]),
+            ctypes.c_int64(geom[2]),
+            ctypes.c_int(pool),
+            ctypes.c_int(parts),
+            ctypes.c_int(sm_count),
+            (ctypes.c_uint * 3)(*grid_cap),
+            ctypes.byref(used),
+        )
         self._check(rc, f"noisy_gemm {op} {mode}")
         self.last_parts = used.value
         return out
@@ -254,8 +347,19 @@ def _case_tensors(op, mode, m, n, k, samples, shared):
     return a, torch.randn(n, k, generator=g) * 0.02, 0, m, k
 
 
-def predict(op: str, mode: str, a: torch.Tensor, w_numel: int, out: torch.Tensor, rows_m: int, n: int, red_k: int,
-            samples: int, shared: bool, parts: int) -> dict:
+def predict(
+    op: str,
+    mode: str,
+    a: torch.Tensor,
+    w_numel: int,
+    out: torch.Tensor,
+    rows_m: int,
+    n: int,
+    red_k: int,
+    samples: int,
+    shared: bool,
+    parts: int,
+) -> dict:
     """H200 roofline prediction (seconds) of one fused GEMM op call: max|W| + max(memory, tensor, noise)."""
     cols = red_k if mode == "backward" else n
     flops = 2 * rows_m * n * red_k * samples
@@ -264,10 +368,14 @@ def predict(op: str, mode: str, a: torch.Tensor, w_numel: int, out: torch.Tensor
     sample_blocks = 1 if mode == "backward" and shared else samples
     partial = 0 if parts == 1 else 2 * 4 * parts * sample_blocks * rows_m * cols
     dram = a.numel() * a.element_size() + w_numel * 4 + out.numel() * out.element_size() + partial
-    p = dict(t_max_abs=w_numel * 4 / H200_BYTES_PER_S,  # max|W| reads W once more, before the GEMM
-             t_mem=dram / H200_BYTES_PER_S, t_tc=flops / H200_MMA_FLOPS[op],
-             t_noise=normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S, dram=dram,
-             tiles=row_blocks * -(-cols // 64) * sample_blocks)
+    p = dict(
+        t_max_abs=w_numel * 4 / H200_BYTES_PER_S,  # max|W| reads W once more, before the GEMM
+        t_mem=dram / H200_BYTES_PER_S,
+        t_tc=flops / H200_MMA_FLOPS[op],
+        t_noise=normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S,
+        dram=dram,
+        tiles=row_blocks * -(-cols // 64) * sample_blocks,
+    )
     p["t"] = p["t_max_abs"] + max(p["t_mem"], p["t_tc"], p["t_noise"]) + (2 + (parts > 1)) * LAUNCH_S
     p["bound"] = max((p["t_mem"], "memory"), (p["t_tc"], "tensor"), (p["t_noise"], "noise ALU"))[1]
     return p
@@ -278,7 +386,7 @@ def case_label(label, op, mode, m, n, k, samples) -> str:
     return f"{label} {op}, {shape} S={samples}"
 
 
-def report_rows(emu: "Emulator") -> list[dict]:
+def report_rows(emu: Emulator) -> list[dict]:
     rows = []
     for label, op, mode, m, n, k, samples, shared in REPORT_CASES:
         a, w, pool, rows_m, red_k = _case_tensors(op, mode, m, n, k, samples, shared)
@@ -287,23 +395,34 @@ def report_rows(emu: "Emulator") -> list[dict]:
         out = emu.noisy_gemm(op, mode, a, w, None, rng, sig, 0.7, 2.0, shared_input=shared, pool=pool)
         c = emu.counters()
         p = predict(op, mode, a, w.numel(), out, rows_m, n, red_k, samples, shared, emu.last_parts)
-        rows.append(dict(name=case_label(label, op, mode, m, n, k, samples), parts=emu.last_parts, mma=c["mma"],
-                         st=c["smem_store_wavefronts"] / max(c["smem_store_requests"], 1),
-                         ld=c["smem_load_wavefronts"] / max(c["smem_load_requests"], 1),
-                         req_mb=(c["global_load_bytes"] + c["global_store_bytes"]) / 1e6, **p))
+        rows.append(
+            dict(
+                name=case_label(label, op, mode, m, n, k, samples),
+                parts=emu.last_parts,
+                mma=c["mma"],
+                st=c["smem_store_wavefronts"] / max(c["smem_store_requests"], 1),
+                ld=c["smem_load_wavefronts"] / max(c["smem_load_requests"], 1),
+                req_mb=(c["global_load_bytes"] + c["global_store_bytes"]) / 1e6,
+                **p,
+            )
+        )
     return rows
 
 
 def report_markdown(rows: list[dict]) -> str:
-    lines = ["| kernel, shape | tiles x parts | mma (emu) | smem wavefronts/req st / ld (emu) | global MB requested "
-             "(emu) | DRAM MB | max\\|W\\| + GEMM memory / tensor / noise µs | predicted µs (GEMM bound) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel, shape | tiles x parts | mma (emu) | smem wavefronts/req st / ld (emu) | global MB requested "
+        "(emu) | DRAM MB | max\\|W\\| + GEMM memory / tensor / noise µs | predicted µs (GEMM bound) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     us = 1e6
     for r in rows:
-        lines.append(f"| {r['name']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
-                     f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram'] / 1e6:.1f} | "
-                     f"{r['t_max_abs'] * us:.1f} + {r['t_mem'] * us:.1f} / {r['t_tc'] * us:.1f} / "
-                     f"{r['t_noise'] * us:.1f} | {r['t'] * us:.1f} ({r['bound']}) |")
+        lines.append(
+            f"| {r['name']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
+            f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram'] / 1e6:.1f} | "
+            f"{r['t_max_abs'] * us:.1f} + {r['t_mem'] * us:.1f} / {r['t_tc'] * us:.1f} / "
+            f"{r['t_noise'] * us:.1f} | {r['t'] * us:.1f} ({r['bound']}) |"
+        )
     return "\n".join(lines)
 
 

@@ -70,13 +70,16 @@ def _violations(path: pathlib.Path) -> list[str]:
 
 def test_the_rules_catch_what_they_should(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("layer._mode = 'off'\nlayer._buffers['_instance_rng'] = b\nlayer._conv_forward(x, w, b)\n"
-                   "self._base._conv_forward(self, x)\n")
+    bad.write_text(
+        "layer._mode = 'off'\nlayer._buffers['_instance_rng'] = b\nlayer._conv_forward(x, w, b)\n"
+        "self._base._conv_forward(self, x)\n"
+    )
     found = _violations(bad)
     assert [v.split(":")[1] for v in found] == ["1", "2", "3", "3", "4", "4"], found
     good = tmp_path / "good.py"
-    good.write_text("self._mode = 'off'\ntorch._check(True)\ntorch.ops.aten._adaptive_avg_pool2d_backward(g, x)\n"
-                    "super()._init(x)\n")
+    good.write_text(
+        "self._mode = 'off'\ntorch._check(True)\ntorch.ops.aten._adaptive_avg_pool2d_backward(g, x)\nsuper()._init(x)\n"
+    )
     assert _violations(good) == []
 
 
@@ -93,16 +96,34 @@ def test_no_module_touches_another_objects_private_state(path):
 #: Module (or package prefix) → tier. The longest matching prefix wins.
 TIERS = {
     # 0 ops: the compiled ops, their Python face and the plumbing everything shares
-    "nft_cuda._C": 0, "nft_cuda._ext": 0, "nft_cuda._args": 0, "nft_cuda._autograd": 0,
-    "nft_cuda._registrations": 0, "nft_cuda._files": 0, "nft_cuda.distributed": 0, "nft_cuda.variation": 0,
-    "nft_cuda.reference": 0, "nft_cuda.rng": 0, "nft_cuda.ops": 0,
+    "nft_cuda._C": 0,
+    "nft_cuda._ext": 0,
+    "nft_cuda._args": 0,
+    "nft_cuda._autograd": 0,
+    "nft_cuda._registrations": 0,
+    "nft_cuda._files": 0,
+    "nft_cuda.distributed": 0,
+    "nft_cuda.variation": 0,
+    "nft_cuda.reference": 0,
+    "nft_cuda.rng": 0,
+    "nft_cuda.ops": 0,
     # 1 nn: noisy layers, conversion, sample axis, models and their files; the datasets
-    "nft_cuda": 1, "nft_cuda.nn": 1, "nft_cuda.layers": 1, "nft_cuda.conversion": 1, "nft_cuda.sample_axis": 1,
-    "nft_cuda.models": 1, "nft_cuda.io": 1, "nft_cuda.data": 1,
+    "nft_cuda": 1,
+    "nft_cuda.nn": 1,
+    "nft_cuda.layers": 1,
+    "nft_cuda.conversion": 1,
+    "nft_cuda.sample_axis": 1,
+    "nft_cuda.models": 1,
+    "nft_cuda.io": 1,
+    "nft_cuda.data": 1,
     # 2 train / eval
-    "nft_cuda.train": 2, "nft_cuda.eval": 2,
+    "nft_cuda.train": 2,
+    "nft_cuda.eval": 2,
     # 3 the command line
-    "nft_cuda.cli": 3, "nft_cuda.__main__": 3, "nft_cuda.eval.cli": 3, "nft_cuda.demo": 3,
+    "nft_cuda.cli": 3,
+    "nft_cuda.__main__": 3,
+    "nft_cuda.eval.cli": 3,
+    "nft_cuda.demo": 3,
 }
 
 
@@ -142,8 +163,12 @@ def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
     for node in _walk_skipping_lazy_getattr(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "nft_cuda"]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
-                node.module.split(".")[0] == "nft_cuda":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.level == 0
+            and node.module
+            and node.module.split(".")[0] == "nft_cuda"
+        ):
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
                 where = ROOT / sub.replace(".", "/")
@@ -159,8 +184,11 @@ PACKAGE_FILES = sorted(PACKAGE.rglob("*.py"))
 def test_no_import_from_a_higher_tier(path):
     me = _module_name(path)
     mine = _tier(me)
-    upward = [f"{me} (tier {mine}) imports {mod} (tier {_tier(mod)}) at line {line}"
-              for line, mod in _imports(path) if _tier(mod) > mine]
+    upward = [
+        f"{me} (tier {mine}) imports {mod} (tier {_tier(mod)}) at line {line}"
+        for line, mod in _imports(path)
+        if _tier(mod) > mine
+    ]
     assert upward == []
 
 
@@ -168,8 +196,9 @@ def test_the_tier_check_sees_an_upward_import(tmp_path):
     probe = PACKAGE / "nn" / "layers.py"
     assert _tier(_module_name(probe)) == 1
     fake = tmp_path / "x.py"
-    fake.write_text("def f():\n    from nft_cuda.eval.run import evaluate\n"
-                    "def __getattr__(name):\n    from nft_cuda import train\n")
+    fake.write_text(
+        "def f():\n    from nft_cuda.eval.run import evaluate\ndef __getattr__(name):\n    from nft_cuda import train\n"
+    )
     assert [mod for _, mod in _imports(fake)] == ["nft_cuda.eval.run"]
     assert _tier("nft_cuda.eval.run") == 2 > _tier("nft_cuda.nn.layers")
 
@@ -246,8 +275,13 @@ def _design_sections() -> set[str]:
 
 def _citations() -> dict[str, list[str]]:
     """§ number → files citing it (the design document itself excluded)."""
-    files = [ROOT / "README.md"] + [p for top in _CITING if (ROOT / top).exists()
-                                     for p in (ROOT / top).rglob("*") if p.is_file() and p.suffix in _SUFFIXES]
+    files = [ROOT / "README.md"] + [
+        p
+        for top in _CITING
+        if (ROOT / top).exists()
+        for p in (ROOT / top).rglob("*")
+        if p.is_file() and p.suffix in _SUFFIXES
+    ]
     cited: dict[str, list[str]] = {}
     for path in files:
         if path == ROOT / "docs" / "design.md" or "__pycache__" in path.parts:
@@ -282,7 +316,11 @@ def test_the_instance_offset_is_computed_in_one_function():
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.LShift) and \
-                            isinstance(node.right, ast.Constant) and node.right.value == 32:
+                    if (
+                        isinstance(node, ast.BinOp)
+                        and isinstance(node.op, ast.LShift)
+                        and isinstance(node.right, ast.Constant)
+                        and node.right.value == 32
+                    ):
                         places.append(f"{path.relative_to(ROOT)}:{fn.name}")
     assert places == ["nft_cuda/nn/layers.py:instance_offset"]

@@ -45,8 +45,13 @@ def _noisy_in_proj(layer, rng):
         return {"in_proj_weight": ops.perturb(layer.in_proj_weight, V, rng=rng)[0]}
     flat = torch.cat([layer.q_proj_weight.flatten(), layer.k_proj_weight.flatten(), layer.v_proj_weight.flatten()])
     q, k, v = ops.perturb(flat, V, rng=rng)[0].split([E * E, E * layer.kdim, E * layer.vdim])
-    return {"in_proj_weight": None, "use_separate_proj_weight": True, "q_proj_weight": q.view(E, E),
-            "k_proj_weight": k.view(E, layer.kdim), "v_proj_weight": v.view(E, layer.vdim)}
+    return {
+        "in_proj_weight": None,
+        "use_separate_proj_weight": True,
+        "q_proj_weight": q.view(E, E),
+        "k_proj_weight": k.view(E, layer.kdim),
+        "v_proj_weight": v.view(E, layer.vdim),
+    }
 
 
 def _oracle(layer, q, k, v, w_in: dict, w_out, **kw):
@@ -54,9 +59,22 @@ def _oracle(layer, q, k, v, w_in: dict, w_out, **kw):
     if layer.batch_first:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
     out, weights = F.multi_head_attention_forward(
-        q, k, v, E, H, bias_k=layer.bias_k, bias_v=layer.bias_v, in_proj_bias=layer.in_proj_bias,
-        add_zero_attn=layer.add_zero_attn, dropout_p=0.0, out_proj_weight=w_out, out_proj_bias=layer.out_proj.bias,
-        training=False, **w_in, **kw)
+        q,
+        k,
+        v,
+        E,
+        H,
+        bias_k=layer.bias_k,
+        bias_v=layer.bias_v,
+        in_proj_bias=layer.in_proj_bias,
+        add_zero_attn=layer.add_zero_attn,
+        dropout_p=0.0,
+        out_proj_weight=w_out,
+        out_proj_bias=layer.out_proj.bias,
+        training=False,
+        **w_in,
+        **kw,
+    )
     return (out.transpose(0, 1) if layer.batch_first else out), weights
 
 
@@ -125,8 +143,12 @@ def test_gradients_are_straight_through_against_float64(kw):
     layer(q, k, v)[0].backward(g)
 
     with torch.no_grad():
-        w_in = {n: (t.double().requires_grad_() if t is not None else None) if isinstance(t, torch.Tensor) or t is None
-                else t for n, t in _noisy_in_proj(layer, rng_in).items()}
+        w_in = {
+            n: (t.double().requires_grad_() if t is not None else None)
+            if isinstance(t, torch.Tensor) or t is None
+            else t
+            for n, t in _noisy_in_proj(layer, rng_in).items()
+        }
         w_out = ops.perturb(layer.out_proj.weight, V, rng=rng_out)[0].double().requires_grad_()
     ref64 = nn.MultiheadAttention(E, H, batch_first=True, kdim=kw.get("kdim"), vdim=kw.get("vdim"), dtype=torch.float64)
     ref64.load_state_dict(layer.state_dict())
@@ -178,7 +200,7 @@ def test_sample_axis_chunk_t_is_chip_first_plus_t(draw):
             folded = model(x.repeat(3, 1, 1))
         for t in range(3):
             nft_cuda.set_instance(model, seed=3, instance=10 + t)
-            assert torch.equal(folded[2 * t:2 * t + 2], model(x)), t
+            assert torch.equal(folded[2 * t : 2 * t + 2], model(x)), t
 
 
 def test_transformer_layer_converts_completely_and_chips_differ():
@@ -246,4 +268,4 @@ def test_load_crossbar_writes_the_separate_projection_weights():
     value = torch.randn_like(layer.weight)
     layer.load_crossbar_(value)
     assert torch.equal(layer.weight, value)
-    assert torch.equal(layer.k_proj_weight.flatten(), value[E * E:E * E + E * 6])
+    assert torch.equal(layer.k_proj_weight.flatten(), value[E * E : E * E + E * 6])

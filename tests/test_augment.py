@@ -22,9 +22,9 @@ def _explicit(x: torch.Tensor, pad: int, fill, seed: int) -> torch.Tensor:
         canvas = torch.empty(c, h + 2 * pad, w + 2 * pad, dtype=x.dtype)
         for ch in range(c):
             canvas[ch] = fill[ch] if len(fill) > 1 else fill[0]
-        canvas[:, pad:pad + h, pad:pad + w] = x[i].cpu()
+        canvas[:, pad : pad + h, pad : pad + w] = x[i].cpu()
         oy, ox = int(offsets[0, i]), int(offsets[1, i])
-        img = canvas[:, oy:oy + h, ox:ox + w]
+        img = canvas[:, oy : oy + h, ox : ox + w]
         out[i] = img.flip(-1) if flips[i] else img
     return out
 
@@ -79,8 +79,9 @@ def test_config_default_follows_the_dataset():
 
 
 def _cfg(tmp_path, name, **kw):
-    return TrainConfig(out=str(tmp_path / name), device="cpu", limit_train=64, limit_eval=32, batch_size=32,
-                       epochs=2, **kw)
+    return TrainConfig(
+        out=str(tmp_path / name), device="cpu", limit_train=64, limit_eval=32, batch_size=32, epochs=2, **kw
+    )
 
 
 def test_trainer_augments_and_resumes_bit_identically(tmp_path):

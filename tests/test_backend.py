@@ -24,8 +24,14 @@ def _run_python(code: str, **env_overrides) -> subprocess.CompletedProcess:
         env.pop(name, None)
     env.update(env_overrides)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=str(REPO), env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=str(REPO),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_backend_info_structure():
@@ -101,8 +107,9 @@ def test_force_fallback_subprocess(tmp_path):
     w = torch.linspace(-1.0, 1.0, 3 * 5 * 7).view(3, 5, 7)
     out = ops.perturb(w, Variation(0.2, "FeFET2"), seed=11, offset=2**63 - 2, samples=3)
     z = rng.normal(1029, 5, 2**63 - 2, streams=3)
-    words = rng.philox4x32(torch.arange(64, dtype=torch.int64).view(16, 4) * 67108859 % 2**32,
-                           torch.tensor([0xDEADBEEF, 7]))
+    words = rng.philox4x32(
+        torch.arange(64, dtype=torch.int64).view(16, 4) * 67108859 % 2**32, torch.tensor([0xDEADBEEF, 7])
+    )
     assert torch.equal(res["words"], words)
     torch.testing.assert_close(res["z"], z, rtol=0, atol=1e-5)
     torch.testing.assert_close(res["out"], out, rtol=1e-6, atol=1e-5 * 0.2)

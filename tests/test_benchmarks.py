@@ -21,8 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -37,8 +36,24 @@ def bench(monkeypatch):
 
 def test_suite_quick_perturb_prints_table_and_writes_json(tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    proc = _run(["-m", "benchmarks", "--quick", "--device", "cpu", "--only", "perturb", "--numel", "65536",
-                 "--no-compile", "--json", str(out_json), "--markdown", str(out_md)])
+    proc = _run(
+        [
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--device",
+            "cpu",
+            "--only",
+            "perturb",
+            "--numel",
+            "65536",
+            "--no-compile",
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+        ]
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     header = "| case | variant | median (min–max) | throughput | ratio | DESIGN §8 target | met? |"
     assert header in proc.stdout
@@ -73,8 +88,9 @@ def test_bench_module_cli_still_runs(bench, tmp_path, capsys):
     from benchmarks import bench_perturb
 
     out_json = tmp_path / "perturb.json"
-    bench_perturb.main(["--device", "cpu", "--quick", "--numel", "16384", "--no-compile", "--no-ceiling",
-                        "--json", str(out_json)])
+    bench_perturb.main(
+        ["--device", "cpu", "--quick", "--numel", "16384", "--no-compile", "--no-ceiling", "--json", str(out_json)]
+    )
     assert "| perturb 0.015625M fp32 | perturb S=4 (ratios per sample) |" in capsys.readouterr().out
     assert json.loads(out_json.read_text())["results"]
 
@@ -120,8 +136,9 @@ def test_time_group_interleaves_and_reports_spread(bench):
     from benchmarks.timing import time_group
 
     calls = []
-    timings = time_group({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
-                                min_run_time=0.0, warmup=1, rounds=3)
+    timings = time_group(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, min_run_time=0.0, warmup=1, rounds=3
+    )
     assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up each, then one call of each per round
     for name in ("a", "b"):
         tm = timings[name]
@@ -140,8 +157,7 @@ def test_reference_way_matches_the_reference_loop(bench):
     reference_perturb_(want, v, torch.Generator().manual_seed(1))
     got = w + reference_noise(w, v, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    model = reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(),
-                                                         torch.nn.Linear(8, 2)), v)
+    model = reference_convert(torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)), v)
     layers = reference_layers(model)
     assert [type(m).__name__ for m in layers] == ["ReferenceLinear", "ReferenceLinear"]
     for layer in layers:
@@ -175,8 +191,9 @@ def test_snapshot_case_runs_and_checks_before_timing(bench, tmp_path, capsys):
     from benchmarks import bench_noisy_linear
 
     out_json = tmp_path / "snapshot.json"
-    bench_noisy_linear.main(["--device", "cpu", "--quick", "--only", "snapshot", "--no-compile", "--no-ceiling",
-                             "--json", str(out_json)])
+    bench_noisy_linear.main(
+        ["--device", "cpu", "--quick", "--only", "snapshot", "--no-compile", "--no-ceiling", "--json", str(out_json)]
+    )
     assert "| snapshot_linear fwd fp32 B=16 64x32x32 pool 6 → 512 | snapshot_linear |" in capsys.readouterr().out
     variants = {r["variant"] for r in json.loads(out_json.read_text())["results"]}
     assert variants == {"snapshot_linear", "pool+noisy_linear", "pool+clean GEMM"}
@@ -222,8 +239,10 @@ def test_peer_absent_leaves_skipped_rows_with_the_reason(no_peer, tmp_path):
 
 
 def test_peer_present_does_the_same_job_before_timing(bench):
-    pytest.importorskip("aihwkit_lightning", reason="aihwkit-lightning is not installed "
-                                                    "(pip install --no-deps aihwkit-lightning==2.1.0)")
+    pytest.importorskip(
+        "aihwkit_lightning",
+        reason="aihwkit-lightning is not installed (pip install --no-deps aihwkit-lightning==2.1.0)",
+    )
     import torch
 
     import nft_cuda
@@ -232,8 +251,10 @@ def test_peer_present_does_the_same_job_before_timing(bench):
     v = config.LAYER_VARIATION
     cfg = config.Config(device="cpu", quick=True)
     torch.manual_seed(0)
-    pairs = [(nft_cuda.NoisyLinear(512, 256, variation=v), torch.nn.Linear(512, 256)),
-             (nft_cuda.NoisyConv2d(64, 128, 3, padding=1, variation=v), torch.nn.Conv2d(64, 128, 3, padding=1))]
+    pairs = [
+        (nft_cuda.NoisyLinear(512, 256, variation=v), torch.nn.Linear(512, 256)),
+        (nft_cuda.NoisyConv2d(64, 128, 3, padding=1, variation=v), torch.nn.Conv2d(64, 128, 3, padding=1)),
+    ]
     for noisy, clean in pairs:
         clean.load_state_dict(noisy.state_dict())
         # the probe reads back exactly the weight a forward used
@@ -270,8 +291,10 @@ def test_peer_present_does_the_same_job_before_timing(bench):
     models = peer.model_variants(cfg, "m", nft_cuda.convert(copy.deepcopy(base), v), base, v)
     assert list(models.items) == ["aihwkit-lightning"] and "(layer " in models.notes["aihwkit-lightning"]
     case = results.Case(cfg)
-    rows = {k: case.add(results.Row("m", k, results.Timing(k, s, s, s, 3)))
-            for k, s in (("noise", 0.1), ("clean", 0.09), ("aihwkit-lightning", 0.2))}
+    rows = {
+        k: case.add(results.Row("m", k, results.Timing(k, s, s, s, 3)))
+        for k, s in (("noise", 0.1), ("clean", 0.09), ("aihwkit-lightning", 0.2))
+    }
     models.skipped["aihwkit-lightning Triton"] = "its Triton path fails the same-job check: TypeError: …"
     peer.finish(case, rows, "m", "noise", models, "train_vs_peer")
     c = rows["noise"].compares[0]
@@ -280,7 +303,8 @@ def test_peer_present_does_the_same_job_before_timing(bench):
 
     assert case.rows[-1].skipped and case.rows[-1].variant == "aihwkit-lightning Triton"
     assert peer_summary_rows(case.rows, "aihwkit-lightning") == [
-        ["m", "100 ms (noise)", "200 ms", "—", "—", "90 ms", "2.000×", "≥ 1.5× vs aihwkit-lightning", "yes"]]
+        ["m", "100 ms (noise)", "200 ms", "—", "—", "90 ms", "2.000×", "≥ 1.5× vs aihwkit-lightning", "yes"]
+    ]
 
 
 def test_peer_triton_failure_is_reported_not_fatal(bench, monkeypatch):
@@ -297,7 +321,9 @@ def test_peer_triton_failure_is_reported_not_fatal(bench, monkeypatch):
     assert peer._triton_check(out, broken) is False and seen == ["1"]  # run on the Triton path
     assert "AIHWKIT_USE_TRITON" not in os.environ  # and switched back off
     assert out.skipped["aihwkit-lightning Triton"].startswith("its Triton path fails the same-job check: TypeError")
-    assert peer._triton_check(out, lambda: "same noise") is True and out.notes["aihwkit-lightning Triton"] == "same noise"
+    assert (
+        peer._triton_check(out, lambda: "same noise") is True and out.notes["aihwkit-lightning Triton"] == "same noise"
+    )
 
 
 # ---- the performance history -------------------------------------------------------------------------
@@ -321,10 +347,22 @@ def _run_json(ratio_rows):
     """A saved run with rows (case, variant, median, min, max) and a ratio of 'x' to 'base'."""
     results = []
     for case, variant, med, lo, hi, compares in ratio_rows:
-        results.append({"case": case, "variant": variant, "median_s": med, "min_s": lo, "max_s": hi, "runs": 3,
-                        "compares": compares})
-    return {"environment": {"commit": "abc", "date": "d", "machine": "m"}, "config": {"device": "cpu", "quick": True},
-            "results": results}
+        results.append(
+            {
+                "case": case,
+                "variant": variant,
+                "median_s": med,
+                "min_s": lo,
+                "max_s": hi,
+                "runs": 3,
+                "compares": compares,
+            }
+        )
+    return {
+        "environment": {"commit": "abc", "date": "d", "machine": "m"},
+        "config": {"device": "cpu", "quick": True},
+        "results": results,
+    }
 
 
 def test_compare_prints_ratio_changes_with_spreads(bench, tmp_path):
@@ -332,11 +370,22 @@ def test_compare_prints_ratio_changes_with_spreads(bench, tmp_path):
     from benchmarks.__main__ import main
 
     def run(x_med, x_lo, x_hi):
-        return _run_json([
-            ("c", "x", x_med, x_lo, x_hi, [{"baseline": "base", "kind": "time", "value": x_med / 1.0},
-                                           {"baseline": "base", "kind": "speedup", "value": 1.0 / x_med}]),
-            ("c", "base", 1.0, 0.99, 1.01, []),
-        ])
+        return _run_json(
+            [
+                (
+                    "c",
+                    "x",
+                    x_med,
+                    x_lo,
+                    x_hi,
+                    [
+                        {"baseline": "base", "kind": "time", "value": x_med / 1.0},
+                        {"baseline": "base", "kind": "speedup", "value": 1.0 / x_med},
+                    ],
+                ),
+                ("c", "base", 1.0, 0.99, 1.01, []),
+            ]
+        )
 
     a, b, c = run(1.2, 1.15, 1.25), run(1.5, 1.45, 1.55), run(1.21, 1.1, 1.3)
     for name, data in (("a", a), ("b", b), ("c", c)):

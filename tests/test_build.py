@@ -22,8 +22,7 @@ def test_cuda_kernels_registered_when_compiled_with_cuda():
     info = nft_cuda.backend_info()
     if not info["cuda_compiled"]:
         pytest.skip("the installed nft_cuda extension was built without CUDA (CPU-only build or not built)")
-    missing = [op for op in _ext.OPS
-               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", "CUDA")]
+    missing = [op for op in _ext.OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", "CUDA")]
     assert not missing, f"compiled with CUDA {info['cuda_version']} but no CUDA kernel for {missing}"
     for op in _ext.OPS:
         assert info["ops"][op]["cuda"] == "CUDA kernel", op
@@ -36,8 +35,9 @@ def test_fake_kernels_and_autograd_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", "Meta"), op
     assert torch._C._dispatch_has_kernel_for_dispatch_key("nft_cuda::perturb", "Autograd")
     w = torch.empty(3, 4, device="meta")
-    out = torch.ops.nft_cuda.perturb(w, torch.empty(2, dtype=torch.int64, device="meta"),
-                                     torch.empty(5, device="meta"), 0.7, 2.0)
+    out = torch.ops.nft_cuda.perturb(
+        w, torch.empty(2, dtype=torch.int64, device="meta"), torch.empty(5, device="meta"), 0.7, 2.0
+    )
     assert out.shape == (5, 3, 4) and out.device.type == "meta"
 
 
@@ -56,7 +56,9 @@ def test_cuda_is_built_only_with_a_visible_gpu_or_force_cuda():
     decide = _setup_module().decide_cuda
     toolkit = "/usr/local/cuda"
     assert decide({}, "13.0", toolkit, gpu_visible=False) == (
-        False, "no GPU visible; set FORCE_CUDA=1 to compile the CUDA kernels anyway")
+        False,
+        "no GPU visible; set FORCE_CUDA=1 to compile the CUDA kernels anyway",
+    )
     assert decide({}, "13.0", toolkit, gpu_visible=True)[0] is True
     assert decide({"FORCE_CUDA": "1"}, "13.0", toolkit, gpu_visible=False) == (True, "FORCE_CUDA=1")
     assert decide({"FORCE_CUDA": "1", "NFT_CUDA_SKIP_CUDA": "1"}, "13.0", toolkit, gpu_visible=True)[0] is False

@@ -18,8 +18,9 @@ TINY = ["--limit-train", "64", "--limit-eval", "32", "--batch-size", "32", "--de
 
 
 def _nft(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -27,10 +28,13 @@ def _nft(*args, cwd=None, timeout=300):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, what", [
-    (["train", "--sigma", "-0.5"], "--sigma"),
-    (["train", "--model", "lenet"], "--model"),
-])
+@pytest.mark.parametrize(
+    "args, what",
+    [
+        (["train", "--sigma", "-0.5"], "--sigma"),
+        (["train", "--model", "lenet"], "--model"),
+    ],
+)
 def test_bad_arguments_give_one_line(args, what, tmp_path):
     r = _nft(*args, cwd=tmp_path)
     assert r.returncode == 2
@@ -82,11 +86,38 @@ def test_config_from_args_defaults_and_overrides():
     parser = cli.build_parser()
     config = cli.train_config_from_args(parser.parse_args(["train"]))
     assert config == TrainConfig()
-    args = parser.parse_args(["train", "--method", "ovf", "--sigma", "0.2", "--deltas", "0.3,0.2", "--beta", "0.01",
-                              "--device-model", "FeFET6", "--epochs", "4", "--optimizer", "sgd", "--seed", "7"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--method",
+            "ovf",
+            "--sigma",
+            "0.2",
+            "--deltas",
+            "0.3,0.2",
+            "--beta",
+            "0.01",
+            "--device-model",
+            "FeFET6",
+            "--epochs",
+            "4",
+            "--optimizer",
+            "sgd",
+            "--seed",
+            "7",
+        ]
+    )
     config = cli.train_config_from_args(args)
-    assert (config.method, config.sigma, config.deltas, config.beta, config.device_model, config.epochs,
-            config.optimizer, config.seed) == ("ovf", 0.2, (0.3, 0.2), 0.01, "FeFET6", 4, "sgd", 7)
+    assert (
+        config.method,
+        config.sigma,
+        config.deltas,
+        config.beta,
+        config.device_model,
+        config.epochs,
+        config.optimizer,
+        config.seed,
+    ) == ("ovf", 0.2, (0.3, 0.2), 0.01, "FeFET6", 4, "sgd", 7)
     assert str(config.resolved_out()) == str(Path("runs") / "ovf-small-embedded-s0.2")
 
 

@@ -46,7 +46,8 @@ def test_summary_lists_converted_layers_and_digital_weights_with_reasons():
     s = nft_cuda.conversion_summary(model)
     assert isinstance(s, nft_cuda.ConversionSummary)
     assert [(c.name, c.original_type, c.noisy_type, c.weights, c.params) for c in s.converted] == [
-        ("head", "Linear", "NoisyLinear", ("head.weight",), 24)]
+        ("head", "Linear", "NoisyLinear", ("head.weight",), 24)
+    ]
     digital = {w.name: w for w in s.digital}
     assert set(digital) == {"emb.weight", "custom.w"}
     assert "embeddings stay digital by default" in digital["emb.weight"].reason and digital["emb.weight"].chosen
@@ -67,7 +68,8 @@ def test_strict_raises_listing_every_gap_and_changes_nothing():
     nft_cuda.convert(model, V, strict=True, exclude=["custom"])  # excluding it is a choice
     s = nft_cuda.conversion_summary(model)
     assert [(w.name, w.reason, w.chosen) for w in s.digital if w.name == "custom.w"] == [
-        ("custom.w", "excluded by the user (exclude=)", True)]
+        ("custom.w", "excluded by the user (exclude=)", True)
+    ]
 
 
 def test_exclude_may_name_a_weight_and_unknown_patterns_still_raise():
@@ -107,8 +109,11 @@ def test_linear_subclasses_convert_when_they_keep_linear_forward():
     nft_cuda.convert(model, V)
     assert isinstance(model["proj"], NoisyLinear) and model["proj"].weight is mha.out_proj.weight
     digital = {w.name: w for w in nft_cuda.conversion_summary(model).digital}
-    assert "own.weight" in digital and "_OwnForwardLinear subclasses nn.Linear with its own forward" in \
-        digital["own.weight"].reason and not digital["own.weight"].chosen
+    assert (
+        "own.weight" in digital
+        and "_OwnForwardLinear subclasses nn.Linear with its own forward" in digital["own.weight"].reason
+        and not digital["own.weight"].chosen
+    )
 
 
 def test_parametrized_linear_stays_digital_with_reason():

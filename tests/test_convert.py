@@ -48,15 +48,18 @@ class Net(nn.Module):
                 nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=4, padding_mode="reflect"),
                 nn.Conv2d(8, 8, (3, 2), padding="same", groups=2, bias=False, padding_mode="circular"),
             ),
-            BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False),
-                                                                 nn.BatchNorm2d(16))),
+            BasicBlock(
+                8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+            ),
             nn.Conv2d(16, 16, 3, padding=1, padding_mode="replicate"),
         )
         self.seq = nn.Conv1d(16, 4, 3, padding=1)
-        self.heads = nn.ModuleDict({
-            "a": nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 10)),
-            "b": nn.Linear(4, 3),  # the last layer
-        })
+        self.heads = nn.ModuleDict(
+            {
+                "a": nn.Sequential(nn.Flatten(), nn.Linear(16 * 4 * 4, 10), nn.ReLU(), nn.Linear(10, 10)),
+                "b": nn.Linear(4, 3),  # the last layer
+            }
+        )
 
     def forward(self, x):
         f = self.features(x)
@@ -64,8 +67,19 @@ class Net(nn.Module):
         return self.heads["a"](f) + self.heads["b"](s).sum(-1, keepdim=True)
 
 
-LAYERS = ["features.0", "features.2.0", "features.2.1", "features.3.conv1", "features.3.conv2",
-          "features.3.downsample.0", "features.4", "seq", "heads.a.1", "heads.a.3", "heads.b"]
+LAYERS = [
+    "features.0",
+    "features.2.0",
+    "features.2.1",
+    "features.3.conv1",
+    "features.3.conv2",
+    "features.3.downsample.0",
+    "features.4",
+    "seq",
+    "heads.a.1",
+    "heads.a.3",
+    "heads.b",
+]
 
 
 def _net(dtype=torch.float32):
@@ -106,8 +120,7 @@ def test_off_mode_identical_and_strip():
     params = dict(model.named_parameters())
     assert nft_cuda.convert(model, V) is model
     assert _noisy_names(model) == LAYERS
-    expected_types = {n: (NoisyLinear if "heads" in n else NoisyConv1d if n == "seq" else NoisyConv2d)
-                      for n in LAYERS}
+    expected_types = {n: (NoisyLinear if "heads" in n else NoisyConv1d if n == "seq" else NoisyConv2d) for n in LAYERS}
     for name, layer in nft_cuda.noisy_layers(model):
         assert type(layer) is expected_types[name] and layer.mode == "train" and layer.variation == V
     assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects
@@ -195,11 +208,23 @@ def test_include_globs_and_prefixes():
 
 def test_per_layer_variations():
     model, _ = _net()
-    nft_cuda.convert(model, V, exclude=["features.0"],
-                     per_layer={"heads.*": V2, "heads.b": V3, "features.3.conv1": V3, "features.2": V2})
+    nft_cuda.convert(
+        model,
+        V,
+        exclude=["features.0"],
+        per_layer={"heads.*": V2, "heads.b": V3, "features.3.conv1": V3, "features.2": V2},
+    )
     expected = {n: V for n in LAYERS[1:]}
-    expected.update({"heads.a.1": V2, "heads.a.3": V2, "heads.b": V3, "features.3.conv1": V3,
-                     "features.2.0": V2, "features.2.1": V2})
+    expected.update(
+        {
+            "heads.a.1": V2,
+            "heads.a.3": V2,
+            "heads.b": V3,
+            "features.3.conv1": V3,
+            "features.2.0": V2,
+            "features.2.1": V2,
+        }
+    )
     assert {n: m.variation for n, m in nft_cuda.noisy_layers(model)} == expected
     # converting again updates the variation of layers already noisy
     nft_cuda.convert(model, V2, include=["seq"])

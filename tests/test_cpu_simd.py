@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import band_mask, normal64
 
 from nft_cuda import Variation, _ext
-
-from conftest import band_mask, normal64
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_C, reason="compiled extension not loaded")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, PRESET_FACTORS, band_mask, normal64, sigma_w64, ulp
 
 from nft_cuda import Variation, _ext, ops, reference, rng
-
-from conftest import FLOAT_DTYPES, PRESET_FACTORS, band_mask, normal64, sigma_w64, ulp
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -148,5 +147,6 @@ def test_second_gpu():
     w = torch.randn(33, 17, device="cuda:1")
     out = ops.perturb(w, Variation(0.1, "FeFET2"), rng=_rng(3, 4, "cuda:1"), samples=2)
     assert out.device == w.device
-    torch.testing.assert_close(out.cpu(), ops.perturb(w.cpu(), Variation(0.1, "FeFET2"), seed=3, offset=4,
-                                                      samples=2), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        out.cpu(), ops.perturb(w.cpu(), Variation(0.1, "FeFET2"), seed=3, offset=4, samples=2), rtol=1e-6, atol=1e-6
+    )

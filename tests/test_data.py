@@ -176,8 +176,13 @@ def test_idx_missing_file(tmp_path):
 
 def test_registry_and_aliases():
     assert D.available_datasets() == ["mnist", "fashion-mnist", "cifar10", "cifar100", "embedded"]
-    for alias, name in [("MNIST", "mnist"), ("Fashion_MNIST", "fashion-mnist"), ("fmnist", "fashion-mnist"),
-                        ("CIFAR-10", "cifar10"), ("cifar_100", "cifar100")]:
+    for alias, name in [
+        ("MNIST", "mnist"),
+        ("Fashion_MNIST", "fashion-mnist"),
+        ("fmnist", "fashion-mnist"),
+        ("CIFAR-10", "cifar10"),
+        ("cifar_100", "cifar100"),
+    ]:
         assert D.canonical_name(alias) == name
     with pytest.raises(UnknownDatasetError, match="known datasets: mnist, fashion-mnist"):
         D.get_spec("imagenet")
@@ -304,8 +309,9 @@ def test_stamp_in_readonly_folder_is_skipped(tmp_path, monkeypatch):
     spec = D.DATASETS["mnist"]
     for p in (tmp_path / "mnist").iterdir():
         monkeypatch.setitem(spec.sha256, p.name, _sha_of_idx(p))
-    monkeypatch.setattr("nft_cuda.data.checksum.atomic_write_bytes",
-                        lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only")))
+    monkeypatch.setattr(
+        "nft_cuda.data.checksum.atomic_write_bytes", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only"))
+    )
     x, _ = D.load_dataset("mnist", tmp_path, "test")
     assert x.shape[0] == 3 and not (tmp_path / "mnist" / STAMP_NAME).exists()
 
@@ -469,8 +475,12 @@ def test_no_unpickling_anywhere_in_data_package():
     for f in sorted(src.glob("*.py")):
         for line in f.read_text().splitlines():
             if pattern.search(line):
-                assert "never" in line.lower() or "allow_pickle=False" in line or line.lstrip().startswith("#") \
-                    or "pickled" in line.lower(), f"{f.name}: {line}"
+                assert (
+                    "never" in line.lower()
+                    or "allow_pickle=False" in line
+                    or line.lstrip().startswith("#")
+                    or "pickled" in line.lower()
+                ), f"{f.name}: {line}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,8 +618,10 @@ def _real_data_dir(name: str) -> Path:
     except DatasetNotFoundError as e:
         if os.environ.get("NFT_REQUIRE_REAL_DATA", "").strip().lower() in ("1", "true", "yes", "on"):
             pytest.fail(f"NFT_REQUIRE_REAL_DATA is set but the real {name} files are missing: {e}")
-        pytest.skip(f"real {name} not present in {root} (run tools/fetch_data.sh; set NFT_REQUIRE_REAL_DATA=1 "
-                    f"to make this a failure)")
+        pytest.skip(
+            f"real {name} not present in {root} (run tools/fetch_data.sh; set NFT_REQUIRE_REAL_DATA=1 "
+            f"to make this a failure)"
+        )
     return root
 
 
@@ -650,7 +662,8 @@ def test_fetch_from_file_mirror_and_system_copy(tmp_path, monkeypatch):
     dest = F.fetch("fashion-mnist", tmp_path / "a", quiet=True, sources=("url",), mirrors=[src.as_uri()])
     assert dest == tmp_path / "a" / "fashion-mnist"
     assert sorted(p.name for p in dest.iterdir()) == sorted(
-        [STAMP_NAME] + [b + ".gz" for b in D.get_spec("fashion-mnist").sha256])
+        [STAMP_NAME] + [b + ".gz" for b in D.get_spec("fashion-mnist").sha256]
+    )
     # present and valid: nothing to do, no source consulted
     F.fetch("fashion-mnist", tmp_path / "a", quiet=True, sources=())
     # a corrupt file is replaced; a stale raw twin of a refetched .gz is removed

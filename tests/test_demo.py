@@ -17,16 +17,30 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _nft(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, env=ENV,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, env=ENV, timeout=timeout
+    )
 
 
 def test_demo_log_has_no_carriage_returns_and_reports_paired_verdicts(tmp_path):
     require_optional("matplotlib")  # the demo writes its plot
     out = tmp_path / "demo"
     # no --no-progress: the output goes to pipes, as in `nft demo > log 2>&1`
-    r = _nft("demo", "--epochs", "1", "--runs", "3", "--methods", "noise,irs", "--out", str(out), "--device", "cpu",
-             "--sigma", "0.2")
+    r = _nft(
+        "demo",
+        "--epochs",
+        "1",
+        "--runs",
+        "3",
+        "--methods",
+        "noise,irs",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--sigma",
+        "0.2",
+    )
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stdout and "\r" not in r.stderr
     lines = r.stdout.splitlines()

@@ -55,9 +55,20 @@ def _assert_same_tensors(a: dict, b: dict, what: str) -> None:
 def test_training_is_bit_identical(tmp_path, method, device):
     """Two trainings with one seed: the same loss curve, validation and test accuracies, and bit-identical
     weights, optimizer state and exported model."""
+
     def run(name, seed=0, epochs=2):
-        config = TrainConfig(method=method, sigma=0.2, epochs=epochs, seed=seed, limit_train=64, limit_eval=32,
-                             batch_size=32, width=0.5, device=device, out=str(tmp_path / name))
+        config = TrainConfig(
+            method=method,
+            sigma=0.2,
+            epochs=epochs,
+            seed=seed,
+            limit_train=64,
+            limit_eval=32,
+            batch_size=32,
+            width=0.5,
+            device=device,
+            out=str(tmp_path / name),
+        )
         return train(config, progress=False, log=None)
 
     a, b = run("a"), run("b")
@@ -69,8 +80,9 @@ def test_training_is_bit_identical(tmp_path, method, device):
     _assert_same_tensors(ckpt_a["model"], ckpt_b["model"], "checkpoint model")
     _assert_same_tensors(ckpt_a["optimizer"]["state"], ckpt_b["optimizer"]["state"], "optimizer state")
     assert torch.equal(ckpt_a["rng"]["torch"], ckpt_b["rng"]["torch"])
-    _assert_same_tensors(safe_load(a["model_path"])["state_dict"], safe_load(b["model_path"])["state_dict"],
-                         "exported model")
+    _assert_same_tensors(
+        safe_load(a["model_path"])["state_dict"], safe_load(b["model_path"])["state_dict"], "exported model"
+    )
     if method == "noise":  # not vacuous: another seed gives another run
         c = run("c", seed=1, epochs=1)
         assert c["history"][0]["train_loss"] != a["history"][0]["train_loss"]
@@ -84,13 +96,26 @@ def test_evaluation_json_is_bit_identical(tmp_path, device):
     variation = nft_cuda.Variation(0.2, "FeFET2")
     nft_cuda.convert(model, variation)
     path = tmp_path / "model.pt"
-    save_model(str(path), model, spec={"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32,
-                                       "width": 0.5}, variation=variation, meta={"dataset": "embedded"})
+    save_model(
+        str(path),
+        model,
+        spec={"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 0.5},
+        variation=variation,
+        meta={"dataset": "embedded"},
+    )
 
     def run(name, seed=7):
         json_path = tmp_path / f"{name}.json"
-        report = eval_checkpoints([str(path)], [0.0, 0.3], runs=3, seed=seed, device=device, progress=False,
-                                  json_path=str(json_path), batch_size=500)
+        report = eval_checkpoints(
+            [str(path)],
+            [0.0, 0.3],
+            runs=3,
+            seed=seed,
+            device=device,
+            progress=False,
+            json_path=str(json_path),
+            batch_size=500,
+        )
         return report, json_path.read_bytes()
 
     (ra, ja), (rb, jb) = run("a"), run("b")

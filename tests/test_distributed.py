@@ -21,8 +21,9 @@ def test_one_process_is_an_inactive_group(monkeypatch):
     assert not distributed.current().active
 
 
-@pytest.mark.parametrize("device, cuda_present, backend", [("cpu", True, "gloo"), ("cpu", False, "gloo"),
-                                                             ("auto", False, "gloo")])
+@pytest.mark.parametrize(
+    "device, cuda_present, backend", [("cpu", True, "gloo"), ("cpu", False, "gloo"), ("auto", False, "gloo")]
+)
 def test_join_picks_the_backend_of_the_device(monkeypatch, device, cuda_present, backend):
     """`nft eval --device cpu` on a machine with CUDA used to ask for nccl."""
     seen = {}

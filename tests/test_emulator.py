@@ -12,14 +12,12 @@ mutation self-test builds the kernels with deliberate bugs and asserts that the 
 
 from __future__ import annotations
 
+import emulator as emu_lib
 import pytest
 import torch
-
-import nft_cuda
-from nft_cuda import Variation, _ext
-
-import emulator as emu_lib
 from conftest import FLOAT_DTYPES, PRESET_FACTORS
+
+from nft_cuda import Variation, _ext
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_C, reason="compiled extension not loaded (the CPU kernels are the oracle)")
 
@@ -135,8 +133,9 @@ def assert_gemm_close(out: torch.Tensor, ref: torch.Tensor, mag: torch.Tensor, w
     err = (out.double() - ref).abs()
     tol = output_eps(out.dtype) * ref.abs() + 1e-5 * mag + 1e-30
     bad = err > tol
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} outputs off, worst "
-                           f"{(err - tol).max().item():.3g} over tolerance")
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} of {bad.numel()} outputs off, worst {(err - tol).max().item():.3g} over tolerance"
+    )
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -165,8 +164,7 @@ def check_forward(emu, mode, shape, samples, shared, bias, offset, **launch):
     op, _, _, tol = GEMM_MODES[mode]
     x, w, b, sig = make_gemm_inputs(mode, m, n, k, samples, shared, bias)
     r = rng_tensor(0x1234_5678_9ABC, offset)
-    out = emu.noisy_gemm(op, "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
-                         **launch)
+    out = emu.noisy_gemm(op, "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared, **launch)
     wn = noisy_weights(w, r, sig, op)
     x64 = compute_round(x, op)
     xs = x64.unsqueeze(0) if shared else x64
@@ -183,8 +181,12 @@ def check_forward(emu, mode, shape, samples, shared, bias, offset, **launch):
 @pytest.mark.parametrize("mode", list(GEMM_MODES))
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward(emu, mode, shape):
-    for samples, shared, bias, offset in ((1, True, True, OFFSETS[0]), (3, False, False, OFFSETS[1]),
-                                          (3, True, False, OFFSETS[0]), (2, False, True, OFFSETS[1])):
+    for samples, shared, bias, offset in (
+        (1, True, True, OFFSETS[0]),
+        (3, False, False, OFFSETS[1]),
+        (3, True, False, OFFSETS[0]),
+        (2, False, True, OFFSETS[1]),
+    ):
         check_forward(emu, mode, shape, samples, shared, bias, offset)
 
 
@@ -194,8 +196,9 @@ def check_backward(emu, mode, shape, samples, shared, offset, **launch):
     _, w, _, sig = make_gemm_inputs(mode, m, n, k, samples, True, False)
     dy = torch.randn(samples, m, n, generator=torch.Generator().manual_seed(9)).to(GEMM_MODES[mode][1])
     r = rng_tensor(0xBEEF, offset)
-    out = emu.noisy_gemm(op, "backward", dy, w, None, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
-                         **launch)
+    out = emu.noisy_gemm(
+        op, "backward", dy, w, None, r, sig, VAR.scale, VAR.state_factor, shared_input=shared, **launch
+    )
     wn = noisy_weights(w, r, sig, op)
     dy64 = compute_round(dy, op)
     ref, mag = dy64 @ wn, dy64.abs() @ wn.abs()
@@ -240,8 +243,9 @@ def check_pooled(emu, mode, shape, samples, shared, bias, offset, **launch):
     b = torch.randn(n, generator=g).to(xdt) if bias else None
     sig = torch.tensor([0.1 * (t + 1) for t in range(samples)])
     r = rng_tensor(77, offset)
-    out = emu.noisy_gemm(op, "pooled", act, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared,
-                         pool=p, **launch)
+    out = emu.noisy_gemm(
+        op, "pooled", act, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=shared, pool=p, **launch
+    )
     snap = compute_round(pooled_fp32(act, p), op)
     snap = snap.unsqueeze(0) if shared else snap
     wn = noisy_weights(w, r, sig, op)
@@ -280,8 +284,10 @@ def test_split_reduction(emu, mode, parts):
 def test_split_reduction_is_deterministic(emu):
     x, w, b, sig = make_gemm_inputs("bf16_w32", 37, 70, 200, 2, True, True)
     r = rng_tensor(3, 4)
-    runs = [emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True,
-                           parts=5) for _ in range(2)]
+    runs = [
+        emu.noisy_gemm("bf16", "forward", x, w, b, r, sig, VAR.scale, VAR.state_factor, shared_input=True, parts=5)
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -327,8 +333,9 @@ def test_shared_memory_bank_conflicts(emu, mode):
     op = GEMM_MODES[mode][0]
     x, w, _, sig = make_gemm_inputs(mode, 64, 128, 128, 1, True, False)
     dy = torch.randn(1, 64, 128).to(x.dtype)
-    emu.noisy_gemm(op, "backward", dy, w, None, rng_tensor(1, 2), sig, VAR.scale, VAR.state_factor,
-                   shared_input=False, parts=1)
+    emu.noisy_gemm(
+        op, "backward", dy, w, None, rng_tensor(1, 2), sig, VAR.scale, VAR.state_factor, shared_input=False, parts=1
+    )
     sites = emu.site_counters()
     (a_store, w_store), loads = [x for x in sites if x[0]], [x for x in sites if not x[0]]
     assert a_store[2] == a_store[1], "A-tile stores must be conflict-free"
@@ -380,6 +387,9 @@ def test_asm_only_in_the_intrinsics_header():
     import re
 
     root = pathlib.Path(emu_lib.CSRC)
-    hits = [str(p.relative_to(root)) for p in sorted(root.rglob("*")) if p.is_file()
-            and p.name != "intrinsics.cuh" and re.search(r"\b(__)?asm(__)?\b", p.read_text())]
+    hits = [
+        str(p.relative_to(root))
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "intrinsics.cuh" and re.search(r"\b(__)?asm(__)?\b", p.read_text())
+    ]
     assert hits == [], f"inline assembly outside include/nft_cuda/intrinsics.cuh: {hits}"

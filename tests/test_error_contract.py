@@ -65,11 +65,13 @@ def test_empty_inputs_work(device):
     key = torch.tensor([1, 2], dtype=torch.int64, device=device)
     assert nft_cuda.rng.philox4x32(torch.zeros(0, 4, dtype=torch.int64, device=device), key).shape == (0, 4)
     assert ops.perturb(torch.empty(0, 3, device=device), V, seed=1, samples=2).shape == (2, 0, 3)
-    out = ops.noisy_linear(torch.randn(0, 4, device=device), torch.randn(3, 4, device=device), None, V, seed=1,
-                           samples=2)
+    out = ops.noisy_linear(
+        torch.randn(0, 4, device=device), torch.randn(3, 4, device=device), None, V, seed=1, samples=2
+    )
     assert out.shape == (2, 0, 3)
-    out = ops.snapshot_linear(torch.randn(0, 2, 5, 5, device=device), 2, torch.randn(3, 8, device=device), None, V,
-                              seed=1)
+    out = ops.snapshot_linear(
+        torch.randn(0, 2, 5, 5, device=device), 2, torch.randn(3, 8, device=device), None, V, seed=1
+    )
     assert out.shape == (1, 0, 3)
 
 
@@ -118,8 +120,10 @@ def test_inf_weight_gives_no_finite_element(dtype, sigma, sign, device):
     w[1, 1] = sign * float("inf")
     v = Variation(sigma, "RRAM4")
     r = _rng(5, 6, device)
-    for out in (ops.perturb(w, v, rng=r, samples=3),
-                reference.perturb(w, r, _sig(sigma, 3, device), v.scale, v.state_factor)):
+    for out in (
+        ops.perturb(w, v, rng=r, samples=3),
+        reference.perturb(w, r, _sig(sigma, 3, device), v.scale, v.state_factor),
+    ):
         assert not out.isfinite().any()
         if sigma == 0.0:
             assert out.isnan().all()
@@ -163,7 +167,7 @@ def test_perturb_double_backward_is_exact(device):
     well defined and exact: d/dW Σ(∂/∂W Σ out²) = 2·S per element."""
     w = torch.randn(3, 4, device=device, requires_grad=True)
     out = ops.perturb(w, V, seed=1, samples=2)
-    g, = torch.autograd.grad(out.square().sum(), w, create_graph=True)
+    (g,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
     torch.testing.assert_close(g, 2 * out.detach().sum(0))
     g.sum().backward()
     torch.testing.assert_close(w.grad, torch.full_like(w, 4.0))
@@ -180,7 +184,7 @@ def test_noisy_linear_double_backward_raises(device):
     with pytest.raises(RuntimeError, match="double backward"):
         gw.sum().backward()
     # first-order gradients taken with create_graph=True are unaffected
-    ref, = torch.autograd.grad(ops.noisy_linear(x, w, None, V, seed=1, samples=2).square().sum(), x)
+    (ref,) = torch.autograd.grad(ops.noisy_linear(x, w, None, V, seed=1, samples=2).square().sum(), x)
     torch.testing.assert_close(gx.detach(), ref)
 
 
@@ -196,8 +200,10 @@ def test_unknown_preset_hint():
 
 def _linear_and_conv(device):
     torch.manual_seed(0)
-    return [(NoisyLinear(6, 4, variation=V, device=device), torch.randn(3, 6, device=device)),
-            (NoisyConv2d(3, 4, 3, padding=1, variation=V, device=device), torch.randn(2, 3, 6, 6, device=device))]
+    return [
+        (NoisyLinear(6, 4, variation=V, device=device), torch.randn(3, 6, device=device)),
+        (NoisyConv2d(3, 4, 3, padding=1, variation=V, device=device), torch.randn(2, 3, 6, 6, device=device)),
+    ]
 
 
 def test_layer_input_not_a_tensor():
@@ -305,8 +311,9 @@ def test_truncated_gz_idx_file_through_load_dataset(tmp_path):
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
         raw = (folder / name).read_bytes()
         (folder / name).unlink()
-        (folder / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0)[:-20] if "images" in name
-                                            else gzip.compress(raw, mtime=0))
+        (folder / f"{name}.gz").write_bytes(
+            gzip.compress(raw, mtime=0)[:-20] if "images" in name else gzip.compress(raw, mtime=0)
+        )
     with pytest.raises(DatasetFormatError, match="corrupt gzip stream") as err:
         D.load_dataset("mnist", tmp_path, "train")
     assert str(folder / "train-images-idx3-ubyte.gz") in str(err.value)
@@ -341,8 +348,17 @@ class _Evil:
 def _evil_model(tmp_path) -> tuple[Path, Path]:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"format": MODEL_FORMAT, "model": dict(SPEC), "variation": _Evil(marker), "noisy": [],
-                "state_dict": {}, "meta": {"dataset": "embedded"}}, str(path))
+    torch.save(
+        {
+            "format": MODEL_FORMAT,
+            "model": dict(SPEC),
+            "variation": _Evil(marker),
+            "noisy": [],
+            "state_dict": {},
+            "meta": {"dataset": "embedded"},
+        },
+        str(path),
+    )
     return path, marker
 
 
@@ -361,8 +377,12 @@ def test_load_model_missing_file(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbage", "flipped-header"])
 def test_load_model_corrupt_file(exported, damage):
     data = exported.read_bytes()
-    bad = {"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"not a model at all",
-           "flipped-header": bytes([data[0] ^ 0xFF]) + data[1:]}[damage]
+    bad = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "garbage": b"not a model at all",
+        "flipped-header": bytes([data[0] ^ 0xFF]) + data[1:],
+    }[damage]
     exported.write_bytes(bad)
     with pytest.raises(ValueError, match=r"is not a readable nft_cuda file \(corrupt, truncated"):
         load_model(str(exported))
@@ -383,15 +403,18 @@ def test_load_model_wrong_format(tmp_path):
             load_model(str(path))
 
 
-@pytest.mark.parametrize("change, needle", [
-    (lambda p: p.pop("variation"), "missing entry 'variation'"),
-    (lambda p: p["model"].pop("name"), "missing entry 'name'"),
-    (lambda p: p["model"].update(name="lenet"), "unknown model 'lenet'"),
-    (lambda p: p["model"].update(colour=3), "unexpected keyword argument 'colour'"),
-    (lambda p: p["variation"].update(sigma=-1.0), "sigma must be a finite number >= 0"),
-    (lambda p: p["variation"].update(device_model="PCM"), "unknown device_model 'PCM'"),
-    (lambda p: p.update(noisy=["nope"]), "include 'nope' match no"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda p: p.pop("variation"), "missing entry 'variation'"),
+        (lambda p: p["model"].pop("name"), "missing entry 'name'"),
+        (lambda p: p["model"].update(name="lenet"), "unknown model 'lenet'"),
+        (lambda p: p["model"].update(colour=3), "unexpected keyword argument 'colour'"),
+        (lambda p: p["variation"].update(sigma=-1.0), "sigma must be a finite number >= 0"),
+        (lambda p: p["variation"].update(device_model="PCM"), "unknown device_model 'PCM'"),
+        (lambda p: p.update(noisy=["nope"]), "include 'nope' match no"),
+    ],
+)
 def test_load_model_malformed_payload(exported, change, needle):
     payload = torch.load(str(exported), weights_only=True)
     change(payload)
@@ -416,8 +439,16 @@ def test_load_model_weights_do_not_match(exported):
 def test_non_finite_training_loss_is_an_error(tmp_path):
     from nft_cuda.train.trainer import TrainConfig, train
 
-    config = TrainConfig(method="clean", epochs=1, lr=1e30, limit_train=64, limit_eval=32, batch_size=32,
-                         device="cpu", out=str(tmp_path / "run"))
+    config = TrainConfig(
+        method="clean",
+        epochs=1,
+        lr=1e30,
+        limit_train=64,
+        limit_eval=32,
+        batch_size=32,
+        device="cpu",
+        out=str(tmp_path / "run"),
+    )
     with pytest.raises(RuntimeError, match="the training loss became (nan|inf) in epoch 1; lower the learning rate"):
         train(config, progress=False, log=None)
 
@@ -437,11 +468,14 @@ def test_cli_eval_malicious_checkpoint(tmp_path, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage, needle", [
-    ("truncated", "is not a readable nft_cuda file"),
-    ("training-checkpoint", "is not an exported nft_cuda model"),
-    ("malformed", "malformed exported nft_cuda model"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("truncated", "is not a readable nft_cuda file"),
+        ("training-checkpoint", "is not an exported nft_cuda model"),
+        ("malformed", "malformed exported nft_cuda model"),
+    ],
+)
 def test_cli_eval_bad_checkpoint(exported, damage, needle, capsys):
     if damage == "truncated":
         exported.write_bytes(exported.read_bytes()[:1000])
@@ -460,15 +494,43 @@ def test_cli_eval_missing_dataset(exported, tmp_path, capsys):
     payload = torch.load(str(exported), weights_only=True)
     payload["meta"]["dataset"] = "mnist"
     torch.save(payload, str(exported))
-    assert cli.main(["eval", str(exported), "--runs", "2", "--sigma", "0.1", "--no-progress", "--device", "cpu",
-                     "--data-dir", str(tmp_path / "empty")]) == 1
+    assert (
+        cli.main(
+            [
+                "eval",
+                str(exported),
+                "--runs",
+                "2",
+                "--sigma",
+                "0.1",
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--data-dir",
+                str(tmp_path / "empty"),
+            ]
+        )
+        == 1
+    )
     line = one_error_line(capsys.readouterr().err)
     assert "mnist (test split) not found" in line and "nft data fetch mnist" in line
 
 
 def test_cli_train_missing_and_corrupt_data(tmp_path, capsys):
-    args = ["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1", "--device", "cpu",
-            "--no-progress", "--out", str(tmp_path / "run")]
+    args = [
+        "train",
+        "--dataset",
+        "mnist",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "run"),
+    ]
     assert cli.main(args) == 1
     assert "nft data fetch mnist" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
@@ -491,10 +553,12 @@ def test_cli_seed_out_of_range(capsys):
 
 
 def test_cli_unknown_preset_and_negative_sigma(capsys):
-    for argv, needle in ((["eval", "m.pt", "--device-model", "PCM"], "invalid choice: 'PCM'"),
-                         (["demo", "--device-model", "fefet3"], "invalid choice: 'fefet3'"),
-                         (["eval", "m.pt", "--sigma", "0,-0.1"], "σ_d must be finite and >= 0"),
-                         (["demo", "--sigma", "-0.1"], "σ_d must be finite and >= 0")):
+    for argv, needle in (
+        (["eval", "m.pt", "--device-model", "PCM"], "invalid choice: 'PCM'"),
+        (["demo", "--device-model", "fefet3"], "invalid choice: 'fefet3'"),
+        (["eval", "m.pt", "--sigma", "0,-0.1"], "σ_d must be finite and >= 0"),
+        (["demo", "--sigma", "-0.1"], "σ_d must be finite and >= 0"),
+    ):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
         assert exc.value.code == 2
@@ -531,7 +595,13 @@ def test_every_contract_row_points_at_a_test():
     for path, name in refs:
         src = sources.setdefault(path, (repo / path).read_text(encoding="utf-8"))
         assert re.search(rf"^def {name}\(", src, re.M), f"docs/errors.md names {path}::{name}, which does not exist"
-    rows = [line for line in doc.splitlines() if line.startswith("| ") and not line.startswith("| input ")
-            and not line.startswith("| property ") and not line.startswith("| what ")]
+    rows = [
+        line
+        for line in doc.splitlines()
+        if line.startswith("| ")
+        and not line.startswith("| input ")
+        and not line.startswith("| property ")
+        and not line.startswith("| what ")
+    ]
     for row in rows:
         assert re.search(r"tests/test_\w+\.py::\w+", row), f"row without a test: {row}"

@@ -121,8 +121,9 @@ def test_sigmas_wrong_length(sigmas):
         perturb(samples=3, sigmas=sigmas)
 
 
-@pytest.mark.parametrize("sigmas", [torch.tensor([0.1, -0.2]), [0.1, -0.2], torch.tensor([0.1, float("nan")]),
-                                    [float("inf"), 0.1]])
+@pytest.mark.parametrize(
+    "sigmas", [torch.tensor([0.1, -0.2]), [0.1, -0.2], torch.tensor([0.1, float("nan")]), [float("inf"), 0.1]]
+)
 def test_sigmas_negative_or_non_finite(sigmas):
     with pytest.raises(ValueError, match="sigmas"):
         perturb(samples=2, sigmas=sigmas)
@@ -252,9 +253,17 @@ def test_normal_bad_numel_type(numel):
         rng.normal(numel, 1, 0)
 
 
-@pytest.mark.parametrize("name,value,exc", [("seed", -1, ValueError), ("seed", 2**63, ValueError),
-                                            ("offset", 2**63, ValueError), ("offset", -5, ValueError),
-                                            ("seed", 1.5, TypeError), ("offset", "0", TypeError)])
+@pytest.mark.parametrize(
+    "name,value,exc",
+    [
+        ("seed", -1, ValueError),
+        ("seed", 2**63, ValueError),
+        ("offset", 2**63, ValueError),
+        ("offset", -5, ValueError),
+        ("seed", 1.5, TypeError),
+        ("offset", "0", TypeError),
+    ],
+)
 def test_normal_bad_seed_offset(name, value, exc):
     kwargs = {"seed": 1, "offset": 0, name: value}
     with pytest.raises(exc, match=name):

@@ -25,8 +25,18 @@ import torch.nn as nn
 from conftest import require_optional
 
 import nft_cuda
-from nft_cuda.eval import (EKLAccumulator, accuracy_stats, build_report, eval_checkpoints, expected_kl,
-                           instance_logits, monte_carlo, plot_results, write_csv, write_json)
+from nft_cuda.eval import (
+    EKLAccumulator,
+    accuracy_stats,
+    build_report,
+    eval_checkpoints,
+    expected_kl,
+    instance_logits,
+    monte_carlo,
+    plot_results,
+    write_csv,
+    write_json,
+)
 
 mc_module = importlib.import_module("nft_cuda.eval.monte_carlo")  # the module (the package exports the function)
 from nft_cuda.models import build_model
@@ -66,7 +76,7 @@ def make_data(model: nn.Module, n: int = 40, batch: int = 16, *, seed: int = 1):
     x = torch.randn(n, 1, 32, 32, generator=g)
     with torch.no_grad(), nft_cuda.noise_mode(model, "off"):
         y = model(x).argmax(-1)
-    loader = [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+    loader = [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
     return x, y, loader
 
 
@@ -212,8 +222,12 @@ def test_instance_logits_match_set_instance():
     var = nft_cuda.Variation(0.3, "FeFET2")
     _, ref = set_instance_probs(model, x, SEED, 7, var)
     with torch.no_grad():
-        got = torch.cat([instance_logits(model, x, seed=SEED, instances=range(0, 4), variation=var),
-                         instance_logits(model, x, seed=SEED, instances=range(4, 7), variation=var)])
+        got = torch.cat(
+            [
+                instance_logits(model, x, seed=SEED, instances=range(0, 4), variation=var),
+                instance_logits(model, x, seed=SEED, instances=range(4, 7), variation=var),
+            ]
+        )
     torch.testing.assert_close(got, ref, rtol=RTOL, atol=ATOL)
     assert not torch.equal(ref[0], ref[1])  # instances differ
     assert all(layer.mode == "train" for _, layer in nft_cuda.noisy_layers(model))  # state restored
@@ -364,9 +378,19 @@ def _fake_results():
     for label, drop in (("ovf", 0.02), ("noise", 0.05)):
         for k, sigma in enumerate((0.0, 0.1, 0.2, 0.3)):
             accs = [0.9 - drop * k * (1 + 0.1 * math.sin(i)) for i in range(20)]
-            res = {"checkpoint": label, "sigma": sigma, "device_model": "RRAM1", "runs": 20, "seed": 0,
-                   "num_inputs": 100, **accuracy_stats(accs), "confidence": 0.9 - 0.1 * k,
-                   "ekl": 0.01 * k * k * (1 + drop), "clean_accuracy": 0.9, "per_instance_accuracy": accs}
+            res = {
+                "checkpoint": label,
+                "sigma": sigma,
+                "device_model": "RRAM1",
+                "runs": 20,
+                "seed": 0,
+                "num_inputs": 100,
+                **accuracy_stats(accs),
+                "confidence": 0.9 - 0.1 * k,
+                "ekl": 0.01 * k * k * (1 + drop),
+                "clean_accuracy": 0.9,
+                "per_instance_accuracy": accs,
+            }
             out.append(res)
     return out
 
@@ -397,20 +421,43 @@ def test_eval_checkpoints(tmp_path, monkeypatch):
     model = make_model()
     x, y, _ = make_data(model, n=24)
     spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
-    save_model(str(tmp_path / "a.pt"), model, spec=spec, variation=nft_cuda.Variation(0.1),
-               meta={"dataset": "embedded", "method": "ovf"})
+    save_model(
+        str(tmp_path / "a.pt"),
+        model,
+        spec=spec,
+        variation=nft_cuda.Variation(0.1),
+        meta={"dataset": "embedded", "method": "ovf"},
+    )
     monkeypatch.setattr(run_module, "load_test_set", lambda name, data_dir=None: (x, y))
     paths = {k: str(tmp_path / f"out.{k}") for k in ("json", "csv", "png")}
-    report = eval_checkpoints([str(tmp_path / "a.pt")], [0.0, 0.2], "FeFET2", 4, 7, None, paths["json"],
-                              paths["csv"], paths["png"], 2, "cpu", False, batch_size=10)
+    report = eval_checkpoints(
+        [str(tmp_path / "a.pt")],
+        [0.0, 0.2],
+        "FeFET2",
+        4,
+        7,
+        None,
+        paths["json"],
+        paths["csv"],
+        paths["png"],
+        2,
+        "cpu",
+        False,
+        batch_size=10,
+    )
     assert [r["sigma"] for r in report["results"]] == [0.0, 0.2]
     assert all(r["checkpoint"] == "a" and r["device_model"] == "FeFET2" for r in report["results"])
     assert report["dataset"] == "embedded" and report["model"] == spec and report["seed"] == 7
     assert json.loads(open(paths["json"]).read()) == json.loads(json.dumps(report))
     assert os.path.getsize(paths["png"]) > 0 and len(open(paths["csv"]).read().splitlines()) == 3
-    direct = monte_carlo(model, [(x[i:i + 10], y[i:i + 10]) for i in range(0, 24, 10)],
-                         [nft_cuda.Variation(0.0, "FeFET2"), nft_cuda.Variation(0.2, "FeFET2")], 4, seed=7,
-                         progress=False)
+    direct = monte_carlo(
+        model,
+        [(x[i : i + 10], y[i : i + 10]) for i in range(0, 24, 10)],
+        [nft_cuda.Variation(0.0, "FeFET2"), nft_cuda.Variation(0.2, "FeFET2")],
+        4,
+        seed=7,
+        progress=False,
+    )
     assert [{k: v for k, v in r.items() if k != "checkpoint"} for r in report["results"]] == direct
 
 
@@ -418,7 +465,7 @@ def test_eval_checkpoints(tmp_path, monkeypatch):
 # Scale-out: 2 processes with gloo give the JSON of one process (DESIGN §7). Runs in CI (< 60 s).
 # ------------------------------------------------------------------------------------------------
 
-_DIST_SCRIPT = textwrap.dedent('''
+_DIST_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch
     torch.set_num_threads(1)
@@ -441,7 +488,7 @@ _DIST_SCRIPT = textwrap.dedent('''
         json.dump(results, f)
     if distributed:
         dist.destroy_process_group()
-''')
+""")
 
 
 def test_two_process_gloo_matches_one_process(tmp_path):
@@ -451,8 +498,22 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     one = tmp_path / "one.json"
     two = tmp_path / "two.json"
     subprocess.run([sys.executable, str(script), str(one), "3", "seq"], check=True, env=env, timeout=120)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(script), str(two), "8", "fold"], check=True, env=env, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(two),
+            "8",
+            "fold",
+        ],
+        check=True,
+        env=env,
+        timeout=120,
+    )
     ref = (tmp_path / "one.json.rank0").read_text()
     assert json.loads(ref)[1]["ekl"] > 0 and len(json.loads(ref)[1]["per_instance_kl"]) == 21
     assert (tmp_path / "two.json.rank0").read_text() == ref

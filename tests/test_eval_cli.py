@@ -17,29 +17,58 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _nft(*args, cwd=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "nft_cuda", *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = train(TrainConfig(method="noise", sigma=0.1, epochs=1, limit_train=256, limit_eval=128,
-                               out=str(out), device="cpu"), progress=False, log=None)
+    result = train(
+        TrainConfig(method="noise", sigma=0.1, epochs=1, limit_train=256, limit_eval=128, out=str(out), device="cpu"),
+        progress=False,
+        log=None,
+    )
     return result["model_path"]
 
 
 def test_eval_writes_json_csv_png(checkpoint, tmp_path):
     require_optional("matplotlib")  # writes a plot
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    r = _nft("eval", checkpoint, "--sigma", "0,0.2", "--runs", "3", "--json", str(j), "--csv", str(c),
-             "--plot", str(p), "--no-progress", "--batch-size", "500")
+    r = _nft(
+        "eval",
+        checkpoint,
+        "--sigma",
+        "0,0.2",
+        "--runs",
+        "3",
+        "--json",
+        str(j),
+        "--csv",
+        str(c),
+        "--plot",
+        str(p),
+        "--no-progress",
+        "--batch-size",
+        "500",
+    )
     assert r.returncode == 0, r.stderr
     report = json.loads(j.read_text())
     assert [x["sigma"] for x in report["results"]] == [0.0, 0.2]
     for x in report["results"]:
-        for key in ("checkpoint", "sigma", "device_model", "runs", "accuracy_mean", "accuracy_std", "ci95",
-                    "ci99", "ekl", "confidence"):
+        for key in (
+            "checkpoint",
+            "sigma",
+            "device_model",
+            "runs",
+            "accuracy_mean",
+            "accuracy_std",
+            "ci95",
+            "ci99",
+            "ekl",
+            "confidence",
+        ):
             assert key in x, key
         assert x["runs"] == 3 and 0 <= x["accuracy_mean"] <= 1
     assert report["results"][0]["accuracy_std"] == 0  # σ_d = 0: every instance is the clean model
@@ -50,12 +79,15 @@ def test_eval_writes_json_csv_png(checkpoint, tmp_path):
     assert "accuracy" in r.stdout and "EKL" in r.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["eval", "missing.pt"], "checkpoint not found"),
-    (["eval", "CKPT", "--sigma", "-0.1"], "σ_d must be finite and >= 0"),
-    (["eval", "CKPT", "--runs", "1"], "must be >= 2"),
-    (["eval", "CKPT", "--sigma", "0:0.4"], "start:stop:step"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["eval", "missing.pt"], "checkpoint not found"),
+        (["eval", "CKPT", "--sigma", "-0.1"], "σ_d must be finite and >= 0"),
+        (["eval", "CKPT", "--runs", "1"], "must be >= 2"),
+        (["eval", "CKPT", "--sigma", "0:0.4"], "start:stop:step"),
+    ],
+)
 def test_eval_bad_arguments_one_line(checkpoint, args, needle):
     r = _nft(*[checkpoint if a == "CKPT" else a for a in args])
     assert r.returncode != 0
@@ -78,8 +110,24 @@ def test_eval_baseline_paired_table_json_csv(checkpoint, tmp_path):
     shutil.copyfile(checkpoint, other)  # the same weights on the same chips: every per-chip difference is 0
     j, c = tmp_path / "r.json", tmp_path / "r.csv"
     run = os.path.dirname(checkpoint)  # the baseline given as its run folder, labelled by it
-    r = _nft("eval", checkpoint, str(other), "--baseline", run, "--sigma", "0.2", "--runs", "3", "--json",
-             str(j), "--csv", str(c), "--no-progress", "--batch-size", "500")
+    r = _nft(
+        "eval",
+        checkpoint,
+        str(other),
+        "--baseline",
+        run,
+        "--sigma",
+        "0.2",
+        "--runs",
+        "3",
+        "--json",
+        str(j),
+        "--csv",
+        str(c),
+        "--no-progress",
+        "--batch-size",
+        "500",
+    )
     assert r.returncode == 0, r.stderr
     base = os.path.basename(run)
     report = json.loads(j.read_text())
@@ -103,12 +151,45 @@ def test_torchrun_eval_json_identical_to_one_process(checkpoint, tmp_path):
     common = ["--sigma", "0.1,0.3", "--runs", "10", "--no-progress", "--device", "cpu", "--batch-size", "500"]
     env = {k: v for k, v in ENV.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "nft_cuda", "eval", checkpoint, *common, "--json", str(one),
-                        "--instances-per-pass", "3"], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nft_cuda",
+            "eval",
+            checkpoint,
+            *common,
+            "--json",
+            str(one),
+            "--instances-per-pass",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "nft_cuda", "eval", checkpoint, *common, "--json", str(two)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "nft_cuda",
+            "eval",
+            checkpoint,
+            *common,
+            "--json",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(one.read_text()) == json.loads(two.read_text())
 
@@ -130,8 +211,22 @@ def test_eval_accepts_a_run_folder_labels_it_and_writes_readable_reports(checkpo
     require_optional("matplotlib")  # writes a plot
     run = os.path.dirname(checkpoint)
     j, c, p = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    code, out, err = _main(capsys, "eval", run, "--sigma", "0.1", "--runs", "2", "--no-progress", "--json", str(j),
-                           "--csv", str(c), "--plot", str(p))
+    code, out, err = _main(
+        capsys,
+        "eval",
+        run,
+        "--sigma",
+        "0.1",
+        "--runs",
+        "2",
+        "--no-progress",
+        "--json",
+        str(j),
+        "--csv",
+        str(c),
+        "--plot",
+        str(p),
+    )
     assert code == 0, err
     report = json.loads(j.read_text())
     assert report["checkpoints"][0]["path"] == checkpoint
@@ -162,8 +257,9 @@ def test_cuda_without_a_gpu_gives_one_message_in_train_and_eval(checkpoint, monk
     expected = "device 'cuda' was requested but CUDA is not available (use --device cpu or auto)"
     code, _, err = _main(capsys, "eval", checkpoint, "--device", "cuda", "--runs", "2", "--no-progress")
     assert code == 1 and one_error_line(err) == f"nft: error: {expected}"
-    code, _, err = _main(capsys, "train", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path / "t"),
-                         "--no-progress")
+    code, _, err = _main(
+        capsys, "train", "--device", "cuda", "--epochs", "1", "--out", str(tmp_path / "t"), "--no-progress"
+    )
     assert code == 1 and one_error_line(err) == f"nft: error: {expected}"
 
 
@@ -177,35 +273,42 @@ def test_interrupted_eval_says_the_same_command_continues(checkpoint, monkeypatc
     j = tmp_path / "r.json"
     code, _, err = _main(capsys, "eval", checkpoint, "--runs", "2", "--json", str(j))
     assert code == 130
-    assert err.strip() == (f"nft: interrupted; the finished points are kept in {j}.partial.jsonl: run the same "
-                           "command again to continue")
+    assert err.strip() == (
+        f"nft: interrupted; the finished points are kept in {j}.partial.jsonl: run the same command again to continue"
+    )
     code, _, err = _main(capsys, "eval", checkpoint, "--runs", "2")
     assert code == 130 and "add --json PATH" in err
 
 
-@pytest.mark.parametrize("text, values", [
-    ("0:0.4:0.05", [round(0.05 * i, 10) for i in range(9)]),
-    ("0:0.4:0.15", [0.0, 0.15, 0.3]),  # never past stop
-    ("0.2:0.2:0.1", [0.2]),
-    ("0 0.1, 0.2", [0.0, 0.1, 0.2]),
-    ("0.3", [0.3]),
-])
+@pytest.mark.parametrize(
+    "text, values",
+    [
+        ("0:0.4:0.05", [round(0.05 * i, 10) for i in range(9)]),
+        ("0:0.4:0.15", [0.0, 0.15, 0.3]),  # never past stop
+        ("0.2:0.2:0.1", [0.2]),
+        ("0 0.1, 0.2", [0.0, 0.1, 0.2]),
+        ("0.3", [0.3]),
+    ],
+)
 def test_parse_sigmas_values(text, values):
     from nft_cuda.eval.cli import parse_sigmas
 
     assert parse_sigmas(text) == values
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("0:0.4:0", "step of a sweep start:stop:step must be > 0"),
-    ("0:0.4:-0.1", "must be > 0"),
-    ("0.1:0.05:0.1", "needs start <= stop"),
-    ("0.3:0:0.1", "needs start <= stop"),
-    ("0,0.1,,0.2", "empty value"),
-    ("0.1,0.1", "listed twice"),
-    ("0:0.4", "start:stop:step"),
-    ("a,b", "expected σ_d"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("0:0.4:0", "step of a sweep start:stop:step must be > 0"),
+        ("0:0.4:-0.1", "must be > 0"),
+        ("0.1:0.05:0.1", "needs start <= stop"),
+        ("0.3:0:0.1", "needs start <= stop"),
+        ("0,0.1,,0.2", "empty value"),
+        ("0.1,0.1", "listed twice"),
+        ("0:0.4", "start:stop:step"),
+        ("a,b", "expected σ_d"),
+    ],
+)
 def test_parse_sigmas_says_what_is_wrong(text, needle):
     import argparse
 
@@ -215,13 +318,16 @@ def test_parse_sigmas_says_what_is_wrong(text, needle):
         parse_sigmas(text)
 
 
-@pytest.mark.parametrize("paths, labels", [
-    (["runs/try-noise/model.pt"], ["try-noise"]),
-    (["runs/a/model.pt", "runs/b/model.pt"], ["a", "b"]),
-    (["runs/x/model.pt", "old/x/model.pt"], ["runs/x", "old/x"]),
-    (["a.pt", "b.pt"], ["a", "b"]),
-    (["d1/m.pt", "d2/m.pt"], ["d1/m", "d2/m"]),
-])
+@pytest.mark.parametrize(
+    "paths, labels",
+    [
+        (["runs/try-noise/model.pt"], ["try-noise"]),
+        (["runs/a/model.pt", "runs/b/model.pt"], ["a", "b"]),
+        (["runs/x/model.pt", "old/x/model.pt"], ["runs/x", "old/x"]),
+        (["a.pt", "b.pt"], ["a", "b"]),
+        (["d1/m.pt", "d2/m.pt"], ["d1/m", "d2/m"]),
+    ],
+)
 def test_labels_name_the_run_folder(paths, labels):
     from nft_cuda.eval.run import _labels
 
@@ -231,6 +337,9 @@ def test_labels_name_the_run_folder(paths, labels):
 def test_plot_title_names_model_dataset_and_device_model():
     from nft_cuda.eval.report import _default_title
 
-    report = {"model": {"name": "small"}, "dataset": "embedded",
-              "results": [{"device_model": "FeFET2"}, {"device_model": "FeFET2"}]}
+    report = {
+        "model": {"name": "small"},
+        "dataset": "embedded",
+        "results": [{"device_model": "FeFET2"}, {"device_model": "FeFET2"}],
+    }
     assert _default_title(report, report["results"]) == "model small · dataset embedded · device model FeFET2"

@@ -17,8 +17,11 @@ SIGMAS = [0.1, 0.2, 0.3]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = train(TrainConfig(method="noise", sigma=0.1, epochs=1, limit_train=128, limit_eval=64, out=str(out),
-                               device="cpu"), progress=False, log=None)
+    result = train(
+        TrainConfig(method="noise", sigma=0.1, epochs=1, limit_train=128, limit_eval=64, out=str(out), device="cpu"),
+        progress=False,
+        log=None,
+    )
     return result["model_path"]
 
 
@@ -36,8 +39,9 @@ class _Counting:
 
 
 def _eval(checkpoint, json_path, runs=3, **kw):
-    return eval_run.eval_checkpoints([checkpoint], SIGMAS, runs=runs, json_path=str(json_path), progress=False,
-                                     device="cpu", **kw)
+    return eval_run.eval_checkpoints(
+        [checkpoint], SIGMAS, runs=runs, json_path=str(json_path), progress=False, device="cpu", **kw
+    )
 
 
 def test_interrupted_eval_resumes_to_the_identical_report(checkpoint, tmp_path, monkeypatch):

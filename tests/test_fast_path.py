@@ -62,9 +62,11 @@ def test_every_shipped_model_reaches_the_noise(name):
     assert_chips_differ(model, torch.randn(2, 1, 32, 32))
 
 
-@pytest.mark.parametrize("make", [lambda: _EncoderClassifier(True), lambda: _EncoderClassifier(False),
-                                  _Decoder, _EncoderStack], ids=["encoder-batch-first", "encoder-seq-first",
-                                                                 "decoder", "encoder-stack-masked"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: _EncoderClassifier(True), lambda: _EncoderClassifier(False), _Decoder, _EncoderStack],
+    ids=["encoder-batch-first", "encoder-seq-first", "decoder", "encoder-stack-masked"],
+)
 def test_transformer_layers_reach_the_noise(make):
     torch.manual_seed(0)
     model = nft_cuda.convert(make(), VAR)
@@ -98,8 +100,9 @@ def test_monte_carlo_on_a_transformer_sees_distinct_chips():
 
 def test_guard_only_on_converted_modules_and_removed_by_strip():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True),
-                          nn.TransformerEncoderLayer(16, 2, 32, batch_first=True))
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    )
     nft_cuda.convert(model, VAR, exclude=["1"])
     assert nft_cuda.conversion.guard_fast_paths(model) == ["0", "0.self_attn"]
     assert len(model[0]._forward_pre_hooks) == 1 and not model[1]._forward_pre_hooks

@@ -212,8 +212,7 @@ def test_zero_sigma_is_clean():
 @pytest.mark.parametrize("padding", [1, (2, 1), "same", "valid"])
 def test_conv_padding_modes(padding_mode, padding):
     """Noisy conv forward and input gradient = plain autograd through F.conv2d(pad(x), W_noisy)."""
-    conv = NoisyConv2d(4, 6, (3, 2), padding=padding, dilation=(1, 2), groups=2, padding_mode=padding_mode,
-                       variation=V)
+    conv = NoisyConv2d(4, 6, (3, 2), padding=padding, dilation=(1, 2), groups=2, padding_mode=padding_mode, variation=V)
     conv.set_instance(5, 0)
     w_noisy = conv.noisy_weight()
     x = torch.randn(2, 4, 7, 8, requires_grad=True)
@@ -343,7 +342,7 @@ def test_double_backward_raises():
             gx.sum().backward()
         # first-order gradients under create_graph=True are still right
         y = layer(x)
-        gx1, = torch.autograd.grad(y.sum(), x)
+        (gx1,) = torch.autograd.grad(y.sum(), x)
         assert gx1.shape == x.shape
 
 
@@ -385,8 +384,10 @@ def test_autocast_cpu(dtype):
 
 def _small_model():
     return nn.Sequential(
-        NoisyConv2d(1, 4, 3, padding=1, padding_mode="reflect", variation=V), nn.ReLU(),
-        nn.Flatten(), NoisyLinear(4 * 6 * 6, 3, variation=V),
+        NoisyConv2d(1, 4, 3, padding=1, padding_mode="reflect", variation=V),
+        nn.ReLU(),
+        nn.Flatten(),
+        NoisyLinear(4 * 6 * 6, 3, variation=V),
     )
 
 
@@ -436,8 +437,11 @@ def test_compiled_graph_saves_no_noisy_weight():
         return make_boxed_func(gm.forward)
 
     # the partitioner inductor uses, which may recompute or save intermediates as it sees fit
-    backend = aot_autograd(fw_compiler=fw_compiler, bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                           partition_fn=min_cut_rematerialization_partition)
+    backend = aot_autograd(
+        fw_compiler=fw_compiler,
+        bw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+        partition_fn=min_cut_rematerialization_partition,
+    )
     layer = NoisyLinear(64, 48, variation=V)
     x = torch.randn(3, 64, requires_grad=True)
     torch.compile(layer, backend=backend, fullgraph=True)(x).sum().backward()
@@ -479,8 +483,9 @@ def test_cuda_no_host_sync():
 @needs_cuda
 def test_cuda_graph_replays_draw_fresh_noise():
     torch.manual_seed(0)
-    model = nn.Sequential(NoisyConv2d(2, 4, 3, padding=1, variation=V), nn.ReLU(), nn.Flatten(),
-                          NoisyLinear(4 * 5 * 5, 3, variation=V)).cuda()
+    model = nn.Sequential(
+        NoisyConv2d(2, 4, 3, padding=1, variation=V), nn.ReLU(), nn.Flatten(), NoisyLinear(4 * 5 * 5, 3, variation=V)
+    ).cuda()
     static_x = torch.randn(4, 2, 5, 5, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -111,8 +111,9 @@ def test_forward_matches_float64(device, mode, shape, samples, shared, bias):
     x, w, b = make(device, mode, m, n, k, samples, shared, bias)
     sigmas = [0.1 * (t + 1) for t in range(samples)]
     with matmul_precision(tf32) if device == "cuda" else contextlib.nullcontext():
-        out = ops.noisy_linear(x, w, b, VAR, seed=SEED, offset=OFFSET, samples=samples, sigmas=sigmas,
-                               shared_input=shared)
+        out = ops.noisy_linear(
+            x, w, b, VAR, seed=SEED, offset=OFFSET, samples=samples, sigmas=sigmas, shared_input=shared
+        )
     assert out.shape == (samples, m, n) and out.dtype == xdt and out.device.type == device
     assert not torch.isnan(out).any()
     ref, _ = ref_forward64(x, w, b, sigmas, shared)
@@ -128,8 +129,9 @@ def test_gradients_match_float64(device, mode, samples, shared):
     x, w, b = make(device, mode, m, n, k, samples, shared, True, requires_grad=True)
     sigmas = [0.05 + 0.02 * t for t in range(samples)]
     with matmul_precision(tf32) if device == "cuda" else contextlib.nullcontext():
-        out = ops.noisy_linear(x, w, b, VAR, seed=SEED, offset=OFFSET, samples=samples, sigmas=sigmas,
-                               shared_input=shared)
+        out = ops.noisy_linear(
+            x, w, b, VAR, seed=SEED, offset=OFFSET, samples=samples, sigmas=sigmas, shared_input=shared
+        )
         g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
         gx, gw, gb = torch.autograd.grad(out, (x, w, b), g)
     _, wn = ref_forward64(x, w, b, sigmas, shared)
@@ -157,8 +159,9 @@ def test_backward_input_op_matches_float64(device, mode, shared):
     _, w, _ = make(device, mode, m, n, k, samples, shared, False)
     grad = torch.randn(samples, 2, m // 2, n, generator=torch.Generator().manual_seed(9)).to(device, MODES[mode][0])
     sigmas = torch.tensor([0.1, 0.0, 0.3], device=device)
-    dx = torch.ops.nft_cuda._noisy_linear_backward_input(grad, w, _rng(device), sigmas, VAR.scale,
-                                                         VAR.state_factor, shared, tf32)
+    dx = torch.ops.nft_cuda._noisy_linear_backward_input(
+        grad, w, _rng(device), sigmas, VAR.scale, VAR.state_factor, shared, tf32
+    )
     wn = noisy_weight64(w, [0.1, 0.0, 0.3])
     ref = grad.cpu().to(torch.float64) @ wn.unsqueeze(1)
     if shared:
@@ -195,10 +198,8 @@ def test_reference_twin_agrees(device):
     ref = nft_cuda.reference.noisy_linear(x, w, None, _rng(device), sig, VAR.scale, VAR.state_factor, False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     g = torch.randn_like(out)
-    dx = torch.ops.nft_cuda._noisy_linear_backward_input(g, w, _rng(device), sig, VAR.scale, VAR.state_factor,
-                                                         True)
-    dx_ref = nft_cuda.reference.noisy_linear_backward_input(g, w, _rng(device), sig, VAR.scale, VAR.state_factor,
-                                                            True)
+    dx = torch.ops.nft_cuda._noisy_linear_backward_input(g, w, _rng(device), sig, VAR.scale, VAR.state_factor, True)
+    dx_ref = nft_cuda.reference.noisy_linear_backward_input(g, w, _rng(device), sig, VAR.scale, VAR.state_factor, True)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
 
 
@@ -215,9 +216,9 @@ def test_poisoned_memory_fully_overwritten(device, mode):
     x, w, b = make(device, mode, m, n, k, samples, True, True)
     with matmul_precision(tf32) if device == "cuda" else contextlib.nullcontext():
         out = ops.noisy_linear(x, w, b, VAR, seed=SEED, offset=OFFSET, samples=samples)
-        dx = torch.ops.nft_cuda._noisy_linear_backward_input(out, w, _rng(device),
-                                                             torch.full((samples,), 0.1, device=device),
-                                                             VAR.scale, VAR.state_factor, True, tf32)
+        dx = torch.ops.nft_cuda._noisy_linear_backward_input(
+            out, w, _rng(device), torch.full((samples,), 0.1, device=device), VAR.scale, VAR.state_factor, True, tf32
+        )
     assert not torch.isnan(out).any() and not torch.isnan(dx).any()
     ref, _ = ref_forward64(x, w, b, [VAR.sigma] * samples, True)
     assert rel_err(out, ref) <= tol
@@ -229,8 +230,9 @@ def test_edge_sizes(device):
     # empty batch, empty features, 1-D x
     assert ops.noisy_linear(torch.randn(0, 3, device=device), w, None, VAR, seed=1).shape == (1, 0, 5)
     b = torch.randn(4, device=device)
-    out = ops.noisy_linear(torch.randn(2, 0, device=device), torch.randn(4, 0, device=device), b, VAR, seed=1,
-                           samples=2)
+    out = ops.noisy_linear(
+        torch.randn(2, 0, device=device), torch.randn(4, 0, device=device), b, VAR, seed=1, samples=2
+    )
     torch.testing.assert_close(out, b.expand(2, 2, 4))
     assert ops.noisy_linear(torch.randn(3, device=device), w, None, VAR, seed=1).shape == (1, 5)
     # zero sigma: the clean linear layer
@@ -264,8 +266,9 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="noisy_linear"):
         torch.ops.nft_cuda.noisy_linear(torch.randn(2, 4), w, None, _rng("cpu"), torch.ones(1), 1.0, 1.0, True)
     with pytest.raises(ValueError, match="_noisy_linear_backward_input"):
-        torch.ops.nft_cuda._noisy_linear_backward_input(torch.randn(2, 2, 4), w, _rng("cpu"), torch.ones(2), 1.0,
-                                                        1.0, True)
+        torch.ops.nft_cuda._noisy_linear_backward_input(
+            torch.randn(2, 2, 4), w, _rng("cpu"), torch.ones(2), 1.0, 1.0, True
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,8 +330,9 @@ def adaptive_pool64_autograd(a: torch.Tensor, p: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device,mode", cases())
-@pytest.mark.parametrize("geom", [(5, 3, 8, 8, 3), (70, 4, 7, 13, 6), (2, 2, 5, 3, 4)],
-                         ids=lambda g: "b{}c{}_{}x{}_p{}".format(*g))
+@pytest.mark.parametrize(
+    "geom", [(5, 3, 8, 8, 3), (70, 4, 7, 13, 6), (2, 2, 5, 3, 4)], ids=lambda g: "b{}c{}_{}x{}_p{}".format(*g)
+)
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_sample"])
 def test_snapshot_linear_modes_match_float64(device, mode, geom, shared):
     """Every dtype path (on CUDA: the fused pool-in-loader kernel for bf16/fp16/TF32) against float64:
@@ -344,8 +348,9 @@ def test_snapshot_linear_modes_match_float64(device, mode, geom, shared):
     bias = torch.randn(n, generator=gen).to(device, wdt).requires_grad_(True)
     sigmas = [0.1, 0.25]
     with matmul_precision(tf32) if device == "cuda" else contextlib.nullcontext():
-        out = ops.snapshot_linear(act, pool, weight, bias, VAR, seed=SEED, offset=OFFSET, samples=samples,
-                                  sigmas=sigmas, shared_input=shared)
+        out = ops.snapshot_linear(
+            act, pool, weight, bias, VAR, seed=SEED, offset=OFFSET, samples=samples, sigmas=sigmas, shared_input=shared
+        )
         assert out.shape == (samples, b_, n) and out.dtype == xdt
         g = torch.randn(out.shape, generator=gen).to(device, xdt)
         ga, gw, gb = torch.autograd.grad(out, (act, weight, bias), g)
@@ -386,34 +391,62 @@ def test_opcheck(device, shared):
     w = torch.randn(6, 9, device=device, requires_grad=True)
     b = torch.randn(6, device=device, requires_grad=True)
     sig = torch.tensor([0.1, 0.2], device=device)
-    torch.library.opcheck(torch.ops.nft_cuda.noisy_linear.default,
-                          (x, w, b, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False))
-    torch.library.opcheck(torch.ops.nft_cuda.noisy_linear.default,
-                          (x.detach(), w.detach(), None, _rng(device), sig, VAR.scale, VAR.state_factor, shared,
-                           False))
+    torch.library.opcheck(
+        torch.ops.nft_cuda.noisy_linear.default,
+        (x, w, b, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False),
+    )
+    torch.library.opcheck(
+        torch.ops.nft_cuda.noisy_linear.default,
+        (x.detach(), w.detach(), None, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False),
+    )
     g = torch.randn(samples, 5, 6, device=device)
-    torch.library.opcheck(torch.ops.nft_cuda._noisy_linear_backward_input.default,
-                          (g, w.detach(), _rng(device), sig, VAR.scale, VAR.state_factor, shared, False))
+    torch.library.opcheck(
+        torch.ops.nft_cuda._noisy_linear_backward_input.default,
+        (g, w.detach(), _rng(device), sig, VAR.scale, VAR.state_factor, shared, False),
+    )
     act = torch.randn(*(() if shared else (samples,)), 3, 2, 7, 5, device=device, requires_grad=True)
     ws = torch.randn(6, 2 * 3 * 3, device=device, requires_grad=True)
     for bias in (b, None):
-        torch.library.opcheck(torch.ops.nft_cuda.snapshot_linear.default,
-                              (act, 3, ws, bias, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False))
+        torch.library.opcheck(
+            torch.ops.nft_cuda.snapshot_linear.default,
+            (act, 3, ws, bias, _rng(device), sig, VAR.scale, VAR.state_factor, shared, False),
+        )
 
 
 def test_meta_shapes():
     meta = dict(device="meta")
-    out = torch.ops.nft_cuda.noisy_linear(torch.empty(2, 3, 7, **meta), torch.empty(5, 7, **meta), None,
-                                          torch.empty(2, dtype=torch.int64, **meta), torch.empty(4, **meta), 1.0,
-                                          1.0, True)
+    out = torch.ops.nft_cuda.noisy_linear(
+        torch.empty(2, 3, 7, **meta),
+        torch.empty(5, 7, **meta),
+        None,
+        torch.empty(2, dtype=torch.int64, **meta),
+        torch.empty(4, **meta),
+        1.0,
+        1.0,
+        True,
+    )
     assert out.shape == (4, 2, 3, 5)
-    dx = torch.ops.nft_cuda._noisy_linear_backward_input(torch.empty(4, 2, 3, 5, **meta), torch.empty(5, 7, **meta),
-                                                         torch.empty(2, dtype=torch.int64, **meta),
-                                                         torch.empty(4, **meta), 1.0, 1.0, False)
+    dx = torch.ops.nft_cuda._noisy_linear_backward_input(
+        torch.empty(4, 2, 3, 5, **meta),
+        torch.empty(5, 7, **meta),
+        torch.empty(2, dtype=torch.int64, **meta),
+        torch.empty(4, **meta),
+        1.0,
+        1.0,
+        False,
+    )
     assert dx.shape == (4, 2, 3, 7)
-    snap = torch.ops.nft_cuda.snapshot_linear(torch.empty(4, 6, 3, 9, 9, **meta), 2, torch.empty(5, 12, **meta), None,
-                                              torch.empty(2, dtype=torch.int64, **meta), torch.empty(4, **meta), 1.0,
-                                              1.0, False)
+    snap = torch.ops.nft_cuda.snapshot_linear(
+        torch.empty(4, 6, 3, 9, 9, **meta),
+        2,
+        torch.empty(5, 12, **meta),
+        None,
+        torch.empty(2, dtype=torch.int64, **meta),
+        torch.empty(4, **meta),
+        1.0,
+        1.0,
+        False,
+    )
     assert snap.shape == (4, 6, 5)
 
 

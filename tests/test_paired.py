@@ -83,10 +83,12 @@ def test_per_instance_kl_is_the_per_chip_ekl():
     direct = (torch.xlogy(probs, probs) - torch.xlogy(probs, p_bar)).sum(-1).mean(-1)
     ref = None
     for s, fold in ((1, False), (4, True), (8, False)):
-        res = monte_carlo(model, loader, [var], 10, seed=SEED, instances_per_pass=s, fold=fold, progress=False,
-                          per_instance_kl=True)[0]
-        torch.testing.assert_close(torch.tensor(res["per_instance_kl"], dtype=torch.float64), direct,
-                                   rtol=1e-5, atol=1e-7)
+        res = monte_carlo(
+            model, loader, [var], 10, seed=SEED, instances_per_pass=s, fold=fold, progress=False, per_instance_kl=True
+        )[0]
+        torch.testing.assert_close(
+            torch.tensor(res["per_instance_kl"], dtype=torch.float64), direct, rtol=1e-5, atol=1e-7
+        )
         assert math.fsum(res["per_instance_kl"]) / 10 == pytest.approx(res["ekl"], rel=1e-12)
         ref = ref or res
         assert res == ref, (s, fold)
@@ -117,8 +119,22 @@ def _checkpoints(tmp_path, monkeypatch, shift=0.05):
 def test_eval_checkpoints_with_baseline(tmp_path, monkeypatch):
     paths = _checkpoints(tmp_path, monkeypatch)
     out = {k: str(tmp_path / f"r.{k}") for k in ("json", "csv", "png")}
-    report = eval_checkpoints(paths[::-1], [0.0, 0.3], "RRAM1", 24, 7, None, out["json"], out["csv"], out["png"],
-                              4, "cpu", False, batch_size=16, baseline=paths[0])
+    report = eval_checkpoints(
+        paths[::-1],
+        [0.0, 0.3],
+        "RRAM1",
+        24,
+        7,
+        None,
+        out["json"],
+        out["csv"],
+        out["png"],
+        4,
+        "cpu",
+        False,
+        batch_size=16,
+        baseline=paths[0],
+    )
     assert report["baseline"] == "a" and [r["checkpoint"] for r in report["results"]] == ["b", "b", "a", "a"]
     results = {(r["checkpoint"], r["sigma"]): r for r in report["results"]}
     assert [(p["checkpoint"], p["sigma"]) for p in report["paired"]] == [("b", 0.0), ("b", 0.3)]
@@ -139,7 +155,7 @@ def test_eval_checkpoints_with_baseline(tmp_path, monkeypatch):
         assert json.load(f)["paired"] == json.loads(json.dumps(report["paired"]))
     with open(out["csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0])[-len(PAIRED_COLUMNS):] == list(PAIRED_COLUMNS)
+    assert list(rows[0])[-len(PAIRED_COLUMNS) :] == list(PAIRED_COLUMNS)
     assert [r["baseline"] for r in rows] == ["a", "a", "", ""]
     assert float(rows[1]["accuracy_difference_ci95"]) == noisy["accuracy_difference_ci95"]
     assert rows[1]["accuracy_verdict"] == noisy["accuracy_verdict"]
@@ -164,14 +180,34 @@ def test_baseline_refusals(tmp_path, monkeypatch):
         eval_checkpoints([paths[0], fefet], [0.2], runs=2, device="cpu", progress=False, baseline="a")
     half = nft_cuda.convert(build_model("small", in_channels=1, num_classes=10, width=0.5), nft_cuda.Variation(0.1))
     narrow = str(tmp_path / "narrow.pt")
-    save_model(narrow, half, spec={**SPEC, "width": 0.5}, variation=nft_cuda.Variation(0.1),
-               meta={"dataset": "embedded"})
+    save_model(
+        narrow, half, spec={**SPEC, "width": 0.5}, variation=nft_cuda.Variation(0.1), meta={"dataset": "embedded"}
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         eval_checkpoints([paths[0], narrow], [0.2], runs=2, device="cpu", progress=False, baseline="a")
     assert any("different noisy layers" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="different runs"):
-        compare([{"checkpoint": "a", "sigma": 0.1, "device_model": "RRAM1", "runs": 2, "seed": 0, "num_inputs": 4,
-                  "per_instance_accuracy": [0.5, 0.5]},
-                 {"checkpoint": "b", "sigma": 0.1, "device_model": "RRAM1", "runs": 3, "seed": 0, "num_inputs": 4,
-                  "per_instance_accuracy": [0.5, 0.5, 0.5]}], "a")
+        compare(
+            [
+                {
+                    "checkpoint": "a",
+                    "sigma": 0.1,
+                    "device_model": "RRAM1",
+                    "runs": 2,
+                    "seed": 0,
+                    "num_inputs": 4,
+                    "per_instance_accuracy": [0.5, 0.5],
+                },
+                {
+                    "checkpoint": "b",
+                    "sigma": 0.1,
+                    "device_model": "RRAM1",
+                    "runs": 3,
+                    "seed": 0,
+                    "num_inputs": 4,
+                    "per_instance_accuracy": [0.5, 0.5, 0.5],
+                },
+            ],
+            "a",
+        )

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, PRESET_FACTORS, band_mask, normal64, sigma_w64, ulp
 
 from nft_cuda import Variation, _ext, ops, reference
 
-from conftest import FLOAT_DTYPES, PRESET_FACTORS, band_mask, normal64, sigma_w64, ulp
-
 BACKENDS = ["kernel", "reference"]
 HALF_TYPES = (torch.float16, torch.bfloat16)
-INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
+INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 needs_c = pytest.mark.skipif(not _ext.HAS_C, reason="compiled extension not loaded")
 
@@ -207,8 +210,7 @@ def test_non_contiguous_rng_and_sigmas(device):
     b = ops.perturb(w, v, rng=rng_view.contiguous(), samples=2)
     assert torch.equal(a, b), "non-contiguous rng tensor gives different noise"
     raw = torch.ops.nft_cuda.perturb(w, rng_view, sig_holder[::2], v.scale, v.state_factor)
-    raw_c = torch.ops.nft_cuda.perturb(w, rng_view.contiguous(), sig_holder[::2].contiguous(), v.scale,
-                                       v.state_factor)
+    raw_c = torch.ops.nft_cuda.perturb(w, rng_view.contiguous(), sig_holder[::2].contiguous(), v.scale, v.state_factor)
     assert torch.equal(raw, raw_c), "raw op: non-contiguous rng/sigmas give different noise"
     assert_matches_oracle(a, w, v, 12345, 678, 2)
 
@@ -289,9 +291,20 @@ def _edge_weights(dtype):
         return torch.nextafter(torch.tensor(x, dtype=step), torch.tensor(toward, dtype=step)).item()
 
     pattern = [
-        (1.0, False), (0.25, False), (0.75, False), (-0.25, False), (-0.75, False),
-        (nx(0.25, 1.0), True), (nx(0.75, 0.0), True), (-nx(0.25, 1.0), True), (-nx(0.75, 0.0), True),
-        (nx(0.25, 0.0), False), (nx(0.75, 1.0), False), (0.5, True), (0.1, False), (0.9, False),
+        (1.0, False),
+        (0.25, False),
+        (0.75, False),
+        (-0.25, False),
+        (-0.75, False),
+        (nx(0.25, 1.0), True),
+        (nx(0.75, 0.0), True),
+        (-nx(0.25, 1.0), True),
+        (-nx(0.75, 0.0), True),
+        (nx(0.25, 0.0), False),
+        (nx(0.75, 1.0), False),
+        (0.5, True),
+        (0.1, False),
+        (0.9, False),
     ]
     vals = [p[0] for p in pattern] * 12
     inside = [p[1] for p in pattern] * 12
@@ -375,16 +388,20 @@ def test_no_grad_output_when_weight_does_not_require_grad(device):
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize(
     "shape,dtype,samples",
-    [((5,), torch.float32, 1), ((7, 13), torch.float32, 3), ((4, 3, 2, 2), torch.bfloat16, 2),
-     ((9, 2), torch.float64, 5), ((6, 6), torch.float16, 2)],
+    [
+        ((5,), torch.float32, 1),
+        ((7, 13), torch.float32, 3),
+        ((4, 3, 2, 2), torch.bfloat16, 2),
+        ((9, 2), torch.float64, 5),
+        ((6, 6), torch.float16, 2),
+    ],
     ids=str,
 )
 def test_opcheck_perturb(shape, dtype, samples, requires_grad, device):
     w = random_weight(shape, dtype, device).requires_grad_(requires_grad)
     v = Variation(0.1, "FeFET2")
     sig = torch.linspace(0.0, 0.2, samples, device=device)
-    torch.library.opcheck(torch.ops.nft_cuda.perturb.default, (w, make_rng(3, 4, device), sig, v.scale,
-                                                               v.state_factor))
+    torch.library.opcheck(torch.ops.nft_cuda.perturb.default, (w, make_rng(3, 4, device), sig, v.scale, v.state_factor))
 
 
 @needs_c
@@ -448,8 +465,10 @@ def test_int_seed_offset_equals_rng_tensor(device):
     w = random_weight((13, 7), torch.float32, device)
     v = Variation(0.1, "FeFET6")
     for seed, offset in [(0, 0), (2**63 - 1, 2**63 - 1), (123, 2**40)]:
-        assert torch.equal(ops.perturb(w, v, seed=seed, offset=offset, samples=2),
-                           ops.perturb(w, v, rng=make_rng(seed, offset, device), samples=2))
+        assert torch.equal(
+            ops.perturb(w, v, seed=seed, offset=offset, samples=2),
+            ops.perturb(w, v, rng=make_rng(seed, offset, device), samples=2),
+        )
     # offset defaults to 0 when only seed is given
     assert torch.equal(ops.perturb(w, v, seed=5), ops.perturb(w, v, rng=make_rng(5, 0, device)))
 

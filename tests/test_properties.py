@@ -62,7 +62,8 @@ LINEAR_MODES = {
 seeds = st.one_of(st.integers(0, U63 - 1), st.integers(U63 - 8, U63 - 1), st.integers(0, 3))
 #: σ_d in [0, 0.5], exactly 0 now and then.
 sigma_values = st.tuples(st.integers(0, 9), st.floats(1e-4, 0.5, allow_nan=False, allow_infinity=False)).map(
-    lambda t: 0.0 if t[0] == 5 else t[1])
+    lambda t: 0.0 if t[0] == 5 else t[1]
+)
 presets = st.sampled_from(sorted(PRESETS))
 dtypes = st.sampled_from(DTYPES)
 
@@ -85,11 +86,20 @@ def shapes(draw, min_dims=1, max_dims=4, max_size=MAX_SIZE, max_numel=MAX_NUMEL)
 def tensors(draw, shape, dtype):
     """A CPU tensor of logical ``shape`` and ``dtype`` in one of several layouts (a recipe, built later)."""
     ndim = len(shape)
-    layouts = ["contiguous", "sliced", "expanded"] + (["transposed"] if ndim >= 2 else []) + \
-        (["channels_last"] if ndim == 4 else [])
+    layouts = (
+        ["contiguous", "sliced", "expanded"]
+        + (["transposed"] if ndim >= 2 else [])
+        + (["channels_last"] if ndim == 4 else [])
+    )
     layout = draw(st.sampled_from(layouts))
-    recipe = {"shape": tuple(shape), "dtype": dtype, "layout": layout, "seed": draw(st.integers(0, 2**32 - 1)),
-              "scale": draw(st.sampled_from([1e-3, 1.0, 50.0])), "zeros": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0]))}
+    recipe = {
+        "shape": tuple(shape),
+        "dtype": dtype,
+        "layout": layout,
+        "seed": draw(st.integers(0, 2**32 - 1)),
+        "scale": draw(st.sampled_from([1e-3, 1.0, 50.0])),
+        "zeros": draw(st.sampled_from([0.0, 0.0, 0.3, 1.0])),
+    }
     if layout == "transposed":
         i = draw(st.integers(0, ndim - 2))
         recipe["dims"] = (i, draw(st.integers(i + 1, ndim - 1)))
@@ -155,9 +165,13 @@ def devices():
 
 @devices()
 @settings(max_examples=150, **PROFILE)
-@given(lead=shapes(min_dims=0, max_dims=3, max_numel=1250), word_seed=st.integers(0, 2**32 - 1),
-       extremes=st.booleans(), key=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
-       strided=st.booleans())
+@given(
+    lead=shapes(min_dims=0, max_dims=3, max_numel=1250),
+    word_seed=st.integers(0, 2**32 - 1),
+    extremes=st.booleans(),
+    key=st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)),
+    strided=st.booleans(),
+)
 def test_philox_words_bit_identical(device, lead, word_seed, extremes, key, strided):
     g = torch.Generator().manual_seed(word_seed)
     shape = (*lead, 4)
@@ -215,8 +229,10 @@ def _assert_perturb_close(out, ref, weight, sw, what):
     bad = ~(err <= tol)
     if bad.any():
         i = bad.flatten().nonzero()[0].item()
-        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at flat index {i}: "
-                             f"{o.flatten()[i].item()!r} vs {r.flatten()[i].item()!r}, tol {tol.flatten()[i].item():.3g}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; first at flat index {i}: "
+            f"{o.flatten()[i].item()!r} vs {r.flatten()[i].item()!r}, tol {tol.flatten()[i].item():.3g}"
+        )
 
 
 @devices()
@@ -236,7 +252,7 @@ def test_perturb_matches_twin(device, case):
     out = torch.ops.nft_cuda.perturb(w, r.to(device), sig.to(device), v.scale, v.state_factor)
     _assert_perturb_close(out, ref, w_cpu, sw, f"{device} kernel vs twin")
     # σ_w = 0 (σ_d = 0 or max|W| = 0): W exactly, on both
-    exact = (sw == 0)
+    exact = sw == 0
     w_b = w_cpu.unsqueeze(0).expand_as(ref)
     assert torch.equal(out.cpu()[exact], w_b[exact]) and torch.equal(ref[exact], w_b[exact])
     # the memory layout does not matter: bit for bit the same as the contiguous copy
@@ -266,8 +282,19 @@ def linear_cases(draw):
     x_recipe["scale"] = 1.0
     bias = draw(st.booleans())
     sigmas = [draw(sigma_values) for _ in range(samples)]
-    return dict(xdt=xdt, wdt=wdt, x=x_recipe, w=w_recipe, bias=bias, seed=draw(st.integers(0, 2**32 - 1)),
-                samples=samples, shared=shared, sigmas=sigmas, preset=draw(presets), rng=(draw(seeds), draw(seeds)))
+    return dict(
+        xdt=xdt,
+        wdt=wdt,
+        x=x_recipe,
+        w=w_recipe,
+        bias=bias,
+        seed=draw(st.integers(0, 2**32 - 1)),
+        samples=samples,
+        shared=shared,
+        sigmas=sigmas,
+        preset=draw(presets),
+        rng=(draw(seeds), draw(seeds)),
+    )
 
 
 def _linear_inputs(case, device):
@@ -291,20 +318,23 @@ def test_noisy_linear_matches_twin(device, case):
     x_cpu, w_cpu, b_cpu = _linear_inputs(case, "cpu")
     ref = reference.noisy_linear(x_cpu, w_cpu, b_cpu, r, sig, v.scale, v.state_factor, case["shared"])
     x, w, b = _linear_inputs(case, device)
-    out = torch.ops.nft_cuda.noisy_linear(x, w, b, r.to(device), sig.to(device), v.scale, v.state_factor,
-                                          case["shared"], False)
+    out = torch.ops.nft_cuda.noisy_linear(
+        x, w, b, r.to(device), sig.to(device), v.scale, v.state_factor, case["shared"], False
+    )
     assert out.shape == ref.shape and out.dtype == case["xdt"]
     assert rel_err(out, ref) <= tol, f"{device}: rel err {rel_err(out, ref):.3g} > {tol}"
     if device != "cpu":
-        cpu_kernel = torch.ops.nft_cuda.noisy_linear(x_cpu, w_cpu, b_cpu, r, sig, v.scale, v.state_factor,
-                                                     case["shared"], False)
+        cpu_kernel = torch.ops.nft_cuda.noisy_linear(
+            x_cpu, w_cpu, b_cpu, r, sig, v.scale, v.state_factor, case["shared"], False
+        )
         assert rel_err(out, cpu_kernel) <= tol
 
     # the input gradient: dX = dY · W_noisy (summed over samples when x is shared)
     g = torch.Generator().manual_seed(case["seed"] + 1)
     grad_cpu = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(case["xdt"])
     want = reference.noisy_linear_backward_input(grad_cpu, w_cpu, r, sig, v.scale, v.state_factor, case["shared"])
-    got = torch.ops.nft_cuda._noisy_linear_backward_input(grad_cpu.to(device), w, r.to(device), sig.to(device),
-                                                          v.scale, v.state_factor, case["shared"], False)
+    got = torch.ops.nft_cuda._noisy_linear_backward_input(
+        grad_cpu.to(device), w, r.to(device), sig.to(device), v.scale, v.state_factor, case["shared"], False
+    )
     assert got.shape == want.shape == x_cpu.shape
     assert rel_err(got, want) <= tol, f"{device} dX: rel err {rel_err(got, want):.3g} > {tol}"

@@ -56,8 +56,19 @@ def ptx(tmp_path_factory) -> dict[str, str]:
     src = d / "probe.cu"
     src.write_text(PROBE)
     out = d / "probe.ptx"
-    cmd = [nvcc, "-std=c++17", "-arch=sm_90", "-O3", "-ptx", f"-I{CSRC}", f"-I{os.path.join(CSRC, 'include')}",
-           f"-I{include_paths()[0]}", str(src), "-o", str(out)]
+    cmd = [
+        nvcc,
+        "-std=c++17",
+        "-arch=sm_90",
+        "-O3",
+        "-ptx",
+        f"-I{CSRC}",
+        f"-I{os.path.join(CSRC, 'include')}",
+        f"-I{include_paths()[0]}",
+        str(src),
+        "-o",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     bodies: dict[str, str] = {}

@@ -57,8 +57,10 @@ def test_mode_off_is_the_digital_module_and_every_matrix_is_a_crossbar(case):
     assert not summary.digital and summary.noisy_params == sum(getattr(plain, n).numel() for n in names)
     got = layer(x)
     assert torch.equal(got[0], expected[0])
-    assert all(torch.equal(a, b) for a, b in zip(torch.utils._pytree.tree_leaves(got[1]),
-                                                 torch.utils._pytree.tree_leaves(expected[1])))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(torch.utils._pytree.tree_leaves(got[1]), torch.utils._pytree.tree_leaves(expected[1]))
+    )
     stripped = nft_cuda.strip(layer)
     assert type(stripped) is type(plain) and torch.equal(stripped(x)[0], expected[0])
 
@@ -157,7 +159,7 @@ def test_sample_axis_chunk_t_is_chip_first_plus_t(batch_first, draw):
             folded = model(x.repeat(3, 1, 1))
         for t in range(3):
             nft_cuda.set_instance(model, seed=3, instance=10 + t)
-            assert torch.equal(folded[2 * t:2 * t + 2], model(x)), t
+            assert torch.equal(folded[2 * t : 2 * t + 2], model(x)), t
 
 
 def test_packed_sequences_run_noisy_with_one_sample():

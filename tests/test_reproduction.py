@@ -28,15 +28,46 @@ def study(monkeypatch):
 
 
 def _micro_config(**over) -> dict:
-    cfg = {"model": "small", "width": 0.5, "epochs": 1, "batch_size": 64, "lr": 1e-3, "limit_train": 192,
-           "test_images": 48, "runs": 3, "instances_per_pass": 2, "eval_seed": 5, "device": "cpu", "clean_seed": 0,
-           "groups": [
-               {"name": "sweep", "datasets": ["embedded"], "sigmas": [0.2, 0.3], "device_model": "RRAM1",
-                "methods": ["noise", "ovf", "irs"], "seeds": [0]},
-               {"name": "preset", "datasets": ["embedded"], "sigmas": [0.3], "device_model": "FeFET2",
-                "methods": ["noise"], "seeds": [0]},
-               {"name": "seed", "datasets": ["embedded"], "sigmas": [0.3], "device_model": "RRAM1",
-                "methods": ["noise"], "seeds": [1]}]}
+    cfg = {
+        "model": "small",
+        "width": 0.5,
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "limit_train": 192,
+        "test_images": 48,
+        "runs": 3,
+        "instances_per_pass": 2,
+        "eval_seed": 5,
+        "device": "cpu",
+        "clean_seed": 0,
+        "groups": [
+            {
+                "name": "sweep",
+                "datasets": ["embedded"],
+                "sigmas": [0.2, 0.3],
+                "device_model": "RRAM1",
+                "methods": ["noise", "ovf", "irs"],
+                "seeds": [0],
+            },
+            {
+                "name": "preset",
+                "datasets": ["embedded"],
+                "sigmas": [0.3],
+                "device_model": "FeFET2",
+                "methods": ["noise"],
+                "seeds": [0],
+            },
+            {
+                "name": "seed",
+                "datasets": ["embedded"],
+                "sigmas": [0.3],
+                "device_model": "RRAM1",
+                "methods": ["noise"],
+                "seeds": [1],
+            },
+        ],
+    }
     cfg.update(over)
     return cfg
 
@@ -45,8 +76,9 @@ def test_committed_tables_recompute_from_committed_json(study):
     results = json.loads(RESULTS.read_text())
     text = DOC.read_text()
     block = text.split(study.BEGIN, 1)[1].split(study.END, 1)[0]
-    assert block.strip() == study.render_tables(results).strip(), \
+    assert block.strip() == study.render_tables(results).strip(), (
         "docs/reproduction.md is stale: run `python -m studies.reproduce report`"
+    )
 
 
 def test_committed_json_is_consistent(study):
@@ -82,8 +114,11 @@ def test_committed_config_plan(study):
     # the clean model of each dataset is swept over every (σ_d, preset) of its dataset
     for c in clean:
         points = {(e["sigma"], e["device_model"]) for e in evals if e["model"] == c["name"]}
-        want = {(t["sigma"], t["device_model"]) for t in trainings
-                if t["method"] != "clean" and t["dataset"] == c["dataset"]}
+        want = {
+            (t["sigma"], t["device_model"])
+            for t in trainings
+            if t["method"] != "clean" and t["dataset"] == c["dataset"]
+        }
         assert points == want
     study.load_config(ROOT / "studies" / "full_scale.json")  # the GPU config is valid too
 

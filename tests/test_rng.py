@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import normal64
 
 import nft_cuda
 from nft_cuda import _ext, reference, rng
-
-from conftest import normal64
 
 KAT = [
     # (counter, key, expected words): Random123 known-answer vectors for philox4x32_10.

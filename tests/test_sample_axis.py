@@ -3,8 +3,6 @@ one-sample forwards on streams offset + t, values, gradients and BatchNorm stati
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -17,8 +15,9 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 
 def _model(v):
     torch.manual_seed(3)
-    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                      nn.Linear(4 * 5 * 5, 6))
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6)
+    )
     return nft_cuda.convert(m, v)
 
 
@@ -44,7 +43,7 @@ def test_batched_equals_sequential(samples):
     outs = []
     for t in range(samples):
         rng_t = torch.stack((rng[0], rng[1] + t))
-        with sample_plan(b, _plans(b, rng_t, sigmas[t:t + 1]), 1):
+        with sample_plan(b, _plans(b, rng_t, sigmas[t : t + 1]), 1):
             outs.append(b(xb))
     torch.cat(outs).square().sum().backward()
 
@@ -68,7 +67,7 @@ def test_chunk_noise_is_perturb_stream():
         out = layer(torch.cat([x, x]))
     w = nft_cuda.ops.perturb(layer.weight.detach(), v, rng=rng, samples=2, sigmas=sigmas)
     for t in range(2):
-        torch.testing.assert_close(out[4 * t:4 * t + 4], x @ w[t].T + layer.bias.detach(), **TOL)
+        torch.testing.assert_close(out[4 * t : 4 * t + 4], x @ w[t].T + layer.bias.detach(), **TOL)
 
 
 def test_plan_restored_and_bn_unpatched():

@@ -76,8 +76,9 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("direction", ["Lb0ELb0E", "Lb1ELb0E", "Lb0ELb1E"],
-                         ids=["forward", "backward_input", "snapshot_forward"])
+@pytest.mark.parametrize(
+    "direction", ["Lb0ELb0E", "Lb1ELb0E", "Lb0ELb1E"], ids=["forward", "backward_input", "snapshot_forward"]
+)
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_fused_kernels_use_tensor_cores_and_no_local_memory(variant, direction):
     if not _ext.HAS_C:
@@ -97,8 +98,7 @@ def _resource_usage(tool: str) -> dict[str, dict[str, int]]:
     """cuobjdump -res-usage of the extension: {function: {"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..}}."""
     libs = glob.glob(os.path.join(os.path.dirname(nft_cuda.__file__), "_C*.so"))
     assert libs, "compiled extension not found next to the package"
-    out = subprocess.run([tool, "-res-usage", libs[0]], capture_output=True, text=True, timeout=300,
-                         check=True).stdout
+    out = subprocess.run([tool, "-res-usage", libs[0]], capture_output=True, text=True, timeout=300, check=True).stdout
     usage: dict[str, dict[str, int]] = {}
     current = None
     for line in out.splitlines():

@@ -22,8 +22,14 @@ from nft_cuda import Variation, convert, noise_mode
 from nft_cuda.io import load_model, safe_load
 from nft_cuda.models import IRS_TAPS, BasicBlock, build_model
 from nft_cuda.train import OVF, IRSModel, build_method, nft_loss
-from nft_cuda.train.trainer import (CheckpointError, CheckpointWarning, TrainConfig, export_backbone,
-                                    read_checkpoint, train)
+from nft_cuda.train.trainer import (
+    CheckpointError,
+    CheckpointWarning,
+    TrainConfig,
+    export_backbone,
+    read_checkpoint,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(limit_train=64, limit_eval=32, batch_size=32)
@@ -180,10 +186,12 @@ def test_irs_hooks_capture_tapped_activations_and_export_drops_heads():
     handles = []
     modules = dict(model.backbone.named_modules())
     for name in taps:
-        handles.append(modules[name].register_forward_hook(
-            lambda m, i, o, name=name: mine.__setitem__(name, o.detach().clone())))
-        handles.append(model.heads[name].register_forward_pre_hook(
-            lambda m, i, name=name: head_inputs.__setitem__(name, i[0])))
+        handles.append(
+            modules[name].register_forward_hook(lambda m, i, o, name=name: mine.__setitem__(name, o.detach().clone()))
+        )
+        handles.append(
+            model.heads[name].register_forward_pre_hook(lambda m, i, name=name: head_inputs.__setitem__(name, i[0]))
+        )
     model.eval()
     with noise_mode(model, "off"):
         logits, heads = model(x)
@@ -318,8 +326,10 @@ def test_resume_is_bit_identical(tmp_path, method):
     for k in a["optimizer"]["state"]:
         _assert_states_equal(a["optimizer"]["state"][k], b["optimizer"]["state"][k])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    _assert_states_equal(safe_load(str(tmp_path / "full" / "model.pt"))["state_dict"],
-                         safe_load(str(tmp_path / "part" / "model.pt"))["state_dict"])
+    _assert_states_equal(
+        safe_load(str(tmp_path / "full" / "model.pt"))["state_dict"],
+        safe_load(str(tmp_path / "part" / "model.pt"))["state_dict"],
+    )
     assert (full["test_acc_clean"], full["test_acc_noisy"]) == (resumed["test_acc_clean"], resumed["test_acc_noisy"])
     assert [r["train_loss"] for r in full["history"]] == [r["train_loss"] for r in resumed["history"]]
     assert len((tmp_path / "part" / "metrics.jsonl").read_text().splitlines()) == 2
@@ -417,8 +427,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"the training process ended early (rc {proc.returncode}): "
-                                 f"{proc.stderr.read().decode(errors='replace')}")
+            raise AssertionError(
+                f"the training process ended early (rc {proc.returncode}): "
+                f"{proc.stderr.read().decode(errors='replace')}"
+            )
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"{path} did not appear within {timeout} s")
@@ -428,8 +440,21 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.0) -> Non
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     out = tmp_path / "killed"
-    args = ["--method", "irs", "--epochs", "3", "--limit-train", "640", "--limit-eval", "32", "--batch-size", "32",
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "--method",
+        "irs",
+        "--epochs",
+        "3",
+        "--limit-train",
+        "640",
+        "--limit-eval",
+        "32",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     cmd = [sys.executable, "-m", "nft_cuda", "train", *args, "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -443,12 +468,24 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     done = safe_load(str(out / "checkpoint.pt"))["epoch"]
     assert 1 <= done < 3
 
-    resume = subprocess.run([sys.executable, "-m", "nft_cuda", "train", "--out", str(out), "--resume",
-                             "--no-progress"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    resume = subprocess.run(
+        [sys.executable, "-m", "nft_cuda", "train", "--out", str(out), "--resume", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resume.returncode == 0, resume.stderr
     assert f"resuming {out} at epoch {done + 1}/3" in resume.stdout
 
-    reference = TrainConfig(method="irs", epochs=3, limit_train=640, limit_eval=32, batch_size=32, device="cpu",
-                            out=str(tmp_path / "reference"))
+    reference = TrainConfig(
+        method="irs",
+        epochs=3,
+        limit_train=640,
+        limit_eval=32,
+        batch_size=32,
+        device="cpu",
+        out=str(tmp_path / "reference"),
+    )
     train(reference, progress=False, log=None)
     _assert_states_equal(_final_state(tmp_path / "reference")["model"], _final_state(out)["model"])

@@ -19,11 +19,21 @@ import torch.distributed as dist
 
 from nft_cuda.io import load_model
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is needed")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is needed"
+)
 
-_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
-                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+_TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+)
 
 
 def _env() -> dict:
@@ -40,8 +50,24 @@ def _torchrun(*args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def _train(method: str, out: Path) -> subprocess.CompletedProcess:
-    return _torchrun("-m", "nft_cuda", "train", "--method", method, "--epochs", "1", "--limit-train", "256",
-                     "--limit-eval", "128", "--no-progress", "--out", str(out), "--device", "cpu")
+    return _torchrun(
+        "-m",
+        "nft_cuda",
+        "train",
+        "--method",
+        method,
+        "--epochs",
+        "1",
+        "--limit-train",
+        "256",
+        "--limit-eval",
+        "128",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    )
 
 
 def _weights(path: Path) -> dict:

@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, PRESET_FACTORS
 
 import nft_cuda
 from nft_cuda import Variation
-
-from conftest import FLOAT_DTYPES, PRESET_FACTORS
 
 
 def _nextafter(x: float, toward: float, dtype: torch.dtype) -> float:
@@ -53,8 +52,13 @@ def test_scale_rram1_value():
 
 @pytest.mark.parametrize(
     "wb,db,ratio",
-    [(8, 2, math.sqrt(4369) / 85), (4, 1, math.sqrt(85) / 15), (8, 4, math.sqrt(257) / 17), (8, 8, 1.0),
-     (6, 2, math.sqrt(1 + 16 + 256) / (1 + 4 + 16))],
+    [
+        (8, 2, math.sqrt(4369) / 85),
+        (4, 1, math.sqrt(85) / 15),
+        (8, 4, math.sqrt(257) / 17),
+        (8, 8, 1.0),
+        (6, 2, math.sqrt(1 + 16 + 256) / (1 + 4 + 16)),
+    ],
 )
 def test_scale_other_bit_widths(wb, db, ratio):
     for name, s in PRESET_FACTORS.items():
@@ -82,8 +86,14 @@ def test_with_sigma_returns_new_value():
 
 @pytest.mark.parametrize(
     "given,canonical",
-    [("rram1", "RRAM1"), ("RRAM1", "RRAM1"), ("fefet2", "FeFET2"), ("FEFET2", "FeFET2"), ("Rram4", "RRAM4"),
-     ("fEfEt6", "FeFET6")],
+    [
+        ("rram1", "RRAM1"),
+        ("RRAM1", "RRAM1"),
+        ("fefet2", "FeFET2"),
+        ("FEFET2", "FeFET2"),
+        ("Rram4", "RRAM4"),
+        ("fEfEt6", "FeFET6"),
+    ],
 )
 def test_preset_names_case_insensitive(given, canonical):
     v = Variation(0.1, given)
@@ -136,8 +146,16 @@ def test_weight_bits_not_multiple(wb, db):
         Variation(0.1, weight_bits=wb, device_bits=db)
 
 
-@pytest.mark.parametrize("kw", [dict(weight_bits=8.0), dict(device_bits=2.0), dict(weight_bits="8"),
-                                dict(device_bits=None), dict(weight_bits=True)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(weight_bits=8.0),
+        dict(device_bits=2.0),
+        dict(weight_bits="8"),
+        dict(device_bits=None),
+        dict(weight_bits=True),
+    ],
+)
 def test_bits_not_int(kw):
     name = next(iter(kw))
     with pytest.raises(TypeError, match=name):

@@ -63,8 +63,11 @@ def write_npz_reproducible(path: Path, arrays: dict) -> bytes:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=str(ROOT / "data"),
-                    help="folder holding fashion-mnist/ (default: ./data of the repository)")
+    ap.add_argument(
+        "--data-dir",
+        default=str(ROOT / "data"),
+        help="folder holding fashion-mnist/ (default: ./data of the repository)",
+    )
     ap.add_argument("--train-per-class", type=int, default=600)
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--out", default=str(ROOT / "nft_cuda" / "data" / "embedded" / "fashion_mnist_slice.npz"))

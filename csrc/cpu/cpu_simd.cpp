@@ -54,14 +54,17 @@ void perturb_f32_scalar(const float* w, float* o, const float* z, int64_t count,
   band.t_hi = t_hi;
   band.sigma_base = sigma_base;
   band.sigma_in = sigma_in;
-  for (int64_t i = 0; i < count; ++i) o[i] = add_noise<float>(w[i], sigma_w(band, std::fabs(w[i])), z[i]);
+  for (int64_t i = 0; i < count; ++i)
+    o[i] = add_noise<float>(w[i], sigma_w(band, std::fabs(w[i])), z[i]);
 }
 
 float max_abs_f32_scalar(const float* w, int64_t n, float acc) {
   for (int64_t i = 0; i < n; ++i) {
-    if (std::isnan(acc)) return acc;
+    if (std::isnan(acc))
+      return acc;
     const float a = std::fabs(w[i]);
-    if (std::isnan(a)) return a;
+    if (std::isnan(a))
+      return a;
     acc = a > acc ? a : acc;
   }
   return acc;
@@ -87,7 +90,7 @@ namespace {
 
 // hi/lo 32 bits of the eight products m * a (m broadcast): vpmuludq on the even and odd lanes.
 NFT_AVX2_INLINE void mulhilo8(__m256i m, __m256i a, __m256i& hi, __m256i& lo) {
-  const __m256i pe = _mm256_mul_epu32(a, m);                        // lanes 0,2,4,6 as 64-bit products
+  const __m256i pe = _mm256_mul_epu32(a, m);                         // lanes 0,2,4,6 as 64-bit products
   const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1,3,5,7
   lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
   hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
@@ -138,7 +141,8 @@ NFT_AVX2_INLINE __m256 log8(__m256 u) {
   const __m256 x = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
   const __m256 z = _mm256_mul_ps(x, x);
   __m256 p = _mm256_set1_ps(poly::kLogP[0]);
-  for (int i = 1; i < poly::kLogTerms; ++i) p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(poly::kLogP[i]));
+  for (int i = 1; i < poly::kLogTerms; ++i)
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(poly::kLogP[i]));
   __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, x), z);
   y = _mm256_fmadd_ps(fe, _mm256_set1_ps(poly::kLn2Lo), y);
   y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
@@ -153,13 +157,15 @@ NFT_AVX2_INLINE void sincospi8(__m256 x, __m256& s, __m256& c) {
   const __m256 y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), j, x);  // exact
   const __m256 y2 = _mm256_mul_ps(y, y);
   __m256 sp = _mm256_set1_ps(poly::kSinPi[poly::kSinPiTerms - 1]);
-  for (int i = poly::kSinPiTerms - 2; i >= 0; --i) sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(poly::kSinPi[i]));
+  for (int i = poly::kSinPiTerms - 2; i >= 0; --i)
+    sp = _mm256_fmadd_ps(sp, y2, _mm256_set1_ps(poly::kSinPi[i]));
   sp = _mm256_mul_ps(sp, y);
   __m256 cp = _mm256_set1_ps(poly::kCosPi[poly::kCosPiTerms - 1]);
-  for (int i = poly::kCosPiTerms - 2; i >= 0; --i) cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(poly::kCosPi[i]));
+  for (int i = poly::kCosPiTerms - 2; i >= 0; --i)
+    cp = _mm256_fmadd_ps(cp, y2, _mm256_set1_ps(poly::kCosPi[i]));
   const __m256i q = _mm256_cvtps_epi32(j);  // j is an integer in [0, 4]
-  const __m256 swap = _mm256_castsi256_ps(
-      _mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
+  const __m256 swap =
+      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(1)));
   const __m256i two = _mm256_set1_epi32(2);
   const __m256 s_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, two), 30));
   const __m256 c_sign =
@@ -211,7 +217,8 @@ NFT_AVX2_INLINE void normals8(uint64_t seed, uint64_t stream, uint64_t q0, float
 
 NFT_AVX2 void normals_avx2(uint64_t seed, uint64_t stream, uint64_t q0, int64_t nblocks, float* z) {
   int64_t i = 0;
-  for (; i + 8 <= nblocks; i += 8) normals8(seed, stream, q0 + static_cast<uint64_t>(i), z + 4 * i);
+  for (; i + 8 <= nblocks; i += 8)
+    normals8(seed, stream, q0 + static_cast<uint64_t>(i), z + 4 * i);
   if (i < nblocks) {  // a partial group: the same eight-lane code, only the needed blocks kept
     alignas(32) float tmp[32];
     normals8(seed, stream, q0 + static_cast<uint64_t>(i), tmp);
@@ -261,10 +268,12 @@ NFT_AVX2 float max_abs_f32_avx2(const float* w, int64_t n, float acc) {
     nan0 = _mm256_or_ps(nan0, _mm256_cmp_ps(a0, a0, _CMP_UNORD_Q));
     nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(a1, a1, _CMP_UNORD_Q));
   }
-  if (_mm256_movemask_ps(_mm256_or_ps(nan0, nan1)) != 0) return max_abs_f32_scalar(w, n, acc);  // that NaN
+  if (_mm256_movemask_ps(_mm256_or_ps(nan0, nan1)) != 0)
+    return max_abs_f32_scalar(w, n, acc);  // that NaN
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_max_ps(m0, m1));
-  for (int l = 0; l < 8; ++l) acc = max_abs_f32_scalar(lanes + l, 1, acc);
+  for (int l = 0; l < 8; ++l)
+    acc = max_abs_f32_scalar(lanes + l, 1, acc);
   return max_abs_f32_scalar(w + i, n - i, acc);
 }
 
@@ -320,7 +329,8 @@ NFT_AVX512_INLINE __m512 log16(__m512 u) {
   const __m512 x = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
   const __m512 z = _mm512_mul_ps(x, x);
   __m512 p = _mm512_set1_ps(poly::kLogP[0]);
-  for (int i = 1; i < poly::kLogTerms; ++i) p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(poly::kLogP[i]));
+  for (int i = 1; i < poly::kLogTerms; ++i)
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(poly::kLogP[i]));
   __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, x), z);
   y = _mm512_fmadd_ps(fe, _mm512_set1_ps(poly::kLn2Lo), y);
   y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
@@ -333,10 +343,12 @@ NFT_AVX512_INLINE void sincospi16(__m512 x, __m512& s, __m512& c) {
   const __m512 y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), j, x);
   const __m512 y2 = _mm512_mul_ps(y, y);
   __m512 sp = _mm512_set1_ps(poly::kSinPi[poly::kSinPiTerms - 1]);
-  for (int i = poly::kSinPiTerms - 2; i >= 0; --i) sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(poly::kSinPi[i]));
+  for (int i = poly::kSinPiTerms - 2; i >= 0; --i)
+    sp = _mm512_fmadd_ps(sp, y2, _mm512_set1_ps(poly::kSinPi[i]));
   sp = _mm512_mul_ps(sp, y);
   __m512 cp = _mm512_set1_ps(poly::kCosPi[poly::kCosPiTerms - 1]);
-  for (int i = poly::kCosPiTerms - 2; i >= 0; --i) cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(poly::kCosPi[i]));
+  for (int i = poly::kCosPiTerms - 2; i >= 0; --i)
+    cp = _mm512_fmadd_ps(cp, y2, _mm512_set1_ps(poly::kCosPi[i]));
   const __m512i q = _mm512_cvtps_epi32(j);
   const __mmask16 swap = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1));
   const __m512i two = _mm512_set1_epi32(2);
@@ -380,19 +392,20 @@ NFT_AVX512_INLINE void normals16(uint64_t seed, uint64_t stream, uint64_t q0, fl
   const __m512 r1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t0), _mm512_castps_pd(t2)));  // 1|5|9|13
   const __m512 r2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 2|6|10|14
   const __m512 r3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t1), _mm512_castps_pd(t3)));  // 3|7|11|15
-  const __m512 a = _mm512_shuffle_f32x4(r0, r1, 0x44);  // 0 4 1 5
-  const __m512 b = _mm512_shuffle_f32x4(r2, r3, 0x44);  // 2 6 3 7
-  const __m512 cc = _mm512_shuffle_f32x4(r0, r1, 0xEE);  // 8 12 9 13
-  const __m512 d = _mm512_shuffle_f32x4(r2, r3, 0xEE);  // 10 14 11 15
-  _mm512_storeu_ps(z + 0, _mm512_shuffle_f32x4(a, b, 0x88));   // 0 1 2 3
-  _mm512_storeu_ps(z + 16, _mm512_shuffle_f32x4(a, b, 0xDD));  // 4 5 6 7
-  _mm512_storeu_ps(z + 32, _mm512_shuffle_f32x4(cc, d, 0x88));  // 8 9 10 11
-  _mm512_storeu_ps(z + 48, _mm512_shuffle_f32x4(cc, d, 0xDD));  // 12 13 14 15
+  const __m512 a = _mm512_shuffle_f32x4(r0, r1, 0x44);                                                 // 0 4 1 5
+  const __m512 b = _mm512_shuffle_f32x4(r2, r3, 0x44);                                                 // 2 6 3 7
+  const __m512 cc = _mm512_shuffle_f32x4(r0, r1, 0xEE);                                                // 8 12 9 13
+  const __m512 d = _mm512_shuffle_f32x4(r2, r3, 0xEE);                                                 // 10 14 11 15
+  _mm512_storeu_ps(z + 0, _mm512_shuffle_f32x4(a, b, 0x88));                                           // 0 1 2 3
+  _mm512_storeu_ps(z + 16, _mm512_shuffle_f32x4(a, b, 0xDD));                                          // 4 5 6 7
+  _mm512_storeu_ps(z + 32, _mm512_shuffle_f32x4(cc, d, 0x88));                                         // 8 9 10 11
+  _mm512_storeu_ps(z + 48, _mm512_shuffle_f32x4(cc, d, 0xDD));                                         // 12 13 14 15
 }
 
 NFT_AVX512 void normals_avx512(uint64_t seed, uint64_t stream, uint64_t q0, int64_t nblocks, float* z) {
   int64_t i = 0;
-  for (; i + 16 <= nblocks; i += 16) normals16(seed, stream, q0 + static_cast<uint64_t>(i), z + 4 * i);
+  for (; i + 16 <= nblocks; i += 16)
+    normals16(seed, stream, q0 + static_cast<uint64_t>(i), z + 4 * i);
   if (i < nblocks) {
     alignas(64) float tmp[64];
     normals16(seed, stream, q0 + static_cast<uint64_t>(i), tmp);
@@ -410,8 +423,8 @@ NFT_AVX512_INLINE __m512 perturb16(__m512 wv, __m512 zv, __m512 lo, __m512 hi, _
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(sw, _mm512_setzero_ps(), _CMP_NEQ_UQ), wv, noisy);
 }
 
-NFT_AVX512 void perturb_f32_avx512(const float* w, float* o, const float* z, int64_t count, float t_lo,
-                                   float t_hi, float sigma_base, float sigma_in) {
+NFT_AVX512 void perturb_f32_avx512(const float* w, float* o, const float* z, int64_t count, float t_lo, float t_hi,
+                                   float sigma_base, float sigma_in) {
   const __m512 lo = _mm512_set1_ps(t_lo), hi = _mm512_set1_ps(t_hi);
   const __m512 sb = _mm512_set1_ps(sigma_base), si = _mm512_set1_ps(sigma_in);
   int64_t i = 0;
@@ -441,21 +454,30 @@ bool simd_supported() {
 // NFT_CUDA_CPU_SIMD: unset or anything else = the widest supported path, "0" = scalar,
 // "avx2" = at most AVX2 (for comparing the widths).
 NormalsFn select_normals() {
-  if (!simd_supported() || simd_disabled_by_env()) return &normals_scalar;
+  if (!simd_supported() || simd_disabled_by_env())
+    return &normals_scalar;
   return avx512_supported() && !avx2_requested_by_env() ? &normals_avx512 : &normals_avx2;
 }
 
 F32Kernels select_f32_kernels() {
-  if (!simd_supported() || simd_disabled_by_env()) return {&perturb_f32_scalar, &max_abs_f32_scalar};
-  if (avx512_supported() && !avx2_requested_by_env()) return {&perturb_f32_avx512, &max_abs_f32_avx2};
+  if (!simd_supported() || simd_disabled_by_env())
+    return {&perturb_f32_scalar, &max_abs_f32_scalar};
+  if (avx512_supported() && !avx2_requested_by_env())
+    return {&perturb_f32_avx512, &max_abs_f32_avx2};
   return {&perturb_f32_avx2, &max_abs_f32_avx2};
 }
 
 #else  // no x86 SIMD path in this build
 
-bool simd_supported() { return false; }
-NormalsFn select_normals() { return &normals_scalar; }
-F32Kernels select_f32_kernels() { return {&perturb_f32_scalar, &max_abs_f32_scalar}; }
+bool simd_supported() {
+  return false;
+}
+NormalsFn select_normals() {
+  return &normals_scalar;
+}
+F32Kernels select_f32_kernels() {
+  return {&perturb_f32_scalar, &max_abs_f32_scalar};
+}
 
 #endif
 

@@ -22,8 +22,8 @@ at::Tensor noisy_linear_backward_input_cpu(const at::Tensor& grad, const at::Ten
 }
 
 at::Tensor snapshot_linear_cpu(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, const at::Tensor& rng, const at::Tensor& sigmas,
-                              double scale, double state_factor, bool shared_input, bool /*allow_tf32*/) {
+                               const std::optional<at::Tensor>& bias, const at::Tensor& rng, const at::Tensor& sigmas,
+                               double scale, double state_factor, bool shared_input, bool /*allow_tf32*/) {
   return snapshot_linear_materialized(act, pool, weight, bias, rng, sigmas, scale, state_factor, shared_input);
 }
 

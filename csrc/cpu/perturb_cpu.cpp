@@ -27,8 +27,10 @@ namespace nft_cuda {
 namespace {
 
 inline float nan_max(float a, float b) {
-  if (std::isnan(a)) return a;
-  if (std::isnan(b)) return b;
+  if (std::isnan(a))
+    return a;
+  if (std::isnan(b))
+    return b;
   return a > b ? a : b;
 }
 
@@ -41,7 +43,8 @@ float max_abs_cpu(const scalar_t* w, int64_t n) {
         if constexpr (std::is_same_v<scalar_t, float>) {
           return max_abs_f32(w + begin, end - begin, acc);
         } else {
-          for (int64_t i = begin; i < end; ++i) acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
+          for (int64_t i = begin; i < end; ++i)
+            acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
           return acc;
         }
       },
@@ -53,8 +56,8 @@ float max_abs_cpu(const scalar_t* w, int64_t n) {
 constexpr int64_t kChunkBlocks = 64;
 
 template <typename scalar_t>
-void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::vector<StateBand>& bands,
-                        uint64_t seed, uint64_t offset) {
+void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::vector<StateBand>& bands, uint64_t seed,
+                        uint64_t offset) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t samples = static_cast<int64_t>(bands.size());
   const int64_t nq = (n + 3) / 4;
@@ -85,8 +88,8 @@ void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::
   });
 }
 
-at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas,
-                       double scale, double state_factor) {
+at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas, double scale,
+                       double state_factor) {
   check_weight(weight, "perturb");
   check_rng(rng, weight, "perturb");
   check_sigmas(sigmas, weight, "perturb");
@@ -98,7 +101,8 @@ at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at
   std::vector<int64_t> out_shape{samples};
   out_shape.insert(out_shape.end(), w.sizes().begin(), w.sizes().end());
   at::Tensor out = at::empty(out_shape, w.options());
-  if (n == 0 || samples == 0) return out;
+  if (n == 0 || samples == 0)
+    return out;
 
   const at::Tensor rng_c = rng.contiguous();  // keep the copy alive while reading it
   const int64_t* r = rng_c.const_data_ptr<int64_t>();

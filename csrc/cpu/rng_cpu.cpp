@@ -28,9 +28,11 @@ at::Tensor philox4x32_cpu(const at::Tensor& counter, const at::Tensor& key) {
   at::parallel_for(0, rows, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       PhiloxWords in;
-      for (int j = 0; j < 4; ++j) in.x[j] = static_cast<uint32_t>(cp[4 * r + j]);
+      for (int j = 0; j < 4; ++j)
+        in.x[j] = static_cast<uint32_t>(cp[4 * r + j]);
       const PhiloxWords w = philox4x32_10(in, k0, k1);
-      for (int j = 0; j < 4; ++j) op[4 * r + j] = static_cast<int64_t>(w.x[j]);
+      for (int j = 0; j < 4; ++j)
+        op[4 * r + j] = static_cast<int64_t>(w.x[j]);
     }
   });
   return out;
@@ -51,11 +53,13 @@ at::Tensor philox_normal_cpu(const at::Tensor& rng, int64_t numel, int64_t strea
     const uint64_t stream = offset + static_cast<uint64_t>(t);
     at::parallel_for(0, nq, 2048, [&](int64_t begin, int64_t end) {
       const int64_t stop = std::min(end, full);
-      if (stop > begin) normals(seed, stream, static_cast<uint64_t>(begin), stop - begin, row + 4 * begin);
+      if (stop > begin)
+        normals(seed, stream, static_cast<uint64_t>(begin), stop - begin, row + 4 * begin);
       if (end > full) {  // this range holds the partial block q = full
         float tmp[4];
         normals(seed, stream, static_cast<uint64_t>(full), 1, tmp);
-        for (int64_t l = 0; l < numel - 4 * full; ++l) row[4 * full + l] = tmp[l];
+        for (int64_t l = 0; l < numel - 4 * full; ++l)
+          row[4 * full + l] = tmp[l];
       }
     });
   }

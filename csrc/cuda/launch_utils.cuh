@@ -14,7 +14,8 @@ inline int sm_count() {
   static int count = [] {
     int device = 0, n = 0;
     cudaGetDevice(&device);
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) n = 80;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      n = 80;
     return n;
   }();
   return count;

@@ -26,16 +26,20 @@ __global__ void __launch_bounds__(kMaxAbsThreads)
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     m = nan_max(fabsf(static_cast<float>(w[i])), m);
   }
-  for (int delta = 16; delta > 0; delta >>= 1) m = nan_max(intr::shfl_down(m, delta), m);
+  for (int delta = 16; delta > 0; delta >>= 1)
+    m = nan_max(intr::shfl_down(m, delta), m);
   __shared__ float warp_max[kMaxAbsThreads / 32];
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = m;
+  if (lane == 0)
+    warp_max[warp] = m;
   __syncthreads();
   if (warp == 0) {
     m = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
-    for (int delta = 16; delta > 0; delta >>= 1) m = nan_max(intr::shfl_down(m, delta), m);
-    if (lane == 0) intr::atomic_max_u32(result_bits, intr::float_as_uint(m));
+    for (int delta = 16; delta > 0; delta >>= 1)
+      m = nan_max(intr::shfl_down(m, delta), m);
+    if (lane == 0)
+      intr::atomic_max_u32(result_bits, intr::float_as_uint(m));
   }
 }
 

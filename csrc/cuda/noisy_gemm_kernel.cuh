@@ -50,7 +50,8 @@ inline int choose_splits(int64_t m_rows, int64_t cols, int64_t red, int64_t samp
   const GemmGrid g = gemm_grid(m_rows, cols, samples, reduce_samples, 1);
   const int64_t tiles = g.m * g.c * g.s;
   const int64_t target = 2 * static_cast<int64_t>(sm_count);
-  if (tiles <= 0 || tiles >= target) return 1;
+  if (tiles <= 0 || tiles >= target)
+    return 1;
   int64_t parts = (target + tiles - 1) / tiles;
   const int64_t by_depth = gemm_units(red, samples, reduce_samples) / kMinSplitSlices;
   parts = parts < by_depth ? parts : by_depth;
@@ -64,10 +65,10 @@ template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA
 __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict__ a, int64_t a_sample_stride,
                                           const w_t* __restrict__ w, const x_t* __restrict__ bias,
                                           x_t* __restrict__ out, float* __restrict__ partial, int64_t m_rows,
-                                          int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples,
-                                          int64_t mb, int64_t cb, int64_t sb, int part, int parts, uint64_t seed,
-                                          uint64_t offset, const float* __restrict__ sigmas, float max_abs,
-                                          float scale, float state_factor, const PoolGeom& geom) {
+                                          int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, int64_t mb,
+                                          int64_t cb, int64_t sb, int part, int parts, uint64_t seed, uint64_t offset,
+                                          const float* __restrict__ sigmas, float max_abs, float scale,
+                                          float state_factor, const PoolGeom& geom) {
   const int64_t red = kBackward ? n_w : k_w;   // reduction length
   const int64_t cols = kBackward ? k_w : n_w;  // output columns
   const int64_t m0 = mb * kBM;
@@ -83,7 +84,8 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
 #pragma unroll
     for (int ni = 0; ni < kNTiles; ++ni)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) acc[mi][ni][j] = 0.0f;
+      for (int j = 0; j < 4; ++j)
+        acc[mi][ni][j] = 0.0f;
 
   // Units u = (sample, slice) pairs in sample-major order; this part takes [u_begin, u_end).
   const int64_t s_first = reduce_samples ? 0 : sb;
@@ -109,7 +111,8 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
       // weight rows n in [c0, c0 + kBN) (output), columns k in [r0, r0 + kBK) (reduction)
       load_noisy_w_tile<Op, w_t, kBN, kBK, false>(smem, w, n_w, k_w, c0, r0, seed, stream, band);
     }
-    if (kMutation != 5) __syncthreads();  // the tiles are complete
+    if (kMutation != 5)
+      __syncthreads();  // the tiles are complete
     mma_tile<Op>(smem, wm, wn, lane, acc);
   }
 
@@ -132,7 +135,8 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
           if (parts > 1) {
             intr::st_global(po[row * cols + col], v);
           } else {
-            if (bias != nullptr) v += static_cast<float>(intr::ld_global(bias[col]));
+            if (bias != nullptr)
+              v += static_cast<float>(intr::ld_global(bias[col]));
             intr::st_global(o[row * cols + col], static_cast<x_t>(v));
           }
         }
@@ -155,8 +159,8 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 __global__ void __launch_bounds__(kThreads)
     noisy_gemm_kernel(const x_t* __restrict__ a, int64_t a_sample_stride, const w_t* __restrict__ w,
-                      const x_t* __restrict__ bias, x_t* __restrict__ out, float* __restrict__ partial,
-                      int64_t m_rows, int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, int parts,
+                      const x_t* __restrict__ bias, x_t* __restrict__ out, float* __restrict__ partial, int64_t m_rows,
+                      int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, int parts,
                       const int64_t* __restrict__ rng, const float* __restrict__ sigmas,
                       const unsigned int* __restrict__ max_bits, float scale, float state_factor, PoolGeom geom) {
   static_assert(!(kBackward && kPooledA), "the snapshot capture has no fused backward (dX goes through dSnapshot)");
@@ -168,10 +172,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t z = blockIdx.z; z < g.s * parts; z += gridDim.z) {
     for (int64_t cb = blockIdx.y; cb < g.c; cb += gridDim.y) {
       for (int64_t mb = blockIdx.x; mb < g.m; mb += gridDim.x) {
-        gemm_tile<Op, x_t, w_t, kBackward, kPooledA>(smem, a, a_sample_stride, w, bias, out, partial, m_rows, n_w,
-                                                     k_w, samples, reduce_samples, mb, cb, z / parts,
-                                                     static_cast<int>(z % parts), parts, seed, offset, sigmas,
-                                                     max_abs, scale, state_factor, geom);
+        gemm_tile<Op, x_t, w_t, kBackward, kPooledA>(
+            smem, a, a_sample_stride, w, bias, out, partial, m_rows, n_w, k_w, samples, reduce_samples, mb, cb,
+            z / parts, static_cast<int>(z % parts), parts, seed, offset, sigmas, max_abs, scale, state_factor, geom);
       }
     }
   }
@@ -189,8 +192,10 @@ __global__ void split_reduce_kernel(const float* __restrict__ partial, const x_t
     const int64_t sb = i / plane, rc = i - sb * plane;
     const float* p = partial + sb * parts * plane + rc;
     float v = 0.0f;
-    for (int k = 0; k < parts; ++k) v += intr::ld_global(p[k * plane]);
-    if (bias != nullptr) v += static_cast<float>(intr::ld_global(bias[rc % cols]));
+    for (int k = 0; k < parts; ++k)
+      v += intr::ld_global(p[k * plane]);
+    if (bias != nullptr)
+      v += static_cast<float>(intr::ld_global(bias[rc % cols]));
     intr::st_global(out[i], static_cast<x_t>(v));
   }
 }

@@ -44,9 +44,12 @@ using fused::noisy_gemm_kernel;
 enum class Path { kFusedBf16, kFusedFp16, kFusedTf32, kMaterialized };
 
 Path choose_path(at::ScalarType x_type, at::ScalarType w_type, bool allow_tf32) {
-  if (x_type == at::kBFloat16 && (w_type == at::kFloat || w_type == at::kBFloat16)) return Path::kFusedBf16;
-  if (x_type == at::kHalf && (w_type == at::kFloat || w_type == at::kHalf)) return Path::kFusedFp16;
-  if (x_type == at::kFloat && w_type == at::kFloat && allow_tf32) return Path::kFusedTf32;
+  if (x_type == at::kBFloat16 && (w_type == at::kFloat || w_type == at::kBFloat16))
+    return Path::kFusedBf16;
+  if (x_type == at::kHalf && (w_type == at::kFloat || w_type == at::kHalf))
+    return Path::kFusedFp16;
+  if (x_type == at::kFloat && w_type == at::kFloat && allow_tf32)
+    return Path::kFusedTf32;
   return Path::kMaterialized;
 }
 
@@ -55,12 +58,15 @@ Path choose_path(at::ScalarType x_type, at::ScalarType w_type, bool allow_tf32) 
 int gemm_parts(int64_t m_rows, int64_t cols, int64_t red, int64_t samples, bool reduce_samples) {
   if (const char* env = std::getenv("NFT_CUDA_GEMM_SPLITS")) {
     const int forced = std::atoi(env);
-    if (forced >= 1) return forced < fused::kMaxSplits ? forced : fused::kMaxSplits;
+    if (forced >= 1)
+      return forced < fused::kMaxSplits ? forced : fused::kMaxSplits;
   }
   return fused::choose_splits(m_rows, cols, red, samples, reduce_samples, sm_count());
 }
 
-unsigned grid_dim(int64_t tiles, int64_t cap) { return static_cast<unsigned>(tiles < cap ? tiles : cap); }
+unsigned grid_dim(int64_t tiles, int64_t cap) {
+  return static_cast<unsigned>(tiles < cap ? tiles : cap);
+}
 
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, const x_t* bias, at::Tensor& out,
@@ -71,13 +77,15 @@ void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, c
   const int parts = gemm_parts(m_rows, cols, kBackward ? n_w : k_w, samples, reduce_samples);
   const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples, parts);
   at::Tensor partial;  // fp32 partial sums of the split reduction
-  if (parts > 1) partial = at::empty({g.s * parts, m_rows, cols}, w.options().dtype(at::kFloat));
+  if (parts > 1)
+    partial = at::empty({g.s * parts, m_rows, cols}, w.options().dtype(at::kFloat));
   at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
   auto* max_ptr = reinterpret_cast<unsigned int*>(max_bits.mutable_data_ptr<int32_t>());
   const w_t* wp = reinterpret_cast<const w_t*>(w.const_data_ptr());
   launch_max_abs<w_t>(wp, w.numel(), max_ptr, stream);
   // Tiles beyond the grid limits are covered by the kernel's grid-stride loops.
-  const dim3 grid(grid_dim(g.m, 0x7fffffff), grid_dim(g.c, fused::kMaxGridYZ), grid_dim(g.s * parts, fused::kMaxGridYZ));
+  const dim3 grid(grid_dim(g.m, 0x7fffffff), grid_dim(g.c, fused::kMaxGridYZ),
+                  grid_dim(g.s * parts, fused::kMaxGridYZ));
   x_t* out_ptr = reinterpret_cast<x_t*>(out.mutable_data_ptr());
   float* partial_ptr = parts > 1 ? partial.mutable_data_ptr<float>() : nullptr;
   noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA><<<grid, fused::kThreads, 0, stream>>>(
@@ -86,8 +94,8 @@ void launch(const at::Tensor& a, int64_t a_sample_stride, const at::Tensor& w, c
       static_cast<float>(scale), static_cast<float>(state_factor), geom);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (parts > 1) {
-    fused::split_reduce_kernel<x_t><<<grid_for(g.s * m_rows * cols), kThreads, 0, stream>>>(
-        partial_ptr, bias, out_ptr, g.s, parts, m_rows, cols);
+    fused::split_reduce_kernel<x_t>
+        <<<grid_for(g.s * m_rows * cols), kThreads, 0, stream>>>(partial_ptr, bias, out_ptr, g.s, parts, m_rows, cols);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -99,7 +107,7 @@ void run_fused(Path path, const at::Tensor& a, int64_t a_sample_stride, const at
                const at::Tensor& sigmas, double scale, double state_factor, cudaStream_t stream,
                const fused::PoolGeom& geom = {}) {
   const bool w_float = w.scalar_type() == at::kFloat;
-#define NFT_LAUNCH(OP, XT, WT)                                                                                   \
+#define NFT_LAUNCH(OP, XT, WT)                                                                                         \
   launch<OP, XT, WT, kBackward, kPooledA>(a, a_sample_stride, w, bias.defined() ? bias.const_data_ptr<XT>() : nullptr, \
                                           out, m_rows, samples, reduce_samples, rng, sigmas, scale, state_factor,      \
                                           stream, geom)
@@ -174,8 +182,8 @@ at::Tensor noisy_linear_backward_input_cuda(const at::Tensor& grad, const at::Te
 }
 
 at::Tensor snapshot_linear_cuda(const at::Tensor& act, int64_t pool, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, const at::Tensor& rng, const at::Tensor& sigmas,
-                               double scale, double state_factor, bool shared_input, bool allow_tf32) {
+                                const std::optional<at::Tensor>& bias, const at::Tensor& rng, const at::Tensor& sigmas,
+                                double scale, double state_factor, bool shared_input, bool allow_tf32) {
   const SnapshotDims d = check_snapshot_linear(act, pool, weight, bias, rng, sigmas, shared_input);
   const Path path = choose_path(act.scalar_type(), weight.scalar_type(), allow_tf32);
   if (path == Path::kMaterialized) {

@@ -36,8 +36,8 @@ constexpr int kNTiles = kWarpN / 8;   // 4
 // ---- compute types --------------------------------------------------------------------------------
 
 struct Bf16Op {
-  using smem_t = uint16_t;                   // raw bf16 bits
-  static constexpr int kPad = 8;             // row stride 40 halves = 20 words: conflict-free fragments
+  using smem_t = uint16_t;        // raw bf16 bits
+  static constexpr int kPad = 8;  // row stride 40 halves = 20 words: conflict-free fragments
   static constexpr int kStepK = 16;
   __device__ __forceinline__ static smem_t convert(float v) { return intr::to_bf16_bits(v); }
 };
@@ -50,7 +50,7 @@ struct Fp16Op {
 };
 
 struct Tf32Op {
-  using smem_t = uint32_t;       // tf32 bit pattern (float with the low 13 mantissa bits rounded off)
+  using smem_t = uint32_t;        // tf32 bit pattern (float with the low 13 mantissa bits rounded off)
   static constexpr int kPad = 4;  // row stride 36 words: conflict-free fragments
   static constexpr int kStepK = 8;
   __device__ __forceinline__ static smem_t convert(float v) { return intr::to_tf32(v); }
@@ -191,7 +191,8 @@ struct PoolWindow {
 __device__ __forceinline__ PoolWindow pool_window(const PoolGeom& g, int64_t col) {
   const int64_t pp = static_cast<int64_t>(g.p) * g.p;
   PoolWindow wd{0, 0, 0, 0, 0, 0};
-  if (col >= g.c * pp) return wd;
+  if (col >= g.c * pp)
+    return wd;
   const int64_t c = col / pp;
   const int64_t cell = col - c * pp;
   const int64_t pi = cell / g.p, pj = cell - pi * g.p;
@@ -216,7 +217,8 @@ template <typename Op, typename in_t>
 __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __restrict__ act, int64_t rows,
                                                    const PoolGeom& g, int64_t m0, int64_t r0) {
   __shared__ PoolWindow windows[kBK];
-  if (threadIdx.x < kBK) windows[threadIdx.x] = pool_window(g, r0 + threadIdx.x);
+  if (threadIdx.x < kBK)
+    windows[threadIdx.x] = pool_window(g, r0 + threadIdx.x);
   __syncthreads();  // the table is complete (its previous readers passed the slice's first barrier)
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
@@ -228,7 +230,8 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
       float sum = 0.0f;
       for (int32_t h = wd.h0; h < wd.h1; ++h) {
         const in_t* row = plane + h * g.w;
-        for (int32_t w = wd.w0; w < wd.w1; ++w) sum += static_cast<float>(intr::ld_global(row[w]));
+        for (int32_t w = wd.w0; w < wd.w1; ++w)
+          sum += static_cast<float>(intr::ld_global(row[w]));
       }
       v = sum / static_cast<float>(wd.count);
     }
@@ -272,21 +275,23 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
     const int nl = kTransposed ? task % RN : task / kGroups;
     const int gi = kTransposed ? task / RN : task % kGroups;
     const int64_t n = nb + nl;
-    if (n >= n_rows || kb >= k_end) continue;
+    if (n >= n_rows || kb >= k_end)
+      continue;
     const int64_t row = n * k_cols;
     const int64_t e_begin = row + kb, e_end = row + k_end;
     const int64_t q = (e_begin >> 2) + gi;
-    if (4 * q >= e_end) continue;
+    if (4 * q >= e_end)
+      continue;
     const Normal4 z = normal4(seed, stream, static_cast<uint64_t>(q));
 #pragma unroll
     for (int l = 0; l < 4; ++l) {
       const int64_t e = 4 * q + l;
-      if (e < e_begin || e >= e_end) continue;
+      if (e < e_begin || e >= e_end)
+        continue;
       const int kl = static_cast<int>(e - e_begin);
       const w_t wv = intr::ld_global(w[e]);
-      const w_t noisy = static_cast<w_t>(
-          add_noise<acc_t>(static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))),
-                           z.z[kMutation == 3 ? (l ^ 1) : l]));
+      const w_t noisy = static_cast<w_t>(add_noise<acc_t>(
+          static_cast<acc_t>(wv), sigma_w(band, fabsf(static_cast<float>(wv))), z.z[kMutation == 3 ? (l ^ 1) : l]));
       const typename Op::smem_t v = Op::convert(static_cast<float>(noisy));
       if (kTransposed) {
         intr::st_shared(s.b[kl][nl], v);

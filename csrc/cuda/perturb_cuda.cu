@@ -23,8 +23,8 @@
 namespace nft_cuda {
 namespace {
 
-at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas,
-                        double scale, double state_factor) {
+at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas, double scale,
+                        double state_factor) {
   check_weight(weight, "perturb");
   check_rng(rng, weight, "perturb");
   check_sigmas(sigmas, weight, "perturb");
@@ -38,7 +38,8 @@ at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const a
   std::vector<int64_t> out_shape{samples};
   out_shape.insert(out_shape.end(), w.sizes().begin(), w.sizes().end());
   at::Tensor out = at::empty(out_shape, w.options());
-  if (n == 0 || samples == 0) return out;
+  if (n == 0 || samples == 0)
+    return out;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
@@ -48,8 +49,8 @@ at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const a
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     launch_max_abs<scalar_t>(wp, n, max_ptr, stream);
     perturb_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
-        wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(),
-        sig.const_data_ptr<float>(), max_ptr, static_cast<float>(scale), static_cast<float>(state_factor));
+        wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(), sig.const_data_ptr<float>(),
+        max_ptr, static_cast<float>(scale), static_cast<float>(state_factor));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -15,10 +15,9 @@
 namespace nft_cuda {
 
 template <typename scalar_t>
-__global__ void perturb_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t n,
-                               int64_t samples, const int64_t* __restrict__ rng,
-                               const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits,
-                               float scale, float state_factor) {
+__global__ void perturb_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t n, int64_t samples,
+                               const int64_t* __restrict__ rng, const float* __restrict__ sigmas,
+                               const unsigned int* __restrict__ max_bits, float scale, float state_factor) {
   using acc_t = at::opmath_type<scalar_t>;
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
@@ -43,7 +42,8 @@ __global__ void perturb_kernel(const scalar_t* __restrict__ w, scalar_t* __restr
       scalar_t* o = out + t * n + base;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
-        if (l < count) o[l] = static_cast<scalar_t>(add_noise<acc_t>(wv[l], sigma_w(band, aw[l]), z.z[l]));
+        if (l < count)
+          o[l] = static_cast<scalar_t>(add_noise<acc_t>(wv[l], sigma_w(band, aw[l]), z.z[l]));
       }
     }
   }

@@ -21,7 +21,8 @@ at::Tensor philox4x32_cuda(const at::Tensor& counter, const at::Tensor& key) {
   const at::Tensor k = key.contiguous();
   at::Tensor out = at::empty(c.sizes(), c.options());
   const int64_t rows = c.numel() / 4;
-  if (rows == 0) return out;
+  if (rows == 0)
+    return out;
   philox4x32_kernel<<<grid_for(rows), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       c.const_data_ptr<int64_t>(), k.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -33,7 +34,8 @@ at::Tensor philox_normal_cuda(const at::Tensor& rng, int64_t numel, int64_t stre
   const c10::cuda::CUDAGuard guard(rng.device());
   const at::Tensor r = rng.contiguous();
   at::Tensor out = at::empty({streams, numel}, rng.options().dtype(at::kFloat));
-  if (numel == 0) return out;
+  if (numel == 0)
+    return out;
   const dim3 grid(grid_for((numel + 3) / 4), static_cast<unsigned int>(streams < 65535 ? streams : 65535));
   philox_normal_kernel<<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       r.const_data_ptr<int64_t>(), out.mutable_data_ptr<float>(), numel, streams);

@@ -18,10 +18,12 @@ __global__ void philox4x32_kernel(const int64_t* __restrict__ counter, const int
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     PhiloxWords in;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) in.x[j] = static_cast<uint32_t>(counter[4 * r + j]);
+    for (int j = 0; j < 4; ++j)
+      in.x[j] = static_cast<uint32_t>(counter[4 * r + j]);
     const PhiloxWords w = philox4x32_10(in, k0, k1);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[4 * r + j] = static_cast<int64_t>(w.x[j]);
+    for (int j = 0; j < 4; ++j)
+      out[4 * r + j] = static_cast<int64_t>(w.x[j]);
   }
 }
 
@@ -37,7 +39,8 @@ __global__ void philox_normal_kernel(const int64_t* __restrict__ rng, float* __r
       const Normal4 z = normal4(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q));
       float* row = out + t * numel + 4 * q;
       const int64_t count = numel - 4 * q < 4 ? numel - 4 * q : 4;
-      for (int64_t l = 0; l < count; ++l) row[l] = z.z[l];
+      for (int64_t l = 0; l < count; ++l)
+        row[l] = z.z[l];
     }
   }
 }

@@ -36,4 +36,6 @@ void syncthreads();
 #define blockDim (::nft_emu::g_block_dim)
 #define gridDim (::nft_emu::g_grid_dim)
 
-inline void __syncthreads() { nft_emu::syncthreads(); }
+inline void __syncthreads() {
+  nft_emu::syncthreads();
+}

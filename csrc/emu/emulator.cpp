@@ -104,10 +104,12 @@ void count_smem_accesses() {
       std::map<uintptr_t, std::vector<uintptr_t>> by_bank;
       for (uintptr_t word : g.second) {
         auto& words = by_bank[word % 32];
-        if (std::find(words.begin(), words.end(), word) == words.end()) words.push_back(word);
+        if (std::find(words.begin(), words.end(), word) == words.end())
+          words.push_back(word);
       }
       size_t wavefronts = 1;
-      for (auto& [bank, words] : by_bank) wavefronts = std::max(wavefronts, words.size());
+      for (auto& [bank, words] : by_bank)
+        wavefronts = std::max(wavefronts, words.size());
       (g.first ? r.counters.smem_store_requests : r.counters.smem_load_requests) += 1;
       (g.first ? r.counters.smem_store_wavefronts : r.counters.smem_load_wavefronts) += wavefronts;
       SiteCounters& site = r.sites[r.site_rank.at(key.first)];
@@ -120,10 +122,12 @@ void count_smem_accesses() {
 void release_barrier_if_complete() {
   Runtime& r = rt();
   int live = 0;
-  for (int t = 0; t < r.threads; ++t) live += r.fibers[t].state != State::kDone;
+  for (int t = 0; t < r.threads; ++t)
+    live += r.fibers[t].state != State::kDone;
   if (r.barrier_arrived > 0 && r.barrier_arrived == live) {
     for (int t = 0; t < r.threads; ++t) {
-      if (r.fibers[t].state == State::kBarrier) r.fibers[t].state = State::kReady;
+      if (r.fibers[t].state == State::kBarrier)
+        r.fibers[t].state = State::kReady;
     }
     r.barrier_arrived = 0;
     ++r.counters.barriers;
@@ -142,7 +146,8 @@ bool run_block() {
   Runtime& r = rt();
   for (int t = 0; t < r.threads; ++t) {
     Fiber& f = r.fibers[t];
-    if (!f.stack) f.stack.reset(new char[kStackBytes]);
+    if (!f.stack)
+      f.stack.reset(new char[kStackBytes]);
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack.get();
     f.ctx.uc_stack.ss_size = kStackBytes;
@@ -151,7 +156,8 @@ bool run_block() {
     f.state = State::kReady;
     f.smem.clear();
   }
-  for (WarpExchange& w : r.warps) w.arrived = 0;
+  for (WarpExchange& w : r.warps)
+    w.arrived = 0;
   r.barrier_arrived = 0;
   for (;;) {
     bool progress = false, all_done = true;
@@ -163,7 +169,8 @@ bool run_block() {
       r.current = t;
       g_thread_idx = dim3{static_cast<unsigned>(t), 0, 0};
       swapcontext(&r.scheduler, &r.fibers[t].ctx);
-      if (r.failed) return false;
+      if (r.failed)
+        return false;
       progress = true;
       all_done = false;
     }
@@ -189,7 +196,8 @@ void warp_collective(Collective kind, int sub, const uint32_t* in, int nin, uint
   Runtime& r = rt();
   const int tid = r.current, warp = tid / 32, lane = tid % 32;
   const int lanes = std::min(32, r.threads - 32 * warp);
-  if (lanes != 32) fail("warp collective in a partial warp");
+  if (lanes != 32)
+    fail("warp collective in a partial warp");
   WarpExchange& x = r.warps[warp];
   if (x.arrived == 0) {
     x.kind = kind;
@@ -197,14 +205,16 @@ void warp_collective(Collective kind, int sub, const uint32_t* in, int nin, uint
   } else if (x.kind != kind || x.sub != sub) {
     fail("lanes of one warp in different collectives (divergence)");
   }
-  if (nin > kMaxRegs || nout > kMaxRegs) fail("warp collective: too many registers");
+  if (nin > kMaxRegs || nout > kMaxRegs)
+    fail("warp collective: too many registers");
   std::memcpy(x.in[lane], in, nin * sizeof(uint32_t));
   if (++x.arrived == 32) {
     compute(x);
     x.arrived = 0;
     for (int l = 0; l < 32; ++l) {
       Fiber& f = r.fibers[32 * warp + l];
-      if (f.state == State::kWarp) f.state = State::kReady;
+      if (f.state == State::kWarp)
+        f.state = State::kReady;
     }
   } else {
     r.fibers[tid].state = State::kWarp;
@@ -227,7 +237,9 @@ uint32_t bits32(float v) {
   return b;
 }
 
-float bf16_value(uint16_t h) { return f32(static_cast<uint32_t>(h) << 16); }
+float bf16_value(uint16_t h) {
+  return f32(static_cast<uint32_t>(h) << 16);
+}
 
 float f16_value(uint16_t h) {
   const uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
@@ -319,12 +331,14 @@ void mma_compute(WarpExchange& x, MmaKind kind) {
   }
   for (int r = 0; r < 16; ++r) {
     for (int k = 0; k < kdim; ++k) {
-      if (a_seen[r][k] != 1) fail("mma: A fragment element supplied " + std::to_string(a_seen[r][k]) + " times");
+      if (a_seen[r][k] != 1)
+        fail("mma: A fragment element supplied " + std::to_string(a_seen[r][k]) + " times");
     }
   }
   for (int k = 0; k < kdim; ++k) {
     for (int n = 0; n < 8; ++n) {
-      if (b_seen[k][n] != 1) fail("mma: B fragment element supplied " + std::to_string(b_seen[k][n]) + " times");
+      if (b_seen[k][n] != 1)
+        fail("mma: B fragment element supplied " + std::to_string(b_seen[k][n]) + " times");
     }
   }
   // Products of 16-bit / tf32 values are exact in double; the fp32 accumulator is rounded once.
@@ -332,7 +346,8 @@ void mma_compute(WarpExchange& x, MmaKind kind) {
     for (int i = 0; i < 4; ++i) {
       const Coord p = c_16x8(lane, i);
       double acc = f32(x.in[lane][i]);
-      for (int k = 0; k < kdim; ++k) acc += static_cast<double>(a[p.row][k]) * b[k][p.col];
+      for (int k = 0; k < kdim; ++k)
+        acc += static_cast<double>(a[p.row][k]) * b[k][p.col];
       x.out[lane][i] = bits32(static_cast<float>(acc));
     }
   }
@@ -344,19 +359,25 @@ void mma_compute(WarpExchange& x, MmaKind kind) {
 
 void warp_mma(MmaKind kind, float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   uint32_t in[10], out[4];
-  for (int i = 0; i < 4; ++i) in[i] = bits32(c[i]);
-  for (int i = 0; i < 4; ++i) in[4 + i] = a[i];
-  for (int i = 0; i < 2; ++i) in[8 + i] = b[i];
+  for (int i = 0; i < 4; ++i)
+    in[i] = bits32(c[i]);
+  for (int i = 0; i < 4; ++i)
+    in[4 + i] = a[i];
+  for (int i = 0; i < 2; ++i)
+    in[8 + i] = b[i];
   warp_collective(Collective::kMma, static_cast<int>(kind), in, 10, out, 4, [kind](WarpExchange& x) {
     ++rt().counters.mma;
     mma_compute(x, kind);
   });
-  for (int i = 0; i < 4; ++i) c[i] = f32(out[i]);
+  for (int i = 0; i < 4; ++i)
+    c[i] = f32(out[i]);
 }
 
 float warp_shfl_down(float v, unsigned delta, unsigned mask) {
-  if (mask != 0xffffffffu) fail("shfl_down: only full-warp masks are emulated");
-  if (delta >= 32) fail("shfl_down: delta out of range");
+  if (mask != 0xffffffffu)
+    fail("shfl_down: only full-warp masks are emulated");
+  if (delta >= 32)
+    fail("shfl_down: delta out of range");
   const uint32_t in = bits32(v);
   uint32_t out;
   warp_collective(Collective::kShfl, static_cast<int>(delta), &in, 1, &out, 1, [delta](WarpExchange& x) {
@@ -371,19 +392,22 @@ float warp_shfl_down(float v, unsigned delta, unsigned mask) {
 
 unsigned atomic_max_u32(unsigned* address, unsigned value) {
   const unsigned old = *address;  // one host thread runs every fiber: no race
-  if (value > old) *address = value;
+  if (value > old)
+    *address = value;
   return old;
 }
 
 uint32_t f32_to_tf32_rna(float v) {
   const uint32_t b = bits32(v);
-  if ((b & 0x7f800000u) == 0x7f800000u) return b;  // inf / NaN unchanged
-  return (b + 0x1000u) & 0xffffe000u;               // half an ulp on the magnitude: ties away from zero
+  if ((b & 0x7f800000u) == 0x7f800000u)
+    return b;                          // inf / NaN unchanged
+  return (b + 0x1000u) & 0xffffe000u;  // half an ulp on the magnitude: ties away from zero
 }
 
 uint16_t f32_to_bf16_rn(float v) {
   const uint32_t b = bits32(v);
-  if (std::isnan(v)) return 0x7fff;
+  if (std::isnan(v))
+    return 0x7fff;
   return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 
@@ -391,25 +415,32 @@ uint16_t f32_to_f16_rn(float v) {
   const uint32_t b = bits32(v);
   const uint16_t sign = static_cast<uint16_t>((b >> 16) & 0x8000u);
   const uint32_t mag = b & 0x7fffffffu;
-  if (mag > 0x7f800000u) return 0x7fff;
-  if (mag >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: infinity
+  if (mag > 0x7f800000u)
+    return 0x7fff;
+  if (mag >= 0x477ff000u)
+    return sign | 0x7c00u;  // rounds to >= 65520: infinity
   const int exp = static_cast<int>(mag >> 23) - 127;
-  if (exp < -25) return sign;  // below half the smallest subnormal: zero
+  if (exp < -25)
+    return sign;  // below half the smallest subnormal: zero
   // value = m * 2^(exp - 23) with m the 24-bit significand; f16 unit = 2^-24 (subnormal) or 2^(exp-10)
   const uint32_t m = (mag & 0x7fffffu) | 0x800000u;
   const int shift = exp < -14 ? (-14 - exp) + 13 : 13;  // bits of m dropped
   uint32_t q = m >> shift;
   const uint32_t rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
-  if (rem > half || (rem == half && (q & 1u))) ++q;
-  if (exp < -14) return sign | static_cast<uint16_t>(q);  // subnormal (q may carry into the normal range)
+  if (rem > half || (rem == half && (q & 1u)))
+    ++q;
+  if (exp < -14)
+    return sign | static_cast<uint16_t>(q);  // subnormal (q may carry into the normal range)
   return sign | static_cast<uint16_t>((static_cast<uint32_t>(exp + 15) << 10) + (q - 0x400u));
 }
 
 void smem_access(const void* address, int bytes, bool store) {
-  if (bytes > 4) fail("shared-memory accesses wider than 32 bits are not counted");
+  if (bytes > 4)
+    fail("shared-memory accesses wider than 32 bits are not counted");
   Runtime& r = rt();
   const void* site = __builtin_return_address(0);
-  if (r.site_rank.emplace(site, static_cast<int>(r.sites.size())).second) r.sites.push_back({store, 0, 0});
+  if (r.site_rank.emplace(site, static_cast<int>(r.sites.size())).second)
+    r.sites.push_back({store, 0, 0});
   r.fibers[r.current].smem.push_back({site, reinterpret_cast<uintptr_t>(address), store});
 }
 
@@ -417,8 +448,12 @@ void global_access(int bytes, bool store) {
   (store ? rt().counters.global_store_bytes : rt().counters.global_load_bytes) += bytes;
 }
 
-float bits_to_f32(uint32_t bits) { return f32(bits); }
-uint32_t f32_to_bits(float v) { return bits32(v); }
+float bits_to_f32(uint32_t bits) {
+  return f32(bits);
+}
+uint32_t f32_to_bits(float v) {
+  return bits32(v);
+}
 
 void syncthreads() {
   Runtime& r = rt();
@@ -443,7 +478,8 @@ bool launch(dim3 grid, dim3 block, const std::function<void()>& body, bool keep_
     return false;
   }
   r.threads = static_cast<int>(block.x);
-  if (r.fibers.size() < block.x) r.fibers.resize(block.x);
+  if (r.fibers.size() < block.x)
+    r.fibers.resize(block.x);
   r.warps.assign((block.x + 31) / 32, WarpExchange{});
   r.body = &body;
   g_grid_dim = grid;
@@ -452,16 +488,25 @@ bool launch(dim3 grid, dim3 block, const std::function<void()>& body, bool keep_
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
         g_block_idx = dim3{x, y, z};
-        if (!run_block()) return false;
+        if (!run_block())
+          return false;
       }
     }
   }
   return true;
 }
 
-const std::string& last_error() { return rt().error; }
-const Counters& counters() { return rt().counters; }
-const std::vector<SiteCounters>& site_counters() { return rt().sites; }
-void set_counters(const Counters& c) { rt().counters = c; }
+const std::string& last_error() {
+  return rt().error;
+}
+const Counters& counters() {
+  return rt().counters;
+}
+const std::vector<SiteCounters>& site_counters() {
+  return rt().sites;
+}
+void set_counters(const Counters& c) {
+  rt().counters = c;
+}
 
 }  // namespace nft_emu

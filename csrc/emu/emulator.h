@@ -30,14 +30,14 @@ const std::string& last_error();
 // the most distinct 32-bit words any of the 32 banks must serve (1 = conflict-free, 32 = fully
 // serialised). Divergent loops (lanes skipping an access) make the grouping approximate.
 struct Counters {
-  int64_t mma = 0;               // mma.sync instructions issued (per warp)
-  int64_t barriers = 0;          // __syncthreads completed (per block)
-  int64_t shfl = 0;              // warp shuffles (per warp)
+  int64_t mma = 0;       // mma.sync instructions issued (per warp)
+  int64_t barriers = 0;  // __syncthreads completed (per block)
+  int64_t shfl = 0;      // warp shuffles (per warp)
   int64_t smem_store_requests = 0;
   int64_t smem_store_wavefronts = 0;
   int64_t smem_load_requests = 0;
   int64_t smem_load_wavefronts = 0;
-  int64_t global_load_bytes = 0;   // requested by the threads (L1/L2 traffic; DRAM sees less)
+  int64_t global_load_bytes = 0;  // requested by the threads (L1/L2 traffic; DRAM sees less)
   int64_t global_store_bytes = 0;
 };
 const Counters& counters();

@@ -28,17 +28,24 @@ enum DType { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
 template <typename F>
 int dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
-    case kF32: return f(float{});
+    case kF32:
+      return f(float{});
 #ifndef NFT_EMU_GEMM_ONLY_BF16
-    case kF64: return f(double{});
-    case kF16: return f(c10::Half{});
-    case kBF16: return f(c10::BFloat16{});
+    case kF64:
+      return f(double{});
+    case kF16:
+      return f(c10::Half{});
+    case kBF16:
+      return f(c10::BFloat16{});
 #endif
-    default: return -2;
+    default:
+      return -2;
   }
 }
 
-int status(bool ok) { return ok ? 0 : -1; }
+int status(bool ok) {
+  return ok ? 0 : -1;
+}
 
 // The launch geometry the CUDA launchers use for the grid-stride kernels is grid_for() (a multiple of
 // the SM count); the emulator takes the block count from the caller so tests can force several
@@ -46,8 +53,7 @@ int status(bool ok) { return ok ? 0 : -1; }
 template <typename scalar_t>
 bool run_max_abs(const scalar_t* w, int64_t n, unsigned* bits, unsigned blocks) {
   *bits = 0;
-  return nft_emu::launch(dim3{blocks, 1, 1}, dim3{kMaxAbsThreads, 1, 1},
-                         [&] { max_abs_kernel<scalar_t>(w, n, bits); });
+  return nft_emu::launch(dim3{blocks, 1, 1}, dim3{kMaxAbsThreads, 1, 1}, [&] { max_abs_kernel<scalar_t>(w, n, bits); });
 }
 
 // Grid and split choices of one emulated GEMM launch. parts = 0: choose_splits() for sm_count SMs.
@@ -59,20 +65,22 @@ struct LaunchShape {
   unsigned grid_cap[3];
 };
 
-unsigned capped(int64_t tiles, unsigned cap) { return static_cast<unsigned>(tiles < cap ? tiles : cap); }
+unsigned capped(int64_t tiles, unsigned cap) {
+  return static_cast<unsigned>(tiles < cap ? tiles : cap);
+}
 
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
 bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void* bias, void* out, int64_t m_rows,
-              int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* rng,
-              const float* sigmas, float scale, float state_factor, const fused::PoolGeom& geom,
-              const LaunchShape& shape, int* parts_used) {
+              int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* rng, const float* sigmas,
+              float scale, float state_factor, const fused::PoolGeom& geom, const LaunchShape& shape, int* parts_used) {
   unsigned max_bits = 0;
   const w_t* wp = static_cast<const w_t*>(w);
-  if (!run_max_abs<w_t>(wp, n_w * k_w, &max_bits, 2)) return false;
+  if (!run_max_abs<w_t>(wp, n_w * k_w, &max_bits, 2))
+    return false;
   const int64_t cols = kBackward ? k_w : n_w;
   const int parts = shape.parts > 0 ? shape.parts
-                                    : fused::choose_splits(m_rows, cols, kBackward ? n_w : k_w, samples,
-                                                           reduce_samples, shape.sm_count);
+                                    : fused::choose_splits(m_rows, cols, kBackward ? n_w : k_w, samples, reduce_samples,
+                                                           shape.sm_count);
   *parts_used = parts;
   const fused::GemmGrid g = fused::gemm_grid(m_rows, cols, samples, reduce_samples, parts);
   std::vector<float> partial(parts > 1 ? static_cast<size_t>(g.s * parts * m_rows * cols) : 0,
@@ -83,11 +91,12 @@ bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void*
   const dim3 grid{capped(g.m, shape.grid_cap[0]), capped(g.c, shape.grid_cap[1]),
                   capped(g.s * parts, shape.grid_cap[2])};
   const bool ok = nft_emu::launch(grid, dim3{fused::kThreads, 1, 1}, [&] {
-    fused::noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA>(
-        static_cast<const x_t*>(a), a_sample_stride, wp, bp, op, pp, m_rows, n_w, k_w, samples, reduce_samples,
-        parts, rng, sigmas, &max_bits, scale, state_factor, geom);
+    fused::noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA>(static_cast<const x_t*>(a), a_sample_stride, wp, bp, op,
+                                                                pp, m_rows, n_w, k_w, samples, reduce_samples, parts,
+                                                                rng, sigmas, &max_bits, scale, state_factor, geom);
   });
-  if (!ok || parts == 1) return ok;
+  if (!ok || parts == 1)
+    return ok;
   // The GEMM's counters are kept (the reduction has no mma and no shared memory).
   return nft_emu::launch(
       dim3{3, 1, 1}, dim3{64, 1, 1}, [&] { fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols); },
@@ -96,22 +105,22 @@ bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void*
 
 template <typename Op, typename x_t, typename w_t>
 bool run_gemm_mode(int mode, const void* a, int64_t a_sample_stride, const void* w, const void* bias, void* out,
-                   int64_t m_rows, int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples,
-                   const int64_t* rng, const float* sigmas, float scale, float state_factor,
-                   const fused::PoolGeom& geom, const LaunchShape& shape, int* parts_used) {
+                   int64_t m_rows, int64_t n_w, int64_t k_w, int64_t samples, bool reduce_samples, const int64_t* rng,
+                   const float* sigmas, float scale, float state_factor, const fused::PoolGeom& geom,
+                   const LaunchShape& shape, int* parts_used) {
   switch (mode) {
     case 0:
       return run_gemm<Op, x_t, w_t, false, false>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                   reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
-                                                   parts_used);
+                                                  reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                  parts_used);
     case 1:
       return run_gemm<Op, x_t, w_t, true, false>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                  reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
-                                                  parts_used);
+                                                 reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                 parts_used);
     default:
       return run_gemm<Op, x_t, w_t, false, true>(a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,
-                                                  reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
-                                                  parts_used);
+                                                 reduce_samples, rng, sigmas, scale, state_factor, geom, shape,
+                                                 parts_used);
   }
 }
 
@@ -119,9 +128,13 @@ bool run_gemm_mode(int mode, const void* a, int64_t a_sample_stride, const void*
 
 extern "C" {
 
-const char* emu_last_error() { return nft_emu::last_error().c_str(); }
+const char* emu_last_error() {
+  return nft_emu::last_error().c_str();
+}
 
-int emu_mutation() { return nft_cuda::kMutation; }
+int emu_mutation() {
+  return nft_cuda::kMutation;
+}
 
 // Counters of the last op (emulator.h): mma instructions, completed block barriers, warp shuffles,
 // shared-memory store requests / wavefronts, load requests / wavefronts, global bytes loaded / stored.
@@ -136,7 +149,8 @@ void emu_counters(int64_t* out) {
                             c.smem_load_wavefronts,
                             c.global_load_bytes,
                             c.global_store_bytes};
-  for (int i = 0; i < 9; ++i) out[i] = values[i];
+  for (int i = 0; i < 9; ++i)
+    out[i] = values[i];
 }
 
 // Shared-memory counters per access site of the last launch: out[3*i .. 3*i+2] = (store, requests,
@@ -153,13 +167,13 @@ int emu_site_counters(int64_t* out, int capacity) {
 
 int emu_philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows, unsigned blocks,
                    unsigned threads) {
-  return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1},
-                                [&] { philox4x32_kernel(counter, key, out, rows); }));
+  return status(
+      nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] { philox4x32_kernel(counter, key, out, rows); }));
 }
 
 // grid_y: the most blocks in y (one per stream up to it; the kernel loops over the rest).
-int emu_philox_normal(const int64_t* rng, float* out, int64_t numel, int64_t streams, unsigned blocks,
-                      unsigned threads, unsigned grid_y) {
+int emu_philox_normal(const int64_t* rng, float* out, int64_t numel, int64_t streams, unsigned blocks, unsigned threads,
+                      unsigned grid_y) {
   return status(nft_emu::launch(dim3{blocks, capped(streams, grid_y), 1}, dim3{threads, 1, 1},
                                 [&] { philox_normal_kernel(rng, out, numel, streams); }));
 }
@@ -178,7 +192,8 @@ int emu_perturb(int dtype, const void* w, void* out, int64_t n, int64_t samples,
     using scalar_t = decltype(tag);
     const scalar_t* wp = static_cast<const scalar_t*>(w);
     unsigned max_bits = 0;
-    if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks)) return -1;
+    if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks))
+      return -1;
     return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
       perturb_kernel<scalar_t>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas, &max_bits, scale,
                                state_factor);
@@ -189,23 +204,28 @@ int emu_perturb(int dtype, const void* w, void* out, int64_t n, int64_t samples,
 // max|W| then the fused GEMM (and the split reduction), as noisy_linear_cuda launches them. mode:
 // 0 forward, 1 backward-input, 2 snapshot forward (A = act [m_rows][pool_c][pool_h][pool_w] pooled to
 // pool x pool). parts = 0: the launcher's heuristic for sm_count SMs; *parts_used reports the choice.
-int emu_noisy_gemm(int op, int w_dtype, int mode, const void* a, int64_t a_sample_stride, const void* w,
-                   int64_t n_w, int64_t k_w, const void* bias, void* out, int64_t m_rows, int64_t samples,
-                   int reduce_samples, const int64_t* rng, const float* sigmas, float scale, float state_factor,
-                   int64_t pool_c, int64_t pool_h, int64_t pool_w, int pool, int parts, int sm_count,
-                   const unsigned* grid_cap, int* parts_used) {
+int emu_noisy_gemm(int op, int w_dtype, int mode, const void* a, int64_t a_sample_stride, const void* w, int64_t n_w,
+                   int64_t k_w, const void* bias, void* out, int64_t m_rows, int64_t samples, int reduce_samples,
+                   const int64_t* rng, const float* sigmas, float scale, float state_factor, int64_t pool_c,
+                   int64_t pool_h, int64_t pool_w, int pool, int parts, int sm_count, const unsigned* grid_cap,
+                   int* parts_used) {
   const fused::PoolGeom geom{pool_c, pool_h, pool_w, pool};
   const LaunchShape shape{parts, sm_count, {grid_cap[0], grid_cap[1], grid_cap[2]}};
-#define NFT_EMU_GEMM(OP, XT, WT)                                                                            \
-  status(run_gemm_mode<fused::OP, XT, WT>(mode, a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples, \
-                                          reduce_samples != 0, rng, sigmas, scale, state_factor, geom, shape,  \
+#define NFT_EMU_GEMM(OP, XT, WT)                                                                              \
+  status(run_gemm_mode<fused::OP, XT, WT>(mode, a, a_sample_stride, w, bias, out, m_rows, n_w, k_w, samples,  \
+                                          reduce_samples != 0, rng, sigmas, scale, state_factor, geom, shape, \
                                           parts_used))
-  if (op == 0 && w_dtype == kF32) return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, float);
+  if (op == 0 && w_dtype == kF32)
+    return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, float);
 #ifndef NFT_EMU_GEMM_ONLY_BF16
-  if (op == 0 && w_dtype == kBF16) return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, c10::BFloat16);
-  if (op == 1 && w_dtype == kF32) return NFT_EMU_GEMM(Fp16Op, c10::Half, float);
-  if (op == 1 && w_dtype == kF16) return NFT_EMU_GEMM(Fp16Op, c10::Half, c10::Half);
-  if (op == 2 && w_dtype == kF32) return NFT_EMU_GEMM(Tf32Op, float, float);
+  if (op == 0 && w_dtype == kBF16)
+    return NFT_EMU_GEMM(Bf16Op, c10::BFloat16, c10::BFloat16);
+  if (op == 1 && w_dtype == kF32)
+    return NFT_EMU_GEMM(Fp16Op, c10::Half, float);
+  if (op == 1 && w_dtype == kF16)
+    return NFT_EMU_GEMM(Fp16Op, c10::Half, c10::Half);
+  if (op == 2 && w_dtype == kF32)
+    return NFT_EMU_GEMM(Tf32Op, float, float);
 #endif
 #undef NFT_EMU_GEMM
   return -2;

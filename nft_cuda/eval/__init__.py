@@ -13,6 +13,20 @@ from nft_cuda.eval.monte_carlo import instance_logits, monte_carlo
 from nft_cuda.eval.report import build_report, plot_results, read_json, write_csv, write_json
 from nft_cuda.eval.run import TensorBatches, eval_checkpoints, load_test_set
 
-__all__ = ["EKL_BLOCK", "EKLAccumulator", "TensorBatches", "accuracy_stats", "build_report", "entropy",
-           "eval_checkpoints", "expected_kl", "instance_logits", "load_test_set", "monte_carlo", "plot_results",
-           "read_json", "write_csv", "write_json"]
+__all__ = [
+    "EKL_BLOCK",
+    "EKLAccumulator",
+    "TensorBatches",
+    "accuracy_stats",
+    "build_report",
+    "entropy",
+    "eval_checkpoints",
+    "expected_kl",
+    "instance_logits",
+    "load_test_set",
+    "monte_carlo",
+    "plot_results",
+    "read_json",
+    "write_csv",
+    "write_json",
+]

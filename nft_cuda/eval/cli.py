@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import re
 import sys
 
@@ -55,8 +54,11 @@ def parse_sigmas(text: str) -> list[float]:
                 raise ValueError(f"empty value in the σ_d list {text!r}")
             values = [float(p) for p in items]
     except ValueError as exc:
-        msg = str(exc) if "σ_d" in str(exc) or "sweep" in str(exc) else (
-            f"expected σ_d as 0.3, 0,0.1,0.2 or start:stop:step, got {text!r}")
+        msg = (
+            str(exc)
+            if "σ_d" in str(exc) or "sweep" in str(exc)
+            else (f"expected σ_d as 0.3, 0,0.1,0.2 or start:stop:step, got {text!r}")
+        )
         raise argparse.ArgumentTypeError(msg) from None
     for v in values:
         if not (v >= 0 and v < float("inf")):
@@ -83,53 +85,92 @@ def _add_eval(subparsers) -> None:
     from nft_cuda.variation import PRESETS
 
     e = subparsers.add_parser(
-        "eval", help="Monte-Carlo robustness evaluation of exported models (accuracy under variation, EKL)",
+        "eval",
+        help="Monte-Carlo robustness evaluation of exported models (accuracy under variation, EKL)",
         description="Evaluate R simulated chip instances per σ_d of each exported model (OUT/model.pt of "
-                    "`nft train`) on the test split of its dataset.")
-    e.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="exported model files, or run folders of `nft train` (their model.pt)")
-    e.add_argument("--sigma", type=parse_sigmas, default=parse_sigmas(DEFAULT_SWEEP),
-                   help=f"σ_d: one value, a list 0,0.1,0.2 or a sweep start:stop:step (default {DEFAULT_SWEEP})")
-    e.add_argument("--device-model", dest="device_model", choices=list(PRESETS),
-                   help="device variation model (default: each checkpoint's own)")
+        "`nft train`) on the test split of its dataset.",
+    )
+    e.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="exported model files, or run folders of `nft train` (their model.pt)",
+    )
+    e.add_argument(
+        "--sigma",
+        type=parse_sigmas,
+        default=parse_sigmas(DEFAULT_SWEEP),
+        help=f"σ_d: one value, a list 0,0.1,0.2 or a sweep start:stop:step (default {DEFAULT_SWEEP})",
+    )
+    e.add_argument(
+        "--device-model",
+        dest="device_model",
+        choices=list(PRESETS),
+        help="device variation model (default: each checkpoint's own)",
+    )
     e.add_argument("--runs", type=_runs, default=100, help="chip instances per σ_d (default 100)")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="evaluation seed (default 0)")
-    e.add_argument("--data-dir", dest="data_dir", metavar="DIR",
-                   help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
-    e.add_argument("--instances-per-pass", dest="instances_per_pass", type=_positive_int, default=8,
-                   help="chip instances evaluated per pass (default 8; results do not depend on it)")
+    e.add_argument(
+        "--data-dir",
+        dest="data_dir",
+        metavar="DIR",
+        help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)",
+    )
+    e.add_argument(
+        "--instances-per-pass",
+        dest="instances_per_pass",
+        type=_positive_int,
+        default=8,
+        help="chip instances evaluated per pass (default 8; results do not depend on it)",
+    )
     e.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=256, help="test batch size")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    e.add_argument("--json", metavar="PATH",
-                   help="write the report as JSON (finished points are kept in PATH.partial.jsonl until then: "
-                        "a rerun continues an interrupted one)")
-    e.add_argument("--no-resume", dest="resume", action="store_false",
-                   help="ignore the finished points of an interrupted run with the same --json and start afresh")
+    e.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the report as JSON (finished points are kept in PATH.partial.jsonl until then: "
+        "a rerun continues an interrupted one)",
+    )
+    e.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="ignore the finished points of an interrupted run with the same --json and start afresh",
+    )
     e.add_argument("--csv", metavar="PATH", help="write one row per checkpoint × σ_d as CSV")
     e.add_argument("--plot", metavar="PATH", help="write a PNG: accuracy (CI95 bars) and EKL vs σ_d")
-    e.add_argument("--baseline", metavar="CHECKPOINT",
-                   help="one of the checkpoints: compare every other one with it on the same simulated chips "
-                        "(paired differences of accuracy and EKL with CI95 and a verdict)")
+    e.add_argument(
+        "--baseline",
+        metavar="CHECKPOINT",
+        help="one of the checkpoints: compare every other one with it on the same simulated chips "
+        "(paired differences of accuracy and EKL with CI95 and a verdict)",
+    )
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
 
 
 def _table(report: dict) -> str:
-    rows = ["| checkpoint | σ_d | accuracy (mean ± CI95) | std | EKL (nats) | confidence |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| checkpoint | σ_d | accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         ci = r.get("ci95")
-        acc = f"{100 * r['accuracy_mean']:.2f} ± {100 * ci:.2f} %" if ci is not None else f"{100 * r['accuracy_mean']:.2f} %"
+        acc = (
+            f"{100 * r['accuracy_mean']:.2f} ± {100 * ci:.2f} %"
+            if ci is not None
+            else f"{100 * r['accuracy_mean']:.2f} %"
+        )
         std = "" if r.get("accuracy_std") is None else f"{100 * r['accuracy_std']:.2f}"
         rows.append(f"| {r['checkpoint']} | {r['sigma']:g} | {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |")
     return "\n".join(rows)
 
 
 def _run_eval(args) -> int:
+    from nft_cuda import distributed
     from nft_cuda._args import resolve_device
     from nft_cuda.eval.run import eval_checkpoints, partial_path
     from nft_cuda.io import resolve_model_path
-
-    from nft_cuda import distributed
 
     paths = [resolve_model_path(p) for p in args.checkpoints]
     if args.device is not None:
@@ -140,17 +181,33 @@ def _run_eval(args) -> int:
     if group.active and device is None:
         device = str(group.device)
     try:
-        report = eval_checkpoints(paths, args.sigma, args.device_model, args.runs, args.seed,
-                                  args.data_dir, args.json, args.csv, args.plot, args.instances_per_pass, device,
-                                  args.progress, batch_size=args.batch_size, resume=args.resume,
-                                  baseline=args.baseline)
+        report = eval_checkpoints(
+            paths,
+            args.sigma,
+            args.device_model,
+            args.runs,
+            args.seed,
+            args.data_dir,
+            args.json,
+            args.csv,
+            args.plot,
+            args.instances_per_pass,
+            device,
+            args.progress,
+            batch_size=args.batch_size,
+            resume=args.resume,
+            baseline=args.baseline,
+        )
     except KeyboardInterrupt:
         if args.json and not group.active:  # sharded runs keep no partial file
-            sys.stderr.write(f"nft: interrupted; the finished points are kept in {partial_path(args.json)}: "
-                             "run the same command again to continue\n")
+            sys.stderr.write(
+                f"nft: interrupted; the finished points are kept in {partial_path(args.json)}: "
+                "run the same command again to continue\n"
+            )
         else:
-            sys.stderr.write("nft: interrupted; nothing was kept (add --json PATH to keep finished points "
-                             "for a rerun)\n")
+            sys.stderr.write(
+                "nft: interrupted; nothing was kept (add --json PATH to keep finished points for a rerun)\n"
+            )
         return 130
     finally:
         group.close()

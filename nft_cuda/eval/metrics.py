@@ -30,8 +30,17 @@ import torch
 
 from nft_cuda import _args
 
-__all__ = ["EKL_BLOCK", "PERCENTILES", "Z95", "Z99", "EKLAccumulator", "accuracy_stats", "entropy",
-           "exact_mean", "expected_kl"]
+__all__ = [
+    "EKL_BLOCK",
+    "PERCENTILES",
+    "Z95",
+    "Z99",
+    "EKLAccumulator",
+    "accuracy_stats",
+    "entropy",
+    "exact_mean",
+    "expected_kl",
+]
 
 #: Instances per block of the fixed Σ_r p_r summation tree.
 EKL_BLOCK = 8
@@ -121,8 +130,9 @@ class EKLAccumulator:
             exchanges block sums with others needs).
     """
 
-    def __init__(self, num_inputs: int, num_classes: int, *, device=None, block_size: int = EKL_BLOCK,
-                 auto_fold: bool = True):
+    def __init__(
+        self, num_inputs: int, num_classes: int, *, device=None, block_size: int = EKL_BLOCK, auto_fold: bool = True
+    ):
         for name, v in (("num_inputs", num_inputs), ("num_classes", num_classes), ("block_size", block_size)):
             _args.check_count(name, v)
         self.num_inputs = num_inputs
@@ -131,8 +141,8 @@ class EKLAccumulator:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.auto_fold = bool(auto_fold)
         self._total = torch.zeros(num_inputs, num_classes, dtype=torch.float64, device=self.device)
-        self._blocks: dict[int, list] = {}      # block → [sum [N, C], rows given, complete]
-        self._next_block = 0                     # the next block to fold into the total
+        self._blocks: dict[int, list] = {}  # block → [sum [N, C], rows given, complete]
+        self._next_block = 0  # the next block to fold into the total
         self._plogp: dict[int, torch.Tensor] = {}  # instance → Σ_n Σ_c p log p (float64 scalar tensor)
 
     # -- streaming -------------------------------------------------------------------------------
@@ -183,8 +193,9 @@ class EKLAccumulator:
         if block < self._next_block or block in self._blocks:
             raise ValueError(f"block {block} is already present")
         if tuple(block_sum.shape) != (self.num_inputs, self.num_classes):
-            raise ValueError(f"a block sum must be [{self.num_inputs}, {self.num_classes}], "
-                             f"got {list(block_sum.shape)}")
+            raise ValueError(
+                f"a block sum must be [{self.num_inputs}, {self.num_classes}], got {list(block_sum.shape)}"
+            )
         self._blocks[block] = [block_sum.to(self.device, torch.float64), None, True]
         self._fold()
 

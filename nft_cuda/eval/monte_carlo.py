@@ -67,8 +67,8 @@ import torch.nn as nn
 from nft_cuda import _args
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
-from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
+from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.variation import Variation
 
@@ -87,20 +87,25 @@ def _as_variations(variations) -> list[Variation]:
         out = list(variations)
         if out and all(isinstance(v, Variation) for v in out):
             return out
-    raise TypeError("variations must be an nft_cuda.Variation or a non-empty list of them, "
-                    f"got {type(variations).__name__}")
+    raise TypeError(
+        f"variations must be an nft_cuda.Variation or a non-empty list of them, got {type(variations).__name__}"
+    )
 
 
 def _check_loader(loader) -> None:
     if isinstance(loader, torch.utils.data.DataLoader):
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, torch.utils.data.RandomSampler):
-            raise ValueError("monte_carlo needs a loader that yields the same inputs in the same order on every "
-                             "pass: use shuffle=False (a test loader)")
+            raise ValueError(
+                "monte_carlo needs a loader that yields the same inputs in the same order on every "
+                "pass: use shuffle=False (a test loader)"
+            )
         return
     if not isinstance(loader, Iterable) or isinstance(loader, Iterator):
-        raise TypeError("loader must be re-iterable (a DataLoader or a list of (inputs, labels) batches); "
-                        "a one-shot iterator cannot be replayed for every group of instances")
+        raise TypeError(
+            "loader must be re-iterable (a DataLoader or a list of (inputs, labels) batches); "
+            "a one-shot iterator cannot be replayed for every group of instances"
+        )
 
 
 def _model_device(model: nn.Module, device) -> torch.device:
@@ -147,8 +152,10 @@ def _broadcast_block(comm: Group, tensor: torch.Tensor | None, src: int, shape, 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     out = model(x)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError(f"the model must return logits [batch, classes], got "
-                         f"{type(out).__name__ if not isinstance(out, torch.Tensor) else list(out.shape)}")
+        raise ValueError(
+            f"the model must return logits [batch, classes], got "
+            f"{type(out).__name__ if not isinstance(out, torch.Tensor) else list(out.shape)}"
+        )
     return out
 
 
@@ -196,8 +203,19 @@ def _evaluable_layers(model: nn.Module) -> list:
     return layers
 
 
-def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed, r0: int, samples: int,
-                fold: bool, kept: dict | None = None):
+def _group_pass(
+    model,
+    layers,
+    loader,
+    device,
+    labels,
+    ekl: EKLAccumulator,
+    seed,
+    r0: int,
+    samples: int,
+    fold: bool,
+    kept: dict | None = None,
+):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
     of device scalars and feeds the probabilities to ``ekl``. With ``kept``, the float32 logits of each
     batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`)."""
@@ -216,13 +234,15 @@ def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed
         y = y.to(device, non_blocking=True)
         b = y.shape[0]
         if start + b > n:
-            raise ValueError("the loader yielded more inputs than on its first pass: it must yield the same "
-                             "inputs in the same order on every pass (no shuffling)")
-        mismatch |= (y != labels[start:start + b]).any()
+            raise ValueError(
+                "the loader yielded more inputs than on its first pass: it must yield the same "
+                "inputs in the same order on every pass (no shuffling)"
+            )
+        mismatch |= (y != labels[start : start + b]).any()
         if fold:
             with sample_plan(model, plans, samples):
                 logits = _logits(model, _repeat(x, samples))
-            chunks = [logits[t * b:(t + 1) * b] for t in range(samples)]
+            chunks = [logits[t * b : (t + 1) * b] for t in range(samples)]
         else:
             chunks = []
             for t in range(samples):
@@ -238,8 +258,10 @@ def _group_pass(model, layers, loader, device, labels, ekl: EKLAccumulator, seed
                 kept.setdefault(r0 + t, []).append((start, lt))
         start += b
     if start != n or bool(mismatch):
-        raise ValueError("the loader did not yield the same labels in the same order as on its first pass: "
-                         "monte_carlo needs a deterministic loader (shuffle=False)")
+        raise ValueError(
+            "the loader did not yield the same labels in the same order as on its first pass: "
+            "monte_carlo needs a deterministic loader (shuffle=False)"
+        )
     return correct, conf
 
 
@@ -248,8 +270,9 @@ def _repeat(x: torch.Tensor, samples: int) -> torch.Tensor:
     return x if samples == 1 else x.repeat((samples,) + (1,) * (x.dim() - 1))
 
 
-def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range,
-                    variation: Variation | None = None) -> torch.Tensor:
+def instance_logits(
+    model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range, variation: Variation | None = None
+) -> torch.Tensor:
     """Logits [S, B, classes] of chip instances ``instances`` (a range of consecutive r, S = its length)
     on one batch ``inputs`` [B, ...], computed in one pass as :func:`monte_carlo` does (the model's
     current train/eval flags are used as they are; call ``model.eval()`` first for evaluation).
@@ -277,9 +300,21 @@ def instance_logits(model: nn.Module, inputs: torch.Tensor, *, seed: int, instan
 # --------------------------------------------------------------------------------------------------
 
 
-def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, instances_per_pass: int = 8,
-                device=None, progress: bool = True, fold: bool | None = None, distributed: bool | None = None,
-                group=None, per_instance_kl: bool = False) -> list[dict]:
+def monte_carlo(
+    model: nn.Module,
+    loader,
+    variations,
+    runs: int,
+    *,
+    seed: int,
+    instances_per_pass: int = 8,
+    device=None,
+    progress: bool = True,
+    fold: bool | None = None,
+    distributed: bool | None = None,
+    group=None,
+    per_instance_kl: bool = False,
+) -> list[dict]:
     """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
 
     Args:
@@ -333,18 +368,37 @@ def monte_carlo(model: nn.Module, loader, variations, runs: int, *, seed: int, i
             fold = device.type == "cuda"
         blockers = unbatchable_modules(model) if fold else []
         if blockers:
-            warnings.warn(f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
-                          "a batch, so instances cannot be folded into the batch axis (same results, slower)",
-                          stacklevel=2)
+            warnings.warn(
+                f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
+                "a batch, so instances cannot be folded into the batch axis (same results, slower)",
+                stacklevel=2,
+            )
             fold = False
         with torch.no_grad():
             clean = _clean_pass(model, loader, device)
-            return [_sweep_result(model, layers, loader, device, clean, var, runs, seed, instances_per_pass,
-                                  bool(fold), comm, progress, per_instance_kl) for var in variations]
+            return [
+                _sweep_result(
+                    model,
+                    layers,
+                    loader,
+                    device,
+                    clean,
+                    var,
+                    runs,
+                    seed,
+                    instances_per_pass,
+                    bool(fold),
+                    comm,
+                    progress,
+                    per_instance_kl,
+                )
+                for var in variations
+            ]
 
 
-def _sweep_result(model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress,
-                  chip_kl: bool) -> dict:
+def _sweep_result(
+    model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress, chip_kl: bool
+) -> dict:
     """The result dict of one σ_d (see :func:`monte_carlo`); ``clean`` is :func:`_clean_pass`'s."""
     labels, clean_correct, clean_conf, classes = clean
     n = labels.shape[0]
@@ -356,8 +410,9 @@ def _sweep_result(model, layers, loader, device, clean, var, runs, seed, samples
         conf = exact_mean([clean_conf] * runs, runs * n)
         ekl, per_kl = 0.0, [0.0] * runs
     else:
-        per_acc, conf, ekl, per_kl = _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed,
-                                                  samples, fold, comm, progress, chip_kl)
+        per_acc, conf, ekl, per_kl = _sweep_point(
+            model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm, progress, chip_kl
+        )
     res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed, "num_inputs": n}
     res.update(accuracy_stats(per_acc))
     res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
@@ -366,12 +421,26 @@ def _sweep_result(model, layers, loader, device, clean, var, runs, seed, samples
     return res
 
 
-def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm,
-                 progress, chip_kl: bool = False):
+def _sweep_point(
+    model,
+    layers,
+    loader,
+    device,
+    labels,
+    classes,
+    var,
+    runs,
+    seed,
+    samples,
+    fold,
+    comm,
+    progress,
+    chip_kl: bool = False,
+):
     """(per-instance accuracies [R], mean confidence, EKL, per-instance KL [R] or None) of one σ_d."""
     n = labels.shape[0]
     nblocks = math.ceil(runs / EKL_BLOCK)
-    per_round = math.ceil(samples / EKL_BLOCK)        # blocks a rank evaluates per round
+    per_round = math.ceil(samples / EKL_BLOCK)  # blocks a rank evaluates per round
     rounds = math.ceil(nblocks / (comm.world * per_round))
     ekl = EKLAccumulator(n, classes, device=device, auto_fold=False)
     local: dict[int, tuple] = {}
@@ -382,14 +451,18 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
         return range(min(first, nblocks), min(first + per_round, nblocks))
 
     mine = sum(len(blocks_of(comm.rank, j)) for j in range(rounds))
-    my_instances = sum(min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK
-                       for j in range(rounds) for b in blocks_of(comm.rank, j)) if mine else 0
+    my_instances = (
+        sum(min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK for j in range(rounds) for b in blocks_of(comm.rank, j))
+        if mine
+        else 0
+    )
     bar = None
     if progress and comm.rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False,
-                   disable=None)  # None: no bar (no carriage returns) when stderr is not a terminal
+        bar = tqdm(
+            total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False, disable=None
+        )  # None: no bar (no carriage returns) when stderr is not a terminal
     try:
         for j in range(rounds):
             blocks = blocks_of(comm.rank, j)
@@ -397,8 +470,7 @@ def _sweep_point(model, layers, loader, device, labels, classes, var, runs, seed
                 lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
                 for r0 in range(lo, hi, samples):
                     s = min(samples, hi - r0)
-                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, seed, r0, s, fold,
-                                                kept)
+                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, seed, r0, s, fold, kept)
                     for t in range(s):
                         local[r0 + t] = [correct[t], conf[t]]
                     if bar is not None:
@@ -442,7 +514,7 @@ def _chip_kl(kept: dict, plogp: dict, ekl: EKLAccumulator, runs: int, n: int) ->
         cross = None
         for start, logits in chunks:
             p = torch.softmax(logits.to(torch.float64), dim=-1)  # the very probabilities the EKL summed
-            c = torch.xlogy(p, p_bar[start:start + p.shape[0]]).sum()
+            c = torch.xlogy(p, p_bar[start : start + p.shape[0]]).sum()
             cross = c if cross is None else cross + c
         out[r] = (plogp[r] - float(cross)) / n
     kept.clear()

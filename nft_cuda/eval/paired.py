@@ -45,14 +45,29 @@ from fractions import Fraction
 
 from nft_cuda.eval.metrics import Z95
 
-__all__ = ["NO_DIFFERENCE", "PAIRED_COLUMNS", "check_pairable", "compare", "paired_difference", "paired_table",
-           "plot_paired", "unpaired_ci95"]
+__all__ = [
+    "NO_DIFFERENCE",
+    "PAIRED_COLUMNS",
+    "check_pairable",
+    "compare",
+    "paired_difference",
+    "paired_table",
+    "plot_paired",
+    "unpaired_ci95",
+]
 
 NO_DIFFERENCE = "no significant difference"
 #: Columns the CSV of a report with a baseline gains (empty on the baseline's own rows).
-PAIRED_COLUMNS = ("baseline", "accuracy_difference", "accuracy_difference_ci95",
-                  "accuracy_difference_ci95_unpaired", "accuracy_verdict", "ekl_difference",
-                  "ekl_difference_ci95", "ekl_verdict")
+PAIRED_COLUMNS = (
+    "baseline",
+    "accuracy_difference",
+    "accuracy_difference_ci95",
+    "accuracy_difference_ci95_unpaired",
+    "accuracy_verdict",
+    "ekl_difference",
+    "ekl_difference_ci95",
+    "ekl_verdict",
+)
 
 
 def _mean_var(values: Sequence[Fraction]) -> tuple[Fraction, Fraction | None]:
@@ -72,8 +87,9 @@ def _verdict(low: float | None, high: float | None, words: tuple[str, str]) -> s
     return NO_DIFFERENCE
 
 
-def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
-                      words: tuple[str, str] = ("better", "worse")) -> dict:
+def paired_difference(
+    values: Sequence[float], baseline: Sequence[float], *, words: tuple[str, str] = ("better", "worse")
+) -> dict:
     """Statistics of the per-chip differences d_r = values[r] − baseline[r] (chip r of both).
 
     Returns ``mean``, ``std`` (ddof=1), ``ci95`` = 1.96·std/√R, ``low`` / ``high`` (mean ∓ ci95) and
@@ -91,8 +107,14 @@ def paired_difference(values: Sequence[float], baseline: Sequence[float], *,
         std = math.sqrt(float(var))
         ci = Z95 * std / math.sqrt(len(diffs))
         low, high = float(mean) - ci, float(mean) + ci
-    return {"mean": float(mean), "std": std, "ci95": ci, "low": low, "high": high,
-            "verdict": _verdict(low, high, words)}
+    return {
+        "mean": float(mean),
+        "std": std,
+        "ci95": ci,
+        "low": low,
+        "high": high,
+        "verdict": _verdict(low, high, words),
+    }
 
 
 def unpaired_ci95(values: Sequence[float], baseline: Sequence[float]) -> float | None:
@@ -112,22 +134,37 @@ def unpaired_ci95(values: Sequence[float], baseline: Sequence[float]) -> float |
 # --------------------------------------------------------------------------------------------------
 
 
-def check_pairable(label: str, variation: tuple, dataset: str, layer_shapes, baseline_label: str,
-                   baseline_variation: tuple, baseline_dataset: str, baseline_layer_shapes) -> None:
+def check_pairable(
+    label: str,
+    variation: tuple,
+    dataset: str,
+    layer_shapes,
+    baseline_label: str,
+    baseline_variation: tuple,
+    baseline_dataset: str,
+    baseline_layer_shapes,
+) -> None:
     """Refuse (ValueError) a pair whose chips differ; warn when the noisy layers differ (see the module
     docstring). ``variation``: (device_model, weight_bits, device_bits); ``layer_shapes``: the noisy
     layers' weight shapes in order."""
     if variation != baseline_variation:
-        raise ValueError(f"cannot pair '{label}' with baseline '{baseline_label}': their chips differ (device model "
-                         f"and bit widths {variation} vs {baseline_variation}); evaluate both with the same "
-                         "--device-model and bit widths")
+        raise ValueError(
+            f"cannot pair '{label}' with baseline '{baseline_label}': their chips differ (device model "
+            f"and bit widths {variation} vs {baseline_variation}); evaluate both with the same "
+            "--device-model and bit widths"
+        )
     if dataset != baseline_dataset:
-        raise ValueError(f"cannot pair '{label}' with baseline '{baseline_label}': different test sets "
-                         f"({dataset} vs {baseline_dataset})")
+        raise ValueError(
+            f"cannot pair '{label}' with baseline '{baseline_label}': different test sets "
+            f"({dataset} vs {baseline_dataset})"
+        )
     if list(layer_shapes) != list(baseline_layer_shapes):
-        warnings.warn(f"'{label}' and baseline '{baseline_label}' have different noisy layers: chip r does not "
-                      "carry the same noise in both, so the paired interval is valid but no sharper than the "
-                      "unpaired one", stacklevel=3)
+        warnings.warn(
+            f"'{label}' and baseline '{baseline_label}' have different noisy layers: chip r does not "
+            "carry the same noise in both, so the paired interval is valid but no sharper than the "
+            "unpaired one",
+            stacklevel=3,
+        )
 
 
 def compare(results: Sequence[dict], baseline: str) -> list[dict]:
@@ -144,17 +181,26 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
             continue
         for key in ("runs", "seed", "num_inputs"):
             if r.get(key) != a.get(key):
-                raise ValueError(f"cannot pair '{r['checkpoint']}' with baseline '{baseline}' at σ_d {r['sigma']:g}: "
-                                 f"different {key} ({r.get(key)} vs {a.get(key)})")
+                raise ValueError(
+                    f"cannot pair '{r['checkpoint']}' with baseline '{baseline}' at σ_d {r['sigma']:g}: "
+                    f"different {key} ({r.get(key)} vs {a.get(key)})"
+                )
         acc = paired_difference(r["per_instance_accuracy"], a["per_instance_accuracy"])
-        entry = {"checkpoint": r["checkpoint"], "baseline": baseline, "sigma": r["sigma"],
-                 "device_model": r["device_model"], "runs": r["runs"],
-                 "accuracy_difference": acc["mean"], "accuracy_difference_std": acc["std"],
-                 "accuracy_difference_ci95": acc["ci95"],
-                 "accuracy_difference_ci95_unpaired": unpaired_ci95(r["per_instance_accuracy"],
-                                                                    a["per_instance_accuracy"]),
-                 "accuracy_verdict": acc["verdict"],
-                 "ekl_difference": None, "ekl_difference_ci95": None, "ekl_verdict": None}
+        entry = {
+            "checkpoint": r["checkpoint"],
+            "baseline": baseline,
+            "sigma": r["sigma"],
+            "device_model": r["device_model"],
+            "runs": r["runs"],
+            "accuracy_difference": acc["mean"],
+            "accuracy_difference_std": acc["std"],
+            "accuracy_difference_ci95": acc["ci95"],
+            "accuracy_difference_ci95_unpaired": unpaired_ci95(r["per_instance_accuracy"], a["per_instance_accuracy"]),
+            "accuracy_verdict": acc["verdict"],
+            "ekl_difference": None,
+            "ekl_difference_ci95": None,
+            "ekl_verdict": None,
+        }
         if r.get("per_instance_kl") is not None and a.get("per_instance_kl") is not None:
             ekl = paired_difference(r["per_instance_kl"], a["per_instance_kl"], words=("higher", "lower"))
             entry.update(ekl_difference=ekl["mean"], ekl_difference_ci95=ekl["ci95"], ekl_verdict=ekl["verdict"])
@@ -171,14 +217,21 @@ def _signed(value: float | None, ci: float | None, scale: float, digits: int) ->
 
 def paired_table(paired: Sequence[dict]) -> str:
     """A Markdown table of :func:`compare`'s entries: differences to the baseline with CI95 and verdicts."""
-    rows = [("| checkpoint − baseline | σ_d | Δ accuracy (pp, paired CI95) | unpaired CI95 | verdict "
-             "| Δ EKL (nats, CI95) | EKL verdict |"), "|---|---|---|---|---|---|---|"]
+    rows = [
+        (
+            "| checkpoint − baseline | σ_d | Δ accuracy (pp, paired CI95) | unpaired CI95 | verdict "
+            "| Δ EKL (nats, CI95) | EKL verdict |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in paired:
         unpaired = p["accuracy_difference_ci95_unpaired"]
-        rows.append(f"| {p['checkpoint']} − {p['baseline']} | {p['sigma']:g} | "
-                    f"{_signed(p['accuracy_difference'], p['accuracy_difference_ci95'], 100, 2)} | "
-                    f"{'–' if unpaired is None else f'± {100 * unpaired:.2f}'} | {p['accuracy_verdict'] or '–'} | "
-                    f"{_signed(p['ekl_difference'], p['ekl_difference_ci95'], 1, 4)} | {p['ekl_verdict'] or '–'} |")
+        rows.append(
+            f"| {p['checkpoint']} − {p['baseline']} | {p['sigma']:g} | "
+            f"{_signed(p['accuracy_difference'], p['accuracy_difference_ci95'], 100, 2)} | "
+            f"{'–' if unpaired is None else f'± {100 * unpaired:.2f}'} | {p['accuracy_verdict'] or '–'} | "
+            f"{_signed(p['ekl_difference'], p['ekl_difference_ci95'], 1, 4)} | {p['ekl_verdict'] or '–'} |"
+        )
     return "\n".join(rows)
 
 
@@ -196,9 +249,10 @@ def plot_paired(ax, paired: Sequence[dict], colors: dict | None = None) -> None:
         sig = [p["sigma"] for p in ps]
         mean = [100.0 * p["accuracy_difference"] for p in ps]
         ci = [100.0 * (p["accuracy_difference_ci95"] or 0.0) for p in ps]
-        line, = ax.plot(sig, mean, marker="o", label=name, color=(colors or {}).get(name))
-        ax.fill_between(sig, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)],
-                        color=line.get_color(), alpha=0.2)
+        (line,) = ax.plot(sig, mean, marker="o", label=name, color=(colors or {}).get(name))
+        ax.fill_between(
+            sig, [m - c for m, c in zip(mean, ci)], [m + c for m, c in zip(mean, ci)], color=line.get_color(), alpha=0.2
+        )
     ax.axhline(0.0, color="black", linewidth=0.8)
     baseline = paired[0]["baseline"] if paired else "baseline"
     ax.set_xlabel("device variation σ_d")

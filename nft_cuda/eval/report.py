@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 
 import torch
@@ -30,9 +29,28 @@ from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 __all__ = ["CSV_COLUMNS", "build_report", "plot_results", "read_json", "write_csv", "write_json"]
 
 #: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
-CSV_COLUMNS = ("checkpoint", "sigma", "device_model", "runs", "seed", "num_inputs", "accuracy_mean",
-               "accuracy_std", "ci95", "ci99", "accuracy_min", "accuracy_max", "accuracy_p5", "accuracy_p25",
-               "accuracy_p50", "accuracy_p75", "accuracy_p95", "confidence", "ekl", "clean_accuracy")
+CSV_COLUMNS = (
+    "checkpoint",
+    "sigma",
+    "device_model",
+    "runs",
+    "seed",
+    "num_inputs",
+    "accuracy_mean",
+    "accuracy_std",
+    "ci95",
+    "ci99",
+    "accuracy_min",
+    "accuracy_max",
+    "accuracy_p5",
+    "accuracy_p25",
+    "accuracy_p50",
+    "accuracy_p75",
+    "accuracy_p95",
+    "confidence",
+    "ekl",
+    "clean_accuracy",
+)
 
 
 def versions() -> dict:
@@ -41,8 +59,7 @@ def versions() -> dict:
     return {"nft_cuda": nft_cuda.__version__, "torch": torch.__version__}
 
 
-def build_report(results: Sequence[dict], *, model=None, dataset=None, seed=None, checkpoints=None,
-                 **extra) -> dict:
+def build_report(results: Sequence[dict], *, model=None, dataset=None, seed=None, checkpoints=None, **extra) -> dict:
     """The report dict: ``results`` plus the run's description and the library versions."""
     report = {"results": [dict(r) for r in results], "model": model, "dataset": dataset, "seed": seed}
     if checkpoints is not None:

@@ -42,7 +42,7 @@ class TensorBatches:
 
     def __iter__(self):
         for i in range(0, self.labels.shape[0], self.batch_size):
-            yield self.images[i:i + self.batch_size], self.labels[i:i + self.batch_size]
+            yield self.images[i : i + self.batch_size], self.labels[i : i + self.batch_size]
 
 
 def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,12 +137,27 @@ def _summary(values: dict):
     return distinct[0] if len(distinct) == 1 else dict(values)
 
 
-def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = None, runs: int = 100,
-                     seed: int = 0, data_dir=None, json_path: str | None = None, csv_path: str | None = None,
-                     plot_path: str | None = None, instances_per_pass: int = 8, device=None,
-                     progress: bool = True, *, batch_size: int = 256, fold: bool | None = None,
-                     distributed: bool | None = None, labels: Sequence[str] | None = None,
-                     resume: bool = True, baseline: str | None = None) -> dict:
+def eval_checkpoints(
+    paths,
+    sigmas: Sequence[float],
+    device_model: str | None = None,
+    runs: int = 100,
+    seed: int = 0,
+    data_dir=None,
+    json_path: str | None = None,
+    csv_path: str | None = None,
+    plot_path: str | None = None,
+    instances_per_pass: int = 8,
+    device=None,
+    progress: bool = True,
+    *,
+    batch_size: int = 256,
+    fold: bool | None = None,
+    distributed: bool | None = None,
+    labels: Sequence[str] | None = None,
+    resume: bool = True,
+    baseline: str | None = None,
+) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
@@ -185,22 +200,53 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
         meta = payload.get("meta", {}) or {}
         spec = dict(payload["model"])
         base = payload["variation"]
-        variations = [Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"])
-                      for s in sigmas]
-        chips[label] = ((variations[0].device_model, variations[0].weight_bits, variations[0].device_bits), dataset,
-                        [tuple(m.weight.shape) for _, m in noisy_layers(model)])
+        variations = [
+            Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"]) for s in sigmas
+        ]
+        chips[label] = (
+            (variations[0].device_model, variations[0].weight_bits, variations[0].device_bits),
+            dataset,
+            [tuple(m.weight.shape) for _, m in noisy_layers(model)],
+        )
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
         digest = sha256_file(path) if finished.path else None
-        setting = {"checkpoint_sha256": digest, "dataset": dataset, "test_size": int(y.shape[0]), "runs": runs,
-                   "seed": seed, "batch_size": batch_size, **({"per_instance_kl": True} if baseline else {})}
-        for r in _points(model, loader, variations, finished, setting, runs=runs, seed=seed, device=device,
-                         instances_per_pass=instances_per_pass, progress=progress, fold=fold, distributed=distributed,
-                         per_instance_kl=baseline is not None):
+        setting = {
+            "checkpoint_sha256": digest,
+            "dataset": dataset,
+            "test_size": int(y.shape[0]),
+            "runs": runs,
+            "seed": seed,
+            "batch_size": batch_size,
+            **({"per_instance_kl": True} if baseline else {}),
+        }
+        for r in _points(
+            model,
+            loader,
+            variations,
+            finished,
+            setting,
+            runs=runs,
+            seed=seed,
+            device=device,
+            instances_per_pass=instances_per_pass,
+            progress=progress,
+            fold=fold,
+            distributed=distributed,
+            per_instance_kl=baseline is not None,
+        ):
             results.append({"checkpoint": label, **r})
-        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
-                            "method": meta.get("method"), "trained_variation": dict(base)})
+        checkpoints.append(
+            {
+                "checkpoint": label,
+                "path": path,
+                "model": spec,
+                "dataset": dataset,
+                "method": meta.get("method"),
+                "trained_variation": dict(base),
+            }
+        )
         models[label], datasets[label] = spec, dataset
         del model
 
@@ -208,9 +254,14 @@ def eval_checkpoints(paths, sigmas: Sequence[float], device_model: str | None = 
     results.sort(key=lambda r: order[r["checkpoint"]])
     checkpoints.sort(key=lambda c: order[c["checkpoint"]])
     extra = {} if baseline is None else {"baseline": baseline, "paired": compare(results, baseline)}
-    report = build_report(results, model=_summary({k: models[k] for k in labels}),
-                          dataset=_summary({k: datasets[k] for k in labels}), seed=seed,
-                          checkpoints=checkpoints, **extra)
+    report = build_report(
+        results,
+        model=_summary({k: models[k] for k in labels}),
+        dataset=_summary({k: datasets[k] for k in labels}),
+        seed=seed,
+        checkpoints=checkpoints,
+        **extra,
+    )
     if _is_writer(distributed):
         _write_outputs(report, finished, json_path, csv_path, plot_path)
     return report
@@ -221,8 +272,9 @@ def _points(model, loader, variations, finished, setting: dict, **monte_carlo_ar
     a point an interrupted call finished with the same ``setting`` is reused."""
     out = []
     for var in variations:
-        key = json.dumps({**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]},
-                         sort_keys=True)
+        key = json.dumps(
+            {**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]}, sort_keys=True
+        )
         r = finished.get(key)
         if r is None:
             r = finished.add(key, monte_carlo(model, loader, [var], **monte_carlo_args)[0])
@@ -262,8 +314,10 @@ def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
     x, y = test_sets[dataset]
     spec = payload["model"]
     if x.shape[1] != spec.get("in_channels", x.shape[1]):
-        raise ValueError(f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
-                         f"but the {dataset} test set has {x.shape[1]}")
+        raise ValueError(
+            f"{path}: model '{spec.get('name')}' takes {spec.get('in_channels')} input channels "
+            f"but the {dataset} test set has {x.shape[1]}"
+        )
     return model, payload, dataset, (x, y)
 
 

@@ -5,21 +5,66 @@ It builds on the ops tier (:mod:`nft_cuda.ops`, :mod:`nft_cuda._autograd`) and i
 train and eval tiers; see docs/architecture.md.
 """
 
-from nft_cuda.nn.layers import (MODES, NoiseState, NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule, SamplePlan,
-                                instance_offset)
-from nft_cuda.nn.conversion import (FAST_PATH_MODULES, convert, guard_fast_paths, kept_noise_state, noise_mode,
-                                    noisy_layers, set_instance, set_noise_mode, strip)
-from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.nn.attention import NoisyMultiheadAttention
-from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
+from nft_cuda.nn.conversion import (
+    FAST_PATH_MODULES,
+    convert,
+    guard_fast_paths,
+    kept_noise_state,
+    noise_mode,
+    noisy_layers,
+    set_instance,
+    set_noise_mode,
+    strip,
+)
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
+from nft_cuda.nn.layers import (
+    MODES,
+    NoiseState,
+    NoisyConv1d,
+    NoisyConv2d,
+    NoisyLinear,
+    NoisyModule,
+    SamplePlan,
+    instance_offset,
+)
+from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
+from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, conversion_summary
 
-__all__ = ["FAST_PATH_MODULES", "MODES", "ConversionSummary", "ConvertedLayer", "DigitalWeight", "NoiseState",
-           "NoisyConv1d", "NoisyConv2d", "NoisyEmbedding", "NoisyGRU", "NoisyLSTM", "NoisyLinear", "NoisyModule",
-           "NoisyMultiheadAttention", "NoisyRNN", "SamplePlan", "conversion_summary", "convert", "guard_fast_paths",
-           "instance_offset", "instance_plans", "kept_noise_state", "noise_mode", "noisy_layers", "register_noisy",
-           "sample_plan", "set_instance", "set_noise_mode", "strip", "unbatchable_modules", "unregister_noisy"]
+__all__ = [
+    "FAST_PATH_MODULES",
+    "MODES",
+    "ConversionSummary",
+    "ConvertedLayer",
+    "DigitalWeight",
+    "NoiseState",
+    "NoisyConv1d",
+    "NoisyConv2d",
+    "NoisyEmbedding",
+    "NoisyGRU",
+    "NoisyLSTM",
+    "NoisyLinear",
+    "NoisyModule",
+    "NoisyMultiheadAttention",
+    "NoisyRNN",
+    "SamplePlan",
+    "conversion_summary",
+    "convert",
+    "guard_fast_paths",
+    "instance_offset",
+    "instance_plans",
+    "kept_noise_state",
+    "noise_mode",
+    "noisy_layers",
+    "register_noisy",
+    "sample_plan",
+    "set_instance",
+    "set_noise_mode",
+    "strip",
+    "unbatchable_modules",
+    "unregister_noisy",
+]
 
 # The old module names (nft_cuda.layers, nft_cuda.conversion, nft_cuda.sample_axis) keep working: they are
 # the very same module objects, so attribute reads and monkeypatching act on the real modules.

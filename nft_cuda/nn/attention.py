@@ -51,13 +51,38 @@ class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadA
 
     _plain = nn.MultiheadAttention
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
-                 batch_first: bool = False, device=None, dtype=None, *, variation: Variation | None = None,
-                 mode: str | None = None, generator: torch.Generator | None = None) -> None:
-        nn.MultiheadAttention.__init__(self, embed_dim, num_heads, dropout=dropout, bias=bias,
-                                       add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim,
-                                       batch_first=batch_first, device=device, dtype=dtype)
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim=None,
+        vdim=None,
+        batch_first: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        variation: Variation | None = None,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        nn.MultiheadAttention.__init__(
+            self,
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            add_bias_kv=add_bias_kv,
+            add_zero_attn=add_zero_attn,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
         self._init_noise(variation, mode, generator)
         if variation is not None:
             self.out_proj = NoisyLinear.from_module(self.out_proj, variation, mode=mode, generator=generator)
@@ -82,18 +107,30 @@ class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadA
             raise TypeError(f"{type(self).__name__}: query must be a torch.Tensor, got {type(input).__name__}")
         device = self.out_proj.weight.device
         if input.device != device:
-            raise RuntimeError(f"{type(self).__name__}: query is on {input.device} but the weights are on {device}; "
-                               "move one of them (e.g. layer.to(query.device))")
+            raise RuntimeError(
+                f"{type(self).__name__}: query is on {input.device} but the weights are on {device}; "
+                "move one of them (e.g. layer.to(query.device))"
+            )
 
     # -- forward --------------------------------------------------------------------------------------
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True, attn_mask=None,
-                average_attn_weights: bool = True, is_causal: bool = False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights: bool = True,
+        attn_mask=None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
         noise = self.forward_noise()
         out_noise = self.out_proj.forward_noise() if isinstance(self.out_proj, NoisyModule) else None
         if noise is None and out_noise is None:
-            return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
-                                                 average_attn_weights, is_causal)
+            return nn.MultiheadAttention.forward(
+                self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
         self._check_input(query)
         options = {"need_weights": need_weights, "average_attn_weights": average_attn_weights, "is_causal": is_causal}
 
@@ -108,12 +145,26 @@ class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadA
             if samples > 1 and query.dim() != 3:
                 raise ValueError(f"a sample-axis forward with {samples} samples needs batched (3-D) inputs")
             dim = 0 if self.batch_first else 1
-            qs, ks, vs = (_chunks_keeping_identity(query, key, value, samples, dim))
+            qs, ks, vs = _chunks_keeping_identity(query, key, value, samples, dim)
             masks = sample_chunks(key_padding_mask, samples)
-            attn = sample_chunks(attn_mask, samples) if attn_mask is not None and attn_mask.dim() == 3 else \
-                [attn_mask] * samples
-            outs = [self._attend(w_in[min(t, w_in.shape[0] - 1)], w_out[min(t, w_out.shape[0] - 1)], qs[t], ks[t],
-                                 vs[t], masks[t], attn[t], **options) for t in range(samples)]
+            attn = (
+                sample_chunks(attn_mask, samples)
+                if attn_mask is not None and attn_mask.dim() == 3
+                else [attn_mask] * samples
+            )
+            outs = [
+                self._attend(
+                    w_in[min(t, w_in.shape[0] - 1)],
+                    w_out[min(t, w_out.shape[0] - 1)],
+                    qs[t],
+                    ks[t],
+                    vs[t],
+                    masks[t],
+                    attn[t],
+                    **options,
+                )
+                for t in range(samples)
+            ]
             if samples == 1:
                 return outs[0]
             weights = None if outs[0][1] is None else torch.cat([o[1] for o in outs], dim=0)
@@ -127,10 +178,24 @@ class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadA
         if self.batch_first and batched:  # transposed as nn.MultiheadAttention does, keeping `is` relations
             query, key, value = _transposed_keeping_identity(query, key, value)
         out, weights = F.multi_head_attention_forward(
-            query, key, value, self.embed_dim, self.num_heads, bias_k=self.bias_k, bias_v=self.bias_v,
-            in_proj_bias=self.in_proj_bias, add_zero_attn=self.add_zero_attn, dropout_p=self.dropout,
-            out_proj_weight=w_out, out_proj_bias=self.out_proj.bias, training=self.training,
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask, **self._in_projection(w_in), **options)
+            query,
+            key,
+            value,
+            self.embed_dim,
+            self.num_heads,
+            bias_k=self.bias_k,
+            bias_v=self.bias_v,
+            in_proj_bias=self.in_proj_bias,
+            add_zero_attn=self.add_zero_attn,
+            dropout_p=self.dropout,
+            out_proj_weight=w_out,
+            out_proj_bias=self.out_proj.bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            **self._in_projection(w_in),
+            **options,
+        )
         if self.batch_first and batched:
             out = out.transpose(1, 0)
         return out, weights

@@ -43,13 +43,21 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from nft_cuda import _args
-from nft_cuda.nn import attention, recurrent  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
-from nft_cuda.nn import generic, summary
+from nft_cuda.nn import attention, generic, recurrent, summary  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule
 from nft_cuda.variation import Variation
 
-__all__ = ["FAST_PATH_MODULES", "convert", "guard_fast_paths", "kept_noise_state", "noise_mode", "noisy_layers",
-           "set_instance", "set_noise_mode", "strip"]
+__all__ = [
+    "FAST_PATH_MODULES",
+    "convert",
+    "guard_fast_paths",
+    "kept_noise_state",
+    "noise_mode",
+    "noisy_layers",
+    "set_instance",
+    "set_noise_mode",
+    "strip",
+]
 
 
 def _check_model(model) -> nn.Module:
@@ -119,8 +127,10 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
         if spec is not None and not spec.by_default and not embeddings:
             return None, f"{t.__name__}: embeddings stay digital by default (convert(..., embeddings=True))", True
         if spec is not None and spec.weight not in dict(module.named_parameters(recurse=False)):
-            raise ValueError(f"convert: {t.__name__} is registered with weight {spec.weight!r}, which is not one of "
-                             f"its parameters {[n for n, _ in module.named_parameters(recurse=False)]}")
+            raise ValueError(
+                f"convert: {t.__name__} is registered with weight {spec.weight!r}, which is not one of "
+                f"its parameters {[n for n, _ in module.named_parameters(recurse=False)]}"
+            )
         return noisy, "", True
     if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
         return None, "parametrized layer (torch.nn.utils.parametrize): not converted", False
@@ -128,8 +138,14 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
         if isinstance(module, base):
             if t.forward is base.forward:  # a subclass that only adds attributes (e.g. MHA's out_proj)
                 return noisy, "", True
-            return None, (f"{t.__name__} subclasses nn.{base.__name__} with its own forward: "
-                          "register it with nft_cuda.register_noisy"), False
+            return (
+                None,
+                (
+                    f"{t.__name__} subclasses nn.{base.__name__} with its own forward: "
+                    "register it with nft_cuda.register_noisy"
+                ),
+                False,
+            )
     if isinstance(module, _NORMALISATIONS):
         return None, f"{t.__name__}: normalisation layers stay digital", True
     return None, f"unsupported type {t.__name__}: register it with nft_cuda.register_noisy", False
@@ -154,8 +170,9 @@ def _check_options(variation, include, exclude, per_layer, mode, embeddings, str
     if per_layer is None:
         per_layer = {}
     if not isinstance(per_layer, Mapping):
-        raise TypeError(f"per_layer must be a mapping of module-name pattern -> Variation, "
-                        f"got {type(per_layer).__name__}")
+        raise TypeError(
+            f"per_layer must be a mapping of module-name pattern -> Variation, got {type(per_layer).__name__}"
+        )
     for pat, var in per_layer.items():
         if not isinstance(pat, str):
             raise TypeError(f"per_layer keys must be module-name patterns (str), got {type(pat).__name__}")
@@ -179,14 +196,18 @@ def _select(modules, kinds, include, exclude, per_layer):
         return any(_matches(name, p) or any(_matches(w, p) for w in weights[name]) for p in exclude or ())
 
     unknown = []
-    for label, pats, pool in (("include", include, names), ("exclude", exclude, names + sum(weights.values(), [])),
-                              ("per_layer", list(per_layer), names)):
+    for label, pats, pool in (
+        ("include", include, names),
+        ("exclude", exclude, names + sum(weights.values(), [])),
+        ("per_layer", list(per_layer), names),
+    ):
         for p in pats or ():
             if not any(_matches(n, p) for n in pool):
                 unknown.append(f"{label} {p!r}")
     if unknown:
-        raise ValueError(f"convert: {', '.join(unknown)} match no convertible layer; "
-                         f"the convertible layers are {_listing(names)}")
+        raise ValueError(
+            f"convert: {', '.join(unknown)} match no convertible layer; the convertible layers are {_listing(names)}"
+        )
     reasons: dict[str, tuple[str, bool]] = {}
     selected = []
     for name, module in modules:
@@ -208,19 +229,29 @@ def _drop_children_read_directly(modules, selected, reasons):
     for name, module in selected:
         parent = name.rpartition(".")[0] if "." in name else ("" if name else None)
         owner = by_name.get(parent) if parent is not None else None
-        if (isinstance(owner, _READS_CHILD_WEIGHTS) and not isinstance(owner, NoisyModule)
-                and parent not in kept):
+        if isinstance(owner, _READS_CHILD_WEIGHTS) and not isinstance(owner, NoisyModule) and parent not in kept:
             why, chosen = reasons.get(parent, ("", False))
-            reasons[name] = (f"its weight is read directly by '{parent}' ({type(owner).__name__}), which stays "
-                             f"digital" + (f": {why}" if why else ""), chosen)
+            reasons[name] = (
+                f"its weight is read directly by '{parent}' ({type(owner).__name__}), which stays "
+                f"digital" + (f": {why}" if why else ""),
+                chosen,
+            )
         else:
             out.append((name, module))
     return out
 
 
-def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
-            per_layer: Mapping[str, Variation] | None = None, *, mode: str = "train", embeddings: bool = False,
-            strict: bool = False) -> nn.Module:
+def convert(
+    model: nn.Module,
+    variation: Variation,
+    include=None,
+    exclude=None,
+    per_layer: Mapping[str, Variation] | None = None,
+    *,
+    mode: str = "train",
+    embeddings: bool = False,
+    strict: bool = False,
+) -> nn.Module:
     """Swap the layers of ``model`` that a crossbar would hold for noisy ones, in place.
 
     Converted: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and their subclasses that keep the base
@@ -264,8 +295,10 @@ def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
     sel_names = [n for n, _ in selected]
     unused = [p for p in per_layer if not any(_matches(n, p) for n in sel_names)]
     if unused:
-        raise ValueError(f"convert: per_layer {', '.join(map(repr, unused))} match only layers left out by "
-                         f"include/exclude; the converted layers are {_listing(sel_names)}")
+        raise ValueError(
+            f"convert: per_layer {', '.join(map(repr, unused))} match only layers left out by "
+            f"include/exclude; the converted layers are {_listing(sel_names)}"
+        )
 
     def variation_of(name: str) -> Variation:
         if name in per_layer:
@@ -283,9 +316,11 @@ def convert(model: nn.Module, variation: Variation, include=None, exclude=None,
         converted[name] = memo.get(id(module), module)
     result = summary.build_summary(model, converted, reasons)
     if strict and result.unexpected:
-        raise ValueError("convert(strict=True): these weight matrices would stay digital:\n  " + "\n  ".join(
-            f"{w.name} {list(w.shape)}: {w.reason}" for w in result.unexpected)
-            + "\nregister their layer types (nft_cuda.register_noisy) or exclude them (exclude=[...])")
+        raise ValueError(
+            "convert(strict=True): these weight matrices would stay digital:\n  "
+            + "\n  ".join(f"{w.name} {list(w.shape)}: {w.reason}" for w in result.unexpected)
+            + "\nregister their layer types (nft_cuda.register_noisy) or exclude them (exclude=[...])"
+        )
     for name, module in selected:
         if isinstance(module, NoisyModule):
             module.variation = variation_of(name)
@@ -326,7 +361,10 @@ def strip(model: nn.Module) -> nn.Module:
 #: nested-tensor encoder) that reads the submodules' weights directly. All of them look at
 #: ``torch.backends.mha.get_fastpath_enabled()`` first.
 FAST_PATH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.MultiheadAttention,
+    nn.TransformerEncoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.MultiheadAttention,
 )
 
 _guards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> its two hook handles
@@ -371,8 +409,10 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
         if wants:
             guarded.append(name)
             if not _is_guarded(module):
-                _guards[module] = (module.register_forward_pre_hook(_fast_path_off),
-                                   module.register_forward_hook(_fast_path_restore, always_call=True))
+                _guards[module] = (
+                    module.register_forward_pre_hook(_fast_path_off),
+                    module.register_forward_hook(_fast_path_restore, always_call=True),
+                )
         elif module in _guards:
             for handle in _guards.pop(module):
                 handle.remove()
@@ -383,9 +423,18 @@ def _plain_copy(module: nn.Module, plain_cls: type) -> nn.Module:
     if plain_cls is nn.Linear:
         new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     else:
-        new = plain_cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                        padding=module.padding, dilation=module.dilation, groups=module.groups,
-                        bias=module.bias is not None, padding_mode=module.padding_mode, device="meta")
+        new = plain_cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+        )
     new.weight = module.weight
     new.bias = module.bias
     new.train(module.training)

@@ -32,9 +32,22 @@ from torch.utils.checkpoint import checkpoint
 from nft_cuda import ops
 from nft_cuda.nn.layers import NoisyModule, SamplePlan
 
-__all__ = ["NoisyEmbedding", "NoisySpec", "RetypedNoisy", "SeveralWeightCrossbar", "cat_samples", "recomputed", "register_noisy", "registered",
-           "register_class", "retyped_copy", "sample_chunks", "spec_of", "straight_through_samples",
-           "unregister_noisy"]
+__all__ = [
+    "NoisyEmbedding",
+    "NoisySpec",
+    "RetypedNoisy",
+    "SeveralWeightCrossbar",
+    "cat_samples",
+    "recomputed",
+    "register_noisy",
+    "registered",
+    "register_class",
+    "retyped_copy",
+    "sample_chunks",
+    "spec_of",
+    "straight_through_samples",
+    "unregister_noisy",
+]
 
 
 def straight_through_samples(layer: NoisyModule, plan: SamplePlan | None) -> torch.Tensor:
@@ -63,8 +76,10 @@ def sample_chunks(t, samples: int, dim: int = 0) -> list:
     if not isinstance(t, torch.Tensor) or samples == 1:
         return [t] * samples
     if t.dim() <= dim or t.shape[dim] % samples:
-        raise ValueError(f"a sample-axis forward with {samples} samples needs inputs whose batch axis (dim {dim}) "
-                         f"is a multiple of {samples}, got shape {list(t.shape)}")
+        raise ValueError(
+            f"a sample-axis forward with {samples} samples needs inputs whose batch axis (dim {dim}) "
+            f"is a multiple of {samples}, got shape {list(t.shape)}"
+        )
     return list(t.chunk(samples, dim=dim))
 
 
@@ -222,13 +237,20 @@ def register_noisy(cls: type, weight: str, apply: Callable) -> type:
 
 def _make_noisy_class(spec: NoisySpec) -> type:
     cls, weight = spec.cls, spec.weight
-    body = {"_spec": spec, "_plain": cls, "__module__": cls.__module__, "__doc__": f"Noisy {cls.__name__} (register_noisy)."}
+    body = {
+        "_spec": spec,
+        "_plain": cls,
+        "__module__": cls.__module__,
+        "__doc__": f"Noisy {cls.__name__} (register_noisy).",
+    }
     if weight != "weight":
         if hasattr(cls, "weight"):
-            raise ValueError(f"register_noisy: {cls.__name__} has its own 'weight' attribute; register that one "
-                             f"or rename it")
-        body["weight"] = property(lambda self: self._parameters[weight],
-                                  doc=f"The crossbar weight (parameter '{weight}').")
+            raise ValueError(
+                f"register_noisy: {cls.__name__} has its own 'weight' attribute; register that one or rename it"
+            )
+        body["weight"] = property(
+            lambda self: self._parameters[weight], doc=f"The crossbar weight (parameter '{weight}')."
+        )
     noisy_cls = type(f"Noisy{cls.__name__}", (_RegisteredNoisy, cls), body)
     _REGISTRY[cls] = noisy_cls
     return noisy_cls
@@ -251,8 +273,9 @@ def spec_of(noisy_cls: type) -> NoisySpec | None:
 
 
 def _embedding(module: nn.Embedding, weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    return F.embedding(input, weight, module.padding_idx, module.max_norm, module.norm_type,
-                       module.scale_grad_by_freq, module.sparse)
+    return F.embedding(
+        input, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
+    )
 
 
 #: The noisy embedding: converted only with ``convert(..., embeddings=True)``.

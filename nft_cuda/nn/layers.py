@@ -54,8 +54,16 @@ from nft_cuda import _args, _ext, ops
 from nft_cuda._autograd import once_differentiable
 from nft_cuda.variation import Variation
 
-__all__ = ["MODES", "NoiseState", "NoisyConv1d", "NoisyConv2d", "NoisyLinear", "NoisyModule", "SamplePlan",
-           "instance_offset"]
+__all__ = [
+    "MODES",
+    "NoiseState",
+    "NoisyConv1d",
+    "NoisyConv2d",
+    "NoisyLinear",
+    "NoisyModule",
+    "SamplePlan",
+    "instance_offset",
+]
 
 #: Noise modes of a noisy layer.
 MODES = ("train", "instance", "off")
@@ -76,8 +84,9 @@ def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation)
     return ops.perturb(weight.detach(), variation, rng=rng)[0]
 
 
-def _noisy_weights(weight: torch.Tensor, rng: torch.Tensor, variation: Variation,
-                   sigmas: torch.Tensor | None) -> torch.Tensor:
+def _noisy_weights(
+    weight: torch.Tensor, rng: torch.Tensor, variation: Variation, sigmas: torch.Tensor | None
+) -> torch.Tensor:
     """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
     if sigmas is None:
         return ops.perturb(weight.detach(), variation, rng=rng)
@@ -89,8 +98,10 @@ def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
     if samples == 1:
         return [t]
     if t.shape[0] % samples:
-        raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
-                         f"{samples}, got {t.shape[0]}")
+        raise ValueError(
+            f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+            f"{samples}, got {t.shape[0]}"
+        )
     return list(t.chunk(samples, dim=0))
 
 
@@ -217,11 +228,12 @@ def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
             return ops.noisy_linear(xc, weight, bc, variation, rng=rng)[0]
         samples = sigmas.shape[0]
         if xc.dim() < 2 or xc.shape[0] % samples:
-            raise ValueError(f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
-                             f"{samples}, got {xc.shape[0] if xc.dim() else 0}")
+            raise ValueError(
+                f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+                f"{samples}, got {xc.shape[0] if xc.dim() else 0}"
+            )
         xs = xc.reshape(samples, xc.shape[0] // samples, *xc.shape[1:])
-        out = ops.noisy_linear(xs, weight, bc, variation, rng=rng, samples=samples, sigmas=sigmas,
-                               shared_input=False)
+        out = ops.noisy_linear(xs, weight, bc, variation, rng=rng, samples=samples, sigmas=sigmas, shared_input=False)
         return out.reshape(xc.shape[0], *out.shape[2:])
 
 
@@ -234,12 +246,20 @@ class _NoisyConvFn(torch.autograd.Function):
     ``sigmas`` adds a sample axis as in :class:`_NoisyLinearFn`."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding,
-                dilation, groups):
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding, dilation, groups):
         conv = _CONV[weight.dim() - 2]
         ctx.conv = (stride, padding, dilation, groups)
-        return _save_and_apply(ctx, lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups), x,
-                               weight, bias, rng, sigmas, variation, compute_dtype)
+        return _save_and_apply(
+            ctx,
+            lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups),
+            x,
+            weight,
+            bias,
+            rng,
+            sigmas,
+            variation,
+            compute_dtype,
+        )
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -258,16 +278,20 @@ class _NoisyConvFn(torch.autograd.Function):
                     # Straight-through: the weight gradient does not depend on the weight's values and
                     # sums over every row of every sample, so one call over the whole batch serves all.
                     _, gw, gb = torch.ops.aten.convolution_backward(
-                        g, xc, weight.detach().to(c_dtype), [weight.shape[0]] if need_b else None, *conv_args,
-                        [False, need_w, need_b])
+                        g,
+                        xc,
+                        weight.detach().to(c_dtype),
+                        [weight.shape[0]] if need_b else None,
+                        *conv_args,
+                        [False, need_w, need_b],
+                    )
                     gw = gw.to(w_dtype) if need_w else None
                     gb = gb.to(b_dtype) if need_b else None
                 if need_x:
                     w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
 
                     def input_grad(w, gc, xs):
-                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args,
-                                                                   [True, False, False])[0]
+                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args, [True, False, False])[0]
 
                     gx = _per_sample(input_grad, w_noisy, g, xc).to(x_dtype)
                     del w_noisy
@@ -313,11 +337,11 @@ class SamplePlan(NamedTuple):
     def samples(self) -> int:
         return self.sigmas.shape[0]
 
-    def select(self, t: int) -> "SamplePlan":
+    def select(self, t: int) -> SamplePlan:
         """The one-sample plan of sample t (stream offset + t)."""
         rng = torch.stack((self.rng[0], self.rng[1] + t))
-        weights = None if self.weights is None else self.weights[t:t + 1]
-        return SamplePlan(rng, self.sigmas[t:t + 1], weights)
+        weights = None if self.weights is None else self.weights[t : t + 1]
+        return SamplePlan(rng, self.sigmas[t : t + 1], weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,8 +402,9 @@ class NoisyModule(nn.Module):
         if value is not None and not isinstance(value, Variation):
             raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
         if value is None and getattr(self, "_mode", "off") != "off":
-            raise ValueError(f"cannot remove the variation of a layer in noise mode '{self._mode}'; "
-                             "set mode='off' first")
+            raise ValueError(
+                f"cannot remove the variation of a layer in noise mode '{self._mode}'; set mode='off' first"
+            )
         self._variation = value
 
     @property
@@ -390,11 +415,14 @@ class NoisyModule(nn.Module):
     def mode(self, value) -> None:
         value = _check_mode(value)
         if value != "off" and self._variation is None:
-            raise ValueError(f"noise mode '{value}' needs a variation; pass variation=nft_cuda.Variation(...) "
-                             "or use mode='off'")
+            raise ValueError(
+                f"noise mode '{value}' needs a variation; pass variation=nft_cuda.Variation(...) or use mode='off'"
+            )
         if value == "instance" and self._buffers.get("_instance_rng") is None:
-            raise ValueError("noise mode 'instance' needs a chip instance: call set_instance(seed, instance) "
-                             "(or nft_cuda.set_instance(model, seed, instance))")
+            raise ValueError(
+                "noise mode 'instance' needs a chip instance: call set_instance(seed, instance) "
+                "(or nft_cuda.set_instance(model, seed, instance))"
+            )
         self._mode = value
 
     @property
@@ -437,8 +465,16 @@ class NoisyModule(nn.Module):
     def noise_state(self) -> NoiseState:
         """A snapshot of the noise settings (variation, mode, instance, sample plan)."""
         buf = self._buffers.get("_instance_rng")
-        return NoiseState(self._variation, self._mode, self.layer_index, self.instance_seed, self.instance, buf,
-                          None if buf is None else buf.clone(), self._sample_plan)
+        return NoiseState(
+            self._variation,
+            self._mode,
+            self.layer_index,
+            self.instance_seed,
+            self.instance,
+            buf,
+            None if buf is None else buf.clone(),
+            self._sample_plan,
+        )
 
     def restore_noise_state(self, state: NoiseState) -> None:
         """Put back a snapshot of :meth:`noise_state` exactly (the instance rng buffer in place)."""
@@ -453,7 +489,7 @@ class NoisyModule(nn.Module):
         self._sample_plan = state.sample_plan
 
     @contextlib.contextmanager
-    def kept_noise_state(self) -> Iterator["NoisyModule"]:
+    def kept_noise_state(self) -> Iterator[NoisyModule]:
         """Context manager: whatever the block changes, the noise state is restored on exit."""
         state = self.noise_state()
         try:
@@ -463,8 +499,9 @@ class NoisyModule(nn.Module):
 
     # -- noise ------------------------------------------------------------------------------------
 
-    def set_sample_plan(self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None, *,
-                        weights: torch.Tensor | None = None) -> None:
+    def set_sample_plan(
+        self, rng: torch.Tensor | None, sigmas: torch.Tensor | None = None, *, weights: torch.Tensor | None = None
+    ) -> None:
         """Override the noise of the following forwards (used by OVF, IRS and batched Monte-Carlo; see
         :class:`SamplePlan` and :mod:`nft_cuda.nn.sample_axis`): stream t of ``rng`` (offset + t) at
         σ_d = ``sigmas[t]`` for the t-th chunk of the batch axis, S = len(sigmas) (default: one sample at
@@ -478,8 +515,10 @@ class NoisyModule(nn.Module):
         if sigmas is None:
             sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=rng.device)
         if weights is not None and weights.shape != (sigmas.shape[0], *self.weight.shape):
-            raise ValueError(f"plan weights must have shape [{sigmas.shape[0]}, *weight.shape] = "
-                             f"{[sigmas.shape[0], *self.weight.shape]}, got {list(weights.shape)}")
+            raise ValueError(
+                f"plan weights must have shape [{sigmas.shape[0]}, *weight.shape] = "
+                f"{[sigmas.shape[0], *self.weight.shape]}, got {list(weights.shape)}"
+            )
         self._sample_plan = SamplePlan(rng, sigmas, weights)
 
     def _check_input(self, input) -> None:
@@ -488,8 +527,10 @@ class NoisyModule(nn.Module):
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
         if input.device != self.weight.device:
-            raise RuntimeError(f"{type(self).__name__}: input is on {input.device} but the weight is on "
-                               f"{self.weight.device}; move one of them (e.g. layer.to(input.device))")
+            raise RuntimeError(
+                f"{type(self).__name__}: input is on {input.device} but the weight is on "
+                f"{self.weight.device}; move one of them (e.g. layer.to(input.device))"
+            )
 
     def forward_noise(self) -> SamplePlan | None:
         """The noise of the next forward: the sample plan if one is set, else a one-sample plan with the
@@ -511,8 +552,10 @@ class NoisyModule(nn.Module):
         if mode == "instance":
             rng = self._instance_rng
             if rng.device != self.weight.device:
-                raise RuntimeError(f"the instance rng is on {rng.device} but the weight is on {self.weight.device}; "
-                                   "call set_instance again after moving the weight")
+                raise RuntimeError(
+                    f"the instance rng is on {rng.device} but the weight is on {self.weight.device}; "
+                    "call set_instance again after moving the weight"
+                )
             return rng
         gen = self.generator
         if gen is not None and gen.device != self.weight.device:
@@ -570,20 +613,42 @@ class NoisyLinear(NoisyModule, nn.Linear):
     outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 variation: Variation | None = None, mode: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        variation: Variation | None = None,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_noise(variation, mode, generator)
 
     @classmethod
-    def from_module(cls, module: nn.Linear, variation: Variation | None = None, *, mode: str | None = None,
-                    generator: torch.Generator | None = None) -> "NoisyLinear":
+    def from_module(
+        cls,
+        module: nn.Linear,
+        variation: Variation | None = None,
+        *,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> NoisyLinear:
         """A NoisyLinear sharing ``module``'s parameters (the same Parameter objects)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"NoisyLinear.from_module expects an nn.Linear, got {type(module).__name__}")
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
-                  variation=variation, mode=mode, generator=generator)
+        new = cls(
+            module.in_features,
+            module.out_features,
+            bias=module.bias is not None,
+            device="meta",
+            variation=variation,
+            mode=mode,
+            generator=generator,
+        )
         _share_parameters(new, module)
         return new
 
@@ -611,13 +676,38 @@ class _NoisyConvNd(NoisyModule):
 
     _base: type
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
-                 variation: Variation | None = None, mode: str | None = None,
-                 generator: torch.Generator | None = None) -> None:
-        self._base.__init__(self, in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                            dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode, device=device,
-                            dtype=dtype)
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        variation: Variation | None = None,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self._base.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
         self._init_noise(variation, mode, generator)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -650,20 +740,49 @@ class _NoisyConvNd(NoisyModule):
             padding = (0,) * n
         else:
             padding = tuple(self.padding)
-        return _NoisyConvFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, _compute_dtype(input),
-                                  tuple(self.stride), padding, tuple(self.dilation), self.groups)
+        return _NoisyConvFn.apply(
+            input,
+            self.weight,
+            self.bias,
+            rng,
+            sigmas,
+            self._variation,
+            _compute_dtype(input),
+            tuple(self.stride),
+            padding,
+            tuple(self.dilation),
+            self.groups,
+        )
 
     @classmethod
-    def from_module(cls, module, variation: Variation | None = None, *, mode: str | None = None,
-                    generator: torch.Generator | None = None):
+    def from_module(
+        cls,
+        module,
+        variation: Variation | None = None,
+        *,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """A noisy convolution sharing ``module``'s parameters (the same Parameter objects)."""
         if not isinstance(module, cls._base):
-            raise TypeError(f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, "
-                            f"got {type(module).__name__}")
-        new = cls(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
-                  padding=module.padding, dilation=module.dilation, groups=module.groups,
-                  bias=module.bias is not None, padding_mode=module.padding_mode, device="meta",
-                  variation=variation, mode=mode, generator=generator)
+            raise TypeError(
+                f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, got {type(module).__name__}"
+            )
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            variation=variation,
+            mode=mode,
+            generator=generator,
+        )
         _share_parameters(new, module)
         return new
 

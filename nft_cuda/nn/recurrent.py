@@ -49,8 +49,14 @@ class _NoisyRNNBase(SeveralWeightCrossbar, RetypedNoisy):
 
     _torch_reads_mode = False
 
-    def __init__(self, *args, variation: Variation | None = None, mode: str | None = None,
-                 generator: torch.Generator | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        variation: Variation | None = None,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> None:
         self._plain.__init__(self, *args, **kwargs)
         self._init_noise(variation, mode, generator)
 

@@ -31,13 +31,49 @@ __all__ = ["BATCHABLE_LEAVES", "instance_plans", "sample_plan", "unbatchable_mod
 
 #: Leaf module types known to act on each row of the batch independently.
 BATCHABLE_LEAVES: tuple[type, ...] = (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Identity, nn.Flatten, nn.Unflatten,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softmax, nn.LogSoftmax,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.LayerNorm, nn.GroupNorm, nn.ZeroPad2d, nn.ConstantPad2d, nn.Embedding,
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,  # handled chunk by chunk
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Identity,
+    nn.Flatten,
+    nn.Unflatten,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.Embedding,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,  # handled chunk by chunk
 )
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -67,8 +103,9 @@ def _per_chunk_batch_norm(samples: int):
 
 
 @contextlib.contextmanager
-def sample_plan(model: nn.Module, plans: Mapping[NoisyModule, SamplePlan | tuple[torch.Tensor, torch.Tensor]],
-                samples: int) -> Iterator[None]:
+def sample_plan(
+    model: nn.Module, plans: Mapping[NoisyModule, SamplePlan | tuple[torch.Tensor, torch.Tensor]], samples: int
+) -> Iterator[None]:
     """Run ``model`` with the given noise plan per noisy layer for the duration of the block.
 
     Args:
@@ -98,8 +135,9 @@ def sample_plan(model: nn.Module, plans: Mapping[NoisyModule, SamplePlan | tuple
             del module.forward
 
 
-def instance_plans(layers: list[NoisyModule], seed: int, first: int, samples: int, *,
-                   draw: bool = False) -> dict[NoisyModule, SamplePlan]:
+def instance_plans(
+    layers: list[NoisyModule], seed: int, first: int, samples: int, *, draw: bool = False
+) -> dict[NoisyModule, SamplePlan]:
     """The sample plans of chip instances ``first`` .. ``first + samples - 1`` (DESIGN §2, §6).
 
     ``layers`` are the model's noisy layers in ℓ order (:func:`nft_cuda.noisy_layers`). Layer ℓ gets

@@ -77,18 +77,23 @@ class ConversionSummary:
         total = self.noisy_params + self.digital_params
         share = 100.0 * self.noisy_params / total if total else 0.0
         count = len(self.converted)
-        lines = [f"nft_cuda.convert: {count} noisy layer{'' if count == 1 else 's'}, {self.noisy_params:,} of {total:,} "
-                 f"weight-matrix parameters noisy ({share:.1f}%); {self.other_params:,} 1-D/bias parameters digital"]
+        lines = [
+            f"nft_cuda.convert: {count} noisy layer{'' if count == 1 else 's'}, {self.noisy_params:,} of {total:,} "
+            f"weight-matrix parameters noisy ({share:.1f}%); {self.other_params:,} 1-D/bias parameters digital"
+        ]
         for layer in self.converted:
-            lines.append(f"  noisy    {layer.name or '<model>'}: {layer.original_type} -> {layer.noisy_type}, "
-                         f"{', '.join(layer.weights)} ({layer.params:,})")
+            lines.append(
+                f"  noisy    {layer.name or '<model>'}: {layer.original_type} -> {layer.noisy_type}, "
+                f"{', '.join(layer.weights)} ({layer.params:,})"
+            )
         for w in self.digital:
             lines.append(f"  digital  {w.name} {list(w.shape)} ({w.params:,}): {w.reason}")
         return "\n".join(lines)
 
 
-def build_summary(model: nn.Module, converted: dict[str, NoisyModule], reasons: dict[str, tuple[str, bool]]
-                  ) -> ConversionSummary:
+def build_summary(
+    model: nn.Module, converted: dict[str, NoisyModule], reasons: dict[str, tuple[str, bool]]
+) -> ConversionSummary:
     """The summary of converting ``model``: ``converted`` maps module names to their noisy layers (new or
     already noisy), ``reasons`` maps the other modules' names to (why digital, chosen)."""
     layers, digital, other = [], [], 0
@@ -111,8 +116,11 @@ def build_summary(model: nn.Module, converted: dict[str, NoisyModule], reasons: 
             if not is_weight_matrix(pname, param):
                 other += param.numel()
                 continue
-            reason, chosen = reasons.get(full) or reasons.get(name) or (
-                f"{pname} is not a crossbar weight of {type(layer).__name__}", False)
+            reason, chosen = (
+                reasons.get(full)
+                or reasons.get(name)
+                or (f"{pname} is not a crossbar weight of {type(layer).__name__}", False)
+            )
             digital.append(DigitalWeight(full, tuple(param.shape), reason, chosen))
     return ConversionSummary(tuple(layers), tuple(digital), other)
 

@@ -8,8 +8,20 @@ from nft_cuda.train.irs import IRSHead, IRSModel
 from nft_cuda.train.loss import feedback_logits, nft_loss
 from nft_cuda.train.methods import IRS, METHODS, OVF, Clean, Method, NoiseInjection, build_method, default_beta
 
-__all__ = ["IRS", "IRSHead", "IRSModel", "METHODS", "OVF", "Clean", "Method", "NoiseInjection", "build_method",
-           "default_beta", "feedback_logits", "nft_loss"]
+__all__ = [
+    "IRS",
+    "IRSHead",
+    "IRSModel",
+    "METHODS",
+    "OVF",
+    "Clean",
+    "Method",
+    "NoiseInjection",
+    "build_method",
+    "default_beta",
+    "feedback_logits",
+    "nft_loss",
+]
 
 #: Submodules and names loaded on first use (PEP 562): the trainer pulls in data loading and checkpoints.
 _LAZY_SUBMODULES = frozenset({"checkpoint", "config", "distributed", "trainer"})

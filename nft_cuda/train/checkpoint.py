@@ -13,8 +13,15 @@ import torch
 
 from nft_cuda._files import atomic_write_bytes, sha256_file, sha256_hex
 
-__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "PREV_CHECKPOINT",
-           "has_checkpoint", "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT",
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointWarning",
+    "PREV_CHECKPOINT",
+    "has_checkpoint",
+    "read_checkpoint",
+]
 
 CHECKPOINT_FORMAT = "nft_cuda.checkpoint/1"
 CHECKPOINT = "checkpoint.pt"
@@ -76,19 +83,24 @@ def _check_checkpoint(path: Path) -> dict:
         except (OSError, IndexError, UnicodeDecodeError):
             raise CheckpointError(f"{side} is unreadable") from None
         if sha256_file(path) != expected:
-            raise CheckpointError(f"{path} does not match its SHA-256 sidecar ({side.name}): the file is truncated "
-                                  "or corrupt")
+            raise CheckpointError(
+                f"{path} does not match its SHA-256 sidecar ({side.name}): the file is truncated or corrupt"
+            )
     else:
-        warnings.warn(f"{path} has no SHA-256 sidecar ({side.name}); it cannot be verified, loading it anyway",
-                      CheckpointWarning, stacklevel=3)
+        warnings.warn(
+            f"{path} has no SHA-256 sidecar ({side.name}); it cannot be verified, loading it anyway",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     try:
         ckpt = safe_load(str(path))
     except ValueError as exc:
         raise CheckpointError(error_message(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an nft_cuda training checkpoint (format {CHECKPOINT_FORMAT!r})")
-    missing = [k for k in ("config", "epoch", "model", "optimizer", "scheduler", "rng", "best", "history")
-               if k not in ckpt]
+    missing = [
+        k for k in ("config", "epoch", "model", "optimizer", "scheduler", "rng", "best", "history") if k not in ckpt
+    ]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {missing}")
     return ckpt
@@ -110,8 +122,10 @@ def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     out = Path(out)
     current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
     if not has_checkpoint(out):
-        raise CheckpointError(f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
-                              "or point --out at the run folder)")
+        raise CheckpointError(
+            f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
+            "or point --out at the run folder)"
+        )
     problems = []
     for path in (current, prev):
         try:
@@ -123,8 +137,11 @@ def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
             problems.append(str(exc))
             continue
         if path == prev and warn:
-            warnings.warn(f"{problems[0]}; resuming from the previous good checkpoint {prev} "
-                          f"(epoch {ckpt['epoch']}) instead", CheckpointWarning, stacklevel=2)
+            warnings.warn(
+                f"{problems[0]}; resuming from the previous good checkpoint {prev} (epoch {ckpt['epoch']}) instead",
+                CheckpointWarning,
+                stacklevel=2,
+            )
         return ckpt, path
     raise CheckpointError(f"cannot resume from {out}: " + "; ".join(problems))
 
@@ -156,5 +173,3 @@ def write_checkpoint(out: Path, payload: dict, rotate: bool) -> None:
             os.replace(tmp, dst)
     atomic_write_bytes(current, data)
     atomic_write_bytes(sidecar_path(current), f"{digest}  {CHECKPOINT}\n".encode())
-
-

@@ -151,8 +151,9 @@ class TrainConfig:
         self.val_fraction = _real("val_fraction", self.val_fraction, minimum=0.0, maximum=1.0, max_strict=True)
         self.seed = _int("seed", self.seed, 0, _U63 - 1)
         if not isinstance(self.device, str):
-            raise TypeError(f"device must be a str ('auto', 'cpu', 'cuda' or 'cuda:N'), "
-                            f"got {type(self.device).__name__}")
+            raise TypeError(
+                f"device must be a str ('auto', 'cpu', 'cuda' or 'cuda:N'), got {type(self.device).__name__}"
+            )
         self.device = self.device.strip().lower()
         if self.device != "auto":
             try:
@@ -190,7 +191,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -204,5 +205,3 @@ class TrainConfig:
 def default_out(config: TrainConfig) -> Path:
     """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory)."""
     return Path("runs") / f"{config.method}-{config.model}-{config.dataset}-s{config.sigma:g}"
-
-

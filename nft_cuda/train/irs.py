@@ -41,8 +41,9 @@ class IRSHead(nn.Module):
         if own and self._snapshot_op_ok(activation):
             # The snapshot op (DESIGN §4.3): pooling and the noisy matmul in one op; the snapshot is
             # not kept for backward, which spreads its gradient over the pooling windows.
-            hidden = ops.snapshot_linear(activation, self.pool, self.fc1.weight, self.fc1.bias,
-                                         self.fc1.variation, rng=noise.rng)[0]
+            hidden = ops.snapshot_linear(
+                activation, self.pool, self.fc1.weight, self.fc1.bias, self.fc1.variation, rng=noise.rng
+            )[0]
         else:
             snapshot = torch.flatten(F.adaptive_avg_pool2d(activation, self.pool), 1)
             if own:
@@ -57,8 +58,11 @@ class IRSHead(nn.Module):
         return self.fc2(F.relu(hidden))
 
     def _snapshot_op_ok(self, activation: torch.Tensor) -> bool:
-        return (activation.dim() == 4 and activation.dtype == self.fc1.weight.dtype
-                and not torch.is_autocast_enabled(activation.device.type))
+        return (
+            activation.dim() == 4
+            and activation.dtype == self.fc1.weight.dtype
+            and not torch.is_autocast_enabled(activation.device.type)
+        )
 
 
 class IRSModel(nn.Module):
@@ -76,14 +80,22 @@ class IRSModel(nn.Module):
     (shallow → deep), as :func:`nft_cuda.train.nft_loss` expects.
     """
 
-    def __init__(self, backbone: nn.Module, taps: Mapping[str, int], num_classes: int, variation: Variation,
-                 example_input: torch.Tensor, hidden: int = 512):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        taps: Mapping[str, int],
+        num_classes: int,
+        variation: Variation,
+        example_input: torch.Tensor,
+        hidden: int = 512,
+    ):
         super().__init__()
         modules = dict(backbone.named_modules())
         unknown = [name for name in taps if name not in modules or name == ""]
         if unknown:
-            raise ValueError(f"IRS taps {unknown} are not modules of the backbone; available: "
-                             f"{', '.join(n for n in modules if n)}")
+            raise ValueError(
+                f"IRS taps {unknown} are not modules of the backbone; available: {', '.join(n for n in modules if n)}"
+            )
         for name, pool in taps.items():
             if not isinstance(pool, int) or pool < 1:
                 raise ValueError(f"IRS tap '{name}': pool size must be an int >= 1, got {pool!r}")
@@ -110,12 +122,13 @@ class IRSModel(nn.Module):
         self._snapshots.clear()
         for name in order:
             if len(shapes[name]) != 4:
-                raise ValueError(f"IRS tap '{name}' outputs shape {list(shapes[name])}; a 4-D [B, C, H, W] "
-                                 "activation is needed")
+                raise ValueError(
+                    f"IRS tap '{name}' outputs shape {list(shapes[name])}; a 4-D [B, C, H, W] activation is needed"
+                )
         self.order = order
-        self.heads = nn.ModuleDict({
-            self._key(name): IRSHead(shapes[name][1], taps[name], num_classes, variation, hidden) for name in order
-        })
+        self.heads = nn.ModuleDict(
+            {self._key(name): IRSHead(shapes[name][1], taps[name], num_classes, variation, hidden) for name in order}
+        )
         device = next(backbone.parameters()).device
         self.heads.to(device)
 
@@ -127,6 +140,7 @@ class IRSModel(nn.Module):
         def hook(module, inputs, output):
             if self._capturing:
                 self._snapshots[name] = output
+
         return hook
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -18,14 +18,15 @@ def feedback_logits(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor
     for n, aux in enumerate(aux_logits[1:], start=1):
         if aux.shape != main_logits.shape:
             raise ValueError(f"aux_logits[{n}] has shape {list(aux.shape)}, expected {list(main_logits.shape)}")
-        feedback = feedback + aux * (10.0 ** -n)
+        feedback = feedback + aux * (10.0**-n)
     if aux_logits[0].shape != main_logits.shape:
         raise ValueError(f"aux_logits[0] has shape {list(aux_logits[0].shape)}, expected {list(main_logits.shape)}")
     return (main_logits - beta * feedback) / (len(aux_logits) + 1)
 
 
-def nft_loss(main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], target: torch.Tensor,
-             beta: float) -> torch.Tensor:
+def nft_loss(
+    main_logits: torch.Tensor, aux_logits: Sequence[torch.Tensor], target: torch.Tensor, beta: float
+) -> torch.Tensor:
     """Negative-feedback cross-entropy.
 
     Args:

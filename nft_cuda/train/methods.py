@@ -26,10 +26,20 @@ __all__ = ["METHODS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "defaul
 
 # Default feedback gain β per (model, dataset) as in the reference code (paper-facts §2, §3).
 _BETA = {
-    "ovf": {("vgg8", "mnist"): 1e-3, ("vgg8", "cifar10"): 1e-3, ("resnet18", "mnist"): 1e-4,
-            ("resnet18", "cifar10"): 1e-1, ("resnet18", "cifar100"): 1e-1},
-    "irs": {("vgg8", "mnist"): 1e-2, ("vgg8", "cifar10"): 1e-1, ("resnet18", "mnist"): 1e-1,
-            ("resnet18", "cifar10"): 1e-3, ("resnet18", "cifar100"): 1e-3},
+    "ovf": {
+        ("vgg8", "mnist"): 1e-3,
+        ("vgg8", "cifar10"): 1e-3,
+        ("resnet18", "mnist"): 1e-4,
+        ("resnet18", "cifar10"): 1e-1,
+        ("resnet18", "cifar100"): 1e-1,
+    },
+    "irs": {
+        ("vgg8", "mnist"): 1e-2,
+        ("vgg8", "cifar10"): 1e-1,
+        ("resnet18", "mnist"): 1e-1,
+        ("resnet18", "cifar10"): 1e-3,
+        ("resnet18", "cifar100"): 1e-3,
+    },
 }
 _BETA_FALLBACK = {"ovf": 1e-3, "irs": 1e-2}
 
@@ -50,8 +60,15 @@ class Method:
     def __init__(self, variation: Variation):
         self.variation = _args.check_variation(variation)
 
-    def prepare(self, model: nn.Module, example_input: torch.Tensor | None = None, *, num_classes: int | None = None,
-                include=None, exclude=None) -> nn.Module:
+    def prepare(
+        self,
+        model: nn.Module,
+        example_input: torch.Tensor | None = None,
+        *,
+        num_classes: int | None = None,
+        include=None,
+        exclude=None,
+    ) -> nn.Module:
         """Convert ``model``'s Linear/Conv layers to noisy ones (in place) and return what is trained."""
         convert(model, self.variation, include=include, exclude=exclude)
         return model
@@ -101,8 +118,13 @@ class OVF(Method):
 
     name = "ovf"
 
-    def __init__(self, variation: Variation, beta: float = 1e-3, deltas: Sequence[float] = (0.15, 0.10, 0.05),
-                 batched: bool = True):
+    def __init__(
+        self,
+        variation: Variation,
+        beta: float = 1e-3,
+        deltas: Sequence[float] = (0.15, 0.10, 0.05),
+        batched: bool = True,
+    ):
         super().__init__(variation)
         deltas = [float(d) for d in deltas]
         if not deltas or any(d < 0 for d in deltas):
@@ -139,15 +161,21 @@ class OVF(Method):
                 batched = False
                 if not self._warned:
                     self._warned = True
-                    warnings.warn(f"OVF: running the {samples} forwards sequentially: modules {blockers} cannot be "
-                                  "batched along a sample axis", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"OVF: running the {samples} forwards sequentially: modules {blockers} cannot be "
+                        "batched along a sample axis",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
         if batched:
             with sample_plan(model, draws, samples):
                 out = model(x.repeat(samples, *([1] * (x.dim() - 1))))
             return list(out.chunk(samples, dim=0))
         outs = []
         for t in range(samples):
-            step = {layer: (torch.stack((rng[0], rng[1] + t)), sigmas[t:t + 1]) for layer, (rng, sigmas) in draws.items()}
+            step = {
+                layer: (torch.stack((rng[0], rng[1] + t)), sigmas[t : t + 1]) for layer, (rng, sigmas) in draws.items()
+            }
             with sample_plan(model, step, 1):
                 outs.append(model(x))
         return outs
@@ -174,8 +202,14 @@ class IRS(Method):
 
     name = "irs"
 
-    def __init__(self, variation: Variation, beta: float = 1e-2, taps: Mapping[str, int] | None = None,
-                 head_variation: Variation | None = None, hidden: int = 512):
+    def __init__(
+        self,
+        variation: Variation,
+        beta: float = 1e-2,
+        taps: Mapping[str, int] | None = None,
+        head_variation: Variation | None = None,
+        hidden: int = 512,
+    ):
         super().__init__(variation)
         if not taps:
             raise ValueError("IRS needs at least one tap (module path → pool size)")
@@ -200,23 +234,40 @@ class IRS(Method):
         return super().export(backbone)
 
     def describe(self):
-        return {**super().describe(), "beta": self.beta, "taps": self.taps,
-                "head_sigma": self.head_variation.sigma, "head_device_model": self.head_variation.device_model}
+        return {
+            **super().describe(),
+            "beta": self.beta,
+            "taps": self.taps,
+            "head_sigma": self.head_variation.sigma,
+            "head_device_model": self.head_variation.device_model,
+        }
 
 
 METHODS = {"clean": Clean, "noise": NoiseInjection, "ovf": OVF, "irs": IRS}
 
 
-def build_method(name: str, variation: Variation, *, model_name: str = "", dataset: str = "",
-                 beta: float | None = None, deltas: Sequence[float] | None = None,
-                 taps: Mapping[str, int] | None = None, head_variation: Variation | None = None,
-                 batched: bool = True) -> Method:
+def build_method(
+    name: str,
+    variation: Variation,
+    *,
+    model_name: str = "",
+    dataset: str = "",
+    beta: float | None = None,
+    deltas: Sequence[float] | None = None,
+    taps: Mapping[str, int] | None = None,
+    head_variation: Variation | None = None,
+    batched: bool = True,
+) -> Method:
     """A method by name with the DESIGN §5 defaults for (model_name, dataset)."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
     if name == "ovf":
-        return OVF(variation, default_beta("ovf", model_name, dataset) if beta is None else beta,
-                   deltas if deltas is not None else (0.15, 0.10, 0.05), batched=batched)
+        return OVF(
+            variation,
+            default_beta("ovf", model_name, dataset) if beta is None else beta,
+            deltas if deltas is not None else (0.15, 0.10, 0.05),
+            batched=batched,
+        )
     if name == "irs":
         if taps is None:
             from nft_cuda.models import IRS_TAPS
@@ -224,8 +275,7 @@ def build_method(name: str, variation: Variation, *, model_name: str = "", datas
             if model_name not in IRS_TAPS:
                 raise ValueError(f"no default IRS taps for model '{model_name}'; pass taps")
             taps = IRS_TAPS[model_name]
-        return IRS(variation, default_beta("irs", model_name, dataset) if beta is None else beta, taps,
-                   head_variation)
+        return IRS(variation, default_beta("irs", model_name, dataset) if beta is None else beta, taps, head_variation)
     return METHODS[name](variation)
 
 

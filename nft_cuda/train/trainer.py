@@ -62,16 +62,43 @@ from nft_cuda._args import resolve_device
 from nft_cuda._files import atomic_write_bytes, json_safe
 from nft_cuda.distributed import RANK_STREAM, Group, ShardSampler, join
 from nft_cuda.io import MODEL_FILE
-from nft_cuda.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, PREV_CHECKPOINT, CheckpointError,
-                                       CheckpointWarning, error_message, read_checkpoint, run_lock, sidecar_path,
-                                       write_checkpoint)
+from nft_cuda.train.checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    PREV_CHECKPOINT,
+    CheckpointError,
+    CheckpointWarning,
+    error_message,
+    read_checkpoint,
+    run_lock,
+    sidecar_path,
+    write_checkpoint,
+)
 from nft_cuda.train.config import RESUME_MAY_DIFFER, TrainConfig, default_out
 
-__all__ = ["CHECKPOINT_FORMAT", "CheckpointError", "CheckpointWarning", "TrainConfig", "default_out",
-           "evaluate", "export_backbone", "read_checkpoint", "train"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CheckpointError",
+    "CheckpointWarning",
+    "TrainConfig",
+    "default_out",
+    "evaluate",
+    "export_backbone",
+    "read_checkpoint",
+    "train",
+]
 
-METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_acc_noisy", "val_acc_clean", "best_epoch",
-                   "best_val_acc", "epoch_time_s")
+METRICS_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_acc_noisy",
+    "val_acc_clean",
+    "best_epoch",
+    "best_val_acc",
+    "epoch_time_s",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -108,10 +135,10 @@ class _Data:
         test_x, test_y = load_dataset(config.dataset, config.data_dir, "test")
         tr_idx, va_idx = train_val_split(train_y.shape[0], config.val_fraction, config.seed, labels=train_y)
         if config.limit_train is not None:
-            tr_idx = tr_idx[:config.limit_train]
+            tr_idx = tr_idx[: config.limit_train]
         if config.limit_eval is not None:
-            va_idx = va_idx[:config.limit_eval]
-            test_x, test_y = test_x[:config.limit_eval], test_y[:config.limit_eval]
+            va_idx = va_idx[: config.limit_eval]
+            test_x, test_y = test_x[: config.limit_eval], test_y[: config.limit_eval]
         self.input_shape = tuple(train_x.shape[1:])
         self.example = train_x[tr_idx[:2]]
         common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
@@ -122,17 +149,32 @@ class _Data:
             # Each rank takes its slice of the same (seed, epoch) permutation; batch_size is per rank.
             n = int(tr_idx.numel())
             if n < group.world:
-                raise ValueError(f"the training split has {n} sample(s), fewer than the {group.world} ranks "
-                                 "(raise --limit-train or use fewer processes)")
+                raise ValueError(
+                    f"the training split has {n} sample(s), fewer than the {group.world} ranks "
+                    "(raise --limit-train or use fewer processes)"
+                )
             sampler = ShardSampler(n, group.rank, group.world, self.train_generator)
-        self.train = batch_loader(train_x[tr_idx], train_y[tr_idx], config.batch_size, shuffle=True, sampler=sampler,
-                                  generator=None if sampler is not None else self.train_generator, **common)
+        self.train = batch_loader(
+            train_x[tr_idx],
+            train_y[tr_idx],
+            config.batch_size,
+            shuffle=True,
+            sampler=sampler,
+            generator=None if sampler is not None else self.train_generator,
+            **common,
+        )
         self.val = None
         if va_idx.numel():
-            self.val = batch_loader(train_x[va_idx], train_y[va_idx], config.batch_size,
-                                    generator=torch.Generator().manual_seed(0), **common)
-        self.test = batch_loader(test_x, test_y, config.batch_size, generator=torch.Generator().manual_seed(0),
-                                 **common)
+            self.val = batch_loader(
+                train_x[va_idx],
+                train_y[va_idx],
+                config.batch_size,
+                generator=torch.Generator().manual_seed(0),
+                **common,
+            )
+        self.test = batch_loader(
+            test_x, test_y, config.batch_size, generator=torch.Generator().manual_seed(0), **common
+        )
         self.sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
         # Training batches only; the border is each channel's normalised black, as a zero-padded image.
         self.augment = None
@@ -154,8 +196,16 @@ def _backbone(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, noise: str = "off", *, seed: int | None = None,
-             progress: bool = False, desc: str = "eval") -> float:
+def evaluate(
+    model: nn.Module,
+    loader,
+    device,
+    noise: str = "off",
+    *,
+    seed: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> float:
     """Top-1 accuracy of ``model`` (its backbone, for an IRS model) over ``loader`` in ``eval()`` mode.
 
     ``noise``: the noise mode of its noisy layers during the pass: ``"off"`` (clean) or ``"train"``
@@ -175,8 +225,9 @@ def evaluate(model: nn.Module, loader, device, noise: str = "off", *, seed: int 
     rng = _forked_rng(device, seed) if seed is not None else contextlib.nullcontext()
     try:
         with rng, noise_mode(net, noise):
-            for x, y in tqdm(loader, desc=desc, leave=False, disable=None if progress else True, file=sys.stderr,
-                             dynamic_ncols=True):
+            for x, y in tqdm(
+                loader, desc=desc, leave=False, disable=None if progress else True, file=sys.stderr, dynamic_ncols=True
+            ):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 correct += (net(x).argmax(dim=1) == y).sum()
@@ -190,8 +241,8 @@ def export_backbone(model: nn.Module, method, spec: dict) -> nn.Module:
     """A fresh plain copy of the trained backbone for export (CPU): ``build_model`` + ``convert`` with
     the method's variation, the backbone's weights loaded, noise mode train. The training model is
     left untouched (an IRS model keeps its hooks and heads)."""
-    from nft_cuda.nn.conversion import convert
     from nft_cuda.models import build_model
+    from nft_cuda.nn.conversion import convert
 
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     with torch.random.fork_rng(devices=[]):  # the fresh model's init must not advance the training RNG
@@ -206,23 +257,35 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
     from nft_cuda.train.methods import build_method
     from nft_cuda.variation import Variation
 
-    spec = {"name": config.model, "in_channels": data.spec.channels, "num_classes": data.spec.num_classes,
-            "input_size": data.input_shape[-1], "width": config.width}
+    spec = {
+        "name": config.model,
+        "in_channels": data.spec.channels,
+        "num_classes": data.spec.num_classes,
+        "input_size": data.input_shape[-1],
+        "width": config.width,
+    }
     variation = Variation(config.sigma, config.device_model)
     head_variation = None
     if config.method == "irs":
         head_variation = Variation(config.sigma if config.head_sigma is None else config.head_sigma, "RRAM1")
-    method = build_method(config.method, variation, model_name=config.model, dataset=config.dataset,
-                          beta=config.beta, deltas=config.deltas if config.method == "ovf" else None,
-                          head_variation=head_variation)
+    method = build_method(
+        config.method,
+        variation,
+        model_name=config.model,
+        dataset=config.dataset,
+        beta=config.beta,
+        deltas=config.deltas if config.method == "ovf" else None,
+        head_variation=head_variation,
+    )
     backbone = build_model(config.model, **{k: v for k, v in spec.items() if k != "name"})
     model = method.prepare(backbone, data.example, num_classes=data.spec.num_classes)
     model.to(device)
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                    weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     scheduler = None
     if config.scheduler == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
@@ -234,12 +297,16 @@ def _check_resume_config(config: TrainConfig, saved: dict, path: Path) -> None:
         saved_cfg = TrainConfig.from_dict(dict(saved))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its config is not valid here: {error_message(exc)}") from None
-    diffs = [f"{f.name}={getattr(saved_cfg, f.name)!r} (now {getattr(config, f.name)!r})"
-             for f in dataclasses.fields(TrainConfig)
-             if f.name not in RESUME_MAY_DIFFER and getattr(saved_cfg, f.name) != getattr(config, f.name)]
+    diffs = [
+        f"{f.name}={getattr(saved_cfg, f.name)!r} (now {getattr(config, f.name)!r})"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUME_MAY_DIFFER and getattr(saved_cfg, f.name) != getattr(config, f.name)
+    ]
     if diffs:
-        raise CheckpointError(f"cannot resume: {path} was trained with {', '.join(diffs)}; resume with the same "
-                              "settings, or start a new run in another --out")
+        raise CheckpointError(
+            f"cannot resume: {path} was trained with {', '.join(diffs)}; resume with the same "
+            "settings, or start a new run in another --out"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +334,13 @@ def _print(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, progress: bool = True, *, log: Callable[[str], None] | None = _print,
-          stop_after: int | None = None) -> dict:
+def train(
+    config: TrainConfig,
+    progress: bool = True,
+    *,
+    log: Callable[[str], None] | None = _print,
+    stop_after: int | None = None,
+) -> dict:
     """Train as ``config`` says (see the module docstring) and return the summary.
 
     Args:
@@ -363,19 +435,35 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
             lr, train_loss, train_acc = _train_epoch(run, epoch)
             rng_state, rank_states = _rng_states(run)
             val_noisy, val_clean, improved = _validate(run, epoch)
-            row = {"epoch": epoch, "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
-                   "val_acc_noisy": val_noisy, "val_acc_clean": val_clean, "best_epoch": run.best["epoch"],
-                   "best_val_acc": run.best["val_acc"], "epoch_time_s": time.perf_counter() - t0}
+            row = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": train_loss,
+                "train_acc": train_acc,
+                "val_acc_noisy": val_noisy,
+                "val_acc_clean": val_clean,
+                "best_epoch": run.best["epoch"],
+                "best_val_acc": run.best["val_acc"],
+                "epoch_time_s": time.perf_counter() - t0,
+            }
             _save(run, epoch, row, improved, rng_state, rank_states)
             done_here += 1
             if stop_after is not None and done_here >= stop_after and epoch < config.epochs:
                 stopped = True
                 break
-        result = {"out": str(out), "model_path": str(out / MODEL_FILE),
-                  "epochs": run.history[-1]["epoch"] if run.history else 0, "best_epoch": run.best["epoch"],
-                  "best_val_acc": run.best["val_acc"], "history": run.history,
-                  "resumed_from": run.start_epoch if ckpt is not None else None, "stopped": stopped,
-                  "sizes": run.data.sizes, "test_acc_clean": None, "test_acc_noisy": None}
+        result = {
+            "out": str(out),
+            "model_path": str(out / MODEL_FILE),
+            "epochs": run.history[-1]["epoch"] if run.history else 0,
+            "best_epoch": run.best["epoch"],
+            "best_val_acc": run.best["val_acc"],
+            "history": run.history,
+            "resumed_from": run.start_epoch if ckpt is not None else None,
+            "stopped": stopped,
+            "sizes": run.data.sizes,
+            "test_acc_clean": None,
+            "test_acc_noisy": None,
+        }
         if not stopped:
             _final_test(run, result)
         result["time_s"] = time.perf_counter() - t_start
@@ -401,11 +489,14 @@ def _prepare_run_folder(config: TrainConfig, out: Path, main: bool):
         return ckpt, ckpt_path
     existing = [p.name for p in (out / CHECKPOINT, out / PREV_CHECKPOINT) if p.exists()]
     if existing and not config.overwrite:
-        raise CheckpointError(f"{out} already holds a run ({', '.join(existing)}): resume it with --resume, "
-                              "replace it with --overwrite, or choose another --out")
+        raise CheckpointError(
+            f"{out} already holds a run ({', '.join(existing)}): resume it with --resume, "
+            "replace it with --overwrite, or choose another --out"
+        )
     stale = [out / n for n in (CHECKPOINT, PREV_CHECKPOINT)]
-    stale += [sidecar_path(p) for p in stale] + [out / n for n in (MODEL_FILE, "metrics.jsonl", "metrics.csv",
-                                                              "summary.json")]
+    stale += [sidecar_path(p) for p in stale] + [
+        out / n for n in (MODEL_FILE, "metrics.jsonl", "metrics.csv", "summary.json")
+    ]
     for p in stale if main else ():  # --overwrite: nothing of the old run may be mistaken for the new one's
         if p.exists():
             p.unlink()
@@ -428,12 +519,17 @@ def _start_run(config: TrainConfig, out: Path, device, group: Group, say, progre
         if group.rank > 0:
             torch.manual_seed(_derive_seed(config.seed, RANK_STREAM, group.rank))
     meta = {
-        "method": method.describe(), "dataset": config.dataset, "classes": list(data.spec.classes),
+        "method": method.describe(),
+        "dataset": config.dataset,
+        "classes": list(data.spec.classes),
         "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
-        "config": config.to_dict(), "nft_cuda_version": __version__, "torch_version": str(torch.__version__),
+        "config": config.to_dict(),
+        "nft_cuda_version": __version__,
+        "torch_version": str(torch.__version__),
     }
-    return _Run(config, out, device, group, say, progress, data, spec, method, model, optimizer, scheduler, params,
-                meta=meta)
+    return _Run(
+        config, out, device, group, say, progress, data, spec, method, model, optimizer, scheduler, params, meta=meta
+    )
 
 
 def _restore(run: _Run, ckpt: dict, ckpt_path: Path) -> None:
@@ -469,12 +565,16 @@ def _restore(run: _Run, ckpt: dict, ckpt_path: Path) -> None:
 
 def _announce(run: _Run) -> None:
     config, data, group = run.config, run.data, run.group
-    run.say(f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
-            f"{config.device_model}) on {run.device}: {data.sizes['train']} train / {data.sizes['val']} val / "
-            f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {run.out}")
+    run.say(
+        f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
+        f"{config.device_model}) on {run.device}: {data.sizes['train']} train / {data.sizes['val']} val / "
+        f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {run.out}"
+    )
     if group.active:
-        run.say(f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
-                f"samples per rank per epoch, batch size {config.batch_size} per rank")
+        run.say(
+            f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
+            f"samples per rank per epoch, batch size {config.batch_size} per rank"
+        )
 
 
 def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
@@ -492,8 +592,14 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    bar = tqdm(data.train, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-               disable=None if run.progress else True, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+        data.train,
+        desc=f"epoch {epoch}/{config.epochs}",
+        leave=False,
+        disable=None if run.progress else True,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     for step, (x, y) in enumerate(bar, start=1):
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -511,13 +617,15 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
     bar.close()
     if group.active:  # the epoch's loss and accuracy over all ranks
-        totals = group.sum_(torch.stack((loss_sum, correct.double(),
-                                         torch.tensor(float(seen), dtype=torch.float64, device=device))))
+        totals = group.sum_(
+            torch.stack((loss_sum, correct.double(), torch.tensor(float(seen), dtype=torch.float64, device=device)))
+        )
         loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].item())
     train_loss = loss_sum.item() / max(seen, 1)
     if not math.isfinite(train_loss):
-        raise RuntimeError(f"the training loss became {train_loss} in epoch {epoch}; lower the learning rate "
-                           f"(--lr {config.lr:g}) or σ")
+        raise RuntimeError(
+            f"the training loss became {train_loss} in epoch {epoch}; lower the learning rate (--lr {config.lr:g}) or σ"
+        )
     if run.scheduler is not None:
         run.scheduler.step()
     return lr, train_loss, correct.item() / max(seen, 1)
@@ -527,8 +635,10 @@ def _rng_states(run: _Run):
     """(this rank's RNG state, every rank's or None): what a resume needs to continue the noise streams.
     Also gives every rank rank 0's BatchNorm statistics, so all hold the model rank 0 checkpoints."""
     device, group = run.device, run.group
-    rng_state = {"torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    rng_state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
     rank_states = None
     if group.active:
         group.broadcast_tensors(list(run.model.buffers()))
@@ -543,8 +653,15 @@ def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
     config, data, device = run.config, run.data, run.device
     val_noisy = val_clean = float("nan")
     if data.val is not None and run.main:  # validation on rank 0; the others wait below
-        val_noisy = evaluate(run.model, data.val, device, "train", seed=_derive_seed(config.seed, epoch, 1),
-                             progress=run.progress, desc="val (noisy)")
+        val_noisy = evaluate(
+            run.model,
+            data.val,
+            device,
+            "train",
+            seed=_derive_seed(config.seed, epoch, 1),
+            progress=run.progress,
+            desc="val (noisy)",
+        )
         val_clean = evaluate(run.model, data.val, device, "off", progress=run.progress, desc="val (clean)")
     val_noisy, val_clean = run.group.broadcast_object((val_noisy, val_clean))
     improved = val_noisy > run.best["val_acc"] if data.val is not None else True  # no val split: the last
@@ -553,9 +670,13 @@ def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
     if improved and run.main:
         from nft_cuda.io import save_model
 
-        save_model(str(run.out / MODEL_FILE), export_backbone(run.model, run.method, run.spec), spec=run.spec,
-                   variation=run.method.variation,
-                   meta={**run.meta, "epoch": epoch, "val_acc_noisy": val_noisy, "val_acc_clean": val_clean})
+        save_model(
+            str(run.out / MODEL_FILE),
+            export_backbone(run.model, run.method, run.spec),
+            spec=run.spec,
+            variation=run.method.variation,
+            meta={**run.meta, "epoch": epoch, "val_acc_noisy": val_noisy, "val_acc_clean": val_clean},
+        )
     return val_noisy, val_clean, improved
 
 
@@ -583,10 +704,15 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool, rng_state, rank_stat
     run.group.barrier()  # the checkpoint and model of this epoch are written before any rank goes on
     run.rotate = True
     has_val = run.data.val is not None
-    val_text = (f"val acc noisy {row['val_acc_noisy']:.2%} / clean {row['val_acc_clean']:.2%}" if has_val
-                else "no validation split")
-    run.say(f"epoch {epoch}/{run.config.epochs}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.2%}, "
-            f"{val_text}, lr {row['lr']:.3g}, {row['epoch_time_s']:.1f} s{'  *best' if improved and has_val else ''}")
+    val_text = (
+        f"val acc noisy {row['val_acc_noisy']:.2%} / clean {row['val_acc_clean']:.2%}"
+        if has_val
+        else "no validation split"
+    )
+    run.say(
+        f"epoch {epoch}/{run.config.epochs}: loss {row['train_loss']:.4f}, train acc {row['train_acc']:.2%}, "
+        f"{val_text}, lr {row['lr']:.3g}, {row['epoch_time_s']:.1f} s{'  *best' if improved and has_val else ''}"
+    )
 
 
 def _final_test(run: _Run, result: dict) -> None:
@@ -596,13 +722,21 @@ def _final_test(run: _Run, result: dict) -> None:
     config, device, data = run.config, run.device, run.data
     if run.main:
         exported, _ = load_model(str(run.out / MODEL_FILE), device=device)
-        result["test_acc_clean"] = evaluate(exported, data.test, device, "off", progress=run.progress,
-                                            desc="test (clean)")
-        result["test_acc_noisy"] = evaluate(exported, data.test, device, "train",
-                                            seed=_derive_seed(config.seed, 2**32), progress=run.progress,
-                                            desc="test (noisy)")
+        result["test_acc_clean"] = evaluate(
+            exported, data.test, device, "off", progress=run.progress, desc="test (clean)"
+        )
+        result["test_acc_noisy"] = evaluate(
+            exported,
+            data.test,
+            device,
+            "train",
+            seed=_derive_seed(config.seed, 2**32),
+            progress=run.progress,
+            desc="test (noisy)",
+        )
     result["test_acc_clean"], result["test_acc_noisy"] = run.group.broadcast_object(
-        (result["test_acc_clean"], result["test_acc_noisy"]))
+        (result["test_acc_clean"], result["test_acc_noisy"])
+    )
 
 
 def _write_summary(run: _Run, result: dict) -> None:
@@ -610,7 +744,12 @@ def _write_summary(run: _Run, result: dict) -> None:
     summary["config"] = run.config.to_dict()
     atomic_write_bytes(run.out / "summary.json", (json.dumps(json_safe(summary), indent=2) + "\n").encode())
     best = run.best
-    chosen = (f"best epoch {best['epoch']} (val acc noisy {best['val_acc']:.2%})" if run.data.val is not None
-              else f"last epoch {best['epoch']} (no validation split)")
-    run.say(f"{chosen}: test acc clean "
-            f"{result['test_acc_clean']:.2%}, noisy {result['test_acc_noisy']:.2%}; model: {run.out / MODEL_FILE}")
+    chosen = (
+        f"best epoch {best['epoch']} (val acc noisy {best['val_acc']:.2%})"
+        if run.data.val is not None
+        else f"last epoch {best['epoch']} (no validation split)"
+    )
+    run.say(
+        f"{chosen}: test acc clean "
+        f"{result['test_acc_clean']:.2%}, noisy {result['test_acc_noisy']:.2%}; model: {run.out / MODEL_FILE}"
+    )

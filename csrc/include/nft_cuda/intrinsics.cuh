@@ -41,7 +41,7 @@ uint16_t f32_to_f16_rn(float v);
 float bits_to_f32(uint32_t bits);
 uint32_t f32_to_bits(float v);
 void smem_access(const void* address, int bytes, bool store);  // the bank-conflict counter
-void global_access(int bytes, bool store);                       // the global-traffic counter
+void global_access(int bytes, bool store);                     // the global-traffic counter
 }  // namespace nft_emu
 #endif
 

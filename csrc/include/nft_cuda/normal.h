@@ -38,10 +38,22 @@ inline void sincospi_host(float x, float& s, float& c) {
   const float cp =
       kCosPi[0] + y2 * (kCosPi[1] + y2 * (kCosPi[2] + y2 * (kCosPi[3] + y2 * (kCosPi[4] + y2 * kCosPi[5]))));
   switch (static_cast<int>(j) & 3) {
-    case 0: s = sp; c = cp; break;
-    case 1: s = cp; c = -sp; break;
-    case 2: s = -sp; c = -cp; break;
-    default: s = -cp; c = sp; break;
+    case 0:
+      s = sp;
+      c = cp;
+      break;
+    case 1:
+      s = cp;
+      c = -sp;
+      break;
+    case 2:
+      s = -sp;
+      c = -cp;
+      break;
+    default:
+      s = -cp;
+      c = sp;
+      break;
   }
 }
 #endif

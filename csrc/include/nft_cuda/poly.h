@@ -13,8 +13,8 @@ constexpr float kSinPi[kSinPiTerms] = {3.14159265358979f, -5.16771278004997f, 2.
 
 // cos(πy) ≈ C0 + y²·(C1 + y²·(C2 + y²·(C3 + y²·(C4 + y²·C5)))) for |y| <= 1/4 (Taylor, degree 10).
 constexpr int kCosPiTerms = 6;
-constexpr float kCosPi[kCosPiTerms] = {1.0f, -4.93480220054468f, 4.05871212641677f, -1.33526276885459f,
-                                       0.235330630358893f, -0.0258068913900141f};
+constexpr float kCosPi[kCosPiTerms] = {
+    1.0f, -4.93480220054468f, 4.05871212641677f, -1.33526276885459f, 0.235330630358893f, -0.0258068913900141f};
 
 // ln(1 + x) = x - x²/2 + x³·P(x) for x in [sqrt(1/2) - 1, sqrt(2) - 1): Cephes' logf minimax P,
 // highest power first (P(x) = ((kLogP[0]·x + kLogP[1])·x + ...)·x + kLogP[8]); ln 2 split so that
