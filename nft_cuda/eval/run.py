@@ -185,8 +185,6 @@ def eval_checkpoints(
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (see ``labels``).
     """
-    from nft_cuda.nn.conversion import noisy_layers
-
     paths, sigmas, device, labels = _checked_args(paths, sigmas, device, labels)
     baseline = _baseline_label(baseline, paths, labels)
     sharded = distributed is not False and current_group().active
@@ -194,6 +192,16 @@ def eval_checkpoints(
     test_sets: dict[str, tuple] = {}
     results, checkpoints = [], []
     models, datasets, chips = {}, {}, {}
+    mc_args = dict(
+        runs=runs,
+        seed=seed,
+        device=device,
+        instances_per_pass=instances_per_pass,
+        progress=progress,
+        fold=fold,
+        distributed=distributed,
+        per_instance_kl=baseline is not None,
+    )
     # The baseline goes first, so a checkpoint that cannot be paired with it is refused before it is evaluated.
     for path, label in sorted(zip(paths, labels), key=lambda pl: pl[1] != baseline):
         model, payload, dataset, (x, y) = _load_with_test_set(path, device, data_dir, test_sets)
@@ -203,17 +211,12 @@ def eval_checkpoints(
         variations = [
             Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"]) for s in sigmas
         ]
-        chips[label] = (
-            (variations[0].device_model, variations[0].weight_bits, variations[0].device_bits),
-            dataset,
-            [tuple(m.weight.shape) for _, m in noisy_layers(model)],
-        )
+        chips[label] = _chips(variations[0], dataset, model)
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
-        digest = sha256_file(path) if finished.path else None
         setting = {
-            "checkpoint_sha256": digest,
+            "checkpoint_sha256": sha256_file(path) if finished.path else None,
             "dataset": dataset,
             "test_size": int(y.shape[0]),
             "runs": runs,
@@ -221,40 +224,36 @@ def eval_checkpoints(
             "batch_size": batch_size,
             **({"per_instance_kl": True} if baseline else {}),
         }
-        for r in _points(
-            model,
-            loader,
-            variations,
-            finished,
-            setting,
-            runs=runs,
-            seed=seed,
-            device=device,
-            instances_per_pass=instances_per_pass,
-            progress=progress,
-            fold=fold,
-            distributed=distributed,
-            per_instance_kl=baseline is not None,
-        ):
+        for r in _points(model, loader, variations, finished, setting, **mc_args):
             results.append({"checkpoint": label, **r})
-        checkpoints.append(
-            {
-                "checkpoint": label,
-                "path": path,
-                "model": spec,
-                "dataset": dataset,
-                "method": meta.get("method"),
-                "trained_variation": dict(base),
-            }
-        )
+        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
+                            "method": meta.get("method"), "trained_variation": dict(base)})  # fmt: skip
         models[label], datasets[label] = spec, dataset
         del model
 
-    order = {label: i for i, label in enumerate(labels)}  # back to the order of ``paths``
+    report = _report(results, checkpoints, labels, models, datasets, seed, baseline)
+    if _is_writer(distributed):
+        _write_outputs(report, finished, json_path, csv_path, plot_path)
+    return report
+
+
+def _chips(variation: Variation, dataset: str, model) -> tuple:
+    """What makes chip r the same chip in two checkpoints: the device model and bit widths, the test set,
+    and the noisy layers' shapes (checked by :func:`nft_cuda.eval.paired.check_pairable`)."""
+    from nft_cuda.nn.conversion import noisy_layers
+
+    device = (variation.device_model, variation.weight_bits, variation.device_bits)
+    return device, dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
+
+
+def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> dict:
+    """The report of eval_checkpoints: results and checkpoints back in the order of ``labels`` (the
+    baseline was evaluated first), and with a baseline its paired comparisons."""
+    order = {label: i for i, label in enumerate(labels)}
     results.sort(key=lambda r: order[r["checkpoint"]])
     checkpoints.sort(key=lambda c: order[c["checkpoint"]])
     extra = {} if baseline is None else {"baseline": baseline, "paired": compare(results, baseline)}
-    report = build_report(
+    return build_report(
         results,
         model=_summary({k: models[k] for k in labels}),
         dataset=_summary({k: datasets[k] for k in labels}),
@@ -262,9 +261,6 @@ def eval_checkpoints(
         checkpoints=checkpoints,
         **extra,
     )
-    if _is_writer(distributed):
-        _write_outputs(report, finished, json_path, csv_path, plot_path)
-    return report
 
 
 def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
