@@ -640,17 +640,7 @@ class NoisyLinear(NoisyModule, nn.Linear):
         """A NoisyLinear sharing ``module``'s parameters (the same Parameter objects)."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"NoisyLinear.from_module expects an nn.Linear, got {type(module).__name__}")
-        new = cls(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device="meta",
-            variation=variation,
-            mode=mode,
-            generator=generator,
-        )
-        _share_parameters(new, module)
-        return new
+        return layer_sharing_parameters(cls, module, variation=variation, mode=mode, generator=generator)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
@@ -768,23 +758,7 @@ class _NoisyConvNd(NoisyModule):
             raise TypeError(
                 f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, got {type(module).__name__}"
             )
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            variation=variation,
-            mode=mode,
-            generator=generator,
-        )
-        _share_parameters(new, module)
-        return new
+        return layer_sharing_parameters(cls, module, variation=variation, mode=mode, generator=generator)
 
     def extra_repr(self) -> str:
         return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
@@ -818,12 +792,31 @@ class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
     _base = nn.Conv2d
 
 
-def _share_parameters(new: nn.Module, old: nn.Module) -> None:
-    """Give ``new`` the Parameter objects of ``old`` (built on the meta device, it owns none) and its
-    train/eval flag."""
-    new.weight = old.weight
-    new.bias = old.bias
-    new.train(old.training)
+def layer_sharing_parameters(cls: type, module: nn.Module, **noise) -> nn.Module:
+    """A ``cls`` layer with the constructor settings of ``module`` (an ``nn.Linear`` or ``nn.ConvNd``,
+    noisy or not) that shares its Parameter objects and train/eval flag: the one way both
+    ``from_module`` (plain → noisy, ``noise`` = variation/mode/generator) and :func:`nft_cuda.strip`
+    (noisy → plain, no ``noise``) rebuild a layer. Built on the meta device, so it allocates nothing."""
+    if isinstance(module, nn.Linear):
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta", **noise)
+    else:
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            **noise,
+        )
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    return new
 
 
 #: plain module class → noisy class
