@@ -613,6 +613,10 @@ class NoisyLinear(NoisyModule, nn.Linear):
     outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
     """
 
+    # Constructor twin of _NoisyConvNd's and NoisyMultiheadAttention's (nn/attention.py): each repeats
+    # its torch class's signature, then the same keyword-only noise settings. Kept spelled out: a drop-in
+    # layer must show and check the very arguments of its torch class (``*args, **kwargs`` would hide
+    # them); the shared part is the one line ``self._init_noise(variation, mode, generator)``.
     def __init__(
         self,
         in_features: int,
@@ -666,6 +670,7 @@ class _NoisyConvNd(NoisyModule):
 
     _base: type
 
+    # Constructor twin of NoisyLinear's (see the note there): nn.ConvNd's signature, spelled out on purpose.
     def __init__(
         self,
         in_channels: int,
