@@ -74,6 +74,12 @@ def tf32_allowed() -> bool:
         return False
 
 
+def _tf32_for(x: torch.Tensor) -> bool:
+    """The ``allow_tf32`` flag of the compiled matmul ops for GEMM input ``x``: float32 on CUDA with
+    TF32 allowed by torch's setting (:func:`tf32_allowed`)."""
+    return x.device.type == "cuda" and x.dtype == torch.float32 and tf32_allowed()
+
+
 def _check_x(x, name: str = "x") -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -114,6 +120,9 @@ def _linear_args(
     return samples, rng, sig
 
 
+# Signature twin of snapshot_linear below (the same noise keywords after its own leading arguments): kept
+# spelled out, as public API whose help() and keyword checks must show every argument; _linear_args
+# holds the checks they share.
 def noisy_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -150,7 +159,7 @@ def noisy_linear(
     samples, rng, sig = _linear_args(
         x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "x"
     )
-    allow_tf32 = x.device.type == "cuda" and x.dtype == torch.float32 and tf32_allowed()
+    allow_tf32 = _tf32_for(x)
     if _ext.use_kernel("noisy_linear", weight.device):
         return torch.ops.nft_cuda.noisy_linear(
             x, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32
@@ -158,6 +167,7 @@ def noisy_linear(
     return reference.noisy_linear(x, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input)
 
 
+# Signature twin of noisy_linear above: spelled out on purpose (public API), see the note there.
 def snapshot_linear(
     act: torch.Tensor,
     pool: int,
@@ -209,7 +219,7 @@ def snapshot_linear(
         snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "act"
     )
     if _ext.use_kernel("snapshot_linear", weight.device):
-        allow_tf32 = act.device.type == "cuda" and act.dtype == torch.float32 and tf32_allowed()
+        allow_tf32 = _tf32_for(act)
         return torch.ops.nft_cuda.snapshot_linear(
             act, pool, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32
         )

@@ -119,6 +119,9 @@ def perturb(
     return out.to(weight.dtype)
 
 
+# Signature twin of noisy_linear_backward_input below: each reference function takes exactly the
+# arguments of its compiled op (torch.ops.nft_cuda.*), which it stands in for one to one, so the
+# argument lists stay spelled out per op.
 def noisy_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -153,6 +156,7 @@ def noisy_linear(
     return out
 
 
+# Signature twin of noisy_linear above: the argument list of its compiled op, see the note there.
 def noisy_linear_backward_input(
     grad: torch.Tensor,
     weight: torch.Tensor,

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The same import list as nn/recurrent.py: both are several-weight crossbar layers built on the one
+# machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
     RetypedNoisy,
     SeveralWeightCrossbar,
@@ -51,6 +53,8 @@ class NoisyMultiheadAttention(SeveralWeightCrossbar, RetypedNoisy, nn.MultiheadA
 
     _plain = nn.MultiheadAttention
 
+    # Constructor twin of NoisyLinear's (nn/layers.py, see the note there): nn.MultiheadAttention's
+    # signature spelled out on purpose, then the same keyword-only noise settings.
     def __init__(
         self,
         embed_dim: int,

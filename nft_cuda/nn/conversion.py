@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 
 from nft_cuda import _args
 from nft_cuda.nn import attention, generic, recurrent, summary  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
-from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule
+from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
 from nft_cuda.variation import Variation
 
 __all__ = [
@@ -341,7 +341,7 @@ def strip(model: nn.Module) -> nn.Module:
         if isinstance(module, NoisyModule) and id(module) not in memo:
             plain_cls = next((p for noisy, p in PLAIN_CLASSES.items() if isinstance(module, noisy)), None)
             if plain_cls is not None:
-                memo[id(module)] = _plain_copy(module, plain_cls)
+                memo[id(module)] = layer_sharing_parameters(plain_cls, module)
             elif callable(getattr(module, "plain_copy", None)):
                 memo[id(module)] = module.plain_copy()
             else:
@@ -417,28 +417,6 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
             for handle in _guards.pop(module):
                 handle.remove()
     return guarded
-
-
-def _plain_copy(module: nn.Module, plain_cls: type) -> nn.Module:
-    if plain_cls is nn.Linear:
-        new = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    else:
-        new = plain_cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-        )
-    new.weight = module.weight
-    new.bias = module.bias
-    new.train(module.training)
-    return new
 
 
 def noisy_layers(model: nn.Module) -> list[tuple[str, NoisyModule]]:

@@ -597,7 +597,33 @@ class NoisyModule(nn.Module):
         self.weight.copy_(value)
 
 
-class NoisyLinear(NoisyModule, nn.Linear):
+class _ParameterSharingLayer(NoisyModule):
+    """The shared part of NoisyLinear and NoisyConv1d/2d, noisy versions of the plain class ``_base``:
+    ``from_module`` (sharing the plain layer's Parameter objects) and the repr."""
+
+    _base: type
+
+    @classmethod
+    def from_module(
+        cls,
+        module,
+        variation: Variation | None = None,
+        *,
+        mode: str | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        """The ``cls`` layer made from plain ``module`` (an ``_base``), sharing its Parameter objects."""
+        if not isinstance(module, cls._base):
+            raise TypeError(
+                f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, got {type(module).__name__}"
+            )
+        return layer_sharing_parameters(cls, module, variation=variation, mode=mode, generator=generator)
+
+    def extra_repr(self) -> str:
+        return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
+
+
+class NoisyLinear(_ParameterSharingLayer, nn.Linear):
     """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
 
     Args:
@@ -613,6 +639,12 @@ class NoisyLinear(NoisyModule, nn.Linear):
     outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
     """
 
+    _base = nn.Linear
+
+    # Constructor twin of _NoisyConvNd's and NoisyMultiheadAttention's (nn/attention.py): each repeats
+    # its torch class's signature, then the same keyword-only noise settings. Kept spelled out: a drop-in
+    # layer must show and check the very arguments of its torch class (``*args, **kwargs`` would hide
+    # them); the shared part is the one line ``self._init_noise(variation, mode, generator)``.
     def __init__(
         self,
         in_features: int,
@@ -628,30 +660,6 @@ class NoisyLinear(NoisyModule, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_noise(variation, mode, generator)
 
-    @classmethod
-    def from_module(
-        cls,
-        module: nn.Linear,
-        variation: Variation | None = None,
-        *,
-        mode: str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> NoisyLinear:
-        """A NoisyLinear sharing ``module``'s parameters (the same Parameter objects)."""
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"NoisyLinear.from_module expects an nn.Linear, got {type(module).__name__}")
-        new = cls(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device="meta",
-            variation=variation,
-            mode=mode,
-            generator=generator,
-        )
-        _share_parameters(new, module)
-        return new
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input(input)
         noise = self.forward_noise()
@@ -666,16 +674,12 @@ class NoisyLinear(NoisyModule, nn.Linear):
             return _fused_linear(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
         return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
 
-    def extra_repr(self) -> str:
-        return f"{nn.Linear.extra_repr(self)}, {self._noise_repr()}"
 
-
-class _NoisyConvNd(NoisyModule):
+class _NoisyConvNd(_ParameterSharingLayer):
     """The shared body of NoisyConv1d/2d: the constructor of ``_base`` (same signature and state) plus the
     noise settings, and the noisy forward."""
 
-    _base: type
-
+    # Constructor twin of NoisyLinear's (see the note there): nn.ConvNd's signature, spelled out on purpose.
     def __init__(
         self,
         in_channels: int,
@@ -754,41 +758,6 @@ class _NoisyConvNd(NoisyModule):
             self.groups,
         )
 
-    @classmethod
-    def from_module(
-        cls,
-        module,
-        variation: Variation | None = None,
-        *,
-        mode: str | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        """A noisy convolution sharing ``module``'s parameters (the same Parameter objects)."""
-        if not isinstance(module, cls._base):
-            raise TypeError(
-                f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, got {type(module).__name__}"
-            )
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            variation=variation,
-            mode=mode,
-            generator=generator,
-        )
-        _share_parameters(new, module)
-        return new
-
-    def extra_repr(self) -> str:
-        return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
-
 
 class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
     """Drop-in ``nn.Conv1d`` whose weight is perturbed by device variation on every forward.
@@ -818,12 +787,31 @@ class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
     _base = nn.Conv2d
 
 
-def _share_parameters(new: nn.Module, old: nn.Module) -> None:
-    """Give ``new`` the Parameter objects of ``old`` (built on the meta device, it owns none) and its
-    train/eval flag."""
-    new.weight = old.weight
-    new.bias = old.bias
-    new.train(old.training)
+def layer_sharing_parameters(cls: type, module: nn.Module, **noise) -> nn.Module:
+    """A ``cls`` layer with the constructor settings of ``module`` (an ``nn.Linear`` or ``nn.ConvNd``,
+    noisy or not) that shares its Parameter objects and train/eval flag: the one way both
+    ``from_module`` (plain → noisy, ``noise`` = variation/mode/generator) and :func:`nft_cuda.strip`
+    (noisy → plain, no ``noise``) rebuild a layer. Built on the meta device, so it allocates nothing."""
+    if isinstance(module, nn.Linear):
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta", **noise)
+    else:
+        new = cls(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+            device="meta",
+            **noise,
+        )
+    new.weight = module.weight
+    new.bias = module.bias
+    new.train(module.training)
+    return new
 
 
 #: plain module class → noisy class

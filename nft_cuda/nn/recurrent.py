@@ -22,6 +22,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+# The same import list as nn/attention.py: both are several-weight crossbar layers built on the one
+# machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
     RetypedNoisy,
     SeveralWeightCrossbar,
