@@ -35,6 +35,15 @@ void check_weight_2d(const at::Tensor& weight, const char* op) {
 }
 
 // bias: [N] float on the weight's device, or absent.
+// The checks every linear op starts with: a 2-D weight, the noise arguments and a float input
+// (named `name` in messages) on the weight's device.
+void check_linear_args(const at::Tensor& input, const char* name, const at::Tensor& weight, const at::Tensor& rng,
+                       const at::Tensor& sigmas, const char* op) {
+  check_weight_2d(weight, op);
+  check_noise_args(rng, sigmas, weight, op);
+  check_float_input(input, name, weight, op);
+}
+
 void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight, const char* op) {
   if (!bias.has_value())
     return;
@@ -52,12 +61,7 @@ void check_bias(const std::optional<at::Tensor>& bias, const at::Tensor& weight,
 LinearDims check_noisy_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& rng, const at::Tensor& sigmas, bool shared_input) {
   const char* op = "noisy_linear";
-  check_weight_2d(weight, op);
-  check_rng(rng, weight, op);
-  check_sigmas(sigmas, weight, op);
-  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), op, ": x must be float32, float64, float16 or bfloat16, got ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.device() == weight.device(), op, ": x is on ", x.device(), " but weight is on ", weight.device());
+  check_linear_args(x, "x", weight, rng, sigmas, op);
   const int64_t samples = sigmas.numel();
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= (shared_input ? 1 : 2), op, ": x must be ",
@@ -76,13 +80,7 @@ LinearDims check_noisy_linear(const at::Tensor& x, const at::Tensor& weight, con
 LinearDims check_noisy_linear_backward(const at::Tensor& grad, const at::Tensor& weight, const at::Tensor& rng,
                                        const at::Tensor& sigmas) {
   const char* op = "_noisy_linear_backward_input";
-  check_weight_2d(weight, op);
-  check_rng(rng, weight, op);
-  check_sigmas(sigmas, weight, op);
-  TORCH_CHECK_TYPE(is_supported_float(grad.scalar_type()), op, ": grad must be a float tensor, got ",
-                   grad.scalar_type());
-  TORCH_CHECK_VALUE(grad.device() == weight.device(), op, ": grad is on ", grad.device(), " but weight is on ",
-                    weight.device());
+  check_linear_args(grad, "grad", weight, rng, sigmas, op);
   const int64_t samples = sigmas.numel();
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK_VALUE(grad.dim() >= 2 && grad.size(0) == samples && grad.size(-1) == n, op,
@@ -141,13 +139,7 @@ SnapshotDims check_snapshot_linear(const at::Tensor& act, int64_t pool, const at
                                    const std::optional<at::Tensor>& bias, const at::Tensor& rng,
                                    const at::Tensor& sigmas, bool shared_input) {
   const char* op = "snapshot_linear";
-  check_weight_2d(weight, op);
-  check_rng(rng, weight, op);
-  check_sigmas(sigmas, weight, op);
-  TORCH_CHECK_TYPE(is_supported_float(act.scalar_type()), op,
-                   ": act must be float32, float64, float16 or bfloat16, got ", act.scalar_type());
-  TORCH_CHECK_VALUE(act.device() == weight.device(), op, ": act is on ", act.device(), " but weight is on ",
-                    weight.device());
+  check_linear_args(act, "act", weight, rng, sigmas, op);
   TORCH_CHECK_VALUE(act.dim() == (shared_input ? 4 : 5), op, ": act must be ",
                     shared_input ? "[B, C, H, W]" : "[samples, B, C, H, W]", ", got ", act.sizes());
   TORCH_CHECK_VALUE(pool >= 1, op, ": pool must be >= 1, got ", pool);

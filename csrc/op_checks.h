@@ -1,4 +1,4 @@
-// Argument checks shared by the CPU and CUDA launchers (host only; uses ATen).
+// Argument checks (and the perturb output shape) shared by the CPU and CUDA launchers (host only; uses ATen).
 //
 // User-facing preconditions use TORCH_CHECK_TYPE / TORCH_CHECK_VALUE so they surface in Python as
 // TypeError / ValueError naming the argument (DESIGN §4). The Python wrappers in nft_cuda/ops.py
@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include <vector>
 
 namespace nft_cuda {
 
@@ -32,6 +34,28 @@ inline void check_sigmas(const at::Tensor& sigmas, const at::Tensor& like, const
   TORCH_CHECK_VALUE(sigmas.dim() == 1, op, ": sigmas must be 1-D (one sigma_d per sample), got ", sigmas.sizes());
   TORCH_CHECK_VALUE(sigmas.device() == like.device(), op, ": sigmas is on ", sigmas.device(), " but weight is on ",
                     like.device());
+}
+
+// The noise arguments every noisy op takes: the stream (rng) and the per-sample sigmas.
+inline void check_noise_args(const at::Tensor& rng, const at::Tensor& sigmas, const at::Tensor& weight,
+                             const char* op) {
+  check_rng(rng, weight, op);
+  check_sigmas(sigmas, weight, op);
+}
+
+// A float activation-like input (x, grad, act) that must live beside the weight.
+inline void check_float_input(const at::Tensor& t, const char* name, const at::Tensor& weight, const char* op) {
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
+                   " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == weight.device(), op, ": ", name, " is on ", t.device(), " but weight is on ",
+                    weight.device());
+}
+
+// perturb's output: one copy of the weight per sample, [samples, *weight.shape].
+inline std::vector<int64_t> per_sample_shape(const at::Tensor& weight, int64_t samples) {
+  std::vector<int64_t> shape{samples};
+  shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
+  return shape;
 }
 
 inline void check_counter_key(const at::Tensor& counter, const at::Tensor& key) {

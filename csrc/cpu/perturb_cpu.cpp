@@ -91,16 +91,13 @@ void perturb_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const std::
 at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas, double scale,
                        double state_factor) {
   check_weight(weight, "perturb");
-  check_rng(rng, weight, "perturb");
-  check_sigmas(sigmas, weight, "perturb");
+  check_noise_args(rng, sigmas, weight, "perturb");
   const at::Tensor w = weight.contiguous();
   const at::Tensor sig = sigmas.contiguous();
   const int64_t samples = sig.numel();
   const int64_t n = w.numel();
 
-  std::vector<int64_t> out_shape{samples};
-  out_shape.insert(out_shape.end(), w.sizes().begin(), w.sizes().end());
-  at::Tensor out = at::empty(out_shape, w.options());
+  at::Tensor out = at::empty(per_sample_shape(w, samples), w.options());
   if (n == 0 || samples == 0)
     return out;
 

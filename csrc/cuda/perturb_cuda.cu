@@ -26,8 +26,7 @@ namespace {
 at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const at::Tensor& sigmas, double scale,
                         double state_factor) {
   check_weight(weight, "perturb");
-  check_rng(rng, weight, "perturb");
-  check_sigmas(sigmas, weight, "perturb");
+  check_noise_args(rng, sigmas, weight, "perturb");
   const c10::cuda::CUDAGuard guard(weight.device());
   const at::Tensor w = weight.contiguous();
   const at::Tensor sig = sigmas.contiguous();
@@ -35,9 +34,7 @@ at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const a
   const int64_t samples = sig.numel();
   const int64_t n = w.numel();
 
-  std::vector<int64_t> out_shape{samples};
-  out_shape.insert(out_shape.end(), w.sizes().begin(), w.sizes().end());
-  at::Tensor out = at::empty(out_shape, w.options());
+  at::Tensor out = at::empty(per_sample_shape(w, samples), w.options());
   if (n == 0 || samples == 0)
     return out;
 

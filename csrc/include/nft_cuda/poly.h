@@ -1,6 +1,7 @@
 // Polynomial coefficients of the host normals (DESIGN §3), one table for the scalar path (normal.h,
-// sincospi_host) and for both SIMD widths (cpu/cpu_simd.cpp: AVX2 and AVX-512 lanes): the same float
-// constants, evaluated in the same Horner order (the SIMD lanes with FMA, hence their last-bit freedom).
+// sincospi_host) and for both SIMD widths (cpu/cpu_simd_lanes.h, one lane code for AVX2 and AVX-512):
+// the same float constants, evaluated in the same Horner order (the SIMD lanes with FMA, hence their
+// last-bit freedom).
 #pragma once
 
 namespace nft_cuda {
