@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import require_optional
 
 import nft_cuda
 from nft_cuda.eval import eval_checkpoints, monte_carlo
@@ -117,6 +118,7 @@ def _checkpoints(tmp_path, monkeypatch, shift=0.05):
 
 
 def test_eval_checkpoints_with_baseline(tmp_path, monkeypatch):
+    require_optional("matplotlib")  # writes the plot's paired panel
     paths = _checkpoints(tmp_path, monkeypatch)
     out = {k: str(tmp_path / f"r.{k}") for k in ("json", "csv", "png")}
     report = eval_checkpoints(
