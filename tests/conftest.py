@@ -41,6 +41,18 @@ def require_optional(module: str):
     )
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: fast on a shared 2-core machine, and the same GEMM blocking
+    everywhere (bit-identity across batchings and processes relies on it)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     """Each test using it runs on "cpu" and, when a GPU is present, on "cuda"."""

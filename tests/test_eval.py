@@ -45,15 +45,7 @@ RTOL, ATOL, MARGIN = 1e-5, 1e-6, 1e-4
 SEED = 1234
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: fast on a shared 2-core machine, and the same GEMM blocking everywhere."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(extra: nn.Module | None = None, *, seed: int = 0) -> nn.Module:

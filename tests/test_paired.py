@@ -25,14 +25,7 @@ from test_eval import SEED, make_data, make_model, set_instance_probs
 SPEC = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _direct(values, baseline):
