@@ -1,4 +1,6 @@
-"""Models of the paper (VGG-8, CIFAR-style ResNet-18) and a small CPU-friendly model.
+"""Models of the paper (VGG-8, CIFAR-style ResNet-18), a small CPU-friendly CNN, and two sequence
+models for the MNIST family: a small vision transformer (:class:`ViT`) and an LSTM that reads an image
+row by row (:class:`LSTMClassifier`).
 
 All are plain ``torch.nn`` models: make them noisy with :func:`nft_cuda.convert`. Block names are
 stable module paths so IRS taps can name them (DESIGN §5): see :data:`IRS_TAPS`.
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["IRS_TAPS", "MODELS", "ResNet18", "SmallNet", "VGG8", "build_model"]
+__all__ = ["IRS_TAPS", "MODELS", "LSTMClassifier", "ResNet18", "SmallNet", "VGG8", "ViT", "build_model"]
 
 
 def _conv_bn_relu(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -122,20 +124,112 @@ class SmallNet(nn.Module):
         return self.classifier(self.block3(self.block2(self.block1(x))))
 
 
-MODELS = {"small": SmallNet, "vgg8": VGG8, "resnet18": ResNet18}
+def _check_image_input(model: nn.Module, x: torch.Tensor, channels: int, size: int) -> None:
+    """A clear error for inputs the sequence models cannot read (they fix the image shape)."""
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[2] != size or x.shape[3] != size:
+        raise ValueError(f"{type(model).__name__} takes images [B, {channels}, {size}, {size}], got {list(x.shape)}")
 
-#: Default IRS taps per model: module path → snapshot pool size p (DESIGN §5).
+
+class ViT(nn.Module):
+    """A small vision transformer: 4×4 patches of a 32×32 image (the MNIST family is padded from 28×28)
+    → 64 tokens of width 64, a learned position embedding, four pre-norm
+    ``nn.TransformerEncoderLayer`` blocks (4 heads, MLP 2× width, no dropout: dropout would keep OVF
+    from batching its forwards), a final LayerNorm, mean over tokens, Linear → classes.
+
+    :func:`nft_cuda.convert` makes the patch embedding (a stride-4 Conv2d), every attention projection,
+    the MLP Linears and the head noisy; the position embedding and the LayerNorms stay digital.
+    IRS taps name blocks (``blocks.0`` …), whose outputs are token sequences [B, 64, width].
+
+    Args:
+        in_channels, num_classes, input_size: the data shape (input_size must be a multiple of ``patch``).
+        width: multiplier of the token width 64 (rounded to a multiple of the 4 heads).
+        patch, depth, heads: patch size, number of encoder blocks, attention heads.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        input_size: int = 32,
+        width: float = 1.0,
+        patch: int = 4,
+        depth: int = 4,
+        heads: int = 4,
+    ):
+        super().__init__()
+        if input_size % patch:
+            raise ValueError(f"ViT: input_size {input_size} is not a multiple of the patch size {patch}")
+        dim = heads * max(1, round(64 * width / heads))
+        self.in_channels, self.input_size = in_channels, input_size
+        tokens = (input_size // patch) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.Sequential(
+            *[
+                nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image_input(self, x, self.in_channels, self.input_size)
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, dim]
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+class LSTMClassifier(nn.Module):
+    """An LSTM that reads an image row by row: 28 steps of 28 features (× channels), hidden width 128,
+    a Linear head on the last step's output.
+
+    The MNIST family comes padded to 32×32 (2 zero pixels each side, see nft_cuda.data); the model
+    reads the central 28×28, i.e. the original image. :func:`nft_cuda.convert` makes every LSTM weight
+    matrix and the head noisy. The IRS tap ``lstm`` outputs ``(output, (h, c))``; its snapshot is the
+    output sequence [B, 28, hidden].
+
+    Args:
+        in_channels, num_classes, input_size: the data shape (input_size ≥ 28).
+        width: multiplier of the hidden width 128.
+        rows: the side of the central square read (28: the unpadded MNIST image).
+    """
+
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, input_size: int = 32, width: float = 1.0, rows: int = 28
+    ):
+        super().__init__()
+        if input_size < rows:
+            raise ValueError(f"LSTMClassifier reads {rows}×{rows} images; input_size {input_size} is smaller")
+        self.in_channels, self.input_size, self.rows = in_channels, input_size, rows
+        self.lstm = nn.LSTM(in_channels * rows, _ch(128, width), batch_first=True)
+        self.head = nn.Linear(_ch(128, width), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_image_input(self, x, self.in_channels, self.input_size)
+        top = (self.input_size - self.rows) // 2
+        image = x[:, :, top : top + self.rows, top : top + self.rows]
+        steps = image.permute(0, 2, 1, 3).flatten(2)  # [B, rows, C·rows]: row i is step i
+        out, _ = self.lstm(steps)
+        return self.head(out[:, -1])
+
+
+MODELS = {"small": SmallNet, "vgg8": VGG8, "resnet18": ResNet18, "vit": ViT, "lstm": LSTMClassifier}
+
+#: Default IRS taps per model: module path → snapshot pool size p (DESIGN §5). A tap whose output is a
+#: token sequence [B, T, C] (ViT blocks, the LSTM's output) is pooled over tokens to p positions.
 IRS_TAPS: dict[str, dict[str, int]] = {
     "vgg8": {"block1": 6, "block2": 4, "block4": 3},
     "resnet18": {"stem": 6, "layer1": 6, "layer2": 4, "layer3": 3},
     "small": {"block1": 4, "block2": 4, "block3": 2},
+    "vit": {"blocks.0": 4, "blocks.1": 4, "blocks.2": 4},
+    "lstm": {"lstm": 4},
 }
 
 
 def build_model(
     name: str, *, in_channels: int, num_classes: int, input_size: int = 32, width: float = 1.0
 ) -> nn.Module:
-    """A plain model by name: "small", "vgg8" or "resnet18"."""
+    """A plain model by name: "small", "vgg8", "resnet18", "vit" or "lstm"."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if width <= 0:

@@ -1,7 +1,10 @@
 """Intermediate Representation Snapshot heads (DESIGN §4.3, §5).
 
-A head is snapshot → noisy Linear(C·p·p, hidden) → ReLU → noisy Linear(hidden, classes), where the
-snapshot is the tapped activation adaptive-average-pooled to p×p and flattened. Snapshots are taken
+A head is snapshot → noisy Linear(C·p^d, hidden) → ReLU → noisy Linear(hidden, classes), where the
+snapshot is the tapped activation adaptive-average-pooled and flattened (C-major): a feature map
+[B, C, H, W] to p×p (d = 2), a token sequence [B, T, C] (batch first: transformer blocks, an LSTM's
+output) over its tokens to p positions (d = 1; p = 1 is the mean over tokens). A tap whose output is a
+tuple (an LSTM returns ``(output, (h, c))``) snapshots its first element. Snapshots are taken
 by forward hooks during the single backbone forward, so IRS costs one backbone pass plus the heads.
 The heads are side branches: they never change the backbone's output, and they are dropped at
 inference (:meth:`IRSModel.backbone` is the exported model).
@@ -20,16 +23,36 @@ from nft_cuda.nn.conversion import noise_mode
 from nft_cuda.nn.layers import NoisyLinear
 from nft_cuda.variation import Variation
 
-__all__ = ["IRSHead", "IRSModel"]
+__all__ = ["IRSHead", "IRSModel", "snapshot"]
+
+
+def snapshot(activation: torch.Tensor, pool: int) -> torch.Tensor:
+    """The snapshot [B, C·p^d] of a tapped activation: [B, C, H, W] pooled to p×p, or a token sequence
+    [B, T, C] pooled over its tokens to p positions (each channel's p means, C-major as for maps)."""
+    if activation.dim() == 3:
+        return torch.flatten(F.adaptive_avg_pool1d(activation.transpose(1, 2), pool), 1)
+    return torch.flatten(F.adaptive_avg_pool2d(activation, pool), 1)
 
 
 class IRSHead(nn.Module):
-    """snapshot (pool p×p + flatten) → noisy FC → ReLU → noisy FC."""
+    """snapshot (pool to p×p, or to p tokens, + flatten) → noisy FC → ReLU → noisy FC.
 
-    def __init__(self, channels: int, pool: int, num_classes: int, variation: Variation, hidden: int = 512):
+    ``spatial_dims``: 2 for a feature-map tap [B, C, H, W], 1 for a token-sequence tap [B, T, C]."""
+
+    def __init__(
+        self,
+        channels: int,
+        pool: int,
+        num_classes: int,
+        variation: Variation,
+        hidden: int = 512,
+        spatial_dims: int = 2,
+    ):
         super().__init__()
+        if spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 (token sequence) or 2 (feature map), got {spatial_dims!r}")
         self.pool = pool
-        self.fc1 = NoisyLinear(channels * pool * pool, hidden, variation=variation)
+        self.fc1 = NoisyLinear(channels * pool**spatial_dims, hidden, variation=variation)
         self.fc2 = NoisyLinear(hidden, num_classes, variation=variation)
         for fc in (self.fc1, self.fc2):  # as the reference heads
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
@@ -45,16 +68,16 @@ class IRSHead(nn.Module):
                 activation, self.pool, self.fc1.weight, self.fc1.bias, self.fc1.variation, rng=noise.rng
             )[0]
         else:
-            snapshot = torch.flatten(F.adaptive_avg_pool2d(activation, self.pool), 1)
+            flat = snapshot(activation, self.pool)
             if own:
-                # Autocast or mixed dtypes: the layer's own path, with the rng already drawn above.
+                # A token sequence, autocast or mixed dtypes: the layer's own path, with the rng already drawn above.
                 self.fc1.set_sample_plan(noise.rng)
                 try:
-                    hidden = self.fc1(snapshot)
+                    hidden = self.fc1(flat)
                 finally:
                     self.fc1.set_sample_plan(None)  # there was none (own noise)
             else:
-                hidden = self.fc1(snapshot)  # clean, or a sample plan set by the caller
+                hidden = self.fc1(flat)  # clean, or a sample plan set by the caller
         return self.fc2(F.relu(hidden))
 
     def _snapshot_op_ok(self, activation: torch.Tensor) -> bool:
@@ -62,6 +85,15 @@ class IRSHead(nn.Module):
             activation.dim() == 4
             and activation.dtype == self.fc1.weight.dtype
             and not torch.is_autocast_enabled(activation.device.type)
+        )
+
+
+def _check_tap_shape(name: str, shape: torch.Size) -> None:
+    """The tapped activation of the one-image example forward must be [1, C, H, W] or [1, T, C]."""
+    if len(shape) not in (3, 4) or shape[0] != 1:
+        raise ValueError(
+            f"IRS tap '{name}' outputs shape {list(shape)} for one input image; a feature map [B, C, H, W] or "
+            "a batch-first token sequence [B, T, C] is needed"
         )
 
 
@@ -121,13 +153,20 @@ class IRSModel(nn.Module):
         shapes = {name: self._snapshots[name].shape for name in order}
         self._snapshots.clear()
         for name in order:
-            if len(shapes[name]) != 4:
-                raise ValueError(
-                    f"IRS tap '{name}' outputs shape {list(shapes[name])}; a 4-D [B, C, H, W] activation is needed"
-                )
+            _check_tap_shape(name, shapes[name])
         self.order = order
         self.heads = nn.ModuleDict(
-            {self._key(name): IRSHead(shapes[name][1], taps[name], num_classes, variation, hidden) for name in order}
+            {
+                self._key(name): IRSHead(
+                    shapes[name][1] if len(shapes[name]) == 4 else shapes[name][2],
+                    taps[name],
+                    num_classes,
+                    variation,
+                    hidden,
+                    spatial_dims=len(shapes[name]) - 2,
+                )
+                for name in order
+            }
         )
         device = next(backbone.parameters()).device
         self.heads.to(device)
@@ -139,7 +178,8 @@ class IRSModel(nn.Module):
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if self._capturing:
-                self._snapshots[name] = output
+                # An RNN returns (output, h_n) (an LSTM (output, (h_n, c_n))): snapshot the output sequence.
+                self._snapshots[name] = output[0] if isinstance(output, (tuple, list)) else output
 
         return hook
 
