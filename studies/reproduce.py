@@ -5,6 +5,10 @@
                                        [--plot docs/reproduction/accuracy.png]
     python -m studies.reproduce plan   [--config ...]
 
+The same runner serves other studies: a config names its model ("model", or per group), its time
+budget ("budget_minutes", default 60) and where ``report`` writes ("report": results/doc/plot, default
+the reproduction study's), e.g. studies/vit.json (docs/vit-study.md: the small ViT on Fashion-MNIST).
+
 ``run`` trains every model of the config and evaluates each with Monte-Carlo, as the paper does
 (its reference code): each noise-trained model (noise injection, OVF, IRS) is trained and tested at the
 same σ_d and device preset; the clean model of each (model, dataset) is trained once and swept over
@@ -29,12 +33,18 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["PAPER", "load_config", "main", "plan", "render_tables", "run", "update_doc"]
+__all__ = ["PAPER", "load_config", "main", "plan", "render_tables", "report_paths", "run", "update_doc"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "reproduction.json"
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
 _GROUP_OVERRIDES = ("model", "width", "lr", "epochs", "batch_size")
 _METHOD_ORDER = ("clean", "noise", "ovf", "irs")
+#: A config's optional "report" entries: the committed results, the doc with the study markers, the plot.
+_REPORT_DEFAULTS = {
+    "results": "docs/reproduction/results.json",
+    "doc": "docs/reproduction.md",
+    "plot": "docs/reproduction/accuracy.png",
+}
 _METHOD_NAMES = {"clean": "clean (W/O noise)", "noise": "noise injection", "ovf": "OVF", "irs": "IRS"}
 
 #: The paper's VGG-8 / MNIST accuracies (%) at the σ_d of this study, digitised from the accuracy
@@ -81,6 +91,14 @@ def load_config(path) -> dict:
         raise ValueError(f"{path}: missing config entries {missing}")
     cfg.setdefault("limit_train", None)
     cfg.setdefault("test_images", None)
+    if "model" in cfg:
+        _check_model(path, cfg["model"])
+    report = cfg.get("report", {})
+    unknown = sorted(set(report) - set(_REPORT_DEFAULTS)) if isinstance(report, dict) else ["(not an object)"]
+    if unknown:
+        raise ValueError(f"{path}: 'report' has unknown entries {unknown}; known: {', '.join(_REPORT_DEFAULTS)}")
+    if not (isinstance(cfg.get("budget_minutes", 60), (int, float)) and cfg.get("budget_minutes", 60) > 0):
+        raise ValueError(f"{path}: budget_minutes must be a positive number, got {cfg['budget_minutes']!r}")
     if not isinstance(cfg["groups"], list) or not cfg["groups"]:
         raise ValueError(f"{path}: 'groups' must be a non-empty list")
     for i, g in enumerate(cfg["groups"]):
@@ -92,11 +110,26 @@ def load_config(path) -> dict:
             raise ValueError(
                 f"{path}: groups[{i}] has unknown methods {bad} (noise, ovf, irs; the clean model is always trained)"
             )
+        if "model" in g:
+            _check_model(path, g["model"])
         if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
             raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
     if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
         raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two instances), got {cfg['runs']!r}")
     return cfg
+
+
+def _check_model(path, name) -> None:
+    from nft_cuda.models import MODELS
+
+    if name not in MODELS:
+        raise ValueError(f"{path}: unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def report_paths(cfg: dict) -> dict:
+    """Where ``report`` reads the results and writes the doc and the plot of a study: the config's
+    ``report`` entries over the defaults of the reproduction study."""
+    return {**_REPORT_DEFAULTS, **cfg.get("report", {})}
 
 
 def _setting(cfg: dict, group: dict, key: str):
@@ -404,9 +437,13 @@ def render_tables(results: dict) -> str:
     preset0 = sweep["device_model"]
     runs = {p["runs"] for p in points}
     inputs = {p["num_inputs"] for p in points}
+    committed = report_paths(cfg)["results"]
+    command = "python -m studies.reproduce report"
+    if committed != _REPORT_DEFAULTS["results"]:
+        command += f" --results {committed}"
     out = [
-        f"Every number below is recomputed from `docs/reproduction/results.json` by "
-        f"`python -m studies.reproduce report`: accuracy is the mean over {'/'.join(map(str, sorted(runs)))} "
+        f"Every number below is recomputed from `{committed}` by "
+        f"`{command}`: accuracy is the mean over {'/'.join(map(str, sorted(runs)))} "
         f"simulated chips ± CI95 (1.96·std/√R) in %, each chip evaluated on the first "
         f"{'/'.join(map(str, sorted(inputs)))} test images; EKL is in nats ×10⁻².",
         "",
@@ -604,10 +641,10 @@ def _parser() -> argparse.ArgumentParser:
         "--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
     )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    s = sub.add_parser("report", help="recompute the tables of docs/reproduction.md and the plot from results.json")
-    s.add_argument("--results", default=os.path.join("docs", "reproduction", "results.json"))
-    s.add_argument("--doc", default=os.path.join("docs", "reproduction.md"))
-    s.add_argument("--plot", default=os.path.join("docs", "reproduction", "accuracy.png"))
+    s = sub.add_parser("report", help="recompute the tables of a study's doc and its plot from results.json")
+    s.add_argument("--results", default=_REPORT_DEFAULTS["results"])
+    s.add_argument("--doc", help="default: the study config's report.doc (docs/reproduction.md)")
+    s.add_argument("--plot", help="default: the study config's report.plot (docs/reproduction/accuracy.png)")
     q = sub.add_parser("plan", help="list the trainings and evaluations of a config")
     q.add_argument("--config", default=str(DEFAULT_CONFIG))
     return p
@@ -624,10 +661,12 @@ def main(argv=None) -> int:
         elif args.command == "report":
             with open(args.results) as f:
                 results = json.load(f)
-            update_doc(args.doc, results)
-            plot(results, args.plot)
+            paths = report_paths(results["config"])
+            doc, figure = args.doc or paths["doc"], args.plot or paths["plot"]
+            update_doc(doc, results)
+            plot(results, figure)
             print(render_tables(results))
-            print(f"updated {args.doc} and {args.plot}")
+            print(f"updated {doc} and {figure}")
         else:
             trainings, evals = plan(load_config(args.config))
             for t in trainings:

@@ -49,7 +49,8 @@ class TrainConfig:
     """Everything :func:`train` needs (validated and normalised on construction).
 
     Attributes:
-        model: ``"small"`` (CPU-friendly, default), ``"vgg8"`` or ``"resnet18"``.
+        model: ``"small"`` (CPU-friendly, default), ``"vgg8"``, ``"resnet18"``, or the sequence models
+            ``"vit"`` and ``"lstm"`` (1-channel 28×28 data: the MNIST family; see nft_cuda.models).
         dataset: ``"embedded"`` (default: a Fashion-MNIST slice shipped with the package, no download),
             ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
@@ -69,7 +70,7 @@ class TrainConfig:
         val_fraction: share of the training split held out for model selection, in [0, 1).
         seed: the run's seed, in [0, 2^63).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        width: channel multiplier of the model.
+        width: channel multiplier of the model (the token / hidden width for vit / lstm).
         augment: random crop (padding 4, filled with normalised black) and horizontal flip of every
             training batch (:class:`nft_cuda.data.augment.CropFlip`); None (default): on for CIFAR-10/100,
             off for the MNIST-like datasets, as the reference. Validation and test batches are never
