@@ -301,6 +301,7 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
     total = len(trainings) + len(evals)
     t_start = time.perf_counter()
     trained: dict[str, dict] = {}
+    cpu: list[float | None] = []  # CPU seconds of each item (None: recorded by an older runner)
     step = 0
     for t in trainings:
         step += 1
@@ -309,11 +310,12 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         rec = _done(path, spec)
         if rec is None:
             log(f"[{step}/{total}] train {t['name']} ({_elapsed(t_start)} elapsed)")
-            rec = {"spec": spec, "result": _train_one(cfg, t, out, progress)}
+            rec = {"spec": spec, "result": _with_cpu_time(_train_one, cfg, t, out, progress)}
             _write_json(path, rec)
             res = rec["result"]
             log(f"    {res['time_s']:.0f} s, clean test accuracy {100 * res['test_acc_clean']:.2f} %")
         trained[t["name"]] = {**t, **rec["result"]}
+        cpu.append(rec["result"].get("cpu_s"))
     points = []
     for e in evals:
         step += 1
@@ -327,7 +329,7 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         rec = _done(path, spec)
         if rec is None:
             log(f"[{step}/{total}] eval {e['name']}: {cfg['runs']} chip instances ({_elapsed(t_start)} elapsed)")
-            rec = {"spec": spec, "result": _eval_one(cfg, e, t["model_path"], t["dataset"], progress)}
+            rec = {"spec": spec, "result": _with_cpu_time(_eval_one, cfg, e, t["model_path"], t["dataset"], progress)}
             _write_json(path, rec)
             r = rec["result"]
             log(
@@ -335,6 +337,7 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
                 f"{r['time_s']:.0f} s"
             )
         r = rec["result"]
+        cpu.append(r.get("cpu_s"))
         points.append(
             {
                 "name": e["name"],
@@ -369,6 +372,8 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         },
     }
     results["time_s"]["total"] = results["time_s"]["training"] + results["time_s"]["evaluation"]
+    if None not in cpu:
+        results["time_s"]["cpu"] = sum(cpu)
     _write_json(out / "results.json", results)
     log(
         f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
@@ -376,6 +381,14 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}"
     )
     return results
+
+
+def _with_cpu_time(fn, *args) -> dict:
+    """``fn(*args)`` (a result dict) with ``cpu_s``, the CPU time this process spent in it (all threads):
+    on a loaded machine the wall times include waiting for other work, the CPU time does not."""
+    c0 = time.process_time()
+    result = fn(*args)
+    return {**result, "cpu_s": time.process_time() - c0}
 
 
 def trainings_spec(t: dict) -> dict:
@@ -555,6 +568,13 @@ def render_tables(results: dict) -> str:
         f"{results['environment'].get('torch')}, commit {results['environment'].get('commit')}).",
         "",
     ]
+    if "cpu" in tt:
+        out += [
+            f"CPU time of the run's process ({results['environment'].get('torch_threads')} intra-op thread(s)): "
+            f"**{tt['cpu'] / 60:.1f} min**; the wall time above also holds the time it waited for other work on "
+            "the machine.",
+            "",
+        ]
 
     if "mnist" in sweep["datasets"]:
         out += [
