@@ -439,6 +439,14 @@ def _sweep_rows(points, dataset: str, preset: str, sigmas, seed: int, cell) -> l
     return rows
 
 
+def _paired_cell(a: dict | None, b: dict | None, paired_difference) -> str:
+    """``a − b`` paired by chip (mean ± CI95, percentage points), or "–" without both on the same chips."""
+    if a is None or b is None or len(a["per_instance_accuracy"]) != len(b["per_instance_accuracy"]):
+        return "–"
+    d = paired_difference(a["per_instance_accuracy"], b["per_instance_accuracy"])
+    return f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}"
+
+
 def render_tables(results: dict) -> str:
     """The Markdown tables of docs/reproduction.md, computed from ``results`` alone."""
     from nft_cuda.eval.paired import paired_difference
@@ -480,11 +488,11 @@ def render_tables(results: dict) -> str:
         ]
 
     out += [
-        "**OVF and IRS minus noise injection, paired by chip** (percentage points, mean ± CI95 of the "
-        "per-chip differences: chip i of every model draws the same noise stream)",
+        "**Noise injection minus clean training, OVF and IRS minus noise injection, paired by chip** (percentage "
+        "points, mean ± CI95 of the per-chip differences: chip i of every model draws the same noise stream)",
         "",
-        "| dataset | preset | σ_d | seed | OVF − noise | IRS − noise |",
-        "|---|---|---|---|---|---|",
+        "| dataset | preset | σ_d | seed | noise − clean | OVF − noise | IRS − noise |",
+        "|---|---|---|---|---|---|---|",
     ]
     for p in points:
         if p["method"] != "noise":
@@ -497,17 +505,12 @@ def render_tables(results: dict) -> str:
             train_sigma=p["train_sigma"],
             train_device_model=p["train_device_model"],
         )
-        cells = []
-        for m in ("ovf", "irs"):
-            q = _find(points, method=m, **key)
-            if q is None or len(q["per_instance_accuracy"]) != len(p["per_instance_accuracy"]):
-                cells.append("–")
-                continue
-            d = paired_difference(q["per_instance_accuracy"], p["per_instance_accuracy"])
-            cells.append(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}")
-        if cells != ["–", "–"]:
+        clean = _find(points, method="clean", dataset=p["dataset"], sigma=p["sigma"], device_model=p["device_model"])
+        pairs = [(p, clean)] + [(_find(points, method=m, **key), p) for m in ("ovf", "irs")]
+        cells = [_paired_cell(a, b, paired_difference) for a, b in pairs]
+        if cells[1:] != ["–", "–"]:
             out.append(
-                f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | {cells[0]} | {cells[1]} |"
+                f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | " + " | ".join(cells) + " |"
             )
     out.append("")
 
@@ -571,7 +574,7 @@ def render_tables(results: dict) -> str:
     if "cpu" in tt:
         out += [
             f"CPU time of the run's process ({results['environment'].get('torch_threads')} intra-op thread(s)): "
-            f"**{tt['cpu'] / 60:.1f} min**; the wall time above also holds the time it waited for other work on "
+            f"**{tt['cpu'] / 60:.1f} min**; the wall time above also includes waiting for other work on "
             "the machine.",
             "",
         ]

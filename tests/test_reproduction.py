@@ -15,8 +15,8 @@ import pytest
 from conftest import require_optional
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC = ROOT / "docs" / "reproduction.md"
-RESULTS = ROOT / "docs" / "reproduction" / "results.json"
+#: The committed studies run by studies/reproduce.py: their configs (which name their doc and results).
+STUDIES = [ROOT / "studies" / "reproduction.json", ROOT / "studies" / "vit.json"]
 
 
 @pytest.fixture
@@ -72,17 +72,27 @@ def _micro_config(**over) -> dict:
     return cfg
 
 
-def test_committed_tables_recompute_from_committed_json(study):
-    results = json.loads(RESULTS.read_text())
-    text = DOC.read_text()
+def _committed(study, config: Path) -> tuple[dict, Path]:
+    """(results, doc path) of a committed study; its results were made with the committed config."""
+    paths = study.report_paths(study.load_config(config))
+    results = json.loads((ROOT / paths["results"]).read_text())
+    assert results["config"] == study.load_config(config), f"{paths['results']} was not made with {config.name}"
+    return results, ROOT / paths["doc"]
+
+
+@pytest.mark.parametrize("config", STUDIES, ids=lambda p: p.stem)
+def test_committed_tables_recompute_from_committed_json(study, config):
+    results, doc = _committed(study, config)
+    text = doc.read_text()
     block = text.split(study.BEGIN, 1)[1].split(study.END, 1)[0]
     assert block.strip() == study.render_tables(results).strip(), (
-        "docs/reproduction.md is stale: run `python -m studies.reproduce report`"
+        f"{doc.name} is stale: run `python -m studies.reproduce report --results {study.report_paths(results['config'])['results']}`"
     )
 
 
-def test_committed_json_is_consistent(study):
-    results = json.loads(RESULTS.read_text())
+@pytest.mark.parametrize("config", STUDIES, ids=lambda p: p.stem)
+def test_committed_json_is_consistent(study, config):
+    results, _ = _committed(study, config)
     cfg = results["config"]
     trainings, evals = study.plan(cfg)
     assert sorted(t["name"] for t in results["trainings"]) == sorted(t["name"] for t in trainings)
@@ -97,7 +107,7 @@ def test_committed_json_is_consistent(study):
         if p["method"] != "clean":  # each noise-trained model is tested at its own σ_d and preset
             assert (p["sigma"], p["device_model"]) == (p["train_sigma"], p["train_device_model"])
     # the measured run fits the stated budget
-    assert results["time_s"]["total"] <= 60 * 60
+    assert results["time_s"]["total"] <= 60 * cfg.get("budget_minutes", 60)
 
 
 def test_committed_config_plan(study):
@@ -123,6 +133,18 @@ def test_committed_config_plan(study):
     study.load_config(ROOT / "studies" / "full_scale.json")  # the GPU config is valid too
 
 
+def test_vit_study_config_plan(study):
+    """The ViT study: clean / noise / OVF / IRS at two σ_d (RRAM1), 100 chips each, ≤ 20 minutes."""
+    cfg = study.load_config(ROOT / "studies" / "vit.json")
+    trainings, evals = study.plan(cfg)
+    assert {t["model"] for t in trainings} == {"vit"} and {t["dataset"] for t in trainings} == {"fashion-mnist"}
+    assert [t["method"] for t in trainings] == ["clean"] + ["noise", "ovf", "irs"] * 2
+    assert len({t["sigma"] for t in trainings if t["method"] != "clean"}) == 2
+    assert {e["device_model"] for e in evals} == {"RRAM1"} and len(evals) == 8
+    assert cfg["runs"] >= 100 and cfg["budget_minutes"] <= 20
+    assert study.report_paths(cfg)["doc"] == "docs/vit-study.md"
+
+
 def test_micro_study_runs_reports_and_resumes(study, tmp_path, monkeypatch):
     require_optional("matplotlib")  # writes a plot
     cfg = _micro_config()
@@ -133,6 +155,9 @@ def test_micro_study_runs_reports_and_resumes(study, tmp_path, monkeypatch):
     assert on_disk["evaluations"] == json.loads(json.dumps(results["evaluations"]))
     for p in results["evaluations"]:
         assert len(p["per_instance_accuracy"]) == 3 and p["num_inputs"] == 48
+    # every item records the CPU time of the run's process beside its wall time
+    assert all(t["cpu_s"] > 0 for t in results["trainings"])
+    assert 0 < results["time_s"]["cpu"] and "CPU time of the run's process" in study.render_tables(results)
 
     # the report fills the marked block of a doc, recomputed from the results alone
     doc = tmp_path / "doc.md"
@@ -170,6 +195,12 @@ def test_config_and_doc_errors(study, tmp_path, capsys):
     assert study.main(["plan", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "unknown methods" in err and len(err.strip().splitlines()) == 1
+    path.write_text(json.dumps(_micro_config(model="transformer")))
+    with pytest.raises(ValueError, match="unknown model 'transformer'; choose one of"):
+        study.load_config(path)
+    path.write_text(json.dumps(_micro_config(report={"table": "x.md"})))
+    with pytest.raises(ValueError, match=r"'report' has unknown entries \['table'\]"):
+        study.load_config(path)
     doc = tmp_path / "doc.md"
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="study:begin"):
