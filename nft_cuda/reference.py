@@ -15,7 +15,7 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "sigma_w", "perturb", "noisy_linear", "noisy_linear_backward_input"]
+__all__ = ["philox4x32", "philox_normal", "philox_normal_blocks", "sigma_w", "perturb", "noisy_linear", "noisy_linear_backward_input"]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -66,13 +66,31 @@ def philox_normal(rng: torch.Tensor, numel: int, streams: int) -> torch.Tensor:
     x0, x1, x2, x3 = _philox_words(
         q_lo.expand(shape), q_hi.expand(shape), s_lo[:, None].expand(shape), s_hi[:, None].expand(shape), k0, k1
     )
+    z = _box_muller(x0, x1, x2, x3)
+    return z.reshape(streams, 4 * nq)[:, :numel].to(torch.float32)
+
+
+def _box_muller(x0, x1, x2, x3) -> torch.Tensor:
+    """float64 [..., 4]: the DESIGN §3 normals (lanes 0..3) of Philox blocks given as their four words."""
     u = [((x >> 9).to(torch.float64) + 0.5) * 2.0**-23 for x in (x0, x1, x2, x3)]
     r01 = torch.sqrt(-2.0 * torch.log(u[0]))
     r23 = torch.sqrt(-2.0 * torch.log(u[2]))
     a01 = 2.0 * math.pi * u[1]
     a23 = 2.0 * math.pi * u[3]
-    z = torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
-    return z.reshape(streams, 4 * nq)[:, :numel].to(torch.float32)
+    return torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
+
+
+def philox_normal_blocks(rng: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """float32 [*q.shape, 4]: the DESIGN §3 normals of Philox blocks ``q`` (int64 block counters, read as
+    uint64) in stream rng[1] under key rng[0]: lane l of block q is element 4q + l of that stream.
+
+    The general form of :func:`philox_normal` (blocks 0, 1, ... of consecutive streams) for draws that
+    live at other block counters, e.g. the per-MVM read noise (draw k = 8, docs/device-models.md)."""
+    q_lo, q_hi = _lo_hi(q)
+    s_lo, s_hi = _lo_hi(rng[1])
+    k0, k1 = _lo_hi(rng[0])
+    words = _philox_words(q_lo, q_hi, s_lo.expand(q.shape), s_hi.expand(q.shape), k0, k1)
+    return _box_muller(*words).to(torch.float32)
 
 
 def _max_abs(weight: torch.Tensor) -> torch.Tensor:
