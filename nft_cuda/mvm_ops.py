@@ -101,7 +101,7 @@ def read_noise_normals(rng: torch.Tensor, numel: int, counter: torch.Tensor) -> 
         )
     nq = (numel + 3) // 4
     c = torch.bitwise_and(counter.to(torch.int64), 2**READ_NOISE_COUNTER_BITS - 1)
-    base = (c << 32) + READ_NOISE_DRAW * 2**56
+    base = (c << 32) + (READ_NOISE_DRAW << reference.DRAW_SHIFT)
     q = base + torch.arange(nq, dtype=torch.int64, device=rng.device)
     return reference.philox_normal_blocks(rng, q).reshape(4 * nq)[:numel]
 

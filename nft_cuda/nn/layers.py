@@ -636,7 +636,9 @@ class NoisyModule(nn.Module):
 
     def mvm_counter(self) -> torch.Tensor:
         """The layer's MVM forward counter c (int64 0-d, on the weight's device): the read noise of a
-        forward is drawn at c (nft_cuda.mvm_ops.read_noise_normals); 0 after set_instance/set_sample_plan."""
+        forward is drawn at c (nft_cuda.mvm_ops.read_noise_normals); 0 after set_instance/set_sample_plan.
+        It counts the forwards of a fixed stream (instance mode, sample plans); in mode train every forward
+        has a fresh rng already, so c stays 0 there and torch's generator alone decides the draws."""
         buf = self._buffers.get("_mvm_counter")
         if buf is None or buf.device != self.weight.device:
             buf = torch.zeros((), dtype=torch.int64, device=self.weight.device)
@@ -644,9 +646,10 @@ class NoisyModule(nn.Module):
         return buf
 
     def advance_mvm_counter(self) -> None:
-        """c += 1 in place (no host synchronisation): the next forward draws fresh read noise."""
-        with torch.no_grad():
-            self.mvm_counter().add_(1)
+        """c += 1 in place (no host synchronisation) after a forward of a fixed stream."""
+        if self._sample_plan is not None or self._mode == "instance":
+            with torch.no_grad():
+                self.mvm_counter().add_(1)
 
     def _reset_mvm_counter(self) -> None:
         buf = self._buffers.get("_mvm_counter")
