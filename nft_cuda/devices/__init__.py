@@ -32,6 +32,7 @@ __all__ = [
     "Variation",
     "device_model_from_dict",
     "make_device_model",
+    "model_name",
 ]
 
 #: The paper's bit-sliced Gaussian model: the same class as :class:`nft_cuda.Variation`.
@@ -77,3 +78,9 @@ def device_model_from_dict(d: dict) -> DeviceModel:
     if kind not in classes:
         raise ValueError(f"unknown device-model kind {kind!r}; known: {', '.join(classes)}")
     return classes[kind].from_fields(fields)
+
+
+def model_name(model: DeviceModel) -> str:
+    """The name :func:`make_device_model` (and ``--device-model``) knows ``model`` by: its preset for the
+    bit-sliced Gaussian (``"RRAM1"`` ...), else its ``kind`` (``"pcm"``, ``"lognormal"``, ``"stuck-at"``)."""
+    return model.device_model if isinstance(model, Variation) else model.kind

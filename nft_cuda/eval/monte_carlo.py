@@ -65,6 +65,7 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
+from nft_cuda.devices import DeviceModel, model_name
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
@@ -80,16 +81,24 @@ __all__ = ["instance_logits", "monte_carlo"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_variations(variations) -> list[Variation]:
-    if isinstance(variations, Variation):
+def _as_variations(variations) -> list[DeviceModel]:
+    if isinstance(variations, DeviceModel):
         return [variations]
     if isinstance(variations, Iterable) and not isinstance(variations, (str, bytes)):
         out = list(variations)
-        if out and all(isinstance(v, Variation) for v in out):
+        if out and all(isinstance(v, DeviceModel) for v in out):
             return out
     raise TypeError(
-        f"variations must be an nft_cuda.Variation or a non-empty list of them, got {type(variations).__name__}"
+        "variations must be a device model (nft_cuda.Variation, nft_cuda.devices.PCM, ...) or a non-empty "
+        f"list of them, got {type(variations).__name__}"
     )
+
+
+def _noiseless(model: DeviceModel) -> bool:
+    """Whether every chip under ``model`` is the clean model: severity 0, no time after programming (drift,
+    1/f noise) and no MVM effect; then the clean pass stands for every instance."""
+    mvm = model.mvm
+    return model.sigma == 0.0 and getattr(model, "time", 0.0) == 0.0 and (mvm is None or not mvm.active)
 
 
 def _check_loader(loader) -> None:
@@ -405,7 +414,7 @@ def _sweep_result(
     clean_acc = clean_correct / n
     for layer in layers:
         layer.variation = var
-    if var.sigma == 0.0:
+    if _noiseless(var):
         per_acc = [clean_acc] * runs
         conf = exact_mean([clean_conf] * runs, runs * n)
         ekl, per_kl = 0.0, [0.0] * runs
@@ -413,7 +422,7 @@ def _sweep_result(
         per_acc, conf, ekl, per_kl = _sweep_point(
             model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm, progress, chip_kl
         )
-    res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed, "num_inputs": n}
+    res = {"sigma": var.sigma, "device_model": model_name(var), "runs": runs, "seed": seed, "num_inputs": n}
     res.update(accuracy_stats(per_acc))
     res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
     if chip_kl:
@@ -461,7 +470,7 @@ def _sweep_point(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False, disable=None
+            total=my_instances, desc=f"σ_d={var.sigma:g} {model_name(var)}", unit="inst", leave=False, disable=None
         )  # None: no bar (no carriage returns) when stderr is not a terminal
     try:
         for j in range(rounds):

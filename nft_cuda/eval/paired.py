@@ -171,12 +171,12 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
     """One paired entry per (checkpoint ≠ baseline, σ_d, device model) of ``results`` (report entries
     with ``checkpoint`` and ``per_instance_accuracy``, and ``per_instance_kl`` for the EKL difference),
     against the baseline's entry with the same σ_d and device model, in the order of ``results``."""
-    base = {(r["sigma"], r["device_model"]): r for r in results if r["checkpoint"] == baseline}
+    base = {(r["sigma"], r["device_model"], r.get("time_s")): r for r in results if r["checkpoint"] == baseline}
     if not base:
         raise ValueError(f"baseline '{baseline}' is not among the results")
     out = []
     for r in results:
-        a = base.get((r["sigma"], r["device_model"]))
+        a = base.get((r["sigma"], r["device_model"], r.get("time_s")))  # time_s: a --time sweep's point
         if r["checkpoint"] == baseline or a is None:
             continue
         for key in ("runs", "seed", "num_inputs"):
@@ -191,6 +191,7 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
             "baseline": baseline,
             "sigma": r["sigma"],
             "device_model": r["device_model"],
+            **({"time_s": r["time_s"]} if "time_s" in r else {}),
             "runs": r["runs"],
             "accuracy_difference": acc["mean"],
             "accuracy_difference_std": acc["std"],

@@ -9,6 +9,7 @@ report is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -18,10 +19,11 @@ import torch
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import json_safe, sha256_file
+from nft_cuda.devices import PRESETS, DeviceModel, device_model_from_dict, make_device_model, model_name
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
-from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
+from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
 from nft_cuda.variation import Variation
 
@@ -157,6 +159,8 @@ def eval_checkpoints(
     labels: Sequence[str] | None = None,
     resume: bool = True,
     baseline: str | None = None,
+    times: Sequence[float] | None = None,
+    device_options: dict | None = None,
 ) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
@@ -164,7 +168,8 @@ def eval_checkpoints(
     Args:
         paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
         sigmas: the σ_d sweep.
-        device_model: the device model preset (default: each checkpoint's own, with its bit widths).
+        device_model: the device model's name, a preset or "pcm", "lognormal", "stuck-at" (default: each
+            checkpoint's own; a preset keeps the checkpoint's bit widths).
         runs, seed, instances_per_pass, progress: as :func:`~nft_cuda.eval.monte_carlo`.
         data_dir: the data folder (see :mod:`nft_cuda.data`).
         json_path, csv_path, plot_path: where to write the report (JSON), the table (CSV) and the plot
@@ -180,6 +185,11 @@ def eval_checkpoints(
             (:mod:`nft_cuda.eval.paired`): the report gains ``baseline`` and ``paired`` (one entry per
             other checkpoint × σ_d: accuracy and EKL differences, CI95, verdicts) and every result
             ``per_instance_kl``. Refused when the chips differ (device model or bit widths, test set).
+        times: seconds after programming to evaluate each σ_d at (:meth:`DeviceModel.at_time`; the PCM
+            model drifts, the others do not change); every result then carries ``time_s``. None: the
+            model's own time (results of a PCM model carry it too).
+        device_options: other fields of the device model (e.g. ``drift_compensation=True``,
+            ``mvm=MVM(...)``, ``p0``/``p1`` of stuck-at) set on every evaluated model.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
@@ -208,10 +218,8 @@ def eval_checkpoints(
         meta = payload.get("meta", {}) or {}
         spec = dict(payload["model"])
         base = payload["variation"]
-        variations = [
-            Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"]) for s in sigmas
-        ]
-        chips[label] = _chips(variations[0], dataset, model)
+        variations = _device_models(base, sigmas, device_model, device_options, times)
+        chips[label] = _chips(variations[0][0], dataset, model)
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
@@ -237,13 +245,62 @@ def eval_checkpoints(
     return report
 
 
-def _chips(variation: Variation, dataset: str, model) -> tuple:
-    """What makes chip r the same chip in two checkpoints: the device model and bit widths, the test set,
-    and the noisy layers' shapes (checked by :func:`nft_cuda.eval.paired.check_pairable`)."""
+def _device_models(base: dict, sigmas, name: str | None, options: dict | None, times) -> list[tuple]:
+    """(model, time or None) of each point of the sweep, σ_d-major then time: the checkpoint's own model
+    (``base``, its stored dict) or the model called ``name`` (a preset keeps the checkpoint's bit widths),
+    with ``options`` set, at each σ_d and time."""
+    trained = device_model_from_dict(dict(base))
+    options = dict(options or {})
+    if name is None:
+        model = trained
+    else:
+        keep = {}
+        if isinstance(trained, Variation) and name.strip().lower() in {p.lower() for p in PRESETS}:
+            keep = {"weight_bits": trained.weight_bits, "device_bits": trained.device_bits}
+        model = make_device_model(name, trained.sigma, **keep)
+    fields = {f.name for f in dataclasses.fields(model)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"the {model_name(model)} device model has no setting {', '.join(unknown)} "
+            f"(its settings: {', '.join(sorted(fields - {'sigma'}))})"
+        )
+    model = dataclasses.replace(model, **options)
+    at = [None] if times is None else [float(t) for t in times]
+    return [(m if t is None else m.at_time(t), t) for m in (model.with_sigma(s) for s in sigmas) for t in at]
+
+
+def _chips(variation: DeviceModel, dataset: str, model) -> tuple:
+    """What makes chip r the same chip in two checkpoints: the device model but its severity (bit widths,
+    time, options), the test set, and the noisy layers' shapes (checked by
+    :func:`nft_cuda.eval.paired.check_pairable`)."""
     from nft_cuda.nn.conversion import noisy_layers
 
-    device = (variation.device_model, variation.weight_bits, variation.device_bits)
+    fields = {k: v for k, v in variation.to_dict().items() if k != "sigma"}
+    device = (model_name(variation), json.dumps(fields, sort_keys=True))
+    if isinstance(variation, Variation):  # the bit-sliced Gaussian: its preset and bit widths, as before
+        device = (variation.device_model, variation.weight_bits, variation.device_bits)
+        if variation.mvm is not None:
+            device += (json.dumps(variation.mvm.to_dict(), sort_keys=True),)
     return device, dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
+
+
+def _point_key(var: DeviceModel):
+    """The model part of a finished point's key: the four-field list of the bit-sliced Gaussian (so older
+    partial files keep resuming), else the model's dict."""
+    if isinstance(var, Variation) and var.mvm is None:
+        return [var.sigma, var.device_model, var.weight_bits, var.device_bits]
+    return var.to_dict()
+
+
+def _with_time(result: dict, var: DeviceModel, t: float | None) -> dict:
+    """A result with its time after programming ``time_s`` (the sweep's ``t``, else the model's own time
+    where it has one) and its model's drift compensation where it has one."""
+    if t is not None or hasattr(var, "time"):
+        result["time_s"] = float(getattr(var, "time", t))
+    if hasattr(var, "drift_compensation"):
+        result["drift_compensation"] = bool(var.drift_compensation)
+    return result
 
 
 def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> dict:
@@ -267,13 +324,12 @@ def _points(model, loader, variations, finished, setting: dict, **monte_carlo_ar
     """The Monte-Carlo result of each variation, one point at a time so each is kept as soon as it ends;
     a point an interrupted call finished with the same ``setting`` is reused."""
     out = []
-    for var in variations:
-        key = json.dumps(
-            {**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]}, sort_keys=True
-        )
+    for var, t in variations:
+        point = {**setting, "variation": _point_key(var), **({} if t is None else {"time_s": t})}
+        key = json.dumps(point, sort_keys=True)
         r = finished.get(key)
         if r is None:
-            r = finished.add(key, monte_carlo(model, loader, [var], **monte_carlo_args)[0])
+            r = finished.add(key, _with_time(monte_carlo(model, loader, [var], **monte_carlo_args)[0], var, t))
         out.append(r)
     return out
 
@@ -325,7 +381,8 @@ def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> No
     if csv_path:
         write_csv(report, csv_path)
     if plot_path:
-        plot_results(report, plot_path)
+        times = {r.get("time_s") for r in report["results"]}
+        (plot_time if len(times) > 1 else plot_results)(report, plot_path)
 
 
 def _baseline_label(baseline, paths: list[str], labels) -> str | None:

@@ -55,7 +55,12 @@ class TrainConfig:
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
         method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"`` or ``"irs"``.
         sigma: σ_d of training (≥ 0); 0.1 by default, the reference README's example.
-        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"`` or ``"FeFET6"``.
+        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"``, ``"FeFET6"`` (the bit-sliced Gaussian's
+            presets), ``"pcm"``, ``"lognormal"`` or ``"stuck-at"`` (docs/device-models.md); ``sigma`` is
+            its severity.
+        device_options: the device model's other fields as a JSON-safe dict (e.g. ``{"p0": 0.01,
+            "p1": 0.02}`` for stuck-at, ``{"mvm": {"input_bits": 8}}`` for converters), passed to
+            :func:`nft_cuda.devices.make_device_model`; None: the model's defaults.
         beta: the feedback gain β of OVF/IRS (None: the DESIGN §5 default for model/dataset).
         deltas: OVF variation offsets δ_n, noisiest first.
         head_sigma: σ of the IRS heads (None: ``sigma``; the heads always use RRAM1).
@@ -88,6 +93,7 @@ class TrainConfig:
     method: str = "noise"
     sigma: float = 0.1
     device_model: str = "RRAM1"
+    device_options: dict | None = None
     beta: float | None = None
     deltas: tuple[float, ...] = _DEFAULT_DELTAS
     head_sigma: float | None = None
@@ -112,9 +118,9 @@ class TrainConfig:
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
+        from nft_cuda.devices import model_name
         from nft_cuda.models import MODELS
         from nft_cuda.train.methods import METHODS
-        from nft_cuda.variation import Variation
 
         self.model = _choice("model", self.model, tuple(MODELS))
         if not isinstance(self.dataset, str):
@@ -125,7 +131,11 @@ class TrainConfig:
         self.sigma = _real("sigma", self.sigma, minimum=0.0)
         if not isinstance(self.device_model, str):
             raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
-        self.device_model = Variation(self.sigma, self.device_model).device_model
+        if self.device_options is not None and not isinstance(self.device_options, dict):
+            raise TypeError(f"device_options must be a dict or None, got {type(self.device_options).__name__}")
+        self.device_options = dict(self.device_options) if self.device_options else None
+        model = self.noise_model()  # validates the name and the options (one clear error naming the bad one)
+        self.device_model = model_name(model)
         if self.beta is not None:
             self.beta = _real("beta", self.beta, minimum=0.0)
             if self.method not in ("ovf", "irs"):
@@ -175,6 +185,16 @@ class TrainConfig:
             self.limit_train = _int("limit_train", self.limit_train, 1)
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
+
+    def noise_model(self):
+        """The :class:`~nft_cuda.devices.DeviceModel` of training: ``device_model`` at severity ``sigma``
+        with ``device_options``."""
+        from nft_cuda.devices import MVM, make_device_model
+
+        options = dict(self.device_options or {})
+        if isinstance(options.get("mvm"), dict):
+            options["mvm"] = MVM.from_dict(options["mvm"])
+        return make_device_model(self.device_model, self.sigma, **options)
 
     def augments(self) -> bool:
         """Whether training batches are augmented (``augment``, or the dataset's default)."""

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args
+from nft_cuda.devices import model_name
 from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
 from nft_cuda.nn.sample_axis import sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
@@ -85,7 +86,7 @@ class Method:
         return model
 
     def describe(self) -> dict:
-        return {"method": self.name, "sigma": self.variation.sigma, "device_model": self.variation.device_model}
+        return {"method": self.name, "sigma": self.variation.sigma, "device_model": model_name(self.variation)}
 
 
 class Clean(Method):
