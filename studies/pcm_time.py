@@ -1,13 +1,13 @@
 """The PCM time study: does a training method's robustness last a day, a month, a year after programming?
 
     python -m studies.pcm_time run    [--config studies/pcm_time.json] [--out runs/pcm-study] [--no-progress]
-    python -m studies.pcm_time report [--results docs/pcm-study/results.json] [--doc docs/device-models.md]
+    python -m studies.pcm_time report [--results docs/pcm-study/results.json] [--doc docs/pcm-study.md]
                                       [--plot docs/pcm-study/accuracy_vs_time.png]
 
 ``run`` is the reproduction study's runner (:func:`studies.reproduce.run`: resumable, one record per
 finished item) on a config whose group has a time axis: every model is evaluated under the PCM model
 (docs/device-models.md) at each time after programming, without and with global drift compensation.
-``report`` recomputes the tables of the "Study" section of docs/device-models.md (between the
+``report`` recomputes the tables of docs/pcm-study.md (between the
 ``<!-- pcm-study:begin -->`` and ``<!-- pcm-study:end -->`` markers) from results.json and draws the plot.
 """
 
@@ -130,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", dest="progress", action="store_false")
     s = sub.add_parser("report", help="recompute the tables of the study and its plot from results.json")
     s.add_argument("--results", default=os.path.join("docs", "pcm-study", "results.json"))
-    s.add_argument("--doc", default=os.path.join("docs", "device-models.md"))
+    s.add_argument("--doc", default=os.path.join("docs", "pcm-study.md"))
     s.add_argument("--plot", default=os.path.join("docs", "pcm-study", "accuracy_vs_time.png"))
     return p
 
