@@ -43,6 +43,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from nft_cuda import _args
+from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import attention, generic, recurrent, summary  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
 from nft_cuda.variation import Variation
@@ -163,8 +164,8 @@ def _weight_names(module_name: str, module: nn.Module) -> list[str]:
 
 
 def _check_options(variation, include, exclude, per_layer, mode, embeddings, strict):
-    if not isinstance(variation, Variation):
-        raise TypeError(f"variation must be an nft_cuda.Variation, got {type(variation).__name__}")
+    if not isinstance(variation, DeviceModel):
+        raise TypeError(f"variation must be a device model (nft_cuda.Variation, ...), got {type(variation).__name__}")
     include = _patterns("include", include)
     exclude = _patterns("exclude", exclude)
     if per_layer is None:
@@ -176,8 +177,8 @@ def _check_options(variation, include, exclude, per_layer, mode, embeddings, str
     for pat, var in per_layer.items():
         if not isinstance(pat, str):
             raise TypeError(f"per_layer keys must be module-name patterns (str), got {type(pat).__name__}")
-        if not isinstance(var, Variation):
-            raise TypeError(f"per_layer['{pat}'] must be an nft_cuda.Variation, got {type(var).__name__}")
+        if not isinstance(var, DeviceModel):
+            raise TypeError(f"per_layer['{pat}'] must be a device model, got {type(var).__name__}")
     if not isinstance(mode, str) or mode not in ("train", "off"):
         raise ValueError(f"convert: mode must be 'train' or 'off' (use set_instance for instance mode), got {mode!r}")
     for flag, value in (("embeddings", embeddings), ("strict", strict)):

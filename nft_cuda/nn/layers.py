@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, mvm_ops, ops
 from nft_cuda._autograd import once_differentiable
+from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import mvm as _mvm
 from nft_cuda.variation import Variation
 
@@ -428,8 +429,11 @@ class NoisyModule(nn.Module):
 
     @variation.setter
     def variation(self, value) -> None:
-        if value is not None and not isinstance(value, Variation):
-            raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
+        if value is not None and not isinstance(value, DeviceModel):
+            raise TypeError(
+                f"variation must be a device model (nft_cuda.Variation, nft_cuda.devices.PCM, ...) or None, "
+                f"got {type(value).__name__}"
+            )
         if value is None and getattr(self, "_mode", "off") != "off":
             raise ValueError(
                 f"cannot remove the variation of a layer in noise mode '{self._mode}'; set mode='off' first"

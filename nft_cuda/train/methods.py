@@ -59,7 +59,7 @@ class Method:
     noise = "train"
 
     def __init__(self, variation: Variation):
-        self.variation = _args.check_variation(variation)
+        self.variation = _args.check_device_model(variation)
 
     def prepare(
         self,
