@@ -15,6 +15,7 @@ from nft_cuda import reference
 
 __all__ = [
     "READ_NOISE_DRAW",
+    "READ_NOISE_ELEMENT_BITS",
     "READ_NOISE_MAX_ELEMENTS",
     "READ_NOISE_COUNTER_BITS",
     "quantize",
@@ -26,7 +27,8 @@ __all__ = [
 #: Draw index k of the read noise in the one noise stream (docs/device-models.md, "One noise stream").
 READ_NOISE_DRAW = 8
 #: The local element index of one MVM output takes the low 34 bits of e, the forward counter the next 24.
-READ_NOISE_MAX_ELEMENTS = 2**34
+READ_NOISE_ELEMENT_BITS = 34
+READ_NOISE_MAX_ELEMENTS = 2**READ_NOISE_ELEMENT_BITS
 READ_NOISE_COUNTER_BITS = 24
 
 
@@ -101,7 +103,8 @@ def read_noise_normals(rng: torch.Tensor, numel: int, counter: torch.Tensor) -> 
         )
     nq = (numel + 3) // 4
     c = torch.bitwise_and(counter.to(torch.int64), 2**READ_NOISE_COUNTER_BITS - 1)
-    base = (c << 32) + (READ_NOISE_DRAW << reference.DRAW_SHIFT)
+    # block of element (c << 34) | e is (c << 32) + (e >> 2): four elements per Philox block
+    base = (c << (READ_NOISE_ELEMENT_BITS - 2)) + (READ_NOISE_DRAW << reference.DRAW_SHIFT)
     q = base + torch.arange(nq, dtype=torch.int64, device=rng.device)
     return reference.philox_normal_blocks(rng, q).reshape(4 * nq)[:numel]
 

@@ -69,7 +69,7 @@ def render_tables(results: dict) -> str:
         for m in _METHODS:
             ps = {p["time_after_programming_s"]: p for p in _points(results, m, comp)}
             if ps:
-                cells = [reproduce._acc(ps[t]) if t in ps else "–" for t in times]
+                cells = [reproduce.accuracy_cell(ps[t]) if t in ps else "–" for t in times]
                 out.append(f"| {_NAMES[m]} | " + " | ".join(cells) + " |")
         out.append("")
     tt = results["time_s"]
@@ -104,7 +104,7 @@ def plot(results: dict, path) -> None:
             if not ps:
                 continue
             t = [p["time_after_programming_s"] for p in ps]
-            stats = [reproduce._mean_ci(p["per_instance_accuracy"]) for p in ps]
+            stats = [reproduce.mean_ci(p["per_instance_accuracy"]) for p in ps]
             mean = [s[0] for s in stats]
             line = ax.plot(t, mean, marker="o", label=_NAMES[m])[0]
             ax.fill_between(t, [a - c for a, c in stats], [a + c for a, c in stats], color=line.get_color(), alpha=0.2)

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["PAPER", "load_config", "main", "plan", "render_tables", "run", "update_doc"]
+__all__ = ["PAPER", "accuracy_cell", "load_config", "main", "mean_ci", "plan", "render_tables", "run", "update_doc"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "reproduction.json"
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -415,6 +415,11 @@ def _mean_ci(per: list[float]) -> tuple[float, float]:
 def _acc(p: dict) -> str:
     m, ci = _mean_ci(p["per_instance_accuracy"])
     return f"{m:.2f} ± {ci:.2f}"
+
+
+#: The study reports' statistics, public for the other studies that reuse this runner (studies/pcm_time.py).
+mean_ci = _mean_ci
+accuracy_cell = _acc
 
 
 def _find(points, **want):

@@ -134,7 +134,10 @@ class TrainConfig:
         if self.device_options is not None and not isinstance(self.device_options, dict):
             raise TypeError(f"device_options must be a dict or None, got {type(self.device_options).__name__}")
         self.device_options = dict(self.device_options) if self.device_options else None
-        model = self.noise_model()  # validates the name and the options (one clear error naming the bad one)
+        try:  # validates the name and the options (one clear error naming the bad one)
+            model = self.noise_model()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"device_model {self.device_model!r}: {exc}") from None
         self.device_model = model_name(model)
         if self.beta is not None:
             self.beta = _real("beta", self.beta, minimum=0.0)
