@@ -110,7 +110,8 @@ class OVF(Method):
     """Oriented Variational Forward (DESIGN §5).
 
     Per step, each noisy layer draws one rng (seed, offset); forward t = 0 (backbone) runs at σ_d
-    and forward t = n at σ_d + δ_n, all with stream offset + t, and
+    and forward t = n at σ_d + δ_n, all with stream offset + t (σ_d: the device model's severity
+    ``sigma``, see docs/device-models.md), and
     loss = CE((o_0 − β·Σ_n 10^-(n-1)·o_n)/(N+1), y) with gradients through every forward.
 
     Args:
