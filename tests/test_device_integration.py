@@ -182,3 +182,26 @@ def test_eval_checkpoints_time_axis(tmp_path, monkeypatch):
     ]
     again = run_module.eval_checkpoints([str(tmp_path / "a.pt")], [1.0], drift_compensation=True, **kwargs)
     assert all(r["device"]["drift_compensation"] for r in again["results"])
+
+
+@pytest.mark.parametrize("method", ["ovf", "irs"])
+def test_train_then_evaluate_over_time_with_pcm(tmp_path, method):
+    """End to end on the embedded data: train a tiny run under PCM, export, evaluate at three times with
+    and without drift compensation (the Python face of `nft train/eval --device-model pcm --time`)."""
+    from nft_cuda.train.trainer import train
+
+    out = str(tmp_path / method)
+    deltas = {"deltas": (0.6, 0.3)} if method == "ovf" else {}
+    config = TrainConfig(
+        method=method, device_model="pcm", epochs=1, limit_train=64, limit_eval=32, batch_size=32,
+        device="cpu", out=out, width=0.5, **deltas,
+    )  # fmt: skip
+    train(config, progress=False, log=None)
+    model, payload = load_model(out)
+    assert payload["variation"] == PCM().to_dict()
+    kwargs = dict(runs=2, seed=0, device="cpu", progress=False, times=[1.0, 3600.0, 3.15e7])
+    rows = run_module.eval_checkpoints(out, [1.0], **kwargs)["results"]
+    comp = run_module.eval_checkpoints(out, [1.0], drift_compensation=True, **kwargs)["results"]
+    assert [r["time_s"] for r in rows] == [1.0, 3600.0, 3.15e7] == [r["time_s"] for r in comp]
+    assert all(0.0 <= r["accuracy_mean"] <= 1.0 for r in rows + comp)
+    assert rows[0]["per_instance_accuracy"] != rows[2]["per_instance_accuracy"] or rows[0]["ekl"] != rows[2]["ekl"]
