@@ -3,7 +3,9 @@
 Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
 included, same parameters and ``state_dict`` keys) and adds:
 
-* ``variation``: the :class:`~nft_cuda.Variation` of the layer (a plain attribute, not a parameter);
+* ``variation``: the device model of the layer (a plain attribute, not a parameter): a
+  :class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel` (PCM, LogNormal, StuckAt;
+  the name stays ``variation`` for compatibility);
 * ``mode``: the noise mode (DESIGN §2 "When noise is drawn"):
 
   - ``"train"``: a fresh draw on every forward call. The layer draws its rng tensor int64[2] =
@@ -54,7 +56,6 @@ from nft_cuda import _args, _ext, mvm_ops, ops
 from nft_cuda._autograd import once_differentiable
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import mvm as _mvm
-from nft_cuda.variation import Variation
 
 __all__ = [
     "MODES",
@@ -81,7 +82,7 @@ _DOUBLE_BACKWARD_MSG = (
 # --------------------------------------------------------------------------------------------------
 
 
-def _programmed(weight: torch.Tensor, variation: Variation) -> torch.Tensor:
+def _programmed(weight: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
     """The weight as programmed (detached): on its bit-sliced grid when the model's MVM has
     ``weight_levels`` (model 4, docs/device-models.md; weight_bits of the model, 8 if it has none)."""
     mvm = getattr(variation, "mvm", None)
@@ -90,13 +91,13 @@ def _programmed(weight: torch.Tensor, variation: Variation) -> torch.Tensor:
     return weight.detach()
 
 
-def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation) -> torch.Tensor:
+def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
     """W_noisy [*weight.shape] = ``ops.perturb(weight, variation, rng=rng, samples=1)[0]`` (detached)."""
     return ops.perturb(_programmed(weight, variation), variation, rng=rng)[0]
 
 
 def _noisy_weights(
-    weight: torch.Tensor, rng: torch.Tensor, variation: Variation, sigmas: torch.Tensor | None
+    weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel, sigmas: torch.Tensor | None
 ) -> torch.Tensor:
     """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
     programmed = _programmed(weight, variation)
@@ -367,7 +368,7 @@ class NoiseState:
     :meth:`NoisyModule.restore_noise_state`. The instance rng buffer is kept as the same tensor object
     (a captured graph may hold it) together with a copy of its values."""
 
-    variation: Variation | None
+    variation: DeviceModel | None
     mode: str
     layer_index: int
     instance_seed: int | None
@@ -381,7 +382,8 @@ class NoisyModule(nn.Module):
     """Noise state shared by the noisy layers (a mixin; see the module docstring).
 
     Attributes:
-        variation: :class:`~nft_cuda.Variation` or None (then the mode is ``"off"``).
+        variation: the device model (:class:`~nft_cuda.Variation` or another
+            :class:`nft_cuda.devices.DeviceModel`) or None (then the mode is ``"off"``).
         mode: ``"train"``, ``"instance"`` or ``"off"``.
         generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
         layer_index: ℓ, the layer's position among the noisy layers of its model (set by
@@ -424,14 +426,14 @@ class NoisyModule(nn.Module):
     # -- attributes ---------------------------------------------------------------------------------
 
     @property
-    def variation(self) -> Variation | None:
+    def variation(self) -> DeviceModel | None:
         return self._variation
 
     @variation.setter
     def variation(self, value) -> None:
         if value is not None and not isinstance(value, DeviceModel):
             raise TypeError(
-                f"variation must be a device model (nft_cuda.Variation, nft_cuda.devices.PCM, ...) or None, "
+                "variation must be an nft_cuda.Variation, another nft_cuda.devices device model, or None, "
                 f"got {type(value).__name__}"
             )
         if value is None and getattr(self, "_mode", "off") != "off":
@@ -691,7 +693,7 @@ class _ParameterSharingLayer(NoisyModule):
     def from_module(
         cls,
         module,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         *,
         mode: str | None = None,
         generator: torch.Generator | None = None,
@@ -712,7 +714,8 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        variation: the :class:`~nft_cuda.Variation`; None gives a plain linear layer (mode off).
+        variation: the device model (:class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel`);
+            None gives a plain linear layer (mode off).
         mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
             :meth:`set_instance`) or ``"off"`` (default without a variation).
         generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
@@ -737,7 +740,7 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -799,7 +802,7 @@ class _NoisyConvNd(_ParameterSharingLayer):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
