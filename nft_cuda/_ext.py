@@ -21,7 +21,15 @@ import torch
 
 __all__ = ["BUILD_INFO", "HAS_C", "LOAD_ERROR", "OPS", "STRICT", "backend_info", "has_kernel", "use_kernel"]
 
-OPS = ("philox4x32", "philox_normal", "perturb", "noisy_linear", "_noisy_linear_backward_input", "snapshot_linear")
+OPS = (
+    "philox4x32",
+    "philox_normal",
+    "perturb",
+    "perturb_device",
+    "noisy_linear",
+    "_noisy_linear_backward_input",
+    "snapshot_linear",
+)
 
 
 def _env_flag(name: str) -> bool:

@@ -85,4 +85,22 @@ NFT_INLINE Normal4 normal4(uint64_t seed, uint64_t stream, uint64_t q) {
   return n;
 }
 
+// Draw k of elements 4q .. 4q+3 (Note [nft Philox counter layout], multi-draw layout): the four
+// normals of block draw_counter(q, k), or its four uniforms u = uniform_from_word(x_l) in (0, 1).
+NFT_INLINE Normal4 normal4_draw(uint64_t seed, uint64_t stream, uint64_t q, int k) {
+  return normal4(seed, stream, draw_counter(q, k));
+}
+
+struct Uniform4 {
+  float u[4];
+};
+
+NFT_INLINE Uniform4 uniform4_draw(uint64_t seed, uint64_t stream, uint64_t q, int k) {
+  const PhiloxWords w = philox_block(seed, stream, draw_counter(q, k));
+  Uniform4 u;
+  for (int l = 0; l < 4; ++l)
+    u.u[l] = uniform_from_word(w.x[l]);
+  return u;
+}
+
 }  // namespace nft_cuda
