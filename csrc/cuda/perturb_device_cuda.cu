@@ -41,9 +41,11 @@ at::Tensor perturb_device_cuda(const at::Tensor& weight, const at::Tensor& rng, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_device_cuda", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     launch_max_abs<scalar_t>(wp, n, max_ptr, stream);
-    perturb_device_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
-        wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(), sig.const_data_ptr<float>(),
-        max_ptr, args);
+    device::dispatch_kind(args.kind, [&](auto kind) {
+      perturb_device_kernel<scalar_t, decltype(kind)::value><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
+          wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(), sig.const_data_ptr<float>(),
+          max_ptr, args);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -13,11 +13,14 @@
 
 namespace nft_cuda {
 
-template <typename scalar_t>
+// kKind == args.kind (the launcher dispatches on it): the draw loops unroll and the other models'
+// branches of perturb_element fold away, so the draws stay in registers.
+template <typename scalar_t, int kKind>
 __global__ void perturb_device_kernel(const scalar_t* __restrict__ w, scalar_t* __restrict__ out, int64_t n,
                                       int64_t samples, const int64_t* __restrict__ rng,
                                       const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits,
                                       device::Args args) {
+  args.kind = kKind;
   const uint64_t seed = static_cast<uint64_t>(rng[0]);
   const uint64_t offset = static_cast<uint64_t>(rng[1]);
   const double m = static_cast<double>(intr::uint_as_float(*max_bits));
@@ -33,7 +36,7 @@ __global__ void perturb_device_kernel(const scalar_t* __restrict__ w, scalar_t* 
     for (int64_t t = 0; t < samples; ++t) {
       const device::Sample smp = device::make_sample(args, sigmas[t]);
       device::BlockDraws d;
-      device::draw_block(args.kind, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q), d);
+      device::draw_block<kKind>(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q), d);
       scalar_t* o = out + t * n + base;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {

@@ -212,9 +212,12 @@ int emu_perturb_device(int dtype, const void* w, void* out, int64_t n, int64_t s
     unsigned max_bits = 0;
     if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks))
       return -1;
-    return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
-      perturb_device_kernel<scalar_t>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas, &max_bits, args);
-    }));
+    return device::dispatch_kind(kind, [&](auto k) {
+      return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
+        perturb_device_kernel<scalar_t, decltype(k)::value>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas,
+                                                            &max_bits, args);
+      }));
+    });
   });
 }
 

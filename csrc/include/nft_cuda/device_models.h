@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "nft_cuda/macros.h"
 #include "nft_cuda/normal.h"
@@ -39,15 +40,15 @@ constexpr int kFirstUniform = 6;   // k >= 6: uniforms, else normals
 constexpr int kMaxParams = 9;
 
 // Length of the params list of `kind`, or -1 for a kind perturb_device does not serve.
-NFT_INLINE int param_count(int kind) {
+NFT_INLINE constexpr int param_count(int kind) {
   return kind == kPcm ? 9 : (kind == kLogNormal ? 0 : (kind == kStuckAt ? 2 : -1));
 }
 
 // The draws [first_draw, end_draw) a model reads.
-NFT_INLINE int first_draw(int kind) {
+NFT_INLINE constexpr int first_draw(int kind) {
   return kind == kStuckAt ? kFirstUniform : 0;
 }
-NFT_INLINE int end_draw(int kind) {
+NFT_INLINE constexpr int end_draw(int kind) {
   return kind == kPcm ? 6 : (kind == kLogNormal ? 1 : kDraws);
 }
 
@@ -168,15 +169,32 @@ NFT_INLINE double perturb_element(const Args& a, const Sample& smp, double w, do
   return delta == 0.0 ? w : add_rn(w, (delta * m) / a.g_max);
 }
 
-// All draws of the model for the block of elements 4q .. 4q+3 in `stream`: d[l][k] = draw k of lane l
+// Calls f(std::integral_constant<int, kind>{}) for the kinds perturb_device serves (host only; the
+// CUDA kernel is instantiated per kind so that its draw loops unroll into registers).
+template <typename F>
+inline auto dispatch_kind(int kind, F&& f) {
+  switch (kind) {
+    case kPcm:
+      return f(std::integral_constant<int, kPcm>{});
+    case kLogNormal:
+      return f(std::integral_constant<int, kLogNormal>{});
+    default:
+      return f(std::integral_constant<int, kStuckAt>{});
+  }
+}
+
+// All draws of model kKind for the block of elements 4q .. 4q+3 in `stream`: d[l][k] = draw k of lane l
 // (each Philox block generated once).
 struct BlockDraws {
   float d[4][kDraws];
 };
 
-NFT_INLINE void draw_block(int kind, uint64_t seed, uint64_t stream, uint64_t q, BlockDraws& out) {
-  const int end = end_draw(kind);
-  for (int k = first_draw(kind); k < end; ++k) {
+template <int kKind>
+NFT_INLINE void draw_block(uint64_t seed, uint64_t stream, uint64_t q, BlockDraws& out) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int k = first_draw(kKind); k < end_draw(kKind); ++k) {
     if (k >= kFirstUniform) {
       const Uniform4 u = uniform4_draw(seed, stream, q, k);
       for (int l = 0; l < 4; ++l)
