@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from nft_cuda.devices import DeviceModel
 from nft_cuda.variation import Variation
 
 _U63 = 2**63
@@ -83,6 +84,15 @@ def check_variation(variation) -> Variation:
     return variation
 
 
+def check_device_model(model, name: str = "variation") -> DeviceModel:
+    """Any device model (:class:`nft_cuda.Variation` or another :class:`nft_cuda.devices.DeviceModel`)."""
+    if not isinstance(model, DeviceModel):
+        raise TypeError(
+            f"{name} must be a device model (nft_cuda.Variation or an nft_cuda.devices model), got {type(model).__name__}"
+        )
+    return model
+
+
 def make_rng(seed: int, offset: int, device: torch.device) -> torch.Tensor:
     """int64[2] (seed, offset) on ``device`` without a host synchronisation."""
     rng = torch.empty(2, dtype=torch.int64, device=device)
@@ -119,8 +129,8 @@ def resolve_rng(device: torch.device, seed, offset, rng) -> torch.Tensor:
     return make_rng(seed, offset, device)
 
 
-def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.device) -> torch.Tensor:
-    """float32 [samples] per-sample absolute σ_d on ``device`` (default: variation.sigma for all).
+def resolve_sigmas(variation: DeviceModel, samples: int, sigmas, device: torch.device) -> torch.Tensor:
+    """float32 [samples] per-sample absolute severities on ``device`` (default: variation.sigma for all).
 
     A device tensor is never read back to the host; CPU tensors and Python sequences are checked.
     """
