@@ -2,8 +2,8 @@
 //
 // Same structure as perturb_cpu.cpp: max|W| once, then one parallel sweep over chunks of Philox
 // blocks; for each chunk and sample, each draw k the model reads is generated once per block into a
-// small (L1-resident) buffer — normals through cpu::select_normals() (SIMD when available, the same
-// words and normals as perturb), uniforms from the raw words — and the per-element function of
+// small (L1-resident) buffer — normals in float64 rounded to float32 (normal4_f64: the reference's
+// bits, scalar code), uniforms from the raw words — and the per-element function of
 // include/nft_cuda/device_models.h (shared with the CUDA kernel) combines them.
 #include <algorithm>
 #include <vector>
@@ -14,7 +14,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include "cpu_simd.h"
 #include "max_abs_cpu.h"
 #include "nft_cuda/device_models.h"
 #include "op_checks.h"
@@ -25,16 +24,18 @@ namespace {
 constexpr int64_t kChunkBlocks = 64;
 
 // draws[k][i] for the 4 * blocks elements of the chunk starting at block q0, for the model's draws k.
-void chunk_draws(int kind, cpu::NormalsFn normals, uint64_t seed, uint64_t stream, uint64_t q0, int64_t blocks,
+void chunk_draws(int kind, uint64_t seed, uint64_t stream, uint64_t q0, int64_t blocks,
                  float (*draws)[4 * kChunkBlocks]) {
   for (int k = device::first_draw(kind); k < device::end_draw(kind); ++k) {
-    if (k < device::kFirstUniform) {
-      normals(seed, stream, draw_counter(q0, k), blocks, draws[k]);
-      continue;
-    }
     for (int64_t b = 0; b < blocks; ++b) {
-      const Uniform4 u = uniform4_draw(seed, stream, q0 + static_cast<uint64_t>(b), k);
-      std::copy(u.u, u.u + 4, draws[k] + 4 * b);
+      const uint64_t q = q0 + static_cast<uint64_t>(b);
+      if (k < device::kFirstUniform) {
+        const Normal4 z = normal4_draw(seed, stream, q, k);
+        std::copy(z.z, z.z + 4, draws[k] + 4 * b);
+      } else {
+        const Uniform4 u = uniform4_draw(seed, stream, q, k);
+        std::copy(u.u, u.u + 4, draws[k] + 4 * b);
+      }
     }
   }
 }
@@ -43,7 +44,6 @@ template <typename scalar_t>
 void perturb_device_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, const float* sigmas, int64_t samples,
                                const device::Args& args, float max_abs, uint64_t seed, uint64_t offset) {
   const int64_t nq = (n + 3) / 4;
-  const cpu::NormalsFn normals = cpu::select_normals();
   const int first = device::first_draw(args.kind), end = device::end_draw(args.kind);
   const double m = static_cast<double>(max_abs);
   at::parallel_for(0, nq, 256, [&](int64_t begin, int64_t stop) {
@@ -54,7 +54,7 @@ void perturb_device_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, cons
       const int64_t count = std::min<int64_t>(4 * blocks, n - base);
       for (int64_t t = 0; t < samples; ++t) {
         const device::Sample smp = device::make_sample(args, sigmas[t]);
-        chunk_draws(args.kind, normals, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks,
+        chunk_draws(args.kind, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks,
                     draws);
         scalar_t* o = out + t * n + base;
         for (int64_t i = 0; i < count; ++i) {
