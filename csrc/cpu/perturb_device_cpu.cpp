@@ -24,9 +24,11 @@ namespace {
 constexpr int64_t kChunkBlocks = 64;
 
 // draws[k][i] for the 4 * blocks elements of the chunk starting at block q0, for the model's draws k.
-void chunk_draws(int kind, uint64_t seed, uint64_t stream, uint64_t q0, int64_t blocks,
+void chunk_draws(const device::Args& args, uint64_t seed, uint64_t stream, uint64_t q0, int64_t blocks,
                  float (*draws)[4 * kChunkBlocks]) {
-  for (int k = device::first_draw(kind); k < device::end_draw(kind); ++k) {
+  for (int k = device::first_draw(args.kind); k < device::end_draw(args.kind); ++k) {
+    if (!device::draw_used(args, k))
+      continue;
     for (int64_t b = 0; b < blocks; ++b) {
       const uint64_t q = q0 + static_cast<uint64_t>(b);
       if (k < device::kFirstUniform) {
@@ -54,13 +56,15 @@ void perturb_device_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, cons
       const int64_t count = std::min<int64_t>(4 * blocks, n - base);
       for (int64_t t = 0; t < samples; ++t) {
         const device::Sample smp = device::make_sample(args, sigmas[t]);
-        chunk_draws(args.kind, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks,
+        chunk_draws(args, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks,
                     draws);
         scalar_t* o = out + t * n + base;
         for (int64_t i = 0; i < count; ++i) {
-          float d[device::kDraws];
-          for (int k = first; k < end; ++k)
-            d[k] = draws[k][i];
+          float d[device::kDraws] = {};  // draws this call does not use stay 0 (never read)
+          for (int k = first; k < end; ++k) {
+            if (device::draw_used(args, k))
+              d[k] = draws[k][i];
+          }
           o[i] = static_cast<scalar_t>(
               device::perturb_element(args, smp, static_cast<double>(w[base + i]), m, d));
         }

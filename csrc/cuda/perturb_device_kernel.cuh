@@ -35,8 +35,8 @@ __global__ void perturb_device_kernel(const scalar_t* __restrict__ w, scalar_t* 
       wv[l] = l < count ? static_cast<double>(w[base + l]) : 0.0;
     for (int64_t t = 0; t < samples; ++t) {
       const device::Sample smp = device::make_sample(args, sigmas[t]);
-      device::BlockDraws d;
-      device::draw_block<kKind>(seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q), d);
+      device::BlockDraws d{};  // draws this call does not use stay 0 (never read)
+      device::draw_block<kKind>(args, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q), d);
       scalar_t* o = out + t * n + base;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {

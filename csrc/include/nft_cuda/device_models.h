@@ -44,7 +44,7 @@ NFT_INLINE constexpr int param_count(int kind) {
   return kind == kPcm ? 9 : (kind == kLogNormal ? 0 : (kind == kStuckAt ? 2 : -1));
 }
 
-// The draws [first_draw, end_draw) a model reads.
+// The draws [first_draw, end_draw) a model may read; draw_used narrows them to those of one call.
 NFT_INLINE constexpr int first_draw(int kind) {
   return kind == kStuckAt ? kFirstUniform : 0;
 }
@@ -104,6 +104,16 @@ NFT_INLINE double min_nan(double x, double hi) {
 }
 NFT_INLINE double clamp_nan(double x, double lo, double hi) {
   return min_nan(max_nan(x, lo), hi);
+}
+
+// Whether draw k is read with these arguments: PCM reads its drift draws (2, 3) only when drift is
+// on and its read-noise draws (4, 5) only when read noise is on (skipping a draw changes no other).
+NFT_INLINE bool draw_used(const Args& a, int k) {
+  if (a.kind == kPcm && (k == 2 || k == 3))
+    return a.drift;
+  if (a.kind == kPcm && (k == 4 || k == 5))
+    return a.read;
+  return true;
 }
 
 // Per-sample constants: the severity s and StuckAt's effective probabilities
@@ -190,11 +200,13 @@ struct BlockDraws {
 };
 
 template <int kKind>
-NFT_INLINE void draw_block(uint64_t seed, uint64_t stream, uint64_t q, BlockDraws& out) {
+NFT_INLINE void draw_block(const Args& a, uint64_t seed, uint64_t stream, uint64_t q, BlockDraws& out) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
 #endif
   for (int k = first_draw(kKind); k < end_draw(kKind); ++k) {
+    if (!draw_used(a, k))
+      continue;
     if (k >= kFirstUniform) {
       const Uniform4 u = uniform4_draw(seed, stream, q, k);
       for (int l = 0; l < 4; ++l)
