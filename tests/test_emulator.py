@@ -112,6 +112,7 @@ def test_perturb_bit_identical(emu, dtype, preset):
 DEVICE_MODELS = {
     "pcm-t0": (1, [0.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]),
     "pcm-1y": (1, [3.15e7, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.5, 2.0]),
+    "pcm-1h-read-only": (1, [3600.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 0.0, 1.0]),
     "lognormal": (2, []),
     "stuck-at": (3, [0.1, 0.05]),
 }
@@ -130,7 +131,7 @@ def test_perturb_device_bit_identical(emu, dtype, model):
         got = emu.perturb_device(w, r, sig, kind, params)
         want = OPS.perturb_device(w, r, sig, kind, params)
         assert torch.equal(got, want), f"offset {offset}: emulated perturb_device differs from the CPU kernel"
-        if model != "pcm-1y":  # severity 0 at t = 0 (or a time-independent model): the weight itself
+        if not model.startswith(("pcm-1y", "pcm-1h")):  # severity 0 at t = 0 or time-independent: the weight
             assert torch.equal(got[1], w)
 
 

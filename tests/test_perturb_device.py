@@ -120,6 +120,8 @@ CASES = {
     "pcm-t0": (PCM, pcm_params(0.0)),
     "pcm-1h": (PCM, pcm_params(3600.0)),
     "pcm-1y": (PCM, pcm_params(3.15e7, drift_scale=1.5, read_noise_scale=2.0)),
+    "pcm-drift-only": (PCM, pcm_params(3600.0, read_noise_scale=0.0)),  # only some draws generated
+    "pcm-read-only": (PCM, pcm_params(3600.0, drift_scale=0.0)),
     "stuck-at": (STUCK_AT, [0.1, 0.05]),
 }
 
