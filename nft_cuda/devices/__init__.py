@@ -51,10 +51,13 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
             "lognormal", "stuck-at" (case-insensitive).
         sigma: the severity (σ_d for the presets; see docs/device-models.md for the others).
         options: the model's other fields, e.g. ``time=3600.0, drift_compensation=True`` for PCM,
-            ``p0=0.01, p1=0.01`` for stuck-at, ``weight_bits=8`` for a preset.
+            ``p0=0.01, p1=0.01`` for stuck-at, ``weight_bits=8`` for a preset; ``mvm`` may be an
+            :class:`MVM` or its dict.
     """
     if not isinstance(name, str):
         raise TypeError(f"device model name must be a str, got {type(name).__name__}")
+    if isinstance(options.get("mvm"), dict):  # the JSON form of the converter settings
+        options = {**options, "mvm": MVM(**options["mvm"])}
     key = name.strip().lower()
     presets = {p.lower(): p for p in PRESETS}
     if key in presets:
@@ -63,7 +66,7 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
         return _CLASSES[key](sigma=sigma, **options)
     close = difflib.get_close_matches(key, [n.lower() for n in MODEL_NAMES] + list(_CLASSES), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"unknown device model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"unknown device_model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def device_model_from_dict(d: dict) -> DeviceModel:

@@ -69,6 +69,16 @@ class DeviceModel:
         if self.mvm is not None and not isinstance(self.mvm, MVM):
             raise TypeError(f"mvm must be an nft_cuda.devices.MVM or None, got {type(self.mvm).__name__}")
 
+    @property
+    def noiseless(self) -> bool:
+        """Whether the model leaves every weight exactly as it is (Monte-Carlo then skips the draws)."""
+        return self.sigma == 0.0 and self.mvm is None
+
+    @property
+    def name(self) -> str:
+        """Short name for reports (the ``device_model`` column): the kind, or a preset's name."""
+        return self.kind
+
     def with_sigma(self, sigma: float) -> DeviceModel:
         """The same model at another severity."""
         return dataclasses.replace(self, sigma=sigma)

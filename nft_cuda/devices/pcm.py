@@ -62,6 +62,12 @@ class PCM(DeviceModel):
         if not isinstance(self.drift_compensation, bool):
             raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
 
+    @property
+    def noiseless(self) -> bool:
+        """No programming noise and nothing that changes with time (t = 0, or drift and read noise off)."""
+        static = self.time == 0.0 or (self.drift_scale == 0.0 and self.read_noise_scale == 0.0)
+        return super().noiseless and static
+
     def at_time(self, t: float) -> PCM:
         """The same chip read ``t`` seconds after programming."""
         return dataclasses.replace(self, time=check_time(t))

@@ -33,6 +33,7 @@ CSV_COLUMNS = (
     "checkpoint",
     "sigma",
     "device_model",
+    "time_s",
     "runs",
     "seed",
     "num_inputs",
@@ -93,13 +94,13 @@ def write_csv(results, path: str) -> None:
 
     paired = {}
     if isinstance(results, dict):
-        paired = {(p["checkpoint"], p["sigma"], p["device_model"]): p for p in results.get("paired") or ()}
+        paired = {(p["checkpoint"], p["sigma"], p["device_model"], p.get("time_s")): p for p in results.get("paired") or ()}
         results = results["results"]
     columns = CSV_COLUMNS + (PAIRED_COLUMNS if paired else ())
     rows = []
     for r in results:
         pct = r.get("accuracy_percentiles", {})
-        p = paired.get((_label(r), r.get("sigma"), r.get("device_model")), {})
+        p = paired.get((_label(r), r.get("sigma"), r.get("device_model"), r.get("time_s")), {})
         row = {c: p.get(c) if c in PAIRED_COLUMNS else r.get(c) for c in columns}
         row["checkpoint"] = _label(r)
         for q in (5, 25, 50, 75, 95):

@@ -3,7 +3,9 @@
 Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
 included, same parameters and ``state_dict`` keys) and adds:
 
-* ``variation``: the :class:`~nft_cuda.Variation` of the layer (a plain attribute, not a parameter);
+* ``variation``: the device model of the layer (a plain attribute, not a parameter): a
+  :class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel` (PCM, LogNormal, StuckAt;
+  the name stays ``variation`` for compatibility);
 * ``mode``: the noise mode (DESIGN §2 "When noise is drawn"):
 
   - ``"train"``: a fresh draw on every forward call. The layer draws its rng tensor int64[2] =
@@ -52,7 +54,7 @@ import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, ops
 from nft_cuda._autograd import once_differentiable
-from nft_cuda.variation import Variation
+from nft_cuda.devices import DeviceModel
 
 __all__ = [
     "MODES",
@@ -79,13 +81,13 @@ _DOUBLE_BACKWARD_MSG = (
 # --------------------------------------------------------------------------------------------------
 
 
-def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation) -> torch.Tensor:
+def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
     """W_noisy [*weight.shape] = ``ops.perturb(weight, variation, rng=rng, samples=1)[0]`` (detached)."""
     return ops.perturb(weight.detach(), variation, rng=rng)[0]
 
 
 def _noisy_weights(
-    weight: torch.Tensor, rng: torch.Tensor, variation: Variation, sigmas: torch.Tensor | None
+    weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel, sigmas: torch.Tensor | None
 ) -> torch.Tensor:
     """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
     if sigmas is None:
@@ -350,7 +352,7 @@ class NoiseState:
     :meth:`NoisyModule.restore_noise_state`. The instance rng buffer is kept as the same tensor object
     (a captured graph may hold it) together with a copy of its values."""
 
-    variation: Variation | None
+    variation: DeviceModel | None
     mode: str
     layer_index: int
     instance_seed: int | None
@@ -364,7 +366,8 @@ class NoisyModule(nn.Module):
     """Noise state shared by the noisy layers (a mixin; see the module docstring).
 
     Attributes:
-        variation: :class:`~nft_cuda.Variation` or None (then the mode is ``"off"``).
+        variation: the device model (:class:`~nft_cuda.Variation` or another
+            :class:`nft_cuda.devices.DeviceModel`) or None (then the mode is ``"off"``).
         mode: ``"train"``, ``"instance"`` or ``"off"``.
         generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
         layer_index: ℓ, the layer's position among the noisy layers of its model (set by
@@ -394,13 +397,16 @@ class NoisyModule(nn.Module):
     # -- attributes ---------------------------------------------------------------------------------
 
     @property
-    def variation(self) -> Variation | None:
+    def variation(self) -> DeviceModel | None:
         return self._variation
 
     @variation.setter
     def variation(self, value) -> None:
-        if value is not None and not isinstance(value, Variation):
-            raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
+        if value is not None and not isinstance(value, DeviceModel):
+            raise TypeError(
+                "variation must be an nft_cuda.Variation, another nft_cuda.devices device model, or None, "
+                f"got {type(value).__name__}"
+            )
         if value is None and getattr(self, "_mode", "off") != "off":
             raise ValueError(
                 f"cannot remove the variation of a layer in noise mode '{self._mode}'; set mode='off' first"
@@ -607,7 +613,7 @@ class _ParameterSharingLayer(NoisyModule):
     def from_module(
         cls,
         module,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         *,
         mode: str | None = None,
         generator: torch.Generator | None = None,
@@ -628,7 +634,8 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        variation: the :class:`~nft_cuda.Variation`; None gives a plain linear layer (mode off).
+        variation: the device model (:class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel`);
+            None gives a plain linear layer (mode off).
         mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
             :meth:`set_instance`) or ``"off"`` (default without a variation).
         generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
@@ -653,7 +660,7 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -694,7 +701,7 @@ class _NoisyConvNd(_ParameterSharingLayer):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:

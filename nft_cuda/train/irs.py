@@ -16,9 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import ops
+from nft_cuda.devices import DeviceModel
 from nft_cuda.nn.conversion import noise_mode
 from nft_cuda.nn.layers import NoisyLinear
-from nft_cuda.variation import Variation
 
 __all__ = ["IRSHead", "IRSModel"]
 
@@ -26,7 +26,7 @@ __all__ = ["IRSHead", "IRSModel"]
 class IRSHead(nn.Module):
     """snapshot (pool p×p + flatten) → noisy FC → ReLU → noisy FC."""
 
-    def __init__(self, channels: int, pool: int, num_classes: int, variation: Variation, hidden: int = 512):
+    def __init__(self, channels: int, pool: int, num_classes: int, variation: DeviceModel, hidden: int = 512):
         super().__init__()
         self.pool = pool
         self.fc1 = NoisyLinear(channels * pool * pool, hidden, variation=variation)
@@ -85,7 +85,7 @@ class IRSModel(nn.Module):
         backbone: nn.Module,
         taps: Mapping[str, int],
         num_classes: int,
-        variation: Variation,
+        variation: DeviceModel,
         example_input: torch.Tensor,
         hidden: int = 512,
     ):
