@@ -312,3 +312,24 @@ def test_calibrate_mvm_records_the_max_input_and_clean_output_of_each_layer():
         calibrate_mvm(model, [])
     with pytest.raises(ValueError, match="input_range must be a finite number >= 0"):
         lin.set_mvm_ranges(-1.0, None)
+
+
+def test_layers_that_run_their_own_products_get_weight_levels_and_refuse_converters():
+    torch.manual_seed(9)
+    attn = nft_cuda.NoisyMultiheadAttention(8, 2, variation=_model(0.0, weight_levels=True))
+    q = torch.randn(3, 1, 8)
+    attn.eval()
+    attn.set_instance(0, 0)
+    attn.out_proj.set_instance(0, 0)
+    with torch.no_grad():
+        out, _ = attn(q, q, q)
+        grid_in = mvm_ops.quantize_weight(attn.in_proj_weight, 8)
+        grid_out = mvm_ops.quantize_weight(attn.out_proj.weight, 8)
+        ref, _ = F.multi_head_attention_forward(
+            q, q, q, 8, 2, grid_in, attn.in_proj_bias, None, None, False, 0.0, grid_out, attn.out_proj.bias,
+            training=False,
+        )
+    torch.testing.assert_close(out, ref)
+    rnn = nft_cuda.NoisyGRU(4, 5, variation=_model(0.1, output_bits=6))
+    with pytest.raises(NotImplementedError, match="NoisyGRU cannot apply the MVM effects"):
+        rnn(torch.randn(2, 3, 4))

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nft_cuda import ops
 from nft_cuda.nn.layers import NoisyModule, SamplePlan
+from nft_cuda.nn.mvm import programmed, refuse_mvm_around_gemm
 
 __all__ = [
     "NoisyEmbedding",
@@ -56,11 +57,13 @@ def straight_through_samples(layer: NoisyModule, plan: SamplePlan | None) -> tor
     plan (mode off)."""
     if plan is None:
         return layer.weight.unsqueeze(0)
+    refuse_mvm_around_gemm(layer)
     if plan.weights is not None:
         return plan.weights
+    weight = programmed(layer.weight, layer.variation)  # model 4's weight levels, straight-through
     if plan.sigmas is None:
-        return ops.perturb(layer.weight, layer.variation, rng=plan.rng)
-    return ops.perturb(layer.weight, layer.variation, rng=plan.rng, samples=plan.sigmas.shape[0], sigmas=plan.sigmas)
+        return ops.perturb(weight, layer.variation, rng=plan.rng)
+    return ops.perturb(weight, layer.variation, rng=plan.rng, samples=plan.sigmas.shape[0], sigmas=plan.sigmas)
 
 
 def recomputed(fn: Callable, *args):

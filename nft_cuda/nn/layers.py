@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nft_cuda import _args, _ext, mvm_ops, ops
+from nft_cuda import _args, _ext, ops
 from nft_cuda._autograd import once_differentiable
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import mvm as _mvm
@@ -83,12 +83,8 @@ _DOUBLE_BACKWARD_MSG = (
 
 
 def _programmed(weight: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
-    """The weight as programmed (detached): on its bit-sliced grid when the model's MVM has
-    ``weight_levels`` (model 4, docs/device-models.md; weight_bits of the model, 8 if it has none)."""
-    mvm = getattr(variation, "mvm", None)
-    if mvm is not None and mvm.weight_levels:
-        return mvm_ops.quantize_weight(weight.detach(), getattr(variation, "weight_bits", 8))
-    return weight.detach()
+    """The weight as programmed (detached; model 4's weight levels, :func:`nft_cuda.nn.mvm.programmed`)."""
+    return _mvm.programmed(weight.detach(), variation)
 
 
 def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel) -> torch.Tensor:

@@ -27,13 +27,33 @@ import torch
 
 from nft_cuda import mvm_ops
 
-__all__ = ["active_mvm", "calibrate_mvm", "mvm_forward"]
+__all__ = ["active_mvm", "calibrate_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm"]
 
 
 def active_mvm(model):
     """The model's MVM if it acts around the GEMM (DAC, read noise or ADC), else None."""
     mvm = getattr(model, "mvm", None)
     return mvm if mvm is not None and mvm.around_gemm else None
+
+
+def programmed(weight: torch.Tensor, model) -> torch.Tensor:
+    """The weight as programmed: on its bit-sliced grid when the model's MVM has ``weight_levels``
+    (weight_bits of the model, 8 for a model without one; straight-through gradient), else ``weight``."""
+    mvm = getattr(model, "mvm", None)
+    if mvm is not None and mvm.weight_levels:
+        return mvm_ops.quantize_weight(weight, getattr(model, "weight_bits", 8))
+    return weight
+
+
+def refuse_mvm_around_gemm(layer) -> None:
+    """NotImplementedError for a layer that perturbs its weights but runs its products itself (attention,
+    recurrent cells, ``register_noisy`` layers) when its model asks for DAC, ADC or read noise: those are
+    modelled by NoisyLinear and NoisyConv1d/2d only, and silently ignoring them would mislead."""
+    if active_mvm(layer.variation) is not None:
+        raise NotImplementedError(
+            f"{type(layer).__name__} cannot apply the MVM effects {layer.variation.mvm} (DAC, ADC, read noise "
+            "are modelled by NoisyLinear and NoisyConv1d/2d); use weight_levels only, or MVM() on this layer"
+        )
 
 
 def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
