@@ -20,6 +20,7 @@ __all__ = [
     "philox_normal",
     "draw_normal",
     "draw_uniform",
+    "philox_normal_blocks",
     "sigma_w",
     "perturb",
     "perturb_device",
@@ -96,14 +97,31 @@ def _uniform64(x: torch.Tensor) -> torch.Tensor:
 
 def draw_normal(rng: torch.Tensor, numel: int, streams: int, draw: int = 0) -> torch.Tensor:
     """float32 [streams, numel]: the normals of draw ``draw`` (Box–Muller of its blocks, DESIGN §3, §3.1)."""
-    x0, x1, x2, x3 = _draw_words(rng, numel, streams, draw)
+    z = _box_muller(*_draw_words(rng, numel, streams, draw))
+    return z.reshape(streams, -1)[:, :numel].to(torch.float32)
+
+
+def _box_muller(x0, x1, x2, x3) -> torch.Tensor:
+    """float64 [..., 4]: the DESIGN §3 normals (lanes 0..3) of Philox blocks given as their four words."""
     u = [_uniform64(x) for x in (x0, x1, x2, x3)]
     r01 = torch.sqrt(-2.0 * torch.log(u[0]))
     r23 = torch.sqrt(-2.0 * torch.log(u[2]))
     a01 = 2.0 * math.pi * u[1]
     a23 = 2.0 * math.pi * u[3]
-    z = torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
-    return z.reshape(streams, -1)[:, :numel].to(torch.float32)
+    return torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
+
+
+def philox_normal_blocks(rng: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """float32 [*q.shape, 4]: the DESIGN §3 normals of Philox blocks ``q`` (int64 block counters, read as
+    uint64) in stream rng[1] under key rng[0]: lane l of block q is element 4q + l of that stream.
+
+    The general form of :func:`draw_normal` for blocks that are not 0, 1, ... of one draw, e.g. the
+    per-MVM read noise (draw 8 at a forward counter, :func:`nft_cuda.mvm_ops.read_noise_normals`)."""
+    q_lo, q_hi = _lo_hi(q)
+    s_lo, s_hi = _lo_hi(rng[1])
+    k0, k1 = _lo_hi(rng[0])
+    words = _philox_words(q_lo, q_hi, s_lo.expand(q.shape), s_hi.expand(q.shape), k0, k1)
+    return _box_muller(*words).to(torch.float32)
 
 
 def draw_uniform(rng: torch.Tensor, numel: int, streams: int, draw: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 
 from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 
-__all__ = ["CSV_COLUMNS", "build_report", "plot_results", "read_json", "write_csv", "write_json"]
+__all__ = ["CSV_COLUMNS", "TIME_COLUMNS", "build_report", "plot_results", "plot_time", "read_json", "write_csv", "write_json"]
 
 #: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
 CSV_COLUMNS = (
@@ -52,6 +52,10 @@ CSV_COLUMNS = (
     "ekl",
     "clean_accuracy",
 )
+
+
+#: Columns the CSV adds when results carry a time after programming (``nft eval --time``, PCM models).
+TIME_COLUMNS = ("time_s", "drift_compensation")
 
 
 def versions() -> dict:
@@ -94,9 +98,12 @@ def write_csv(results, path: str) -> None:
 
     paired = {}
     if isinstance(results, dict):
-        paired = {(p["checkpoint"], p["sigma"], p["device_model"], p.get("time_s")): p for p in results.get("paired") or ()}
+        paired = {
+            (p["checkpoint"], p["sigma"], p["device_model"], p.get("time_s")): p for p in results.get("paired") or ()
+        }
         results = results["results"]
-    columns = CSV_COLUMNS + (PAIRED_COLUMNS if paired else ())
+    timed = TIME_COLUMNS if any("time_s" in r for r in results) else ()
+    columns = CSV_COLUMNS + timed + (PAIRED_COLUMNS if paired else ())
     rows = []
     for r in results:
         pct = r.get("accuracy_percentiles", {})
@@ -185,6 +192,76 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())
+
+
+def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
+    """The results of each line of :func:`plot_time`: one per checkpoint, split by σ_d, device model and
+    drift compensation where those vary."""
+    vary = {
+        key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model", "drift_compensation")
+    }
+    curves: dict[str, list[dict]] = {}
+    for r in results:
+        parts = [_label(r)] if vary["checkpoint"] or not any(vary.values()) else []
+        if vary["sigma"]:
+            parts.append(f"σ={r['sigma']:g}")
+        if vary["device_model"]:
+            parts.append(str(r.get("device_model")))
+        if vary["drift_compensation"]:
+            parts.append("drift-compensated" if r.get("drift_compensation") else "uncompensated")
+        curves.setdefault(", ".join(parts), []).append(r)
+    return curves
+
+
+def plot_time(results, path: str, *, title: str | None = None) -> None:
+    """PNG: accuracy (mean, CI95 band) and EKL against the time after programming (``time_s``, log axis;
+    symmetric-log when t = 0 is among the times), one line per checkpoint (split by σ_d, device model and
+    drift compensation where they vary). What ``nft eval --plot`` writes for a ``--time`` sweep of several
+    times. Needs matplotlib; draws on the Agg canvas without pyplot."""
+    report = results if isinstance(results, dict) else None
+    results = report["results"] if report is not None else list(results)
+    if any("time_s" not in r for r in results):
+        raise ValueError("plot_time needs results with 'time_s' (evaluate with nft eval --time ...)")
+    if title is None:
+        title = _default_title(report, results)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or nft_cuda[plot])") from exc
+
+    fig = Figure(figsize=(11, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax_acc, ax_ekl = fig.subplots(1, 2)
+    for name, rs in _time_curves(results).items():
+        rs = sorted(rs, key=lambda r: r["time_s"])
+        t = [r["time_s"] for r in rs]
+        acc = [100.0 * r["accuracy_mean"] for r in rs]
+        ci = [100.0 * (r.get("ci95") or 0.0) for r in rs]
+        line = ax_acc.plot(t, acc, marker="o", label=name)[0]
+        ax_acc.fill_between(t, [a - c for a, c in zip(acc, ci)], [a + c for a, c in zip(acc, ci)],
+                            color=line.get_color(), alpha=0.2)  # fmt: skip
+        ax_ekl.plot(t, [r["ekl"] for r in rs], marker="o", color=line.get_color(), label=name)
+    zero = any(r["time_s"] <= 0 for r in results)
+    runs = sorted({r["runs"] for r in results})
+    for ax in (ax_acc, ax_ekl):
+        if zero:
+            ax.set_xscale("symlog", linthresh=1.0)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel("time after programming (s, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title(f"accuracy, mean with CI95 band over {'/'.join(map(str, runs))} chips")
+    ax_ekl.set_ylabel("EKL (nats)")
+    ax_ekl.set_title("epistemic uncertainty (expected KL)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

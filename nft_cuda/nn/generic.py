@@ -107,8 +107,9 @@ def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
     for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         fresh[key].update(old[key])
     if noise:
-        fresh["_buffers"].pop("_instance_rng", None)
-        fresh["_non_persistent_buffers_set"].discard("_instance_rng")
+        for name in NoisyModule.NOISE_BUFFERS:
+            fresh["_buffers"].pop(name, None)
+            fresh["_non_persistent_buffers_set"].discard(name)
     new.train(module.training)
     return new
 
