@@ -267,10 +267,10 @@ def floats_arg(text: str) -> tuple[float, ...]:
 def device_model_arg(text: str) -> str:
     """An argparse type: a device model name (a preset or pcm / lognormal / stuck-at, any case), with a
     did-you-mean hint for a typo."""
-    from nft_cuda.devices import make_device_model, model_name
+    from nft_cuda.devices import make_device_model
 
     try:
-        return model_name(make_device_model(text, 0.0))
+        return make_device_model(text, 0.0).name
     except (TypeError, ValueError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -21,9 +21,16 @@ import torch
 
 __all__ = ["BUILD_INFO", "HAS_C", "LOAD_ERROR", "OPS", "STRICT", "backend_info", "has_kernel", "use_kernel"]
 
-# The compiled ops with CPU kernels. An op not listed (e.g. "perturb_device" before its kernels are
-# registered here) has no kernel: use_kernel returns False and its pure-PyTorch twin serves it.
-OPS = ("philox4x32", "philox_normal", "perturb", "noisy_linear", "_noisy_linear_backward_input", "snapshot_linear")
+# The compiled ops (CPU kernels always, CUDA kernels when built with CUDA).
+OPS = (
+    "philox4x32",
+    "philox_normal",
+    "perturb",
+    "perturb_device",
+    "noisy_linear",
+    "_noisy_linear_backward_input",
+    "snapshot_linear",
+)
 
 
 def _env_flag(name: str) -> bool:

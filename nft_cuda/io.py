@@ -5,9 +5,9 @@ An exported model file is a plain dict of tensors, numbers and strings written a
 
     {"format": "nft_cuda.model/1",
      "model": {"name", "in_channels", "num_classes", "input_size", "width"},   # nft_cuda.models.build_model
-     "variation": {"sigma", "device_model", "weight_bits", "device_bits"},    # of every noisy layer
-                  # (another device model, or one with MVM effects: its DeviceModel.to_dict(), with "kind";
-                  # a dict without "kind" is always read as a Variation, so every version reads these files)
+     "variation": DeviceModel.to_dict() of every noisy layer's device model:  # {"kind", "sigma", ...}
+                  {"kind": "bitsliced-gaussian", "sigma", "device_model", "weight_bits", "device_bits", "mvm"}
+                  or another model's fields; a dict without "kind" (files before device models) is a Variation
      "noisy": [names of the noisy layers],                                    # convert(include=...)
      "state_dict": {...},                                                     # backbone only, no IRS heads
      "meta": {...}}                                                           # method, dataset, versions, ...
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from nft_cuda._files import atomic_save
-from nft_cuda.devices import DeviceModel, Variation, device_model_from_dict
+from nft_cuda.devices import DeviceModel, device_model_from_dict
 from nft_cuda.nn.conversion import convert, noisy_layers
 
 __all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model", "safe_load"]
@@ -51,25 +51,12 @@ def save_model(path: str, model: nn.Module, *, spec: dict, variation: DeviceMode
     payload = {
         "format": MODEL_FORMAT,
         "model": dict(spec),
-        "variation": _model_dict(variation),
+        "variation": variation.to_dict(),
         "noisy": [name for name, _ in noisy_layers(model)],
         "state_dict": state,
         "meta": dict(meta or {}),
     }
     atomic_save(payload, path)
-
-
-def _model_dict(model) -> dict:
-    """The device model as the file stores it: the bit-sliced Gaussian without MVM effects in the four-key
-    form every version reads; any other model as its :meth:`~nft_cuda.devices.DeviceModel.to_dict`."""
-    if isinstance(model, Variation) and model.mvm is None:
-        return {
-            "sigma": model.sigma,
-            "device_model": model.device_model,
-            "weight_bits": model.weight_bits,
-            "device_bits": model.device_bits,
-        }
-    return model.to_dict()
 
 
 def resolve_model_path(path) -> str:

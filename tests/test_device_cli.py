@@ -59,15 +59,16 @@ def test_eval_time_sweep_with_and_without_drift_compensation_and_its_plot(pcm_ru
     assert code == 0, err
     results = json.loads(j.read_text())["results"]
     assert [r["time_s"] for r in results] == [1.0, 3600.0, 3.15e7]
-    assert all(r["device_model"] == "pcm" and r["drift_compensation"] is False for r in results)
+    assert all(r["device_model"] == "pcm" and r["device"]["drift_compensation"] is False for r in results)
     assert results[0]["accuracy_mean"] != results[-1]["accuracy_mean"] or results[0]["ekl"] != results[-1]["ekl"]
     assert "| t (s) |" in out and "3.15e+07" in out
-    assert "time_s,drift_compensation" in c.read_text().splitlines()[0]
+    header = c.read_text().splitlines()[0].split(",")
+    assert "time_s" in header and "drift_compensation" in header
     assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, out, err = _main(capsys, *argv, "--drift-compensation", "--json", str(tmp_path / "dc.json"))
     assert code == 0, err
     compensated = json.loads((tmp_path / "dc.json").read_text())["results"]
-    assert all(r["drift_compensation"] is True for r in compensated) and "(compensated)" in out
+    assert all(r["device"]["drift_compensation"] is True for r in compensated) and "(compensated)" in out
     # the same chips, rescaled per layer: the outputs (here their mean confidence) change
     assert [r["confidence"] for r in compensated] != [r["confidence"] for r in results]
 
@@ -85,7 +86,7 @@ def test_eval_of_a_gaussian_checkpoint_under_pcm(pcm_run, tmp_path, capsys):
     [
         (["--time", "1,-5"], "a time after programming must be a finite number >= 0 s, got -5"),
         (["--time", "1,1"], "time 1 listed twice"),
-        (["--device-model", "pcn"], "unknown device model 'pcn' (did you mean 'pcm'?)"),
+        (["--device-model", "pcn"], "unknown device_model 'pcn' (did you mean 'pcm'?)"),
         (["--dac-bits", "1"], "must be >= 2"),
         (["--read-noise", "-0.1"], "must be >= 0"),
     ],
@@ -102,7 +103,9 @@ def test_an_option_the_model_lacks_is_refused_naming_it(pcm_run, capsys):
     code, _, err = _main(capsys, "eval", str(pcm_run), "--device-model", "lognormal", "--drift-compensation",
                          "--runs", "2", "--no-progress")  # fmt: skip
     assert code != 0
-    assert "the lognormal device model has no setting drift_compensation" in one_error_line(err)
+    assert "drift_compensation applies to the PCM model, not 'lognormal'" in one_error_line(err)
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--p0", "0.1", "--runs", "2", "--no-progress")
+    assert code != 0 and "the pcm device model has no setting p0" in one_error_line(err)
     with pytest.raises(SystemExit):
         cli.main(["train", "--device-model", "stuck-ta", *_TINY])
     assert "did you mean 'stuck-at'?" in one_error_line(capsys.readouterr().err)

@@ -86,7 +86,7 @@ def test_methods_train_a_step_with_pcm(name):
     loss, logits = method.loss(model, x, y)
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (8, 5) and model[0].weight.grad is not None
-    assert method.describe()["device_model"] == "pcm"
+    assert method.describe()["device"] == PCM().to_dict() and method.describe()["device_model"] == "pcm"
 
 
 def test_irs_heads_use_the_backbone_model():
@@ -103,10 +103,10 @@ def test_monte_carlo_sweeps_time_and_skips_only_noiseless_models():
     loader = [(x[:10], y[:10]), (x[10:], y[10:])]
     sweep = [PCM(sigma=0.0), PCM(sigma=0.0, time=1e7), PCM(time=1.0), PCM(time=3.15e7, drift_compensation=True)]
     res = monte_carlo(model, loader, sweep, 4, seed=SEED, progress=False)
+    assert [r["time_s"] for r in res] == [0.0, 1e7, 1.0, 3.15e7]
     assert res[0]["per_instance_accuracy"] == [1.0] * 4 and res[0]["accuracy_std"] == 0
     assert PCM(sigma=0.0).noiseless and not PCM(sigma=0.0, time=1e7).noiseless
-    assert PCM(sigma=0.0, time=1e7, drift_scale=0.0, read_noise_scale=0.0).noiseless
-    assert all(r["device_model"] == "pcm" for r in res) and res[1]["accuracy_std"] >= 0
+    assert res[1]["device"] == sweep[1].to_dict() and res[1]["device_model"] == "pcm"
 
 
 def test_exported_model_round_trips_any_device_model(tmp_path):
@@ -134,16 +134,34 @@ def test_legacy_exported_model_without_kind_loads(tmp_path):
 def test_train_config_accepts_device_models():
     c = TrainConfig(device_model="PCM", device_options={"time": 60.0, "drift_compensation": True})
     assert c.device_model == "pcm" and c.sigma == 1.0
-    assert c.noise_model() == PCM(time=60.0, drift_compensation=True)
+    assert c.variation() == PCM(time=60.0, drift_compensation=True)
     assert TrainConfig.from_dict(c.to_dict()) == c
     assert str(default_out(c)).endswith("noise-small-embedded-pcm-s1")
-    assert TrainConfig().sigma == 0.1 and TrainConfig().noise_model() == Variation(0.1)
-    assert TrainConfig(device_model="stuck-at", device_options={"p0": 0.01}).noise_model() == StuckAt(p0=0.01)
-    assert TrainConfig(device_model="lognormal", sigma=0.3).noise_model() == LogNormal(0.3)
+    assert TrainConfig().sigma == 0.1 and TrainConfig().variation() == Variation(0.1)
+    assert TrainConfig(device_model="stuck-at", device_options={"p0": 0.01}).variation() == StuckAt(p0=0.01)
+    assert TrainConfig(device_model="lognormal", sigma=0.3).variation() == LogNormal(0.3)
     with pytest.raises(ValueError, match="p0 \\+ p1 must be <= 1"):
         TrainConfig(device_model="stuck-at", device_options={"p0": 0.7, "p1": 0.7})
     with pytest.raises(TypeError, match="time"):
         TrainConfig(device_model="lognormal", device_options={"time": 1.0})
+
+
+def test_sweep_models_time_axis():
+    base = Variation(0.1, "RRAM4").to_dict()
+    legacy = {"sigma": 0.1, "device_model": "RRAM4", "weight_bits": 8, "device_bits": 2}
+    assert run_module.sweep_models(legacy, [0.2]) == [(Variation(0.2, "RRAM4"), None)]
+    got = run_module.sweep_models(base, [0.5, 1.0], "pcm", times=[1, 3600], drift_compensation=True)
+    assert got == [
+        (PCM(0.5, time=1.0, drift_compensation=True), 1.0),
+        (PCM(0.5, time=3600.0, drift_compensation=True), 3600.0),
+        (PCM(1.0, time=1.0, drift_compensation=True), 1.0),
+        (PCM(1.0, time=3600.0, drift_compensation=True), 3600.0),
+    ]
+    assert run_module.sweep_models(base, [0.3], "lognormal", times=[5.0]) == [(LogNormal(0.3), 5.0)]
+    with pytest.raises(ValueError, match="drift_compensation applies to the PCM model"):
+        run_module.sweep_models(base, [0.3], drift_compensation=True)
+    with pytest.raises(ValueError, match="time t"):
+        run_module.sweep_models(base, [1.0], "pcm", times=[-1.0])
 
 
 def test_eval_checkpoints_time_axis(tmp_path, monkeypatch):
@@ -158,20 +176,12 @@ def test_eval_checkpoints_time_axis(tmp_path, monkeypatch):
     kwargs = dict(runs=2, seed=3, device="cpu", progress=False, batch_size=6, times=[1.0, 86400.0])
     report = run_module.eval_checkpoints([str(tmp_path / "a.pt")], [1.0], json_path=json_path, **kwargs)
     rows = report["results"]
-    assert [(r["sigma"], r["time_s"], r["drift_compensation"]) for r in rows] == [
+    assert [(r["sigma"], r["time_s"], r["device"]["drift_compensation"]) for r in rows] == [
         (1.0, 1.0, False),
         (1.0, 86400.0, False),
     ]
     again = run_module.eval_checkpoints([str(tmp_path / "a.pt")], [1.0], drift_compensation=True, **kwargs)
-    assert all(r["drift_compensation"] for r in again["results"])
-    same = run_module.eval_checkpoints(
-        [str(tmp_path / "a.pt")], [1.0], device_options={"drift_compensation": True}, **kwargs
-    )
-    assert same["results"] == again["results"]
-    with pytest.raises(ValueError, match="no setting drift_compensation"):
-        run_module.eval_checkpoints([str(tmp_path / "a.pt")], [0.3], "lognormal", drift_compensation=True, **kwargs)
-    with pytest.raises(ValueError, match="time t"):
-        run_module.eval_checkpoints([str(tmp_path / "a.pt")], [1.0], **{**kwargs, "times": [-1.0]})
+    assert all(r["device"]["drift_compensation"] for r in again["results"])
 
 
 @pytest.mark.parametrize("method", ["ovf", "irs"])

@@ -32,7 +32,6 @@ __all__ = [
     "Variation",
     "device_model_from_dict",
     "make_device_model",
-    "model_name",
 ]
 
 #: The paper's bit-sliced Gaussian model: the same class as :class:`nft_cuda.Variation`.
@@ -67,7 +66,7 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
         return _CLASSES[key](sigma=sigma, **options)
     close = difflib.get_close_matches(key, [n.lower() for n in MODEL_NAMES] + list(_CLASSES), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"unknown device model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
+    raise ValueError(f"unknown device_model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
 
 
 def device_model_from_dict(d: dict) -> DeviceModel:
@@ -81,9 +80,3 @@ def device_model_from_dict(d: dict) -> DeviceModel:
     if kind not in classes:
         raise ValueError(f"unknown device-model kind {kind!r}; known: {', '.join(classes)}")
     return classes[kind].from_fields(fields)
-
-
-def model_name(model: DeviceModel) -> str:
-    """The name :func:`make_device_model` (and ``--device-model``) knows ``model`` by: its preset for the
-    bit-sliced Gaussian (``"RRAM1"`` ...), else its ``kind`` (``"pcm"``, ``"lognormal"``, ``"stuck-at"``)."""
-    return model.device_model if isinstance(model, Variation) else model.kind

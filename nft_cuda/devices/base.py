@@ -74,6 +74,11 @@ class DeviceModel:
         """Whether the model leaves every weight exactly as it is (Monte-Carlo then skips the draws)."""
         return self.sigma == 0.0 and (self.mvm is None or not self.mvm.active)
 
+    @property
+    def name(self) -> str:
+        """Short name for reports (the ``device_model`` column): the kind, or a preset's name."""
+        return self.kind
+
     def with_sigma(self, sigma: float) -> DeviceModel:
         """The same model at another severity."""
         return dataclasses.replace(self, sigma=sigma)

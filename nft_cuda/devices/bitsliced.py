@@ -71,6 +71,11 @@ class Variation(DeviceModel):
         object.__setattr__(self, "device_bits", db)
 
     @property
+    def name(self) -> str:
+        """The preset's name (RRAM1, FeFET2, RRAM4, FeFET6)."""
+        return self.device_model
+
+    @property
     def devices_per_weight(self) -> int:
         """K = weight_bits / device_bits."""
         return self.weight_bits // self.device_bits

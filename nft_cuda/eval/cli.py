@@ -159,7 +159,9 @@ def _add_eval(subparsers) -> None:
 
 
 def _table(report: dict) -> str:
-    timed = any("time_s" in r for r in report["results"])
+    from nft_cuda.eval.report import drift_compensated
+
+    timed = any(r.get("time_s") for r in report["results"])  # a time after programming other than 0
     rows = [
         "| checkpoint | σ_d |" + (" t (s) |" if timed else "") + " accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
         "|---|---|" + ("---|" if timed else "") + "---|---|---|---|",
@@ -175,7 +177,7 @@ def _table(report: dict) -> str:
         t = ""
         if timed:
             t = "" if r.get("time_s") is None else f"{r['time_s']:g}"
-            t = f" {t}{' (compensated)' if r.get('drift_compensation') else ''} |"
+            t = f" {t}{' (compensated)' if drift_compensated(r) else ''} |"
         rows.append(f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |")
     return "\n".join(rows)
 
@@ -186,6 +188,7 @@ def _device_options(args) -> dict:
     from nft_cuda.devices import MVM
 
     options = _args.device_options_from_args(args)
+    options.pop("drift_compensation", None)  # its own argument of eval_checkpoints
     if "mvm" in options:
         options["mvm"] = MVM.from_dict(options["mvm"])
     return options
@@ -223,6 +226,7 @@ def _run_eval(args) -> int:
             resume=args.resume,
             baseline=args.baseline,
             times=args.time,
+            drift_compensation=args.drift_compensation,
             device_options=_device_options(args),
         )
     except KeyboardInterrupt:

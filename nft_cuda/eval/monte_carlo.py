@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
-from nft_cuda.devices import DeviceModel, model_name
+from nft_cuda.devices import DeviceModel
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
@@ -88,8 +88,8 @@ def _as_variations(variations) -> list[DeviceModel]:
         if out and all(isinstance(v, DeviceModel) for v in out):
             return out
     raise TypeError(
-        "variations must be a device model (nft_cuda.Variation, nft_cuda.devices.PCM, ...) or a non-empty "
-        f"list of them, got {type(variations).__name__}"
+        "variations must be an nft_cuda.Variation (or another device model) or a non-empty list of them, "
+        f"got {type(variations).__name__}"
     )
 
 
@@ -348,8 +348,9 @@ def monte_carlo(
             of one σ_d are kept until its end (R × N × C × 4 bytes).
 
     Returns:
-        One dict per variation: ``sigma``, ``device_model`` (the preset or model kind,
-        :func:`nft_cuda.devices.model_name`), ``runs``, ``seed``, ``num_inputs``,
+        One dict per variation: ``sigma``, ``device_model`` (the preset or model kind), ``time_s`` (the
+        model's time after programming, 0 for time-independent models), ``device`` (the model's
+        ``to_dict()``), ``runs``, ``seed``, ``num_inputs``,
         ``accuracy_mean``, ``accuracy_std`` (ddof=1), ``ci95``, ``ci99`` (normal approximation
         z·std/√R, as the reference), ``accuracy_min``, ``accuracy_max``, ``accuracy_percentiles``
         {"5", "25", "50", "75", "95"}, ``confidence`` (mean over instances and inputs of max_c p),
@@ -416,7 +417,8 @@ def _sweep_result(
         per_acc, conf, ekl, per_kl = _sweep_point(
             model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm, progress, chip_kl
         )
-    res = {"sigma": var.sigma, "device_model": model_name(var), "runs": runs, "seed": seed, "num_inputs": n}
+    res = {"sigma": var.sigma, "device_model": var.name, "time_s": getattr(var, "time", 0.0)}
+    res.update({"device": var.to_dict(), "runs": runs, "seed": seed, "num_inputs": n})
     res.update(accuracy_stats(per_acc))
     res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
     if chip_kl:
@@ -464,7 +466,7 @@ def _sweep_point(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=my_instances, desc=f"σ_d={var.sigma:g} {model_name(var)}", unit="inst", leave=False, disable=None
+            total=my_instances, desc=f"σ_d={var.sigma:g} {var.name}", unit="inst", leave=False, disable=None
         )  # None: no bar (no carriage returns) when stderr is not a terminal
     try:
         for j in range(rounds):

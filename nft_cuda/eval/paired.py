@@ -177,7 +177,7 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
         raise ValueError(f"baseline '{baseline}' is not among the results")
     out = []
     for r in results:
-        a = base.get((r["sigma"], r["device_model"], r.get("time_s")))  # time_s: a --time sweep's point
+        a = base.get((r["sigma"], r["device_model"], r.get("time_s")))
         if r["checkpoint"] == baseline or a is None:
             continue
         for key in ("runs", "seed", "num_inputs"):
@@ -192,7 +192,6 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
             "baseline": baseline,
             "sigma": r["sigma"],
             "device_model": r["device_model"],
-            **({"time_s": r["time_s"]} if "time_s" in r else {}),
             "runs": r["runs"],
             "accuracy_difference": acc["mean"],
             "accuracy_difference_std": acc["std"],
@@ -203,6 +202,8 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
             "ekl_difference_ci95": None,
             "ekl_verdict": None,
         }
+        if r.get("time_s") is not None:
+            entry["time_s"] = r["time_s"]
         if r.get("per_instance_kl") is not None and a.get("per_instance_kl") is not None:
             ekl = paired_difference(r["per_instance_kl"], a["per_instance_kl"], words=("higher", "lower"))
             entry.update(ekl_difference=ekl["mean"], ekl_difference_ci95=ekl["ci95"], ekl_verdict=ekl["verdict"])

@@ -26,7 +26,7 @@ import torch
 
 from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 
-__all__ = ["CSV_COLUMNS", "TIME_COLUMNS", "build_report", "plot_results", "plot_time", "read_json", "write_csv", "write_json"]
+__all__ = ["CSV_COLUMNS", "COMPENSATION_COLUMNS", "drift_compensated", "build_report", "plot_results", "plot_time", "read_json", "write_csv", "write_json"]
 
 #: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
 CSV_COLUMNS = (
@@ -54,8 +54,13 @@ CSV_COLUMNS = (
 )
 
 
-#: Columns the CSV adds when results carry a time after programming (``nft eval --time``, PCM models).
-TIME_COLUMNS = ("time_s", "drift_compensation")
+#: Column the CSV adds when results carry a drift-compensation flag (PCM models).
+COMPENSATION_COLUMNS = ("drift_compensation",)
+
+
+def drift_compensated(result: dict) -> bool | None:
+    """Whether a result's device model compensates drift (PCM), None for a model without the setting."""
+    return (result.get("device") or {}).get("drift_compensation")
 
 
 def versions() -> dict:
@@ -102,14 +107,16 @@ def write_csv(results, path: str) -> None:
             (p["checkpoint"], p["sigma"], p["device_model"], p.get("time_s")): p for p in results.get("paired") or ()
         }
         results = results["results"]
-    timed = TIME_COLUMNS if any("time_s" in r for r in results) else ()
-    columns = CSV_COLUMNS + timed + (PAIRED_COLUMNS if paired else ())
+    compensation = COMPENSATION_COLUMNS if any(drift_compensated(r) is not None for r in results) else ()
+    columns = CSV_COLUMNS + compensation + (PAIRED_COLUMNS if paired else ())
     rows = []
     for r in results:
         pct = r.get("accuracy_percentiles", {})
         p = paired.get((_label(r), r.get("sigma"), r.get("device_model"), r.get("time_s")), {})
         row = {c: p.get(c) if c in PAIRED_COLUMNS else r.get(c) for c in columns}
         row["checkpoint"] = _label(r)
+        if compensation:
+            row["drift_compensation"] = drift_compensated(r)
         for q in (5, 25, 50, 75, 95):
             row[f"accuracy_p{q}"] = pct.get(str(q))
         rows.append({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
@@ -204,8 +211,9 @@ def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
     """The results of each line of :func:`plot_time`: one per checkpoint, split by σ_d, device model and
     drift compensation where those vary."""
     vary = {
-        key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model", "drift_compensation")
+        key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model")
     }
+    vary["drift_compensation"] = len({drift_compensated(r) for r in results}) > 1
     curves: dict[str, list[dict]] = {}
     for r in results:
         parts = [_label(r)] if vary["checkpoint"] or not any(vary.values()) else []
@@ -214,7 +222,7 @@ def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
         if vary["device_model"]:
             parts.append(str(r.get("device_model")))
         if vary["drift_compensation"]:
-            parts.append("drift-compensated" if r.get("drift_compensation") else "uncompensated")
+            parts.append("drift-compensated" if drift_compensated(r) else "uncompensated")
         curves.setdefault(", ".join(parts), []).append(r)
     return curves
 

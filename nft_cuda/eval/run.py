@@ -19,15 +19,17 @@ import torch
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import json_safe, sha256_file
-from nft_cuda.devices import PRESETS, DeviceModel, Variation, device_model_from_dict, make_device_model, model_name
+from nft_cuda.devices import MVM, PCM, PRESETS, DeviceModel, Variation, device_model_from_dict, make_device_model
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
 
-__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path"]
+__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
 
+#: The bit-sliced Gaussian presets by lower-case name.
+_PRESETS = {p.lower(): p for p in PRESETS}
 
 
 class TensorBatches:
@@ -169,8 +171,13 @@ def eval_checkpoints(
     Args:
         paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
         sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md).
-        device_model: the device model's name, a preset or "pcm", "lognormal", "stuck-at" (default: each
-            checkpoint's own; a preset keeps the checkpoint's bit widths).
+        device_model: the device model: a preset (RRAM1, FeFET2, RRAM4, FeFET6: with the checkpoint's
+            bit widths) or "pcm", "lognormal", "stuck-at" (default: each checkpoint's own model).
+        times: seconds after programming, a second sweep axis (each severity × each time; every
+            result row carries ``time_s``). Time-independent models give the same chips at every time.
+        drift_compensation: PCM only: override the model's global drift compensation.
+        device_options: other fields of the model (the named one, else each checkpoint's own), e.g.
+            ``{"mvm": MVM(...)}`` or ``{"p0": 0.01}``; a field the model lacks is refused naming it.
         runs, seed, instances_per_pass, progress: as :func:`~nft_cuda.eval.monte_carlo`.
         data_dir: the data folder (see :mod:`nft_cuda.data`).
         json_path, csv_path, plot_path: where to write the report (JSON), the table (CSV) and the plot
@@ -186,12 +193,6 @@ def eval_checkpoints(
             (:mod:`nft_cuda.eval.paired`): the report gains ``baseline`` and ``paired`` (one entry per
             other checkpoint × σ_d: accuracy and EKL differences, CI95, verdicts) and every result
             ``per_instance_kl``. Refused when the chips differ (device model or bit widths, test set).
-        times: seconds after programming to evaluate each σ_d at (:meth:`DeviceModel.at_time`; the PCM
-            model drifts, the others do not change); every result then carries ``time_s``. None: the
-            model's own time (results of a PCM model carry it too).
-        device_options: other fields of the device model (e.g. ``drift_compensation=True``,
-            ``mvm=MVM(...)``, ``p0``/``p1`` of stuck-at) set on every evaluated model.
-        drift_compensation: PCM: the same as ``device_options={"drift_compensation": ...}``.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
@@ -220,8 +221,7 @@ def eval_checkpoints(
         meta = payload.get("meta", {}) or {}
         spec = dict(payload["model"])
         base = payload["variation"]
-        options = _with_drift_compensation(device_options, drift_compensation)
-        variations = _device_models(base, sigmas, device_model, options, times)
+        variations = sweep_models(base, sigmas, device_model, times, drift_compensation, device_options)
         chips[label] = _chips(variations[0][0], dataset, model)
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
@@ -248,69 +248,60 @@ def eval_checkpoints(
     return report
 
 
-def _with_drift_compensation(options: dict | None, drift_compensation: bool | None) -> dict | None:
-    """``options`` with the ``drift_compensation`` keyword of :func:`eval_checkpoints` folded in."""
-    if drift_compensation is None:
-        return options
-    return {**(options or {}), "drift_compensation": _args.check_bool("drift_compensation", drift_compensation)}
-
-
-def _device_models(base: dict, sigmas, name: str | None, options: dict | None, times) -> list[tuple]:
-    """(model, time or None) of each point of the sweep, σ_d-major then time: the checkpoint's own model
-    (``base``, its stored dict) or the model called ``name`` (a preset keeps the checkpoint's bit widths),
-    with ``options`` set, at each σ_d and time."""
+def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compensation=None, options=None) -> list:
+    """[(model, time or None)] of one checkpoint's sweep, severities outermost: ``base`` is the checkpoint's
+    stored model (``payload["variation"]``), the rest as :func:`eval_checkpoints`."""
     trained = device_model_from_dict(dict(base))
     options = dict(options or {})
-    if name is None:
-        model = trained
+    if device_model is None:  # the checkpoint's own model, its other fields replaced by the options
+        models = [_with_options(trained, options).with_sigma(s) for s in sigmas]
+    elif isinstance(trained, Variation) and device_model.strip().lower() in _PRESETS:
+        preset = _PRESETS[device_model.strip().lower()]
+        models = [_with_options(Variation(s, preset, trained.weight_bits, trained.device_bits), options)
+                  for s in sigmas]  # fmt: skip
     else:
-        keep = {}
-        if isinstance(trained, Variation) and name.strip().lower() in {p.lower() for p in PRESETS}:
-            keep = {"weight_bits": trained.weight_bits, "device_bits": trained.device_bits}
-        model = make_device_model(name, trained.sigma, **keep)
+        models = [_with_options(make_device_model(device_model, s), options) for s in sigmas]
+    if drift_compensation is not None:
+        if not all(isinstance(m, PCM) for m in models):
+            raise ValueError(f"drift_compensation applies to the PCM model, not '{models[0].name}'")
+        models = [dataclasses.replace(m, drift_compensation=_args.check_bool("drift_compensation", drift_compensation))
+                  for m in models]  # fmt: skip
+    if times is None:
+        return [(m, None) for m in models]
+    times = [float(t) for t in ([times] if isinstance(times, (int, float)) else times)]
+    if not times:
+        raise ValueError("times must hold at least one time after programming")
+    return [(m.at_time(t), t) for m in models for t in times]
+
+
+def _with_options(model: DeviceModel, options: dict) -> DeviceModel:
+    """``model`` with the fields in ``options`` replaced (an ``mvm`` dict becomes an MVM); a field the
+    model does not have is refused naming it and the model's settings."""
+    if not options:
+        return model
     fields = {f.name for f in dataclasses.fields(model)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(
-            f"the {model_name(model)} device model has no setting {', '.join(unknown)} "
+            f"the {model.name} device model has no setting {', '.join(unknown)} "
             f"(its settings: {', '.join(sorted(fields - {'sigma'}))})"
         )
-    model = dataclasses.replace(model, **options)
-    at = [None] if times is None else [float(t) for t in times]
-    return [(m if t is None else m.at_time(t), t) for m in (model.with_sigma(s) for s in sigmas) for t in at]
+    if isinstance(options.get("mvm"), dict):
+        options = {**options, "mvm": MVM.from_dict(options["mvm"])}
+    return dataclasses.replace(model, **options)
 
 
 def _chips(variation: DeviceModel, dataset: str, model) -> tuple:
-    """What makes chip r the same chip in two checkpoints: the device model but its severity (bit widths,
-    time, options), the test set, and the noisy layers' shapes (checked by
+    """What makes chip r the same chip in two checkpoints: the device model (bit widths, parameters) but
+    not its severity or time, the test set, and the noisy layers' shapes (checked by
     :func:`nft_cuda.eval.paired.check_pairable`)."""
     from nft_cuda.nn.conversion import noisy_layers
 
-    fields = {k: v for k, v in variation.to_dict().items() if k != "sigma"}
-    device = (model_name(variation), json.dumps(fields, sort_keys=True))
-    if isinstance(variation, Variation):  # the bit-sliced Gaussian: its preset and bit widths, as before
+    if isinstance(variation, Variation):
         device = (variation.device_model, variation.weight_bits, variation.device_bits)
-        if variation.mvm is not None:
-            device += (json.dumps(variation.mvm.to_dict(), sort_keys=True),)
+    else:
+        device = (variation.name, json.dumps(variation.with_sigma(0.0).at_time(0.0).to_dict(), sort_keys=True))
     return device, dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
-
-
-def _point_key(var: DeviceModel):
-    """The model part of a finished point's key: the four-field list of the bit-sliced Gaussian (so older
-    partial files keep resuming), else the model's dict."""
-    if isinstance(var, Variation) and var.mvm is None:
-        return [var.sigma, var.device_model, var.weight_bits, var.device_bits]
-    return var.to_dict()
-
-
-def _with_time(result: dict, var: DeviceModel, t: float | None) -> dict:
-    """A result with its time after programming ``time_s`` (the sweep's ``t``, else the model's own time
-    where it has one) and its model's drift compensation where it has one."""
-    if t is not None or hasattr(var, "time"):
-        result["time_s"] = float(getattr(var, "time", t))
-    if hasattr(var, "drift_compensation"):
-        result["drift_compensation"] = bool(var.drift_compensation)
-    return result
 
 
 def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> dict:
@@ -331,15 +322,19 @@ def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> d
 
 
 def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
-    """The Monte-Carlo result of each (model, time) of :func:`_device_models`, one point at a time so each is
+    """The Monte-Carlo result of each (model, time) of :func:`sweep_models`, one point at a time so each is
     kept as soon as it ends; a point an interrupted call finished with the same ``setting`` is reused."""
     out = []
-    for var, t in variations:
-        point = {**setting, "variation": _point_key(var), **({} if t is None else {"time_s": t})}
-        key = json.dumps(point, sort_keys=True)
+    for var, time_s in variations:
+        if isinstance(var, Variation) and time_s is None:  # the key of reports before device models
+            point = [var.sigma, var.device_model, var.weight_bits, var.device_bits]
+        else:
+            point = {"device": var.to_dict(), "time_s": time_s}
+        key = json.dumps({**setting, "variation": point}, sort_keys=True)
         r = finished.get(key)
         if r is None:
-            r = finished.add(key, _with_time(monte_carlo(model, loader, [var], **monte_carlo_args)[0], var, t))
+            r = monte_carlo(model, loader, [var], **monte_carlo_args)[0]
+            r = finished.add(key, r if time_s is None else {**r, "time_s": time_s})
         out.append(r)
     return out
 
@@ -390,7 +385,7 @@ def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> No
         finished.clear()
     if csv_path:
         write_csv(report, csv_path)
-    if plot_path:
+    if plot_path:  # several times after programming: accuracy against time, else against σ_d
         times = {r.get("time_s") for r in report["results"]}
         (plot_time if len(times) > 1 else plot_results)(report, plot_path)
 

@@ -433,7 +433,7 @@ class NoisyModule(nn.Module):
     def variation(self, value) -> None:
         if value is not None and not isinstance(value, DeviceModel):
             raise TypeError(
-                "variation must be a device model (nft_cuda.Variation, nft_cuda.devices.PCM, ...) or None, "
+                "variation must be an nft_cuda.Variation, another nft_cuda.devices device model, or None, "
                 f"got {type(value).__name__}"
             )
         if value is None and getattr(self, "_mode", "off") != "off":

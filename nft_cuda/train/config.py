@@ -60,13 +60,10 @@ class TrainConfig:
             (0.1 by default, the reference README's example) and the log-normal model (default 0.1);
             the multiplier of the programming noise / fault rates for ``"pcm"`` / ``"stuck-at"``
             (default 1.0). None: that default.
-        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"``, ``"FeFET6"`` (the bit-sliced Gaussian's
-            presets), ``"pcm"``, ``"lognormal"`` or ``"stuck-at"`` (docs/device-models.md); ``sigma`` is
-            its severity.
-        device_options: the device model's other fields as a JSON-safe dict (e.g. ``{"time": 3600.0,
-            "drift_compensation": True}`` for PCM, ``{"p0": 0.01, "p1": 0.02}`` for stuck-at,
-            ``{"mvm": {"input_bits": 8}}`` for converters), passed to
-            :func:`nft_cuda.devices.make_device_model`; None: the model's defaults.
+        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"``, ``"FeFET6"`` (the bit-sliced Gaussian
+            presets), ``"pcm"``, ``"lognormal"`` or ``"stuck-at"`` (:func:`nft_cuda.devices.make_device_model`).
+        device_options: the model's other fields, e.g. ``{"time": 3600.0, "drift_compensation": True}``
+            for PCM, ``{"p0": 0.01, "p1": 0.01}`` for stuck-at (JSON-safe values).
         beta: the feedback gain β of OVF/IRS (None: the DESIGN §5 default for model/dataset).
         deltas: OVF variation offsets δ_n, noisiest first.
         head_sigma: σ of the IRS heads (None: ``sigma``; the heads use RRAM1 with the bit-sliced Gaussian
@@ -100,7 +97,7 @@ class TrainConfig:
     method: str = "noise"
     sigma: float | None = None
     device_model: str = "RRAM1"
-    device_options: dict | None = None
+    device_options: dict = dataclasses.field(default_factory=dict)
     beta: float | None = None
     deltas: tuple[float, ...] = _DEFAULT_DELTAS
     head_sigma: float | None = None
@@ -125,7 +122,6 @@ class TrainConfig:
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
-        from nft_cuda.devices import model_name
         from nft_cuda.models import MODELS
         from nft_cuda.train.methods import METHODS
 
@@ -135,19 +131,7 @@ class TrainConfig:
         self.dataset = canonical_name(self.dataset)
         self.data_dir = _path_or_none("data_dir", self.data_dir)
         self.method = _choice("method", self.method, tuple(METHODS))
-        if not isinstance(self.device_model, str):
-            raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
-        if self.sigma is None:  # the model's own default severity
-            self.sigma = 1.0 if self.device_model.strip().lower() in _UNIT_SEVERITY else 0.1
-        self.sigma = _real("sigma", self.sigma, minimum=0.0)
-        if self.device_options is not None and not isinstance(self.device_options, dict):
-            raise TypeError(f"device_options must be a dict or None, got {type(self.device_options).__name__}")
-        self.device_options = dict(self.device_options) if self.device_options else None
-        try:  # validates the name and the options (one clear error naming the bad one)
-            model = self.noise_model()
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"device_model {self.device_model!r}: {exc}") from None
-        self.device_model = model_name(model)
+        self._check_device()
         if self.beta is not None:
             self.beta = _real("beta", self.beta, minimum=0.0)
             if self.method not in ("ovf", "irs"):
@@ -198,12 +182,27 @@ class TrainConfig:
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
 
-    def noise_model(self):
-        """The :class:`~nft_cuda.devices.DeviceModel` of training: ``device_model`` at severity ``sigma``
-        with ``device_options``."""
+    def _check_device(self) -> None:
+        """Normalises sigma, device_model and device_options by building the model once."""
+        from nft_cuda.devices import Variation, make_device_model
+
+        if not isinstance(self.device_model, str):
+            raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
+        if not isinstance(self.device_options, dict):
+            raise TypeError(f"device_options must be a dict, got {type(self.device_options).__name__}")
+        self.device_options = dict(self.device_options)
+        if self.sigma is None:
+            self.sigma = 1.0 if self.device_model.strip().lower() in _UNIT_SEVERITY else 0.1
+        self.sigma = _real("sigma", self.sigma, minimum=0.0)
+        model = make_device_model(self.device_model, self.sigma, **self.device_options)
+        self.device_model = model.device_model if isinstance(model, Variation) else model.kind
+
+    def variation(self):
+        """The :class:`nft_cuda.devices.DeviceModel` of training (``device_model`` at ``sigma`` with
+        ``device_options``)."""
         from nft_cuda.devices import make_device_model
 
-        return make_device_model(self.device_model, self.sigma, **(self.device_options or {}))
+        return make_device_model(self.device_model, self.sigma, **self.device_options)
 
     def augments(self) -> bool:
         """Whether training batches are augmented (``augment``, or the dataset's default)."""
@@ -217,8 +216,7 @@ class TrainConfig:
         """Plain types only (lists for tuples): what the checkpoint stores."""
         d = dataclasses.asdict(self)
         d["deltas"] = list(self.deltas)
-        if self.device_options:
-            d["device_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.device_options.items()}
+        d["device_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.device_options.items()}
         return d
 
     @classmethod

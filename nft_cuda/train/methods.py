@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args
-from nft_cuda.devices import DeviceModel, Variation, model_name
+from nft_cuda.devices import DeviceModel, Variation
 from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
 from nft_cuda.nn.sample_axis import sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
@@ -85,7 +85,12 @@ class Method:
         return model
 
     def describe(self) -> dict:
-        return {"method": self.name, "sigma": self.variation.sigma, "device_model": model_name(self.variation)}
+        return {
+            "method": self.name,
+            "sigma": self.variation.sigma,
+            "device_model": self.variation.name,
+            "device": self.variation.to_dict(),
+        }
 
 
 class Clean(Method):
@@ -242,7 +247,7 @@ class IRS(Method):
             "beta": self.beta,
             "taps": self.taps,
             "head_sigma": self.head_variation.sigma,
-            "head_device_model": model_name(self.head_variation),
+            "head_device_model": self.head_variation.name,
         }
 
 

@@ -264,7 +264,7 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         "input_size": data.input_shape[-1],
         "width": config.width,
     }
-    variation = config.noise_model()
+    variation = config.variation()
     head_variation = None
     if config.method == "irs" and isinstance(variation, Variation):  # the paper's heads: RRAM1
         head_variation = Variation(config.sigma if config.head_sigma is None else config.head_sigma, "RRAM1")
