@@ -140,7 +140,7 @@ def _add_method_options(g, default) -> None:
     g.add_argument(
         "--sigma",
         type=_float(0.0),
-        help=f"device variation σ_d (the device model's severity) of training (default {default('sigma')})",
+        help="device variation σ_d (the device model's severity) of training (default 0.1; 1.0 for pcm and stuck-at)",
     )
     g.add_argument(
         "--device-model",

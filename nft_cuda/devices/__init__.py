@@ -57,7 +57,7 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
     if not isinstance(name, str):
         raise TypeError(f"device model name must be a str, got {type(name).__name__}")
     if isinstance(options.get("mvm"), dict):  # the JSON form of the converter settings
-        options = {**options, "mvm": MVM(**options["mvm"])}
+        options = {**options, "mvm": MVM.from_dict(options["mvm"])}
     key = name.strip().lower()
     presets = {p.lower(): p for p in PRESETS}
     if key in presets:

@@ -72,7 +72,7 @@ class DeviceModel:
     @property
     def noiseless(self) -> bool:
         """Whether the model leaves every weight exactly as it is (Monte-Carlo then skips the draws)."""
-        return self.sigma == 0.0 and self.mvm is None
+        return self.sigma == 0.0 and (self.mvm is None or not self.mvm.active)
 
     @property
     def name(self) -> str:
@@ -113,5 +113,5 @@ class DeviceModel:
             raise ValueError(f"unknown {cls.kind} device-model field(s) {unknown}; known: {sorted(names)}")
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         if isinstance(kwargs.get("mvm"), dict):
-            kwargs["mvm"] = MVM(**kwargs["mvm"])
+            kwargs["mvm"] = MVM.from_dict(kwargs["mvm"])
         return cls(**kwargs)
