@@ -227,3 +227,17 @@ def test_pcm_micro_study_runs_and_reports(study, pcm_study, tmp_path):
     text = doc.read_text()
     assert "old" not in text and "with global drift compensation" in text and "| noise injection |" in text
     assert "1 year" in text and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
+    results = json.loads((ROOT / "docs" / "pcm-study" / "results.json").read_text())
+    text = (ROOT / "docs" / "pcm-study.md").read_text()
+    block = text.split(pcm_study.BEGIN, 1)[1].split(pcm_study.END, 1)[0]
+    assert block.strip() == pcm_study.render_tables(results).strip(), (
+        "docs/pcm-study.md is stale: run `python -m studies.pcm_time report`"
+    )
+    trainings, evals = study.plan(results["config"])
+    assert sorted(p["name"] for p in results["evaluations"]) == sorted(e["name"] for e in evals)
+    for p in results["evaluations"]:
+        mean, ci = study.mean_ci(p["per_instance_accuracy"])
+        assert 100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]
