@@ -93,7 +93,6 @@ NFT_INLINE Normal4 normal4(uint64_t seed, uint64_t stream, uint64_t q) {
 // kernel a stack frame). The device models use these (their math is float64 anyway); the Gaussian ops
 // keep the faster float32 normal4 above (DESIGN §3 tolerance).
 NFT_INLINE Normal4 normal4_f64(PhiloxWords w) {
-  constexpr double kTwoPi = 2.0 * 3.141592653589793;  // 2.0 * math.pi, folded as Python folds it
   double u[4];
   for (int l = 0; l < 4; ++l)
     u[l] = (static_cast<double>(w.x[l] >> 9) + 0.5) * 1.1920928955078125e-07;  // exact
@@ -104,6 +103,7 @@ NFT_INLINE Normal4 normal4_f64(PhiloxWords w) {
 #if defined(__CUDA_ARCH__)
     sincospi(2.0 * u[p + 1], &s, &c);
 #else
+    constexpr double kTwoPi = 2.0 * 3.141592653589793;  // 2.0 * math.pi, folded as Python folds it
     const double a = kTwoPi * u[p + 1];
     s = sin(a);
     c = cos(a);
