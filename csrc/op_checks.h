@@ -8,7 +8,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <vector>
+
+#include "nft_cuda/device_models.h"
 
 namespace nft_cuda {
 
@@ -56,6 +59,34 @@ inline std::vector<int64_t> per_sample_shape(const at::Tensor& weight, int64_t s
   std::vector<int64_t> shape{samples};
   shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
   return shape;
+}
+
+// perturb_device's model arguments (docs/device-models.md) and its element limit: the multi-draw
+// counter layout (philox.h) holds elements e < 2^58.
+inline void check_device_model(int64_t kind, c10::ArrayRef<double> params, int64_t numel) {
+  const char* op = "perturb_device";
+  TORCH_CHECK_VALUE(kind == device::kPcm || kind == device::kLogNormal || kind == device::kStuckAt, op,
+                    ": kind must be 1 (PCM), 2 (LogNormal) or 3 (StuckAt), got ", kind,
+                    kind == device::kBitSlicedGaussian ? " (the bit-sliced Gaussian runs on perturb)" : "");
+  const int64_t want = device::param_count(static_cast<int>(kind));
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == want, op, ": kind ", kind, " takes ", want,
+                    " params, got ", params.size());
+  for (size_t i = 0; i < params.size(); ++i)
+    TORCH_CHECK_VALUE(std::isfinite(params[i]), op, ": params[", i, "] must be finite, got ", params[i]);
+  if (kind == device::kPcm) {
+    TORCH_CHECK_VALUE(params[0] >= 0.0, op, ": PCM time t must be >= 0 seconds, got ", params[0]);
+    TORCH_CHECK_VALUE(params[1] > 0.0 && params[5] > 0.0 && params[6] > 0.0, op,
+                      ": PCM g_max, t0 and t_read must be > 0, got ", params[1], ", ", params[5], ", ", params[6]);
+    TORCH_CHECK_VALUE(params[7] >= 0.0 && params[8] >= 0.0, op, ": PCM drift_scale and read_scale must be >= 0, got ",
+                      params[7], ", ", params[8]);
+  } else if (kind == device::kStuckAt) {
+    TORCH_CHECK_VALUE(params[0] >= 0.0 && params[0] <= 1.0 && params[1] >= 0.0 && params[1] <= 1.0, op,
+                      ": StuckAt probabilities p0, p1 must lie in [0, 1], got ", params[0], ", ", params[1]);
+    TORCH_CHECK_VALUE(params[0] + params[1] <= 1.0, op, ": StuckAt p0 + p1 must be <= 1, got ", params[0], " + ",
+                      params[1]);
+  }
+  TORCH_CHECK_VALUE(static_cast<uint64_t>(numel) <= kMaxDrawElements, op, ": weight has ", numel,
+                    " elements; the device models' noise stream holds at most 2^58");
 }
 
 inline void check_counter_key(const at::Tensor& counter, const at::Tensor& key) {

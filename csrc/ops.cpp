@@ -33,6 +33,10 @@ TORCH_LIBRARY(nft_cuda, m) {
   m.def("philox_normal(Tensor rng, int numel, int streams) -> Tensor");
   // [S, *weight.shape]: W + sigma_w * z for sample t < S = sigmas.numel() (DESIGN §2, §4.1).
   m.def("perturb(Tensor weight, Tensor rng, Tensor sigmas, float scale, float state_factor) -> Tensor");
+  // [S, *weight.shape]: the device model `kind` (1 PCM, 2 LogNormal, 3 StuckAt; docs/device-models.md)
+  // applied to the weight for sample t < S = sigmas.numel() at severity sigmas[t], with the model's
+  // params (csrc/include/nft_cuda/device_models.h), all draws from the stream rng = (seed, offset).
+  m.def("perturb_device(Tensor weight, Tensor rng, Tensor sigmas, int kind, float[] params) -> Tensor");
   // Variation-sampled matmul (DESIGN §4.2): out[s] = x(s) · (W + noise_s)ᵀ + bias for s < S = sigmas.numel(),
   // the noise of sample s being exactly perturb(weight, rng, sigmas)[s]. shared_input: x [..., K] for
   // every sample, out [S, ..., N]; else x [S, ..., K], out [S, ..., N]. out has x's dtype. allow_tf32

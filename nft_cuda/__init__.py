@@ -10,7 +10,7 @@ from nft_cuda._ext import backend_info
 if _ext.HAS_C:
     from nft_cuda import _registrations  # noqa: F401
 
-from nft_cuda import ops, reference, rng
+from nft_cuda import devices, ops, reference, rng
 from nft_cuda.nn.attention import NoisyMultiheadAttention
 from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
 from nft_cuda.nn.generic import register_noisy
@@ -42,6 +42,7 @@ __all__ = [
     "PRESETS",
     "Variation",
     "backend_info",
+    "devices",
     "ops",
     "reference",
     "rng",

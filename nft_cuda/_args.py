@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from nft_cuda.devices import DeviceModel
 from nft_cuda.variation import Variation
 
 _U63 = 2**63
@@ -83,6 +84,15 @@ def check_variation(variation) -> Variation:
     return variation
 
 
+def check_device_model(model, name: str = "variation") -> DeviceModel:
+    """Any device model (:class:`nft_cuda.Variation` or another :class:`nft_cuda.devices.DeviceModel`)."""
+    if not isinstance(model, DeviceModel):
+        raise TypeError(
+            f"{name} must be a device model (nft_cuda.Variation or an nft_cuda.devices model), got {type(model).__name__}"
+        )
+    return model
+
+
 def make_rng(seed: int, offset: int, device: torch.device) -> torch.Tensor:
     """int64[2] (seed, offset) on ``device`` without a host synchronisation."""
     rng = torch.empty(2, dtype=torch.int64, device=device)
@@ -119,8 +129,8 @@ def resolve_rng(device: torch.device, seed, offset, rng) -> torch.Tensor:
     return make_rng(seed, offset, device)
 
 
-def resolve_sigmas(variation: Variation, samples: int, sigmas, device: torch.device) -> torch.Tensor:
-    """float32 [samples] per-sample absolute σ_d on ``device`` (default: variation.sigma for all).
+def resolve_sigmas(variation: DeviceModel, samples: int, sigmas, device: torch.device) -> torch.Tensor:
+    """float32 [samples] per-sample absolute severities on ``device`` (default: variation.sigma for all).
 
     A device tensor is never read back to the host; CPU tensors and Python sequences are checked.
     """
@@ -247,3 +257,88 @@ def floats_arg(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError("expected comma-separated numbers, e.g. 0.15,0.10,0.05")
     parse = float_arg(0.0)
     return tuple(parse(p) for p in parts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Device-model options of ``nft train`` and ``nft eval`` (docs/device-models.md)
+# --------------------------------------------------------------------------------------------------
+
+
+def device_model_arg(text: str) -> str:
+    """An argparse type: a device model name (a preset or pcm / lognormal / stuck-at, any case), with a
+    did-you-mean hint for a typo."""
+    from nft_cuda.devices import make_device_model
+
+    try:
+        return make_device_model(text, 0.0).name
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def times_arg(text: str) -> tuple[float, ...]:
+    """An argparse type: times after programming in seconds, ``1,3600,86400,3.15e7`` (each finite, >= 0,
+    listed once)."""
+    parts = [p for p in text.replace(" ", ",").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("expected times in seconds, e.g. 1,3600,86400,3.15e7")
+    values = []
+    for p in parts:
+        try:
+            t = float(p)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a time in seconds, got {p!r}") from None
+        if not math.isfinite(t) or t < 0:
+            raise argparse.ArgumentTypeError(f"a time after programming must be a finite number >= 0 s, got {p}")
+        if t in values:
+            raise argparse.ArgumentTypeError(f"time {p} listed twice")
+        values.append(t)
+    return tuple(values)
+
+
+def add_device_options(g, *, suppress: bool) -> None:
+    """The options of the device model beyond its name and severity: stuck-at rates, PCM drift
+    compensation and the MVM effects (models 4, 5). ``suppress``: leave unset options off the namespace
+    (``nft train``, whose defaults come from its config)."""
+    default = argparse.SUPPRESS if suppress else None
+    g.add_argument("--p0", type=float_arg(0.0), default=default, help="stuck-at: probability of a cell stuck at g_min")
+    g.add_argument("--p1", type=float_arg(0.0), default=default, help="stuck-at: probability of a cell stuck at g_max")
+    g.add_argument(
+        "--drift-compensation",
+        dest="drift_compensation",
+        action="store_true",
+        default=default,
+        help="pcm: global drift compensation (one scale per layer from an all-ones calibration input)",
+    )
+    g.add_argument("--dac-bits", dest="dac_bits", type=int_arg(2, 25), default=default, help="DAC bits of each MVM's input")
+    g.add_argument("--adc-bits", dest="adc_bits", type=int_arg(2, 25), default=default, help="ADC bits of each MVM's output")
+    g.add_argument(
+        "--weight-levels",
+        dest="weight_levels",
+        action="store_true",
+        default=default,
+        help="program weights to their bit-sliced grid (weight_bits over ±max|W|)",
+    )
+    g.add_argument(
+        "--read-noise",
+        dest="read_noise",
+        type=float_arg(0.0),
+        default=default,
+        help="σ_r of the fresh per-MVM read noise (relative to max|W|)",
+    )
+
+
+def device_options_from_args(args: argparse.Namespace) -> dict:
+    """The device-model fields the options of :func:`add_device_options` set (only those given); the
+    MVM effects as ``{"mvm": {...}}`` (a JSON-safe dict: the train config stores it)."""
+    options = {}
+    for name in ("p0", "p1", "drift_compensation"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    mvm = {}
+    for flag, field in (("dac_bits", "input_bits"), ("adc_bits", "output_bits"), ("weight_levels", "weight_levels"),
+                        ("read_noise", "read_noise")):  # fmt: skip
+        if getattr(args, flag, None) is not None:
+            mvm[field] = getattr(args, flag)
+    if mvm:
+        options["mvm"] = mvm
+    return options

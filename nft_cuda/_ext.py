@@ -21,7 +21,16 @@ import torch
 
 __all__ = ["BUILD_INFO", "HAS_C", "LOAD_ERROR", "OPS", "STRICT", "backend_info", "has_kernel", "use_kernel"]
 
-OPS = ("philox4x32", "philox_normal", "perturb", "noisy_linear", "_noisy_linear_backward_input", "snapshot_linear")
+# The compiled ops (CPU kernels always, CUDA kernels when built with CUDA).
+OPS = (
+    "philox4x32",
+    "philox_normal",
+    "perturb",
+    "perturb_device",
+    "noisy_linear",
+    "_noisy_linear_backward_input",
+    "snapshot_linear",
+)
 
 
 def _env_flag(name: str) -> bool:
@@ -71,12 +80,19 @@ _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _warned: set[tuple[str, str]] = set()
 
 
+def _registered(op: str, key: str) -> bool:
+    """Whether the dispatcher has a ``key`` kernel of ``nft_cuda::op``; False when the extension was built
+    before the op existed (the dispatcher raises for an unknown operator)."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", key))
+    except RuntimeError:
+        return False
+
+
 # Which (op, device type) pairs have a compiled kernel, read once from the dispatcher at import:
 # a plain dict lookup is a constant to torch.compile, while the dispatcher query cannot be traced.
 _KERNELS = {
-    (op, device_type): bool(HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"nft_cuda::{op}", key))
-    for op in OPS
-    for device_type, key in _DISPATCH_KEY.items()
+    (op, device_type): HAS_C and _registered(op, key) for op in OPS for device_type, key in _DISPATCH_KEY.items()
 }
 
 

@@ -31,18 +31,27 @@ def _perturb_fake(weight, rng, sigmas, scale, state_factor):
     return weight.new_empty((sigmas.shape[0], *weight.shape))
 
 
+@torch.library.register_fake("nft_cuda::perturb_device")
+def _perturb_device_fake(weight, rng, sigmas, kind, params):
+    torch._check(rng.numel() == 2, lambda: "perturb_device: rng must have shape [2]")
+    torch._check(sigmas.dim() == 1, lambda: "perturb_device: sigmas must be 1-D")
+    return weight.new_empty((sigmas.shape[0], *weight.shape))
+
+
 def _perturb_setup_context(ctx, inputs, output):
     # Straight-through (DESIGN §2): nothing to save, not even the noise.
     ctx.set_materialize_grads(False)
 
 
 def _perturb_backward(ctx, grad):
+    # perturb and perturb_device: dL/dW = Σ_t dL/dW_noisy[t]; None for every other input.
     if grad is None:
         return None, None, None, None, None
     return grad.sum(0), None, None, None, None
 
 
 torch.library.register_autograd("nft_cuda::perturb", _perturb_backward, setup_context=_perturb_setup_context)
+torch.library.register_autograd("nft_cuda::perturb_device", _perturb_backward, setup_context=_perturb_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -94,6 +94,7 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     )
     _add_model_and_data_options(p.add_argument_group("model and data"), _train_default)
     _add_method_options(p.add_argument_group("method"), _train_default)
+    _args.add_device_options(p.add_argument_group("device model options"), suppress=True)
     _add_optimisation_options(p.add_argument_group("optimisation"), _train_default)
     _add_run_options(p.add_argument_group("run"))
     p.set_defaults(func=_run_train)
@@ -132,16 +133,21 @@ def _add_model_and_data_options(g, default) -> None:
 
 
 def _add_method_options(g, default) -> None:
+    from nft_cuda.devices import MODEL_NAMES
     from nft_cuda.train.methods import METHODS
-    from nft_cuda.variation import PRESETS
 
     g.add_argument("--method", choices=list(METHODS), help=f"training method (default {default('method')})")
-    g.add_argument("--sigma", type=_float(0.0), help=f"device variation σ_d of training (default {default('sigma')})")
+    g.add_argument(
+        "--sigma",
+        type=_float(0.0),
+        help="device variation σ_d (the device model's severity) of training (default 0.1; 1.0 for pcm and stuck-at)",
+    )
     g.add_argument(
         "--device-model",
         dest="device_model",
-        choices=list(PRESETS),
-        help=f"device variation model (default {default('device_model')})",
+        type=_args.device_model_arg,
+        metavar="MODEL",
+        help=f"device model: {', '.join(MODEL_NAMES)} (default {default('device_model')}; docs/device-models.md)",
     )
     g.add_argument(
         "--beta",
@@ -219,6 +225,9 @@ def train_config_from_args(args: argparse.Namespace):
     from nft_cuda.train.trainer import TrainConfig, default_out, read_checkpoint
 
     given = {f: getattr(args, f) for f in _TRAIN_FIELDS if hasattr(args, f)}
+    options = _args.device_options_from_args(args)
+    if options:
+        given["device_options"] = options
     if not given.get("resume"):
         return TrainConfig(**given)
     out = given.get("out")

@@ -5,7 +5,9 @@ An exported model file is a plain dict of tensors, numbers and strings written a
 
     {"format": "nft_cuda.model/1",
      "model": {"name", "in_channels", "num_classes", "input_size", "width"},   # nft_cuda.models.build_model
-     "variation": {"sigma", "device_model", "weight_bits", "device_bits"},    # of every noisy layer
+     "variation": DeviceModel.to_dict() of every noisy layer's device model:  # {"kind", "sigma", ...}
+                  {"kind": "bitsliced-gaussian", "sigma", "device_model", "weight_bits", "device_bits", "mvm"}
+                  or another model's fields; a dict without "kind" (files before device models) is a Variation
      "noisy": [names of the noisy layers],                                    # convert(include=...)
      "state_dict": {...},                                                     # backbone only, no IRS heads
      "meta": {...}}                                                           # method, dataset, versions, ...
@@ -19,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from nft_cuda._files import atomic_save
+from nft_cuda.devices import DeviceModel, device_model_from_dict
 from nft_cuda.nn.conversion import convert, noisy_layers
-from nft_cuda.variation import Variation
 
 __all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model", "safe_load"]
 
@@ -42,19 +44,14 @@ def safe_load(path: str, map_location="cpu"):
         ) from None
 
 
-def save_model(path: str, model: nn.Module, *, spec: dict, variation: Variation, meta: dict | None = None) -> None:
+def save_model(path: str, model: nn.Module, *, spec: dict, variation: DeviceModel, meta: dict | None = None) -> None:
     """Export ``model`` (a backbone with noisy layers) with its architecture ``spec`` (the keyword
-    arguments of nft_cuda.models.build_model plus "name") and ``variation``."""
+    arguments of nft_cuda.models.build_model plus "name") and ``variation`` (any device model)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": MODEL_FORMAT,
         "model": dict(spec),
-        "variation": {
-            "sigma": variation.sigma,
-            "device_model": variation.device_model,
-            "weight_bits": variation.weight_bits,
-            "device_bits": variation.device_bits,
-        },
+        "variation": variation.to_dict(),
         "noisy": [name for name, _ in noisy_layers(model)],
         "state_dict": state,
         "meta": dict(meta or {}),
@@ -104,7 +101,7 @@ def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
         spec = dict(payload["model"])
         name = spec.pop("name")
         model = build_model(name, **spec)
-        variation = Variation(**payload["variation"])
+        variation = device_model_from_dict(dict(payload["variation"]))
         noisy = list(payload["noisy"])
         if noisy:
             convert(model, variation, include=noisy, embeddings=True)  # exactly the listed layers, embeddings too

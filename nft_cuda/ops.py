@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, reference
-from nft_cuda.variation import Variation
+from nft_cuda.devices import DeviceModel, Variation
 
 __all__ = ["perturb", "noisy_linear", "snapshot_linear", "tf32_allowed"]
 
 
 def perturb(
     weight: torch.Tensor,
-    variation: Variation,
+    variation: DeviceModel,
     *,
     seed: int | None = None,
     offset: int | None = None,
@@ -28,32 +28,66 @@ def perturb(
     samples: int = 1,
     sigmas=None,
 ) -> torch.Tensor:
-    """Noisy copies of a weight under device variation (DESIGN §2, §4.1).
+    """Noisy copies of a weight under device variation (DESIGN §2, §2.1, §4.1).
 
     Args:
         weight: float32/float64/float16/bfloat16 tensor of any shape and layout. Element e is its
             flat index in the logical row-major shape, whatever the memory layout.
-        variation: the :class:`~nft_cuda.Variation` (σ_d and device model).
+        variation: the device model: a :class:`~nft_cuda.Variation` (σ_d and preset) or any
+            :class:`nft_cuda.devices.DeviceModel` (PCM, LogNormal, StuckAt).
         seed, offset: ints in [0, 2^63) keying the noise stream; sample t uses stream offset + t.
         rng: alternatively, an int64 tensor [2] = (seed, offset) on the weight's device, read on
             the device (no host synchronisation). If neither is given, a pair is drawn with
             ``torch.randint`` from torch's default generator.
         samples: number of noisy copies S.
-        sigmas: optional per-sample absolute σ_d, a 1-D float tensor of length S on the weight's
-            device (never read back to the host) or a sequence of floats; default variation.sigma.
+        sigmas: optional per-sample absolute severities (σ_d for a Variation), a 1-D float tensor of
+            length S on the weight's device (never read back to the host) or a sequence of floats;
+            default variation.sigma.
 
     Returns:
-        Tensor [S, *weight.shape] of the weight's dtype: ``W + σ_w · z_t``. Differentiable with the
+        Tensor [S, *weight.shape] of the weight's dtype: ``W + σ_w · z_t`` for a Variation, the
+        model's per-element function (DESIGN §2.1) otherwise. Differentiable with the
         straight-through gradient dL/dW = Σ_t dL/dout[t] (the noise is a constant).
     """
     _args.check_weight(weight)
-    _args.check_variation(variation)
+    _args.check_device_model(variation)
     samples = _args.check_positive_int("samples", samples)
     rng = _args.resolve_rng(weight.device, seed, offset, rng)
     sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
-    if _ext.use_kernel("perturb", weight.device):
-        return torch.ops.nft_cuda.perturb(weight, rng, sig, variation.scale, variation.state_factor)
-    return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
+    if isinstance(variation, Variation):
+        if _ext.use_kernel("perturb", weight.device):
+            return torch.ops.nft_cuda.perturb(weight, rng, sig, variation.scale, variation.state_factor)
+        return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
+    out = _perturb_device(weight, rng, sig, variation)
+    if getattr(variation, "drift_compensation", False) and variation.at_time(0) != variation:
+        out = _compensate_drift(out, _perturb_device(weight.detach(), rng, sig, variation.at_time(0)))
+    return out
+
+
+def _perturb_device(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, model: DeviceModel) -> torch.Tensor:
+    """The per-element device function of a non-Variation model: compiled kernel or pure PyTorch."""
+    if _ext.use_kernel("perturb_device", weight.device):
+        return torch.ops.nft_cuda.perturb_device(weight, rng, sig, model.KERNEL_ID, model.kernel_params())
+    return reference.perturb_device(weight, rng, sig, model.KERNEL_ID, model.kernel_params())
+
+
+def _compensate_drift(noisy: torch.Tensor, programmed: torch.Tensor) -> torch.Tensor:
+    """Global drift compensation (DESIGN §2.1): each sample's noisy weight W_t times
+    α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|, W_0 the same chip at t = 0 (the layer's output on an
+    all-ones calibration input; weight flattened to [out, rest]); α = 1 when the denominator is 0.
+    α is a constant of the weight (straight-through gradient)."""
+    samples = noisy.shape[0]
+    f64 = torch.float64
+    ref = programmed.detach().to(f64).reshape(samples, programmed.shape[1] if programmed.dim() > 1 else 1, -1)
+    now = noisy.detach().to(f64).reshape(ref.shape)
+    num = ref.sum(-1).abs().sum(-1)
+    den = now.sum(-1).abs().sum(-1)
+    alpha = torch.where(den == 0, torch.ones_like(den), num / torch.where(den == 0, torch.ones_like(den), den))
+    view = (samples,) + (1,) * (noisy.dim() - 1)
+    out = (noisy.detach().to(f64) * alpha.view(view)).to(noisy.dtype)
+    if noisy.requires_grad:
+        out = out + (noisy - noisy.detach())
+    return out
 
 
 @torch.compiler.assume_constant_result
@@ -94,7 +128,7 @@ def _linear_args(
     """Checks the matmul arguments shared by noisy_linear and snapshot_linear (x_shape: the GEMM input's
     shape, [..., K] or [S, ..., K]); returns (samples, rng tensor, sigmas tensor)."""
     _args.check_weight(weight)
-    _args.check_variation(variation)
+    _args.check_device_model(variation)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {list(weight.shape)}")
     if x_device != weight.device:
@@ -127,7 +161,7 @@ def noisy_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    variation: Variation,
+    variation: DeviceModel,
     *,
     seed: int | None = None,
     offset: int | None = None,
@@ -148,7 +182,8 @@ def noisy_linear(
         x: shared_input=True: [..., K], used by every sample; False: [S, ..., K], one slice per sample.
         weight: [N, K], any float dtype (the noisy weight is rounded to it, then cast to x's dtype).
         bias: [N] or None.
-        variation, seed, offset, rng, samples, sigmas: as :func:`perturb`.
+        variation, seed, offset, rng, samples, sigmas: as :func:`perturb` (any device model; models
+            other than Variation run as perturb followed by the matmul).
 
     Returns:
         [S, ..., N] in x's dtype. Differentiable in x, weight (straight-through) and bias; backward
@@ -159,6 +194,9 @@ def noisy_linear(
     samples, rng, sig = _linear_args(
         x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "x"
     )
+    if not isinstance(variation, Variation):  # other device models: perturb, then the GEMM
+        wn = perturb(weight, variation, rng=rng, samples=samples, sigmas=sig)
+        return reference.sampled_linear(x, wn, bias, shared_input)
     allow_tf32 = _tf32_for(x)
     if _ext.use_kernel("noisy_linear", weight.device):
         return torch.ops.nft_cuda.noisy_linear(
@@ -173,7 +211,7 @@ def snapshot_linear(
     pool: int,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    variation: Variation,
+    variation: DeviceModel,
     *,
     seed: int | None = None,
     offset: int | None = None,
@@ -218,7 +256,7 @@ def snapshot_linear(
     samples, rng, sig = _linear_args(
         snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "act"
     )
-    if _ext.use_kernel("snapshot_linear", weight.device):
+    if isinstance(variation, Variation) and _ext.use_kernel("snapshot_linear", weight.device):
         allow_tf32 = _tf32_for(act)
         return torch.ops.nft_cuda.snapshot_linear(
             act, pool, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32

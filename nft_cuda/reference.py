@@ -15,7 +15,19 @@ import math
 
 import torch
 
-__all__ = ["philox4x32", "philox_normal", "sigma_w", "perturb", "noisy_linear", "noisy_linear_backward_input"]
+__all__ = [
+    "philox4x32",
+    "philox_normal",
+    "draw_normal",
+    "draw_uniform",
+    "philox_normal_blocks",
+    "sigma_w",
+    "perturb",
+    "perturb_device",
+    "sampled_linear",
+    "noisy_linear",
+    "noisy_linear_backward_input",
+]
 
 _MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
@@ -53,26 +65,74 @@ def _lo_hi(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x & _MASK32, (x >> 32) & _MASK32
 
 
-def philox_normal(rng: torch.Tensor, numel: int, streams: int) -> torch.Tensor:
-    """float32 [streams, numel]: DESIGN §3 normals of elements 0..numel-1 for streams offset+t."""
+#: Draw k of an element uses the Philox block of q_k = (e >> 2) + k·2^56 (DESIGN §3.1).
+DRAW_SHIFT = 56
+#: Elements must satisfy e < 2^58 so that the draws' counters never collide.
+MAX_ELEMENTS = 2**58
+
+
+def _draw_words(rng: torch.Tensor, numel: int, streams: int, draw: int):
+    """The four Philox words [streams, ceil(numel/4)] of draw ``draw`` (blocks q_k, DESIGN §3.1)."""
+    if not 0 <= draw < 128:
+        raise ValueError(f"draw must be in [0, 128), got {draw}")
+    if numel > MAX_ELEMENTS:
+        raise ValueError(f"a tensor of {numel} elements exceeds the noise stream's 2^58 elements per draw")
     device = rng.device
     nq = (numel + 3) // 4
-    q = torch.arange(nq, dtype=torch.int64, device=device)
+    q = torch.arange(nq, dtype=torch.int64, device=device) + (draw << DRAW_SHIFT)
     stream = rng[1] + torch.arange(streams, dtype=torch.int64, device=device)
     q_lo, q_hi = _lo_hi(q)
     s_lo, s_hi = _lo_hi(stream)
     k0, k1 = _lo_hi(rng[0])
     shape = (streams, nq)
-    x0, x1, x2, x3 = _philox_words(
+    return _philox_words(
         q_lo.expand(shape), q_hi.expand(shape), s_lo[:, None].expand(shape), s_hi[:, None].expand(shape), k0, k1
     )
-    u = [((x >> 9).to(torch.float64) + 0.5) * 2.0**-23 for x in (x0, x1, x2, x3)]
+
+
+def _uniform64(x: torch.Tensor) -> torch.Tensor:
+    # u = ((x >> 9) + 0.5)·2^-23: exact in float32 (and float64), inside (0, 1).
+    return ((x >> 9).to(torch.float64) + 0.5) * 2.0**-23
+
+
+def draw_normal(rng: torch.Tensor, numel: int, streams: int, draw: int = 0) -> torch.Tensor:
+    """float32 [streams, numel]: the normals of draw ``draw`` (Box–Muller of its blocks, DESIGN §3, §3.1)."""
+    z = _box_muller(*_draw_words(rng, numel, streams, draw))
+    return z.reshape(streams, -1)[:, :numel].to(torch.float32)
+
+
+def _box_muller(x0, x1, x2, x3) -> torch.Tensor:
+    """float64 [..., 4]: the DESIGN §3 normals (lanes 0..3) of Philox blocks given as their four words."""
+    u = [_uniform64(x) for x in (x0, x1, x2, x3)]
     r01 = torch.sqrt(-2.0 * torch.log(u[0]))
     r23 = torch.sqrt(-2.0 * torch.log(u[2]))
     a01 = 2.0 * math.pi * u[1]
     a23 = 2.0 * math.pi * u[3]
-    z = torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
-    return z.reshape(streams, 4 * nq)[:, :numel].to(torch.float32)
+    return torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
+
+
+def philox_normal_blocks(rng: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """float32 [*q.shape, 4]: the DESIGN §3 normals of Philox blocks ``q`` (int64 block counters, read as
+    uint64) in stream rng[1] under key rng[0]: lane l of block q is element 4q + l of that stream.
+
+    The general form of :func:`draw_normal` for blocks that are not 0, 1, ... of one draw, e.g. the
+    per-MVM read noise (draw 8 at a forward counter, :func:`nft_cuda.mvm_ops.read_noise_normals`)."""
+    q_lo, q_hi = _lo_hi(q)
+    s_lo, s_hi = _lo_hi(rng[1])
+    k0, k1 = _lo_hi(rng[0])
+    words = _philox_words(q_lo, q_hi, s_lo.expand(q.shape), s_hi.expand(q.shape), k0, k1)
+    return _box_muller(*words).to(torch.float32)
+
+
+def draw_uniform(rng: torch.Tensor, numel: int, streams: int, draw: int) -> torch.Tensor:
+    """float32 [streams, numel]: the uniforms in (0, 1) of draw ``draw``: lane e & 3 of its block (DESIGN §3.1)."""
+    words = torch.stack(_draw_words(rng, numel, streams, draw), dim=-1)
+    return _uniform64(words).reshape(streams, -1)[:, :numel].to(torch.float32)
+
+
+def philox_normal(rng: torch.Tensor, numel: int, streams: int) -> torch.Tensor:
+    """float32 [streams, numel]: DESIGN §3 normals of elements 0..numel-1 for streams offset+t (draw 0)."""
+    return draw_normal(rng, numel, streams, 0)
 
 
 def _max_abs(weight: torch.Tensor) -> torch.Tensor:
@@ -119,6 +179,97 @@ def perturb(
     return out.to(weight.dtype)
 
 
+#: Number of ``params`` of perturb_device per model kind (DESIGN §2.1): 1 PCM, 2 LogNormal, 3 StuckAt.
+DEVICE_PARAMS = {1: 9, 2: 0, 3: 2}
+
+
+def _pcm_final(g, s, z_prog, z_nu, z_read, params):
+    """g_f of a PCM device with target conductance g (µS), float64 (DESIGN §2.1)."""
+    t, g_max, c0, c1, c2, t0, t_read, drift_scale, read_scale = params
+    r = g / g_max
+    sigma_prog = s * (c0 + c1 * r + c2 * (r * r))
+    g_f = torch.clamp(g + sigma_prog * z_prog, min=0.0)
+    if t > 0 and drift_scale > 0:
+        log_r = torch.log(torch.clamp(r, min=1e-7))
+        mu = torch.clamp(-0.0155 * log_r + 0.0244, 0.049, 0.1)
+        sd = torch.clamp(-0.0125 * log_r - 0.0059, 0.008, 0.045)
+        nu = drift_scale * torch.abs(mu + sd * z_nu)
+        g_f = g_f * torch.pow(torch.tensor((t + t0) / t0, dtype=torch.float64, device=g.device), -nu)
+    read_log = math.log((t + t_read) / (2.0 * t_read))
+    if read_log > 0 and read_scale > 0:
+        q_s = torch.clamp(0.0088 / torch.clamp(torch.pow(r, 0.65), min=1e-3), max=0.2)
+        g_f = g_f + read_scale * torch.abs(g_f) * q_s * math.sqrt(read_log) * z_read
+    return g_f
+
+
+def _stuck_final(g, s, u, params):
+    """g_f of a cell stuck at 0 with p0' = min(s·p0, 1), at 1 (= g_max) with p1' = min(s·p1, 1 − p0')."""
+    p0 = torch.clamp(s * params[0], max=1.0)
+    p1 = torch.minimum(s * params[1], 1.0 - p0)
+    return torch.where(u < p0, torch.zeros_like(g), torch.where(u < p0 + p1, torch.ones_like(g), g))
+
+
+def perturb_device(
+    weight: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor, kind: int, params: list[float]
+) -> torch.Tensor:
+    """[S, *weight.shape]: the weight perturbed by device model ``kind`` (DESIGN §2.1) for each severity
+    in ``sigmas`` (S = sigmas.numel(); sample t uses stream offset + t).
+
+    kind: 1 PCM (params [t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale]), 2 LogNormal ([]),
+    3 StuckAt ([p0, p1]). Computed in float64 from the float32 draws of DESIGN §3.1 and rounded once to
+    the weight's dtype; zero perturbations return the weight exactly. Differentiable, straight-through:
+    dL/dW = Σ_t dL/dout[t].
+    """
+    if kind not in DEVICE_PARAMS:
+        raise ValueError(f"unknown device-model kind {kind}; perturb_device knows {sorted(DEVICE_PARAMS)}")
+    if len(params) != DEVICE_PARAMS[kind]:
+        raise ValueError(f"device-model kind {kind} takes {DEVICE_PARAMS[kind]} params, got {len(params)}")
+    samples, n = sigmas.numel(), weight.numel()
+    f64 = torch.float64
+    w = weight.detach().reshape(1, n).to(f64)
+    s = sigmas.to(torch.float32).to(f64).reshape(samples, 1)
+    normal = lambda k: draw_normal(rng, n, samples, k).to(f64)  # noqa: E731
+    if kind == 2:
+        out = w * torch.exp(s * normal(0))
+    else:
+        m = _max_abs(weight).to(f64)
+        g_max = params[1] if kind == 1 else 1.0
+        safe_m = torch.where(m == 0, torch.ones_like(m), m)
+        g_pos = g_max * torch.clamp(w, min=0.0) / safe_m
+        g_neg = g_max * torch.clamp(-w, min=0.0) / safe_m
+        if kind == 1:
+            f_pos = _pcm_final(g_pos, s, normal(0), normal(2), normal(4), params)
+            f_neg = _pcm_final(g_neg, s, normal(1), normal(3), normal(5), params)
+        else:
+            f_pos = _stuck_final(g_pos, s, draw_uniform(rng, n, samples, 6).to(f64), params)
+            f_neg = _stuck_final(g_neg, s, draw_uniform(rng, n, samples, 7).to(f64), params)
+        out = w + ((f_pos - g_pos) - (f_neg - g_neg)) * m / g_max
+        out = torch.where(m == 0, w, out)
+    out = out.to(weight.dtype).reshape(samples, *weight.shape)
+    if weight.requires_grad:  # straight-through: the perturbation is a constant of W
+        out = out + (weight - weight.detach()).unsqueeze(0)
+    return out
+
+
+def sampled_linear(x: torch.Tensor, wn: torch.Tensor, bias: torch.Tensor | None, shared_input: bool) -> torch.Tensor:
+    """out[s] = x(s) · wn[s]ᵀ + bias for per-sample weights wn [S, N, K] (x's dtype): the GEMM of noisy_linear.
+
+    ``shared_input``: x [..., K] for every sample; else x [S, ..., K].
+    """
+    samples, n, k = wn.shape
+    wn = wn.to(x.dtype)
+    if shared_input:
+        lead = x.shape[:-1]
+        out = torch.matmul(x.reshape(1, math.prod(lead), k), wn.transpose(1, 2))
+    else:
+        lead = x.shape[1:-1]
+        out = torch.bmm(x.reshape(samples, math.prod(lead), k), wn.transpose(1, 2))
+    out = out.reshape(samples, *lead, n)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out
+
+
 # Signature twin of noisy_linear_backward_input below: each reference function takes exactly the
 # arguments of its compiled op (torch.ops.nft_cuda.*), which it stands in for one to one, so the
 # argument lists stay spelled out per op.
@@ -140,20 +291,8 @@ def noisy_linear(
     through :func:`perturb`: straight-through for the weight). ``allow_tf32`` is accepted for
     signature parity and ignored (torch's own matmul setting applies).
     """
-    samples = sigmas.numel()
-    wn = perturb(weight, rng, sigmas, scale, state_factor).to(x.dtype)  # [S, N, K]
-    k = weight.shape[1]
-    if shared_input:
-        lead = x.shape[:-1]
-        out = torch.matmul(x.reshape(1, math.prod(lead), k), wn.transpose(1, 2))
-        out = out.reshape(samples, *lead, weight.shape[0])
-    else:
-        lead = x.shape[1:-1]
-        out = torch.bmm(x.reshape(samples, math.prod(lead), k), wn.transpose(1, 2))
-        out = out.reshape(samples, *lead, weight.shape[0])
-    if bias is not None:
-        out = out + bias.to(x.dtype)
-    return out
+    wn = perturb(weight, rng, sigmas, scale, state_factor)  # [S, N, K]
+    return sampled_linear(x, wn, bias, shared_input)
 
 
 # Signature twin of noisy_linear above: the argument list of its compiled op, see the note there.

@@ -26,6 +26,7 @@ the per-instance accuracies) and rewrites the block between the ``<!-- study:beg
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,18 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["PAPER", "load_config", "main", "plan", "render_tables", "report_paths", "run", "update_doc"]
+__all__ = [
+    "PAPER",
+    "accuracy_cell",
+    "load_config",
+    "main",
+    "mean_ci",
+    "plan",
+    "render_tables",
+    "report_paths",
+    "run",
+    "update_doc",
+]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "reproduction.json"
 BEGIN, END = "<!-- study:begin -->", "<!-- study:end -->"
@@ -114,6 +126,7 @@ def load_config(path) -> dict:
             _check_model(path, g["model"])
         if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
             raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
+        _check_time_axis(path, i, g)
     if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
         raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two instances), got {cfg['runs']!r}")
     return cfg
@@ -130,6 +143,34 @@ def report_paths(cfg: dict) -> dict:
     """Where ``report`` reads the results and writes the doc and the plot of a study: the config's
     ``report`` entries over the defaults of the reproduction study."""
     return {**_REPORT_DEFAULTS, **cfg.get("report", {})}
+
+
+def _check_time_axis(path, i: int, g: dict) -> None:
+    """A group's optional time axis (docs/device-models.md, "Study"): ``times`` (seconds after
+    programming, each >= 0) and ``drift_compensation`` (a list of true/false, default [false])."""
+    times = g.get("times")
+    if times is not None and (
+        not isinstance(times, list) or not times or any(not (isinstance(t, (int, float)) and t >= 0) for t in times)
+    ):
+        raise ValueError(f"{path}: groups[{i}] times must be a non-empty list of seconds >= 0, got {times!r}")
+    comp = g.get("drift_compensation")
+    if comp is not None and (times is None or not isinstance(comp, list) or not all(isinstance(c, bool) for c in comp)):
+        raise ValueError(f"{path}: groups[{i}] drift_compensation must be a list of true/false beside 'times'")
+
+
+def _time_points(g: dict) -> list[dict]:
+    """The (time, drift compensation) evaluation settings of a group: [{}] without a time axis."""
+    if g.get("times") is None:
+        return [{}]
+    return [
+        {"time_s": float(t), "drift_compensation": c} for c in g.get("drift_compensation", [False]) for t in g["times"]
+    ]
+
+
+def _time_suffix(point: dict) -> str:
+    if not point:
+        return ""
+    return f"@t{point['time_s']:g}" + ("-dc" if point["drift_compensation"] else "")
 
 
 def _setting(cfg: dict, group: dict, key: str):
@@ -165,9 +206,10 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
                 },
             )
             for sigma in g["sigmas"]:
-                point = (float(sigma), g["device_model"])
-                if point not in clean_points.setdefault(clean, []):
-                    clean_points[clean].append(point)
+                for when in _time_points(g):
+                    point = (float(sigma), g["device_model"], json.dumps(when, sort_keys=True))
+                    if point not in clean_points.setdefault(clean, []):
+                        clean_points[clean].append(point)
                 for seed in g["seeds"]:
                     for method in g["methods"]:
                         name = _train_name(hyper["model"], ds, method, sigma, g["device_model"], seed)
@@ -184,15 +226,18 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
                                 **hyper,
                             },
                         )
-                        evals.setdefault(
-                            name,
-                            {"name": name, "model": name, "sigma": float(sigma), "device_model": g["device_model"]},
-                        )
+                        for when in _time_points(g):
+                            evals.setdefault(
+                                name + _time_suffix(when),
+                                {"name": name + _time_suffix(when), "model": name, "sigma": float(sigma),
+                                 "device_model": g["device_model"], **when},
+                            )  # fmt: skip
     clean_evals = []
     for clean, points in clean_points.items():
-        for sigma, preset in points:
-            name = f"{clean}@{preset}-s{sigma:g}"
-            clean_evals.append({"name": name, "model": clean, "sigma": sigma, "device_model": preset})
+        for sigma, preset, when in points:
+            when = json.loads(when)
+            name = f"{clean}@{preset}-s{sigma:g}{_time_suffix(when)}"
+            clean_evals.append({"name": name, "model": clean, "sigma": sigma, "device_model": preset, **when})
     order = sorted(trainings.values(), key=lambda t: t["method"] != "clean")
     return order, clean_evals + list(evals.values())
 
@@ -264,10 +309,11 @@ _TEST_SETS: dict = {}
 def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool) -> dict:
     import torch
 
+    from nft_cuda.devices import make_device_model
     from nft_cuda.eval.monte_carlo import monte_carlo
     from nft_cuda.eval.run import TensorBatches, load_test_set
     from nft_cuda.io import load_model
-    from nft_cuda.variation import Variation
+    from nft_cuda.variation import PRESETS, Variation
 
     key = (dataset, cfg.get("data_dir"), cfg["test_images"])
     if key not in _TEST_SETS:
@@ -278,7 +324,14 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
     device = torch.device(cfg["device"])
     model, payload = load_model(model_path, device=device)
     base = payload["variation"]
-    var = Variation(e["sigma"], e["device_model"], base["weight_bits"], base["device_bits"])
+    if e["device_model"] in PRESETS:
+        var = Variation(e["sigma"], e["device_model"], base.get("weight_bits", 8), base.get("device_bits", 2))
+    else:  # another device model (docs/device-models.md), read at a time after programming
+        var = make_device_model(e["device_model"], e["sigma"])
+    if "time_s" in e:
+        var = var.at_time(e["time_s"])
+        if e["drift_compensation"]:
+            var = dataclasses.replace(var, drift_compensation=True)
     t0 = time.perf_counter()
     res = monte_carlo(
         model,
@@ -359,8 +412,10 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
                 "clean_accuracy": r["clean_accuracy"],
                 "time_s": r["time_s"],
                 "per_instance_accuracy": r["per_instance_accuracy"],
+                **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"]}
+                   if "time_s" in e else {}),
             }
-        )
+        )  # fmt: skip
     results = {
         "config": cfg,
         "environment": _environment(),
@@ -417,6 +472,11 @@ def _mean_ci(per: list[float]) -> tuple[float, float]:
 def _acc(p: dict) -> str:
     m, ci = _mean_ci(p["per_instance_accuracy"])
     return f"{m:.2f} ± {ci:.2f}"
+
+
+#: The study reports' statistics, public for the other studies that reuse this runner (studies/pcm_time.py).
+mean_ci = _mean_ci
+accuracy_cell = _acc
 
 
 def _find(points, **want):
@@ -605,14 +665,15 @@ def render_tables(results: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def update_doc(doc_path, results: dict) -> None:
-    """Replace the block between the study markers of ``doc_path`` with :func:`render_tables`."""
+def update_doc(doc_path, results: dict, *, render=None, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block between the study markers of ``doc_path`` with :func:`render_tables` (or another
+    study's ``render`` between its own markers)."""
     text = Path(doc_path).read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{doc_path}: no '{BEGIN}' … '{END}' block to fill")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    Path(doc_path).write_text(f"{head}{BEGIN}\n{render_tables(results)}{END}{tail}")
+    if begin not in text or end not in text:
+        raise ValueError(f"{doc_path}: no '{begin}' … '{end}' block to fill")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    Path(doc_path).write_text(f"{head}{begin}\n{(render or render_tables)(results)}{end}{tail}")
 
 
 def plot(results: dict, path) -> None:

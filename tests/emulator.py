@@ -224,6 +224,30 @@ class Emulator:
         )
         return out
 
+    def perturb_device(self, w, rng, sigmas, kind: int, params, blocks=3, threads=64) -> torch.Tensor:
+        wc = w.contiguous()
+        r = rng.contiguous()
+        sig = sigmas.to(torch.float32).contiguous()
+        p = torch.tensor(list(params) or [0.0], dtype=torch.float64)  # never a null pointer
+        out = torch.empty((sig.numel(), *wc.shape), dtype=wc.dtype)
+        self._check(
+            self.lib.emu_perturb_device(
+                DTYPE_CODE[wc.dtype],
+                _ptr(wc),
+                _ptr(out),
+                ctypes.c_int64(wc.numel()),
+                ctypes.c_int64(sig.numel()),
+                _ptr(r),
+                _ptr(sig),
+                ctypes.c_int(kind),
+                _ptr(p),
+                ctypes.c_uint(blocks),
+                ctypes.c_uint(threads),
+            ),
+            "perturb_device",
+        )
+        return out
+
     def noisy_gemm(
         self,
         op: str,

@@ -104,6 +104,8 @@ TIERS = {
     "nft_cuda._files": 0,
     "nft_cuda.distributed": 0,
     "nft_cuda.variation": 0,
+    "nft_cuda.devices": 0,
+    "nft_cuda.mvm_ops": 0,
     "nft_cuda.reference": 0,
     "nft_cuda.rng": 0,
     "nft_cuda.ops": 0,

@@ -66,7 +66,7 @@ def test_argument_errors_in_process(capsys):
     assert "--epochs" in _error(capsys, ["train", "--epochs", "0"], 2)
     assert "--deltas" in _error(capsys, ["train", "--deltas", "0.1,x"], 2)
     assert "--dataset" in _error(capsys, ["train", "--dataset", "imagenet"], 2)
-    assert "--device-model" in _error(capsys, ["train", "--device-model", "PCM"], 2)
+    assert "--device-model" in _error(capsys, ["train", "--device-model", "PCM9"], 2)
     assert "required" in _error(capsys, [], 2)
     assert "mnist" in _error(capsys, ["data", "fetch", "cifar10"], 2)
     # Errors found by TrainConfig (not by argparse) are one line too, exit status 1.

@@ -107,6 +107,34 @@ def test_perturb_bit_identical(emu, dtype, preset):
         assert torch.equal(got[1], w)
 
 
+# (kind, params) of the device models (issue 16): PCM at t = 0 and after a year (drift and read noise on),
+# LogNormal, StuckAt.
+DEVICE_MODELS = {
+    "pcm-t0": (1, [0.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]),
+    "pcm-1y": (1, [3.15e7, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.5, 2.0]),
+    "pcm-1h-read-only": (1, [3600.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 0.0, 1.0]),
+    "lognormal": (2, []),
+    "stuck-at": (3, [0.1, 0.05]),
+}
+
+
+@pytest.mark.parametrize("model", list(DEVICE_MODELS))
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_perturb_device_bit_identical(emu, dtype, model):
+    kind, params = DEVICE_MODELS[model]
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(65, 33, 3, generator=g, dtype=torch.float64).to(dtype)  # 6435 elements: not a multiple of 4
+    w.view(-1)[:4] = torch.tensor([0.0, -0.0, 1e-6, -1e-6], dtype=dtype)
+    sig = torch.tensor([1.0, 0.0, 2.5])
+    for offset in OFFSETS:
+        r = rng_tensor(9, offset)
+        got = emu.perturb_device(w, r, sig, kind, params)
+        want = OPS.perturb_device(w, r, sig, kind, params)
+        assert torch.equal(got, want), f"offset {offset}: emulated perturb_device differs from the CPU kernel"
+        if not model.startswith(("pcm-1y", "pcm-1h")):  # severity 0 at t = 0 or time-independent: the weight
+            assert torch.equal(got[1], w)
+
+
 # ---- the fused GEMM --------------------------------------------------------------------------------
 
 

@@ -554,7 +554,7 @@ def test_cli_seed_out_of_range(capsys):
 
 def test_cli_unknown_preset_and_negative_sigma(capsys):
     for argv, needle in (
-        (["eval", "m.pt", "--device-model", "PCM"], "invalid choice: 'PCM'"),
+        (["eval", "m.pt", "--device-model", "PCM9"], "unknown device_model 'PCM9' (did you mean 'pcm'?)"),
         (["demo", "--device-model", "fefet3"], "invalid choice: 'fefet3'"),
         (["eval", "m.pt", "--sigma", "0,-0.1"], "σ_d must be finite and >= 0"),
         (["demo", "--sigma", "-0.1"], "σ_d must be finite and >= 0"),

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 
 PROBE = r"""
+#include "cuda/perturb_device_kernel.cuh"
 #include "cuda/perturb_kernel.cuh"
 #include "nft_cuda/variation.h"
 
@@ -35,6 +36,15 @@ __global__ void probe_add_noise_f64(const double* w, const float* s, const float
 __global__ void probe_naive_control(const float* w, const float* s, const float* z, float* o) {
   o[threadIdx.x] = w[threadIdx.x] + s[threadIdx.x] * z[threadIdx.x];
 }
+__global__ void probe_device_madd(const double* a, const double* b, const double* c, double* o) {
+  o[threadIdx.x] = nft_cuda::device::madd(a[threadIdx.x], b[threadIdx.x], c[threadIdx.x]);
+}
+__global__ void probe_f64_naive_fma(const double* a, const double* b, const double* c, double* o) {
+  o[threadIdx.x] = a[threadIdx.x] * b[threadIdx.x] + c[threadIdx.x];
+}
+template __global__ void nft_cuda::perturb_device_kernel<float, 1>(const float*, float*, int64_t, int64_t,
+                                                                   const int64_t*, const float*, const unsigned*,
+                                                                   nft_cuda::device::Args);
 template __global__ void nft_cuda::perturb_kernel<float>(const float*, float*, int64_t, int64_t, const int64_t*,
                                                          const float*, const unsigned*, float, float);
 """
@@ -104,3 +114,15 @@ def test_perturb_kernel_rounds_the_product(ptx):
     body = _body(ptx, "perturb_kernel")
     # four lanes per thread, each one add_noise: explicitly rounded products and sums
     assert body.count("mul.rn.f32") >= 4 and body.count("add.rn.f32") >= 4
+
+
+def test_device_model_madd_is_not_contracted(ptx):
+    # device_models.h writes every x·y + z of the float64 device formulas as madd (issue 16).
+    assert re.search(r"\bfma\.rn\.f64\b", _body(ptx, "probe_f64_naive_fma")), "control: nvcc no longer contracts"
+    body = _body(ptx, "probe_device_madd")
+    assert not re.search(r"\bfma\.", body) and "mul.rn.f64" in body and "add.rn.f64" in body
+
+
+def test_perturb_device_kernel_compiles_for_sm90(ptx):
+    body = _body(ptx, "perturb_device_kernel")
+    assert "mul.rn.f64" in body and "add.rn.f64" in body  # the madd of the PCM formulas

@@ -205,3 +205,70 @@ def test_config_and_doc_errors(study, tmp_path, capsys):
     doc.write_text("no markers\n")
     with pytest.raises(ValueError, match="study:begin"):
         study.update_doc(doc, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# The PCM time study (studies/pcm_time.py, docs/pcm-study.md): the same runner with a time axis
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pcm_study(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from studies import pcm_time
+
+    return pcm_time
+
+
+def _pcm_group(**over) -> dict:
+    group = {"name": "pcm", "datasets": ["embedded"], "sigmas": [1.0], "device_model": "pcm",
+             "methods": ["noise"], "seeds": [0], "times": [1, 3.15e7], "drift_compensation": [False, True]}  # fmt: skip
+    group.update(over)
+    return group
+
+
+def test_pcm_time_config_plan_and_errors(study, tmp_path):
+    cfg = study.load_config(ROOT / "studies" / "pcm_time.json")
+    trainings, evals = study.plan(cfg)
+    assert [t["method"] for t in trainings] == ["clean", "noise", "ovf", "irs"]
+    assert {t["device_model"] for t in trainings if t["method"] != "clean"} == {"pcm"}
+    times = {(e["time_s"], e["drift_compensation"]) for e in evals}
+    assert {t for t, _ in times} == {1.0, 3600.0, 86400.0, 2.6e6, 3.15e7} and len(evals) == 4 * 5 * 2
+    path = tmp_path / "bad.json"
+    for bad, needle in (({"times": [-1]}, "times must be"), ({"drift_compensation": [1]}, "drift_compensation")):
+        path.write_text(json.dumps(_micro_config(groups=[_pcm_group(**bad)])))
+        with pytest.raises(ValueError, match=needle):
+            study.load_config(path)
+
+
+def test_pcm_micro_study_runs_and_reports(study, pcm_study, tmp_path):
+    require_optional("matplotlib")  # writes a plot
+    cfg = _micro_config(groups=[_pcm_group()])
+    results = study.run(cfg, tmp_path / "out", progress=False, log=lambda *a: None)
+    points = results["evaluations"]
+    assert len(points) == 2 * 2 * 2  # clean and noise × 2 times × with/without compensation
+    assert {(p["time_after_programming_s"], p["drift_compensation"]) for p in points} == {
+        (1.0, False), (3.15e7, False), (1.0, True), (3.15e7, True)
+    }  # fmt: skip
+    assert all(p["device_model"] == "pcm" and len(p["per_instance_accuracy"]) == 3 for p in points)
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# PCM\n{pcm_study.BEGIN}\nold\n{pcm_study.END}\n")
+    assert pcm_study.main(["report", "--results", str(tmp_path / "out" / "results.json"), "--doc", str(doc),
+                           "--plot", str(tmp_path / "t.png")]) == 0  # fmt: skip
+    text = doc.read_text()
+    assert "old" not in text and "with global drift compensation" in text and "| noise injection |" in text
+    assert "1 year" in text and (tmp_path / "t.png").stat().st_size > 1000
+
+
+def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
+    results = json.loads((ROOT / "docs" / "pcm-study" / "results.json").read_text())
+    text = (ROOT / "docs" / "pcm-study.md").read_text()
+    block = text.split(pcm_study.BEGIN, 1)[1].split(pcm_study.END, 1)[0]
+    assert block.strip() == pcm_study.render_tables(results).strip(), (
+        "docs/pcm-study.md is stale: run `python -m studies.pcm_time report`"
+    )
+    trainings, evals = study.plan(results["config"])
+    assert sorted(p["name"] for p in results["evaluations"]) == sorted(e["name"] for e in evals)
+    for p in results["evaluations"]:
+        mean, ci = study.mean_ci(p["per_instance_accuracy"])
+        assert 100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]

@@ -19,37 +19,13 @@
 #include <torch/library.h>
 
 #include "cpu_simd.h"
+#include "max_abs_cpu.h"
 #include "nft_cuda/normal.h"
 #include "nft_cuda/variation.h"
 #include "op_checks.h"
 
 namespace nft_cuda {
 namespace {
-
-inline float nan_max(float a, float b) {
-  if (std::isnan(a))
-    return a;
-  if (std::isnan(b))
-    return b;
-  return a > b ? a : b;
-}
-
-template <typename scalar_t>
-float max_abs_cpu(const scalar_t* w, int64_t n) {
-  const cpu::MaxAbsF32Fn max_abs_f32 = cpu::select_f32_kernels().max_abs;
-  return at::parallel_reduce(
-      0, n, 32768, 0.0f,
-      [&](int64_t begin, int64_t end, float acc) {
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          return max_abs_f32(w + begin, end - begin, acc);
-        } else {
-          for (int64_t i = begin; i < end; ++i)
-            acc = nan_max(acc, std::fabs(static_cast<float>(w[i])));
-          return acc;
-        }
-      },
-      nan_max);
-}
 
 // Blocks of four elements per chunk: the normals of one chunk and sample go to a small buffer
 // (L1-resident) and are then added to the chunk's weights; W is read once for all samples.
@@ -108,7 +84,7 @@ at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const float m = max_abs_cpu(wp, n);
+    const float m = cpu::max_abs_cpu(wp, n);
     std::vector<StateBand> bands(samples);
     const float* sp = sig.const_data_ptr<float>();
     for (int64_t t = 0; t < samples; ++t) {

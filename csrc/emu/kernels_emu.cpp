@@ -15,6 +15,7 @@
 
 #include "cuda/max_abs_kernel.cuh"
 #include "cuda/noisy_gemm_kernel.cuh"
+#include "cuda/perturb_device_kernel.cuh"
 #include "cuda/perturb_kernel.cuh"
 #include "cuda/rng_kernels.cuh"
 #include "emu/emulator.h"
@@ -198,6 +199,25 @@ int emu_perturb(int dtype, const void* w, void* out, int64_t n, int64_t samples,
       perturb_kernel<scalar_t>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas, &max_bits, scale,
                                state_factor);
     }));
+  });
+}
+
+// max|W| then perturb_device, as perturb_device_cuda launches them (the model's constants on the host).
+int emu_perturb_device(int dtype, const void* w, void* out, int64_t n, int64_t samples, const int64_t* rng,
+                       const float* sigmas, int kind, const double* params, unsigned blocks, unsigned threads) {
+  const device::Args args = device::make_args(kind, params);
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const scalar_t* wp = static_cast<const scalar_t*>(w);
+    unsigned max_bits = 0;
+    if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks))
+      return -1;
+    return device::dispatch_kind(kind, [&](auto k) {
+      return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
+        perturb_device_kernel<scalar_t, decltype(k)::value>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas,
+                                                            &max_bits, args);
+      }));
+    });
   });
 }
 

@@ -82,7 +82,7 @@ def register(subparsers) -> None:
 
 
 def _add_eval(subparsers) -> None:
-    from nft_cuda.variation import PRESETS
+    from nft_cuda.devices import MODEL_NAMES
 
     e = subparsers.add_parser(
         "eval",
@@ -105,9 +105,18 @@ def _add_eval(subparsers) -> None:
     e.add_argument(
         "--device-model",
         dest="device_model",
-        choices=list(PRESETS),
-        help="device variation model (default: each checkpoint's own)",
+        type=_args.device_model_arg,
+        metavar="MODEL",
+        help=f"device model: {', '.join(MODEL_NAMES)} (default: each checkpoint's own; docs/device-models.md)",
     )
+    e.add_argument(
+        "--time",
+        type=_args.times_arg,
+        metavar="T1,T2,...",
+        help="seconds after programming to evaluate at, e.g. 1,3600,86400,3.15e7 (the pcm model drifts; "
+        "--plot then draws accuracy against time)",
+    )
+    _args.add_device_options(e.add_argument_group("device model options"), suppress=False)
     e.add_argument("--runs", type=_runs, default=100, help="chip instances per σ_d (default 100)")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="evaluation seed (default 0)")
     e.add_argument(
@@ -150,9 +159,12 @@ def _add_eval(subparsers) -> None:
 
 
 def _table(report: dict) -> str:
+    from nft_cuda.eval.report import drift_compensated
+
+    timed = any(r.get("time_s") for r in report["results"])  # a time after programming other than 0
     rows = [
-        "| checkpoint | σ_d | accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
-        "|---|---|---|---|---|---|",
+        "| checkpoint | σ_d |" + (" t (s) |" if timed else "") + " accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
+        "|---|---|" + ("---|" if timed else "") + "---|---|---|---|",
     ]
     for r in report["results"]:
         ci = r.get("ci95")
@@ -162,8 +174,24 @@ def _table(report: dict) -> str:
             else f"{100 * r['accuracy_mean']:.2f} %"
         )
         std = "" if r.get("accuracy_std") is None else f"{100 * r['accuracy_std']:.2f}"
-        rows.append(f"| {r['checkpoint']} | {r['sigma']:g} | {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |")
+        t = ""
+        if timed:
+            t = "" if r.get("time_s") is None else f"{r['time_s']:g}"
+            t = f" {t}{' (compensated)' if drift_compensated(r) else ''} |"
+        rows.append(f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |")
     return "\n".join(rows)
+
+
+def _device_options(args) -> dict:
+    """The device-model settings of the command line, the MVM effects as an MVM (they replace the
+    checkpoint's MVM settings as a whole)."""
+    from nft_cuda.devices import MVM
+
+    options = _args.device_options_from_args(args)
+    options.pop("drift_compensation", None)  # its own argument of eval_checkpoints
+    if "mvm" in options:
+        options["mvm"] = MVM.from_dict(options["mvm"])
+    return options
 
 
 def _run_eval(args) -> int:
@@ -197,6 +225,9 @@ def _run_eval(args) -> int:
             batch_size=args.batch_size,
             resume=args.resume,
             baseline=args.baseline,
+            times=args.time,
+            drift_compensation=args.drift_compensation,
+            device_options=_device_options(args),
         )
     except KeyboardInterrupt:
         if args.json and not group.active:  # sharded runs keep no partial file

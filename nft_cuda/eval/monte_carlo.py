@@ -65,12 +65,12 @@ import torch
 import torch.nn as nn
 
 from nft_cuda import _args
+from nft_cuda.devices import DeviceModel
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
-from nft_cuda.variation import Variation
 
 __all__ = ["instance_logits", "monte_carlo"]
 
@@ -80,15 +80,16 @@ __all__ = ["instance_logits", "monte_carlo"]
 # --------------------------------------------------------------------------------------------------
 
 
-def _as_variations(variations) -> list[Variation]:
-    if isinstance(variations, Variation):
+def _as_variations(variations) -> list[DeviceModel]:
+    if isinstance(variations, DeviceModel):
         return [variations]
     if isinstance(variations, Iterable) and not isinstance(variations, (str, bytes)):
         out = list(variations)
-        if out and all(isinstance(v, Variation) for v in out):
+        if out and all(isinstance(v, DeviceModel) for v in out):
             return out
     raise TypeError(
-        f"variations must be an nft_cuda.Variation or a non-empty list of them, got {type(variations).__name__}"
+        "variations must be an nft_cuda.Variation (or another device model) or a non-empty list of them, "
+        f"got {type(variations).__name__}"
     )
 
 
@@ -271,7 +272,7 @@ def _repeat(x: torch.Tensor, samples: int) -> torch.Tensor:
 
 
 def instance_logits(
-    model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range, variation: Variation | None = None
+    model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range, variation: DeviceModel | None = None
 ) -> torch.Tensor:
     """Logits [S, B, classes] of chip instances ``instances`` (a range of consecutive r, S = its length)
     on one batch ``inputs`` [B, ...], computed in one pass as :func:`monte_carlo` does (the model's
@@ -322,8 +323,9 @@ def monte_carlo(
             returning logits [batch, classes].
         loader: the test set: a re-iterable of (inputs, labels) batches in a fixed order (a
             ``DataLoader`` with ``shuffle=False``, or a list of tensor pairs).
-        variations: a :class:`~nft_cuda.Variation` or a list of them (the σ_d sweep); each replaces
-            the variation of every noisy layer for its evaluation (restored afterwards).
+        variations: a :class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel`, or a
+            list of them (the σ_d sweep, or a sweep of times after programming: ``pcm.at_time(t)``);
+            each replaces the variation of every noisy layer for its evaluation (restored afterwards).
         runs: R, the number of chip instances (≥ 1).
         seed: the evaluation seed, in [0, 2^63).
         instances_per_pass: S, instances evaluated together in one pass over the loader: their noisy
@@ -346,7 +348,9 @@ def monte_carlo(
             of one σ_d are kept until its end (R × N × C × 4 bytes).
 
     Returns:
-        One dict per variation: ``sigma``, ``device_model``, ``runs``, ``seed``, ``num_inputs``,
+        One dict per variation: ``sigma``, ``device_model`` (the preset or model kind), ``time_s`` (the
+        model's time after programming, 0 for time-independent models), ``device`` (the model's
+        ``to_dict()``), ``runs``, ``seed``, ``num_inputs``,
         ``accuracy_mean``, ``accuracy_std`` (ddof=1), ``ci95``, ``ci99`` (normal approximation
         z·std/√R, as the reference), ``accuracy_min``, ``accuracy_max``, ``accuracy_percentiles``
         {"5", "25", "50", "75", "95"}, ``confidence`` (mean over instances and inputs of max_c p),
@@ -405,7 +409,7 @@ def _sweep_result(
     clean_acc = clean_correct / n
     for layer in layers:
         layer.variation = var
-    if var.sigma == 0.0:
+    if var.noiseless:
         per_acc = [clean_acc] * runs
         conf = exact_mean([clean_conf] * runs, runs * n)
         ekl, per_kl = 0.0, [0.0] * runs
@@ -413,7 +417,8 @@ def _sweep_result(
         per_acc, conf, ekl, per_kl = _sweep_point(
             model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm, progress, chip_kl
         )
-    res = {"sigma": var.sigma, "device_model": var.device_model, "runs": runs, "seed": seed, "num_inputs": n}
+    res = {"sigma": var.sigma, "device_model": var.name, "time_s": getattr(var, "time", 0.0)}
+    res.update({"device": var.to_dict(), "runs": runs, "seed": seed, "num_inputs": n})
     res.update(accuracy_stats(per_acc))
     res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
     if chip_kl:
@@ -461,7 +466,7 @@ def _sweep_point(
         from tqdm.auto import tqdm
 
         bar = tqdm(
-            total=my_instances, desc=f"σ_d={var.sigma:g} {var.device_model}", unit="inst", leave=False, disable=None
+            total=my_instances, desc=f"σ_d={var.sigma:g} {var.name}", unit="inst", leave=False, disable=None
         )  # None: no bar (no carriage returns) when stderr is not a terminal
     try:
         for j in range(rounds):

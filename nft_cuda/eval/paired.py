@@ -170,13 +170,14 @@ def check_pairable(
 def compare(results: Sequence[dict], baseline: str) -> list[dict]:
     """One paired entry per (checkpoint ≠ baseline, σ_d, device model) of ``results`` (report entries
     with ``checkpoint`` and ``per_instance_accuracy``, and ``per_instance_kl`` for the EKL difference),
-    against the baseline's entry with the same σ_d and device model, in the order of ``results``."""
-    base = {(r["sigma"], r["device_model"]): r for r in results if r["checkpoint"] == baseline}
+    against the baseline's entry with the same σ_d, device model and time after programming (``time_s``,
+    when the results carry one), in the order of ``results``."""
+    base = {(r["sigma"], r["device_model"], r.get("time_s")): r for r in results if r["checkpoint"] == baseline}
     if not base:
         raise ValueError(f"baseline '{baseline}' is not among the results")
     out = []
     for r in results:
-        a = base.get((r["sigma"], r["device_model"]))
+        a = base.get((r["sigma"], r["device_model"], r.get("time_s")))
         if r["checkpoint"] == baseline or a is None:
             continue
         for key in ("runs", "seed", "num_inputs"):
@@ -201,6 +202,8 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
             "ekl_difference_ci95": None,
             "ekl_verdict": None,
         }
+        if r.get("time_s") is not None:
+            entry["time_s"] = r["time_s"]
         if r.get("per_instance_kl") is not None and a.get("per_instance_kl") is not None:
             ekl = paired_difference(r["per_instance_kl"], a["per_instance_kl"], words=("higher", "lower"))
             entry.update(ekl_difference=ekl["mean"], ekl_difference_ci95=ekl["ci95"], ekl_verdict=ekl["verdict"])

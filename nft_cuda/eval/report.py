@@ -26,13 +26,14 @@ import torch
 
 from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 
-__all__ = ["CSV_COLUMNS", "build_report", "plot_results", "read_json", "write_csv", "write_json"]
+__all__ = ["CSV_COLUMNS", "COMPENSATION_COLUMNS", "drift_compensated", "build_report", "plot_results", "plot_time", "read_json", "write_csv", "write_json"]
 
 #: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
 CSV_COLUMNS = (
     "checkpoint",
     "sigma",
     "device_model",
+    "time_s",
     "runs",
     "seed",
     "num_inputs",
@@ -51,6 +52,15 @@ CSV_COLUMNS = (
     "ekl",
     "clean_accuracy",
 )
+
+
+#: Column the CSV adds when results carry a drift-compensation flag (PCM models).
+COMPENSATION_COLUMNS = ("drift_compensation",)
+
+
+def drift_compensated(result: dict) -> bool | None:
+    """Whether a result's device model compensates drift (PCM), None for a model without the setting."""
+    return (result.get("device") or {}).get("drift_compensation")
 
 
 def versions() -> dict:
@@ -93,15 +103,20 @@ def write_csv(results, path: str) -> None:
 
     paired = {}
     if isinstance(results, dict):
-        paired = {(p["checkpoint"], p["sigma"], p["device_model"]): p for p in results.get("paired") or ()}
+        paired = {
+            (p["checkpoint"], p["sigma"], p["device_model"], p.get("time_s")): p for p in results.get("paired") or ()
+        }
         results = results["results"]
-    columns = CSV_COLUMNS + (PAIRED_COLUMNS if paired else ())
+    compensation = COMPENSATION_COLUMNS if any(drift_compensated(r) is not None for r in results) else ()
+    columns = CSV_COLUMNS + compensation + (PAIRED_COLUMNS if paired else ())
     rows = []
     for r in results:
         pct = r.get("accuracy_percentiles", {})
-        p = paired.get((_label(r), r.get("sigma"), r.get("device_model")), {})
+        p = paired.get((_label(r), r.get("sigma"), r.get("device_model"), r.get("time_s")), {})
         row = {c: p.get(c) if c in PAIRED_COLUMNS else r.get(c) for c in columns}
         row["checkpoint"] = _label(r)
+        if compensation:
+            row["drift_compensation"] = drift_compensated(r)
         for q in (5, 25, 50, 75, 95):
             row[f"accuracy_p{q}"] = pct.get(str(q))
         rows.append({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
@@ -184,6 +199,77 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    atomic_write_bytes(path, png.getvalue())
+
+
+def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
+    """The results of each line of :func:`plot_time`: one per checkpoint, split by σ_d, device model and
+    drift compensation where those vary."""
+    vary = {
+        key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model")
+    }
+    vary["drift_compensation"] = len({drift_compensated(r) for r in results}) > 1
+    curves: dict[str, list[dict]] = {}
+    for r in results:
+        parts = [_label(r)] if vary["checkpoint"] or not any(vary.values()) else []
+        if vary["sigma"]:
+            parts.append(f"σ={r['sigma']:g}")
+        if vary["device_model"]:
+            parts.append(str(r.get("device_model")))
+        if vary["drift_compensation"]:
+            parts.append("drift-compensated" if drift_compensated(r) else "uncompensated")
+        curves.setdefault(", ".join(parts), []).append(r)
+    return curves
+
+
+def plot_time(results, path: str, *, title: str | None = None) -> None:
+    """PNG: accuracy (mean, CI95 band) and EKL against the time after programming (``time_s``, log axis;
+    symmetric-log when t = 0 is among the times), one line per checkpoint (split by σ_d, device model and
+    drift compensation where they vary). What ``nft eval --plot`` writes for a ``--time`` sweep of several
+    times. Needs matplotlib; draws on the Agg canvas without pyplot."""
+    report = results if isinstance(results, dict) else None
+    results = report["results"] if report is not None else list(results)
+    if any("time_s" not in r for r in results):
+        raise ValueError("plot_time needs results with 'time_s' (evaluate with nft eval --time ...)")
+    if title is None:
+        title = _default_title(report, results)
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib (or nft_cuda[plot])") from exc
+
+    fig = Figure(figsize=(11, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    ax_acc, ax_ekl = fig.subplots(1, 2)
+    for name, rs in _time_curves(results).items():
+        rs = sorted(rs, key=lambda r: r["time_s"])
+        t = [r["time_s"] for r in rs]
+        acc = [100.0 * r["accuracy_mean"] for r in rs]
+        ci = [100.0 * (r.get("ci95") or 0.0) for r in rs]
+        line = ax_acc.plot(t, acc, marker="o", label=name)[0]
+        ax_acc.fill_between(t, [a - c for a, c in zip(acc, ci)], [a + c for a, c in zip(acc, ci)],
+                            color=line.get_color(), alpha=0.2)  # fmt: skip
+        ax_ekl.plot(t, [r["ekl"] for r in rs], marker="o", color=line.get_color(), label=name)
+    zero = any(r["time_s"] <= 0 for r in results)
+    runs = sorted({r["runs"] for r in results})
+    for ax in (ax_acc, ax_ekl):
+        if zero:
+            ax.set_xscale("symlog", linthresh=1.0)
+        else:
+            ax.set_xscale("log")
+        ax.set_xlabel("time after programming (s, log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_acc.set_ylabel("accuracy (%)")
+    ax_acc.set_title(f"accuracy, mean with CI95 band over {'/'.join(map(str, runs))} chips")
+    ax_ekl.set_ylabel("EKL (nats)")
+    ax_ekl.set_title("epistemic uncertainty (expected KL)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()

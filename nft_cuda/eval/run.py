@@ -9,6 +9,7 @@ report is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -18,14 +19,17 @@ import torch
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import json_safe, sha256_file
+from nft_cuda.devices import MVM, PCM, PRESETS, DeviceModel, Variation, device_model_from_dict, make_device_model
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
-from nft_cuda.eval.report import build_report, plot_results, write_csv, write_json
+from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
-from nft_cuda.variation import Variation
 
-__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path"]
+__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
+
+#: The bit-sliced Gaussian presets by lower-case name.
+_PRESETS = {p.lower(): p for p in PRESETS}
 
 
 class TensorBatches:
@@ -157,14 +161,23 @@ def eval_checkpoints(
     labels: Sequence[str] | None = None,
     resume: bool = True,
     baseline: str | None = None,
+    times: Sequence[float] | None = None,
+    drift_compensation: bool | None = None,
+    device_options: dict | None = None,
 ) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
     Args:
         paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
-        sigmas: the σ_d sweep.
-        device_model: the device model preset (default: each checkpoint's own, with its bit widths).
+        sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md).
+        device_model: the device model: a preset (RRAM1, FeFET2, RRAM4, FeFET6: with the checkpoint's
+            bit widths) or "pcm", "lognormal", "stuck-at" (default: each checkpoint's own model).
+        times: seconds after programming, a second sweep axis (each severity × each time; every
+            result row carries ``time_s``). Time-independent models give the same chips at every time.
+        drift_compensation: PCM only: override the model's global drift compensation.
+        device_options: other fields of the model (the named one, else each checkpoint's own), e.g.
+            ``{"mvm": MVM(...)}`` or ``{"p0": 0.01}``; a field the model lacks is refused naming it.
         runs, seed, instances_per_pass, progress: as :func:`~nft_cuda.eval.monte_carlo`.
         data_dir: the data folder (see :mod:`nft_cuda.data`).
         json_path, csv_path, plot_path: where to write the report (JSON), the table (CSV) and the plot
@@ -208,10 +221,8 @@ def eval_checkpoints(
         meta = payload.get("meta", {}) or {}
         spec = dict(payload["model"])
         base = payload["variation"]
-        variations = [
-            Variation(s, device_model or base["device_model"], base["weight_bits"], base["device_bits"]) for s in sigmas
-        ]
-        chips[label] = _chips(variations[0], dataset, model)
+        variations = sweep_models(base, sigmas, device_model, times, drift_compensation, device_options)
+        chips[label] = _chips(variations[0][0], dataset, model)
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
@@ -237,12 +248,59 @@ def eval_checkpoints(
     return report
 
 
-def _chips(variation: Variation, dataset: str, model) -> tuple:
-    """What makes chip r the same chip in two checkpoints: the device model and bit widths, the test set,
-    and the noisy layers' shapes (checked by :func:`nft_cuda.eval.paired.check_pairable`)."""
+def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compensation=None, options=None) -> list:
+    """[(model, time or None)] of one checkpoint's sweep, severities outermost: ``base`` is the checkpoint's
+    stored model (``payload["variation"]``), the rest as :func:`eval_checkpoints`."""
+    trained = device_model_from_dict(dict(base))
+    options = dict(options or {})
+    if device_model is None:  # the checkpoint's own model, its other fields replaced by the options
+        models = [_with_options(trained, options).with_sigma(s) for s in sigmas]
+    elif isinstance(trained, Variation) and device_model.strip().lower() in _PRESETS:
+        preset = _PRESETS[device_model.strip().lower()]
+        models = [_with_options(Variation(s, preset, trained.weight_bits, trained.device_bits), options)
+                  for s in sigmas]  # fmt: skip
+    else:
+        models = [_with_options(make_device_model(device_model, s), options) for s in sigmas]
+    if drift_compensation is not None:
+        if not all(isinstance(m, PCM) for m in models):
+            raise ValueError(f"drift_compensation applies to the PCM model, not '{models[0].name}'")
+        models = [dataclasses.replace(m, drift_compensation=_args.check_bool("drift_compensation", drift_compensation))
+                  for m in models]  # fmt: skip
+    if times is None:
+        return [(m, None) for m in models]
+    times = [float(t) for t in ([times] if isinstance(times, (int, float)) else times)]
+    if not times:
+        raise ValueError("times must hold at least one time after programming")
+    return [(m.at_time(t), t) for m in models for t in times]
+
+
+def _with_options(model: DeviceModel, options: dict) -> DeviceModel:
+    """``model`` with the fields in ``options`` replaced (an ``mvm`` dict becomes an MVM); a field the
+    model does not have is refused naming it and the model's settings."""
+    if not options:
+        return model
+    fields = {f.name for f in dataclasses.fields(model)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(
+            f"the {model.name} device model has no setting {', '.join(unknown)} "
+            f"(its settings: {', '.join(sorted(fields - {'sigma'}))})"
+        )
+    if isinstance(options.get("mvm"), dict):
+        options = {**options, "mvm": MVM.from_dict(options["mvm"])}
+    return dataclasses.replace(model, **options)
+
+
+def _chips(variation: DeviceModel, dataset: str, model) -> tuple:
+    """What makes chip r the same chip in two checkpoints: the device model (bit widths, parameters) but
+    not its severity or time, the test set, and the noisy layers' shapes (checked by
+    :func:`nft_cuda.eval.paired.check_pairable`)."""
     from nft_cuda.nn.conversion import noisy_layers
 
-    device = (variation.device_model, variation.weight_bits, variation.device_bits)
+    if isinstance(variation, Variation):
+        device = (variation.device_model, variation.weight_bits, variation.device_bits)
+    else:
+        device = (variation.name, json.dumps(variation.with_sigma(0.0).at_time(0.0).to_dict(), sort_keys=True))
     return device, dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
 
 
@@ -264,16 +322,19 @@ def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> d
 
 
 def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
-    """The Monte-Carlo result of each variation, one point at a time so each is kept as soon as it ends;
-    a point an interrupted call finished with the same ``setting`` is reused."""
+    """The Monte-Carlo result of each (model, time) of :func:`sweep_models`, one point at a time so each is
+    kept as soon as it ends; a point an interrupted call finished with the same ``setting`` is reused."""
     out = []
-    for var in variations:
-        key = json.dumps(
-            {**setting, "variation": [var.sigma, var.device_model, var.weight_bits, var.device_bits]}, sort_keys=True
-        )
+    for var, time_s in variations:
+        if isinstance(var, Variation) and time_s is None:  # the key of reports before device models
+            point = [var.sigma, var.device_model, var.weight_bits, var.device_bits]
+        else:
+            point = {"device": var.to_dict(), "time_s": time_s}
+        key = json.dumps({**setting, "variation": point}, sort_keys=True)
         r = finished.get(key)
         if r is None:
-            r = finished.add(key, monte_carlo(model, loader, [var], **monte_carlo_args)[0])
+            r = monte_carlo(model, loader, [var], **monte_carlo_args)[0]
+            r = finished.add(key, r if time_s is None else {**r, "time_s": time_s})
         out.append(r)
     return out
 
@@ -324,8 +385,9 @@ def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> No
         finished.clear()
     if csv_path:
         write_csv(report, csv_path)
-    if plot_path:
-        plot_results(report, plot_path)
+    if plot_path:  # several times after programming: accuracy against time, else against σ_d
+        times = {r.get("time_s") for r in report["results"]}
+        (plot_time if len(times) > 1 else plot_results)(report, plot_path)
 
 
 def _baseline_label(baseline, paths: list[str], labels) -> str | None:

@@ -43,9 +43,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from nft_cuda import _args
+from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import attention, generic, recurrent, summary  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
-from nft_cuda.variation import Variation
 
 __all__ = [
     "FAST_PATH_MODULES",
@@ -163,21 +163,21 @@ def _weight_names(module_name: str, module: nn.Module) -> list[str]:
 
 
 def _check_options(variation, include, exclude, per_layer, mode, embeddings, strict):
-    if not isinstance(variation, Variation):
-        raise TypeError(f"variation must be an nft_cuda.Variation, got {type(variation).__name__}")
+    if not isinstance(variation, DeviceModel):
+        raise TypeError(f"variation must be a device model (nft_cuda.Variation, ...), got {type(variation).__name__}")
     include = _patterns("include", include)
     exclude = _patterns("exclude", exclude)
     if per_layer is None:
         per_layer = {}
     if not isinstance(per_layer, Mapping):
         raise TypeError(
-            f"per_layer must be a mapping of module-name pattern -> Variation, got {type(per_layer).__name__}"
+            f"per_layer must be a mapping of module-name pattern -> device model, got {type(per_layer).__name__}"
         )
     for pat, var in per_layer.items():
         if not isinstance(pat, str):
             raise TypeError(f"per_layer keys must be module-name patterns (str), got {type(pat).__name__}")
-        if not isinstance(var, Variation):
-            raise TypeError(f"per_layer['{pat}'] must be an nft_cuda.Variation, got {type(var).__name__}")
+        if not isinstance(var, DeviceModel):
+            raise TypeError(f"per_layer['{pat}'] must be a device model (nft_cuda.Variation, ...), got {type(var).__name__}")
     if not isinstance(mode, str) or mode not in ("train", "off"):
         raise ValueError(f"convert: mode must be 'train' or 'off' (use set_instance for instance mode), got {mode!r}")
     for flag, value in (("embeddings", embeddings), ("strict", strict)):
@@ -243,10 +243,10 @@ def _drop_children_read_directly(modules, selected, reasons):
 
 def convert(
     model: nn.Module,
-    variation: Variation,
+    variation: DeviceModel,
     include=None,
     exclude=None,
-    per_layer: Mapping[str, Variation] | None = None,
+    per_layer: Mapping[str, DeviceModel] | None = None,
     *,
     mode: str = "train",
     embeddings: bool = False,
@@ -300,7 +300,7 @@ def convert(
             f"include/exclude; the converted layers are {_listing(sel_names)}"
         )
 
-    def variation_of(name: str) -> Variation:
+    def variation_of(name: str) -> DeviceModel:
         if name in per_layer:
             return per_layer[name]
         for pat, var in per_layer.items():

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nft_cuda import ops
 from nft_cuda.nn.layers import NoisyModule, SamplePlan
+from nft_cuda.nn.mvm import programmed, refuse_mvm_around_gemm
 
 __all__ = [
     "NoisyEmbedding",
@@ -56,11 +57,13 @@ def straight_through_samples(layer: NoisyModule, plan: SamplePlan | None) -> tor
     plan (mode off)."""
     if plan is None:
         return layer.weight.unsqueeze(0)
+    refuse_mvm_around_gemm(layer)
     if plan.weights is not None:
         return plan.weights
+    weight = programmed(layer.weight, layer.variation)  # model 4's weight levels, straight-through
     if plan.sigmas is None:
-        return ops.perturb(layer.weight, layer.variation, rng=plan.rng)
-    return ops.perturb(layer.weight, layer.variation, rng=plan.rng, samples=plan.sigmas.shape[0], sigmas=plan.sigmas)
+        return ops.perturb(weight, layer.variation, rng=plan.rng)
+    return ops.perturb(weight, layer.variation, rng=plan.rng, samples=plan.sigmas.shape[0], sigmas=plan.sigmas)
 
 
 def recomputed(fn: Callable, *args):
@@ -107,8 +110,9 @@ def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
     for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         fresh[key].update(old[key])
     if noise:
-        fresh["_buffers"].pop("_instance_rng", None)
-        fresh["_non_persistent_buffers_set"].discard("_instance_rng")
+        for name in NoisyModule.NOISE_BUFFERS:
+            fresh["_buffers"].pop(name, None)
+            fresh["_non_persistent_buffers_set"].discard(name)
     new.train(module.training)
     return new
 

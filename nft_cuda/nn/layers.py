@@ -3,7 +3,9 @@
 Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
 included, same parameters and ``state_dict`` keys) and adds:
 
-* ``variation``: the :class:`~nft_cuda.Variation` of the layer (a plain attribute, not a parameter);
+* ``variation``: the device model of the layer (a plain attribute, not a parameter): a
+  :class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel` (PCM, LogNormal, StuckAt;
+  the name stays ``variation`` for compatibility);
 * ``mode``: the noise mode (DESIGN §2 "When noise is drawn"):
 
   - ``"train"``: a fresh draw on every forward call. The layer draws its rng tensor int64[2] =
@@ -52,7 +54,8 @@ import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, ops
 from nft_cuda._autograd import once_differentiable
-from nft_cuda.variation import Variation
+from nft_cuda.devices import DeviceModel
+from nft_cuda.nn import mvm as _mvm
 
 __all__ = [
     "MODES",
@@ -79,18 +82,24 @@ _DOUBLE_BACKWARD_MSG = (
 # --------------------------------------------------------------------------------------------------
 
 
-def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: Variation) -> torch.Tensor:
+def _programmed(weight: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
+    """The weight as programmed (detached; model 4's weight levels, :func:`nft_cuda.nn.mvm.programmed`)."""
+    return _mvm.programmed(weight.detach(), variation)
+
+
+def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel) -> torch.Tensor:
     """W_noisy [*weight.shape] = ``ops.perturb(weight, variation, rng=rng, samples=1)[0]`` (detached)."""
-    return ops.perturb(weight.detach(), variation, rng=rng)[0]
+    return ops.perturb(_programmed(weight, variation), variation, rng=rng)[0]
 
 
 def _noisy_weights(
-    weight: torch.Tensor, rng: torch.Tensor, variation: Variation, sigmas: torch.Tensor | None
+    weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel, sigmas: torch.Tensor | None
 ) -> torch.Tensor:
     """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
+    programmed = _programmed(weight, variation)
     if sigmas is None:
-        return ops.perturb(weight.detach(), variation, rng=rng)
-    return ops.perturb(weight.detach(), variation, rng=rng, samples=sigmas.shape[0], sigmas=sigmas)
+        return ops.perturb(programmed, variation, rng=rng)
+    return ops.perturb(programmed, variation, rng=rng, samples=sigmas.shape[0], sigmas=sigmas)
 
 
 def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
@@ -195,10 +204,12 @@ FUSED_LINEAR_MAX_ROWS = 256
 FUSED_LINEAR_ENABLED = os.environ.get("NFT_CUDA_FUSED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype) -> bool:
+def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype, variation) -> bool:
     """Whether a CUDA NoisyLinear forward takes the fused path (see FUSED_LINEAR_MAX_ROWS)."""
     if not FUSED_LINEAR_ENABLED or x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
         return False
+    if getattr(variation, "mvm", None) is not None and variation.mvm.weight_levels:
+        return False  # the fused kernel perturbs the raw weight, not its programmed grid
     if compute_dtype is None and x.dtype != weight.dtype:
         return False  # as nn.Linear: mismatched dtypes go to F.linear, which raises
     dtype = compute_dtype if compute_dtype is not None else x.dtype
@@ -238,6 +249,9 @@ def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
+
+#: Default ``bias`` of the conv helpers: the layer's own (an MVM forward passes None and adds it digitally).
+_OWN_BIAS = object()
 
 
 class _NoisyConvFn(torch.autograd.Function):
@@ -350,7 +364,7 @@ class NoiseState:
     :meth:`NoisyModule.restore_noise_state`. The instance rng buffer is kept as the same tensor object
     (a captured graph may hold it) together with a copy of its values."""
 
-    variation: Variation | None
+    variation: DeviceModel | None
     mode: str
     layer_index: int
     instance_seed: int | None
@@ -364,7 +378,8 @@ class NoisyModule(nn.Module):
     """Noise state shared by the noisy layers (a mixin; see the module docstring).
 
     Attributes:
-        variation: :class:`~nft_cuda.Variation` or None (then the mode is ``"off"``).
+        variation: the device model (:class:`~nft_cuda.Variation` or another
+            :class:`nft_cuda.devices.DeviceModel`) or None (then the mode is ``"off"``).
         mode: ``"train"``, ``"instance"`` or ``"off"``.
         generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
         layer_index: ℓ, the layer's position among the noisy layers of its model (set by
@@ -377,7 +392,18 @@ class NoisyModule(nn.Module):
     """
 
     #: The attributes (and the buffer ``_instance_rng``) :meth:`_init_noise` adds to the plain module.
-    NOISE_ATTRIBUTES = ("_variation", "_mode", "generator", "layer_index", "instance_seed", "instance", "_sample_plan")
+    NOISE_ATTRIBUTES = (
+        "_variation",
+        "_mode",
+        "generator",
+        "layer_index",
+        "instance_seed",
+        "instance",
+        "_sample_plan",
+        "_mvm_ranges",
+    )
+    #: The non-persistent buffers of the noise state: the instance rng and the MVM forward counter.
+    NOISE_BUFFERS = ("_instance_rng", "_mvm_counter")
 
     def _init_noise(self, variation, mode, generator) -> None:
         self._variation = None
@@ -389,18 +415,23 @@ class NoisyModule(nn.Module):
         self.instance_seed: int | None = None
         self.instance: int | None = None
         self.register_buffer("_instance_rng", None, persistent=False)
+        self.register_buffer("_mvm_counter", None, persistent=False)
         self._sample_plan: SamplePlan | None = None
+        self._mvm_ranges: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     # -- attributes ---------------------------------------------------------------------------------
 
     @property
-    def variation(self) -> Variation | None:
+    def variation(self) -> DeviceModel | None:
         return self._variation
 
     @variation.setter
     def variation(self, value) -> None:
-        if value is not None and not isinstance(value, Variation):
-            raise TypeError(f"variation must be an nft_cuda.Variation or None, got {type(value).__name__}")
+        if value is not None and not isinstance(value, DeviceModel):
+            raise TypeError(
+                "variation must be an nft_cuda.Variation, another nft_cuda.devices device model, or None, "
+                f"got {type(value).__name__}"
+            )
         if value is None and getattr(self, "_mode", "off") != "off":
             raise ValueError(
                 f"cannot remove the variation of a layer in noise mode '{self._mode}'; set mode='off' first"
@@ -459,6 +490,7 @@ class NoisyModule(nn.Module):
         self.layer_index = layer_index
         self.instance_seed, self.instance = seed, instance
         self._mode = "instance"
+        self._reset_mvm_counter()
 
     # -- noise state --------------------------------------------------------------------------------
 
@@ -507,6 +539,7 @@ class NoisyModule(nn.Module):
         σ_d = ``sigmas[t]`` for the t-th chunk of the batch axis, S = len(sigmas) (default: one sample at
         the layer's σ_d). ``weights`` [S, *weight.shape]: those noisy weights, drawn in advance with
         :meth:`noisy_weights`. ``rng=None`` restores the layer's own mode."""
+        self._reset_mvm_counter()
         if rng is None:
             self._sample_plan = None
             return
@@ -584,6 +617,55 @@ class NoisyModule(nn.Module):
         with torch.no_grad():
             return _noisy_weights(self.weight, rng, self._variation, sigmas)
 
+    # -- per-MVM effects (models 4 and 5, nft_cuda.nn.mvm) ------------------------------------------
+
+    @property
+    def mvm_ranges(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(r_in, r_out): the DAC and ADC ranges of this layer (0-d float32 tensors on the weight's
+        device, set by :func:`nft_cuda.nn.mvm.calibrate_mvm`), None where uncalibrated."""
+        return self._mvm_ranges
+
+    def set_mvm_ranges(self, input_range, output_range) -> None:
+        """Set the converter ranges r_in, r_out (floats or 0-d tensors >= 0, or None for the per-chunk max)."""
+        ranges = []
+        for name, r in (("input_range", input_range), ("output_range", output_range)):
+            if r is not None:
+                r = torch.as_tensor(r, dtype=torch.float32).detach().to(self.weight.device)
+                if r.dim() != 0 or not bool(torch.isfinite(r)) or float(r) < 0:
+                    raise ValueError(f"{name} must be a finite number >= 0 or None, got {r}")
+            ranges.append(r)
+        self._mvm_ranges = (ranges[0], ranges[1])
+
+    def mvm_counter(self) -> torch.Tensor:
+        """The layer's MVM forward counter c (int64 0-d, on the weight's device): the read noise of a
+        forward is drawn at c (nft_cuda.mvm_ops.read_noise_normals); 0 after set_instance/set_sample_plan.
+        It counts the forwards of a fixed stream (instance mode, sample plans); in mode train every forward
+        has a fresh rng already, so c stays 0 there and torch's generator alone decides the draws."""
+        buf = self._buffers.get("_mvm_counter")
+        if buf is None or buf.device != self.weight.device:
+            buf = torch.zeros((), dtype=torch.int64, device=self.weight.device)
+            self._mvm_counter = buf
+        return buf
+
+    def advance_mvm_counter(self) -> None:
+        """c += 1 in place (no host synchronisation) after a forward of a fixed stream."""
+        if self._sample_plan is not None or self._mode == "instance":
+            with torch.no_grad():
+                self.mvm_counter().add_(1)
+
+    def _reset_mvm_counter(self) -> None:
+        buf = self._buffers.get("_mvm_counter")
+        if buf is not None:
+            with torch.no_grad():
+                buf.zero_()
+
+    def _mvm_forward(self, input: torch.Tensor, noise: SamplePlan):
+        """The forward under the model's MVM effects, or None when none acts around the GEMM."""
+        mvm = _mvm.active_mvm(self._variation)
+        if mvm is None:
+            return None
+        return _mvm.mvm_forward(self, input, noise, mvm)
+
     def _noise_repr(self) -> str:
         return f"variation={self._variation}, mode={self._mode}"
 
@@ -607,7 +689,7 @@ class _ParameterSharingLayer(NoisyModule):
     def from_module(
         cls,
         module,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         *,
         mode: str | None = None,
         generator: torch.Generator | None = None,
@@ -628,7 +710,8 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        variation: the :class:`~nft_cuda.Variation`; None gives a plain linear layer (mode off).
+        variation: the device model (:class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel`);
+            None gives a plain linear layer (mode off).
         mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
             :meth:`set_instance`) or ``"off"`` (default without a variation).
         generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
@@ -653,7 +736,7 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -665,14 +748,35 @@ class NoisyLinear(_ParameterSharingLayer, nn.Linear):
         noise = self.forward_noise()
         if noise is None:
             return F.linear(input, self.weight, self.bias)
+        out = self._mvm_forward(input, noise)
+        if out is not None:
+            return out
         if noise.weights is not None:
             return _per_sample(lambda w, chunk: F.linear(chunk, w, self.bias), noise.weights, input)
         rng, sigmas, _ = noise
         compute_dtype = _compute_dtype(input)
         samples = 1 if sigmas is None else sigmas.shape[0]
-        if _fused_linear_ok(input, self.weight, samples, compute_dtype):
+        if _fused_linear_ok(input, self.weight, samples, compute_dtype, self._variation):
             return _fused_linear(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
         return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
+
+    # The four steps of an MVM forward (nft_cuda.nn.mvm): the noisy matmul without bias for a one-sample
+    # plan, its clean twin (calibration), ‖x‖₂² of each output's input vector and the digital bias.
+    def noisy_matmul(self, input: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+        if plan.weights is not None:
+            return F.linear(input, plan.weights[0])
+        compute_dtype = _compute_dtype(input)
+        return _NoisyLinearFn.apply(input, self.weight, None, plan.rng, plan.sigmas, self._variation, compute_dtype)
+
+    def clean_matmul(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, self.weight)
+
+    def input_sq_norm(self, input: torch.Tensor) -> torch.Tensor:
+        x = input.detach().float()
+        return (x * x).sum(-1, keepdim=True)
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class _NoisyConvNd(_ParameterSharingLayer):
@@ -694,7 +798,7 @@ class _NoisyConvNd(_ParameterSharingLayer):
         device=None,
         dtype=None,
         *,
-        variation: Variation | None = None,
+        variation: DeviceModel | None = None,
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
@@ -719,22 +823,52 @@ class _NoisyConvNd(_ParameterSharingLayer):
         noise = self.forward_noise()
         if noise is None:
             return self._conv_with_weight(input, self.weight)
+        n = self.weight.dim() - 2
+        if _mvm.active_mvm(self._variation) is not None and input.dim() == n + 1:
+            return self._mvm_forward(input.unsqueeze(0), noise).squeeze(0)  # unbatched, as nn.ConvNd accepts
+        out = self._mvm_forward(input, noise)
+        if out is not None:
+            return out
         if noise.weights is not None:
             return _per_sample(lambda w, chunk: self._conv_with_weight(chunk, w), noise.weights, input)
-        n = self.weight.dim() - 2
         if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
             return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
         return self._conv_with_rng(input, noise.rng, noise.sigmas)
 
-    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward)."""
+    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor, bias=_OWN_BIAS) -> torch.Tensor:
+        """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward);
+        ``bias``: the layer's own by default, or a tensor / None."""
         conv = _CONV[weight.dim() - 2]
+        bias = self.bias if bias is _OWN_BIAS else bias
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(input, weight, self.bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
-        return conv(input, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(input, weight, bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _conv_with_rng(self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None) -> torch.Tensor:
+    # The four steps of an MVM forward (nft_cuda.nn.mvm), as NoisyLinear's; each output position's input
+    # vector is its receptive field (its group's channels), so ‖x‖₂² is a convolution of x² with ones.
+    def noisy_matmul(self, input: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
+        if plan.weights is not None:
+            return self._conv_with_weight(input, plan.weights[0], None)
+        return self._conv_with_rng(input, plan.rng, plan.sigmas, None)
+
+    def clean_matmul(self, input: torch.Tensor) -> torch.Tensor:
+        return self._conv_with_weight(input, self.weight, None)
+
+    def input_sq_norm(self, input: torch.Tensor) -> torch.Tensor:
+        x = input.detach().float()
+        ones = torch.ones(self.weight.shape, dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            return self._conv_with_weight(x * x, ones, None)
+
+    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return y
+        return y + self.bias.to(y.dtype).view(-1, *([1] * (self.weight.dim() - 2)))
+
+    def _conv_with_rng(
+        self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None, bias=_OWN_BIAS
+    ) -> torch.Tensor:
         n = self.weight.dim() - 2
         if self.padding_mode != "zeros" or isinstance(self.padding, str):
             # As nn.ConvNd: explicit padding (also resolves 'same'/'valid', possibly asymmetric).
@@ -747,7 +881,7 @@ class _NoisyConvNd(_ParameterSharingLayer):
         return _NoisyConvFn.apply(
             input,
             self.weight,
-            self.bias,
+            self.bias if bias is _OWN_BIAS else bias,
             rng,
             sigmas,
             self._variation,

@@ -18,6 +18,8 @@ _SCHEDULERS = ("cosine", "none")
 #: Fields that may differ between a checkpoint's config and the config that resumes it.
 RESUME_MAY_DIFFER = ("data_dir", "device", "out", "num_workers", "resume", "overwrite")
 _DEFAULT_DELTAS = (0.15, 0.10, 0.05)
+#: Device models whose severity is a multiplier (default 1.0) rather than a σ (default 0.1).
+_UNIT_SEVERITY = ("pcm", "stuck-at", "stuckat", "stuck_at")
 _U63 = 2**63
 
 
@@ -55,11 +57,18 @@ class TrainConfig:
             ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
         method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"`` or ``"irs"``.
-        sigma: σ_d of training (≥ 0); 0.1 by default, the reference README's example.
-        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"`` or ``"FeFET6"``.
+        sigma: the device model's severity during training (≥ 0): σ_d for the bit-sliced Gaussian presets
+            (0.1 by default, the reference README's example) and the log-normal model (default 0.1);
+            the multiplier of the programming noise / fault rates for ``"pcm"`` / ``"stuck-at"``
+            (default 1.0). None: that default.
+        device_model: ``"RRAM1"``, ``"FeFET2"``, ``"RRAM4"``, ``"FeFET6"`` (the bit-sliced Gaussian
+            presets), ``"pcm"``, ``"lognormal"`` or ``"stuck-at"`` (:func:`nft_cuda.devices.make_device_model`).
+        device_options: the model's other fields, e.g. ``{"time": 3600.0, "drift_compensation": True}``
+            for PCM, ``{"p0": 0.01, "p1": 0.01}`` for stuck-at (JSON-safe values).
         beta: the feedback gain β of OVF/IRS (None: the DESIGN §5 default for model/dataset).
         deltas: OVF variation offsets δ_n, noisiest first.
-        head_sigma: σ of the IRS heads (None: ``sigma``; the heads always use RRAM1).
+        head_sigma: σ of the IRS heads (None: ``sigma``; the heads use RRAM1 with the bit-sliced Gaussian
+            presets, the backbone's device model otherwise).
         epochs: number of epochs (default 2: ``nft train --method ovf`` ends in about two minutes on
             two CPU cores).
         batch_size, lr: mini-batch size and learning rate.
@@ -87,8 +96,9 @@ class TrainConfig:
     dataset: str = "embedded"
     data_dir: str | None = None
     method: str = "noise"
-    sigma: float = 0.1
+    sigma: float | None = None
     device_model: str = "RRAM1"
+    device_options: dict = dataclasses.field(default_factory=dict)
     beta: float | None = None
     deltas: tuple[float, ...] = _DEFAULT_DELTAS
     head_sigma: float | None = None
@@ -115,7 +125,6 @@ class TrainConfig:
         from nft_cuda.data import canonical_name
         from nft_cuda.models import MODELS
         from nft_cuda.train.methods import METHODS
-        from nft_cuda.variation import Variation
 
         self.model = _choice("model", self.model, tuple(MODELS))
         if not isinstance(self.dataset, str):
@@ -123,10 +132,7 @@ class TrainConfig:
         self.dataset = canonical_name(self.dataset)
         self.data_dir = _path_or_none("data_dir", self.data_dir)
         self.method = _choice("method", self.method, tuple(METHODS))
-        self.sigma = _real("sigma", self.sigma, minimum=0.0)
-        if not isinstance(self.device_model, str):
-            raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
-        self.device_model = Variation(self.sigma, self.device_model).device_model
+        self._check_device()
         if self.beta is not None:
             self.beta = _real("beta", self.beta, minimum=0.0)
             if self.method not in ("ovf", "irs"):
@@ -177,6 +183,28 @@ class TrainConfig:
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
 
+    def _check_device(self) -> None:
+        """Normalises sigma, device_model and device_options by building the model once."""
+        from nft_cuda.devices import Variation, make_device_model
+
+        if not isinstance(self.device_model, str):
+            raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
+        if not isinstance(self.device_options, dict):
+            raise TypeError(f"device_options must be a dict, got {type(self.device_options).__name__}")
+        self.device_options = dict(self.device_options)
+        if self.sigma is None:
+            self.sigma = 1.0 if self.device_model.strip().lower() in _UNIT_SEVERITY else 0.1
+        self.sigma = _real("sigma", self.sigma, minimum=0.0)
+        model = make_device_model(self.device_model, self.sigma, **self.device_options)
+        self.device_model = model.device_model if isinstance(model, Variation) else model.kind
+
+    def variation(self):
+        """The :class:`nft_cuda.devices.DeviceModel` of training (``device_model`` at ``sigma`` with
+        ``device_options``)."""
+        from nft_cuda.devices import make_device_model
+
+        return make_device_model(self.device_model, self.sigma, **self.device_options)
+
     def augments(self) -> bool:
         """Whether training batches are augmented (``augment``, or the dataset's default)."""
         if self.augment is not None:
@@ -189,6 +217,7 @@ class TrainConfig:
         """Plain types only (lists for tuples): what the checkpoint stores."""
         d = dataclasses.asdict(self)
         d["deltas"] = list(self.deltas)
+        d["device_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.device_options.items()}
         return d
 
     @classmethod
@@ -204,5 +233,9 @@ class TrainConfig:
 
 
 def default_out(config: TrainConfig) -> Path:
-    """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory)."""
-    return Path("runs") / f"{config.method}-{config.model}-{config.dataset}-s{config.sigma:g}"
+    """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory); a device model
+    other than the bit-sliced Gaussian presets is named before the severity (``...-pcm-s1``)."""
+    from nft_cuda.devices import PRESETS
+
+    device = "" if config.device_model in PRESETS else f"-{config.device_model}"
+    return Path("runs") / f"{config.method}-{config.model}-{config.dataset}{device}-s{config.sigma:g}"

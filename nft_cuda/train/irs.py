@@ -19,9 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import ops
+from nft_cuda.devices import DeviceModel
 from nft_cuda.nn.conversion import noise_mode
 from nft_cuda.nn.layers import NoisyLinear
-from nft_cuda.variation import Variation
 
 __all__ = ["IRSHead", "IRSModel", "snapshot"]
 
@@ -44,7 +44,7 @@ class IRSHead(nn.Module):
         channels: int,
         pool: int,
         num_classes: int,
-        variation: Variation,
+        variation: DeviceModel,
         hidden: int = 512,
         spatial_dims: int = 2,
     ):
@@ -117,7 +117,7 @@ class IRSModel(nn.Module):
         backbone: nn.Module,
         taps: Mapping[str, int],
         num_classes: int,
-        variation: Variation,
+        variation: DeviceModel,
         example_input: torch.Tensor,
         hidden: int = 512,
     ):

@@ -16,11 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args
+from nft_cuda.devices import DeviceModel, Variation
 from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
 from nft_cuda.nn.sample_axis import sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
-from nft_cuda.variation import Variation
 
 __all__ = ["METHODS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "default_beta", "build_method"]
 
@@ -57,8 +57,8 @@ class Method:
     name = "base"
     noise = "train"
 
-    def __init__(self, variation: Variation):
-        self.variation = _args.check_variation(variation)
+    def __init__(self, variation: DeviceModel):
+        self.variation = _args.check_device_model(variation)
 
     def prepare(
         self,
@@ -85,7 +85,12 @@ class Method:
         return model
 
     def describe(self) -> dict:
-        return {"method": self.name, "sigma": self.variation.sigma, "device_model": self.variation.device_model}
+        return {
+            "method": self.name,
+            "sigma": self.variation.sigma,
+            "device_model": self.variation.name,
+            "device": self.variation.to_dict(),
+        }
 
 
 class Clean(Method):
@@ -105,7 +110,8 @@ class OVF(Method):
     """Oriented Variational Forward (DESIGN §5).
 
     Per step, each noisy layer draws one rng (seed, offset); forward t = 0 (backbone) runs at σ_d
-    and forward t = n at σ_d + δ_n, all with stream offset + t, and
+    and forward t = n at σ_d + δ_n, all with stream offset + t (σ_d: the device model's severity
+    ``sigma``, see docs/device-models.md), and
     loss = CE((o_0 − β·Σ_n 10^-(n-1)·o_n)/(N+1), y) with gradients through every forward.
 
     Args:
@@ -120,7 +126,7 @@ class OVF(Method):
 
     def __init__(
         self,
-        variation: Variation,
+        variation: DeviceModel,
         beta: float = 1e-3,
         deltas: Sequence[float] = (0.15, 0.10, 0.05),
         batched: bool = True,
@@ -204,10 +210,10 @@ class IRS(Method):
 
     def __init__(
         self,
-        variation: Variation,
+        variation: DeviceModel,
         beta: float = 1e-2,
         taps: Mapping[str, int] | None = None,
-        head_variation: Variation | None = None,
+        head_variation: DeviceModel | None = None,
         hidden: int = 512,
     ):
         super().__init__(variation)
@@ -215,7 +221,9 @@ class IRS(Method):
             raise ValueError("IRS needs at least one tap (module path → pool size)")
         self.beta = float(beta)
         self.taps = dict(taps)
-        self.head_variation = head_variation or Variation(variation.sigma, "RRAM1")
+        if head_variation is None:  # the paper's heads are RRAM1; other device models: the backbone's model
+            head_variation = Variation(variation.sigma, "RRAM1") if isinstance(variation, Variation) else variation
+        self.head_variation = head_variation
         self.hidden = hidden
 
     def prepare(self, model, example_input=None, *, num_classes=None, include=None, exclude=None):
@@ -239,7 +247,7 @@ class IRS(Method):
             "beta": self.beta,
             "taps": self.taps,
             "head_sigma": self.head_variation.sigma,
-            "head_device_model": self.head_variation.device_model,
+            "head_device_model": self.head_variation.name,
         }
 
 
@@ -248,14 +256,14 @@ METHODS = {"clean": Clean, "noise": NoiseInjection, "ovf": OVF, "irs": IRS}
 
 def build_method(
     name: str,
-    variation: Variation,
+    variation: DeviceModel,
     *,
     model_name: str = "",
     dataset: str = "",
     beta: float | None = None,
     deltas: Sequence[float] | None = None,
     taps: Mapping[str, int] | None = None,
-    head_variation: Variation | None = None,
+    head_variation: DeviceModel | None = None,
     batched: bool = True,
 ) -> Method:
     """A method by name with the DESIGN §5 defaults for (model_name, dataset)."""

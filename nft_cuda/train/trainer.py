@@ -264,10 +264,12 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         "input_size": data.input_shape[-1],
         "width": config.width,
     }
-    variation = Variation(config.sigma, config.device_model)
+    variation = config.variation()
     head_variation = None
-    if config.method == "irs":
+    if config.method == "irs" and isinstance(variation, Variation):  # the paper's heads: RRAM1
         head_variation = Variation(config.sigma if config.head_sigma is None else config.head_sigma, "RRAM1")
+    elif config.method == "irs" and config.head_sigma is not None:  # other models: the same model
+        head_variation = variation.with_sigma(config.head_sigma)
     method = build_method(
         config.method,
         variation,

@@ -85,4 +85,51 @@ NFT_INLINE Normal4 normal4(uint64_t seed, uint64_t stream, uint64_t q) {
   return n;
 }
 
+// The normals of a block evaluated in float64 and rounded once to float32: the operations of the
+// pure-PyTorch twin (reference.philox_normal, reference.draw_normal) in the same order, so every
+// backend gets the same float32 normal bit for bit (unless a float64 result within a libm ulp lands
+// on a float32 rounding boundary: ~1e-8 per normal). On the device, sincospi(2u) replaces
+// sin/cos(fl(2π)·u): same value to ~1 float64 ulp, and no Payne–Hanek slow path (which would give the
+// kernel a stack frame). The device models use these (their math is float64 anyway); the Gaussian ops
+// keep the faster float32 normal4 above (DESIGN §3 tolerance).
+NFT_INLINE Normal4 normal4_f64(PhiloxWords w) {
+  double u[4];
+  for (int l = 0; l < 4; ++l)
+    u[l] = (static_cast<double>(w.x[l] >> 9) + 0.5) * 1.1920928955078125e-07;  // exact
+  Normal4 n;
+  for (int p = 0; p < 4; p += 2) {
+    const double r = sqrt(-2.0 * log(u[p]));
+    double s, c;
+#if defined(__CUDA_ARCH__)
+    sincospi(2.0 * u[p + 1], &s, &c);
+#else
+    constexpr double kTwoPi = 2.0 * 3.141592653589793;  // 2.0 * math.pi, folded as Python folds it
+    const double a = kTwoPi * u[p + 1];
+    s = sin(a);
+    c = cos(a);
+#endif
+    n.z[p] = static_cast<float>(r * c);
+    n.z[p + 1] = static_cast<float>(r * s);
+  }
+  return n;
+}
+
+// Draw k of elements 4q .. 4q+3 (Note [nft Philox counter layout], multi-draw layout): the four
+// normals (normal4_f64) of block draw_counter(q, k), or its four uniforms u = uniform_from_word(x_l).
+NFT_INLINE Normal4 normal4_draw(uint64_t seed, uint64_t stream, uint64_t q, int k) {
+  return normal4_f64(philox_block(seed, stream, draw_counter(q, k)));
+}
+
+struct Uniform4 {
+  float u[4];
+};
+
+NFT_INLINE Uniform4 uniform4_draw(uint64_t seed, uint64_t stream, uint64_t q, int k) {
+  const PhiloxWords w = philox_block(seed, stream, draw_counter(q, k));
+  Uniform4 u;
+  for (int l = 0; l < 4; ++l)
+    u.u[l] = uniform_from_word(w.x[l]);
+  return u;
+}
+
 }  // namespace nft_cuda

@@ -9,6 +9,11 @@
 // and lane e & 3 of that block (see normal.h). It is keyed on logical indices only, never on
 // thread or block ids, so any kernel, tiling or thread mapping reproduces the same noise; the
 // pure-PyTorch twin in nft_cuda/reference.py follows the same layout word for word.
+//
+// Models that need several random draws per element (the device models, device_models.h) take
+// draw k of element e from the block with q = (e >> 2) + k * 2^56 (draw_counter below): draw 0 is
+// exactly the stream above, and the draws never share a block while e < 2^58 (kMaxDrawElements,
+// checked by the ops), since q stays below 2^56 per draw.
 #pragma once
 
 #include <cstdint>
@@ -66,6 +71,14 @@ NFT_INLINE PhiloxWords philox_block(uint64_t seed, uint64_t stream, uint64_t q) 
   c.x[2] = static_cast<uint32_t>(stream);
   c.x[3] = static_cast<uint32_t>(stream >> 32);
   return philox4x32_10(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Multi-draw layout (Note [nft Philox counter layout]): the block counter q of draw k of block q.
+constexpr int kDrawShift = 56;
+constexpr uint64_t kMaxDrawElements = uint64_t{1} << (kDrawShift + 2);  // e < 2^58
+
+NFT_INLINE uint64_t draw_counter(uint64_t q, int k) {
+  return q + (static_cast<uint64_t>(k) << kDrawShift);
 }
 
 }  // namespace nft_cuda

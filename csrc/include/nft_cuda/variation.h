@@ -41,10 +41,19 @@ NFT_INLINE float sigma_w(const StateBand& b, float abs_w) {
 // nvcc contracts a * b + c into an FMA by default, which rounds the product differently from the
 // CPU kernel and the reference. The host compilers of the CPU kernels build with FMA contraction
 // off (x86-64 baseline ISA: no FMA instruction; the SIMD path rounds the product explicitly).
-// The float and double overloads below are near-twins on purpose: each names its own CUDA intrinsic.
+// The float and double overloads below are near-twins on purpose: each names its own CUDA intrinsic
+// (the double ones serve the device models' float64 math, device_models.h).
 NFT_INLINE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+NFT_INLINE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
 #else
   return a * b;
 #endif

@@ -1,0 +1,82 @@
+"""Device models (DESIGN §2.1): immutable, hashable value objects describing how a chip perturbs weights.
+
+- :class:`BitSlicedGaussian` (= :class:`nft_cuda.Variation`): the paper's model and its four presets;
+- :class:`PCM`: conductance-dependent programming noise, drift and 1/f read noise;
+- :class:`LogNormal`: W·exp(σ·z);
+- :class:`StuckAt`: cells stuck at g_min / g_max;
+- :class:`MVM`: converter precision and per-MVM read noise, carried by any model as ``model.mvm``.
+
+Adding a model is one frozen dataclass subclass of :class:`DeviceModel` with a ``kind`` and a
+``KERNEL_ID`` (plus its per-element function in the kernels and in ``reference.perturb_device``).
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from nft_cuda.devices.base import DeviceModel
+from nft_cuda.devices.bitsliced import PRESETS, Variation
+from nft_cuda.devices.lognormal import LogNormal
+from nft_cuda.devices.mvm import MVM
+from nft_cuda.devices.pcm import PCM
+from nft_cuda.devices.stuck_at import StuckAt
+
+__all__ = [
+    "MODEL_NAMES",
+    "BitSlicedGaussian",
+    "DeviceModel",
+    "LogNormal",
+    "MVM",
+    "PCM",
+    "StuckAt",
+    "Variation",
+    "device_model_from_dict",
+    "make_device_model",
+]
+
+#: The paper's bit-sliced Gaussian model: the same class as :class:`nft_cuda.Variation`.
+BitSlicedGaussian = Variation
+
+#: Model names :func:`make_device_model` accepts besides the presets (aliases map to one class).
+_CLASSES = {"pcm": PCM, "lognormal": LogNormal, "log-normal": LogNormal, "stuck-at": StuckAt, "stuckat": StuckAt}
+_CLASSES["stuck_at"] = StuckAt
+MODEL_NAMES = (*PRESETS, "pcm", "lognormal", "stuck-at")
+
+
+def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
+    """The device model called ``name`` at severity ``sigma`` (the CLI's ``--device-model``).
+
+    Args:
+        name: a preset of the bit-sliced Gaussian (RRAM1, FeFET2, RRAM4, FeFET6) or "pcm",
+            "lognormal", "stuck-at" (case-insensitive).
+        sigma: the severity (σ_d for the presets; see docs/device-models.md for the others).
+        options: the model's other fields, e.g. ``time=3600.0, drift_compensation=True`` for PCM,
+            ``p0=0.01, p1=0.01`` for stuck-at, ``weight_bits=8`` for a preset; ``mvm`` may be an
+            :class:`MVM` or its dict.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"device model name must be a str, got {type(name).__name__}")
+    if isinstance(options.get("mvm"), dict):  # the JSON form of the converter settings
+        options = {**options, "mvm": MVM.from_dict(options["mvm"])}
+    key = name.strip().lower()
+    presets = {p.lower(): p for p in PRESETS}
+    if key in presets:
+        return Variation(sigma, presets[key], **options)
+    if key in _CLASSES:
+        return _CLASSES[key](sigma=sigma, **options)
+    close = difflib.get_close_matches(key, [n.lower() for n in MODEL_NAMES] + list(_CLASSES), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"unknown device_model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def device_model_from_dict(d: dict) -> DeviceModel:
+    """The model of :meth:`DeviceModel.to_dict`; a dict without ``"kind"`` is a legacy Variation
+    dict ``{"sigma", "device_model", "weight_bits", "device_bits"}`` (old checkpoints)."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a device-model dict is expected, got {type(d).__name__}")
+    fields = dict(d)
+    kind = fields.pop("kind", Variation.kind)
+    classes = {cls.kind: cls for cls in (Variation, PCM, LogNormal, StuckAt)}
+    if kind not in classes:
+        raise ValueError(f"unknown device-model kind {kind!r}; known: {', '.join(classes)}")
+    return classes[kind].from_fields(fields)

@@ -1,0 +1,117 @@
+"""The device-model abstraction (DESIGN §2.1): one immutable, hashable value object per model.
+
+A model is a frozen dataclass whose field ``sigma`` is its **severity**: the one parameter that
+``--sigma``, per-sample ``sigmas`` tensors (OVF's oriented deltas, Monte-Carlo sweeps) and
+:meth:`DeviceModel.with_sigma` move. Everything else (time after programming, coefficients, fault
+rates, converter settings) is a fixed property of the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import ClassVar
+
+from nft_cuda.devices.mvm import MVM
+
+__all__ = ["DeviceModel", "check_real", "check_time", "check_probability"]
+
+
+def check_real(name: str, value, *, minimum: float | None = None) -> float:
+    """``value`` as a finite float (``>= minimum`` when given), else a TypeError / ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value:g}")
+    return value
+
+
+def check_time(t) -> float:
+    """A time after programming in seconds: finite and >= 0."""
+    return check_real("time t (seconds after programming)", t, minimum=0.0)
+
+
+def check_probability(name: str, p) -> float:
+    """A probability in [0, 1]."""
+    p = check_real(name, p, minimum=0.0)
+    if p > 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p:g}")
+    return p
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceModel:
+    """Base of every device model. Subclasses are ``@dataclasses.dataclass(frozen=True)`` and set
+    ``kind`` (registry name) and ``KERNEL_ID`` (the ``kind`` argument of ``perturb_device``).
+
+    Args:
+        sigma: the severity parameter (>= 0); its meaning per model is in docs/device-models.md.
+        mvm: optional converter / per-MVM read-noise settings (:class:`~nft_cuda.devices.MVM`).
+    """
+
+    sigma: float
+    mvm: MVM | None = dataclasses.field(default=None, kw_only=True)
+
+    kind: ClassVar[str] = ""
+    KERNEL_ID: ClassVar[int] = -1
+
+    def __post_init__(self):
+        sigma = self.sigma
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+            raise TypeError(f"sigma must be a real number, got {type(sigma).__name__}")
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ValueError(f"sigma must be a finite number >= 0, got {float(sigma)}")
+        object.__setattr__(self, "sigma", float(sigma))
+        if self.mvm is not None and not isinstance(self.mvm, MVM):
+            raise TypeError(f"mvm must be an nft_cuda.devices.MVM or None, got {type(self.mvm).__name__}")
+
+    @property
+    def noiseless(self) -> bool:
+        """Whether the model leaves every weight exactly as it is (Monte-Carlo then skips the draws)."""
+        return self.sigma == 0.0 and (self.mvm is None or not self.mvm.active)
+
+    @property
+    def name(self) -> str:
+        """Short name for reports (the ``device_model`` column): the kind, or a preset's name."""
+        return self.kind
+
+    def with_sigma(self, sigma: float) -> DeviceModel:
+        """The same model at another severity."""
+        return dataclasses.replace(self, sigma=sigma)
+
+    def at_time(self, t: float) -> DeviceModel:
+        """The model evaluated ``t`` seconds after programming; time-independent models return self."""
+        check_time(t)
+        return self
+
+    def kernel_params(self) -> list[float]:
+        """The ``params`` list of ``perturb_device`` (DESIGN §2.1); empty when the model has none."""
+        return []
+
+    def to_dict(self) -> dict:
+        """JSON-safe fields plus ``"kind"``; :func:`device_model_from_dict` inverts it."""
+        out = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MVM):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> DeviceModel:
+        """An instance from :meth:`to_dict`'s fields (without ``"kind"``); lists become tuples."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(fields) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} device-model field(s) {unknown}; known: {sorted(names)}")
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        if isinstance(kwargs.get("mvm"), dict):
+            kwargs["mvm"] = MVM.from_dict(kwargs["mvm"])
+        return cls(**kwargs)

@@ -1,0 +1,112 @@
+"""The per-MVM effects of a device model: converter precision (model 4) and read noise (model 5).
+
+An :class:`MVM` rides on a device model (``DeviceModel.mvm``) and tells the noisy layers what happens
+around each crossbar matrix-vector multiplication, on top of the per-chip weight noise:
+
+* ``input_bits`` b_in: the DAC quantises the layer input to the 2^b_in − 1 symmetric levels of the
+  layer's input range (docs/device-models.md, "Converter precision");
+* ``weight_levels``: the weight is programmed to the grid of its bit-sliced cells, i.e. quantised to
+  ``weight_bits`` over ±max|W| (each of the weight_bits/device_bits cells holds 2^device_bits levels),
+  before the per-chip noise;
+* ``read_noise`` σ_r: every MVM adds fresh noise σ_r·max|W|·‖x‖₂·z to each output (equal in
+  distribution to a fresh N(0, (σ_r·max|W|)²) on every weight for every input vector);
+* ``output_bits`` b_out: the ADC quantises the analog output to the 2^b_out − 1 symmetric levels of the
+  layer's output range; the bias is added digitally after it.
+
+``MVM()`` (all off) changes nothing. The math is in :mod:`nft_cuda.mvm_ops`; the layers apply it in
+:mod:`nft_cuda.nn.mvm`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+__all__ = ["MVM", "MAX_CONVERTER_BITS"]
+
+#: Largest converter resolution: the levels k·Δ with |k| < 2^(b−1) stay exact integers in float32.
+MAX_CONVERTER_BITS = 24
+
+
+def _check_bits(name: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < 2:
+        raise ValueError(
+            f"{name} must be >= 2, got {value}: a symmetric b-bit converter has the 2^b - 1 levels "
+            "k·Δ, |k| <= 2^(b-1) - 1, so 1 bit would leave only the level 0"
+        )
+    if value > MAX_CONVERTER_BITS:
+        raise ValueError(f"{name} must be <= {MAX_CONVERTER_BITS}, got {value}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class MVM:
+    """What happens around each crossbar matrix-vector multiplication (models 4 and 5).
+
+    Args:
+        input_bits: DAC resolution b_in (>= 2), or None for exact inputs.
+        output_bits: ADC resolution b_out (>= 2), or None for exact outputs.
+        weight_levels: program the weight to its bit-sliced grid (weight_bits over ±max|W|).
+        read_noise: σ_r >= 0 of the fresh per-MVM read noise, relative to max|W|.
+    """
+
+    input_bits: int | None = None
+    output_bits: int | None = None
+    weight_levels: bool = False
+    read_noise: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
+        object.__setattr__(self, "output_bits", _check_bits("output_bits", self.output_bits))
+        if not isinstance(self.weight_levels, bool):
+            raise TypeError(f"weight_levels must be a bool, got {type(self.weight_levels).__name__}")
+        r = self.read_noise
+        if isinstance(r, bool) or not isinstance(r, numbers.Real):
+            raise TypeError(f"read_noise must be a real number, got {type(r).__name__}")
+        r = float(r)
+        if not math.isfinite(r) or r < 0:
+            raise ValueError(f"read_noise must be a finite number >= 0, got {r}")
+        object.__setattr__(self, "read_noise", r)
+
+    @property
+    def active(self) -> bool:
+        """Whether any effect is on (``MVM()`` is the identity)."""
+        return self.input_bits is not None or self.output_bits is not None or self.weight_levels or self.read_noise > 0
+
+    @property
+    def around_gemm(self) -> bool:
+        """Whether an effect acts on the MVM's input or output (DAC, read noise, ADC), not only on the weight."""
+        return self.input_bits is not None or self.output_bits is not None or self.read_noise > 0
+
+    def to_dict(self) -> dict:
+        """JSON-safe fields (the inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MVM:
+        """The MVM of a :meth:`to_dict` dict (unknown keys raise ValueError)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"an MVM dict must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown MVM field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.input_bits is not None:
+            parts.append(f"DAC {self.input_bits} b")
+        if self.output_bits is not None:
+            parts.append(f"ADC {self.output_bits} b")
+        if self.weight_levels:
+            parts.append("weight levels")
+        if self.read_noise > 0:
+            parts.append(f"σ_r={self.read_noise:g}")
+        return f"MVM({', '.join(parts) or 'ideal'})"

@@ -1,0 +1,82 @@
+"""PCM-like device model (DESIGN §2.1): conductance-dependent programming noise, drift and 1/f read noise.
+
+The statistical model of Nandakumar et al. (ICECS 2019), with the constants of Joshi et al.
+(Nat. Commun. 11, 2473, 2020) as used by aihwkit's PCMLikeNoiseModel; formulas in docs/device-models.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+from nft_cuda.devices.base import DeviceModel, check_real, check_time
+
+__all__ = ["PCM"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PCM(DeviceModel):
+    """Phase-change memory: a weight is a differential pair (g⁺, g⁻) with g_max at max|W|.
+
+    Args:
+        sigma: severity, the multiplier of the programming noise σ_prog(g) (default 1.0).
+        time: seconds after programming at which the chip is read (default 0: no drift, no 1/f noise).
+        g_max: conductance of max|W| in µS (default 25).
+        prog_coeff: (c0, c1, c2) of σ_prog = c0 + c1·(g/g_max) + c2·(g/g_max)² in µS.
+        t0: drift reference time in seconds (default 20).
+        t_read: duration of one read in seconds (default 250e-9).
+        drift_scale: multiplier of the drift exponent ν (0 disables drift).
+        read_noise_scale: multiplier of the accumulated 1/f read noise (0 disables it).
+        drift_compensation: rescale each layer's noisy weight by the global drift-compensation
+            factor α (one per layer and sample, from an all-ones calibration input).
+    """
+
+    sigma: float = 1.0
+    time: float = 0.0
+    g_max: float = 25.0
+    prog_coeff: tuple[float, float, float] = (0.26348, 1.9650, -1.1731)
+    t0: float = 20.0
+    t_read: float = 250e-9
+    drift_scale: float = 1.0
+    read_noise_scale: float = 1.0
+    drift_compensation: bool = False
+
+    kind: ClassVar[str] = "pcm"
+    KERNEL_ID: ClassVar[int] = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_ = object.__setattr__
+        set_(self, "time", check_time(self.time))
+        for name in ("g_max", "t0", "t_read"):
+            value = check_real(name, getattr(self, name), minimum=0.0)
+            if value == 0:
+                raise ValueError(f"{name} must be > 0, got 0")
+            set_(self, name, value)
+        for name in ("drift_scale", "read_noise_scale"):
+            set_(self, name, check_real(name, getattr(self, name), minimum=0.0))
+        coeff = self.prog_coeff
+        if not isinstance(coeff, (tuple, list)) or len(coeff) != 3:
+            raise ValueError(f"prog_coeff must be three numbers (c0, c1, c2), got {coeff!r}")
+        set_(self, "prog_coeff", tuple(check_real(f"prog_coeff[{i}]", c) for i, c in enumerate(coeff)))
+        if not isinstance(self.drift_compensation, bool):
+            raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
+
+    @property
+    def noiseless(self) -> bool:
+        """No programming noise and nothing that changes with time (t = 0, or drift and read noise off)."""
+        static = self.time == 0.0 or (self.drift_scale == 0.0 and self.read_noise_scale == 0.0)
+        return super().noiseless and static
+
+    def at_time(self, t: float) -> PCM:
+        """The same chip read ``t`` seconds after programming."""
+        return dataclasses.replace(self, time=check_time(t))
+
+    def kernel_params(self) -> list[float]:
+        """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale] (DESIGN §2.1)."""
+        c0, c1, c2 = self.prog_coeff
+        return [self.time, self.g_max, c0, c1, c2, self.t0, self.t_read, self.drift_scale, self.read_noise_scale]
+
+    def __str__(self) -> str:
+        comp = ", drift-compensated" if self.drift_compensation else ""
+        return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp})"

@@ -1,0 +1,111 @@
+"""`nft train --device-model pcm` and `nft eval --time ...` end to end on the embedded data (tiny budgets,
+in process: the same cli.main the `nft` script calls), their plot, and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import one_error_line, require_optional
+
+from nft_cuda import cli
+from nft_cuda.devices import PCM, StuckAt
+
+
+def _main(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+_TINY = ("--epochs", "1", "--limit-train", "128", "--limit-eval", "64", "--device", "cpu", "--no-progress")
+
+
+@pytest.fixture(scope="module")
+def pcm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pcm")
+    code = cli.main(["train", "--device-model", "PCM", "--sigma", "1.5", "--out", str(out), *_TINY])
+    assert code == 0
+    return out
+
+
+def test_train_with_the_pcm_model_exports_it(pcm_run):
+    payload = torch.load(pcm_run / "model.pt", weights_only=True)
+    stored = payload["variation"]
+    assert stored["kind"] == "pcm" and stored["sigma"] == 1.5 and stored["time"] == 0.0
+    config = torch.load(pcm_run / "checkpoint.pt", weights_only=True)["config"]
+    assert config["device_model"] == "pcm"
+
+
+def test_train_takes_stuck_at_rates_and_mvm_flags(tmp_path, capsys):
+    out = tmp_path / "stuck"
+    argv = ["train", "--device-model", "stuck-at", "--sigma", "1", "--p0", "0.01", "--p1", "0.02"]
+    code, _, err = _main(capsys, *argv, "--dac-bits", "6", "--read-noise", "0.01", "--out", str(out), *_TINY)
+    assert code == 0, err
+    from nft_cuda.devices import device_model_from_dict
+
+    model = device_model_from_dict(torch.load(out / "model.pt", weights_only=True)["variation"])
+    assert isinstance(model, StuckAt) and (model.p0, model.p1) == (0.01, 0.02)
+    assert model.mvm.input_bits == 6 and model.mvm.read_noise == 0.01 and model.mvm.output_bits is None
+
+
+def test_eval_time_sweep_with_and_without_drift_compensation_and_its_plot(pcm_run, tmp_path, capsys):
+    require_optional("matplotlib")  # writes a plot
+    j, c, p = tmp_path / "t.json", tmp_path / "t.csv", tmp_path / "t.png"
+    times = "1,3600,3.15e7"
+    argv = ["eval", str(pcm_run), "--sigma", "1", "--time", times, "--runs", "2", "--no-progress"]
+    code, out, err = _main(capsys, *argv, "--json", str(j), "--csv", str(c), "--plot", str(p))
+    assert code == 0, err
+    results = json.loads(j.read_text())["results"]
+    assert [r["time_s"] for r in results] == [1.0, 3600.0, 3.15e7]
+    assert all(r["device_model"] == "pcm" and r["device"]["drift_compensation"] is False for r in results)
+    assert results[0]["accuracy_mean"] != results[-1]["accuracy_mean"] or results[0]["ekl"] != results[-1]["ekl"]
+    assert "| t (s) |" in out and "3.15e+07" in out
+    header = c.read_text().splitlines()[0].split(",")
+    assert "time_s" in header and "drift_compensation" in header
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = _main(capsys, *argv, "--drift-compensation", "--json", str(tmp_path / "dc.json"))
+    assert code == 0, err
+    compensated = json.loads((tmp_path / "dc.json").read_text())["results"]
+    assert all(r["device"]["drift_compensation"] is True for r in compensated) and "(compensated)" in out
+    # the same chips, rescaled per layer: the outputs (here their mean confidence) change
+    assert [r["confidence"] for r in compensated] != [r["confidence"] for r in results]
+
+
+def test_eval_of_a_gaussian_checkpoint_under_pcm(pcm_run, tmp_path, capsys):
+    from nft_cuda.eval.run import eval_checkpoints
+
+    report = eval_checkpoints([str(pcm_run)], [1.0], "pcm", runs=2, progress=False, device="cpu", times=[0.0, 86400.0])
+    assert [r["time_s"] for r in report["results"]] == [0.0, 86400.0]
+    assert PCM().at_time(86400.0).time == 86400.0
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--time", "1,-5"], "a time after programming must be a finite number >= 0 s, got -5"),
+        (["--time", "1,1"], "time 1 listed twice"),
+        (["--device-model", "pcn"], "unknown device_model 'pcn' (did you mean 'pcm'?)"),
+        (["--dac-bits", "1"], "must be >= 2"),
+        (["--read-noise", "-0.1"], "must be >= 0"),
+    ],
+)
+def test_eval_device_arguments_fail_with_one_line(pcm_run, capsys, args, needle):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["eval", str(pcm_run), "--runs", "2", *args])
+    assert exc.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert needle in line
+
+
+def test_an_option_the_model_lacks_is_refused_naming_it(pcm_run, capsys):
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--device-model", "lognormal", "--drift-compensation",
+                         "--runs", "2", "--no-progress")  # fmt: skip
+    assert code != 0
+    assert "drift_compensation applies to the PCM model, not 'lognormal'" in one_error_line(err)
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--p0", "0.1", "--runs", "2", "--no-progress")
+    assert code != 0 and "the pcm device model has no setting p0" in one_error_line(err)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--device-model", "stuck-ta", *_TINY])
+    assert "did you mean 'stuck-at'?" in one_error_line(capsys.readouterr().err)
