@@ -69,8 +69,8 @@ inline void check_device_model(int64_t kind, c10::ArrayRef<double> params, int64
                     ": kind must be 1 (PCM), 2 (LogNormal) or 3 (StuckAt), got ", kind,
                     kind == device::kBitSlicedGaussian ? " (the bit-sliced Gaussian runs on perturb)" : "");
   const int64_t want = device::param_count(static_cast<int>(kind));
-  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == want, op, ": kind ", kind, " takes ", want,
-                    " params, got ", params.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(params.size()) == want, op, ": kind ", kind, " takes ", want, " params, got ",
+                    params.size());
   for (size_t i = 0; i < params.size(); ++i)
     TORCH_CHECK_VALUE(std::isfinite(params[i]), op, ": params[", i, "] must be finite, got ", params[i]);
   if (kind == device::kPcm) {

@@ -309,8 +309,12 @@ def add_device_options(g, *, suppress: bool) -> None:
         default=default,
         help="pcm: global drift compensation (one scale per layer from an all-ones calibration input)",
     )
-    g.add_argument("--dac-bits", dest="dac_bits", type=int_arg(2, 25), default=default, help="DAC bits of each MVM's input")
-    g.add_argument("--adc-bits", dest="adc_bits", type=int_arg(2, 25), default=default, help="ADC bits of each MVM's output")
+    g.add_argument(
+        "--dac-bits", dest="dac_bits", type=int_arg(2, 25), default=default, help="DAC bits of each MVM's input"
+    )
+    g.add_argument(
+        "--adc-bits", dest="adc_bits", type=int_arg(2, 25), default=default, help="ADC bits of each MVM's output"
+    )
     g.add_argument(
         "--weight-levels",
         dest="weight_levels",

@@ -75,10 +75,12 @@ def render_tables(results: dict) -> str:
     tt = results["time_s"]
     env = results["environment"]
     out += [
-        "Training: " + ", ".join(
+        "Training: "
+        + ", ".join(
             f"{_NAMES[t['method']]} {t['time_s']:.0f} s (clean test accuracy {100 * t['test_acc_clean']:.2f} %)"
             for t in results["trainings"]
-        ) + ".",
+        )
+        + ".",
         "",
         f"Total work: {tt['training'] / 60:.1f} min training + {tt['evaluation'] / 60:.1f} min Monte-Carlo = "
         f"**{tt['total'] / 60:.1f} min** ({env.get('cpu_count')} CPU cores, torch {env.get('torch')}, "
@@ -126,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="train and evaluate every model of the config (resumable)")
     r.add_argument("--config", default=str(DEFAULT_CONFIG))
     r.add_argument("--out", default=os.path.join("runs", "pcm-study"))
-    r.add_argument("--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    r.add_argument(
+        "--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
+    )
     r.add_argument("--no-progress", dest="progress", action="store_false")
     s = sub.add_parser("report", help="recompute the tables of the study and its plot from results.json")
     s.add_argument("--results", default=os.path.join("docs", "pcm-study", "results.json"))

@@ -122,7 +122,9 @@ def test_exported_model_round_trips_any_device_model(tmp_path):
 def test_legacy_exported_model_without_kind_loads(tmp_path):
     """A file written before device models: payload["variation"] = the four Variation fields, no "kind"."""
     spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 0.5}
-    backbone = nft_cuda.convert(build_model(**{"num_classes": 10, "in_channels": 1, "width": 0.5, **spec}), Variation(0.2))
+    backbone = nft_cuda.convert(
+        build_model(**{"num_classes": 10, "in_channels": 1, "width": 0.5, **spec}), Variation(0.2)
+    )
     save_model(str(tmp_path / "m.pt"), backbone, spec=spec, variation=Variation(0.2), meta={"dataset": "embedded"})
     payload = torch.load(str(tmp_path / "m.pt"), weights_only=True)
     payload["variation"] = {"sigma": 0.2, "device_model": "FeFET2", "weight_bits": 8, "device_bits": 2}

@@ -326,7 +326,19 @@ def test_layers_that_run_their_own_products_get_weight_levels_and_refuse_convert
         grid_in = mvm_ops.quantize_weight(attn.in_proj_weight, 8)
         grid_out = mvm_ops.quantize_weight(attn.out_proj.weight, 8)
         ref, _ = F.multi_head_attention_forward(
-            q, q, q, 8, 2, grid_in, attn.in_proj_bias, None, None, False, 0.0, grid_out, attn.out_proj.bias,
+            q,
+            q,
+            q,
+            8,
+            2,
+            grid_in,
+            attn.in_proj_bias,
+            None,
+            None,
+            False,
+            0.0,
+            grid_out,
+            attn.out_proj.bias,
             training=False,
         )
     torch.testing.assert_close(out, ref)

@@ -271,4 +271,6 @@ def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
     assert sorted(p["name"] for p in results["evaluations"]) == sorted(e["name"] for e in evals)
     for p in results["evaluations"]:
         mean, ci = study.mean_ci(p["per_instance_accuracy"])
-        assert 100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]
+        assert (
+            100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]
+        )

@@ -56,8 +56,7 @@ void perturb_device_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, cons
       const int64_t count = std::min<int64_t>(4 * blocks, n - base);
       for (int64_t t = 0; t < samples; ++t) {
         const device::Sample smp = device::make_sample(args, sigmas[t]);
-        chunk_draws(args, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks,
-                    draws);
+        chunk_draws(args, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q0), blocks, draws);
         scalar_t* o = out + t * n + base;
         for (int64_t i = 0; i < count; ++i) {
           float d[device::kDraws] = {};  // draws this call does not use stay 0 (never read)
@@ -65,8 +64,7 @@ void perturb_device_cpu_kernel(const scalar_t* w, scalar_t* out, int64_t n, cons
             if (device::draw_used(args, k))
               d[k] = draws[k][i];
           }
-          o[i] = static_cast<scalar_t>(
-              device::perturb_element(args, smp, static_cast<double>(w[base + i]), m, d));
+          o[i] = static_cast<scalar_t>(device::perturb_element(args, smp, static_cast<double>(w[base + i]), m, d));
         }
       }
     }

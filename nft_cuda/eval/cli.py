@@ -163,7 +163,9 @@ def _table(report: dict) -> str:
 
     timed = any(r.get("time_s") for r in report["results"])  # a time after programming other than 0
     rows = [
-        "| checkpoint | σ_d |" + (" t (s) |" if timed else "") + " accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
+        "| checkpoint | σ_d |"
+        + (" t (s) |" if timed else "")
+        + " accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
         "|---|---|" + ("---|" if timed else "") + "---|---|---|---|",
     ]
     for r in report["results"]:
@@ -178,7 +180,9 @@ def _table(report: dict) -> str:
         if timed:
             t = "" if r.get("time_s") is None else f"{r['time_s']:g}"
             t = f" {t}{' (compensated)' if drift_compensated(r) else ''} |"
-        rows.append(f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |")
+        rows.append(
+            f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |"
+        )
     return "\n".join(rows)
 
 

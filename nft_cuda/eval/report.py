@@ -26,7 +26,17 @@ import torch
 
 from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
 
-__all__ = ["CSV_COLUMNS", "COMPENSATION_COLUMNS", "drift_compensated", "build_report", "plot_results", "plot_time", "read_json", "write_csv", "write_json"]
+__all__ = [
+    "CSV_COLUMNS",
+    "COMPENSATION_COLUMNS",
+    "drift_compensated",
+    "build_report",
+    "plot_results",
+    "plot_time",
+    "read_json",
+    "write_csv",
+    "write_json",
+]
 
 #: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
 CSV_COLUMNS = (
@@ -210,9 +220,7 @@ def plot_results(results, path: str, *, title: str | None = None) -> None:
 def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
     """The results of each line of :func:`plot_time`: one per checkpoint, split by σ_d, device model and
     drift compensation where those vary."""
-    vary = {
-        key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model")
-    }
+    vary = {key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model")}
     vary["drift_compensation"] = len({drift_compensated(r) for r in results}) > 1
     curves: dict[str, list[dict]] = {}
     for r in results:

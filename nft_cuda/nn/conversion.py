@@ -177,7 +177,9 @@ def _check_options(variation, include, exclude, per_layer, mode, embeddings, str
         if not isinstance(pat, str):
             raise TypeError(f"per_layer keys must be module-name patterns (str), got {type(pat).__name__}")
         if not isinstance(var, DeviceModel):
-            raise TypeError(f"per_layer['{pat}'] must be a device model (nft_cuda.Variation, ...), got {type(var).__name__}")
+            raise TypeError(
+                f"per_layer['{pat}'] must be a device model (nft_cuda.Variation, ...), got {type(var).__name__}"
+            )
     if not isinstance(mode, str) or mode not in ("train", "off"):
         raise ValueError(f"convert: mode must be 'train' or 'off' (use set_instance for instance mode), got {mode!r}")
     for flag, value in (("embeddings", embeddings), ("strict", strict)):

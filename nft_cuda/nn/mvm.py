@@ -110,7 +110,9 @@ def calibrate_mvm(model: torch.nn.Module, batches: Iterable) -> dict[str, tuple[
 
         return record
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items() if hasattr(layer, "clean_matmul")]
+    handles = [
+        layer.register_forward_hook(hook(name)) for name, layer in layers.items() if hasattr(layer, "clean_matmul")
+    ]
     was_training = model.training
     try:
         model.eval()

@@ -35,8 +35,8 @@ namespace device {
 // KERNEL_ID of the Python models (nft_cuda/devices); 0 (the bit-sliced Gaussian) has its own ops.
 enum Kind : int { kBitSlicedGaussian = 0, kPcm = 1, kLogNormal = 2, kStuckAt = 3 };
 
-constexpr int kDraws = 8;          // draw indices k = 0 .. 7 of the table above
-constexpr int kFirstUniform = 6;   // k >= 6: uniforms, else normals
+constexpr int kDraws = 8;         // draw indices k = 0 .. 7 of the table above
+constexpr int kFirstUniform = 6;  // k >= 6: uniforms, else normals
 constexpr int kMaxParams = 9;
 
 // Length of the params list of `kind`, or -1 for a kind perturb_device does not serve.
