@@ -274,3 +274,7 @@ def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
         assert (
             100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]
         )
+    # made with exactly the committed config, 100 chips per point, and the measured run fits 20 minutes
+    assert results["config"] == json.loads((ROOT / "studies" / "pcm_time.json").read_text())
+    assert results["config"]["runs"] >= 100
+    assert results["time_s"]["total"] <= 20 * 60
