@@ -109,3 +109,21 @@ def test_an_option_the_model_lacks_is_refused_naming_it(pcm_run, capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--device-model", "stuck-ta", *_TINY])
     assert "did you mean 'stuck-at'?" in one_error_line(capsys.readouterr().err)
+
+
+def test_eval_without_sigma_uses_the_model_s_default_severity(pcm_run, tmp_path, capsys):
+    """PCM's severity is a multiplier of the published noise: without --sigma, a PCM evaluation runs at 1.0,
+    not at the σ_d sweep of the Gaussian presets (which stays their default)."""
+    from nft_cuda.eval.cli import DEFAULT_SWEEP, parse_sigmas
+    from nft_cuda.eval.run import DEFAULT_SIGMAS, default_sigmas
+
+    j = tmp_path / "d.json"
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--runs", "2", "--no-progress", "--json", str(j))
+    assert code == 0, err
+    assert [r["sigma"] for r in json.loads(j.read_text())["results"]] == [1.0]
+    assert parse_sigmas(DEFAULT_SWEEP) == list(DEFAULT_SIGMAS)
+    from nft_cuda import Variation
+    from nft_cuda.devices import LogNormal
+
+    assert default_sigmas(Variation(0.3)) == default_sigmas(LogNormal(0.1)) == list(DEFAULT_SIGMAS)
+    assert default_sigmas(StuckAt(p0=0.01)) == default_sigmas(PCM()) == [1.0]

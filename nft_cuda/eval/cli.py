@@ -99,8 +99,9 @@ def _add_eval(subparsers) -> None:
     e.add_argument(
         "--sigma",
         type=parse_sigmas,
-        default=parse_sigmas(DEFAULT_SWEEP),
-        help=f"σ_d: one value, a list 0,0.1,0.2 or a sweep start:stop:step (default {DEFAULT_SWEEP})",
+        default=None,
+        help=f"σ_d (the device model's severity): one value, a list 0,0.1,0.2 or a sweep start:stop:step "
+        f"(default {DEFAULT_SWEEP}; 1.0, the published noise, for pcm and stuck-at)",
     )
     e.add_argument(
         "--device-model",

@@ -26,7 +26,12 @@ from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
 
-__all__ = ["TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
+__all__ = ["DEFAULT_SIGMAS", "TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
+
+#: The severity sweep of a model without a default severity (the σ_d of the bit-sliced Gaussian presets,
+#: the σ of LogNormal): ``nft eval``'s default ``--sigma 0:0.4:0.05``. Models that have a default severity
+#: (PCM and StuckAt: 1.0, the published noise) are evaluated at it instead.
+DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 
 #: The bit-sliced Gaussian presets by lower-case name.
 _PRESETS = {p.lower(): p for p in PRESETS}
@@ -170,7 +175,8 @@ def eval_checkpoints(
 
     Args:
         paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
-        sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md).
+        sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md); None:
+            the evaluated model's default severity (1.0 for PCM and StuckAt), else :data:`DEFAULT_SIGMAS`.
         device_model: the device model: a preset (RRAM1, FeFET2, RRAM4, FeFET6: with the checkpoint's
             bit widths) or "pcm", "lognormal", "stuck-at" (default: each checkpoint's own model).
         times: seconds after programming, a second sweep axis (each severity × each time; every
@@ -253,6 +259,8 @@ def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compen
     stored model (``payload["variation"]``), the rest as :func:`eval_checkpoints`."""
     trained = device_model_from_dict(dict(base))
     options = dict(options or {})
+    if sigmas is None:
+        sigmas = default_sigmas(trained if device_model is None else make_device_model(device_model, 0.0))
     if device_model is None:  # the checkpoint's own model, its other fields replaced by the options
         models = [_with_options(trained, options).with_sigma(s) for s in sigmas]
     elif isinstance(trained, Variation) and device_model.strip().lower() in _PRESETS:
@@ -272,6 +280,13 @@ def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compen
     if not times:
         raise ValueError("times must hold at least one time after programming")
     return [(m.at_time(t), t) for m in models for t in times]
+
+
+def default_sigmas(model: DeviceModel) -> list[float]:
+    """The severity sweep used when none is given: the model class's default severity if it has one
+    (PCM, StuckAt), else :data:`DEFAULT_SIGMAS`."""
+    default = next(f.default for f in dataclasses.fields(model) if f.name == "sigma")
+    return list(DEFAULT_SIGMAS) if default is dataclasses.MISSING else [float(default)]
 
 
 def _with_options(model: DeviceModel, options: dict) -> DeviceModel:
@@ -346,9 +361,10 @@ def _checked_args(paths, sigmas, device, labels):
     paths = [resolve_model_path(p) for p in paths]
     if not paths:
         raise ValueError("eval_checkpoints needs at least one checkpoint path")
-    sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
-    if not sigmas:
-        raise ValueError("sigmas must hold at least one σ_d")
+    if sigmas is not None:  # None: each checkpoint's default sweep (sweep_models)
+        sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
+        if not sigmas:
+            raise ValueError("sigmas must hold at least one σ_d")
     device = resolve_device("auto" if device is None else str(device))
     if labels is None:
         labels = _labels(paths)
