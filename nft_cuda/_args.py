@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from nft_cuda.devices import DeviceModel
+from nft_cuda.devices.base import check_positive_int as check_positive_int  # re-exported: the one int check
 from nft_cuda.variation import Variation
 
 _U63 = 2**63
@@ -33,14 +34,6 @@ def check_uint(name: str, value, bits: int) -> int:
     if not 0 <= value < 2**bits:
         raise ValueError(f"{name} must be in [0, 2^{bits}), got {value}")
     return value
-
-
-def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 def resolve_device(name: str) -> torch.device:

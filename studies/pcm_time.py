@@ -125,13 +125,7 @@ def plot(results: dict, path) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m studies.pcm_time", description=__doc__.split("\n\n")[1])
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="train and evaluate every model of the config (resumable)")
-    r.add_argument("--config", default=str(DEFAULT_CONFIG))
-    r.add_argument("--out", default=os.path.join("runs", "pcm-study"))
-    r.add_argument(
-        "--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
-    )
-    r.add_argument("--no-progress", dest="progress", action="store_false")
+    reproduce.add_run_command(sub, DEFAULT_CONFIG, os.path.join("runs", "pcm-study"))
     s = sub.add_parser("report", help="recompute the tables of the study and its plot from results.json")
     s.add_argument("--results", default=os.path.join("docs", "pcm-study", "results.json"))
     s.add_argument("--doc", default=os.path.join("docs", "pcm-study.md"))
@@ -143,10 +137,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            cfg = reproduce.load_config(args.config)
-            if args.data_dir:
-                cfg["data_dir"] = args.data_dir
-            reproduce.run(cfg, args.out, progress=args.progress)
+            reproduce.run_command(args)
         else:
             results = json.loads(Path(args.results).read_text())
             reproduce.update_doc(args.doc, results, render=render_tables, begin=BEGIN, end=END)

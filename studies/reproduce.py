@@ -37,6 +37,7 @@ from pathlib import Path
 __all__ = [
     "PAPER",
     "accuracy_cell",
+    "add_run_command",
     "load_config",
     "main",
     "mean_ci",
@@ -44,6 +45,7 @@ __all__ = [
     "render_tables",
     "report_paths",
     "run",
+    "run_command",
     "update_doc",
 ]
 
@@ -715,16 +717,31 @@ def plot(results: dict, path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m studies.reproduce", description=__doc__.split("\n\n")[1])
-    sub = p.add_subparsers(dest="command", required=True)
+def add_run_command(sub, default_config, default_out: str) -> None:
+    """The ``run`` subcommand of a study command line (this one and studies.pcm_time's)."""
     r = sub.add_parser("run", help="train and evaluate every model of the config (resumable)")
-    r.add_argument("--config", default=str(DEFAULT_CONFIG), help="study config (default studies/reproduction.json)")
-    r.add_argument("--out", default=os.path.join("runs", "study"), help="output folder (default runs/study)")
+    r.add_argument(
+        "--config", default=str(default_config), help=f"study config (default studies/{Path(default_config).name})"
+    )
+    r.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
     r.add_argument(
         "--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
     )
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def run_command(args) -> None:
+    """``run``: the config of ``--config`` (its data folder replaced by ``--data-dir``) into ``--out``."""
+    cfg = load_config(args.config)
+    if args.data_dir:
+        cfg["data_dir"] = args.data_dir
+    run(cfg, args.out, progress=args.progress)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m studies.reproduce", description=__doc__.split("\n\n")[1])
+    sub = p.add_subparsers(dest="command", required=True)
+    add_run_command(sub, DEFAULT_CONFIG, os.path.join("runs", "study"))
     s = sub.add_parser("report", help="recompute the tables of a study's doc and its plot from results.json")
     s.add_argument("--results", default=_REPORT_DEFAULTS["results"])
     s.add_argument("--doc", help="default: the study config's report.doc (docs/reproduction.md)")
@@ -738,10 +755,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "run":
-            cfg = load_config(args.config)
-            if args.data_dir:
-                cfg["data_dir"] = args.data_dir
-            run(cfg, args.out, progress=args.progress)
+            run_command(args)
         elif args.command == "report":
             with open(args.results) as f:
                 results = json.load(f)

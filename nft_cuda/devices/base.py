@@ -30,6 +30,15 @@ def check_real(name: str, value, *, minimum: float | None = None) -> float:
     return value
 
 
+def check_positive_int(name: str, value) -> int:
+    """An int >= 1 (bools refused), the one check of bit widths, sample counts and the like."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
 def check_time(t) -> float:
     """A time after programming in seconds: finite and >= 0."""
     return check_real("time t (seconds after programming)", t, minimum=0.0)

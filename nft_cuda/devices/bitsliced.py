@@ -5,26 +5,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import numbers
 from typing import ClassVar
 
 import torch
 
-from nft_cuda.devices.base import DeviceModel
+from nft_cuda.devices.base import DeviceModel, check_positive_int
 
 __all__ = ["PRESETS", "Variation"]
 
 #: State factor s of each device model preset: RRAM1 is state-independent; the others multiply
 #: sigma by s for weights in the middle band 0.25·max|W| < |w| < 0.75·max|W|.
 PRESETS: dict[str, float] = {"RRAM1": 1.0, "FeFET2": 2.0, "RRAM4": 4.0, "FeFET6": 6.0}
-
-
-def _check_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return int(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +54,8 @@ class Variation(DeviceModel):
             raise ValueError(f"unknown device_model '{self.device_model}'{hint}; choose one of {', '.join(PRESETS)}")
         object.__setattr__(self, "device_model", canonical)
 
-        wb = _check_int("weight_bits", self.weight_bits)
-        db = _check_int("device_bits", self.device_bits)
+        wb = check_positive_int("weight_bits", self.weight_bits)
+        db = check_positive_int("device_bits", self.device_bits)
         if wb % db:
             raise ValueError(f"weight_bits ({wb}) must be a multiple of device_bits ({db})")
         object.__setattr__(self, "weight_bits", wb)
