@@ -6,6 +6,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -60,6 +61,21 @@ inline std::vector<int64_t> per_sample_shape(const at::Tensor& weight, int64_t s
   shape.insert(shape.end(), weight.sizes().begin(), weight.sizes().end());
   return shape;
 }
+
+// The prepared call of a perturb-like op (perturb and perturb_device, CPU and CUDA launchers alike):
+// contiguous weight, sigmas and rng, and the output [samples, *weight.shape]. On CUDA it is built under
+// the device guard, so the copies and the output land on the weight's device.
+struct PerturbCall {
+  at::Tensor w, sig, rng, out;
+  int64_t samples, n;
+
+  PerturbCall(const at::Tensor& weight, const at::Tensor& rng_in, const at::Tensor& sigmas)
+      : w(weight.contiguous()), sig(sigmas.contiguous()), rng(rng_in.contiguous()), samples(sig.numel()), n(w.numel()) {
+    out = at::empty(per_sample_shape(w, samples), w.options());
+  }
+
+  bool empty() const { return n == 0 || samples == 0; }
+};
 
 // perturb_device's model arguments (docs/device-models.md) and its element limit: the multi-draw
 // counter layout (philox.h) holds elements e < 2^58.

@@ -68,31 +68,24 @@ at::Tensor perturb_cpu(const at::Tensor& weight, const at::Tensor& rng, const at
                        double state_factor) {
   check_weight(weight, "perturb");
   check_noise_args(rng, sigmas, weight, "perturb");
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor sig = sigmas.contiguous();
-  const int64_t samples = sig.numel();
-  const int64_t n = w.numel();
-
-  at::Tensor out = at::empty(per_sample_shape(w, samples), w.options());
-  if (n == 0 || samples == 0)
-    return out;
-
-  const at::Tensor rng_c = rng.contiguous();  // keep the copy alive while reading it
-  const int64_t* r = rng_c.const_data_ptr<int64_t>();
+  const PerturbCall c(weight, rng, sigmas);
+  if (c.empty())
+    return c.out;
+  const int64_t* r = c.rng.const_data_ptr<int64_t>();
   const uint64_t seed = static_cast<uint64_t>(r[0]);
   const uint64_t offset = static_cast<uint64_t>(r[1]);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    const float m = cpu::max_abs_cpu(wp, n);
-    std::vector<StateBand> bands(samples);
-    const float* sp = sig.const_data_ptr<float>();
-    for (int64_t t = 0; t < samples; ++t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.w.scalar_type(), "perturb_cpu", [&] {
+    const scalar_t* wp = c.w.const_data_ptr<scalar_t>();
+    const float m = cpu::max_abs_cpu(wp, c.n);
+    std::vector<StateBand> bands(c.samples);
+    const float* sp = c.sig.const_data_ptr<float>();
+    for (int64_t t = 0; t < c.samples; ++t) {
       bands[t] = make_state_band(sp[t], m, static_cast<float>(scale), static_cast<float>(state_factor));
     }
-    perturb_cpu_kernel(wp, out.mutable_data_ptr<scalar_t>(), n, bands, seed, offset);
+    perturb_cpu_kernel(wp, c.out.mutable_data_ptr<scalar_t>(), c.n, bands, seed, offset);
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace

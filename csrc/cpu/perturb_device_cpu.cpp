@@ -76,24 +76,19 @@ at::Tensor perturb_device_cpu(const at::Tensor& weight, const at::Tensor& rng, c
   check_weight(weight, "perturb_device");
   check_noise_args(rng, sigmas, weight, "perturb_device");
   check_device_model(kind, params, weight.numel());
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor sig = sigmas.contiguous();
-  const int64_t samples = sig.numel();
-  const int64_t n = w.numel();
+  const PerturbCall c(weight, rng, sigmas);
+  if (c.empty())
+    return c.out;
 
-  at::Tensor out = at::empty(per_sample_shape(w, samples), w.options());
-  if (n == 0 || samples == 0)
-    return out;
-
-  const at::Tensor rng_c = rng.contiguous();
-  const int64_t* r = rng_c.const_data_ptr<int64_t>();
+  const int64_t* r = c.rng.const_data_ptr<int64_t>();
   const device::Args args = device::make_args(static_cast<int>(kind), params.data());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_device_cpu", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    perturb_device_cpu_kernel(wp, out.mutable_data_ptr<scalar_t>(), n, sig.const_data_ptr<float>(), samples, args,
-                              cpu::max_abs_cpu(wp, n), static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.w.scalar_type(), "perturb_device_cpu", [&] {
+    const scalar_t* wp = c.w.const_data_ptr<scalar_t>();
+    perturb_device_cpu_kernel(wp, c.out.mutable_data_ptr<scalar_t>(), c.n, c.sig.const_data_ptr<float>(), c.samples,
+                              args, cpu::max_abs_cpu(wp, c.n), static_cast<uint64_t>(r[0]),
+                              static_cast<uint64_t>(r[1]));
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace

@@ -28,29 +28,23 @@ at::Tensor perturb_cuda(const at::Tensor& weight, const at::Tensor& rng, const a
   check_weight(weight, "perturb");
   check_noise_args(rng, sigmas, weight, "perturb");
   const c10::cuda::CUDAGuard guard(weight.device());
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor sig = sigmas.contiguous();
-  const at::Tensor r = rng.contiguous();
-  const int64_t samples = sig.numel();
-  const int64_t n = w.numel();
-
-  at::Tensor out = at::empty(per_sample_shape(w, samples), w.options());
-  if (n == 0 || samples == 0)
-    return out;
+  const PerturbCall c(weight, rng, sigmas);
+  if (c.empty())
+    return c.out;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor max_bits = at::empty({1}, w.options().dtype(at::kInt));
+  at::Tensor max_bits = at::empty({1}, c.w.options().dtype(at::kInt));
   auto* max_ptr = static_cast<unsigned int*>(max_bits.mutable_data_ptr());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "perturb_cuda", [&] {
-    const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    launch_max_abs<scalar_t>(wp, n, max_ptr, stream);
-    perturb_kernel<scalar_t><<<grid_for((n + 3) / 4), kThreads, 0, stream>>>(
-        wp, out.mutable_data_ptr<scalar_t>(), n, samples, r.const_data_ptr<int64_t>(), sig.const_data_ptr<float>(),
-        max_ptr, static_cast<float>(scale), static_cast<float>(state_factor));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.w.scalar_type(), "perturb_cuda", [&] {
+    const scalar_t* wp = c.w.const_data_ptr<scalar_t>();
+    launch_max_abs<scalar_t>(wp, c.n, max_ptr, stream);
+    perturb_kernel<scalar_t><<<grid_for((c.n + 3) / 4), kThreads, 0, stream>>>(
+        wp, c.out.mutable_data_ptr<scalar_t>(), c.n, c.samples, c.rng.const_data_ptr<int64_t>(),
+        c.sig.const_data_ptr<float>(), max_ptr, static_cast<float>(scale), static_cast<float>(state_factor));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
+  return c.out;
 }
 
 }  // namespace
