@@ -70,7 +70,7 @@ from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
-from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.sample_axis import instance_plans, probe_blockers, sample_plan, unbatchable_modules
 
 __all__ = ["instance_logits", "monte_carlo"]
 
@@ -371,6 +371,8 @@ def monte_carlo(
         if fold is None:
             fold = device.type == "cuda"
         blockers = unbatchable_modules(model) if fold else []
+        if fold and not blockers:
+            blockers = _fold_probe(model, layers, loader, device, variations, seed, min(runs, instances_per_pass))
         if blockers:
             warnings.warn(
                 f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
@@ -398,6 +400,23 @@ def monte_carlo(
                 )
                 for var in variations
             ]
+
+
+def _fold_probe(model, layers, loader, device, variations, seed, samples: int) -> list[str]:
+    """The runtime half of the fold check (:func:`nft_cuda.nn.sample_axis.probe_blockers`): instances
+    0 .. S-1 of the first noisy device model of the sweep on the first test batch, folded vs one at a time."""
+    var = next((v for v in variations if not v.noiseless), None)
+    if var is None or samples == 1:
+        return []  # no noisy pass, or nothing to fold
+    with kept_noise_state(model):
+        for layer in layers:
+            layer.variation = var
+        batch = next(iter(loader), None)
+        if batch is None:
+            return []  # the clean pass reports the empty loader
+        x = batch[0].to(device)
+        plans = instance_plans(layers, seed, 0, samples)
+        return probe_blockers(model, x, plans, samples, forward=lambda inputs: _logits(model, inputs))
 
 
 def _sweep_result(
