@@ -152,7 +152,9 @@ def test_monte_carlo_fold_with_softmax_over_dim_0_equals_unfolded(one_thread):
     unfolded = monte_carlo(model, loader, V, 8, fold=False, **kw)
     assert folded[0]["per_instance_accuracy"] == unfolded[0]["per_instance_accuracy"]
     assert folded == unfolded  # EKL and confidence too
-    assert any("one instance at a time" in str(w.message) and "one instance at a time" in str(w.message) for w in caught)
+    assert any(
+        "one instance at a time" in str(w.message) and "one instance at a time" in str(w.message) for w in caught
+    )
 
 
 def test_monte_carlo_fold_with_a_centring_container_equals_unfolded(one_thread):

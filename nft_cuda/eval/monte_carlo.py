@@ -21,7 +21,8 @@ depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerance
 bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
 with modules that may mix rows of the batch
 (:func:`nft_cuda.nn.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
-identity) are not folded (one warning when folding was asked for).
+identity, then the runtime probe of :func:`~nft_cuda.nn.sample_axis.probe_blockers` on the first test
+batch at the sweep's first noisy point) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
 training flags, variations, noise modes and instance state are restored afterwards. σ_d = 0 needs no
