@@ -181,3 +181,14 @@ def test_monte_carlo_folds_a_per_row_container_silently(one_thread):
         folded = monte_carlo(model, loader, V, 8, fold=True, **kw)
     unfolded = monte_carlo(model, loader, V, 8, fold=False, **kw)
     assert folded[0]["per_instance_accuracy"] == unfolded[0]["per_instance_accuracy"]
+
+
+def test_instance_logits_of_a_row_mixing_model_equal_set_instance(one_thread):
+    model = _net(_Centre()).eval()
+    x = torch.randn(6, 5)
+    with pytest.warns(UserWarning, match="one instance at a time"):
+        both = nft_cuda.eval.instance_logits(model, x, seed=3, instances=range(2, 4))
+    with torch.no_grad():
+        for t in range(2):
+            nft_cuda.set_instance(model, seed=3, instance=2 + t)
+            torch.testing.assert_close(both[t], model(x), rtol=1e-5, atol=1e-6)

@@ -292,7 +292,16 @@ def instance_logits(
             for layer in layers:
                 layer.variation = variation
         s, b = len(instances), inputs.shape[0]
-        with sample_plan(model, instance_plans(layers, seed, instances.start, s), s):
+        plans = instance_plans(layers, seed, instances.start, s)
+        blockers = unbatchable_modules(model) or probe_blockers(model, inputs, plans, s, lambda i: _logits(model, i))
+        if blockers:  # the chips' rows would mix: one instance per forward (same result)
+            warnings.warn(f"instance_logits: one instance at a time: {blockers}", stacklevel=2)
+            outs = []
+            for t in range(s):
+                with sample_plan(model, {layer: plan.select(t) for layer, plan in plans.items()}, 1):
+                    outs.append(_logits(model, inputs))
+            return torch.stack(outs)
+        with sample_plan(model, plans, s):
             out = _logits(model, _repeat(inputs, s))
         return out.view(s, b, out.shape[-1])
 
