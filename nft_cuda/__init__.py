@@ -12,11 +12,20 @@ if _ext.HAS_C:
 
 from nft_cuda import devices, ops, reference, rng
 from nft_cuda.nn.attention import NoisyMultiheadAttention
-from nft_cuda.nn.conversion import convert, noise_mode, noisy_layers, set_instance, set_noise_mode, strip
+from nft_cuda.nn.conversion import (
+    conversion_summary,
+    convert,
+    noise_mode,
+    noisy_layers,
+    set_instance,
+    set_noise_mode,
+    set_time,
+    strip,
+)
 from nft_cuda.nn.generic import register_noisy
 from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
-from nft_cuda.nn.summary import ConversionSummary, conversion_summary
+from nft_cuda.nn.summary import ConversionSummary
 from nft_cuda.variation import PRESETS, Variation
 
 __version__ = "0.1.0"
@@ -56,6 +65,7 @@ __all__ = [
     "noisy_layers",
     "set_noise_mode",
     "set_instance",
+    "set_time",
     "noise_mode",
     "register_noisy",
     "NoisyMultiheadAttention",

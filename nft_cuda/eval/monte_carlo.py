@@ -21,7 +21,8 @@ depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerance
 bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
 with modules that may mix rows of the batch
 (:func:`nft_cuda.nn.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
-identity) are not folded (one warning when folding was asked for).
+identity, then the runtime probe of :func:`~nft_cuda.nn.sample_axis.probe_blockers` on the first test
+batch at the sweep's first noisy point) are not folded (one warning when folding was asked for).
 
 The model runs in ``eval()`` mode (BatchNorm uses its running statistics) with ``torch.no_grad()``; its
 training flags, variations, noise modes and instance state are restored afterwards. σ_d = 0 needs no
@@ -70,7 +71,7 @@ from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
-from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.sample_axis import instance_plans, probe_blockers, sample_plan, unbatchable_modules
 
 __all__ = ["instance_logits", "monte_carlo"]
 
@@ -291,7 +292,16 @@ def instance_logits(
             for layer in layers:
                 layer.variation = variation
         s, b = len(instances), inputs.shape[0]
-        with sample_plan(model, instance_plans(layers, seed, instances.start, s), s):
+        plans = instance_plans(layers, seed, instances.start, s)
+        blockers = unbatchable_modules(model) or probe_blockers(model, inputs, plans, s, lambda i: _logits(model, i))
+        if blockers:  # the chips' rows would mix: one instance per forward (same result)
+            warnings.warn(f"instance_logits: one instance at a time: {blockers}", stacklevel=2)
+            outs = []
+            for t in range(s):
+                with sample_plan(model, {layer: plan.select(t) for layer, plan in plans.items()}, 1):
+                    outs.append(_logits(model, inputs))
+            return torch.stack(outs)
+        with sample_plan(model, plans, s):
             out = _logits(model, _repeat(inputs, s))
         return out.view(s, b, out.shape[-1])
 
@@ -371,6 +381,8 @@ def monte_carlo(
         if fold is None:
             fold = device.type == "cuda"
         blockers = unbatchable_modules(model) if fold else []
+        if fold and not blockers:
+            blockers = _fold_probe(model, layers, loader, device, variations, seed, min(runs, instances_per_pass))
         if blockers:
             warnings.warn(
                 f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
@@ -398,6 +410,23 @@ def monte_carlo(
                 )
                 for var in variations
             ]
+
+
+def _fold_probe(model, layers, loader, device, variations, seed, samples: int) -> list[str]:
+    """The runtime half of the fold check (:func:`nft_cuda.nn.sample_axis.probe_blockers`): instances
+    0 .. S-1 of the first noisy device model of the sweep on the first test batch, folded vs one at a time."""
+    var = next((v for v in variations if not v.noiseless), None)
+    if var is None or samples == 1:
+        return []  # no noisy pass, or nothing to fold
+    with kept_noise_state(model):
+        for layer in layers:
+            layer.variation = var
+        batch = next(iter(loader), None)
+        if batch is None:
+            return []  # the clean pass reports the empty loader
+        x = batch[0].to(device)
+        plans = instance_plans(layers, seed, 0, samples)
+        return probe_blockers(model, x, plans, samples, forward=lambda inputs: _logits(model, inputs))
 
 
 def _sweep_result(

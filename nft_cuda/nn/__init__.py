@@ -8,6 +8,7 @@ train and eval tiers; see docs/architecture.md.
 from nft_cuda.nn.attention import NoisyMultiheadAttention
 from nft_cuda.nn.conversion import (
     FAST_PATH_MODULES,
+    conversion_summary,
     convert,
     guard_fast_paths,
     kept_noise_state,
@@ -15,6 +16,7 @@ from nft_cuda.nn.conversion import (
     noisy_layers,
     set_instance,
     set_noise_mode,
+    set_time,
     strip,
 )
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
@@ -29,8 +31,8 @@ from nft_cuda.nn.layers import (
     instance_offset,
 )
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
-from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
-from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, conversion_summary
+from nft_cuda.nn.sample_axis import batch_blockers, instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, KeptLayer, TiedWeight
 
 __all__ = [
     "FAST_PATH_MODULES",
@@ -38,6 +40,7 @@ __all__ = [
     "ConversionSummary",
     "ConvertedLayer",
     "DigitalWeight",
+    "KeptLayer",
     "NoiseState",
     "NoisyConv1d",
     "NoisyConv2d",
@@ -49,6 +52,8 @@ __all__ = [
     "NoisyMultiheadAttention",
     "NoisyRNN",
     "SamplePlan",
+    "TiedWeight",
+    "batch_blockers",
     "conversion_summary",
     "convert",
     "guard_fast_paths",
@@ -61,6 +66,7 @@ __all__ = [
     "sample_plan",
     "set_instance",
     "set_noise_mode",
+    "set_time",
     "strip",
     "unbatchable_modules",
     "unregister_noisy",

@@ -14,7 +14,9 @@ In modes train/instance and under sample plans the forward draws both noisy weig
 ``nft_cuda.ops.perturb`` for each layer's rng (exactly ``layer.noisy_weight(rng)``) and runs
 ``F.multi_head_attention_forward`` with them; the call is checkpointed, so backward redraws them and no
 noisy weight is stored; the weight gradients are straight-through. With both layers in mode off the
-forward is ``nn.MultiheadAttention.forward`` itself (bit-identical, fast path included). With a sample
+forward is ``nn.MultiheadAttention.forward`` itself (bit-identical on the same path; inside a converted
+model the fast-path guard keeps it off PyTorch's fused eval kernel, which rounds differently, within
+1e-6: docs/conversion.md "Mode off"). With a sample
 axis of S samples, the batch axis (dim 0 with ``batch_first=True``, else dim 1) of query/key/value and
 dim 0 of ``key_padding_mask`` and of a 3-D ``attn_mask`` hold S chunks; chunk t uses sample t's weights.
 """

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import threading
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -44,11 +45,13 @@ from torch.nn.utils import parametrize
 
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel
+from nft_cuda.devices.base import check_time
 from nft_cuda.nn import attention, generic, recurrent, summary, third_party  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
 
 __all__ = [
     "FAST_PATH_MODULES",
+    "conversion_summary",
     "convert",
     "guard_fast_paths",
     "kept_noise_state",
@@ -56,6 +59,7 @@ __all__ = [
     "noisy_layers",
     "set_instance",
     "set_noise_mode",
+    "set_time",
     "strip",
 ]
 
@@ -148,6 +152,15 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
             )
     if isinstance(module, _NORMALISATIONS):
         return None, f"{t.__name__}: normalisation layers stay digital", True
+    if next(module.children(), None) is not None:  # a model or block holding a tensor of its own
+        return (
+            None,
+            (
+                f"a parameter of {t.__name__} itself, not of a layer (a class or position token, say): leave it "
+                "digital on purpose with exclude=[its name]"
+            ),
+            False,
+        )
     return None, f"unsupported type {t.__name__}: register it with nft_cuda.register_noisy", False
 
 
@@ -322,16 +335,129 @@ def convert(
         raise ValueError(
             "convert(strict=True): these weight matrices would stay digital:\n  "
             + "\n  ".join(f"{w.name} {list(w.shape)}: {w.reason}" for w in result.unexpected)
-            + "\nregister their layer types (nft_cuda.register_noisy) or exclude them (exclude=[...])"
+            + "\nregister their layer types (nft_cuda.register_noisy) or leave them digital on purpose: "
+            + f"exclude={[w.name for w in result.unexpected]}"
         )
     for name, module in selected:
         if isinstance(module, NoisyModule):
             module.variation = variation_of(name)
+    kept = _left_as_they_were(modules, sel_names, reasons, mode)
+    previous = summary.record_of(model)
     model = _replace(model, memo)
     _renumber(model)
     guard_fast_paths(model)
-    summary.remember(model, result)
+    summary.remember(model, _record(modules, reasons, selected, previous, kept, embeddings))
+    _warn_kept(modules, sel_names, exclude, mode)
     return model
+
+
+def _left_as_they_were(modules, selected: list[str], reasons, mode: str) -> tuple[summary.KeptLayer, ...]:
+    """The already-noisy layers a convert call leaves as they were: not selected (convert never makes a
+    layer digital again), or selected but in another noise mode than ``mode`` (they keep theirs)."""
+    chosen = set(selected)
+    out = []
+    for name, module in modules:
+        if not isinstance(module, NoisyModule):
+            continue
+        if name not in chosen:
+            why = reasons.get(name, ("not selected", True))[0]
+            out.append(
+                summary.KeptLayer(
+                    name,
+                    f"{why}, but already noisy: left noisy at {module.variation} (nft_cuda.strip makes it digital)",
+                )
+            )
+        elif module.mode != mode:
+            out.append(
+                summary.KeptLayer(
+                    name,
+                    f"already noisy: took the new variation but kept noise mode {module.mode!r}, not {mode!r} "
+                    "(nft_cuda.set_noise_mode sets it)",
+                )
+            )
+    return tuple(out)
+
+
+def _warn_kept(modules, selected: list[str], exclude, mode: str) -> None:
+    """One UserWarning when a convert call leaves an already-noisy layer otherwise than asked: named by
+    ``exclude=`` yet still noisy, or selected yet not in ``mode``. (Layers merely not matched by
+    ``include=`` are left as they were silently: that is what include= on a converted model is for.)"""
+    chosen = set(selected)
+    noisy = [(n, m) for n, m in modules if isinstance(m, NoisyModule)]
+    excluded = [n for n, _ in noisy if n not in chosen and any(_matches(n, p) for p in exclude or ())]
+    moded = [n for n, m in noisy if n in chosen and m.mode != mode]
+    parts = []
+    if excluded:
+        parts.append(
+            f"{_listing(excluded)} named by exclude= are already noisy and stay noisy (nft_cuda.strip "
+            "makes layers digital)"
+        )
+    if moded:
+        parts.append(
+            f"{_listing(moded)} were already noisy and keep their noise mode, not {mode!r} "
+            "(nft_cuda.set_noise_mode sets it)"
+        )
+    if parts:
+        warnings.warn(
+            "convert left layers as they were: " + "; ".join(parts) + " (see nft_cuda.conversion_summary(model).kept)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _record(modules, reasons, selected, previous, kept, embeddings: bool) -> summary.ConversionRecord:
+    """What a convert call intended (summary.ConversionRecord): the reasons of the modules it left digital
+    and the original types of the layers noisy after it (those made noisy by an earlier call keep theirs)."""
+    types = {name: type(m).__name__ for name, m in modules}
+    originals = dict(previous.original_types) if previous is not None else {}
+    for name, module in selected:
+        if not isinstance(module, NoisyModule):
+            originals[name] = types[name]
+    return summary.ConversionRecord(
+        {name: (why, chosen, types[name]) for name, (why, chosen) in reasons.items() if name in types},
+        originals,
+        kept,
+        embeddings,
+    )
+
+
+def conversion_summary(model: nn.Module) -> summary.ConversionSummary:
+    """The :class:`~nft_cuda.nn.summary.ConversionSummary` of ``model`` as it is now: every noisy layer
+    (with its device model and mode now, whatever convert call made it noisy), every weight matrix left
+    digital with why, tied parameters counted once, and the layers the last :func:`convert` call left as
+    they were (``kept``). Built on each call from the model's modules and the intentions the convert
+    calls recorded on it (exclusions, original types; kept by ``copy.deepcopy``).
+
+    Raises LookupError when ``model`` has no noisy layer and was never converted (or was stripped since)."""
+    _check_model(model)
+    record = summary.record_of(model)
+    layers = dict(noisy_layers(model))
+    if record is None and not layers:
+        raise LookupError(f"{type(model).__name__} has no conversion summary: call nft_cuda.convert(model, ...) first")
+    if record is None:
+        record = summary.ConversionRecord({}, {})
+    reasons = {}
+    for name, module in model.named_modules():
+        if name in layers:
+            continue
+        why = record.reasons.get(name)
+        if why is not None and why[2] == type(module).__name__:
+            reasons[name] = why[:2]
+            continue
+        kind, why, chosen = _classify(module, record.embeddings)
+        reasons[name] = (
+            (why, chosen) if kind is None else (f"{type(module).__name__}: no convert call made it noisy", False)
+        )
+    originals = {name: record.original_types.get(name) or _plain_type_name(layer) for name, layer in layers.items()}
+    return summary.build_summary(model, layers, reasons, originals, record.kept)
+
+
+def _plain_type_name(layer: NoisyModule) -> str:
+    """The name of the plain class a noisy layer stands for (its first non-noisy base)."""
+    for cls in type(layer).__mro__:
+        if issubclass(cls, nn.Module) and not issubclass(cls, NoisyModule) and cls is not nn.Module:
+            return cls.__name__
+    return type(layer).__name__
 
 
 def strip(model: nn.Module) -> nn.Module:
@@ -468,6 +594,28 @@ def set_instance(model: nn.Module, seed: int, instance: int) -> nn.Module:
             raise ValueError(f"layer '{name}' has no variation and cannot use instance mode")
     for layer in layers:
         layer.set_instance(seed, instance)
+    return model
+
+
+def set_time(model: nn.Module, t: float) -> nn.Module:
+    """Read the chip ``t`` seconds after programming: every noisy layer of ``model`` whose device model
+    has a time (:class:`~nft_cuda.devices.PCM`) gets ``variation.at_time(t)`` (device models are
+    immutable values, so each is replaced); layers with time-independent models are left as they are.
+    Returns ``model``.
+
+    Raises ValueError (nothing changed) when ``t`` is negative or not finite, or when no noisy layer's
+    device model has a time."""
+    _check_model(model)
+    t = check_time(t)
+    timed = [layer for _, layer in noisy_layers(model) if hasattr(layer.variation, "time")]
+    if not timed:
+        models = sorted({type(layer.variation).__name__ for _, layer in noisy_layers(model)})
+        raise ValueError(
+            "set_time: no noisy layer of the model has a time-dependent device model (e.g. nft_cuda.devices.PCM); "
+            f"its device models are {models or '[] (it has no noisy layer)'}"
+        )
+    for layer in timed:
+        layer.variation = layer.variation.at_time(t)
     return model
 
 

@@ -570,10 +570,16 @@ class NoisyModule(nn.Module):
         rng of the layer's own mode (sigmas None: the layer's σ_d; a fresh draw in mode train), or None
         for a clean forward (mode off)."""
         plan = self._sample_plan
-        if plan is not None:
-            return plan
-        rng = self._forward_rng()
-        return None if rng is None else SamplePlan(rng, None)
+        if plan is None:
+            rng = self._forward_rng()
+            plan = None if rng is None else SamplePlan(rng, None)
+        if plan is not None and self.weight.device.type == "meta":
+            raise RuntimeError(
+                f"{type(self).__name__}: its weight is on the meta device (a shape without values), so there "
+                "is nothing to perturb; materialise the model first (model.to_empty(device=...) then "
+                "load_state_dict(...)), or use noise mode 'off' for shape-only runs"
+            )
+        return plan
 
     def _forward_rng(self) -> torch.Tensor | None:
         """The rng tensor of this forward in the layer's own mode, or None in mode off."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel, Variation
 from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
-from nft_cuda.nn.sample_axis import sample_plan, unbatchable_modules
+from nft_cuda.nn.sample_axis import batch_blockers, repeat_samples, sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
 
@@ -148,7 +148,9 @@ class OVF(Method):
         return self._offsets[device]
 
     def can_batch(self, model: nn.Module) -> list[str]:
-        """[] when the model can run OVF batched, else the names of the modules that prevent it."""
+        """[] when the model can run OVF batched as far as its module types and arguments tell, else the names
+        of the modules that prevent it; :meth:`forwards` also runs the runtime probe of
+        :func:`~nft_cuda.nn.sample_axis.batch_blockers` once per model."""
         return unbatchable_modules(model)
 
     def forwards(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -162,20 +164,20 @@ class OVF(Method):
             draws[layer] = (rng, sigmas)
         batched = self.batched
         if batched:
-            blockers = self.can_batch(model)
+            blockers = batch_blockers(model, x, draws, samples)
             if blockers:
                 batched = False
                 if not self._warned:
                     self._warned = True
                     warnings.warn(
-                        f"OVF: running the {samples} forwards sequentially: modules {blockers} cannot be "
-                        "batched along a sample axis",
+                        f"OVF: running the {samples} forwards sequentially (same result, slower): "
+                        f"{'; '.join(blockers)}: cannot be batched along a sample axis",
                         RuntimeWarning,
                         stacklevel=3,
                     )
         if batched:
             with sample_plan(model, draws, samples):
-                out = model(x.repeat(samples, *([1] * (x.dim() - 1))))
+                out = model(repeat_samples(x, samples))
             return list(out.chunk(samples, dim=0))
         outs = []
         for t in range(samples):
