@@ -288,6 +288,9 @@ def test_nft_train_and_eval_a_third_party_model(factory, kwargs, output, module,
     assert [r["checkpoint"] for r in results] == ["noise", "ovf"]
     for r in results:
         assert len(r["per_instance_accuracy"]) == 3 and 0 <= r["accuracy_mean"] <= 1 and r["ekl"] >= 0
+    if output is not None:  # --output overrides the recorded adapter
+        code, _, err = _nft(capsys, "eval", runs[0], *EVAL, "--output", "logitz")
+        assert code == 1 and "no field 'logitz'; its fields: logits" in one_error_line(err)
 
 
 def test_resume_rebuilds_the_factory_model_bit_identically(tmp_path, capsys, model_libs):

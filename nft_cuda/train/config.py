@@ -107,10 +107,6 @@ class TrainConfig:
     """
 
     model: str = "small"
-    model_factory: str | None = None
-    model_kwargs: dict = dataclasses.field(default_factory=dict)
-    output: str | int | None = None
-    taps: dict | None = None
     dataset: str = "embedded"
     data_dir: str | None = None
     method: str = "noise"
@@ -138,6 +134,11 @@ class TrainConfig:
     overwrite: bool = False
     limit_train: int | None = None
     limit_eval: int | None = None
+    # Custom models (after the original fields, so positional construction keeps its meaning).
+    model_factory: str | None = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    output: str | int | None = None
+    taps: dict | None = None
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
