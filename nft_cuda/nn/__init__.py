@@ -8,6 +8,7 @@ train and eval tiers; see docs/architecture.md.
 from nft_cuda.nn.attention import NoisyMultiheadAttention
 from nft_cuda.nn.conversion import (
     FAST_PATH_MODULES,
+    assign_layer_keys,
     convert,
     guard_fast_paths,
     kept_noise_state,
@@ -15,11 +16,13 @@ from nft_cuda.nn.conversion import (
     noisy_layers,
     set_instance,
     set_noise_mode,
+    stream_version,
     strip,
 )
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
 from nft_cuda.nn.layers import (
     MODES,
+    NOISE_STREAM_VERSION,
     NoiseState,
     NoisyConv1d,
     NoisyConv2d,
@@ -27,6 +30,7 @@ from nft_cuda.nn.layers import (
     NoisyModule,
     SamplePlan,
     instance_offset,
+    name_key,
 )
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.sample_axis import instance_plans, sample_plan, unbatchable_modules
@@ -35,6 +39,7 @@ from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight
 __all__ = [
     "FAST_PATH_MODULES",
     "MODES",
+    "NOISE_STREAM_VERSION",
     "ConversionSummary",
     "ConvertedLayer",
     "DigitalWeight",
@@ -49,18 +54,21 @@ __all__ = [
     "NoisyMultiheadAttention",
     "NoisyRNN",
     "SamplePlan",
+    "assign_layer_keys",
     "conversion_summary",
     "convert",
     "guard_fast_paths",
     "instance_offset",
     "instance_plans",
     "kept_noise_state",
+    "name_key",
     "noise_mode",
     "noisy_layers",
     "register_noisy",
     "sample_plan",
     "set_instance",
     "set_noise_mode",
+    "stream_version",
     "strip",
     "unbatchable_modules",
     "unregister_noisy",
