@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 from benchmarks import config, environment, history, peer, report, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from benchmarks.bench_conv import conv_case  # noqa: E402
-from benchmarks.bench_eval import eval_case  # noqa: E402
+from benchmarks.bench_eval import chip_case, eval_case  # noqa: E402
 from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
 from benchmarks.bench_perturb import perturb_case  # noqa: E402
 from benchmarks.bench_train import train_case  # noqa: E402
@@ -36,6 +36,7 @@ CASES = {
     "conv": conv_case,
     "train": train_case,
     "eval": eval_case,
+    "chip": chip_case,
 }
 
 CASE_HELP = {
@@ -47,6 +48,7 @@ CASE_HELP = {
     "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled / aihwkit-lightning",
     "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS, aihwkit-lightning",
     "eval": "Monte-Carlo evaluation R = 100 (small model, embedded test slice) vs clean passes / reference loop",
+    "chip": "one chip of a converted ViT: clean forward vs instance mode drawn per forward / cached vs monte_carlo",
 }
 
 LEGEND = """\

@@ -23,12 +23,21 @@ accuracy, and S instances per pass give the same per-instance accuracies and EKL
 After timing: the timed Monte-Carlo and reference-loop accuracies agree within 5 standard errors (+1%)
 (different noise streams, same law).
 
+Case "chip": the cost of one chip of a converted small transformer (the library's ViT: patch Conv2d,
+attention, MLP and head noisy), per chip and side by side in one run: the clean forward, instance mode
+drawing the chip's noisy weights on every forward (as before the cache), instance mode with the cached chip
+weights (``NoisyModule.set_instance``), and ``monte_carlo`` (its noisy weights drawn once per pass of S
+chips). 256 test images in batches of 32 on CPU, 16 chips (quick: 64 images in batches of 16, 4 chips).
+Checked before timing: the cached chip gives instance mode's logits bit for bit, and monte_carlo's
+per-chip accuracies equal instance mode's.
+
     python -m benchmarks.bench_eval [--device cpu|cuda] [--runs 100] [--images N] [--batch B]
-                                    [--passes 8,1] [--quick] [--json PATH]
+                                    [--passes 8,1] [--quick] [--json PATH] [--only eval|chip]
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -177,12 +186,72 @@ def eval_case(
     return c.rows
 
 
-CASES = {"eval": eval_case}
+def _chip_passes(model, loader, chips: int, cache: bool | None) -> None:
+    """``chips`` passes of ``model`` over ``loader`` without gradients: clean (``cache`` None) or chip r in
+    instance mode (``nft_cuda.set_instance``) with or without the cached chip weights."""
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if cache is None:
+            stack.enter_context(nft_cuda.noise_mode(model, "off"))
+        for r in range(chips):
+            if cache is not None:
+                nft_cuda.set_instance(model, 0, r, cache=cache)
+            for xb, yb in loader:
+                (model(xb).argmax(-1) == yb).sum()
+
+
+def chip_case(cfg: config.Config, ceilings: dict | None = None, *, chips: int | None = None) -> list[results.Row]:
+    """The cost of one chip of a converted small transformer (nft_cuda.models ViT), per chip, side by side:
+    the clean forward, instance mode drawing the chip's noisy weights on every forward, instance mode with
+    the cached chip weights (NoisyModule.set_instance) and monte_carlo."""
+    dev, v = cfg.dev, config.VARIATION
+    chips = chips or (4 if cfg.quick else 16)
+    images, batch = (64, 16) if cfg.quick and not cfg.cuda else ((256, 32) if not cfg.cuda else (1000, 250))
+    torch.manual_seed(0)
+    model = nft_cuda.convert(build_model("vit", in_channels=1, num_classes=10), v).to(dev).eval()
+    x, y, source = _data("test")
+    loader = TensorBatches(x[:images].to(dev), y[:images].to(dev), batch)
+    name = f"chip cost ViT {images} img batch {batch}, {chips} chips ({source} test)"
+    # Correctness before timing: the cache gives instance mode's logits bit for bit, monte_carlo its chips.
+    with torch.no_grad():
+        xb = loader.images[:batch]
+        nft_cuda.set_instance(model, 0, 1, cache=False)
+        drawn = model(xb)
+        nft_cuda.set_instance(model, 0, 1, cache=True)
+        if not (torch.equal(model(xb), drawn) and torch.equal(model(xb), drawn)):
+            raise checks.CheckError(f"{name}: the cached chip weights change instance mode's logits")
+        acc = []
+        for r in range(2):
+            nft_cuda.set_instance(model, 0, r)
+            acc.append(sum(int((model(a).argmax(-1) == b).sum()) for a, b in loader) / images)
+    got = monte_carlo(model, loader, v, 2, seed=0, progress=False)[0]["per_instance_accuracy"]
+    if got != acc:
+        raise checks.CheckError(f"{name}: monte_carlo's chips {got} differ from instance mode's {acc}")
+
+    fns = {
+        "clean forward": functools.partial(_chip_passes, model, loader, chips, None),
+        "instance, drawn per forward": functools.partial(_chip_passes, model, loader, chips, False),
+        "instance, cached chip": functools.partial(_chip_passes, model, loader, chips, True),
+        "monte_carlo": lambda: monte_carlo(model, loader, v, chips, seed=0, progress=False),
+    }
+    c = results.Case(cfg, ceilings)
+    rows = c.time(name, fns, work=float(chips * images), unit="img/s", slow=True)
+    rows["monte_carlo"].note = f"S = 8 per pass; its one clean pass adds {1 / chips:.0%} of a clean forward per chip"
+    for variant in ("instance, drawn per forward", "instance, cached chip"):
+        c.compare(rows[variant], rows["clean forward"], "time")
+    c.compare(rows["monte_carlo"], rows["clean forward"], "time", "mc_vs_clean", exact=False)
+    c.compare(rows["instance, cached chip"], rows["instance, drawn per forward"], "speedup")
+    return c.rows
+
+
+CASES = {"eval": eval_case, "chip": chip_case}
 
 
 def _cases(a):
     passes = tuple(int(s) for s in a.passes.split(",")) if a.passes else None
-    return {"eval": functools.partial(eval_case, runs=a.runs, images=a.images, batch=a.batch, passes=passes)}
+    return {
+        "eval": functools.partial(eval_case, runs=a.runs, images=a.images, batch=a.batch, passes=passes),
+        "chip": chip_case,
+    }
 
 
 def _extra(p):

@@ -11,8 +11,13 @@ An exported model file is a plain dict of tensors, numbers and strings written a
                   {"kind": "bitsliced-gaussian", "sigma", "device_model", "weight_bits", "device_bits", "mvm"}
                   or another model's fields; a dict without "kind" (files before device models) is a Variation
      "noisy": [names of the noisy layers],                                    # convert(include=...)
+     "noise_stream": 2,                 # the noise stream version of the layer keys (absent: 1, DESIGN §2)
+     "layer_keys": [ℓ of each noisy layer, in "noisy" order],                 # absent in older files
      "state_dict": {...},                                                     # backbone only, no IRS heads
      "meta": {...}}                                                           # method, dataset, versions, ...
+
+A loaded model's noisy layers carry the file's stream version and keys, so chip r of the loaded model is
+chip r of the model that was saved.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch.nn as nn
 
 from nft_cuda._files import atomic_save
 from nft_cuda.devices import DeviceModel, device_model_from_dict
-from nft_cuda.nn.conversion import convert, noisy_layers
+from nft_cuda.nn.conversion import assign_layer_keys, convert, noisy_layers
+from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
 
 __all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model", "safe_load"]
 
@@ -52,11 +58,14 @@ def save_model(path: str, model: nn.Module, *, spec: dict, variation: DeviceMode
     nft_cuda.models.build_model plus "name", or a model factory's import path and kwargs; plus "output"
     when its logits need an output adapter) and ``variation`` (any device model)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    layers = assign_layer_keys(model)  # keys of the model's own version (layers keyed already keep theirs)
     payload = {
         "format": MODEL_FORMAT,
         "model": dict(spec),
         "variation": variation.to_dict(),
         "noisy": [name for name, _ in noisy_layers(model)],
+        "noise_stream": layers[0].stream_version if layers else NOISE_STREAM_VERSION,
+        "layer_keys": [layer.layer_index for layer in layers],
         "state_dict": state,
         "meta": dict(meta or {}),
     }
@@ -111,6 +120,18 @@ def _rebuild(path: str, spec: dict) -> nn.Module:
         ) from exc
 
 
+def _restore_keys(model: nn.Module, keys, version: int) -> None:
+    """Give the loaded noisy layers the saved keys (version 2; version 1 keys are positions, renumbered
+    wherever they are used). The names of a rebuilt model give the same keys; the file is the record."""
+    if keys is None or version == 1:
+        return
+    layers = [layer for _, layer in noisy_layers(model)]
+    if len(keys) != len(layers) or len(set(keys)) != len(keys):
+        raise ValueError(f"layer_keys must hold one distinct key per noisy layer ({len(layers)}), got {len(keys)}")
+    for layer, key in zip(layers, keys):
+        layer.layer_index = int(key)
+
+
 def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model, payload): the exported backbone rebuilt with its noisy layers (mode train) on ``device``.
     ``path`` is a model file or a run folder of ``nft train`` (its model.pt). A model made by a model
@@ -128,8 +149,10 @@ def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
     try:  # a file of the right format but with missing or bad entries: one clear error naming the file
         variation = device_model_from_dict(dict(payload["variation"]))
         noisy = list(payload["noisy"])
-        if noisy:
-            convert(model, variation, include=noisy, embeddings=True)  # exactly the listed layers, embeddings too
+        version = check_stream_version(payload.get("noise_stream", 1), "noise_stream")
+        if noisy:  # exactly the listed layers, embeddings too
+            convert(model, variation, include=noisy, embeddings=True, stream_version=version)
+            _restore_keys(model, payload.get("layer_keys"), version)
         state = payload["state_dict"]
     except KeyError as exc:
         raise ValueError(f"{path} is a malformed exported nft_cuda model: missing entry {exc}") from None

@@ -129,6 +129,8 @@ def load_config(path) -> dict:
         if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
             raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
         _check_time_axis(path, i, g)
+    if cfg.get("noise_stream", 1) not in (1, 2):
+        raise ValueError(f"{path}: noise_stream must be 1 or 2 (DESIGN §2), got {cfg['noise_stream']!r}")
     if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
         raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two instances), got {cfg['runs']!r}")
     return cfg
@@ -344,9 +346,16 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
         instances_per_pass=cfg["instances_per_pass"],
         device=device,
         progress=progress,
+        stream_version=noise_stream(cfg),
     )[0]
     res["time_s"] = time.perf_counter() - t0
     return res
+
+
+def noise_stream(cfg: dict) -> int:
+    """The noise stream version of a study's chips (DESIGN §2): the config's ``noise_stream``; a config
+    without one is a study made before version 2, so its chips are version 1 and re-running it gives them."""
+    return cfg.get("noise_stream", 1)
 
 
 def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
@@ -377,10 +386,11 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
         t = trained[e["model"]]
         path = out / "eval" / f"{e['name']}.json"
         spec = (
-            {k: cfg[k] for k in ("runs", "eval_seed", "test_images", "instances_per_pass", "device")}
+            {k: cfg[k] for k in ("runs", "eval_seed", "test_images", "instances_per_pass", "device", "noise_stream")
+             if k in cfg}
             | e
             | {"trained": trainings_spec(t)}
-        )
+        )  # fmt: skip
         rec = _done(path, spec)
         if rec is None:
             log(f"[{step}/{total}] eval {e['name']}: {cfg['runs']} chip instances ({_elapsed(t_start)} elapsed)")
@@ -414,6 +424,7 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
                 "clean_accuracy": r["clean_accuracy"],
                 "time_s": r["time_s"],
                 "per_instance_accuracy": r["per_instance_accuracy"],
+                "noise_stream": r.get("noise_stream", 1),
                 **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"]}
                    if "time_s" in e else {}),
             }

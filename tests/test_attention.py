@@ -104,8 +104,9 @@ def test_instance_noise_is_ops_perturb_of_each_layer(kw):
     layer = model["attn"]
     nft_cuda.set_instance(model, seed=7, instance=5)
     q, k, v = _inputs(kw, self_attention=False)
-    rng_in = torch.tensor([7, (0 << 32) | 5])
-    rng_out = torch.tensor([7, (1 << 32) | 5])
+    # each layer's key comes from its name (noise stream 2; before it, the positions 0 and 1)
+    rng_in = torch.tensor([7, (nft_cuda.nn.name_key("attn") << 32) | 5])
+    rng_out = torch.tensor([7, (nft_cuda.nn.name_key("attn.out_proj") << 32) | 5])
     with torch.no_grad():
         got = layer(q, k, v)
         w_out = ops.perturb(layer.out_proj.weight, V, rng=rng_out)[0]

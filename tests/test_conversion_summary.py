@@ -93,7 +93,8 @@ def test_embeddings_option_makes_them_noisy():
         assert torch.equal(model(tokens), clean)
     nft_cuda.set_instance(model, seed=3, instance=1)
     with torch.no_grad():
-        rng = torch.tensor([3, 1], dtype=torch.int64)  # layer 0, instance 1
+        ell = nft_cuda.nn.name_key("emb")  # its key from its name (noise stream 2; was position 0)
+        rng = torch.tensor([3, (ell << 32) | 1], dtype=torch.int64)  # instance 1
         expected = nn.functional.embedding(tokens, nft_cuda.ops.perturb(model.emb.weight, V, rng=rng)[0])
         assert torch.equal(model.emb(tokens), expected)
     nft_cuda.strip(model)

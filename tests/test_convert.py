@@ -281,15 +281,19 @@ def test_shared_module_lone_layer_and_mha():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def test_set_instance_layer_offsets():
+@pytest.mark.parametrize("version", [1, 2])
+def test_set_instance_layer_offsets(version):
+    """Layer ℓ of chip 7 uses offset (ℓ << 32) | 7: ℓ = its position among the noisy layers in noise stream
+    version 1 (the assertion before version 2), ℓ = name_key(its name) in version 2."""
     model, x = _net()
-    nft_cuda.convert(model, V, exclude=["features.0"], per_layer={"heads.b": V2})
+    nft_cuda.convert(model, V, exclude=["features.0"], per_layer={"heads.b": V2}, stream_version=version)
     assert nft_cuda.set_instance(model, seed=99, instance=7) is model
     weights = []
     for idx, (name, layer) in enumerate(nft_cuda.noisy_layers(model)):
-        assert layer.layer_index == idx and layer.mode == "instance"
+        ell = idx if version == 1 else nft_cuda.nn.name_key(name)
+        assert layer.layer_index == ell and layer.mode == "instance" and layer.stream_version == version
         w = layer.noisy_weight()
-        expected = ops.perturb(layer.weight.detach(), layer.variation, seed=99, offset=(idx << 32) | 7)[0]
+        expected = ops.perturb(layer.weight.detach(), layer.variation, seed=99, offset=(ell << 32) | 7)[0]
         assert torch.equal(w, expected), name
         weights.append(w)
     # two layers of the same shape get different noise (different ℓ)

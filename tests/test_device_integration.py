@@ -70,8 +70,11 @@ def test_convert_per_layer_with_a_pcm_layer():
     assert model[0].variation == Variation(0.1) and model[2].variation == PCM(time=86400.0)
     nft_cuda.set_instance(model, SEED, 0)
     x = torch.randn(3, 12)
-    w2 = nft_cuda.ops.perturb(model[2].weight.detach(), PCM(time=86400.0), seed=SEED, offset=instance_offset(1, 0))[0]
-    w0 = nft_cuda.ops.perturb(model[0].weight.detach(), Variation(0.1), seed=SEED, offset=instance_offset(0, 0))[0]
+    ell0, ell2 = nft_cuda.nn.name_key("0"), nft_cuda.nn.name_key("2")  # keys from the names (noise stream 2)
+    w2 = nft_cuda.ops.perturb(model[2].weight.detach(), PCM(time=86400.0), seed=SEED, offset=instance_offset(ell2, 0))[
+        0
+    ]
+    w0 = nft_cuda.ops.perturb(model[0].weight.detach(), Variation(0.1), seed=SEED, offset=instance_offset(ell0, 0))[0]
     want = F.linear(F.relu(F.linear(x, w0, model[0].bias)), w2, model[2].bias)
     torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="device model"):

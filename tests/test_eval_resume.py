@@ -106,3 +106,25 @@ def test_one_point_per_call_equals_one_sweep_call(checkpoint):
     together = monte_carlo(model, loader, variations, 4, seed=9, progress=False)
     apart = [monte_carlo(model, loader, [v], 4, seed=9, progress=False)[0] for v in variations]
     assert together == apart
+
+
+def test_reports_models_and_checkpoints_carry_the_noise_stream_version(checkpoint, tmp_path):
+    """DESIGN §2: every report result, exported model and training checkpoint records its noise stream
+    version; ``--stream-version 1`` evaluates the chips of version 1 and is a setting of its own."""
+    import os
+
+    from nft_cuda import cli
+    from nft_cuda.io import safe_load
+    from nft_cuda.train.checkpoint import read_checkpoint
+
+    ckpt, _ = read_checkpoint(os.path.dirname(checkpoint), warn=False)
+    assert ckpt["noise_stream"] == 2 and safe_load(checkpoint)["noise_stream"] == 2
+    v2 = _eval(checkpoint, tmp_path / "v2.json", runs=2)
+    assert [r["noise_stream"] for r in json.loads((tmp_path / "v2.json").read_text())["results"]] == [2, 2, 2]
+    path = tmp_path / "v1.json"
+    assert cli.main(["eval", checkpoint, "--sigma", "0.1,0.2,0.3", "--runs", "2", "--device", "cpu",
+                     "--stream-version", "1", "--json", str(path), "--no-progress"]) == 0  # fmt: skip
+    v1 = json.loads(path.read_text())["results"]
+    assert [r["noise_stream"] for r in v1] == [1, 1, 1]
+    assert [r["per_instance_accuracy"] for r in v1] != [r["per_instance_accuracy"] for r in v2["results"]]
+    assert v1 == _eval(checkpoint, tmp_path / "again.json", runs=2, stream_version=1)["results"]

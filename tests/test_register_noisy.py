@@ -48,7 +48,8 @@ def test_strict_raises_until_the_type_is_registered():
     nft_cuda.convert(model, V, strict=True)
     assert type(model[2]) is noisy_cls and isinstance(model[2], TransposedLinear)
     assert isinstance(model[2], NoisyModule) and list(model.state_dict()) == keys
-    assert model[2].weight is model[2].w and model[2].layer_index == 1
+    # keyed by its name (noise stream 2; before it: its position 1 among the noisy layers)
+    assert model[2].weight is model[2].w and model[2].layer_index == nft_cuda.nn.name_key("2")
     s = nft_cuda.conversion_summary(model)
     assert [(c.name, c.noisy_type, c.weights) for c in s.converted][-1] == ("2", "NoisyTransposedLinear", ("2.w",))
     assert not s.digital
@@ -66,7 +67,8 @@ def test_modes_match_the_plain_forward_and_the_oracle():
             assert torch.equal(model(x), clean)  # mode off: the class's own forward, bit for bit
         nft_cuda.set_instance(model, seed=5, instance=2)
         h = model[1](model[0](x))
-        w_noisy = ops.perturb(model[2].w, V, seed=5, offset=(1 << 32) | 2)[0]
+        ell = nft_cuda.nn.name_key("2")  # the layer's key: from its name (noise stream 2; was its position 1)
+        w_noisy = ops.perturb(model[2].w, V, seed=5, offset=(ell << 32) | 2)[0]
         assert torch.equal(model[2](h), h @ w_noisy + model[2].b)
         assert torch.equal(model[2].noisy_weight(), w_noisy)
     plain = nft_cuda.strip(model)

@@ -81,6 +81,13 @@ def register(subparsers) -> None:
     _add_eval(subparsers)
 
 
+#: ``nft eval --stream-version``: which chips (DESIGN §2, docs/design-notes.md "Noise stream versions").
+_STREAM_VERSION_HELP = (
+    "noise stream version of the chips: 2 = layer keys from the layers' names, 1 = by position, the chips "
+    "of results made before version 2 (default: each checkpoint's own; files without one are 1)"
+)
+
+
 def _add_eval(subparsers) -> None:
     from nft_cuda.devices import MODEL_NAMES
 
@@ -127,6 +134,7 @@ def _add_eval(subparsers) -> None:
     )
     e.add_argument("--runs", type=_runs, default=100, help="chip instances per σ_d (default 100)")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="evaluation seed (default 0)")
+    e.add_argument("--stream-version", type=int, choices=(1, 2), help=_STREAM_VERSION_HELP)
     e.add_argument(
         "--data-dir",
         dest="data_dir",
@@ -261,6 +269,7 @@ def _run_eval(args) -> int:
             drift_compensation=args.drift_compensation,
             device_options=_device_options(args),
             output=args.output,
+            stream_version=args.stream_version,
         )
     except KeyboardInterrupt:
         if args.json and not group.active:  # sharded runs keep no partial file

@@ -3,14 +3,20 @@
 :func:`monte_carlo` evaluates R chip instances of a noisy model on a whole test loader for each σ_d of a
 sweep and reports accuracy statistics, mean confidence and the expected KL divergence (EKL).
 
-Chip instances. Instance r of noisy layer ℓ (ℓ = its position among the noisy layers in
-``named_modules()`` order, :func:`nft_cuda.noisy_layers`) uses the noise stream
+Chip instances. Instance r of the noisy layer of key ℓ uses the noise stream
 (seed, offset = (ℓ << 32) | r), fixed over the whole test set: exactly what
-``nft_cuda.set_instance(model, seed, r)`` gives.
+``nft_cuda.set_instance(model, seed, r)`` gives. The key depends on the noise stream version
+(``stream_version``, recorded as ``noise_stream`` in every result): in version 2 (the default,
+:data:`nft_cuda.nn.layers.NOISE_STREAM_VERSION`) ℓ is made from the layer's qualified name
+(:func:`nft_cuda.nn.layers.name_key`), so chip r of a layer is the same whichever other layers are
+noisy: an ablation ("first layer digital, same chips") compares the same chips. In version 1, the
+stream of every result made before it, ℓ is the layer's position among the noisy layers in
+``named_modules()`` order, so excluding a layer changes the chips of every later one; results without
+``noise_stream`` are version 1, and ``stream_version=1`` evaluates those chips again.
 
 Batched instances. Instances are evaluated in groups of S = ``instances_per_pass`` consecutive instances
 r0 .. r0+S-1, one pass over the loader per group. The group's noisy weights are drawn once per pass,
-for every noisy layer ℓ with the call a sample-plan forward makes (:mod:`nft_cuda.nn.sample_axis`):
+for every noisy layer (key ℓ) with the call a sample-plan forward makes (:mod:`nft_cuda.nn.sample_axis`):
 ``ops.perturb(W, variation, rng=(seed, (ℓ << 32) | r0), samples=S, sigmas=[σ_d] × S)``, whose stream
 offset + t is instance r0 + t — instead of once per batch, as a noisy layer in instance mode would. Then,
 per batch, either the S instances are folded into the batch axis (``fold=True``: the batch repeated S
@@ -70,8 +76,10 @@ from nft_cuda.devices import DeviceModel
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
-from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
+from nft_cuda.nn.conversion import assign_layer_keys, kept_noise_state, noise_mode, noisy_layers
+from nft_cuda.nn.conversion import stream_version as model_stream_version
 from nft_cuda.nn.custom import resolve_output
+from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
 from nft_cuda.nn.sample_axis import instance_plans, probe_blockers, sample_plan, unbatchable_modules
 
 __all__ = ["instance_logits", "monte_carlo"]
@@ -199,13 +207,21 @@ def _check_run_args(runs, seed, instances_per_pass, loader) -> int:
 
 
 def _evaluable_layers(model: nn.Module) -> list:
-    """The model's noisy layers in ℓ order, checked to be ones monte_carlo can evaluate."""
+    """The model's noisy layers in ``named_modules()`` order, checked to be ones monte_carlo can evaluate."""
     layers = [m for _, m in noisy_layers(model)]
     if not layers:
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
     if len(layers) >= 2**31:
         raise ValueError("too many noisy layers")
     return layers
+
+
+def _stream_version(model: nn.Module, version: int | None) -> int:
+    """The noise stream version to evaluate ``model``'s chips in: ``version``, else the model's own (the
+    one :func:`nft_cuda.convert` keyed it with), else the current one."""
+    if version is not None:
+        return check_stream_version(version)
+    return model_stream_version(model) or NOISE_STREAM_VERSION
 
 
 def _group_pass(
@@ -286,13 +302,14 @@ def instance_logits(
     instances: range,
     variation: DeviceModel | None = None,
     output=None,
+    stream_version: int | None = None,
 ) -> torch.Tensor:
     """Logits [S, B, classes] of chip instances ``instances`` (a range of consecutive r, S = its length)
     on one batch ``inputs`` [B, ...], computed in one pass as :func:`monte_carlo` does (the model's
     current train/eval flags are used as they are; call ``model.eval()`` first for evaluation).
     Instance r equals ``nft_cuda.set_instance(model, seed, r); model(inputs)``. ``variation``
     temporarily replaces every noisy layer's variation (default: keep each layer's own); ``output`` is
-    the output adapter, as in :func:`monte_carlo`."""
+    the output adapter, as in :func:`monte_carlo`; ``stream_version`` as :func:`monte_carlo`'s."""
     adapt = resolve_output(output)
     if not isinstance(instances, range) or instances.step != 1 or len(instances) == 0:
         raise ValueError(f"instances must be a non-empty range of consecutive instances, got {instances!r}")
@@ -301,7 +318,9 @@ def instance_logits(
         raise ValueError(f"instances must lie in [0, 2^32), got {instances!r}")
     if not noisy_layers(model):
         raise ValueError("the model has no noisy layers: convert it with nft_cuda.convert(model, variation) first")
-    with _kept_state(model) as layers:
+    version = _stream_version(model, stream_version)
+    with _kept_state(model):
+        layers = assign_layer_keys(model, version)
         if variation is not None:
             for layer in layers:
                 layer.variation = variation
@@ -342,6 +361,7 @@ def monte_carlo(
     group=None,
     per_instance_kl: bool = False,
     output=None,
+    stream_version: int | None = None,
 ) -> list[dict]:
     """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
 
@@ -376,6 +396,10 @@ def monte_carlo(
         output: where the logits are in the model's output (None: the output is the logits tensor; a
             Hugging Face model: ``"logits"``; an index of a tuple, or a callable; see
             :func:`nft_cuda.nn.custom.resolve_output`).
+        stream_version: the noise stream version of the chips (DESIGN §2): 2 (layer keys from the
+            layers' names) or 1 (keys by position, the chips of results made before version 2). Default:
+            the model's own (:func:`nft_cuda.convert`'s ``stream_version``; a model loaded by
+            :func:`nft_cuda.io.load_model` has its file's). The layers' keys are restored afterwards.
 
     Returns:
         One dict per variation: ``sigma``, ``device_model`` (the preset or model kind), ``time_s`` (the
@@ -384,7 +408,8 @@ def monte_carlo(
         ``accuracy_mean``, ``accuracy_std`` (ddof=1), ``ci95``, ``ci99`` (normal approximation
         z·std/√R, as the reference), ``accuracy_min``, ``accuracy_max``, ``accuracy_percentiles``
         {"5", "25", "50", "75", "95"}, ``confidence`` (mean over instances and inputs of max_c p),
-        ``ekl`` (nats), ``clean_accuracy`` and ``per_instance_accuracy`` [R]. Accuracies are fractions
+        ``ekl`` (nats), ``clean_accuracy``, ``per_instance_accuracy`` [R] and ``noise_stream`` (the
+        stream version of the chips; a result without it is version 1). Accuracies are fractions
         in [0, 1]. The execution strategy (S, processes) is deliberately not part of the results, which
         are bit-identical whatever it is.
     """
@@ -393,11 +418,13 @@ def monte_carlo(
     variations = _as_variations(variations)
     adapt = resolve_output(output)
     seed = _check_run_args(runs, seed, instances_per_pass, loader)
-    layers = _evaluable_layers(model)
+    _evaluable_layers(model)
+    version = _stream_version(model, stream_version)
     device = _model_device(model, device)
     comm = current_group(group, distributed)
 
     with _kept_state(model):
+        layers = assign_layer_keys(model, version)
         model.eval()
         if fold is None:
             fold = device.type == "cuda"
@@ -413,7 +440,7 @@ def monte_carlo(
             fold = False
         with torch.no_grad():
             clean = _clean_pass(model, loader, device, adapt)
-            return [
+            results = [
                 _sweep_result(
                     model,
                     layers,
@@ -432,6 +459,7 @@ def monte_carlo(
                 )
                 for var in variations
             ]
+    return [{**r, "noise_stream": version} for r in results]
 
 
 def _fold_probe(model, layers, loader, device, variations, seed, samples: int) -> list[str]:

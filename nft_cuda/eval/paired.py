@@ -152,13 +152,14 @@ def check_pairable(
     baseline_layer_shapes,
 ) -> None:
     """Refuse (ValueError) a pair whose chips differ; warn when the noisy layers differ (see the module
-    docstring). ``variation``: (device_model, weight_bits, device_bits); ``layer_shapes``: the noisy
+    docstring). ``variation``: (device_model, weight_bits, device_bits, noise stream) or another model's
+    fields; ``layer_shapes``: the noisy
     layers' weight shapes in order."""
     if variation != baseline_variation:
         raise ValueError(
-            f"cannot pair '{label}' with baseline '{baseline_label}': their chips differ (device model "
-            f"and bit widths {variation} vs {baseline_variation}); evaluate both with the same "
-            "--device-model and bit widths"
+            f"cannot pair '{label}' with baseline '{baseline_label}': their chips differ (device model, "
+            f"bit widths and noise stream {variation} vs {baseline_variation}); evaluate both with the same "
+            "--device-model, bit widths and --stream-version"
         )
     if dataset != baseline_dataset:
         raise ValueError(

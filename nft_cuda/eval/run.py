@@ -25,6 +25,8 @@ from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
+from nft_cuda.nn.conversion import stream_version as model_stream_version
+from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
 
 __all__ = ["DEFAULT_SIGMAS", "TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
 
@@ -170,6 +172,7 @@ def eval_checkpoints(
     drift_compensation: bool | None = None,
     device_options: dict | None = None,
     output=None,
+    stream_version: int | None = None,
 ) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
@@ -202,12 +205,17 @@ def eval_checkpoints(
             ``per_instance_kl``. Refused when the chips differ (device model or bit widths, test set).
         output: the output adapter of every checkpoint (:func:`nft_cuda.nn.custom.resolve_output`; default:
             each checkpoint's own, ``payload["model"]["output"]``, recorded by ``nft train --output``).
+        stream_version: the noise stream version of the chips (DESIGN §2; ``nft eval --stream-version``):
+            default each checkpoint's own (files written before version 2 are version 1), else 1 or 2
+            for every checkpoint. Every result records it as ``noise_stream``.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (see ``labels``).
     """
     paths, sigmas, device, labels = _checked_args(paths, sigmas, device, labels)
+    if stream_version is not None:
+        stream_version = check_stream_version(stream_version)
     baseline = _baseline_label(baseline, paths, labels)
     sharded = distributed is not False and current_group().active
     finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
@@ -223,6 +231,7 @@ def eval_checkpoints(
         fold=fold,
         distributed=distributed,
         per_instance_kl=baseline is not None,
+        stream_version=stream_version,
     )
     # The baseline goes first, so a checkpoint that cannot be paired with it is refused before it is evaluated.
     for path, label in sorted(zip(paths, labels), key=lambda pl: pl[1] != baseline):
@@ -231,7 +240,7 @@ def eval_checkpoints(
         spec = dict(payload["model"])
         base = payload["variation"]
         variations = sweep_models(base, sigmas, device_model, times, drift_compensation, device_options)
-        chips[label] = _chips(variations[0][0], dataset, model)
+        chips[label] = _chips(variations[0][0], dataset, model, stream_version)
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
@@ -243,6 +252,7 @@ def eval_checkpoints(
             "runs": runs,
             "seed": seed,
             "batch_size": batch_size,
+            "noise_stream": stream_version or model_stream_version(model) or NOISE_STREAM_VERSION,
             **({"per_instance_kl": True} if baseline else {}),
             **({"output": adapter} if isinstance(adapter, (str, int)) else {}),
         }
@@ -311,17 +321,18 @@ def _with_options(model: DeviceModel, options: dict) -> DeviceModel:
     return dataclasses.replace(model, **options)
 
 
-def _chips(variation: DeviceModel, dataset: str, model) -> tuple:
+def _chips(variation: DeviceModel, dataset: str, model, stream_version: int | None) -> tuple:
     """What makes chip r the same chip in two checkpoints: the device model (bit widths, parameters) but
-    not its severity or time, the test set, and the noisy layers' shapes (checked by
-    :func:`nft_cuda.eval.paired.check_pairable`)."""
+    not its severity or time, and the noise stream version, the test set, and the noisy layers' shapes
+    (checked by :func:`nft_cuda.eval.paired.check_pairable`)."""
     from nft_cuda.nn.conversion import noisy_layers
 
     if isinstance(variation, Variation):
         device = (variation.device_model, variation.weight_bits, variation.device_bits)
     else:
         device = (variation.name, json.dumps(variation.with_sigma(0.0).at_time(0.0).to_dict(), sort_keys=True))
-    return device, dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
+    version = stream_version or model_stream_version(model) or NOISE_STREAM_VERSION
+    return (*device, f"noise stream {version}"), dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
 
 
 def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> dict:

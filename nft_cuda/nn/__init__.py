@@ -9,6 +9,7 @@ train and eval tiers; see docs/architecture.md.
 from nft_cuda.nn.attention import NoisyMultiheadAttention
 from nft_cuda.nn.conversion import (
     FAST_PATH_MODULES,
+    assign_layer_keys,
     conversion_summary,
     convert,
     guard_fast_paths,
@@ -18,12 +19,14 @@ from nft_cuda.nn.conversion import (
     set_instance,
     set_noise_mode,
     set_time,
+    stream_version,
     strip,
 )
 from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
 from nft_cuda.nn.layers import (
     MODES,
+    NOISE_STREAM_VERSION,
     NoiseState,
     NoisyConv1d,
     NoisyConv2d,
@@ -31,6 +34,7 @@ from nft_cuda.nn.layers import (
     NoisyModule,
     SamplePlan,
     instance_offset,
+    name_key,
 )
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.sample_axis import batch_blockers, instance_plans, sample_plan, unbatchable_modules
@@ -39,6 +43,7 @@ from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight
 __all__ = [
     "FAST_PATH_MODULES",
     "MODES",
+    "NOISE_STREAM_VERSION",
     "ConversionSummary",
     "ConvertedLayer",
     "DigitalWeight",
@@ -56,12 +61,14 @@ __all__ = [
     "SamplePlan",
     "TiedWeight",
     "batch_blockers",
+    "assign_layer_keys",
     "conversion_summary",
     "convert",
     "guard_fast_paths",
     "instance_offset",
     "instance_plans",
     "kept_noise_state",
+    "name_key",
     "noise_mode",
     "noisy_layers",
     "register_noisy",
@@ -70,6 +77,7 @@ __all__ = [
     "set_instance",
     "set_noise_mode",
     "set_time",
+    "stream_version",
     "strip",
     "unbatchable_modules",
     "unregister_noisy",

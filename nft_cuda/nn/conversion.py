@@ -47,10 +47,20 @@ from nft_cuda import _args
 from nft_cuda.devices import DeviceModel
 from nft_cuda.devices.base import check_time
 from nft_cuda.nn import attention, generic, recurrent, summary, third_party  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
-from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
+from nft_cuda.nn.layers import (
+    MODES,
+    NOISE_STREAM_VERSION,
+    NOISY_CLASSES,
+    PLAIN_CLASSES,
+    NoisyModule,
+    check_stream_version,
+    layer_sharing_parameters,
+    name_key,
+)
 
 __all__ = [
     "FAST_PATH_MODULES",
+    "assign_layer_keys",
     "conversion_summary",
     "convert",
     "guard_fast_paths",
@@ -60,6 +70,7 @@ __all__ = [
     "set_instance",
     "set_noise_mode",
     "set_time",
+    "stream_version",
     "strip",
 ]
 
@@ -110,11 +121,104 @@ def _replace(model: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     return model
 
 
-def _renumber(model: nn.Module) -> list[NoisyModule]:
-    layers = [m for _, m in noisy_layers(model)]
-    for i, layer in enumerate(layers):
-        layer.layer_index = i
-    return layers
+# --------------------------------------------------------------------------------------------------
+# Layer keys of the noise stream (DESIGN §2 instance mode)
+# --------------------------------------------------------------------------------------------------
+
+
+def _wrapped_child(module: nn.Module) -> str | None:
+    """The child name a wrapper module adds to every name below it: ``module`` of DistributedDataParallel
+    and DataParallel, ``_orig_mod`` of a ``torch.compile``'d module; None for any other module."""
+    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return "module"
+    if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
+        return "_orig_mod"
+    return None
+
+
+def key_names(model: nn.Module) -> list[tuple[str, NoisyModule]]:
+    """(name, layer) of every noisy layer in ``named_modules()`` order, each name without the segments of
+    wrappers (DDP's and DataParallel's ``module.``, torch.compile's ``_orig_mod.``): the names layer keys
+    are made from, the same for a model and the model wrapped."""
+    seen: set[int] = set()
+    out: list[tuple[str, NoisyModule]] = []
+    stack: list[tuple[str, nn.Module]] = [("", _check_model(model))]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, NoisyModule):
+            out.append((prefix, module))
+        skip = _wrapped_child(module)
+        children = []
+        for name, child in module._modules.items():
+            if child is not None:
+                part = "" if name == skip else name
+                children.append((f"{prefix}.{part}" if prefix and part else prefix or part, child))
+        stack.extend(reversed(children))  # pre-order, children in order: named_modules()'s order
+    return out
+
+
+def stream_version(model: nn.Module) -> int | None:
+    """The noise stream version (1 or 2) of the keys of ``model``'s noisy layers, or None when no layer has
+    been keyed yet (a lone layer, noisy layers built by hand). ValueError when its layers were keyed
+    under different versions (pass ``stream_version=`` to set_instance / monte_carlo)."""
+    versions = {layer.stream_version for _, layer in noisy_layers(model)} - {None}
+    if len(versions) > 1:
+        raise ValueError(
+            f"the noisy layers of this model were keyed under noise stream versions {sorted(versions)}; "
+            "convert it again or pass stream_version= to choose one"
+        )
+    return versions.pop() if versions else None
+
+
+def assign_layer_keys(model: nn.Module, version: int | None = None, *, rekey: bool = False) -> list[NoisyModule]:
+    """Give every noisy layer of ``model`` its key ℓ of noise stream ``version`` (DESIGN §2); returns the
+    layers in ``named_modules()`` order.
+
+    Version 1: ℓ = the layer's position among the noisy layers (always renumbered). Version 2 (default:
+    the model's own version, else :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`): ℓ =
+    :func:`~nft_cuda.nn.layers.name_key` of the layer's name in ``model`` (:func:`key_names`: wrappers
+    left out). Layers that already hold a version-2 key keep it unless ``rekey`` (what :func:`convert`
+    does), so a converted model keeps its chips when it is later wrapped (IRS, a Sequential). Keys are
+    unique: a layer whose key another layer of the model already holds (a SHA-256 collision, about
+    n²/2^32 for n layers, or two separately converted parts) takes the key of ``"<name>#1"``, ``"#2"``,
+    ... instead, in sorted-name order, with one warning naming the layers: their chips then depend on
+    the other layer."""
+    if version is None:
+        version = stream_version(model) or NOISE_STREAM_VERSION
+    version = check_stream_version(version)
+    named = key_names(model)
+    if version == 1:
+        for position, (name, layer) in enumerate(named):
+            layer.layer_index, layer.layer_name, layer.stream_version = position, name, 1
+        return [layer for _, layer in named]
+    taken: dict[int, str] = {}
+    fresh = []
+    for name, layer in sorted(named, key=lambda nl: nl[0]):
+        if not rekey and layer.stream_version == 2 and layer.layer_index not in taken:
+            taken[layer.layer_index] = layer.layer_name
+        else:
+            fresh.append((name, layer))
+    moved = []
+    for name, layer in fresh:
+        key = name_key(name)
+        holder, attempt = taken.get(key), 0
+        while key in taken:
+            attempt += 1
+            key = name_key(f"{name}#{attempt}")
+        if holder is not None:
+            moved.append(f"'{name}' (its key is held by '{holder}')")
+        taken[key] = name
+        layer.layer_index, layer.layer_name, layer.stream_version = key, name, 2
+    if moved:
+        warnings.warn(
+            f"noise stream layer keys: {', '.join(moved)} share their key with another layer and were given "
+            "the next free key; their chips depend on that layer being noisy",
+            stacklevel=3,
+        )
+    return [layer for _, layer in named]
 
 
 def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bool]:
@@ -266,6 +370,7 @@ def convert(
     mode: str = "train",
     embeddings: bool = False,
     strict: bool = False,
+    stream_version: int = NOISE_STREAM_VERSION,
 ) -> nn.Module:
     """Swap the layers of ``model`` that a crossbar would hold for noisy ones, in place.
 
@@ -288,13 +393,17 @@ def convert(
         embeddings: also make ``nn.Embedding`` layers noisy (default: they stay digital).
         strict: raise ValueError, converting nothing, when a weight matrix would stay digital without
             being excluded (an unsupported or unregistered layer type, say); the message lists them all.
+        stream_version: how the noisy layers' keys ℓ of the chip noise stream are chosen (DESIGN §2):
+            2 (default, :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`): from each layer's qualified
+            name, so a layer's chips do not depend on which other layers are converted; 1: by position
+            among the noisy layers (the stream of results made before version 2).
 
     Returns:
         ``model`` itself with its layers replaced (or the new layer when ``model`` is itself a
         convertible layer). The noisy layers share the original Parameter objects, so the state_dict,
         devices and dtypes are unchanged. Layers already noisy and selected get the new variation.
-        Every noisy layer's ``layer_index`` is set to its position among the noisy layers in
-        ``named_modules()`` order (DESIGN §2).
+        Every noisy layer of ``model`` (new or not) gets its key ``layer_index`` of ``stream_version``
+        from its name in ``model`` (:func:`assign_layer_keys` with ``rekey=True``; DESIGN §2).
 
     Raises:
         TypeError: wrong argument types.
@@ -305,6 +414,7 @@ def convert(
     _check_model(model)
     third_party.register_known()  # e.g. transformers' Conv1D, when transformers is imported
     include, exclude, per_layer = _check_options(variation, include, exclude, per_layer, mode, embeddings, strict)
+    stream_version = check_stream_version(stream_version)
     modules = list(model.named_modules())
     kinds = {name: _classify(m, embeddings) for name, m in modules}
     selected, reasons = _select(modules, kinds, include, exclude, per_layer)
@@ -344,7 +454,7 @@ def convert(
     kept = _left_as_they_were(modules, sel_names, reasons, mode)
     previous = summary.record_of(model)
     model = _replace(model, memo)
-    _renumber(model)
+    assign_layer_keys(model, stream_version, rekey=True)
     guard_fast_paths(model)
     summary.remember(model, _record(modules, reasons, selected, previous, kept, embeddings))
     _warn_kept(modules, sel_names, exclude, mode)
@@ -574,25 +684,34 @@ def set_noise_mode(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def set_instance(model: nn.Module, seed: int, instance: int) -> nn.Module:
+def set_instance(
+    model: nn.Module, seed: int, instance: int, *, stream_version: int | None = None, cache: bool | None = None
+) -> nn.Module:
     """Put every noisy layer of ``model`` in instance mode for chip instance ``instance`` (DESIGN §2):
-    layer ℓ (its position among noisy layers in ``named_modules()`` order) uses
+    layer ℓ (its key, :func:`assign_layer_keys`) uses
     rng = (seed, nft_cuda.nn.layers.instance_offset(ℓ, instance)) = (seed, (ℓ << 32) | instance). Returns ``model``.
 
     Args:
         seed: the evaluation seed, in [0, 2^63).
         instance: the chip instance r, in [0, 2^32).
+        stream_version: the noise stream version of the layer keys (default: the model's own, the one
+            :func:`convert` chose; 1 renumbers the layers by position, as before version 2).
+        cache: set every layer's ``cache_instance_weights`` (default: leave it; see
+            :meth:`NoisyModule.set_instance`, "Cached chip weights").
 
     No host synchronisation: an existing instance rng buffer is updated in place, so a CUDA graph or a
     compiled graph captured in instance mode evaluates the new instance."""
     _check_model(model)
     _args.check_seed_int("seed", seed)
     _args.check_uint("instance", instance, 32)
-    layers = _renumber(model)
+    if cache is not None:
+        _args.check_bool("cache", cache)
     for name, layer in noisy_layers(model):
         if layer.variation is None:
             raise ValueError(f"layer '{name}' has no variation and cannot use instance mode")
-    for layer in layers:
+    for layer in assign_layer_keys(model, stream_version):
+        if cache is not None:
+            layer.cache_instance_weights = cache
         layer.set_instance(seed, instance)
     return model
 

@@ -12,9 +12,12 @@ included, same parameters and ``state_dict`` keys) and adds:
     (seed, offset) with ``torch.randint`` on the weight's device from torch's default generator, or from
     ``generator`` when one is set, so ``torch.manual_seed`` reproduces a run, nothing synchronises with
     the host and a captured CUDA graph draws fresh noise on every replay;
-  - ``"instance"``: one fixed draw per chip instance: layer ℓ (``layer_index``, its position among the
-    noisy layers of the model in ``named_modules()`` order) of instance r uses
-    (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward;
+  - ``"instance"``: one fixed draw per chip instance: layer ℓ (``layer_index``, the layer's key: in
+    noise stream version 2, :data:`NOISE_STREAM_VERSION`, 31 bits of the SHA-256 of its qualified name,
+    :func:`name_key`; in version 1 its position among the noisy layers) of instance r uses
+    (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward. Without
+    gradients the layer computes that noisy weight once per chip and keeps it (see
+    :meth:`NoisyModule.set_instance`, "Cached chip weights");
   - ``"off"``: the clean weight (plain ``F.linear`` / ``F.conv``).
 
   The noise mode is independent of ``module.training``: **``model.eval()`` does not switch the noise
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -59,17 +63,26 @@ from nft_cuda.nn import mvm as _mvm
 
 __all__ = [
     "MODES",
+    "NOISE_STREAM_VERSION",
     "NoiseState",
     "NoisyConv1d",
     "NoisyConv2d",
     "NoisyLinear",
     "NoisyModule",
     "SamplePlan",
+    "check_stream_version",
     "instance_offset",
+    "name_key",
 ]
 
 #: Noise modes of a noisy layer.
 MODES = ("train", "instance", "off")
+
+#: The version of the chip noise stream (DESIGN §2 instance mode), i.e. how a noisy layer's key ℓ is
+#: chosen: 2 (the default since this version): ℓ = :func:`name_key` of the layer's qualified name, so a
+#: layer's chips do not depend on which other layers are noisy; 1: ℓ = the layer's position among the
+#: model's noisy layers (every result made before version 2; a file or report without a version is 1).
+NOISE_STREAM_VERSION = 2
 
 _DOUBLE_BACKWARD_MSG = (
     b"nft_cuda noisy layers do not support double backward: their backward regenerates the noise and "
@@ -318,6 +331,24 @@ class _NoisyConvFn(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
+def name_key(name: str) -> int:
+    """ℓ of noise stream version 2 for the layer of qualified name ``name`` (its ``named_modules()`` name,
+    wrappers left out, see :func:`nft_cuda.nn.conversion.assign_layer_keys`): the first 31 bits of the
+    SHA-256 of the UTF-8 name, read big-endian. Two names of one model may share a key (a chance of about
+    n²/2^32 for n layers); :func:`~nft_cuda.nn.conversion.assign_layer_keys` resolves that. The model
+    itself (name ``""``: a converted lone layer) has key 0, as a lone layer has in every version."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str (a module name), got {type(name).__name__}")
+    if not name:
+        return 0
+    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big") >> 1
+
+
+def check_stream_version(value, name: str = "stream_version") -> int:
+    """A noise stream version: 1 (positional layer keys) or 2 (:data:`NOISE_STREAM_VERSION`, name keys)."""
+    return _args.check_int(name, value, 1, NOISE_STREAM_VERSION)
+
+
 def instance_offset(layer_index: int, instance: int) -> int:
     """The stream offset of chip instance r of noisy layer ℓ: (ℓ << 32) | r (DESIGN §2). The one place
     this formula is written: instance mode, :func:`nft_cuda.set_instance` and Monte-Carlo plans use it."""
@@ -372,6 +403,8 @@ class NoiseState:
     instance_rng: torch.Tensor | None
     instance_rng_values: torch.Tensor | None
     sample_plan: SamplePlan | None
+    layer_name: str | None = None
+    stream_version: int | None = None
 
 
 class NoisyModule(nn.Module):
@@ -382,10 +415,17 @@ class NoisyModule(nn.Module):
             :class:`nft_cuda.devices.DeviceModel`) or None (then the mode is ``"off"``).
         mode: ``"train"``, ``"instance"`` or ``"off"``.
         generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
-        layer_index: ℓ, the layer's position among the noisy layers of its model (set by
-            :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`; 0 for a lone layer).
+        layer_index: ℓ, the layer's key in its model's noise stream (DESIGN §2; set by
+            :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`, see
+            :func:`nft_cuda.nn.conversion.assign_layer_keys`; 0 for a lone layer).
+        layer_name: the qualified name ℓ was made from (version 2), or the layer's name when it was
+            numbered (version 1); None before a model-level call gave it a key.
+        stream_version: the noise stream version ℓ belongs to (:data:`NOISE_STREAM_VERSION` or 1), or
+            None (not yet keyed by a model-level call).
         instance_seed, instance: the (seed, r) of the last :meth:`set_instance`, or None.
         sample_plan: the :class:`SamplePlan` overriding the noise of the next forwards, or None.
+        cache_instance_weights: whether instance mode keeps the chip's noisy weight (default True; see
+            :meth:`set_instance`).
 
     The noise state (all of the above but ``generator``) is read with :meth:`noise_state`, put back
     with :meth:`restore_noise_state`, and kept over a block with ``with layer.kept_noise_state(): ...``.
@@ -397,10 +437,15 @@ class NoisyModule(nn.Module):
         "_mode",
         "generator",
         "layer_index",
+        "layer_name",
+        "stream_version",
         "instance_seed",
         "instance",
         "_sample_plan",
         "_mvm_ranges",
+        "cache_instance_weights",
+        "_instance_generation",
+        "_instance_cache",
     )
     #: The non-persistent buffers of the noise state: the instance rng and the MVM forward counter.
     NOISE_BUFFERS = ("_instance_rng", "_mvm_counter")
@@ -412,12 +457,17 @@ class NoisyModule(nn.Module):
         self.mode = ("train" if variation is not None else "off") if mode is None else mode
         self.generator = generator
         self.layer_index = 0
+        self.layer_name: str | None = None
+        self.stream_version: int | None = None
         self.instance_seed: int | None = None
         self.instance: int | None = None
         self.register_buffer("_instance_rng", None, persistent=False)
         self.register_buffer("_mvm_counter", None, persistent=False)
         self._sample_plan: SamplePlan | None = None
         self._mvm_ranges: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.cache_instance_weights = True
+        self._instance_generation = 0  # bumped whenever the instance rng may change (the cache's key)
+        self._instance_cache: tuple[tuple, torch.Tensor] | None = None
 
     # -- attributes ---------------------------------------------------------------------------------
 
@@ -454,6 +504,8 @@ class NoisyModule(nn.Module):
                 "noise mode 'instance' needs a chip instance: call set_instance(seed, instance) "
                 "(or nft_cuda.set_instance(model, seed, instance))"
             )
+        if value != "instance":
+            self._instance_cache = None  # leaving instance mode frees the chip's cached weight
         self._mode = value
 
     @property
@@ -471,6 +523,19 @@ class NoisyModule(nn.Module):
         The rng is a non-persistent int64[2] buffer on the weight's device (it follows ``.to()``);
         an existing one is updated in place without a host synchronisation, so a CUDA graph or a
         compiled graph captured in instance mode sees the new instance.
+
+        Cached chip weights. A forward without gradients (``torch.no_grad()``, ``inference_mode``) in
+        instance mode computes the chip's noisy weight once and keeps it for the following forwards
+        (exactly the weight it would draw: the results are bit-identical; memory: one noisy copy of the
+        layer's crossbar weight). The copy is recomputed when :meth:`set_instance` or
+        :meth:`restore_noise_state` runs, the variation changes, or a crossbar weight parameter is
+        changed in place or replaced (its ``_version`` or storage moves, e.g. an optimizer step,
+        ``load_state_dict`` or ``.to()``); it is dropped when the layer leaves instance mode. The check
+        reads only Python-side state (no host synchronisation). Forwards with gradients, inside
+        ``torch.compile`` tracing or CUDA graph capture always draw the weight (they keep the
+        documented graph behaviour). Change the instance only through :meth:`set_instance`; set
+        ``cache_instance_weights = False`` (or ``nft_cuda.set_instance(model, ..., cache=False)``) to
+        trade the memory for a draw per forward.
         """
         if self._variation is None:
             raise ValueError("set_instance needs a variation; set layer.variation first")
@@ -490,6 +555,8 @@ class NoisyModule(nn.Module):
         self.layer_index = layer_index
         self.instance_seed, self.instance = seed, instance
         self._mode = "instance"
+        self._instance_generation += 1
+        self._instance_cache = None
         self._reset_mvm_counter()
 
     # -- noise state --------------------------------------------------------------------------------
@@ -506,6 +573,8 @@ class NoisyModule(nn.Module):
             buf,
             None if buf is None else buf.clone(),
             self._sample_plan,
+            self.layer_name,
+            self.stream_version,
         )
 
     def restore_noise_state(self, state: NoiseState) -> None:
@@ -518,7 +587,10 @@ class NoisyModule(nn.Module):
         self._variation = state.variation
         self._mode = state.mode
         self.layer_index, self.instance_seed, self.instance = state.layer_index, state.instance_seed, state.instance
+        self.layer_name, self.stream_version = state.layer_name, state.stream_version
         self._sample_plan = state.sample_plan
+        self._instance_generation += 1  # the rng values were put back: the cached chip may be another
+        self._instance_cache = None
 
     @contextlib.contextmanager
     def kept_noise_state(self) -> Iterator[NoisyModule]:
@@ -572,14 +644,53 @@ class NoisyModule(nn.Module):
         plan = self._sample_plan
         if plan is None:
             rng = self._forward_rng()
-            plan = None if rng is None else SamplePlan(rng, None)
-        if plan is not None and self.weight.device.type == "meta":
+            if rng is None:
+                return None
+            plan = SamplePlan(rng, None)
+        if self.weight.device.type == "meta":
             raise RuntimeError(
                 f"{type(self).__name__}: its weight is on the meta device (a shape without values), so there "
                 "is nothing to perturb; materialise the model first (model.to_empty(device=...) then "
                 "load_state_dict(...)), or use noise mode 'off' for shape-only runs"
             )
+        if self._sample_plan is None and self._mode == "instance" and self._may_cache(plan.rng):
+            return self._cached_instance_plan(plan.rng)
         return plan
+
+    # -- cached chip weights (instance mode, see set_instance) ----------------------------------------
+
+    def _may_cache(self, rng: torch.Tensor) -> bool:
+        """Whether this instance-mode forward may use (and fill) the cached chip weight: no gradients,
+        not traced by torch.compile, not captured into a CUDA graph (a replay must redraw)."""
+        if not self.cache_instance_weights or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        return not (rng.is_cuda and torch.cuda.is_current_stream_capturing())
+
+    def _weight_stamp(self) -> tuple | None:
+        """What the cached chip weight was computed from, read on the host only: the instance generation,
+        the variation, and each crossbar parameter's storage, version counter, dtype and device (None when
+        a parameter has no version counter, e.g. an inference tensor: then nothing is cached)."""
+        stamp = [self._instance_generation, self._variation]
+        for name in self.crossbar_weight_names():
+            p = getattr(self, name)
+            try:
+                stamp.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
+            except RuntimeError:
+                return None
+        return tuple(stamp)
+
+    def _cached_instance_plan(self, rng: torch.Tensor) -> SamplePlan:
+        """The one-sample plan of this chip with its noisy weight [1, *weight.shape], drawn on the first
+        forward after a change of the stamp and kept."""
+        stamp = self._weight_stamp()
+        if stamp is None:
+            return SamplePlan(rng, None)
+        cache = self._instance_cache
+        if cache is None or cache[0] != stamp:
+            with torch.no_grad():
+                cache = (stamp, _noisy_weights(self.weight, rng, self._variation, None))
+            self._instance_cache = cache
+        return SamplePlan(rng, None, cache[1])
 
     def _forward_rng(self) -> torch.Tensor | None:
         """The rng tensor of this forward in the layer's own mode, or None in mode off."""

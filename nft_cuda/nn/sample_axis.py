@@ -339,16 +339,17 @@ def instance_plans(
 ) -> dict[NoisyModule, SamplePlan]:
     """The sample plans of chip instances ``first`` .. ``first + samples - 1`` (DESIGN §2, §6).
 
-    ``layers`` are the model's noisy layers in ℓ order (:func:`nft_cuda.noisy_layers`). Layer ℓ gets
+    ``layers`` are the model's noisy layers, keyed (:func:`nft_cuda.nn.conversion.assign_layer_keys`,
+    which returns them). The layer of key ℓ = ``layer.layer_index`` gets
     rng = (seed, instance_offset(ℓ, first)), so stream t is instance first + t, at the layer's σ_d:
     sample t of a plan forward equals ``nft_cuda.set_instance(model, seed, first + t)``. With ``draw``
     the S noisy weights are drawn now (once, e.g. for a whole test set) and carried by the plan."""
     plans = {}
-    for ell, layer in enumerate(layers):
+    for layer in layers:
         if layer.variation is None:
             raise ValueError("every noisy layer needs a variation (or pass variation=)")
         device = layer.weight.device
         sigmas = torch.full((samples,), layer.variation.sigma, dtype=torch.float32, device=device)
-        rng = _args.make_rng(seed, instance_offset(ell, first), device)
+        rng = _args.make_rng(seed, instance_offset(layer.layer_index, first), device)
         plans[layer] = SamplePlan(rng, sigmas, layer.noisy_weights(rng, sigmas) if draw else None)
     return plans

@@ -1,5 +1,8 @@
 """Training checkpoints: atomic writes with a SHA-256 sidecar, a kept previous good checkpoint, safe
-(weights-only) reads with fallback, and the run-folder lock (DESIGN §9)."""
+(weights-only) reads with fallback, and the run-folder lock (DESIGN §9).
+
+Every checkpoint records ``noise_stream``, the noise stream version of the model's layer keys (DESIGN §2;
+:func:`checkpoint_stream_version`); a checkpoint without it was written under version 1."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 import torch
 
 from nft_cuda._files import atomic_write_bytes, sha256_file, sha256_hex
+from nft_cuda.nn.conversion import stream_version
+from nft_cuda.nn.layers import NOISE_STREAM_VERSION
 
 __all__ = [
     "CHECKPOINT",
@@ -19,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWarning",
     "PREV_CHECKPOINT",
+    "checkpoint_stream_version",
     "has_checkpoint",
     "read_checkpoint",
 ]
@@ -27,6 +33,12 @@ CHECKPOINT_FORMAT = "nft_cuda.checkpoint/1"
 CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint.prev.pt"
 SIDECAR_SUFFIX = ".sha256"
+
+
+def checkpoint_stream_version(model: torch.nn.Module) -> int:
+    """The ``noise_stream`` entry of a checkpoint of ``model``: the stream version its noisy layers were
+    keyed with by :func:`nft_cuda.convert`, else the current :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`."""
+    return stream_version(model) or NOISE_STREAM_VERSION
 
 
 class CheckpointError(ValueError):

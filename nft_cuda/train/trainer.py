@@ -68,6 +68,7 @@ from nft_cuda.train.checkpoint import (
     PREV_CHECKPOINT,
     CheckpointError,
     CheckpointWarning,
+    checkpoint_stream_version,
     error_message,
     read_checkpoint,
     run_lock,
@@ -722,6 +723,7 @@ def _save(run: _Run, epoch: int, row: dict, improved: bool, rng_state, rank_stat
             "best": run.best,
             "history": run.history,
             "versions": {"nft_cuda": __version__, "torch": str(torch.__version__)},
+            "noise_stream": checkpoint_stream_version(_backbone(run.model)),
         }
         write_checkpoint(run.out, payload, run.rotate)
     run.group.barrier()  # the checkpoint and model of this epoch are written before any rank goes on
