@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 import nft_cuda
-from benchmarks.history import TO_HISTORY
+
+#: ``--json`` given without a path: write the run into the history (benchmarks.history.json_path).
+TO_HISTORY = "<history>"
 
 #: The variation of the kernel cases (perturb, fused, snapshot, eval): σ_d = 0.1 on the two-state-factor
 #: preset, so the state-band mask matters (RRAM1 would make both bands equal).

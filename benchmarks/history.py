@@ -15,6 +15,8 @@ import math
 import os
 import re
 
+from benchmarks.config import TO_HISTORY
+
 HISTORY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "history")
 
 
@@ -30,10 +32,6 @@ def history_path(env: dict, cfg: dict, directory: str | None = None) -> str:
         n += 1
         path = os.path.join(directory, f"{base}-{n}.json")
     return path
-
-
-#: ``--json`` given without a path: write the run into the history.
-TO_HISTORY = "<history>"
 
 
 def json_path(arg: str | None, env: dict, cfg: dict) -> str | None:

@@ -225,10 +225,27 @@ def perturb_device(
     if len(params) != DEVICE_PARAMS[kind]:
         raise ValueError(f"device-model kind {kind} takes {DEVICE_PARAMS[kind]} params, got {len(params)}")
     samples, n = sigmas.numel(), weight.numel()
+    s = sigmas.to(torch.float32).to(torch.float64).reshape(samples, 1)
+    out = _device_perturbation(
+        weight,
+        s,
+        kind,
+        params,
+        lambda k: draw_normal(rng, n, samples, k).to(torch.float64),
+        lambda k: draw_uniform(rng, n, samples, k).to(torch.float64),
+    ).reshape(samples, *weight.shape)
+    if weight.requires_grad:  # straight-through: the perturbation is a constant of W
+        out = out + (weight - weight.detach()).unsqueeze(0)
+    return out
+
+
+def _device_perturbation(weight, s, kind, params, normal, uniform) -> torch.Tensor:
+    """[S, numel] in weight's dtype: the body of :func:`perturb_device`, with the draws taken from
+    ``normal(k)`` / ``uniform(k)`` ([S, numel] float64 of draw k), so the same formulas serve the noise
+    stream and caller-given normals (:func:`perturb_with_normals`)."""
+    n = weight.numel()
     f64 = torch.float64
     w = weight.detach().reshape(1, n).to(f64)
-    s = sigmas.to(torch.float32).to(f64).reshape(samples, 1)
-    normal = lambda k: draw_normal(rng, n, samples, k).to(f64)  # noqa: E731
     if kind == 2:
         out = w * torch.exp(s * normal(0))
     else:
@@ -241,14 +258,48 @@ def perturb_device(
             f_pos = _pcm_final(g_pos, s, normal(0), normal(2), normal(4), params)
             f_neg = _pcm_final(g_neg, s, normal(1), normal(3), normal(5), params)
         else:
-            f_pos = _stuck_final(g_pos, s, draw_uniform(rng, n, samples, 6).to(f64), params)
-            f_neg = _stuck_final(g_neg, s, draw_uniform(rng, n, samples, 7).to(f64), params)
+            f_pos = _stuck_final(g_pos, s, uniform(6), params)
+            f_neg = _stuck_final(g_neg, s, uniform(7), params)
         out = w + ((f_pos - g_pos) - (f_neg - g_neg)) * m / g_max
         out = torch.where(m == 0, w, out)
-    out = out.to(weight.dtype).reshape(samples, *weight.shape)
-    if weight.requires_grad:  # straight-through: the perturbation is a constant of W
-        out = out + (weight - weight.detach()).unsqueeze(0)
-    return out
+    return out.to(weight.dtype)
+
+
+#: Standard-normal draws (DESIGN §3.1) a chip of each device-model kind reads per weight element:
+#: 0 the bit-sliced Gaussian (draw 0), 1 PCM (draws 0..5: programming, drift and read noise of the
+#: two devices of a pair), 2 log-normal (draw 0). Stuck-at cells read uniforms, not normals.
+NORMAL_DRAWS = {0: 1, 1: 6, 2: 1}
+
+
+def perturb_with_normals(weight: torch.Tensor, model, normals: torch.Tensor) -> torch.Tensor:
+    """W_noisy [*weight.shape] of one chip of ``model`` (a device model) whose standard-normal draws are
+    ``normals`` [D, *weight.shape] (D = NORMAL_DRAWS[model.KERNEL_ID]) instead of the noise stream's.
+
+    Differentiable with respect to ``normals`` (the worst-case search, :mod:`nft_cuda.eval.worst_case`,
+    climbs its gradient), not to the weight (detached). Given the stream's own draws of a chip it equals
+    :func:`perturb` / :func:`perturb_device` for that chip, since it evaluates the same formulas.
+    """
+    kind = model.KERNEL_ID
+    if kind not in NORMAL_DRAWS:
+        raise ValueError(f"{model} draws no normals (its cells read uniforms): it has no normal-draw perturbation")
+    draws = NORMAL_DRAWS[kind]
+    if normals.shape != (draws, *weight.shape):
+        raise ValueError(
+            f"normals must have shape [{draws}, *weight.shape] = {[draws, *weight.shape]} for {model}, "
+            f"got {list(normals.shape)}"
+        )
+    w = weight.detach()
+    if kind == 0:
+        sw = sigma_w(
+            w, torch.full((1,), model.sigma, dtype=torch.float32, device=w.device), model.scale, model.state_factor
+        )[0]
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        noise = (sw * normals[0].to(torch.float32)).to(acc)  # rounded to float32 before the add, as perturb
+        return torch.where(sw == 0, w.to(acc), w.to(acc) + noise).to(w.dtype)
+    s = torch.full((1, 1), float(torch.tensor(model.sigma, dtype=torch.float32)), dtype=torch.float64, device=w.device)
+    flat = normals.reshape(draws, 1, -1).to(torch.float64)
+    out = _device_perturbation(w, s, kind, model.kernel_params(), lambda k: flat[k], None)
+    return out.reshape(weight.shape)
 
 
 def sampled_linear(x: torch.Tensor, wn: torch.Tensor, bias: torch.Tensor | None, shared_input: bool) -> torch.Tensor:

@@ -166,8 +166,8 @@ def _table(report: dict) -> str:
     rows = [
         "| checkpoint | σ_d |"
         + (" t (s) |" if timed else "")
-        + " accuracy (mean ± CI95) | std | EKL (nats) | confidence |",
-        "|---|---|" + ("---|" if timed else "") + "---|---|---|---|",
+        + " accuracy (mean ± CI95) | std | EKL (nats) | confidence | p1 chip | p5 chip [CI95] | p10 chip |",
+        "|---|---|" + ("---|" if timed else "") + "---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         ci = r.get("ci95")
@@ -183,8 +183,23 @@ def _table(report: dict) -> str:
             t = f" {t}{' (compensated)' if drift_compensated(r) else ''} |"
         rows.append(
             f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |"
+            f" {_tail_cells(r.get('accuracy_tails'))} |"
         )
     return "\n".join(rows)
+
+
+def _tail_cells(tails: dict | None) -> str:
+    """The p1, p5 (with its order-statistic CI95; '–' for a side R chips cannot bound) and p10 chips."""
+    if not tails:
+        return "– | – | –"
+
+    def pct(v):
+        return "–" if v is None else f"{100 * v:.2f}"
+
+    p5 = tails["5"]
+    return f"{pct(tails['1']['value'])} | {pct(p5['value'])} [{pct(p5['ci_low'])}, {pct(p5['ci_high'])}] | " + pct(
+        tails["10"]["value"]
+    )
 
 
 def _device_options(args) -> dict:

@@ -5,8 +5,8 @@
   from a dense ``[R, N, C]`` probability tensor;
 * :class:`EKLAccumulator` — the same value streamed instance by instance with memory
   O(inputs × classes), bit-reproducible whatever the batching and the number of processes;
-* :func:`accuracy_stats` — mean, std, normal-approximation confidence intervals, min/max and
-  percentiles of the per-instance accuracies.
+* :func:`accuracy_stats` — mean, std, normal-approximation confidence intervals, min/max,
+  percentiles and the low tail (:mod:`nft_cuda.eval.tails`) of the per-instance accuracies.
 
 Determinism. Everything is computed in float64. The per-instance scalars (accuracy, summed
 confidence, summed p·log p) are combined *exactly* (with :class:`fractions.Fraction`) and rounded
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from nft_cuda import _args
+from nft_cuda.eval.tails import tail_stats
 
 __all__ = [
     "EKL_BLOCK",
@@ -251,8 +252,10 @@ def accuracy_stats(accuracies: Sequence[float]) -> dict:
     Returns a dict with ``accuracy_mean``, ``accuracy_std`` (sample std, ddof=1), ``ci95`` =
     1.96·std/√R and ``ci99`` = 2.576·std/√R — the *normal approximation* of the confidence interval
     of the mean that the reference code reports, kept for comparability (for small R a Student-t
-    interval would be wider) —, ``accuracy_min``, ``accuracy_max`` and ``accuracy_percentiles``
-    {"5", "25", "50", "75", "95"} (numpy's linear interpolation).
+    interval would be wider) —, ``accuracy_min``, ``accuracy_max``, ``accuracy_percentiles``
+    {"5", "25", "50", "75", "95"} (numpy's linear interpolation) and ``accuracy_tails`` {"1", "5", "10"}:
+    the k-th percentile chip as an order statistic with its distribution-free CI95
+    (:func:`nft_cuda.eval.tails.tail_stats`).
 
     The mean and the variance are computed exactly (rational arithmetic on the float64 values) and
     rounded once, so they do not depend on the order of the instances, and R equal accuracies give
@@ -282,4 +285,5 @@ def accuracy_stats(accuracies: Sequence[float]) -> dict:
         "accuracy_min": float(arr.min()),
         "accuracy_max": float(arr.max()),
         "accuracy_percentiles": {str(q): float(v) for q, v in zip(PERCENTILES, pct)},
+        "accuracy_tails": tail_stats(vals),
     }

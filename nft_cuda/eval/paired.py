@@ -32,6 +32,11 @@ Verdicts. Accuracy: "better" when the CI95 of mean(d) lies above 0, "worse" belo
 difference" when it spans 0. EKL: "lower" / "higher" / "no significant difference" — lower EKL means
 the chips agree more with each other, which is not "better" by itself (a collapsed model agrees too).
 
+Tails. Each entry also carries ``tail_differences``: for k = 1, 5, 10 the difference of the two models'
+k-th percentile chips with a paired bootstrap CI95 (:func:`nft_cuda.eval.tails.percentile_difference`;
+flagged unreliable when fewer than five chips are expected in the tail). A method can win on the mean
+and lose on the worst chips; this is where it shows.
+
 Everything is float64; the per-chip differences, their mean and variance are computed exactly
 (rational arithmetic) and rounded once, so the result does not depend on the order of the chips.
 """
@@ -44,6 +49,7 @@ from collections.abc import Sequence
 from fractions import Fraction
 
 from nft_cuda.eval.metrics import Z95
+from nft_cuda.eval.tails import TAIL_PERCENTILES, percentile_difference
 
 __all__ = [
     "NO_DIFFERENCE",
@@ -67,6 +73,7 @@ PAIRED_COLUMNS = (
     "ekl_difference",
     "ekl_difference_ci95",
     "ekl_verdict",
+    *(f"tail_p{k}_difference{part}" for k in TAIL_PERCENTILES for part in ("", "_ci_low", "_ci_high")),
 )
 
 
@@ -167,6 +174,11 @@ def check_pairable(
         )
 
 
+def _tail_differences(values: Sequence[float], baseline: Sequence[float]) -> dict:
+    """Per tail percentile k: the paired difference of the k-th percentile chip (nft_cuda.eval.tails)."""
+    return {str(k): percentile_difference(values, baseline, k) for k in TAIL_PERCENTILES}
+
+
 def compare(results: Sequence[dict], baseline: str) -> list[dict]:
     """One paired entry per (checkpoint ≠ baseline, σ_d, device model) of ``results`` (report entries
     with ``checkpoint`` and ``per_instance_accuracy``, and ``per_instance_kl`` for the EKL difference),
@@ -204,6 +216,11 @@ def compare(results: Sequence[dict], baseline: str) -> list[dict]:
         }
         if r.get("time_s") is not None:
             entry["time_s"] = r["time_s"]
+        entry["tail_differences"] = _tail_differences(r["per_instance_accuracy"], a["per_instance_accuracy"])
+        for k, tail in entry["tail_differences"].items():
+            entry[f"tail_p{k}_difference"] = tail["difference"]
+            entry[f"tail_p{k}_difference_ci_low"] = tail["ci_low"]
+            entry[f"tail_p{k}_difference_ci_high"] = tail["ci_high"]
         if r.get("per_instance_kl") is not None and a.get("per_instance_kl") is not None:
             ekl = paired_difference(r["per_instance_kl"], a["per_instance_kl"], words=("higher", "lower"))
             entry.update(ekl_difference=ekl["mean"], ekl_difference_ci95=ekl["ci95"], ekl_verdict=ekl["verdict"])
@@ -218,14 +235,21 @@ def _signed(value: float | None, ci: float | None, scale: float, digits: int) ->
     return text if ci is None else f"{text} ± {scale * ci:.{digits}f}"
 
 
+def _tail_cell(tail: dict | None) -> str:
+    if tail is None:
+        return "–"
+    text = f"{100 * tail['difference']:+.2f} [{100 * tail['ci_low']:+.2f}, {100 * tail['ci_high']:+.2f}]"
+    return text if tail["reliable"] else f"{text} (few chips)"
+
+
 def paired_table(paired: Sequence[dict]) -> str:
     """A Markdown table of :func:`compare`'s entries: differences to the baseline with CI95 and verdicts."""
     rows = [
         (
             "| checkpoint − baseline | σ_d | Δ accuracy (pp, paired CI95) | unpaired CI95 | verdict "
-            "| Δ EKL (nats, CI95) | EKL verdict |"
+            "| Δ EKL (nats, CI95) | EKL verdict | Δ p5 chip (pp, bootstrap CI95) |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p in paired:
         unpaired = p["accuracy_difference_ci95_unpaired"]
@@ -233,7 +257,8 @@ def paired_table(paired: Sequence[dict]) -> str:
             f"| {p['checkpoint']} − {p['baseline']} | {p['sigma']:g} | "
             f"{_signed(p['accuracy_difference'], p['accuracy_difference_ci95'], 100, 2)} | "
             f"{'–' if unpaired is None else f'± {100 * unpaired:.2f}'} | {p['accuracy_verdict'] or '–'} | "
-            f"{_signed(p['ekl_difference'], p['ekl_difference_ci95'], 1, 4)} | {p['ekl_verdict'] or '–'} |"
+            f"{_signed(p['ekl_difference'], p['ekl_difference_ci95'], 1, 4)} | {p['ekl_verdict'] or '–'} | "
+            f"{_tail_cell(p.get('tail_differences', {}).get('5'))} |"
         )
     return "\n".join(rows)
 

@@ -25,10 +25,12 @@ from collections.abc import Sequence
 import torch
 
 from nft_cuda._files import atomic_write_bytes, atomic_write_text, json_safe
+from nft_cuda.eval.tails import TAIL_PERCENTILES
 
 __all__ = [
     "CSV_COLUMNS",
     "COMPENSATION_COLUMNS",
+    "TAIL_COLUMNS",
     "drift_compensated",
     "build_report",
     "plot_results",
@@ -38,7 +40,11 @@ __all__ = [
     "write_json",
 ]
 
-#: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95.
+#: The low-tail columns of the CSV: the k-th percentile chip (an order statistic) and its
+#: distribution-free CI95 bounds (empty where R chips cannot bound that side), k = 1, 5, 10.
+TAIL_COLUMNS = tuple(f"tail_p{k}{part}" for k in TAIL_PERCENTILES for part in ("", "_ci_low", "_ci_high"))
+#: Columns of the CSV (one row per checkpoint × σ_d); percentiles flattened as accuracy_p5 ... p95
+#: (numpy's interpolation), then the tail columns.
 CSV_COLUMNS = (
     "checkpoint",
     "sigma",
@@ -58,6 +64,7 @@ CSV_COLUMNS = (
     "accuracy_p50",
     "accuracy_p75",
     "accuracy_p95",
+    *TAIL_COLUMNS,
     "confidence",
     "ekl",
     "clean_accuracy",
@@ -105,6 +112,17 @@ def _label(result: dict) -> str:
     return str(result.get("checkpoint", result.get("label", "model")))
 
 
+def _tail_cells(result: dict) -> dict:
+    """The :data:`TAIL_COLUMNS` of one result (empty for a result written before tails were reported)."""
+    cells = {}
+    for k in TAIL_PERCENTILES:
+        tail = (result.get("accuracy_tails") or {}).get(str(k), {})
+        cells[f"tail_p{k}"] = tail.get("value")
+        cells[f"tail_p{k}_ci_low"] = tail.get("ci_low")
+        cells[f"tail_p{k}_ci_high"] = tail.get("ci_high")
+    return cells
+
+
 def write_csv(results, path: str) -> None:
     """One row per checkpoint × σ_d (columns :data:`CSV_COLUMNS`; the per-instance accuracies are
     only in the JSON). ``results`` may be a report dict or a list of result dicts. A report with a
@@ -129,6 +147,7 @@ def write_csv(results, path: str) -> None:
             row["drift_compensation"] = drift_compensated(r)
         for q in (5, 25, 50, 75, 95):
             row[f"accuracy_p{q}"] = pct.get(str(q))
+        row.update(_tail_cells(r))
         rows.append({k: ("" if v is None else (repr(v) if isinstance(v, float) else v)) for k, v in row.items()})
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")

@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel
 from nft_cuda.devices.base import check_time
-from nft_cuda.nn import attention, generic, recurrent, summary  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
+from nft_cuda.nn import attention, generic, recurrent, summary, third_party  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
 from nft_cuda.nn.layers import MODES, NOISY_CLASSES, PLAIN_CLASSES, NoisyModule, layer_sharing_parameters
 
 __all__ = [
@@ -303,6 +303,7 @@ def convert(
             matrices left digital.
     """
     _check_model(model)
+    third_party.register_known()  # e.g. transformers' Conv1D, when transformers is imported
     include, exclude, per_layer = _check_options(variation, include, exclude, per_layer, mode, embeddings, strict)
     modules = list(model.named_modules())
     kinds = {name: _classify(m, embeddings) for name, m in modules}

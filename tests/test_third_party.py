@@ -1,0 +1,108 @@
+"""Hugging Face and timm models convert completely by default (nft_cuda.nn.third_party): every weight
+matrix becomes noisy except the embeddings, built from configs with random weights (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nft_cuda
+from nft_cuda.nn import generic
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency (pip install -e .[test])")
+timm = pytest.importorskip("timm", reason="timm is a test dependency (pip install -e .[test])")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+V = nft_cuda.Variation(0.1)
+#: Weight-matrix layer types that must not stay digital after a default convert.
+PLAIN_MATRIX_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=101, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _bert():
+    cfg = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=101
+    )
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=101,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _vit():
+    return timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2
+    ).eval()
+
+
+def _digital_matrices(model: nn.Module) -> list[str]:
+    """Modules holding a weight matrix that are still of a plain (digital) type."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, PLAIN_MATRIX_TYPES) and not isinstance(m, nft_cuda.nn.NoisyModule)
+    ]
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert, _llama, _vit], ids=["gpt2", "bert", "llama", "timm-vit"])
+def test_default_convert_is_complete(build):
+    model = build()
+    assert _digital_matrices(model)  # there is something to convert
+    nft_cuda.convert(model, V)
+    assert _digital_matrices(model) == []
+    # What stays digital is the embeddings (and, for the ViT, its tokens and position embedding).
+    noisy = {id(layer.weight) for _, layer in nft_cuda.noisy_layers(model)}
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and id(p) not in noisy:
+            assert any(k in name for k in ("embed", "wte", "wpe", "cls_token", "pos_embed")), name
+
+
+def test_gpt2_conv1d_is_noisy_and_exact_when_off():
+    torch.manual_seed(0)
+    model = _gpt2()
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    nft_cuda.convert(model, V)
+    layers = [layer for _, layer in nft_cuda.noisy_layers(model)]
+    assert sum(isinstance(layer, Conv1D) for layer in layers) == 8  # c_attn, c_proj, c_fc, mlp.c_proj × 2
+    with torch.no_grad():
+        with nft_cuda.noise_mode(model, "off"):
+            assert torch.equal(model(ids).logits, before)  # the same addmm on the same weight
+        noisy = model(ids).logits
+    assert not torch.allclose(noisy, before)
+    nft_cuda.set_instance(model, 0, 1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)  # one chip, fixed
+
+
+def test_a_users_registration_wins():
+    calls = []
+
+    def mine(module, weight, x):
+        calls.append(1)
+        return torch.addmm(module.bias, x.reshape(-1, x.size(-1)), weight).view(*x.shape[:-1], module.nf)
+
+    generic.unregister_noisy(Conv1D)
+    try:
+        nft_cuda.register_noisy(Conv1D, "weight", mine)
+        model = nft_cuda.convert(nn.Sequential(Conv1D(4, 3)), V)
+        model(torch.randn(2, 3))
+        assert calls
+    finally:
+        generic.unregister_noisy(Conv1D)
