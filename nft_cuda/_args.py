@@ -252,6 +252,43 @@ def floats_arg(text: str) -> tuple[float, ...]:
     return tuple(parse(p) for p in parts)
 
 
+def json_object_arg(text: str) -> dict:
+    """An argparse type: a JSON object, e.g. a model factory's kwargs ``'{"depth": 2}'``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object such as '{{\"depth\": 2}}', got {text!r} ({exc})"
+        ) from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value
+
+
+def output_arg(text: str) -> str | int:
+    """An argparse type: the output adapter of ``--output``: an attribute or key name (``logits``), an
+    index of a tuple output (``0``) or an import path ``package.module:function``."""
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("expected an attribute name such as logits, an index or an import path")
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def taps_arg(text: str) -> dict[str, int]:
+    """An argparse type: IRS taps ``module.path=pool,...`` (e.g. ``blocks.0=4,blocks.1=4``)."""
+    taps = {}
+    for item in (p for p in text.replace(" ", ",").split(",") if p):
+        name, sep, pool = item.partition("=")
+        if not sep or not name or not pool.strip().isdigit() or int(pool) < 1:
+            raise argparse.ArgumentTypeError(f"expected module.path=pool (pool an int >= 1), got {item!r}")
+        taps[name] = int(pool)
+    if not taps:
+        raise argparse.ArgumentTypeError("expected taps module.path=pool,..., e.g. blocks.0=4,blocks.1=4")
+    return taps
+
+
 # --------------------------------------------------------------------------------------------------
 # Device-model options of ``nft train`` and ``nft eval`` (docs/device-models.md)
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Commands::
 
-    nft train [--model small|vgg8|resnet18] [--dataset embedded|mnist|...] [--method clean|noise|ovf|irs]
+    nft train [--model small|vgg8|resnet18|vit|lstm | --model-factory PKG.MOD:FN [--model-kwargs JSON]]
+              [--output logits] [--dataset embedded|mnist|...] [--method clean|noise|ovf|irs]
               [--sigma S] [--epochs N] [--out DIR] [--resume] ...      train, export out/model.pt
     nft data fetch mnist|fashion-mnist [...] [--data-dir DIR]          fetch and verify a dataset
 
@@ -55,6 +56,10 @@ _deltas = _args.floats_arg
 #: argparse dest → TrainConfig field, for the options of ``nft train``.
 _TRAIN_FIELDS = (
     "model",
+    "model_factory",
+    "model_kwargs",
+    "output",
+    "taps",
     "dataset",
     "data_dir",
     "method",
@@ -113,6 +118,27 @@ def _add_model_and_data_options(g, default) -> None:
 
     g.add_argument("--model", choices=list(MODELS), help=f"model (default {default('model')})")
     g.add_argument(
+        "--model-factory",
+        dest="model_factory",
+        metavar="PKG.MOD:FN",
+        help="any nn.Module instead of --model: the import path of a function returning it (its module on "
+        "PYTHONPATH; recorded for --resume and nft eval; docs/custom-models.md)",
+    )
+    g.add_argument(
+        "--model-kwargs",
+        dest="model_kwargs",
+        type=_args.json_object_arg,
+        metavar="JSON",
+        help="keyword arguments of --model-factory as a JSON object, e.g. '{\"depth\": 2}'",
+    )
+    g.add_argument(
+        "--output",
+        type=_args.output_arg,
+        metavar="NAME",
+        help="where the logits are in the model's output: an attribute or key (logits for Hugging Face "
+        "models), an index of a tuple, or an import path PKG.MOD:FN (default: the output itself)",
+    )
+    g.add_argument(
         "--dataset",
         choices=["embedded", "mnist", "fashion-mnist", "cifar10", "cifar100"],
         help=f"dataset (default {default('dataset')}: a Fashion-MNIST slice shipped with nft_cuda)",
@@ -162,6 +188,13 @@ def _add_method_options(g, default) -> None:
         help="ovf: σ offsets of the oriented forwards, noisiest first (default 0.15,0.10,0.05)",
     )
     g.add_argument("--head-sigma", dest="head_sigma", type=_float(0.0), help="irs: σ of the heads (default: --sigma)")
+    g.add_argument(
+        "--taps",
+        type=_args.taps_arg,
+        metavar="MOD=POOL,...",
+        help="irs: tap module paths and snapshot pool sizes, e.g. blocks.0=4,blocks.1=4 (default: the built-in "
+        "model's; a --model-factory model needs them)",
+    )
 
 
 def _add_optimisation_options(g, default) -> None:

@@ -5,6 +5,8 @@ An exported model file is a plain dict of tensors, numbers and strings written a
 
     {"format": "nft_cuda.model/1",
      "model": {"name", "in_channels", "num_classes", "input_size", "width"},   # nft_cuda.models.build_model
+              or {"name": "custom", "factory": "pkg.mod:fn", "kwargs", ...},   # a model factory
+              (+ "output": the output adapter, when the model needs one)       # nft_cuda.models.build_from_spec
      "variation": DeviceModel.to_dict() of every noisy layer's device model:  # {"kind", "sigma", ...}
                   {"kind": "bitsliced-gaussian", "sigma", "device_model", "weight_bits", "device_bits", "mvm"}
                   or another model's fields; a dict without "kind" (files before device models) is a Variation
@@ -45,8 +47,10 @@ def safe_load(path: str, map_location="cpu"):
 
 
 def save_model(path: str, model: nn.Module, *, spec: dict, variation: DeviceModel, meta: dict | None = None) -> None:
-    """Export ``model`` (a backbone with noisy layers) with its architecture ``spec`` (the keyword
-    arguments of nft_cuda.models.build_model plus "name") and ``variation`` (any device model)."""
+    """Export ``model`` (a backbone with noisy layers) with its architecture ``spec`` (what
+    :func:`nft_cuda.models.build_from_spec` rebuilds it from: the keyword arguments of
+    nft_cuda.models.build_model plus "name", or a model factory's import path and kwargs; plus "output"
+    when its logits need an output adapter) and ``variation`` (any device model)."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {
         "format": MODEL_FORMAT,
@@ -88,19 +92,40 @@ def _not_a_model(path: str, payload) -> ValueError:
     return ValueError(f"{path} is not an exported nft_cuda model (format {MODEL_FORMAT!r}): {hint}")
 
 
+def _rebuild(path: str, spec: dict) -> nn.Module:
+    """The plain model of ``spec``; a model factory that cannot be imported or called says so (the file is
+    fine: the process lacks the factory's module, e.g. its folder is not on PYTHONPATH)."""
+    from nft_cuda.models import build_from_spec
+
+    if "factory" not in spec:
+        try:
+            return build_from_spec(spec)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path} is a malformed exported nft_cuda model: {str(exc).splitlines()[0]}") from None
+    try:
+        return build_from_spec(spec)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: cannot rebuild its model from the model factory {spec['factory']!r}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+
+
 def load_model(path, device="cpu") -> tuple[nn.Module, dict]:
     """(model, payload): the exported backbone rebuilt with its noisy layers (mode train) on ``device``.
-    ``path`` is a model file or a run folder of ``nft train`` (its model.pt)."""
-    from nft_cuda.models import build_model
-
+    ``path`` is a model file or a run folder of ``nft train`` (its model.pt). A model made by a model
+    factory is rebuilt by importing the factory again (ValueError naming it when that fails)."""
     path = resolve_model_path(path)
     payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise _not_a_model(path, payload)
+    spec = payload.get("model")
+    for entry, holder in (("model", payload), ("name", spec if isinstance(spec, dict) else {})):
+        if entry not in holder:
+            raise ValueError(f"{path} is a malformed exported nft_cuda model: missing entry {entry!r}")
+    name = spec.get("factory", spec["name"])
+    model = _rebuild(path, dict(spec))
     try:  # a file of the right format but with missing or bad entries: one clear error naming the file
-        spec = dict(payload["model"])
-        name = spec.pop("name")
-        model = build_model(name, **spec)
         variation = device_model_from_dict(dict(payload["variation"]))
         noisy = list(payload["noisy"])
         if noisy:

@@ -11,7 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["IRS_TAPS", "MODELS", "LSTMClassifier", "ResNet18", "SmallNet", "VGG8", "ViT", "build_model"]
+__all__ = [
+    "CUSTOM",
+    "IRS_TAPS",
+    "MODELS",
+    "LSTMClassifier",
+    "ResNet18",
+    "SmallNet",
+    "VGG8",
+    "ViT",
+    "build_factory_model",
+    "build_from_spec",
+    "build_model",
+]
 
 
 def _conv_bn_relu(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -235,3 +247,35 @@ def build_model(
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, width=width)
+
+
+#: The model name of a spec (and of a TrainConfig) whose model comes from a model factory.
+CUSTOM = "custom"
+
+
+def build_factory_model(factory, kwargs: dict | None = None) -> nn.Module:
+    """``factory(**kwargs)``, checked to be an ``nn.Module``; ``factory`` is a callable or its import path
+    ``"package.module:function"`` (:func:`nft_cuda.nn.custom.import_object`: a clear ValueError when it
+    does not import)."""
+    from nft_cuda.nn.custom import import_object
+
+    fn = import_object(factory, "model_factory") if isinstance(factory, str) else factory
+    if not callable(fn):
+        raise TypeError(f"model_factory {factory!r} is a {type(fn).__name__}, not a callable")
+    model = fn(**dict(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_factory {factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_from_spec(spec: dict) -> nn.Module:
+    """The plain model an exported model's ``spec`` describes (``payload["model"]`` of
+    :func:`nft_cuda.io.save_model`): a built-in model ``{"name", "in_channels", "num_classes",
+    "input_size", "width"}`` or a factory's ``{"name": "custom", "factory": "package.module:function",
+    "kwargs": {...}}`` (its data-shape entries are descriptive only). An ``"output"`` entry (the
+    output adapter, :func:`nft_cuda.nn.custom.resolve_output`) is not the builder's business."""
+    spec = {k: v for k, v in spec.items() if k != "output"}
+    name = spec.pop("name")
+    if "factory" in spec:
+        return build_factory_model(spec["factory"], spec.get("kwargs"))
+    return build_model(name, **spec)

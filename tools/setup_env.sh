@@ -13,15 +13,20 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${NFT_VENV:-.venv}
 TORCH_SPEC=${NFT_TORCH_SPEC:-torch==2.14.1}
+# Test dependencies of tests/test_custom_models.py (a timm ViT and a Hugging Face BERT, random weights):
+# torchvision is timm's dependency, pinned to the build that matches TORCH_SPEC (override both together:
+# NFT_MODEL_LIBS).
+MODEL_LIBS=${NFT_MODEL_LIBS:-"torchvision==0.29.1 timm==1.0.31 transformers==5.25.0"}
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch, numpy, pytest, hypothesis, tqdm, matplotlib, ninja, setuptools" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, numpy, pytest, hypothesis, tqdm, matplotlib, ninja, setuptools, torchvision, timm, transformers" 2>/dev/null; then
   echo "[setup] installing $TORCH_SPEC and the demo/test dependencies"
+  # shellcheck disable=SC2086  # MODEL_LIBS is a list of requirement specifiers
   "$VENV/bin/pip" install -q --disable-pip-version-check "$TORCH_SPEC" numpy pytest hypothesis tqdm matplotlib ninja \
-    "setuptools>=64" wheel 2>&1 | grep -v "^WARNING: Location" || true
+    "setuptools>=64" wheel $MODEL_LIBS 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch; print('[setup] torch', torch.__version__)"
 fi
 

@@ -5,9 +5,13 @@ the expected KL divergence (EKL) over chip instances, with JSON / CSV / PNG repo
   ``torch.distributed`` ranks when initialised; results bit-identical whatever the batching/processes;
 * :func:`expected_kl`, :class:`EKLAccumulator`, :func:`accuracy_stats` — the metrics;
 * :func:`build_report`, :func:`write_json`, :func:`write_csv`, :func:`plot_results` — the reports;
-* :func:`eval_checkpoints` — exported checkpoints × σ_d sweep → report files (the body of ``nft eval``).
+* :func:`eval_checkpoints` — exported checkpoints × σ_d sweep → report files (the body of ``nft eval``);
+* :mod:`~nft_cuda.eval.tails` (percentile chips), :mod:`~nft_cuda.eval.worst_case` (the worst chip in a
+  bound), :mod:`~nft_cuda.eval.mitigation` (write-verify, BatchNorm recalibration), :mod:`~nft_cuda.eval.lm`
+  (language models: perplexity over chips).
 """
 
+from nft_cuda.eval import lm, mitigation, tails, worst_case
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, entropy, expected_kl
 from nft_cuda.eval.monte_carlo import instance_logits, monte_carlo
 from nft_cuda.eval.report import build_report, plot_results, read_json, write_csv, write_json
@@ -23,6 +27,10 @@ __all__ = [
     "eval_checkpoints",
     "expected_kl",
     "instance_logits",
+    "lm",
+    "mitigation",
+    "tails",
+    "worst_case",
     "load_test_set",
     "monte_carlo",
     "plot_results",

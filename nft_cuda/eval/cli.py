@@ -118,6 +118,13 @@ def _add_eval(subparsers) -> None:
         "--plot then draws accuracy against time)",
     )
     _args.add_device_options(e.add_argument_group("device model options"), suppress=False)
+    e.add_argument(
+        "--output",
+        type=_args.output_arg,
+        metavar="NAME",
+        help="where the logits are in the model's output: an attribute or key (logits), an index or an import "
+        "path PKG.MOD:FN (default: each checkpoint's own, recorded by nft train --output)",
+    )
     e.add_argument("--runs", type=_runs, default=100, help="chip instances per σ_d (default 100)")
     e.add_argument("--seed", type=_nonneg_int, default=0, help="evaluation seed (default 0)")
     e.add_argument(
@@ -135,6 +142,13 @@ def _add_eval(subparsers) -> None:
     )
     e.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=256, help="test batch size")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    _add_report_options(e)
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    e.set_defaults(func=_run_eval)
+
+
+def _add_report_options(e) -> None:
+    """Where ``nft eval`` writes its report, and the paired comparison with a baseline."""
     e.add_argument(
         "--json",
         metavar="PATH",
@@ -155,8 +169,6 @@ def _add_eval(subparsers) -> None:
         help="one of the checkpoints: compare every other one with it on the same simulated chips "
         "(paired differences of accuracy and EKL with CI95 and a verdict)",
     )
-    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    e.set_defaults(func=_run_eval)
 
 
 def _table(report: dict) -> str:
@@ -248,6 +260,7 @@ def _run_eval(args) -> int:
             times=args.time,
             drift_compensation=args.drift_compensation,
             device_options=_device_options(args),
+            output=args.output,
         )
     except KeyboardInterrupt:
         if args.json and not group.active:  # sharded runs keep no partial file

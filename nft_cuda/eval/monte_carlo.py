@@ -71,9 +71,13 @@ from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers
+from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.sample_axis import instance_plans, probe_blockers, sample_plan, unbatchable_modules
 
 __all__ = ["instance_logits", "monte_carlo"]
+
+#: The output adapter of ``output=None``: the model returns the logits tensor itself.
+_ITSELF = resolve_output(None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,24 +155,23 @@ def _broadcast_block(comm: Group, tensor: torch.Tensor | None, src: int, shape, 
 # --------------------------------------------------------------------------------------------------
 
 
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model(x)
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ValueError(
-            f"the model must return logits [batch, classes], got "
-            f"{type(out).__name__ if not isinstance(out, torch.Tensor) else list(out.shape)}"
-        )
+def _logits(model: nn.Module, x: torch.Tensor, adapt=_ITSELF) -> torch.Tensor:
+    """The model's logits [batch, classes] of ``x``, taken from its output by ``adapt`` (the output
+    adapter of ``output=``)."""
+    out = adapt(model(x))
+    if out.dim() != 2:
+        raise ValueError(f"the model must return logits [batch, classes], got {list(out.shape)}")
     return out
 
 
-def _clean_pass(model: nn.Module, loader, device: torch.device):
+def _clean_pass(model: nn.Module, loader, device: torch.device, adapt=_ITSELF):
     """(labels [N] on device, correct count, Σ_n max_c p, num_classes) of the clean model."""
     labels, correct, conf, classes = [], 0, [], None
     with noise_mode(model, "off"):
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
-            logits = _logits(model, x)
+            logits = _logits(model, x, adapt)
             if logits.shape[0] != y.shape[0]:
                 raise ValueError(f"the model returned {logits.shape[0]} rows for a batch of {y.shape[0]} labels")
             classes = logits.shape[1]
@@ -217,10 +220,13 @@ def _group_pass(
     samples: int,
     fold: bool,
     kept: dict | None = None,
+    *,
+    adapt=_ITSELF,
 ):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
     of device scalars and feeds the probabilities to ``ekl``. With ``kept``, the float32 logits of each
-    batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`)."""
+    batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`). ``adapt``: the
+    output adapter."""
     correct = [0] * samples
     conf = [None] * samples
     mismatch = torch.zeros((), dtype=torch.bool, device=device)
@@ -243,13 +249,13 @@ def _group_pass(
         mismatch |= (y != labels[start : start + b]).any()
         if fold:
             with sample_plan(model, plans, samples):
-                logits = _logits(model, _repeat(x, samples))
+                logits = _logits(model, _repeat(x, samples), adapt)
             chunks = [logits[t * b : (t + 1) * b] for t in range(samples)]
         else:
             chunks = []
             for t in range(samples):
                 with sample_plan(model, one[t], 1):
-                    chunks.append(_logits(model, x))
+                    chunks.append(_logits(model, x, adapt))
         for t, lt in enumerate(chunks):
             p = torch.softmax(lt.to(torch.float64), dim=-1)
             correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
@@ -273,13 +279,21 @@ def _repeat(x: torch.Tensor, samples: int) -> torch.Tensor:
 
 
 def instance_logits(
-    model: nn.Module, inputs: torch.Tensor, *, seed: int, instances: range, variation: DeviceModel | None = None
+    model: nn.Module,
+    inputs: torch.Tensor,
+    *,
+    seed: int,
+    instances: range,
+    variation: DeviceModel | None = None,
+    output=None,
 ) -> torch.Tensor:
     """Logits [S, B, classes] of chip instances ``instances`` (a range of consecutive r, S = its length)
     on one batch ``inputs`` [B, ...], computed in one pass as :func:`monte_carlo` does (the model's
     current train/eval flags are used as they are; call ``model.eval()`` first for evaluation).
     Instance r equals ``nft_cuda.set_instance(model, seed, r); model(inputs)``. ``variation``
-    temporarily replaces every noisy layer's variation (default: keep each layer's own)."""
+    temporarily replaces every noisy layer's variation (default: keep each layer's own); ``output`` is
+    the output adapter, as in :func:`monte_carlo`."""
+    adapt = resolve_output(output)
     if not isinstance(instances, range) or instances.step != 1 or len(instances) == 0:
         raise ValueError(f"instances must be a non-empty range of consecutive instances, got {instances!r}")
     seed = _args.check_seed_int("seed", seed)
@@ -293,16 +307,18 @@ def instance_logits(
                 layer.variation = variation
         s, b = len(instances), inputs.shape[0]
         plans = instance_plans(layers, seed, instances.start, s)
-        blockers = unbatchable_modules(model) or probe_blockers(model, inputs, plans, s, lambda i: _logits(model, i))
+        blockers = unbatchable_modules(model) or probe_blockers(
+            model, inputs, plans, s, lambda i: _logits(model, i, adapt)
+        )
         if blockers:  # the chips' rows would mix: one instance per forward (same result)
             warnings.warn(f"instance_logits: one instance at a time: {blockers}", stacklevel=2)
             outs = []
             for t in range(s):
                 with sample_plan(model, {layer: plan.select(t) for layer, plan in plans.items()}, 1):
-                    outs.append(_logits(model, inputs))
+                    outs.append(_logits(model, inputs, adapt))
             return torch.stack(outs)
         with sample_plan(model, plans, s):
-            out = _logits(model, _repeat(inputs, s))
+            out = _logits(model, _repeat(inputs, s), adapt)
         return out.view(s, b, out.shape[-1])
 
 
@@ -325,6 +341,7 @@ def monte_carlo(
     distributed: bool | None = None,
     group=None,
     per_instance_kl: bool = False,
+    output=None,
 ) -> list[dict]:
     """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
 
@@ -356,6 +373,9 @@ def monte_carlo(
             in nats, whose mean is the EKL: what a paired comparison of EKL needs
             (:mod:`nft_cuda.eval.paired`). Costs memory: the float32 logits of this process's instances
             of one σ_d are kept until its end (R × N × C × 4 bytes).
+        output: where the logits are in the model's output (None: the output is the logits tensor; a
+            Hugging Face model: ``"logits"``; an index of a tuple, or a callable; see
+            :func:`nft_cuda.nn.custom.resolve_output`).
 
     Returns:
         One dict per variation: ``sigma``, ``device_model`` (the preset or model kind), ``time_s`` (the
@@ -371,6 +391,7 @@ def monte_carlo(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     variations = _as_variations(variations)
+    adapt = resolve_output(output)
     seed = _check_run_args(runs, seed, instances_per_pass, loader)
     layers = _evaluable_layers(model)
     device = _model_device(model, device)
@@ -391,7 +412,7 @@ def monte_carlo(
             )
             fold = False
         with torch.no_grad():
-            clean = _clean_pass(model, loader, device)
+            clean = _clean_pass(model, loader, device, adapt)
             return [
                 _sweep_result(
                     model,
@@ -407,6 +428,7 @@ def monte_carlo(
                     comm,
                     progress,
                     per_instance_kl,
+                    adapt=adapt,
                 )
                 for var in variations
             ]
@@ -430,7 +452,7 @@ def _fold_probe(model, layers, loader, device, variations, seed, samples: int) -
 
 
 def _sweep_result(
-    model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress, chip_kl: bool
+    model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress, chip_kl: bool, *, adapt
 ) -> dict:
     """The result dict of one σ_d (see :func:`monte_carlo`); ``clean`` is :func:`_clean_pass`'s."""
     labels, clean_correct, clean_conf, classes = clean
@@ -444,7 +466,21 @@ def _sweep_result(
         ekl, per_kl = 0.0, [0.0] * runs
     else:
         per_acc, conf, ekl, per_kl = _sweep_point(
-            model, layers, loader, device, labels, classes, var, runs, seed, samples, fold, comm, progress, chip_kl
+            model,
+            layers,
+            loader,
+            device,
+            labels,
+            classes,
+            var,
+            runs,
+            seed,
+            samples,
+            fold,
+            comm,
+            progress,
+            chip_kl,
+            adapt=adapt,
         )
     res = {"sigma": var.sigma, "device_model": var.name, "time_s": getattr(var, "time", 0.0)}
     res.update({"device": var.to_dict(), "runs": runs, "seed": seed, "num_inputs": n})
@@ -470,6 +506,8 @@ def _sweep_point(
     comm,
     progress,
     chip_kl: bool = False,
+    *,
+    adapt=_ITSELF,
 ):
     """(per-instance accuracies [R], mean confidence, EKL, per-instance KL [R] or None) of one σ_d."""
     n = labels.shape[0]
@@ -484,11 +522,8 @@ def _sweep_point(
         first = (j * comm.world + rank) * per_round
         return range(min(first, nblocks), min(first + per_round, nblocks))
 
-    mine = sum(len(blocks_of(comm.rank, j)) for j in range(rounds))
-    my_instances = (
-        sum(min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK for j in range(rounds) for b in blocks_of(comm.rank, j))
-        if mine
-        else 0
+    my_instances = sum(
+        min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK for j in range(rounds) for b in blocks_of(comm.rank, j)
     )
     bar = None
     if progress and comm.rank == 0:
@@ -504,7 +539,9 @@ def _sweep_point(
                 lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
                 for r0 in range(lo, hi, samples):
                     s = min(samples, hi - r0)
-                    correct, conf = _group_pass(model, layers, loader, device, labels, ekl, seed, r0, s, fold, kept)
+                    correct, conf = _group_pass(
+                        model, layers, loader, device, labels, ekl, seed, r0, s, fold, kept, adapt=adapt
+                    )
                     for t in range(s):
                         local[r0 + t] = [correct[t], conf[t]]
                     if bar is not None:

@@ -169,6 +169,7 @@ def eval_checkpoints(
     times: Sequence[float] | None = None,
     drift_compensation: bool | None = None,
     device_options: dict | None = None,
+    output=None,
 ) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
@@ -199,6 +200,8 @@ def eval_checkpoints(
             (:mod:`nft_cuda.eval.paired`): the report gains ``baseline`` and ``paired`` (one entry per
             other checkpoint × σ_d: accuracy and EKL differences, CI95, verdicts) and every result
             ``per_instance_kl``. Refused when the chips differ (device model or bit widths, test set).
+        output: the output adapter of every checkpoint (:func:`nft_cuda.nn.custom.resolve_output`; default:
+            each checkpoint's own, ``payload["model"]["output"]``, recorded by ``nft train --output``).
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
@@ -232,6 +235,7 @@ def eval_checkpoints(
         if baseline is not None and label != baseline:
             check_pairable(label, *chips[label], baseline, *chips[baseline])
         loader = TensorBatches(x, y, batch_size)
+        adapter = output if output is not None else spec.get("output")
         setting = {
             "checkpoint_sha256": sha256_file(path) if finished.path else None,
             "dataset": dataset,
@@ -240,8 +244,9 @@ def eval_checkpoints(
             "seed": seed,
             "batch_size": batch_size,
             **({"per_instance_kl": True} if baseline else {}),
+            **({"output": adapter} if isinstance(adapter, (str, int)) else {}),
         }
-        for r in _points(model, loader, variations, finished, setting, **mc_args):
+        for r in _points(model, loader, variations, finished, setting, output=adapter, **mc_args):
             results.append({"checkpoint": label, **r})
         checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
                             "method": meta.get("method"), "trained_variation": dict(base)})  # fmt: skip

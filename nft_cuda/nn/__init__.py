@@ -1,5 +1,6 @@
 """The nn tier of nft_cuda: noisy layers (:mod:`.layers`), whole-model conversion and noise modes
-(:mod:`.conversion`) and the sample axis of OVF and batched Monte-Carlo (:mod:`.sample_axis`).
+(:mod:`.conversion`), the sample axis of OVF and batched Monte-Carlo (:mod:`.sample_axis`) and the
+output adapter of models that do not return a logits tensor (:mod:`.custom`).
 
 It builds on the ops tier (:mod:`nft_cuda.ops`, :mod:`nft_cuda._autograd`) and is used by the
 train and eval tiers; see docs/architecture.md.
@@ -19,6 +20,7 @@ from nft_cuda.nn.conversion import (
     set_time,
     strip,
 )
+from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
 from nft_cuda.nn.layers import (
     MODES,
@@ -63,6 +65,7 @@ __all__ = [
     "noise_mode",
     "noisy_layers",
     "register_noisy",
+    "resolve_output",
     "sample_plan",
     "set_instance",
     "set_noise_mode",

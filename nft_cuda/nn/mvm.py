@@ -21,7 +21,7 @@ input then depend on the other inputs of its batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -91,12 +91,18 @@ def mvm_forward(layer, x: torch.Tensor, noise, mvm) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_mvm(model: torch.nn.Module, batches: Iterable) -> dict[str, tuple[float, float]]:
+def calibrate_mvm(model: torch.nn.Module, batches: Iterable, *, output=None) -> dict[str, tuple[float, float]]:
     """Record each noisy layer's converter ranges over ``batches`` (tensors, or (input, ...) tuples fed as
-    ``model(input)``): r_in = max|x|, r_out = max|x·Wᵀ| (clean weights, no bias, no converters), the max
+    ``model(input)``, or mappings fed as keyword arguments ``model(**batch)``, as a Hugging Face
+    tokenizer's): r_in = max|x|, r_out = max|x·Wᵀ| (clean weights, no bias, no converters), the max
     over all batches. Sets every noisy layer's ``mvm_ranges`` and returns {layer name: (r_in, r_out)}.
-    The model's noise modes, sample plans and train/eval flag are restored afterwards."""
+    The model's noise modes, sample plans and train/eval flag are restored afterwards. ``output``: the
+    output adapter (:func:`nft_cuda.nn.custom.resolve_output`), applied to every forward's output so a
+    model whose output it does not fit is refused here rather than at evaluation."""
     from nft_cuda.nn.conversion import noise_mode, noisy_layers
+    from nft_cuda.nn.custom import resolve_output
+
+    adapt = resolve_output(output)
 
     layers = dict(noisy_layers(model))
     seen: dict[str, list[torch.Tensor]] = {}
@@ -119,8 +125,10 @@ def calibrate_mvm(model: torch.nn.Module, batches: Iterable) -> dict[str, tuple[
         count = 0
         with noise_mode(model, "off"):
             for batch in batches:
-                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-                model(inputs)
+                if isinstance(batch, Mapping):
+                    adapt(model(**batch))
+                else:
+                    adapt(model(batch[0] if isinstance(batch, (tuple, list)) else batch))
                 count += 1
         if count == 0:
             raise ValueError("calibrate_mvm needs at least one batch")

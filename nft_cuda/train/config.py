@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,20 @@ class TrainConfig:
 
     Attributes:
         model: ``"small"`` (CPU-friendly, default), ``"vgg8"``, ``"resnet18"``, or the sequence models
-            ``"vit"`` and ``"lstm"`` (1-channel 28×28 data: the MNIST family; see nft_cuda.models).
+            ``"vit"`` and ``"lstm"`` (1-channel 28×28 data: the MNIST family; see nft_cuda.models);
+            ``"custom"`` with a ``model_factory`` (set so when a factory is given).
+        model_factory: any ``nn.Module`` instead of a built-in model: the import path
+            ``"package.module:function"`` of a function (or class) returning it, or that callable itself
+            when it is a module-level one of an importable module (it is stored as its import path, so
+            checkpoints, ``--resume`` and ``nft eval`` rebuild the same model). docs/custom-models.md.
+        model_kwargs: the factory's keyword arguments (JSON-safe values), e.g. ``{"depth": 2}``.
+        output: where the logits are in the model's output (the output adapter,
+            :func:`nft_cuda.nn.custom.resolve_output`): None (the output is the logits tensor), an
+            attribute or key name (``"logits"`` for Hugging Face models), an index of a tuple, or a
+            callable's import path ``"package.module:function"`` (a module-level callable is accepted and
+            stored as its path). Recorded in the exported model for ``nft eval``.
+        taps: IRS taps, module path → snapshot pool size (default: the built-in model's
+            :data:`nft_cuda.models.IRS_TAPS`; a model factory's model needs them).
         dataset: ``"embedded"`` (default: a Fashion-MNIST slice shipped with the package, no download),
             ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
@@ -120,13 +134,18 @@ class TrainConfig:
     overwrite: bool = False
     limit_train: int | None = None
     limit_eval: int | None = None
+    # Custom models (after the original fields, so positional construction keeps its meaning).
+    model_factory: str | None = None
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    output: str | int | None = None
+    taps: dict | None = None
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
         from nft_cuda.models import MODELS
         from nft_cuda.train.methods import METHODS
 
-        self.model = _choice("model", self.model, tuple(MODELS))
+        self._check_model(MODELS)
         if not isinstance(self.dataset, str):
             raise TypeError(f"dataset must be a str, got {type(self.dataset).__name__}")
         self.dataset = canonical_name(self.dataset)
@@ -148,6 +167,7 @@ class TrainConfig:
             self.head_sigma = _real("head_sigma", self.head_sigma, minimum=0.0)
             if self.method != "irs":
                 raise ValueError(f"head_sigma applies to method 'irs', not '{self.method}'")
+        self._check_taps()
         self.epochs = _int("epochs", self.epochs, 1)
         self.batch_size = _int("batch_size", self.batch_size, 1)
         self.lr = _real("lr", self.lr, minimum=0.0, strict=True)
@@ -170,6 +190,8 @@ class TrainConfig:
             if dev.type not in ("cpu", "cuda"):
                 raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         self.width = _real("width", self.width, minimum=0.0, strict=True)
+        if self.model_factory is not None and self.width != 1.0:
+            raise ValueError("width applies to the built-in models; pass a model_factory's sizes in model_kwargs")
         if self.augment is not None:
             self.augment = _bool("augment", self.augment)
         self.out = _path_or_none("out", self.out)
@@ -182,6 +204,48 @@ class TrainConfig:
             self.limit_train = _int("limit_train", self.limit_train, 1)
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
+
+    def _check_model(self, builtin) -> None:
+        """Normalises model, model_factory (a callable becomes its import path), model_kwargs and output."""
+        from nft_cuda.models import CUSTOM
+        from nft_cuda.nn.custom import import_object, import_path_of, recordable_output
+
+        if self.model_factory is None:
+            if isinstance(self.model, str) and self.model.strip().lower() == CUSTOM:
+                raise ValueError("model 'custom' needs a model_factory ('package.module:function')")
+            self.model = _choice("model", self.model, tuple(builtin))
+            if self.model_kwargs:
+                raise ValueError("model_kwargs apply to a model_factory, not to the built-in models")
+        else:
+            if self.model not in ("small", CUSTOM):  # "small": the default, left as it was
+                raise ValueError(f"model {self.model!r} and model_factory exclude each other: give one of them")
+            self.model = CUSTOM
+            if callable(self.model_factory):
+                self.model_factory = import_path_of(self.model_factory, "model_factory")
+            if not isinstance(self.model_factory, str):
+                raise TypeError(
+                    "model_factory must be an import path 'package.module:function' or a module-level callable, "
+                    f"got {type(self.model_factory).__name__}"
+                )
+            self.model_factory = self.model_factory.strip()
+            if not callable(import_object(self.model_factory, "model_factory")):
+                raise TypeError(f"model_factory {self.model_factory!r} does not name a callable")
+        self.model_kwargs = _json_dict("model_kwargs", self.model_kwargs)
+        self.output = recordable_output(self.output)
+
+    def _check_taps(self) -> None:
+        if self.taps is None:
+            if self.method == "irs" and self.model_factory is not None:
+                raise ValueError(
+                    "method 'irs' with a model_factory needs taps (module path → pool size, e.g. "
+                    "taps={'blocks.0': 4}; nft train --taps blocks.0=4)"
+                )
+            return
+        if self.method != "irs":
+            raise ValueError(f"taps apply to method 'irs', not '{self.method}'")
+        if not isinstance(self.taps, dict) or not self.taps:
+            raise TypeError(f"taps must be a non-empty dict module path → pool size, got {self.taps!r}")
+        self.taps = {str(name): _int(f"taps[{name!r}]", pool, 1) for name, pool in self.taps.items()}
 
     def _check_device(self) -> None:
         """Normalises sigma, device_model and device_options by building the model once."""
@@ -232,10 +296,22 @@ class TrainConfig:
         return Path(self.out) if self.out is not None else default_out(self)
 
 
+def _json_dict(name: str, value) -> dict:
+    """A dict of JSON values (str keys), as a checkpoint and ``torch.load(weights_only=True)`` keep it."""
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must hold JSON values only (str keys; numbers, str, lists, dicts): {exc}") from None
+
+
 def default_out(config: TrainConfig) -> Path:
-    """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory); a device model
-    other than the bit-sliced Gaussian presets is named before the severity (``...-pcm-s1``)."""
+    """``runs/<method>-<model>-<dataset>-s<sigma>`` (relative to the working directory; a model factory's
+    model is named by its function); a device model other than the bit-sliced Gaussian presets is named
+    before the severity (``...-pcm-s1``)."""
     from nft_cuda.devices import PRESETS
 
     device = "" if config.device_model in PRESETS else f"-{config.device_model}"
-    return Path("runs") / f"{config.method}-{config.model}-{config.dataset}{device}-s{config.sigma:g}"
+    model = config.model if config.model_factory is None else config.model_factory.rpartition(":")[2]
+    return Path("runs") / f"{config.method}-{model}-{config.dataset}{device}-s{config.sigma:g}"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from nft_cuda import ops
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn.conversion import noise_mode
+from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.layers import NoisyLinear
 
 __all__ = ["IRSHead", "IRSModel", "snapshot"]
@@ -107,6 +108,8 @@ class IRSModel(nn.Module):
         variation: the heads' variation (DESIGN §5 default: σ_d of training with RRAM1).
         example_input: one input batch (any size ≥ 1) to find the tapped activations' channels.
         hidden: width of the heads' hidden layer (512 in the paper).
+        output: where the logits are in the backbone's output (the output adapter,
+            :func:`nft_cuda.nn.custom.resolve_output`; None: the output is the logits tensor).
 
     ``forward(x)`` returns ``(logits, [head outputs])`` with the heads in execution order
     (shallow → deep), as :func:`nft_cuda.train.nft_loss` expects.
@@ -120,8 +123,11 @@ class IRSModel(nn.Module):
         variation: DeviceModel,
         example_input: torch.Tensor,
         hidden: int = 512,
+        *,
+        output=None,
     ):
         super().__init__()
+        self.logits_of = resolve_output(output)
         modules = dict(backbone.named_modules())
         unknown = [name for name in taps if name not in modules or name == ""]
         if unknown:
@@ -187,7 +193,7 @@ class IRSModel(nn.Module):
         self._snapshots.clear()
         self._capturing = True
         try:
-            logits = self.backbone(x)
+            logits = self.logits_of(self.backbone(x))
         finally:
             self._capturing = False
         snapshots, self._snapshots = self._snapshots, {}

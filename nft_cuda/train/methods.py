@@ -3,6 +3,9 @@
 A method turns a plain model into what it trains (:meth:`Method.prepare`), computes the loss of one
 batch (:meth:`Method.loss`) and gives back the model to export (:meth:`Method.export`): the backbone
 with its noisy layers and their variation, never the IRS heads.
+
+Every method takes ``output=``, the output adapter of models that do not return a logits tensor (a
+Hugging Face ``ModelOutput``: ``output="logits"``; :func:`nft_cuda.nn.custom.resolve_output`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel, Variation
 from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
+from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.sample_axis import batch_blockers, repeat_samples, sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
@@ -52,13 +56,18 @@ def default_beta(method: str, model: str, dataset: str) -> float:
 
 
 class Method:
-    """Base: train with the noisy layers in one mode and plain cross-entropy."""
+    """Base: train with the noisy layers in one mode and plain cross-entropy.
+
+    ``output``: where the logits are in the model's output (None: the output is the logits tensor; see
+    :func:`nft_cuda.nn.custom.resolve_output`)."""
 
     name = "base"
     noise = "train"
 
-    def __init__(self, variation: DeviceModel):
+    def __init__(self, variation: DeviceModel, *, output=None):
         self.variation = _args.check_device_model(variation)
+        self.output = output
+        self.logits_of = resolve_output(output)
 
     def prepare(
         self,
@@ -76,7 +85,7 @@ class Method:
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, backbone logits) of one batch."""
         set_noise_mode(model, self.noise)
-        logits = model(x)
+        logits = self.logits_of(model(x))
         return F.cross_entropy(logits, y), logits
 
     def export(self, model: nn.Module) -> nn.Module:
@@ -120,6 +129,7 @@ class OVF(Method):
         deltas: δ_n, noisiest first (default 0.15, 0.10, 0.05).
         batched: run the N+1 forwards as one pass along a sample axis (default); models that cannot be
             batched fall back to sequential forwards with one warning. Both give the same result.
+        output: the output adapter (see :class:`Method`).
     """
 
     name = "ovf"
@@ -130,8 +140,10 @@ class OVF(Method):
         beta: float = 1e-3,
         deltas: Sequence[float] = (0.15, 0.10, 0.05),
         batched: bool = True,
+        *,
+        output=None,
     ):
-        super().__init__(variation)
+        super().__init__(variation, output=output)
         deltas = [float(d) for d in deltas]
         if not deltas or any(d < 0 for d in deltas):
             raise ValueError(f"deltas must be a non-empty list of values >= 0, got {deltas}")
@@ -164,7 +176,7 @@ class OVF(Method):
             draws[layer] = (rng, sigmas)
         batched = self.batched
         if batched:
-            blockers = batch_blockers(model, x, draws, samples)
+            blockers = batch_blockers(model, x, draws, samples, lambda i: self.logits_of(model(i)))
             if blockers:
                 batched = False
                 if not self._warned:
@@ -177,7 +189,7 @@ class OVF(Method):
                     )
         if batched:
             with sample_plan(model, draws, samples):
-                out = model(repeat_samples(x, samples))
+                out = self.logits_of(model(repeat_samples(x, samples)))
             return list(out.chunk(samples, dim=0))
         outs = []
         for t in range(samples):
@@ -185,7 +197,7 @@ class OVF(Method):
                 layer: (torch.stack((rng[0], rng[1] + t)), sigmas[t : t + 1]) for layer, (rng, sigmas) in draws.items()
             }
             with sample_plan(model, step, 1):
-                outs.append(model(x))
+                outs.append(self.logits_of(model(x)))
         return outs
 
     def loss(self, model, x, y):
@@ -206,6 +218,8 @@ class IRS(Method):
         taps: module path → pool size of each snapshot (model defaults in nft_cuda.models.IRS_TAPS).
         head_variation: the heads' variation (default: σ_d of training, RRAM1).
         hidden: width of the heads' hidden layer.
+        output: the output adapter of the backbone (see :class:`Method`); taps whose module returns a tuple
+            are snapshotted from its first element (:mod:`nft_cuda.train.irs`).
     """
 
     name = "irs"
@@ -217,8 +231,10 @@ class IRS(Method):
         taps: Mapping[str, int] | None = None,
         head_variation: DeviceModel | None = None,
         hidden: int = 512,
+        *,
+        output=None,
     ):
-        super().__init__(variation)
+        super().__init__(variation, output=output)
         if not taps:
             raise ValueError("IRS needs at least one tap (module path → pool size)")
         self.beta = float(beta)
@@ -232,7 +248,9 @@ class IRS(Method):
         if example_input is None or num_classes is None:
             raise ValueError("IRS.prepare needs example_input and num_classes to build the heads")
         backbone = super().prepare(model, include=include, exclude=exclude)
-        return IRSModel(backbone, self.taps, num_classes, self.head_variation, example_input, self.hidden)
+        return IRSModel(
+            backbone, self.taps, num_classes, self.head_variation, example_input, self.hidden, output=self.output
+        )
 
     def loss(self, model, x, y):
         set_noise_mode(model, "train")
@@ -267,8 +285,10 @@ def build_method(
     taps: Mapping[str, int] | None = None,
     head_variation: DeviceModel | None = None,
     batched: bool = True,
+    output=None,
 ) -> Method:
-    """A method by name with the DESIGN §5 defaults for (model_name, dataset)."""
+    """A method by name with the DESIGN §5 defaults for (model_name, dataset); ``output``: the output
+    adapter (see :class:`Method`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
     if name == "ovf":
@@ -277,16 +297,21 @@ def build_method(
             default_beta("ovf", model_name, dataset) if beta is None else beta,
             deltas if deltas is not None else (0.15, 0.10, 0.05),
             batched=batched,
+            output=output,
         )
     if name == "irs":
         if taps is None:
             from nft_cuda.models import IRS_TAPS
 
             if model_name not in IRS_TAPS:
-                raise ValueError(f"no default IRS taps for model '{model_name}'; pass taps")
+                raise ValueError(
+                    f"no default IRS taps for model '{model_name}'; IRS needs taps (module path → pool size, "
+                    "e.g. {'blocks.0': 4}): pass taps (nft train --taps blocks.0=4)"
+                )
             taps = IRS_TAPS[model_name]
-        return IRS(variation, default_beta("irs", model_name, dataset) if beta is None else beta, taps, head_variation)
-    return METHODS[name](variation)
+        beta = default_beta("irs", model_name, dataset) if beta is None else beta
+        return IRS(variation, beta, taps, head_variation, output=output)
+    return METHODS[name](variation, output=output)
 
 
 def describe(method: Method) -> dict:

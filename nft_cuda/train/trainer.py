@@ -205,17 +205,21 @@ def evaluate(
     seed: int | None = None,
     progress: bool = False,
     desc: str = "eval",
+    output=None,
 ) -> float:
     """Top-1 accuracy of ``model`` (its backbone, for an IRS model) over ``loader`` in ``eval()`` mode.
 
     ``noise``: the noise mode of its noisy layers during the pass: ``"off"`` (clean) or ``"train"``
     (a fresh draw per batch). With ``seed`` the draws come from a forked RNG seeded with it (torch's
-    global RNG is left as it was). The model's training flag and noise modes are restored.
+    global RNG is left as it was). The model's training flag and noise modes are restored. ``output``:
+    where the logits are in the model's output (:func:`nft_cuda.nn.custom.resolve_output`).
     """
     from tqdm.auto import tqdm
 
     from nft_cuda.nn.conversion import noise_mode
+    from nft_cuda.nn.custom import resolve_output
 
+    logits_of = resolve_output(output)
     device = torch.device(device)
     net = _backbone(model)
     was_training = net.training
@@ -230,7 +234,7 @@ def evaluate(
             ):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                correct += (net(x).argmax(dim=1) == y).sum()
+                correct += (logits_of(net(x)).argmax(dim=1) == y).sum()
                 total += y.numel()
     finally:
         net.train(was_training)
@@ -238,32 +242,44 @@ def evaluate(
 
 
 def export_backbone(model: nn.Module, method, spec: dict) -> nn.Module:
-    """A fresh plain copy of the trained backbone for export (CPU): ``build_model`` + ``convert`` with
-    the method's variation, the backbone's weights loaded, noise mode train. The training model is
-    left untouched (an IRS model keeps its hooks and heads)."""
-    from nft_cuda.models import build_model
+    """A fresh plain copy of the trained backbone for export (CPU): ``build_from_spec`` (a built-in
+    model or the model factory) + ``convert`` with the method's variation, the backbone's weights
+    loaded, noise mode train. The training model is left untouched (an IRS model keeps its hooks and
+    heads)."""
+    from nft_cuda.models import build_from_spec
     from nft_cuda.nn.conversion import convert
 
-    kwargs = {k: v for k, v in spec.items() if k != "name"}
     with torch.random.fork_rng(devices=[]):  # the fresh model's init must not advance the training RNG
-        fresh = build_model(spec["name"], **kwargs)
+        fresh = build_from_spec(spec)
     convert(fresh, method.variation)
     fresh.load_state_dict(_backbone(model).state_dict(), strict=True)
     return method.export(fresh)
 
 
-def _build(config: TrainConfig, data: _Data, device: torch.device):
-    from nft_cuda.models import build_model
-    from nft_cuda.train.methods import build_method
-    from nft_cuda.variation import Variation
-
-    spec = {
-        "name": config.model,
+def _model_spec(config: TrainConfig, data: _Data) -> dict:
+    """What the exported model records to rebuild the model (:func:`nft_cuda.models.build_from_spec`): a
+    built-in model's name and data shape, or the model factory's import path and kwargs (with the data
+    shape for reference); the output adapter when there is one."""
+    shape = {
         "in_channels": data.spec.channels,
         "num_classes": data.spec.num_classes,
         "input_size": data.input_shape[-1],
-        "width": config.width,
     }
+    if config.model_factory is None:
+        spec = {"name": config.model, **shape, "width": config.width}
+    else:
+        spec = {"name": config.model, "factory": config.model_factory, "kwargs": dict(config.model_kwargs), **shape}
+    if config.output is not None:
+        spec["output"] = config.output
+    return spec
+
+
+def _build(config: TrainConfig, data: _Data, device: torch.device):
+    from nft_cuda.models import build_from_spec
+    from nft_cuda.train.methods import build_method
+    from nft_cuda.variation import Variation
+
+    spec = _model_spec(config, data)
     variation = config.variation()
     head_variation = None
     if config.method == "irs" and isinstance(variation, Variation):  # the paper's heads: RRAM1
@@ -277,9 +293,11 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         dataset=config.dataset,
         beta=config.beta,
         deltas=config.deltas if config.method == "ovf" else None,
+        taps=config.taps,
         head_variation=head_variation,
+        output=config.output,
     )
-    backbone = build_model(config.model, **{k: v for k, v in spec.items() if k != "name"})
+    backbone = build_from_spec(spec)
     model = method.prepare(backbone, data.example, num_classes=data.spec.num_classes)
     model.to(device)
     if config.optimizer == "adam":
@@ -568,7 +586,7 @@ def _restore(run: _Run, ckpt: dict, ckpt_path: Path) -> None:
 def _announce(run: _Run) -> None:
     config, data, group = run.config, run.data, run.group
     run.say(
-        f"training {config.method} on {config.model}/{config.dataset} (σ={config.sigma:g}, "
+        f"training {config.method} on {config.model_factory or config.model}/{config.dataset} (σ={config.sigma:g}, "
         f"{config.device_model}) on {run.device}: {data.sizes['train']} train / {data.sizes['val']} val / "
         f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {run.out}"
     )
@@ -663,8 +681,11 @@ def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
             seed=_derive_seed(config.seed, epoch, 1),
             progress=run.progress,
             desc="val (noisy)",
+            output=config.output,
         )
-        val_clean = evaluate(run.model, data.val, device, "off", progress=run.progress, desc="val (clean)")
+        val_clean = evaluate(
+            run.model, data.val, device, "off", progress=run.progress, desc="val (clean)", output=config.output
+        )
     val_noisy, val_clean = run.group.broadcast_object((val_noisy, val_clean))
     improved = val_noisy > run.best["val_acc"] if data.val is not None else True  # no val split: the last
     if improved:
@@ -725,7 +746,7 @@ def _final_test(run: _Run, result: dict) -> None:
     if run.main:
         exported, _ = load_model(str(run.out / MODEL_FILE), device=device)
         result["test_acc_clean"] = evaluate(
-            exported, data.test, device, "off", progress=run.progress, desc="test (clean)"
+            exported, data.test, device, "off", progress=run.progress, desc="test (clean)", output=config.output
         )
         result["test_acc_noisy"] = evaluate(
             exported,
@@ -735,6 +756,7 @@ def _final_test(run: _Run, result: dict) -> None:
             seed=_derive_seed(config.seed, 2**32),
             progress=run.progress,
             desc="test (noisy)",
+            output=config.output,
         )
     result["test_acc_clean"], result["test_acc_noisy"] = run.group.broadcast_object(
         (result["test_acc_clean"], result["test_acc_noisy"])
