@@ -55,22 +55,24 @@ def _ovf_loss(model, batched: bool, x, y):
 
 
 @pytest.mark.parametrize(
-    ("module", "blocked"),
+    ("module", "verdict"),
     [
-        (nn.Softmax(dim=0), True),
-        (nn.LogSoftmax(dim=0), True),
-        (nn.Softmin(dim=0), True),
-        (nn.Softmax(dim=None), True),
-        (nn.Flatten(0), True),
-        (nn.Softmax(dim=1), False),
-        (nn.Softmax(dim=-1), False),  # probed, not blocked
-        (nn.Flatten(), False),
+        (nn.Softmax(dim=0), "block"),
+        (nn.LogSoftmax(dim=0), "block"),
+        (nn.Softmin(dim=0), "block"),
+        (nn.Softmax(dim=None), "block"),  # the legacy implicit dim is 0 for 1-D and 3-D inputs
+        (nn.Flatten(0), "block"),
+        (nn.Unflatten(0, (2, 1)), "block"),
+        (nn.Softmax(dim=-1), "probe"),  # dim 0 of a 1-D input
+        (nn.Softmax2d(), "probe"),
+        (nn.Softmax(dim=1), "safe"),
+        (nn.Flatten(), "safe"),
     ],
 )
-def test_dim_arguments_decide(module, blocked):
+def test_dim_arguments_decide(module, verdict):
     model = nn.Sequential(nn.Linear(2, 2), module)
-    assert (unbatchable_modules(model) == ["1"]) is blocked
-    assert ("1" in modules_to_probe(model)) is (not blocked and module.__dict__.get("dim", 1) == -1)
+    assert (unbatchable_modules(model) == ["1"]) is (verdict == "block")
+    assert ("1" in modules_to_probe(model)) is (verdict == "probe")
 
 
 def test_ovf_with_softmax_over_dim_0_equals_sequential(one_thread):
