@@ -32,7 +32,13 @@ MUTATIONS = {
     3: "wrong noise lane",
     4: "pooling window end without the ceiling",
     5: "missing barrier between the tile loads and the mma",
+    6: "missing first barrier of the GEMM slice loop",
+    7: "perturb stores one element past the end",
 }
+# The emulator check that must name each mutation whose bug leaves no trace in the outputs (6: a
+# write-after-read race that the fiber schedule happens to order; 7: the write lands in host memory
+# nobody compares), or that a check exists for it besides the stale outputs (5).
+CAUGHT_BY = {5: "shared-memory race", 6: "shared-memory race", 7: "global out-of-bounds store"}
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 OP_CODE = {"bf16": 0, "fp16": 1, "tf32": 2}

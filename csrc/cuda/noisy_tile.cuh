@@ -218,12 +218,12 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
                                                    const PoolGeom& g, int64_t m0, int64_t r0) {
   __shared__ PoolWindow windows[kBK];
   if (threadIdx.x < kBK)
-    windows[threadIdx.x] = pool_window(g, r0 + threadIdx.x);
+    intr::st_shared(windows[threadIdx.x], pool_window(g, r0 + threadIdx.x));
   __syncthreads();  // the table is complete (its previous readers passed the slice's first barrier)
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
     const int64_t gm = m0 + i;
-    const PoolWindow wd = windows[r];
+    const PoolWindow wd = intr::ld_shared(windows[r]);
     float v = 0.0f;
     if (gm < rows && wd.count > 0) {
       const in_t* plane = act + gm * g.c * g.h * g.w + wd.plane;
