@@ -349,7 +349,7 @@ H200_LANE_OPS_PER_S = 132 * 128 * 1.98e9
 # CUDA 13.0 by tools/sass_cost.py (docs/kernels.md). fp16 has bf16's code shape; the tf32 backward and
 # the snapshot forward take the nearest counted variant (the pooling loops of the snapshot's A loader
 # are data-dependent and not counted: its prediction is a lower bound).
-SASS_INSTR_PER_ELEMENT = {("bf16", "forward"): 145.1, ("bf16", "backward"): 146.3, ("tf32", "forward"): 153.3}
+SASS_INSTR_PER_ELEMENT = {("bf16", "forward"): 124.6, ("bf16", "backward"): 127.1, ("tf32", "forward"): 132.6}
 
 
 def instr_per_element(op: str, mode: str) -> float:

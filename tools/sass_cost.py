@@ -14,7 +14,8 @@ How the count is made (one thread, one 32-deep reduction slice of an interior 64
   loops inside it are the A-tile loader's, the W-tile zero-fill's and the W-tile task loop (one task =
   one Philox block = four weights);
 - an instruction in an inner loop counts once per iteration of its (unrolled) body: the loop's logical
-  trip count per thread (tile elements / 128 threads: 16 for the A tile and the zero-fill, 4.5 tasks of
+  trip count per thread (tile elements / 128 threads: 16 for the A tile and the zero-fill — 0 for the
+  zero-fill where the source skips it for tiles inside W —, 4.5 tasks of
   which 4 generate noise for a K % 4 = 0 tile) divided by the unroll factor (the STS.U16 in the body per
   logical iteration); the half task that exits early at `4 q >= e_end` counts the instructions up to that
   branch. Predicated instructions count (they issue whether or not their predicate holds);
@@ -168,6 +169,8 @@ def source_lines() -> dict:
         },
         mma_call=line(kern, r"mma_tile<Op>\(smem"),
         zero=(zero_begin, line(tile, r"constexpr int kGroups", zero_begin)),
+        # the zero-fill loop is skipped for a tile inside W (its block-uniform `inside` test)
+        zero_skipped_inside=bool(re.search(r"const bool inside =", "\n".join(tile[zero_begin : zero_begin + 12]))),
         task_for=line(tile, r"for \(int task = ", zero_begin),
         task_exit=line(tile, r"if \(4 \* q >= e_end\)", zero_begin),
     )
@@ -256,6 +259,9 @@ def slice_weights(ins: list[Instr], src: dict) -> dict[int, float]:
             unroll = stores / 4
             for n in body:
                 weight[n] = 0.0 if n in skip else (full + (extra if n <= exit_at else 0.0)) / unroll
+        elif role == "zero_fill" and src["zero_skipped_inside"]:
+            for n in body:
+                weight[n] = 0.0
         else:
             trips = c["kBM"] * c["kBK"] / threads / stores
             for n in body:
