@@ -32,7 +32,13 @@ MUTATIONS = {
     3: "wrong noise lane",
     4: "pooling window end without the ceiling",
     5: "missing barrier between the tile loads and the mma",
+    6: "missing first barrier of the GEMM slice loop",
+    7: "perturb stores one element past the end",
 }
+# The emulator check that must name each mutation whose bug leaves no trace in the outputs (6: a
+# write-after-read race that the fiber schedule happens to order; 7: the write lands in host memory
+# nobody compares), or that a check exists for it besides the stale outputs (5).
+CAUGHT_BY = {5: "shared-memory race", 6: "shared-memory race", 7: "global out-of-bounds store"}
 
 DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 OP_CODE = {"bf16": 0, "fp16": 1, "tf32": 2}
@@ -333,13 +339,26 @@ class Emulator:
 # ---- H200 roofline report (docs/kernels.md) ----------------------------------------------------------
 # python tests/emulator.py  prints the Markdown table of docs/kernels.md: emulator counts per kernel
 # and shape, and a roofline prediction for the H200. Peak numbers: HBM3e ~4.3 TB/s; mma.sync dense
-# ~790 TFLOP/s bf16/fp16 and half that for tf32; the noise at ~50 instructions per normal (DESIGN
-# §4.2) on 132 SMs x 128 lanes x 1.98 GHz.
+# ~790 TFLOP/s bf16/fp16 and half that for tf32; instruction issue at 132 SMs x 128 lanes x 1.98 GHz.
 
 H200_BYTES_PER_S = 4.3e12
 H200_MMA_FLOPS = {"bf16": 790e12, "fp16": 790e12, "tf32": 395e12}
 H200_LANE_OPS_PER_S = 132 * 128 * 1.98e9
-OPS_PER_NORMAL = 50
+# Lane instructions the fused kernel issues per weight element per 64-row block (noise generation,
+# A-tile loader, zero-fill, W tile, tensor-core work, slice overhead), counted on the sm_90 SASS of
+# CUDA 13.0 by tools/sass_cost.py (docs/kernels.md). fp16 has bf16's code shape; the tf32 backward and
+# the snapshot forward take the nearest counted variant (the pooling loops of the snapshot's A loader
+# are data-dependent and not counted: its prediction is a lower bound).
+SASS_INSTR_PER_ELEMENT = {("bf16", "forward"): 124.6, ("bf16", "backward"): 127.1, ("tf32", "forward"): 132.6}
+
+
+def instr_per_element(op: str, mode: str) -> float:
+    """SASS_INSTR_PER_ELEMENT for a (compute op, mode), falling back as described above."""
+    op = "bf16" if op == "fp16" else op
+    mode = "forward" if mode == "pooled" else mode
+    return SASS_INSTR_PER_ELEMENT.get((op, mode), SASS_INSTR_PER_ELEMENT[(op, "forward")])
+
+
 LAUNCH_S = 2e-6  # per kernel launch (max|W|, GEMM, split reduction)
 # predicted = max|W| pass (W read once) + max(GEMM memory, tensor, noise) + launches; DRAM counts each
 # operand once (L2 holds the re-read W and A tiles) plus the split partials written and read back.
@@ -384,11 +403,14 @@ def predict(
     shared: bool,
     parts: int,
 ) -> dict:
-    """H200 roofline prediction (seconds) of one fused GEMM op call: max|W| + max(memory, tensor, noise)."""
+    """H200 roofline prediction (seconds) of one fused GEMM op call: max|W| + max(memory, tensor, ALU issue).
+
+    ALU: every W tile is regenerated once per 64-row block (and sample), at instr_per_element() lane
+    instructions per weight element, issued at H200_LANE_OPS_PER_S."""
     cols = red_k if mode == "backward" else n
     flops = 2 * rows_m * n * red_k * samples
     row_blocks = -(-rows_m // 64)
-    normals = samples * row_blocks * n * red_k  # each W tile regenerated once per row block
+    tile_elements = samples * row_blocks * n * red_k  # each W tile regenerated once per row block
     sample_blocks = 1 if mode == "backward" and shared else samples
     partial = 0 if parts == 1 else 2 * 4 * parts * sample_blocks * rows_m * cols
     dram = a.numel() * a.element_size() + w_numel * 4 + out.numel() * out.element_size() + partial
@@ -396,12 +418,12 @@ def predict(
         t_max_abs=w_numel * 4 / H200_BYTES_PER_S,  # max|W| reads W once more, before the GEMM
         t_mem=dram / H200_BYTES_PER_S,
         t_tc=flops / H200_MMA_FLOPS[op],
-        t_noise=normals * OPS_PER_NORMAL / H200_LANE_OPS_PER_S,
+        t_alu=tile_elements * instr_per_element(op, mode) / H200_LANE_OPS_PER_S,
         dram=dram,
         tiles=row_blocks * -(-cols // 64) * sample_blocks,
     )
-    p["t"] = p["t_max_abs"] + max(p["t_mem"], p["t_tc"], p["t_noise"]) + (2 + (parts > 1)) * LAUNCH_S
-    p["bound"] = max((p["t_mem"], "memory"), (p["t_tc"], "tensor"), (p["t_noise"], "noise ALU"))[1]
+    p["t"] = p["t_max_abs"] + max(p["t_mem"], p["t_tc"], p["t_alu"]) + (2 + (parts > 1)) * LAUNCH_S
+    p["bound"] = max((p["t_mem"], "memory"), (p["t_tc"], "tensor"), (p["t_alu"], "ALU issue"))[1]
     return p
 
 
@@ -436,7 +458,7 @@ def report_rows(emu: Emulator) -> list[dict]:
 def report_markdown(rows: list[dict]) -> str:
     lines = [
         "| kernel, shape | tiles x parts | mma (emu) | smem wavefronts/req st / ld (emu) | global MB requested "
-        "(emu) | DRAM MB | max\\|W\\| + GEMM memory / tensor / noise µs | predicted µs (GEMM bound) |",
+        "(emu) | DRAM MB | max\\|W\\| + GEMM memory / tensor / ALU µs | predicted µs (GEMM bound) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     us = 1e6
@@ -445,7 +467,7 @@ def report_markdown(rows: list[dict]) -> str:
             f"| {r['name']} | {r['tiles']} x {r['parts']} | {r['mma']:,} | "
             f"{r['st']:.2f} / {r['ld']:.2f} | {r['req_mb']:.1f} | {r['dram'] / 1e6:.1f} | "
             f"{r['t_max_abs'] * us:.1f} + {r['t_mem'] * us:.1f} / {r['t_tc'] * us:.1f} / "
-            f"{r['t_noise'] * us:.1f} | {r['t'] * us:.1f} ({r['bound']}) |"
+            f"{r['t_alu'] * us:.1f} | {r['t'] * us:.1f} ({r['bound']}) |"
         )
     return "\n".join(lines)
 

@@ -375,10 +375,19 @@ def test_shared_memory_bank_conflicts(emu, mode):
 # ---- mutation self-test ------------------------------------------------------------------------------
 
 
+def check_perturb_tail(emu):
+    """perturb of a weight whose size is not a multiple of 4 (a partial last Philox block), fp32."""
+    w = torch.randn(5, 7, generator=torch.Generator().manual_seed(5))
+    r, sig = rng_tensor(9, OFFSETS[0]), torch.tensor([0.3, 0.1])
+    got = emu.perturb(w, r, sig, VAR.scale, VAR.state_factor)
+    assert torch.equal(got, OPS.perturb(w, r, sig, VAR.scale, VAR.state_factor)), "perturb tail differs"
+
+
 def mutation_suite(emu) -> list[str]:
     """Failures of a small, fast set of the comparisons above (bf16 activations, fp32 weights)."""
     failures = []
     checks = [
+        lambda: check_perturb_tail(emu),
         lambda: check_forward(emu, "bf16_w32", (37, 70, 33), 2, False, True, OFFSETS[1]),
         lambda: check_backward(emu, "bf16_w32", (37, 70, 33), 2, True, OFFSETS[0]),
         lambda: check_pooled(emu, "bf16_w32", (33, 4, 5, 7, 3), 2, False, False, OFFSETS[1]),
@@ -404,7 +413,28 @@ def test_mutation_suite_passes_on_the_real_kernels(emu):
 def test_every_mutation_is_caught(mutants, mutation):
     mutant = mutants[mutation]
     assert mutant.mutation == mutation
-    assert mutation_suite(mutant), f"mutation {mutation} ({emu_lib.MUTATIONS[mutation]}) went unnoticed"
+    failures = mutation_suite(mutant)
+    assert failures, f"mutation {mutation} ({emu_lib.MUTATIONS[mutation]}) went unnoticed"
+    if mutation in emu_lib.CAUGHT_BY:
+        assert any(emu_lib.CAUGHT_BY[mutation] in f for f in failures), failures
+
+
+def test_race_report_names_the_threads_and_sites(mutants):
+    # The removed slice-loop barrier: warp 1's fragment loads of slice u and warp 0's A-tile stores of
+    # slice u + 1 fall in one barrier interval.
+    with pytest.raises(emu_lib.EmulatorError) as err:
+        check_forward(mutants[6], "bf16_w32", (37, 70, 33), 1, True, False, OFFSETS[0])
+    msg = str(err.value)
+    assert "shared-memory race" in msg and msg.count("thread ") == 2 and msg.count("access site") == 2, msg
+    assert "stores" in msg and "loads" in msg and "(block 0,0,0)" in msg, msg
+
+
+def test_out_of_bounds_report_names_the_allocation(mutants):
+    # 35 elements, 2 samples: the tail block of the last sample stores out[70], one element past the end.
+    with pytest.raises(emu_lib.EmulatorError) as err:
+        check_perturb_tail(mutants[7])
+    msg = str(err.value)
+    assert "global out-of-bounds store of 4 B" in msg and "byte 280 of 'out', which has 280 B" in msg, msg
 
 
 # ---- source rules --------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kMaxAbsThreads)
   float m = 0.0f;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    m = nan_max(fabsf(static_cast<float>(w[i])), m);
+    m = nan_max(fabsf(static_cast<float>(intr::ld_global(w[i]))), m);
   }
   for (int delta = 16; delta > 0; delta >>= 1)
     m = nan_max(intr::shfl_down(m, delta), m);
@@ -32,10 +32,10 @@ __global__ void __launch_bounds__(kMaxAbsThreads)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   if (lane == 0)
-    warp_max[warp] = m;
+    intr::st_shared(warp_max[warp], m);
   __syncthreads();
   if (warp == 0) {
-    m = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0.0f;
+    m = lane < static_cast<int>(blockDim.x >> 5) ? intr::ld_shared(warp_max[lane]) : 0.0f;
     for (int delta = 16; delta > 0; delta >>= 1)
       m = nan_max(intr::shfl_down(m, delta), m);
     if (lane == 0)

@@ -3,6 +3,10 @@
 // fail. Every real build has NFT_EMU_MUTATION = 0, where each site is a constant-false branch.
 //   1 swapped A-fragment registers   2 stream + 1   3 wrong noise lane
 //   4 pooling window end without the ceiling   5 missing barrier between the tile loads and the mma
+//   6 missing first barrier of the GEMM slice loop (next tiles stored while other warps still read:
+//     a write-after-read race, caught by the emulator's race detector)
+//   7 perturb's tail block stores one element past the row (the last sample: past the end of `out`,
+//     caught by the emulator's bounds check)
 #pragma once
 
 #ifndef NFT_EMU_MUTATION

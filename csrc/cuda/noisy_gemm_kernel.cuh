@@ -95,10 +95,11 @@ __device__ __forceinline__ void gemm_tile(Smem<Op>& smem, const x_t* __restrict_
   for (int64_t u = u_begin; u < u_end; ++u) {
     const int64_t s = s_first + u / n_slices;
     const int64_t r0 = (u % n_slices) * kBK;
-    const StateBand band = make_state_band(sigmas[s], max_abs, scale, state_factor);
+    const StateBand band = make_state_band(intr::ld_global(sigmas[s]), max_abs, scale, state_factor);
     const uint64_t stream = offset + static_cast<uint64_t>(s) + (kMutation == 2 ? 1u : 0u);
     const x_t* a_s = a + s * a_sample_stride;
-    __syncthreads();  // every warp is done reading the previous slice
+    if (kMutation != 6)
+      __syncthreads();  // every warp is done reading the previous slice
     if constexpr (kPooledA) {
       load_pooled_a_tile<Op>(smem, a_s, m_rows, geom, m0, r0);
     } else {
@@ -165,9 +166,9 @@ __global__ void __launch_bounds__(kThreads)
                       const unsigned int* __restrict__ max_bits, float scale, float state_factor, PoolGeom geom) {
   static_assert(!(kBackward && kPooledA), "the snapshot capture has no fused backward (dX goes through dSnapshot)");
   __shared__ Smem<Op> smem;
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
-  const float max_abs = intr::uint_as_float(*max_bits);
+  const uint64_t seed = static_cast<uint64_t>(intr::ld_global(rng[0]));
+  const uint64_t offset = static_cast<uint64_t>(intr::ld_global(rng[1]));
+  const float max_abs = intr::uint_as_float(intr::ld_global(*max_bits));
   const GemmGrid g = gemm_grid(m_rows, kBackward ? k_w : n_w, samples, reduce_samples, parts);
   for (int64_t z = blockIdx.z; z < g.s * parts; z += gridDim.z) {
     for (int64_t cb = blockIdx.y; cb < g.c; cb += gridDim.y) {

@@ -218,12 +218,12 @@ __device__ __forceinline__ void load_pooled_a_tile(Smem<Op>& s, const in_t* __re
                                                    const PoolGeom& g, int64_t m0, int64_t r0) {
   __shared__ PoolWindow windows[kBK];
   if (threadIdx.x < kBK)
-    windows[threadIdx.x] = pool_window(g, r0 + threadIdx.x);
+    intr::st_shared(windows[threadIdx.x], pool_window(g, r0 + threadIdx.x));
   __syncthreads();  // the table is complete (its previous readers passed the slice's first barrier)
   for (int idx = threadIdx.x; idx < kBM * kBK; idx += kThreads) {
     const int i = idx / kBK, r = idx % kBK;
     const int64_t gm = m0 + i;
-    const PoolWindow wd = windows[r];
+    const PoolWindow wd = intr::ld_shared(windows[r]);
     float v = 0.0f;
     if (gm < rows && wd.count > 0) {
       const in_t* plane = act + gm * g.c * g.h * g.w + wd.plane;
@@ -254,8 +254,10 @@ __device__ __forceinline__ void load_noisy_w_tile(Smem<Op>& s, const w_t* __rest
                                                   uint64_t stream, const StateBand& band) {
   using acc_t = at::opmath_type<w_t>;
   static_assert(CK % 4 == 0, "CK must be a multiple of 4");
-  // Zero the positions outside W (disjoint from the positions written below: no race).
-  for (int idx = threadIdx.x; idx < RN * CK; idx += kThreads) {
+  // Zero the positions outside W (disjoint from the positions written below: no race). A tile inside W
+  // has none: the block-uniform test skips the loop (~20 instructions per weight element on sm_90).
+  const bool inside = nb + RN <= n_rows && kb + CK <= k_cols;
+  for (int idx = threadIdx.x; idx < RN * CK && !inside; idx += kThreads) {
     const int nl = idx / CK, kl = idx % CK;
     if (nb + nl >= n_rows || kb + kl >= k_cols) {
       if (kTransposed) {

@@ -21,9 +21,9 @@ __global__ void perturb_device_kernel(const scalar_t* __restrict__ w, scalar_t* 
                                       const float* __restrict__ sigmas, const unsigned int* __restrict__ max_bits,
                                       device::Args args) {
   args.kind = kKind;
-  const uint64_t seed = static_cast<uint64_t>(rng[0]);
-  const uint64_t offset = static_cast<uint64_t>(rng[1]);
-  const double m = static_cast<double>(intr::uint_as_float(*max_bits));
+  const uint64_t seed = static_cast<uint64_t>(intr::ld_global(rng[0]));
+  const uint64_t offset = static_cast<uint64_t>(intr::ld_global(rng[1]));
+  const double m = static_cast<double>(intr::uint_as_float(intr::ld_global(*max_bits)));
   const int64_t nq = (n + 3) / 4;
   for (int64_t q = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; q < nq;
        q += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -32,16 +32,16 @@ __global__ void perturb_device_kernel(const scalar_t* __restrict__ w, scalar_t* 
     double wv[4];
 #pragma unroll
     for (int l = 0; l < 4; ++l)
-      wv[l] = l < count ? static_cast<double>(w[base + l]) : 0.0;
+      wv[l] = l < count ? static_cast<double>(intr::ld_global(w[base + l])) : 0.0;
     for (int64_t t = 0; t < samples; ++t) {
-      const device::Sample smp = device::make_sample(args, sigmas[t]);
+      const device::Sample smp = device::make_sample(args, intr::ld_global(sigmas[t]));
       device::BlockDraws d{};  // draws this call does not use stay 0 (never read)
       device::draw_block<kKind>(args, seed, offset + static_cast<uint64_t>(t), static_cast<uint64_t>(q), d);
       scalar_t* o = out + t * n + base;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         if (l < count)
-          o[l] = static_cast<scalar_t>(device::perturb_element(args, smp, wv[l], m, d.d[l]));
+          intr::st_global(o[l], static_cast<scalar_t>(device::perturb_element(args, smp, wv[l], m, d.d[l])));
       }
     }
   }

@@ -2,12 +2,15 @@
 // emulation of the device intrinsics declared in include/nft_cuda/intrinsics.cuh. See emulator.h.
 #include "emu/emulator.h"
 
+#include <dlfcn.h>
 #include <ucontext.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
+#include <unordered_map>
 #include <vector>
 
 #include "nft_cuda/intrinsics.cuh"
@@ -26,6 +29,7 @@ enum class State { kReady, kBarrier, kWarp, kDone };
 struct SmemAccess {
   const void* site;  // the call site (return address): one per access instruction of the kernel
   uintptr_t address;
+  int bytes;
   bool store;
 };
 
@@ -59,6 +63,7 @@ struct Runtime {
   Counters counters;
   std::map<const void*, int> site_rank;  // first-execution order of the shared-memory access sites
   std::vector<SiteCounters> sites;
+  std::vector<Buffer> buffers;  // the global allocations of the running launch
 };
 
 Runtime& rt() {
@@ -71,17 +76,103 @@ void yield_to_scheduler() {
   swapcontext(&r.fibers[r.current].ctx, &r.scheduler);
 }
 
-// Stops the launch: the failing fiber never resumes.
-[[noreturn]] void fail(const std::string& msg) {
+std::string block_name() {
+  return "block " + std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) + "," +
+         std::to_string(g_block_idx.z);
+}
+
+// Marks the launch failed with `msg` (the first error wins).
+void set_error(const std::string& msg) {
   Runtime& r = rt();
   if (!r.failed) {
     r.failed = true;
-    r.error = msg + " (block " + std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) + "," +
-              std::to_string(g_block_idx.z) + ", thread " + std::to_string(r.current) + ")";
+    r.error = msg;
   }
+}
+
+// Stops the launch from a fiber: the failing fiber never resumes. `with_thread`: the error is about
+// the running thread (else the message names the threads itself).
+[[noreturn]] void fail(const std::string& msg, bool with_thread = true) {
+  Runtime& r = rt();
+  set_error(msg + " (" + block_name() + (with_thread ? ", thread " + std::to_string(r.current) : "") + ")");
   r.fibers[r.current].state = State::kDone;
   setcontext(&r.scheduler);
   __builtin_unreachable();
+}
+
+// A code address as "<library>+0x<offset>" (addr2line -e <library> <offset> gives the source line).
+std::string code_name(const void* address) {
+  Dl_info info;
+  char buf[64];
+  if (dladdr(address, &info) == 0 || info.dli_fname == nullptr) {
+    std::snprintf(buf, sizeof(buf), "%p", address);
+    return buf;
+  }
+  const char* base = std::strrchr(info.dli_fname, '/');
+  std::snprintf(buf, sizeof(buf), "+0x%zx",
+                static_cast<size_t>(static_cast<const char*>(address) - static_cast<const char*>(info.dli_fbase)));
+  return std::string(base ? base + 1 : info.dli_fname) + buf;
+}
+
+std::string hex(uintptr_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%zx", static_cast<size_t>(v));
+  return buf;
+}
+
+// ---- shared-memory race detector -------------------------------------------------------------------
+// CUDA orders shared-memory accesses of different threads only through a barrier (or a fence the
+// kernels do not use); warp collectives exchange registers, not shared memory. So within one barrier
+// interval, a byte stored by one thread and loaded or stored by another is a race, even when both
+// store the same value (a data race by the CUDA memory model; no kernel here relies on it). Accesses
+// of one thread to its own bytes are ordered by program order and never conflict.
+
+struct ByteUse {
+  int thread = -1, other = -1;  // the first thread to touch the byte, and one other thread (or -1)
+  const SmemAccess* first = nullptr;
+  const SmemAccess* second = nullptr;  // other's access
+  bool stored = false;                 // any store so far
+};
+
+std::string describe_access(int thread, const SmemAccess& a) {
+  return "thread " + std::to_string(thread) + " " + (a.store ? "stores" : "loads") + " " + std::to_string(a.bytes) +
+         " B at " + hex(a.address) + " (access site " + std::to_string(rt().site_rank.at(a.site)) + ", " +
+         code_name(a.site) + ")";
+}
+
+std::string race_message(uintptr_t byte, int t0, const SmemAccess& a0, int t1, const SmemAccess& a1) {
+  return "shared-memory race: byte " + hex(byte) +
+         " is accessed by two threads between two barriers, at least "
+         "one storing: " +
+         describe_access(t0, a0) + "; " + describe_access(t1, a1);
+}
+
+// The first conflict among the accesses recorded since the last barrier, or "" if there is none.
+std::string find_smem_race() {
+  Runtime& r = rt();
+  std::unordered_map<uintptr_t, ByteUse> bytes;
+  for (int t = 0; t < r.threads; ++t) {
+    for (const SmemAccess& a : r.fibers[t].smem) {
+      for (uintptr_t b = a.address; b < a.address + static_cast<uintptr_t>(a.bytes); ++b) {
+        ByteUse& u = bytes[b];
+        if (u.thread < 0) {
+          u = ByteUse{t, -1, &a, nullptr, a.store};
+        } else if (u.thread == t) {
+          if (a.store && u.other >= 0)
+            return race_message(b, u.other, *u.second, t, a);
+          u.stored = u.stored || a.store;
+          if (a.store)
+            u.first = &a;
+        } else if (u.stored || a.store) {
+          return race_message(b, u.thread, *u.first, t, a);
+        } else if (u.other < 0) {
+          u.other = t;
+          u.second = &a;
+        }
+      }
+    }
+  }
+  return "";
 }
 
 // Groups the recorded shared-memory accesses of each warp into warp instructions and counts their
@@ -96,7 +187,8 @@ void count_smem_accesses() {
       for (const SmemAccess& a : r.fibers[t].smem) {
         auto& g = groups[{a.site, seen[a.site]++}];
         g.first = a.store;
-        g.second.push_back(a.address / 4);
+        for (uintptr_t word = a.address / 4; word <= (a.address + a.bytes - 1) / 4; ++word)
+          g.second.push_back(word);  // a wider access serves all its words (at least bytes/128 wavefronts)
       }
       r.fibers[t].smem.clear();
     }
@@ -131,6 +223,9 @@ void release_barrier_if_complete() {
     }
     r.barrier_arrived = 0;
     ++r.counters.barriers;
+    const std::string race = find_smem_race();
+    if (!race.empty())
+      fail(race, /*with_thread=*/false);
     count_smem_accesses();
   }
 }
@@ -175,14 +270,16 @@ bool run_block() {
       all_done = false;
     }
     if (all_done) {
+      const std::string race = find_smem_race();
+      if (!race.empty()) {
+        set_error(race + " (" + block_name() + ")");
+        return false;
+      }
       count_smem_accesses();
       return true;
     }
     if (!progress) {
-      r.failed = true;
-      r.error = "deadlock: threads wait at a barrier or warp collective that cannot complete (block " +
-                std::to_string(g_block_idx.x) + "," + std::to_string(g_block_idx.y) + "," +
-                std::to_string(g_block_idx.z) + ")";
+      set_error("deadlock: threads wait at a barrier or warp collective that cannot complete (" + block_name() + ")");
       return false;
     }
   }
@@ -391,6 +488,7 @@ float warp_shfl_down(float v, unsigned delta, unsigned mask) {
 }
 
 unsigned atomic_max_u32(unsigned* address, unsigned value) {
+  global_access(address, sizeof(unsigned), true);
   const unsigned old = *address;  // one host thread runs every fiber: no race
   if (value > old)
     *address = value;
@@ -435,17 +533,54 @@ uint16_t f32_to_f16_rn(float v) {
 }
 
 void smem_access(const void* address, int bytes, bool store) {
-  if (bytes > 4)
-    fail("shared-memory accesses wider than 32 bits are not counted");
   Runtime& r = rt();
   const void* site = __builtin_return_address(0);
   if (r.site_rank.emplace(site, static_cast<int>(r.sites.size())).second)
     r.sites.push_back({store, 0, 0});
-  r.fibers[r.current].smem.push_back({site, reinterpret_cast<uintptr_t>(address), store});
+  r.fibers[r.current].smem.push_back({site, reinterpret_cast<uintptr_t>(address), bytes, store});
 }
 
-void global_access(int bytes, bool store) {
-  (store ? rt().counters.global_store_bytes : rt().counters.global_load_bytes) += bytes;
+namespace {
+
+// The registered allocation nearest below `p` (the one an overrun of it went past), or nullptr.
+const Buffer* nearest_buffer(uintptr_t p) {
+  const Buffer* best = nullptr;
+  for (const Buffer& b : rt().buffers) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(b.data);
+    if (b.data != nullptr && base <= p && (best == nullptr || base > reinterpret_cast<uintptr_t>(best->data)))
+      best = &b;
+  }
+  return best;
+}
+
+std::string out_of_bounds_message(uintptr_t p, int bytes, bool store, const void* site) {
+  std::string msg = std::string("global out-of-bounds ") + (store ? "store" : "load") + " of " + std::to_string(bytes) +
+                    " B at " + hex(p) + " (" + code_name(site) + ")";
+  const Buffer* b = nearest_buffer(p);
+  if (b == nullptr)
+    return msg + ": below every allocation of the launch";
+  const uintptr_t base = reinterpret_cast<uintptr_t>(b->data);
+  return msg + ": byte " + std::to_string(p - base) + " of '" + b->name + "', which has " + std::to_string(b->bytes) +
+         " B (" + std::to_string(p + bytes - base - b->bytes) + " B past its end)";
+}
+
+}  // namespace
+
+void global_access(const void* address, int bytes, bool store) {
+  Runtime& r = rt();
+  const uintptr_t p = reinterpret_cast<uintptr_t>(address);
+  const Buffer* inside = nullptr;
+  for (const Buffer& b : r.buffers) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(b.data);
+    if (b.data != nullptr && p >= base && p - base + bytes <= b.bytes)
+      inside = &b;
+  }
+  if (inside == nullptr)
+    fail(out_of_bounds_message(p, bytes, store, __builtin_return_address(0)));
+  if (store && !inside->writable)
+    fail(std::string("global store into the read-only input '") + inside->name + "' at byte " +
+         std::to_string(p - reinterpret_cast<uintptr_t>(inside->data)));
+  (store ? r.counters.global_store_bytes : r.counters.global_load_bytes) += bytes;
 }
 
 float bits_to_f32(uint32_t bits) {
@@ -463,18 +598,19 @@ void syncthreads() {
   yield_to_scheduler();
 }
 
-bool launch(dim3 grid, dim3 block, const std::function<void()>& body, bool keep_counters) {
+bool launch(dim3 grid, dim3 block, const std::vector<Buffer>& buffers, const std::function<void()>& body,
+            bool keep_counters) {
   Runtime& r = rt();
   r.failed = false;
   r.error.clear();
+  r.buffers = buffers;
   if (!keep_counters) {
     r.counters = Counters{};
     r.site_rank.clear();
     r.sites.clear();
   }
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > 1024) {
-    r.failed = true;
-    r.error = "launch: only 1-D blocks of 1..1024 threads are emulated";
+    set_error("launch: only 1-D blocks of 1..1024 threads are emulated");
     return false;
   }
   r.threads = static_cast<int>(block.x);

@@ -3,9 +3,13 @@
 // round-robin on one host thread, each running until it finishes or waits — at __syncthreads (until
 // every live thread of the block arrives) or in a warp collective (until all 32 lanes of its warp
 // arrive; the last one computes the result for all, from the lanes' registers exchanged through a
-// per-warp buffer). The schedule is deterministic, so a missing barrier shows as stale shared data.
-// Errors (deadlock, divergent collectives, a fragment table that does not cover a tile) stop the
-// launch and are reported by last_error().
+// per-warp buffer). The schedule is deterministic; a missing barrier shows as stale shared data
+// where the schedule exposes it, and always as a race: at every barrier (and at the end of a block)
+// the shared-memory accesses of the interval are checked for a byte stored by one thread and loaded
+// or stored by another (emulator.cpp, find_smem_race).
+// Errors (deadlock, divergent collectives, a fragment table that does not cover a tile, a
+// shared-memory race between two barriers, a global access outside the launch's allocations) stop
+// the launch and are reported by last_error().
 #pragma once
 
 #include <cstdint>
@@ -17,10 +21,24 @@
 
 namespace nft_emu {
 
-// Runs `body` (one kernel call with its arguments bound) for every thread of every block.
-// Returns false, with last_error() set, if the launch failed. The counters below start from zero
-// unless keep_counters (a follow-up launch that belongs to the same op).
-bool launch(dim3 grid, dim3 block, const std::function<void()>& body, bool keep_counters = false);
+// One global-memory allocation a launch may access (a tensor passed to the kernel): every global
+// access of the kernel (intrinsics st_global / ld_global / atomic_max_u32) must lie inside one of
+// them, and a store inside a writable one, or the launch fails naming the allocation it overran.
+struct Buffer {
+  const void* data;  // nullptr: an absent optional argument (matches no access)
+  size_t bytes;
+  const char* name;
+  bool writable;
+};
+
+// Runs `body` (one kernel call with its arguments bound) for every thread of every block, with
+// `buffers` the global memory it may touch. Returns false, with last_error() set, if the launch
+// failed: a deadlock, a shared-memory race (a byte stored by one thread and loaded or stored by
+// another between two barriers: emulator.cpp), a global access outside `buffers`, or a misused
+// collective. The counters below start from zero unless keep_counters (a follow-up launch that
+// belongs to the same op).
+bool launch(dim3 grid, dim3 block, const std::vector<Buffer>& buffers, const std::function<void()>& body,
+            bool keep_counters = false);
 
 const std::string& last_error();
 

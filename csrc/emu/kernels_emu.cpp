@@ -48,13 +48,24 @@ int status(bool ok) {
   return ok ? 0 : -1;
 }
 
+// The allocation of `count` elements at p, for the launch's bounds check (emulator.h).
+template <typename T>
+nft_emu::Buffer in(const char* name, const T* p, int64_t count) {
+  return {p, static_cast<size_t>(count) * sizeof(T), name, false};
+}
+template <typename T>
+nft_emu::Buffer inout(const char* name, T* p, int64_t count) {
+  return {p, static_cast<size_t>(count) * sizeof(T), name, true};
+}
+
 // The launch geometry the CUDA launchers use for the grid-stride kernels is grid_for() (a multiple of
 // the SM count); the emulator takes the block count from the caller so tests can force several
 // grid-stride iterations per thread.
 template <typename scalar_t>
 bool run_max_abs(const scalar_t* w, int64_t n, unsigned* bits, unsigned blocks) {
   *bits = 0;
-  return nft_emu::launch(dim3{blocks, 1, 1}, dim3{kMaxAbsThreads, 1, 1}, [&] { max_abs_kernel<scalar_t>(w, n, bits); });
+  return nft_emu::launch(dim3{blocks, 1, 1}, dim3{kMaxAbsThreads, 1, 1}, {in("w", w, n), inout("max_bits", bits, 1)},
+                         [&] { max_abs_kernel<scalar_t>(w, n, bits); });
 }
 
 // Grid and split choices of one emulated GEMM launch. parts = 0: choose_splits() for sm_count SMs.
@@ -68,6 +79,14 @@ struct LaunchShape {
 
 unsigned capped(int64_t tiles, unsigned cap) {
   return static_cast<unsigned>(tiles < cap ? tiles : cap);
+}
+
+// The allocations of perturb and perturb_device: W [n], out [samples][n] and the per-call scalars.
+template <typename scalar_t>
+std::vector<nft_emu::Buffer> perturb_buffers(const scalar_t* w, scalar_t* out, int64_t n, int64_t samples,
+                                             const int64_t* rng, const float* sigmas, const unsigned* max_bits) {
+  return {in("w", w, n), inout("out", out, samples * n), in("rng", rng, 2), in("sigmas", sigmas, samples),
+          in("max_bits", max_bits, 1)};
 }
 
 template <typename Op, typename x_t, typename w_t, bool kBackward, bool kPooledA>
@@ -91,7 +110,18 @@ bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void*
   x_t* op = static_cast<x_t*>(out);
   const dim3 grid{capped(g.m, shape.grid_cap[0]), capped(g.c, shape.grid_cap[1]),
                   capped(g.s * parts, shape.grid_cap[2])};
-  const bool ok = nft_emu::launch(grid, dim3{fused::kThreads, 1, 1}, [&] {
+  const int64_t out_numel = (reduce_samples ? 1 : samples) * m_rows * cols;
+  const int64_t a_rows_numel = m_rows * (kPooledA ? geom.c * geom.h * geom.w : (kBackward ? n_w : k_w));
+  const int64_t a_numel = a_sample_stride > 0 ? samples * a_sample_stride : a_rows_numel;  // 0: one shared A
+  const std::vector<nft_emu::Buffer> buffers{in("a", static_cast<const x_t*>(a), a_numel),
+                                             in("w", wp, n_w * k_w),
+                                             in("bias", bp, bp != nullptr ? cols : 0),
+                                             inout("out", op, out_numel),
+                                             inout("partial", pp, static_cast<int64_t>(partial.size())),
+                                             in("rng", rng, 2),
+                                             in("sigmas", sigmas, samples),
+                                             in("max_bits", &max_bits, 1)};
+  const bool ok = nft_emu::launch(grid, dim3{fused::kThreads, 1, 1}, buffers, [&] {
     fused::noisy_gemm_kernel<Op, x_t, w_t, kBackward, kPooledA>(static_cast<const x_t*>(a), a_sample_stride, wp, bp, op,
                                                                 pp, m_rows, n_w, k_w, samples, reduce_samples, parts,
                                                                 rng, sigmas, &max_bits, scale, state_factor, geom);
@@ -100,8 +130,8 @@ bool run_gemm(const void* a, int64_t a_sample_stride, const void* w, const void*
     return ok;
   // The GEMM's counters are kept (the reduction has no mma and no shared memory).
   return nft_emu::launch(
-      dim3{3, 1, 1}, dim3{64, 1, 1}, [&] { fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols); },
-      /*keep_counters=*/true);
+      dim3{3, 1, 1}, dim3{64, 1, 1}, buffers,
+      [&] { fused::split_reduce_kernel<x_t>(pp, bp, op, g.s, parts, m_rows, cols); }, /*keep_counters=*/true);
 }
 
 template <typename Op, typename x_t, typename w_t>
@@ -168,14 +198,16 @@ int emu_site_counters(int64_t* out, int capacity) {
 
 int emu_philox4x32(const int64_t* counter, const int64_t* key, int64_t* out, int64_t rows, unsigned blocks,
                    unsigned threads) {
-  return status(
-      nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] { philox4x32_kernel(counter, key, out, rows); }));
+  return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1},
+                                {in("counter", counter, 4 * rows), in("key", key, 2), inout("out", out, 4 * rows)},
+                                [&] { philox4x32_kernel(counter, key, out, rows); }));
 }
 
 // grid_y: the most blocks in y (one per stream up to it; the kernel loops over the rest).
 int emu_philox_normal(const int64_t* rng, float* out, int64_t numel, int64_t streams, unsigned blocks, unsigned threads,
                       unsigned grid_y) {
   return status(nft_emu::launch(dim3{blocks, capped(streams, grid_y), 1}, dim3{threads, 1, 1},
+                                {in("rng", rng, 2), inout("out", out, streams * numel)},
                                 [&] { philox_normal_kernel(rng, out, numel, streams); }));
 }
 
@@ -195,10 +227,10 @@ int emu_perturb(int dtype, const void* w, void* out, int64_t n, int64_t samples,
     unsigned max_bits = 0;
     if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks))
       return -1;
-    return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
-      perturb_kernel<scalar_t>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas, &max_bits, scale,
-                               state_factor);
-    }));
+    scalar_t* op = static_cast<scalar_t*>(out);
+    return status(nft_emu::launch(
+        dim3{blocks, 1, 1}, dim3{threads, 1, 1}, perturb_buffers(wp, op, n, samples, rng, sigmas, &max_bits),
+        [&] { perturb_kernel<scalar_t>(wp, op, n, samples, rng, sigmas, &max_bits, scale, state_factor); }));
   });
 }
 
@@ -212,11 +244,12 @@ int emu_perturb_device(int dtype, const void* w, void* out, int64_t n, int64_t s
     unsigned max_bits = 0;
     if (!run_max_abs<scalar_t>(wp, n, &max_bits, blocks))
       return -1;
+    scalar_t* op = static_cast<scalar_t*>(out);
     return device::dispatch_kind(kind, [&](auto k) {
-      return status(nft_emu::launch(dim3{blocks, 1, 1}, dim3{threads, 1, 1}, [&] {
-        perturb_device_kernel<scalar_t, decltype(k)::value>(wp, static_cast<scalar_t*>(out), n, samples, rng, sigmas,
-                                                            &max_bits, args);
-      }));
+      return status(nft_emu::launch(
+          dim3{blocks, 1, 1}, dim3{threads, 1, 1}, perturb_buffers(wp, op, n, samples, rng, sigmas, &max_bits), [&] {
+            perturb_device_kernel<scalar_t, decltype(k)::value>(wp, op, n, samples, rng, sigmas, &max_bits, args);
+          }));
     });
   });
 }

@@ -207,9 +207,11 @@ class _NoisyLinearFn(torch.autograd.Function):
 #: GEMM's weight-tile loads) when each sample has at most this many rows and the compute dtype has a fused
 #: tensor-core kernel (bf16/fp16 with an fp32 or same-dtype weight; fp32 weight and input with TF32 allowed).
 #: Above it the fused kernel regenerates each weight tile for every 64-row block of the input and is bound by
-#: noise generation (DESIGN §4.2 cost model), so perturbing once and calling cuBLAS wins. Both paths give the
-#: same noise for one rng; only the GEMM rounding differs.
-FUSED_LINEAR_MAX_ROWS = 256
+#: instruction issue (~125 per weight element per row block on sm_90: docs/kernels.md cost model), so
+#: perturbing once and calling cuBLAS wins; the model puts even one row block at ~0.9x of that path, so the
+#: limit is one block until a GPU measurement (benchmarks/kernel_roofline.py's M sweep) moves it. Both paths
+#: give the same noise for one rng; only the GEMM rounding differs.
+FUSED_LINEAR_MAX_ROWS = 64
 
 #: The fused kernels compile (tensor-core SASS checked in CI) but have not yet run on a GPU, so
 #: NoisyLinear routes to them only when NFT_CUDA_FUSED_LINEAR=1 until a GPU check verifies them

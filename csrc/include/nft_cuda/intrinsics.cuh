@@ -10,9 +10,13 @@
 //   atomic_max_u32                   atomicMax on unsigned int (max|W| on the float bits)
 //   uint_as_float / float_as_uint    bit casts
 //   st_shared / ld_shared            shared-memory store / load (plain accesses; the emulator counts
-//                                    the bank conflicts of each warp access)
-//   st_global / ld_global            global store / load of the GEMM's operands (plain accesses; the
-//                                    emulator counts the bytes requested)
+//                                    the bank conflicts of each warp access and checks every barrier
+//                                    interval for races). Every shared access of the kernels goes
+//                                    through them.
+//   st_global / ld_global            global store / load (plain accesses; the emulator counts the
+//                                    bytes requested and checks each access against the launch's
+//                                    allocations). Every global access of the kernels goes through
+//                                    them (or atomic_max_u32).
 //
 // Fragments (registers a[4], b[2], c[4] of one lane) follow the PTX ISA tables "Matrix fragments for
 // mma.m16n8k16 with floating point type" and "... mma.m16n8k8" (.tf32); the emulator implements those
@@ -40,8 +44,8 @@ uint16_t f32_to_bf16_rn(float v);
 uint16_t f32_to_f16_rn(float v);
 float bits_to_f32(uint32_t bits);
 uint32_t f32_to_bits(float v);
-void smem_access(const void* address, int bytes, bool store);  // the bank-conflict counter
-void global_access(int bytes, bool store);                     // the global-traffic counter
+void smem_access(const void* address, int bytes, bool store);    // bank conflicts, race detector
+void global_access(const void* address, int bytes, bool store);  // traffic counter, bounds check
 }  // namespace nft_emu
 #endif
 
@@ -172,7 +176,7 @@ NFT_INTRINSIC T ld_shared(const T& src) {
 template <typename T>
 NFT_INTRINSIC void st_global(T& dst, T v) {
 #if !defined(__CUDA_ARCH__)
-  nft_emu::global_access(sizeof(T), true);
+  nft_emu::global_access(&dst, sizeof(T), true);
 #endif
   dst = v;
 }
@@ -180,7 +184,7 @@ NFT_INTRINSIC void st_global(T& dst, T v) {
 template <typename T>
 NFT_INTRINSIC T ld_global(const T& src) {
 #if !defined(__CUDA_ARCH__)
-  nft_emu::global_access(sizeof(T), false);
+  nft_emu::global_access(&src, sizeof(T), false);
 #endif
   return src;
 }
