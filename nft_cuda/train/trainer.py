@@ -128,11 +128,12 @@ def _forked_rng(device: torch.device, seed: int):
 
 class _Data:
     def __init__(self, config: TrainConfig, device: torch.device, group: Group | None = None):
-        from nft_cuda.data import batch_loader, get_spec, load_dataset, train_val_split
+        from nft_cuda.data import batch_loader, get_spec, load_dataset, normalization, train_val_split
 
         self.spec = get_spec(config.dataset)
-        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train")
-        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test")
+        self.mean, self.std = normalization(config.dataset, config.preprocess)
+        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train", preprocess=config.preprocess)
+        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test", preprocess=config.preprocess)
         tr_idx, va_idx = train_val_split(train_y.shape[0], config.val_fraction, config.seed, labels=train_y)
         if config.limit_train is not None:
             tr_idx = tr_idx[: config.limit_train]
@@ -181,7 +182,7 @@ class _Data:
         if config.augments():
             from nft_cuda.data.augment import CropFlip
 
-            self.augment = CropFlip(4, fill=[-m / sd for m, sd in zip(self.spec.mean, self.spec.std)])
+            self.augment = CropFlip(4, fill=[-m / sd for m, sd in zip(self.mean, self.std)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +264,7 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         "num_classes": data.spec.num_classes,
         "input_size": data.input_shape[-1],
         "width": config.width,
+        "init": config.init,
     }
     variation = config.variation()
     head_variation = None
@@ -278,6 +280,9 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         beta=config.beta,
         deltas=config.deltas if config.method == "ovf" else None,
         head_variation=head_variation,
+        temperature=config.temperature,
+        ovf_scope=config.ovf_layer_scope(),
+        ovf_bn_stats=config.ovf_bn_stats,
     )
     backbone = build_model(config.model, **{k: v for k, v in spec.items() if k != "name"})
     model = method.prepare(backbone, data.example, num_classes=data.spec.num_classes)
@@ -524,7 +529,8 @@ def _start_run(config: TrainConfig, out: Path, device, group: Group, say, progre
         "method": method.describe(),
         "dataset": config.dataset,
         "classes": list(data.spec.classes),
-        "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "preprocess": config.preprocess,
         "config": config.to_dict(),
         "nft_cuda_version": __version__,
         "torch_version": str(torch.__version__),
