@@ -162,8 +162,9 @@ def converged(record: dict, criterion: dict) -> bool:
 
 
 def load_results(path) -> dict:
-    """{"config": the config of the last run line, "units": [records]} from a results file; a torn last
-    line (a kill mid-write) is dropped. A missing file gives no units."""
+    """{"config": the config of the last run line, "units": [records]} from a results file: the units made
+    with that config's settings (records of an earlier config are superseded), the last record of each.
+    A torn last line (a kill mid-write) is dropped; a missing file gives no units."""
     cfg, units = None, {}
     if not os.path.exists(path):
         return {"config": None, "units": []}
@@ -177,7 +178,8 @@ def load_results(path) -> dict:
                 cfg = rec["config"]
             else:
                 units[rec["key"]] = rec  # a redone unit replaces its earlier record
-    return {"config": cfg, "units": list(units.values())}
+    current = [u for u in units.values() if cfg is None or u["spec"] == unit_spec(cfg, u)]
+    return {"config": cfg, "units": current}
 
 
 def _append(path: Path, obj: dict) -> None:

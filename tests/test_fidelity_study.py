@@ -92,7 +92,8 @@ def _synthetic(levels: dict[str, float], seeds=(0, 1, 2), sigma=0.35) -> dict:
     for seed in seeds:
         for arm, level in levels.items():
             chips = [level + 0.01 * ((r + seed) % 3 - 1) for r in range(4)]
-            units.append(_unit(arm, sigma, seed, chips, clean=0.95 if level >= 0.6 else 0.11))
+            unit = _unit(arm, sigma, seed, chips, clean=0.95 if level >= 0.6 else 0.11)
+            units.append({**unit, "spec": fidelity.unit_spec(cfg, unit)})
     return {"config": cfg, "units": units}
 
 
@@ -131,6 +132,9 @@ def test_report_command_rewrites_the_page_block(tmp_path):
         f.write(json.dumps({"config": results["config"]}) + "\n")
         for u in results["units"]:
             f.write(json.dumps(u) + "\n")
+    with open(path, "a") as f:  # a unit of another config (here: other epochs) is superseded
+        f.write(json.dumps({**results["units"][0], "key": "ovf-s0.3-seed0", "sigma": 0.3, "spec": {}}) + "\n")
+    assert len(fidelity.load_results(path)["units"]) == len(results["units"])
     doc = tmp_path / "page.md"
     doc.write_text(f"intro\n{fidelity.BEGIN}\nSTALE BLOCK\n{fidelity.END}\nend\n")
     assert fidelity.main(["report", "--results", str(path), "--doc", str(doc), "--plot", str(tmp_path / "p.png")]) == 0
