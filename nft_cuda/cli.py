@@ -68,6 +68,11 @@ _TRAIN_FIELDS = (
     "beta",
     "deltas",
     "head_sigma",
+    "temperature",
+    "ovf_scope",
+    "ovf_bn_stats",
+    "init",
+    "preprocess",
     "epochs",
     "batch_size",
     "lr",
@@ -151,6 +156,18 @@ def _add_model_and_data_options(g, default) -> None:
     )
     g.add_argument("--width", type=_float(0.0, strict=True), help=f"channel multiplier (default {default('width')})")
     g.add_argument(
+        "--init",
+        choices=["torch", "paper"],
+        help="weight initialisation of vgg8/resnet18: torch (default, PyTorch's) or paper (the authors': "
+        "Kaiming-normal fan_out, biases 0)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=["standard", "paper"],
+        help="MNIST-family preprocessing: standard (default: zero-pad to 32x32, mean/std) or paper (the "
+        "authors': bilinear resize to 32x32, [-1, 1])",
+    )
+    g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
         help="random crop (pad 4) + horizontal flip of training batches (default: on for cifar10/cifar100, "
@@ -194,6 +211,25 @@ def _add_method_options(g, default) -> None:
         metavar="MOD=POOL,...",
         help="irs: tap module paths and snapshot pool sizes, e.g. blocks.0=4,blocks.1=4 (default: the built-in "
         "model's; a --model-factory model needs them)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=_float(0.0, strict=True),
+        help="clean/noise: train on CE(logits / T) (default 1; OVF and IRS divide by N+1 = 4 or 5)",
+    )
+    g.add_argument(
+        "--ovf-scope",
+        dest="ovf_scope",
+        choices=["all", "paper"],
+        help="ovf: raise σ in every noisy layer (all, default: the library's OVF) or only where the authors' "
+        "code does (paper: for resnet18 the stem conv and the FC)",
+    )
+    g.add_argument(
+        "--ovf-bn-stats",
+        dest="ovf_bn_stats",
+        choices=["all", "main"],
+        help="ovf: BatchNorm running statistics from every forward (all, default, as the authors) or from "
+        "the backbone forward only (main)",
     )
 
 

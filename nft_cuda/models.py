@@ -13,8 +13,10 @@ import torch.nn as nn
 
 __all__ = [
     "CUSTOM",
+    "INITS",
     "IRS_TAPS",
     "MODELS",
+    "OVF_PAPER_SCOPE",
     "LSTMClassifier",
     "ResNet18",
     "SmallNet",
@@ -23,7 +25,34 @@ __all__ = [
     "build_factory_model",
     "build_from_spec",
     "build_model",
+    "paper_init",
 ]
+
+#: Weight initialisations of the paper's models: ``"torch"`` (PyTorch's default, the library's default:
+#: Kaiming-uniform with a = √5, so max|W|/rms(W) ≈ √3 ≈ 1.73 in every layer) and ``"paper"`` (the
+#: authors' code: Kaiming-normal, fan_out, ReLU gain, on every Conv and Linear, biases 0).
+INITS = ("torch", "paper")
+
+
+def paper_init(model: nn.Module) -> nn.Module:
+    """The authors' initialisation, in place: Kaiming-normal (mode fan_out, ReLU gain) on the weight of
+    every ``nn.Conv2d`` and ``nn.Linear``, their biases set to 0 (BatchNorm keeps weight 1, bias 0).
+
+    Why it matters: σ_w ∝ max|W| (docs/device-models.md), and a Gaussian tensor has max|W|/rms(W) of 2.5–5
+    against √3 for the default uniform one, so the same σ_d is 2–3× more noise relative to the weights.
+    Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def _check_init(init) -> str:
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, INITS))}, got {init!r}")
+    return init
 
 
 def _conv_bn_relu(cin: int, cout: int, pool: bool) -> nn.Sequential:
@@ -44,10 +73,15 @@ class VGG8(nn.Module):
     Args:
         in_channels, num_classes, input_size: data shape (default 3×32×32, 10 classes).
         width: channel multiplier (1.0 = the paper's widths; smaller for CPU studies).
+        init: ``"torch"`` (default: PyTorch's initialisation) or ``"paper"`` (the authors':
+            :func:`paper_init`).
     """
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0, init: str = "torch"
+    ):
         super().__init__()
+        _check_init(init)
         c = [_ch(x, width) for x in (64, 128, 256, 256, 512, 512)]
         pools = (False, True, False, True, False, True)
         cin = in_channels
@@ -62,6 +96,8 @@ class VGG8(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
+        if init == "paper":
+            paper_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i in range(1, 7):
@@ -90,10 +126,13 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """CIFAR-style ResNet-18: 3×3 stride-1 stem (no max-pool), BasicBlocks [2, 2, 2, 2] with 64/128/256/512
-    channels, global average pool, FC → classes."""
+    channels, global average pool, FC → classes. ``init``: as :class:`VGG8`."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, input_size: int = 32, width: float = 1.0, init: str = "torch"
+    ):
         super().__init__()
+        _check_init(init)
         del input_size  # global average pooling makes the head independent of it
         c = [_ch(x, width) for x in (64, 128, 256, 512)]
         self.stem = nn.Sequential(
@@ -105,6 +144,8 @@ class ResNet18(nn.Module):
             cin = cout
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c[3], num_classes)
+        if init == "paper":
+            paper_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -238,15 +279,31 @@ IRS_TAPS: dict[str, dict[str, int]] = {
 }
 
 
+#: The layers whose σ the authors' OVF raises in the oriented forwards (docs/fidelity-study.md): in their
+#: ResNet-18 only the top level reads the raised σ (the stem conv and the FC; every BasicBlock keeps the
+#: σ_d it was built with); their VGG-8 raises it in every layer (None: all noisy layers).
+OVF_PAPER_SCOPE: dict[str, tuple[str, ...] | None] = {"resnet18": ("stem.0", "fc"), "vgg8": None}
+
+#: The models that take ``init`` (the paper's models).
+_INIT_MODELS = ("vgg8", "resnet18")
+
+
 def build_model(
-    name: str, *, in_channels: int, num_classes: int, input_size: int = 32, width: float = 1.0
+    name: str, *, in_channels: int, num_classes: int, input_size: int = 32, width: float = 1.0, init: str = "torch"
 ) -> nn.Module:
-    """A plain model by name: "small", "vgg8", "resnet18", "vit" or "lstm"."""
+    """A plain model by name: "small", "vgg8", "resnet18", "vit" or "lstm". ``init``: ``"torch"``
+    (PyTorch's default) or ``"paper"`` (the authors' :func:`paper_init`; VGG-8 and ResNet-18 only)."""
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
-    return MODELS[name](in_channels=in_channels, num_classes=num_classes, input_size=input_size, width=width)
+    _check_init(init)
+    kwargs = dict(in_channels=in_channels, num_classes=num_classes, input_size=input_size, width=width)
+    if init != "torch":
+        if name not in _INIT_MODELS:
+            raise ValueError(f"init {init!r} applies to the paper's models ({', '.join(_INIT_MODELS)}), not '{name}'")
+        kwargs["init"] = init
+    return MODELS[name](**kwargs)
 
 
 #: The model name of a spec (and of a TrainConfig) whose model comes from a model factory.

@@ -36,8 +36,11 @@ from pathlib import Path
 
 __all__ = [
     "PAPER",
+    "TRAIN_EXTRAS",
     "accuracy_cell",
     "add_run_command",
+    "environment_stamp",
+    "eval_one",
     "load_config",
     "main",
     "mean_ci",
@@ -46,7 +49,10 @@ __all__ = [
     "report_paths",
     "run",
     "run_command",
+    "study_test_set",
+    "train_one",
     "update_doc",
+    "with_cpu_time",
 ]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "reproduction.json"
@@ -274,6 +280,11 @@ def _environment() -> dict:
     return environment(Path(__file__).resolve().parent)
 
 
+#: TrainConfig fields a training item may set beyond the ones every study sets (studies/fidelity.py:
+#: the authors' init and preprocessing, the ablation arms).
+TRAIN_EXTRAS = ("init", "preprocess", "temperature", "ovf_scope", "ovf_bn_stats", "beta", "val_fraction")
+
+
 def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
     from nft_cuda.train.trainer import TrainConfig, train
 
@@ -294,6 +305,7 @@ def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
         limit_eval=cfg["test_images"],
         out=str(out / "train" / t["name"]),
         overwrite=True,
+        **{k: t[k] for k in TRAIN_EXTRAS if k in t},
     )
     result = train(config, progress=progress, log=None)
     return {
@@ -310,23 +322,31 @@ def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
 _TEST_SETS: dict = {}
 
 
+def study_test_set(cfg: dict, dataset: str, preprocess: str = "standard"):
+    """The (first ``cfg["test_images"]`` of the) test split, preprocessed as the model's training was;
+    loaded once per process."""
+    from nft_cuda.eval.run import load_test_set
+
+    key = (dataset, cfg.get("data_dir"), cfg["test_images"], preprocess)
+    if key not in _TEST_SETS:
+        x, y = load_test_set(dataset, cfg.get("data_dir"), preprocess)
+        n = cfg["test_images"] or y.shape[0]
+        _TEST_SETS[key] = (x[:n], y[:n])
+    return _TEST_SETS[key]
+
+
 def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool) -> dict:
     import torch
 
     from nft_cuda.devices import make_device_model
     from nft_cuda.eval.monte_carlo import monte_carlo
-    from nft_cuda.eval.run import TensorBatches, load_test_set
+    from nft_cuda.eval.run import TensorBatches, model_preprocess
     from nft_cuda.io import load_model
     from nft_cuda.variation import PRESETS, Variation
 
-    key = (dataset, cfg.get("data_dir"), cfg["test_images"])
-    if key not in _TEST_SETS:
-        x, y = load_test_set(dataset, cfg.get("data_dir"))
-        n = cfg["test_images"] or y.shape[0]
-        _TEST_SETS[key] = (x[:n], y[:n])
-    x, y = _TEST_SETS[key]
     device = torch.device(cfg["device"])
     model, payload = load_model(model_path, device=device)
+    x, y = study_test_set(cfg, dataset, model_preprocess(payload))
     base = payload["variation"]
     if e["device_model"] in PRESETS:
         var = Variation(e["sigma"], e["device_model"], base.get("weight_bits", 8), base.get("device_bits", 2))
@@ -490,6 +510,12 @@ def _acc(p: dict) -> str:
 #: The study reports' statistics, public for the other studies that reuse this runner (studies/pcm_time.py).
 mean_ci = _mean_ci
 accuracy_cell = _acc
+#: One training / one Monte-Carlo point / the CPU-time wrapper / the environment stamp, public for the
+#: studies that run their own grid with this runner's pieces (studies/fidelity.py).
+train_one = _train_one
+eval_one = _eval_one
+with_cpu_time = _with_cpu_time
+environment_stamp = _environment
 
 
 def _find(points, **want):

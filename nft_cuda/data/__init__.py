@@ -16,6 +16,7 @@ Nothing in this package ever unpickles data.
 
 from nft_cuda.data.datasets import (
     DATASETS,
+    PREPROCESSINGS,
     EMBEDDED_SHA256,
     DatasetSpec,
     LabeledImages,
@@ -24,12 +25,14 @@ from nft_cuda.data.datasets import (
     available_datasets,
     batch_loader,
     canonical_name,
+    check_preprocess,
     default_data_dir,
     find_files,
     get_spec,
     load_arrays,
     load_dataset,
     make_loaders,
+    normalization,
     resolve_data_dir,
     train_val_split,
     verify_dataset,
@@ -46,7 +49,7 @@ from nft_cuda.data.idx import read_idx, read_idx_pair
 __all__ = [
     "DATASETS", "EMBEDDED_SHA256", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset",
     "available_datasets", "batch_loader", "canonical_name", "default_data_dir", "find_files", "get_spec", "load_arrays",
-    "load_dataset", "make_loaders", "resolve_data_dir", "train_val_split", "verify_dataset",
+    "load_dataset", "make_loaders", "resolve_data_dir", "PREPROCESSINGS", "check_preprocess", "normalization", "train_val_split", "verify_dataset",
     "ChecksumError", "DatasetError", "DatasetFormatError", "DatasetNotFoundError", "UnknownDatasetError",
     "read_idx", "read_idx_pair",
 ]

@@ -24,6 +24,10 @@ normalised with the mean/std of the unpadded 28x28 training images (MNIST 0.1307
 Fashion-MNIST 0.2860/0.3530), the usual convention. The ``embedded`` slice uses the Fashion-MNIST
 constants, so a model trained on it applies to full Fashion-MNIST unchanged.
 
+``preprocess="paper"`` gives the MNIST family as the NeFT authors' code does instead (:func:`to_tensor_paper`):
+resized bilinearly from 28x28 to 32x32 and scaled to [-1, 1] (mean 0.5, std 0.5), so the background is
+-1 rather than the normalised black of the standard preprocessing (-0.42 for MNIST).
+
 Model selection uses a validation split carved from the training set (:func:`train_val_split`,
 :func:`make_loaders`), never the test set.
 """
@@ -50,8 +54,12 @@ __all__ = [
     "DATASETS", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset", "DEFAULT_DATA_DIR",
     "EMBEDDED_FILE", "EMBEDDED_SHA256", "available_datasets", "get_spec", "canonical_name",
     "default_data_dir", "resolve_data_dir", "find_files", "load_arrays", "load_dataset", "verify_dataset",
-    "to_tensor", "train_val_split", "batch_loader", "make_loaders",
+    "to_tensor", "train_val_split", "batch_loader", "make_loaders", "PREPROCESSINGS", "check_preprocess",
+    "normalization", "to_tensor_paper",
 ]
+
+#: The preprocessings of :func:`load_dataset`: the library's (zero-pad, mean/std) and the authors' (MNIST family).
+PREPROCESSINGS = ("standard", "paper")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -411,8 +419,42 @@ def to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[float], *
     return x
 
 
+def to_tensor_paper(images: np.ndarray, size: int = 32) -> torch.Tensor:
+    """The authors' MNIST preprocessing: uint8 ``[N, C, H, W]`` → float32 ``[N, C, size, size]`` in [-1, 1].
+
+    Bilinear resize with pixel centres aligned (output pixel i samples the input at
+    (i + 0.5)·H/size − 0.5, clamped to the image; no antialiasing, which an upscale does not need),
+    rounded to whole grey levels (the resize of an 8-bit image returns one), then x/255·2 − 1
+    (a Normalize with mean 0.5 and std 0.5)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {images.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
+    if x.shape[-2:] != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = x.round_().clamp_(0.0, 255.0)
+    return x.div_(127.5).sub_(1.0)
+
+
+def check_preprocess(name: str, preprocess: str) -> str:
+    """``preprocess`` when it applies to dataset ``name`` ("paper": the MNIST family only), else ValueError."""
+    if preprocess not in PREPROCESSINGS:
+        raise ValueError(f"unknown preprocess {preprocess!r}; choose one of {', '.join(PREPROCESSINGS)}")
+    spec = get_spec(name)
+    if preprocess == "paper" and spec.kind == "cifar":
+        raise ValueError(f"preprocess 'paper' applies to the MNIST family, not '{spec.name}'")
+    return preprocess
+
+
+def normalization(name: str, preprocess: str = "standard") -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) per channel that :func:`load_dataset` subtracts and divides by (in [0, 1] pixel units)."""
+    spec = get_spec(name)
+    if check_preprocess(name, preprocess) == "paper":
+        return (0.5,) * spec.channels, (0.5,) * spec.channels
+    return spec.mean, spec.std
+
+
 def load_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "train", *,
-                 verify: bool = True, normalize: bool = True) -> LabeledImages:
+                 verify: bool = True, normalize: bool = True, preprocess: str = "standard") -> LabeledImages:
     """Load one split as tensors: ``(images float32 [N, C, 32, 32], labels int64 [N])``.
 
     Args:
@@ -423,14 +465,19 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "t
         verify: check the SHA-256 of the decompressed files against the published values (cached in a
             stamp file keyed by size and mtime, so repeated loads are fast); False skips it.
         normalize: per-channel mean/std normalisation (else values in [0, 1]).
+        preprocess: ``"standard"`` (default: zero-pad to 32x32, the dataset's mean/std) or ``"paper"``
+            (the MNIST family as the NeFT authors: :func:`to_tensor_paper`; ``normalize`` must be True).
 
     Raises:
         DatasetNotFoundError (a FileNotFoundError) for missing files, ChecksumError / DatasetFormatError
         (ValueErrors) for bad ones, UnknownDatasetError for an unknown name.
     """
     spec = get_spec(name)
+    if check_preprocess(name, preprocess) == "paper" and not normalize:
+        raise ValueError("preprocess 'paper' includes its normalisation to [-1, 1]; normalize must be True")
     x, y = load_arrays(spec.name, data_dir, split, verify=verify)
-    return LabeledImages(to_tensor(x, spec.mean, spec.std, normalize=normalize), torch.from_numpy(y))
+    images = to_tensor_paper(x) if preprocess == "paper" else to_tensor(x, spec.mean, spec.std, normalize=normalize)
+    return LabeledImages(images, torch.from_numpy(y))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ over chips with the DESIGN §6 normal-approximation CI95 of PPL and NLL, the per
 model's, and the tail of the token accuracy (nft_cuda.eval.tails). Sums run in float64 in a fixed order.
 
 The model maps input ids [B, T] to logits [B, T, V]; ``output`` picks the logits out of what it returns (a
-Hugging Face ``CausalLMOutput``: ``output="logits"``, the default; a callable for anything else; None: the
-output itself, or its first element when it is a tuple).
+Hugging Face ``CausalLMOutput``: ``output="logits"``, the default; any form of the library's one output
+adapter, :func:`nft_cuda.nn.custom.resolve_output`).
 
 Offline text: :func:`load_corpus` reads the corpus shipped in the package (this project's own
 documentation, see nft_cuda/data/embedded/LICENSE) and :class:`ByteTokenizer` turns text into UTF-8 byte
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from nft_cuda.eval.metrics import Z95, accuracy_stats, exact_mean
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, set_instance
+from nft_cuda.nn.custom import resolve_output
 
 __all__ = ["ByteTokenizer", "generate_on_chip", "lm_batches", "lm_chips", "load_corpus"]
 
@@ -67,23 +68,12 @@ def lm_batches(ids: torch.Tensor, seq_len: int, batch_size: int) -> list[torch.T
     return [windows[i : i + batch_size] for i in range(0, windows.shape[0], batch_size)]
 
 
-def _pick(out, output):
-    if callable(output):
-        return output(out)
-    if isinstance(output, str):
-        value = out.get(output) if isinstance(out, dict) else getattr(out, output, None)
-        if value is None:
-            raise ValueError(f"the model's output ({type(out).__name__}) has no field {output!r}")
-        return value
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _score(model: nn.Module, batches: list, output, device) -> tuple[float, int, int]:
+def _score(model: nn.Module, batches: list, adapt, device) -> tuple[float, int, int]:
     """(summed NLL in float64, tokens, correct next-token predictions) of the batches."""
     nll, tokens, correct = 0.0, 0, 0
     for ids in batches:
         ids = ids.to(device)
-        logits = _pick(model(ids), output)[:, :-1].float()
+        logits = adapt(model(ids))[:, :-1].float()
         target = ids[:, 1:]
         nll += float(
             F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double()
@@ -116,6 +106,7 @@ def lm_chips(
     ``clean_ppl``, ``clean_accuracy``, ``tokens``, ``runs`` and ``seed``."""
     if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
         raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    adapt = resolve_output(output)
     batches = list(batches)
     if not batches:
         raise ValueError("lm_chips needs at least one batch of token ids")
@@ -126,10 +117,10 @@ def lm_chips(
     try:
         with torch.no_grad(), kept_noise_state(model):
             with noise_mode(model, "off"):
-                clean_nll, tokens, clean_correct = _score(model, batches, output, device)
+                clean_nll, tokens, clean_correct = _score(model, batches, adapt, device)
             for r in range(runs):
                 set_instance(model, seed, r)
-                nll, _, correct = _score(model, batches, output, device)
+                nll, _, correct = _score(model, batches, adapt, device)
                 nlls.append(nll / tokens)
                 accs.append(correct / tokens)
     finally:
@@ -168,6 +159,7 @@ def generate_on_chip(
     works for any model mapping ids [1, T] to logits [1, T, V]."""
     if prompt.dim() != 1 or prompt.numel() == 0:
         raise ValueError("prompt must be a non-empty 1-D tensor of token ids")
+    adapt = resolve_output(output)
     device = next(model.parameters()).device
     ids = prompt.to(device)
     training = model.training
@@ -176,7 +168,7 @@ def generate_on_chip(
         with torch.no_grad(), kept_noise_state(model):
             set_instance(model, seed, instance)
             for _ in range(max_new_tokens):
-                nxt = _pick(model(ids.unsqueeze(0)), output)[0, -1].argmax()
+                nxt = adapt(model(ids.unsqueeze(0)))[0, -1].argmax()
                 ids = torch.cat([ids, nxt.view(1)])
     finally:
         model.train(training)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from nft_cuda.eval.metrics import accuracy_stats
 from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers, set_instance
+from nft_cuda.nn.custom import resolve_output
 
 __all__ = ["VERIFY_RULES", "mitigated_chips", "verify_masks"]
 
@@ -49,11 +50,7 @@ VERIFY_RULES = ("magnitude", "gradient", "saliency", "random")
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _logits(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _scores(model: nn.Module, layers: list, rule: str, batches: list) -> list[torch.Tensor]:
+def _scores(model: nn.Module, layers: list, rule: str, batches: list, adapt) -> list[torch.Tensor]:
     """Per noisy layer, the score of each weight element under ``rule`` (higher = verified first)."""
     if rule == "magnitude":
         return [layer.weight.detach().abs().float() for layer in layers]
@@ -65,7 +62,7 @@ def _scores(model: nn.Module, layers: list, rule: str, batches: list) -> list[to
     fisher = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
     with noise_mode(model, "off"), torch.enable_grad():
         for x, y in batches:
-            loss = F.cross_entropy(_logits(model(x)).float(), y.to(x.device))
+            loss = F.cross_entropy(adapt(model(x)).float(), y.to(x.device))
             gs = torch.autograd.grad(loss, weights)
             for acc, sq, gr in zip(grads, fisher, gs):
                 acc += gr.float()
@@ -84,7 +81,9 @@ def _noise_variance(layer, samples: int = 8) -> torch.Tensor:
     return ((layer.noisy_weights(rng, sigmas).float() - w.float()) ** 2).mean(0)
 
 
-def verify_masks(model: nn.Module, fraction: float, rule: str = "magnitude", batches: Iterable = ()) -> list:
+def verify_masks(
+    model: nn.Module, fraction: float, rule: str = "magnitude", batches: Iterable = (), *, output=None
+) -> list:
     """Per noisy layer (``noisy_layers`` order), the boolean mask of its verified weights: the top
     ⌊fraction·N⌋ scores of the model's N noisy weights under ``rule`` (see the module docstring)."""
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
@@ -94,7 +93,7 @@ def verify_masks(model: nn.Module, fraction: float, rule: str = "magnitude", bat
     layers = [layer for _, layer in noisy_layers(model)]
     if rule in ("gradient", "saliency") and fraction > 0 and not list(batches):
         raise ValueError(f"the {rule!r} rule needs batches of data to score the weights (score_batches)")
-    scores = _scores(model, layers, rule, list(batches)) if fraction > 0 else None
+    scores = _scores(model, layers, rule, list(batches), resolve_output(output)) if fraction > 0 else None
     total = sum(layer.weight.numel() for layer in layers)
     budget = math.floor(fraction * total)
     if budget == 0:
@@ -134,10 +133,10 @@ def _recalibrate(model: nn.Module, batches: list) -> None:
         m.eval()
 
 
-def _accuracy(model: nn.Module, loader: Iterable) -> float:
+def _accuracy(model: nn.Module, loader: Iterable, adapt) -> float:
     correct = total = 0
     for x, y in loader:
-        correct += int((_logits(model(x)).argmax(-1).cpu() == y.cpu()).sum())
+        correct += int((adapt(model(x)).argmax(-1).cpu() == y.cpu()).sum())
         total += y.numel()
     return correct / max(total, 1)
 
@@ -167,9 +166,12 @@ def mitigated_chips(
     score_batches: Iterable = (),
     recalibrate: int = 0,
     calibration_loader: Iterable | None = None,
+    output=None,
 ) -> dict:
     """Chips 0 .. runs−1 of ``seed`` with write-verify and/or BatchNorm recalibration (module docstring).
-    Returns :func:`~nft_cuda.eval.metrics.accuracy_stats` plus ``per_instance_accuracy`` and the settings."""
+    Returns :func:`~nft_cuda.eval.metrics.accuracy_stats` plus ``per_instance_accuracy`` and the settings.
+    ``output``: the output adapter (:func:`nft_cuda.nn.custom.resolve_output`)."""
+    adapt = resolve_output(output)
     _check_runs(runs, recalibrate, calibration_loader, residual)
     calib = []
     if recalibrate:
@@ -187,14 +189,18 @@ def mitigated_chips(
     accs = []
     try:
         model.eval()
-        masks = verify_masks(model, verify_fraction, verify_rule, score_batches) if verify_fraction > 0 else None
+        masks = (
+            verify_masks(model, verify_fraction, verify_rule, score_batches, output=output)
+            if verify_fraction > 0
+            else None
+        )
         with kept_noise_state(model) as layers, torch.no_grad():
             for r in range(runs):
                 set_instance(model, seed, r)
                 _chip_weights(layers, masks, residual)
                 if calib:
                     _recalibrate(model, calib)
-                accs.append(_accuracy(model, loader))
+                accs.append(_accuracy(model, loader, adapt))
                 _restore_norms(model, bn_state, momenta)
     finally:
         _restore_norms(model, bn_state, momenta)

@@ -28,7 +28,15 @@ from nft_cuda.io import MODEL_FILE, resolve_model_path
 from nft_cuda.nn.conversion import stream_version as model_stream_version
 from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
 
-__all__ = ["DEFAULT_SIGMAS", "TensorBatches", "eval_checkpoints", "load_test_set", "partial_path", "sweep_models"]
+__all__ = [
+    "DEFAULT_SIGMAS",
+    "TensorBatches",
+    "eval_checkpoints",
+    "load_test_set",
+    "model_preprocess",
+    "partial_path",
+    "sweep_models",
+]
 
 #: The severity sweep of a model without a default severity (the σ_d of the bit-sliced Gaussian presets,
 #: the σ of LogNormal): ``nft eval``'s default ``--sigma 0:0.4:0.05``. Models that have a default severity
@@ -56,12 +64,19 @@ class TensorBatches:
             yield self.images[i : i + self.batch_size], self.labels[i : i + self.batch_size]
 
 
-def load_test_set(dataset: str, data_dir=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images float32 [N, C, 32, 32], labels int64 [N]) of the test split of ``dataset``."""
+def load_test_set(dataset: str, data_dir=None, preprocess: str = "standard") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images float32 [N, C, 32, 32], labels int64 [N]) of the test split of ``dataset``, preprocessed
+    as ``preprocess`` (:func:`nft_cuda.data.load_dataset`)."""
     from nft_cuda.data import load_dataset
 
-    x, y = load_dataset(dataset, data_dir, split="test")
+    x, y = load_dataset(dataset, data_dir, split="test", preprocess=preprocess)
     return x, y
+
+
+def model_preprocess(payload: dict) -> str:
+    """How an exported model's inputs were preprocessed (``meta["preprocess"]``; files written before
+    the option: ``"standard"``), so its test set is preprocessed the same way."""
+    return (payload.get("meta", {}) or {}).get("preprocess", "standard")
 
 
 def partial_path(json_path: str) -> str:
@@ -219,7 +234,7 @@ def eval_checkpoints(
     baseline = _baseline_label(baseline, paths, labels)
     sharded = distributed is not False and current_group().active
     finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
-    test_sets: dict[str, tuple] = {}
+    test_sets: dict[tuple[str, str], tuple] = {}
     results, checkpoints = [], []
     models, datasets, chips = {}, {}, {}
     mc_args = dict(
@@ -391,16 +406,17 @@ def _checked_args(paths, sigmas, device, labels):
 
 def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
     """(model, payload, dataset name, (images, labels)) of an exported model and the test split of its
-    dataset (loaded once per dataset into ``test_sets``), checked to fit each other."""
+    dataset (loaded once per (dataset, preprocessing) into ``test_sets``), checked to fit each other."""
     from nft_cuda.io import load_model
 
     model, payload = load_model(path, device=device)
     dataset = (payload.get("meta", {}) or {}).get("dataset")
     if not dataset:
         raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
-    if dataset not in test_sets:
-        test_sets[dataset] = load_test_set(dataset, data_dir)
-    x, y = test_sets[dataset]
+    preprocess = model_preprocess(payload)
+    if (dataset, preprocess) not in test_sets:
+        test_sets[dataset, preprocess] = load_test_set(dataset, data_dir, preprocess)
+    x, y = test_sets[dataset, preprocess]
     spec = payload["model"]
     if x.shape[1] != spec.get("in_channels", x.shape[1]):
         raise ValueError(

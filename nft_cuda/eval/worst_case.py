@@ -38,13 +38,10 @@ import torch.nn.functional as F
 
 from nft_cuda import reference
 from nft_cuda.nn.conversion import kept_noise_state, noisy_layers, set_instance
+from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.mvm import active_mvm
 
 __all__ = ["worst_case", "worst_case_curve"]
-
-
-def _logits(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _check(model: nn.Module, kappa: float, steps: int) -> None:
@@ -87,32 +84,32 @@ def _set_weights(layers: list, draws: list[torch.Tensor]) -> None:
         layer.set_sample_plan(rng, sigmas, weights=weight)
 
 
-def _accuracy(model: nn.Module, layers: list, draws: list, loader: Iterable, device) -> float:
+def _accuracy(model: nn.Module, layers: list, draws: list, loader: Iterable, device, adapt) -> float:
     correct = total = 0
     with torch.no_grad():
         _set_weights(layers, draws)
         for x, y in loader:
-            pred = _logits(model(x.to(device))).argmax(-1)
+            pred = adapt(model(x.to(device))).argmax(-1)
             correct += int((pred.cpu() == y).sum())
             total += y.numel()
     return correct / max(total, 1)
 
 
-def _attack_loss(model, layers, draws, batches, device) -> torch.Tensor:
+def _attack_loss(model, layers, draws, batches, device, adapt) -> torch.Tensor:
     _set_weights(layers, draws)
     loss = torch.zeros((), device=device)
     for x, y in batches:
-        loss = loss + F.cross_entropy(_logits(model(x.to(device))).float(), y.to(device), reduction="sum")
+        loss = loss + F.cross_entropy(adapt(model(x.to(device))).float(), y.to(device), reduction="sum")
     return loss
 
 
-def _search(model, layers, start, batches, kappa, steps, step_size, device) -> list[torch.Tensor]:
+def _search(model, layers, start, batches, kappa, steps, step_size, device, adapt) -> list[torch.Tensor]:
     """PGD in the box: the draws with the highest attack loss seen (the start included)."""
     z = [s.clamp(-kappa, kappa).requires_grad_(True) for s in start]
     best, best_loss = [t.detach().clone() for t in z], -math.inf
     for step in range(steps + 1):
         with torch.enable_grad():
-            loss = _attack_loss(model, layers, z, batches, device)
+            loss = _attack_loss(model, layers, z, batches, device, adapt)
             grads = torch.autograd.grad(loss, z) if step < steps else None
         if float(loss.detach()) > best_loss:
             best, best_loss = [t.detach().clone() for t in z], float(loss.detach())
@@ -134,10 +131,13 @@ def worst_case(
     step_size: float | None = None,
     attack_batches: int = 2,
     device=None,
+    output=None,
 ) -> dict:
     """The worst chip within ‖z‖∞ ≤ ``kappa`` found from chip (``seed``, ``instance``), see the module
     docstring. Returns {"kappa", "steps", "step_size", "accuracy" (of the found chip, whole loader),
-    "chip_accuracy" (the starting chip, unclipped), "max_abs_z" (≤ kappa), "seed", "instance"}."""
+    "chip_accuracy" (the starting chip, unclipped), "max_abs_z" (≤ kappa), "seed", "instance"}. ``output``: the
+    output adapter (:func:`nft_cuda.nn.custom.resolve_output`, e.g. "logits" for a Hugging Face model)."""
+    adapt = resolve_output(output)
     _check(model, kappa, steps)
     step_size = 2.5 * kappa / max(steps, 1) if step_size is None else float(step_size)
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -152,9 +152,9 @@ def worst_case(
         with kept_noise_state(model) as layers:
             set_instance(model, seed, instance)
             start = _chip_draws(layers)
-            chip = _accuracy(model, layers, start, loader, device)
-            found = _search(model, layers, start, batches, float(kappa), steps, step_size, device)
-            acc = _accuracy(model, layers, found, loader, device)
+            chip = _accuracy(model, layers, start, loader, device, adapt)
+            found = _search(model, layers, start, batches, float(kappa), steps, step_size, device, adapt)
+            acc = _accuracy(model, layers, found, loader, device, adapt)
     finally:
         for m, flag in training:
             m.training = flag

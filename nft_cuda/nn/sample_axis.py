@@ -47,12 +47,14 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from nft_cuda import _args
 from nft_cuda.nn.layers import NoisyModule, SamplePlan, instance_offset
 
 __all__ = [
     "BATCHABLE_LEAVES",
+    "RUNNING_STATS",
     "batch_blockers",
     "instance_plans",
     "modules_to_probe",
@@ -291,11 +293,24 @@ def _compare(batched: torch.Tensor, sequential: torch.Tensor, samples: int) -> s
     )
 
 
-def _per_chunk_batch_norm(samples: int):
+#: Which chunks of a sample-plan forward update the BatchNorm running statistics (:func:`sample_plan`).
+RUNNING_STATS = ("all", "first", "none")
+
+
+def _batch_stats_only(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``bn`` in training mode without touching its running statistics: normalised with the batch's."""
+    return F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
+
+
+def _per_chunk_batch_norm(samples: int, running_stats: str):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Each chunk goes through the module's own forward, in order: per-chunk batch statistics,
-        # running statistics and num_batches_tracked updated as S sequential calls would.
-        outs = [type(self).forward(self, chunk) for chunk in x.chunk(samples, dim=0)]
+        # running statistics and num_batches_tracked updated as S sequential calls would (with
+        # "first"/"none": only chunk 0 / no chunk updates them; every chunk keeps its batch statistics).
+        outs = []
+        for t, chunk in enumerate(x.chunk(samples, dim=0)):
+            updates = running_stats == "all" or (running_stats == "first" and t == 0)
+            outs.append(type(self).forward(self, chunk) if updates else _batch_stats_only(self, chunk))
         return torch.cat(outs, dim=0)
 
     return forward
@@ -303,7 +318,11 @@ def _per_chunk_batch_norm(samples: int):
 
 @contextlib.contextmanager
 def sample_plan(
-    model: nn.Module, plans: Mapping[NoisyModule, SamplePlan | tuple[torch.Tensor, torch.Tensor]], samples: int
+    model: nn.Module,
+    plans: Mapping[NoisyModule, SamplePlan | tuple[torch.Tensor, torch.Tensor]],
+    samples: int,
+    *,
+    running_stats: str = "all",
 ) -> Iterator[None]:
     """Run ``model`` with the given noise plan per noisy layer for the duration of the block.
 
@@ -313,7 +332,10 @@ def sample_plan(
         plans: noisy layer → :class:`~nft_cuda.nn.layers.SamplePlan` or (rng int64[2], sigmas float32
             [samples]) on the layer's device.
         samples: S, the number of chunks of the batch axis.
+        running_stats: which chunks update the running statistics of the BatchNorms in training mode:
+            ``"all"`` (default, as S sequential forwards), ``"first"`` (chunk 0 only) or ``"none"``.
     """
+    running_stats = _args.check_choice("running_stats", running_stats, RUNNING_STATS)
     patched = []
     try:
         for layer, plan in plans.items():
@@ -321,10 +343,10 @@ def sample_plan(
             if plan.sigmas.shape != (samples,):
                 raise ValueError(f"sigmas must have shape [{samples}], got {list(plan.sigmas.shape)}")
             layer.set_sample_plan(plan.rng, plan.sigmas, weights=plan.weights)
-        if samples > 1:
+        if samples > 1 or running_stats != "all":
             for module in model.modules():
                 if isinstance(module, _BATCH_NORMS) and module.training:
-                    module.forward = types.MethodType(_per_chunk_batch_norm(samples), module)
+                    module.forward = types.MethodType(_per_chunk_batch_norm(samples, running_stats), module)
                     patched.append(module)
         yield
     finally:

@@ -104,6 +104,20 @@ class TrainConfig:
         overwrite: start afresh in an ``out`` that already holds a run (its checkpoints are replaced).
         limit_train, limit_eval: debugging option — cap the number of training samples, and of
             validation and test samples (None: all).
+        init: the weight initialisation of ``"vgg8"`` / ``"resnet18"``: ``"torch"`` (default, PyTorch's)
+            or ``"paper"`` (the authors': Kaiming-normal fan_out on every Conv and Linear, biases 0;
+            :func:`nft_cuda.models.paper_init`).
+        preprocess: the MNIST family's preprocessing: ``"standard"`` (default: zero-pad 28→32, the
+            dataset's mean/std) or ``"paper"`` (the authors': bilinear resize 28→32, scaled to [−1, 1],
+            background −1); see :func:`nft_cuda.data.load_dataset`. Recorded in the exported model, so
+            ``nft eval`` preprocesses the test set the same way.
+        temperature: the loss's logit temperature T of ``"clean"`` / ``"noise"``: CE(logits / T, y)
+            (default 1: plain cross-entropy). OVF and IRS already divide by N+1.
+        ovf_scope: which layers OVF's oriented forwards raise σ in: ``"all"`` (default, the library's
+            OVF: every noisy layer) or ``"paper"`` (the authors' scope,
+            :data:`nft_cuda.models.OVF_PAPER_SCOPE`: for ResNet-18 the stem conv and the FC only).
+        ovf_bn_stats: ``"all"`` (default: every OVF forward updates the BatchNorm running statistics,
+            as the authors') or ``"main"`` (only the backbone forward does).
     """
 
     model: str = "small"
@@ -139,6 +153,12 @@ class TrainConfig:
     model_kwargs: dict = dataclasses.field(default_factory=dict)
     output: str | int | None = None
     taps: dict | None = None
+    # The fidelity study's options (docs/fidelity-study.md).
+    init: str = "torch"
+    preprocess: str = "standard"
+    temperature: float = 1.0
+    ovf_scope: str = "all"
+    ovf_bn_stats: str = "all"
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
@@ -204,6 +224,37 @@ class TrainConfig:
             self.limit_train = _int("limit_train", self.limit_train, 1)
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
+        self._check_fidelity_options()
+
+    def _check_fidelity_options(self) -> None:
+        """init, preprocess and the ablation options (docs/fidelity-study.md), each where it applies."""
+        from nft_cuda.data import PREPROCESSINGS, check_preprocess
+        from nft_cuda.models import INITS, OVF_PAPER_SCOPE
+        from nft_cuda.train.methods import OVF_BN_STATS
+
+        self.init = _choice("init", self.init, INITS)
+        if self.init != "torch" and self.model not in ("vgg8", "resnet18"):
+            raise ValueError(f"init '{self.init}' applies to model 'vgg8' or 'resnet18', not '{self.model}'")
+        self.preprocess = _choice("preprocess", self.preprocess, PREPROCESSINGS)
+        check_preprocess(self.dataset, self.preprocess)
+        self.temperature = _real("temperature", self.temperature, minimum=0.0, strict=True)
+        if self.temperature != 1.0 and self.method not in ("clean", "noise"):
+            raise ValueError(
+                f"temperature applies to method 'clean' or 'noise', not '{self.method}' (OVF and IRS divide by N+1)"
+            )
+        self.ovf_scope = _choice("ovf_scope", self.ovf_scope, ("all", "paper"))
+        self.ovf_bn_stats = _choice("ovf_bn_stats", self.ovf_bn_stats, OVF_BN_STATS)
+        for name, default in (("ovf_scope", "all"), ("ovf_bn_stats", "all")):
+            if getattr(self, name) != default and self.method != "ovf":
+                raise ValueError(f"{name} applies to method 'ovf', not '{self.method}'")
+        if self.ovf_scope == "paper" and self.model not in OVF_PAPER_SCOPE:
+            raise ValueError(f"ovf_scope 'paper' is defined for {', '.join(OVF_PAPER_SCOPE)}, not '{self.model}'")
+
+    def ovf_layer_scope(self) -> tuple[str, ...] | None:
+        """The noisy layers whose σ OVF raises (None: all), from ``ovf_scope``."""
+        from nft_cuda.models import OVF_PAPER_SCOPE
+
+        return OVF_PAPER_SCOPE[self.model] if self.ovf_scope == "paper" else None
 
     def _check_model(self, builtin) -> None:
         """Normalises model, model_factory (a callable becomes its import path), model_kwargs and output."""

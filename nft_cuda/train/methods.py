@@ -26,7 +26,10 @@ from nft_cuda.nn.sample_axis import batch_blockers, repeat_samples, sample_plan,
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
 
-__all__ = ["METHODS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "default_beta", "build_method"]
+__all__ = ["METHODS", "OVF_BN_STATS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "default_beta", "build_method"]
+
+#: OVF's BatchNorm running-statistics policies: every forward updates them, or only the backbone's.
+OVF_BN_STATS = ("all", "main")
 
 # Default feedback gain β per (model, dataset) as in the reference code (paper-facts §2, §3).
 _BETA = {
@@ -56,7 +59,12 @@ def default_beta(method: str, model: str, dataset: str) -> float:
 
 
 class Method:
-    """Base: train with the noisy layers in one mode and plain cross-entropy.
+    """Base: train with the noisy layers in one mode and cross-entropy CE(logits / T, y).
+
+    ``temperature`` T (default 1: plain cross-entropy) is the ablation arm of the fidelity study
+    (docs/fidelity-study.md): OVF and IRS divide their combined logits by N+1, which acts as T = N+1;
+    noise injection with T = 4 isolates that ingredient. Only the loss sees T (the exported model and
+    its accuracy are the plain logits).
 
     ``output``: where the logits are in the model's output (None: the output is the logits tensor; see
     :func:`nft_cuda.nn.custom.resolve_output`)."""
@@ -64,8 +72,9 @@ class Method:
     name = "base"
     noise = "train"
 
-    def __init__(self, variation: DeviceModel, *, output=None):
+    def __init__(self, variation: DeviceModel, temperature: float = 1.0, *, output=None):
         self.variation = _args.check_device_model(variation)
+        self.temperature = _args.check_real("temperature", temperature, minimum=0.0, strict=True)
         self.output = output
         self.logits_of = resolve_output(output)
 
@@ -86,7 +95,8 @@ class Method:
         """(loss, backbone logits) of one batch."""
         set_noise_mode(model, self.noise)
         logits = self.logits_of(model(x))
-        return F.cross_entropy(logits, y), logits
+        scaled = logits if self.temperature == 1.0 else logits / self.temperature
+        return F.cross_entropy(scaled, y), logits
 
     def export(self, model: nn.Module) -> nn.Module:
         """The model to save for inference: the backbone, noisy layers in mode train."""
@@ -94,12 +104,15 @@ class Method:
         return model
 
     def describe(self) -> dict:
-        return {
+        described = {
             "method": self.name,
             "sigma": self.variation.sigma,
             "device_model": self.variation.name,
             "device": self.variation.to_dict(),
         }
+        if self.temperature != 1.0:
+            described["temperature"] = self.temperature
+        return described
 
 
 class Clean(Method):
@@ -129,6 +142,13 @@ class OVF(Method):
         deltas: δ_n, noisiest first (default 0.15, 0.10, 0.05).
         batched: run the N+1 forwards as one pass along a sample axis (default); models that cannot be
             batched fall back to sequential forwards with one warning. Both give the same result.
+        scope: names of the noisy layers (:func:`nft_cuda.noisy_layers`) whose σ the oriented forwards
+            raise; the others run every forward at σ_d (fresh draws still). None (default): every layer,
+            the library's OVF. ``nft_cuda.models.OVF_PAPER_SCOPE`` holds the authors' scope (ResNet-18:
+            the stem conv and the FC only).
+        bn_stats: ``"all"`` (default: every forward updates the BatchNorm running statistics, as the
+            authors' code) or ``"main"`` (only the backbone forward t = 0 does; each forward still
+            normalises with its own batch statistics): the BN ablation arm of docs/fidelity-study.md.
         output: the output adapter (see :class:`Method`).
     """
 
@@ -141,15 +161,19 @@ class OVF(Method):
         deltas: Sequence[float] = (0.15, 0.10, 0.05),
         batched: bool = True,
         *,
+        scope: Sequence[str] | None = None,
+        bn_stats: str = "all",
         output=None,
     ):
         super().__init__(variation, output=output)
         deltas = [float(d) for d in deltas]
         if not deltas or any(d < 0 for d in deltas):
             raise ValueError(f"deltas must be a non-empty list of values >= 0, got {deltas}")
-        self.beta = float(beta)
+        self.beta = _args.check_real("beta", beta, minimum=0.0)
         self.deltas = deltas
         self.batched = batched
+        self.scope = None if scope is None else tuple(scope)
+        self.bn_stats = _args.check_choice("bn_stats", bn_stats, OVF_BN_STATS)
         self._warned = False
         self._offsets: dict[torch.device, torch.Tensor] = {}
 
@@ -167,13 +191,16 @@ class OVF(Method):
 
     def forwards(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """[o_0, o_1, ..., o_N]: the backbone and oriented outputs for this step's draws."""
-        layers = [layer for _, layer in noisy_layers(model) if layer.variation is not None]
+        layers = [(name, layer) for name, layer in noisy_layers(model) if layer.variation is not None]
+        self._check_scope([name for name, _ in layers])
         samples = len(self.deltas) + 1
         draws = {}
-        for layer in layers:
+        for name, layer in layers:
             rng = _args.random_rng(layer.weight.device, layer.generator)
-            sigmas = self._sigma_offsets(layer.weight.device) + layer.variation.sigma
-            draws[layer] = (rng, sigmas)
+            offsets = self._sigma_offsets(layer.weight.device)
+            if self.scope is not None and name not in self.scope:
+                offsets = torch.zeros_like(offsets)  # outside the scope: σ_d in every forward
+            draws[layer] = (rng, offsets + layer.variation.sigma)
         batched = self.batched
         if batched:
             blockers = batch_blockers(model, x, draws, samples, lambda i: self.logits_of(model(i)))
@@ -187,8 +214,9 @@ class OVF(Method):
                         RuntimeWarning,
                         stacklevel=3,
                     )
+        main_only = self.bn_stats == "main"
         if batched:
-            with sample_plan(model, draws, samples):
+            with sample_plan(model, draws, samples, running_stats="first" if main_only else "all"):
                 out = self.logits_of(model(repeat_samples(x, samples)))
             return list(out.chunk(samples, dim=0))
         outs = []
@@ -196,9 +224,15 @@ class OVF(Method):
             step = {
                 layer: (torch.stack((rng[0], rng[1] + t)), sigmas[t : t + 1]) for layer, (rng, sigmas) in draws.items()
             }
-            with sample_plan(model, step, 1):
+            with sample_plan(model, step, 1, running_stats="none" if main_only and t > 0 else "all"):
                 outs.append(self.logits_of(model(x)))
         return outs
+
+    def _check_scope(self, names: list[str]) -> None:
+        if self.scope is not None:
+            unknown = sorted(set(self.scope) - set(names))
+            if unknown:
+                raise ValueError(f"OVF scope names {unknown}, which are not noisy layers of the model")
 
     def loss(self, model, x, y):
         set_noise_mode(model, "train")
@@ -206,7 +240,12 @@ class OVF(Method):
         return nft_loss(outs[0], outs[1:], y, self.beta), outs[0]
 
     def describe(self):
-        return {**super().describe(), "beta": self.beta, "deltas": self.deltas}
+        described = {**super().describe(), "beta": self.beta, "deltas": self.deltas}
+        if self.scope is not None:
+            described["scope"] = list(self.scope)
+        if self.bn_stats != "all":
+            described["bn_stats"] = self.bn_stats
+        return described
 
 
 class IRS(Method):
@@ -286,8 +325,13 @@ def build_method(
     head_variation: DeviceModel | None = None,
     batched: bool = True,
     output=None,
+    temperature: float = 1.0,
+    ovf_scope: Sequence[str] | None = None,
+    ovf_bn_stats: str = "all",
 ) -> Method:
-    """A method by name with the DESIGN §5 defaults for (model_name, dataset); ``output``: the output
+    """A method by name with the DESIGN §5 defaults for (model_name, dataset). ``temperature``: the
+    loss's T of "clean" / "noise"; ``ovf_scope``, ``ovf_bn_stats``: :class:`OVF`'s ``scope`` and
+    ``bn_stats``; ``output``: the output
     adapter (see :class:`Method`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
@@ -298,6 +342,8 @@ def build_method(
             deltas if deltas is not None else (0.15, 0.10, 0.05),
             batched=batched,
             output=output,
+            scope=ovf_scope,
+            bn_stats=ovf_bn_stats,
         )
     if name == "irs":
         if taps is None:
@@ -311,7 +357,7 @@ def build_method(
             taps = IRS_TAPS[model_name]
         beta = default_beta("irs", model_name, dataset) if beta is None else beta
         return IRS(variation, beta, taps, head_variation, output=output)
-    return METHODS[name](variation, output=output)
+    return METHODS[name](variation, temperature, output=output)
 
 
 def describe(method: Method) -> dict:

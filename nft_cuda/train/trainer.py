@@ -129,11 +129,12 @@ def _forked_rng(device: torch.device, seed: int):
 
 class _Data:
     def __init__(self, config: TrainConfig, device: torch.device, group: Group | None = None):
-        from nft_cuda.data import batch_loader, get_spec, load_dataset, train_val_split
+        from nft_cuda.data import batch_loader, get_spec, load_dataset, normalization, train_val_split
 
         self.spec = get_spec(config.dataset)
-        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train")
-        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test")
+        self.mean, self.std = normalization(config.dataset, config.preprocess)
+        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train", preprocess=config.preprocess)
+        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test", preprocess=config.preprocess)
         tr_idx, va_idx = train_val_split(train_y.shape[0], config.val_fraction, config.seed, labels=train_y)
         if config.limit_train is not None:
             tr_idx = tr_idx[: config.limit_train]
@@ -182,7 +183,7 @@ class _Data:
         if config.augments():
             from nft_cuda.data.augment import CropFlip
 
-            self.augment = CropFlip(4, fill=[-m / sd for m, sd in zip(self.spec.mean, self.spec.std)])
+            self.augment = CropFlip(4, fill=[-m / sd for m, sd in zip(self.mean, self.std)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,7 +268,7 @@ def _model_spec(config: TrainConfig, data: _Data) -> dict:
         "input_size": data.input_shape[-1],
     }
     if config.model_factory is None:
-        spec = {"name": config.model, **shape, "width": config.width}
+        spec = {"name": config.model, **shape, "width": config.width, "init": config.init}
     else:
         spec = {"name": config.model, "factory": config.model_factory, "kwargs": dict(config.model_kwargs), **shape}
     if config.output is not None:
@@ -297,6 +298,9 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         taps=config.taps,
         head_variation=head_variation,
         output=config.output,
+        temperature=config.temperature,
+        ovf_scope=config.ovf_layer_scope(),
+        ovf_bn_stats=config.ovf_bn_stats,
     )
     backbone = build_from_spec(spec)
     model = method.prepare(backbone, data.example, num_classes=data.spec.num_classes)
@@ -543,7 +547,8 @@ def _start_run(config: TrainConfig, out: Path, device, group: Group, say, progre
         "method": method.describe(),
         "dataset": config.dataset,
         "classes": list(data.spec.classes),
-        "normalization": {"mean": list(data.spec.mean), "std": list(data.spec.std)},
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "preprocess": config.preprocess,
         "config": config.to_dict(),
         "nft_cuda_version": __version__,
         "torch_version": str(torch.__version__),
