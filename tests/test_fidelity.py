@@ -282,7 +282,10 @@ def _oriented_sigmas(method: OVF, model: nn.Module, x: torch.Tensor) -> dict[str
             return _original(rng, sigmas, *args, **kwargs)
 
         layer.set_sample_plan = spy
-    method.loss(model, x, torch.zeros(x.shape[0], dtype=torch.long))
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    method.loss(model, x, y)  # the first step also runs the one-off batch-safety probe (its plans too)
+    seen.clear()
+    method.loss(model, x, y)
     return seen
 
 
