@@ -54,7 +54,7 @@ class CropFlip:
         if p > 0:
             fill = torch.tensor(self.fill, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
             padded = fill.expand(b, -1, h + 2 * p, w + 2 * p).repeat(1, c // fill.shape[1], 1, 1)
-            padded[:, :, p:p + h, p:p + w] = x
+            padded[:, :, p : p + h, p : p + w] = x
             oy, ox = offsets[0].to(x.device), offsets[1].to(x.device)
             rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, H, 1]
             cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, W]

@@ -36,7 +36,8 @@ def check_sha256(data, expected: str, *, name: str, hint: str = "") -> str:
         extra = f" {hint}" if hint else ""
         raise ChecksumError(
             f"{name}: SHA-256 mismatch of the decompressed content: expected {expected}, got {got}. "
-            f"The file is corrupt, truncated or not the official release.{extra}")
+            f"The file is corrupt, truncated or not the official release.{extra}"
+        )
     return got
 
 
@@ -46,7 +47,7 @@ def _stamp_path(path: Path) -> Path:
 
 def _read_stamp(stamp: Path) -> dict:
     try:
-        with open(stamp, "r", encoding="utf-8") as f:
+        with open(stamp, encoding="utf-8") as f:
             doc = json.load(f)
     except (OSError, ValueError):
         return {}
@@ -65,8 +66,11 @@ def stamp_valid(path: PathLike, expected_sha256: str) -> bool:
         st = path.stat()
     except OSError:
         return False
-    return (entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
-            and entry.get("sha256") == expected_sha256.lower())
+    return (
+        entry.get("size") == st.st_size
+        and entry.get("mtime_ns") == st.st_mtime_ns
+        and entry.get("sha256") == expected_sha256.lower()
+    )
 
 
 def write_stamp(path: PathLike, sha256: str) -> bool:

