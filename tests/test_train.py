@@ -246,7 +246,7 @@ def _assert_states_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("method", ["clean", "noise", "ovf", "irs"])
+@pytest.mark.parametrize("method", ["clean", "noise", "ovf", "irs", "ortho", "trice"])
 def test_train_one_epoch_each_method(tmp_path, method):
     config = _config(tmp_path, method=method, epochs=1)
     result = train(config, progress=False, log=None)

@@ -26,7 +26,19 @@ from nft_cuda.nn.sample_axis import batch_blockers, repeat_samples, sample_plan,
 from nft_cuda.train.irs import IRSModel
 from nft_cuda.train.loss import nft_loss
 
-__all__ = ["METHODS", "OVF_BN_STATS", "Method", "Clean", "NoiseInjection", "OVF", "IRS", "default_beta", "build_method"]
+__all__ = [
+    "METHODS",
+    "OVF_BN_STATS",
+    "Method",
+    "Clean",
+    "NoiseInjection",
+    "OVF",
+    "IRS",
+    "OrthogonalNoise",
+    "CensoredNoise",
+    "default_beta",
+    "build_method",
+]
 
 #: OVF's BatchNorm running-statistics policies: every forward updates them, or only the backbone's.
 OVF_BN_STATS = ("all", "main")
@@ -310,7 +322,94 @@ class IRS(Method):
         }
 
 
-METHODS = {"clean": Clean, "noise": NoiseInjection, "ovf": OVF, "irs": IRS}
+class OrthogonalNoise(NoiseInjection):
+    """Noise injection plus a soft-orthogonality (Lipschitz) regulariser on every noisy weight, as
+    CorrectNet (Eldebiky et al., DATE 2023) uses to keep the layers' gains near 1 so that weight errors
+    are not amplified layer after layer: loss = CE + λ·Σ_ℓ ‖G_ℓ − β·I‖²_F, with G_ℓ the Gram matrix of
+    W_ℓ reshaped to [out, fan_in] on its smaller side (W·Wᵀ when out ≤ fan_in, else Wᵀ·W), so a full-rank
+    layer can reach the minimum. Defaults λ = 1e-4, β = 1."""
+
+    name = "ortho"
+
+    def __init__(self, variation, temperature: float = 1.0, *, output=None, lam: float = 1e-4, beta: float = 1.0):
+        super().__init__(variation, temperature, output=output)
+        self.lam = _args.check_real("lam", lam, minimum=0.0)
+        self.beta = _args.check_real("beta", beta, minimum=0.0)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        """Σ_ℓ ‖G_ℓ − β·I‖²_F over the noisy layers' crossbar weights."""
+        total = None
+        for _, layer in noisy_layers(model):
+            w = layer.weight.reshape(layer.weight.shape[0], -1).float()
+            gram = w @ w.t() if w.shape[0] <= w.shape[1] else w.t() @ w
+            eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+            term = ((gram - self.beta * eye) ** 2).sum()
+            total = term if total is None else total + term
+        return torch.zeros(()) if total is None else total
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ce, logits = super().loss(model, x, y)
+        return ce + self.lam * self.penalty(model), logits
+
+    def describe(self) -> dict:
+        return {**super().describe(), "lam": self.lam, "beta": self.beta}
+
+
+class CensoredNoise(NoiseInjection):
+    """Noise injection with right-censored draws, in the spirit of TRICE (Yan et al., DATE 2023):
+    every training draw z with |z| > c is cut to ±c (default c = 2), so training never sees the rare
+    large deviations that pull a noise-injected model towards over-conservative weights. The noisy
+    weight of each layer is ``reference.perturb_with_normals(W, model, clip(z, −c, c))`` from a fresh
+    stream (pure PyTorch, slower than the compiled draw), passed straight-through (dL/dW = dL/dW_noisy) via
+    the layers' sample plans. Device models with normal draws only (the Gaussian presets, PCM, log-normal)."""
+
+    name = "trice"
+
+    def __init__(self, variation, temperature: float = 1.0, *, output=None, cut: float = 2.0):
+        super().__init__(variation, temperature, output=output)
+        self.cut = _args.check_real("cut", cut, minimum=0.0, strict=True)
+
+    def censored_weight(self, layer, rng: torch.Tensor) -> torch.Tensor:
+        """[1, *weight.shape]: the layer's training weight for stream ``rng`` with censored draws."""
+        from nft_cuda import reference
+
+        v, w = layer.variation, layer.weight
+        draws = reference.NORMAL_DRAWS.get(v.KERNEL_ID)
+        if draws is None:
+            raise ValueError(f"trice needs a device model with normal draws, not {v}")
+        z = torch.stack([reference.draw_normal(rng, w.numel(), 1, k)[0].view(w.shape) for k in range(draws)])
+        noise = reference.perturb_with_normals(w, v, z.clamp(-self.cut, self.cut)) - w.detach()
+        return (w + noise).unsqueeze(0)
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        set_noise_mode(model, self.noise)
+        plans = {}
+        for _, layer in noisy_layers(model):
+            rng = _args.random_rng(layer.weight.device, layer.generator)
+            sigma = torch.full((1,), layer.variation.sigma, dtype=torch.float32, device=rng.device)
+            plans[layer] = (rng, sigma, self.censored_weight(layer, rng))
+        try:
+            for layer, (rng, sigma, weight) in plans.items():
+                layer.set_sample_plan(rng, sigma, weights=weight)
+            logits = self.logits_of(model(x))
+        finally:
+            for layer in plans:
+                layer.set_sample_plan(None)
+        scaled = logits if self.temperature == 1.0 else logits / self.temperature
+        return F.cross_entropy(scaled, y), logits
+
+    def describe(self) -> dict:
+        return {**super().describe(), "cut": self.cut}
+
+
+METHODS = {
+    "clean": Clean,
+    "noise": NoiseInjection,
+    "ovf": OVF,
+    "irs": IRS,
+    "ortho": OrthogonalNoise,
+    "trice": CensoredNoise,
+}
 
 
 def build_method(
