@@ -343,3 +343,31 @@ def test_plot_title_names_model_dataset_and_device_model():
         "results": [{"device_model": "FeFET2"}, {"device_model": "FeFET2"}],
     }
     assert _default_title(report, report["results"]) == "model small · dataset embedded · device model FeFET2"
+
+
+def test_eval_worst_case_table_and_json(checkpoint, tmp_path):
+    j = tmp_path / "r.json"
+    r = _nft(
+        "eval",
+        checkpoint,
+        "--sigma",
+        "0.2",
+        "--runs",
+        "2",
+        "--worst-case",
+        "0.5,3",
+        "--worst-case-images",
+        "64",
+        "--worst-case-steps",
+        "2",
+        "--json",
+        str(j),
+        "--no-progress",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "worst case within |z| <= κ (64 test images, 2 steps)" in r.stdout
+    rows = json.loads(j.read_text())["worst_case"]
+    assert [row["kappa"] for row in rows] == [0.5, 3.0]
+    assert all(row["images"] == 64 and row["max_abs_z"] <= row["kappa"] and row["sigma"] == 0.2 for row in rows)
+    bad = _nft("eval", checkpoint, "--worst-case", "0,1")
+    assert bad.returncode == 2 and "every κ must be a finite number > 0" in bad.stderr

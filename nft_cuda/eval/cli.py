@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 
@@ -151,8 +152,89 @@ def _add_eval(subparsers) -> None:
     e.add_argument("--batch-size", dest="batch_size", type=_positive_int, default=256, help="test batch size")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     _add_report_options(e)
+    _add_worst_case_options(e)
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
+
+
+def _kappas(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers > 0, got {text!r}") from None
+    if not values or any(not (v > 0 and v < float("inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"every κ must be a finite number > 0, got {text!r}")
+    return values
+
+
+def _add_worst_case_options(e) -> None:
+    g = e.add_argument_group("worst case (nft_cuda.eval.worst_case)")
+    g.add_argument(
+        "--worst-case",
+        dest="worst_case",
+        type=_kappas,
+        metavar="K1,K2,...",
+        help="also search the worst chip with every draw in [-κ, κ] for each κ (projected gradient from chip 0 "
+        "of --seed), at each checkpoint's device model and each --sigma: worst-case accuracy vs κ",
+    )
+    g.add_argument(
+        "--worst-case-images",
+        dest="worst_case_images",
+        type=_positive_int,
+        default=1000,
+        help="test images the worst-case accuracy is measured on (the first N; default 1000)",
+    )
+    g.add_argument("--worst-case-steps", dest="worst_case_steps", type=_nonneg_int, default=20, help="PGD steps (20)")
+
+
+def _worst_case_rows(paths: list[str], args, device) -> list[dict]:
+    """One row per checkpoint × σ_d × κ of the worst-case search (``nft eval --worst-case``)."""
+    from nft_cuda.eval.run import TensorBatches, _load_with_test_set
+    from nft_cuda.eval.worst_case import worst_case_curve
+    from nft_cuda.nn.conversion import noisy_layers
+
+    rows, test_sets = [], {}
+    for path in paths:
+        model, payload, _, (x, y) = _load_with_test_set(path, device, args.data_dir, test_sets)
+        n = args.worst_case_images
+        loader = TensorBatches(x[:n], y[:n], batch_size=args.batch_size)
+        output = args.output if args.output is not None else payload["model"].get("output")
+        label = os.path.basename(os.path.dirname(os.path.abspath(path))) or path
+        for sigma in args.sigma or [None]:
+            if sigma is not None:
+                for _, layer in noisy_layers(model):
+                    layer.variation = layer.variation.with_sigma(sigma)
+            curve = worst_case_curve(
+                model, loader, args.worst_case, seed=args.seed, steps=args.worst_case_steps, output=output
+            )
+            model_sigma = noisy_layers(model)[0][1].variation.sigma
+            rows += [{"checkpoint": label, "sigma": model_sigma, "images": len(y[:n]), **r} for r in curve]
+    return rows
+
+
+def _worst_case_table(rows: list[dict]) -> str:
+    lines = [
+        "| checkpoint | σ_d | κ | worst-case accuracy | chip 0 accuracy | max abs z |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['checkpoint']} | {r['sigma']:g} | {r['kappa']:g} | {100 * r['accuracy']:.2f} % | "
+            f"{100 * r['chip_accuracy']:.2f} % | {r['max_abs_z']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def _report_worst_case(paths: list[str], args, device) -> None:
+    from nft_cuda.eval.report import read_json, write_json
+
+    rows = _worst_case_rows(paths, args, device)
+    print(f"\nworst case within |z| <= κ ({args.worst_case_images} test images, {args.worst_case_steps} steps):")
+    print(_worst_case_table(rows))
+    if args.json:
+        report = read_json(args.json)
+        report["worst_case"] = rows
+        write_json(report, args.json)
 
 
 def _add_report_options(e) -> None:
@@ -291,6 +373,8 @@ def _run_eval(args) -> int:
 
             print(f"\npaired differences to {report['baseline']} on the same {args.runs} chips:")
             print(paired_table(report["paired"]))
+        if args.worst_case and not group.active:
+            _report_worst_case(paths, args, device)
         for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
             if path:
                 print(f"{what}: {path}")
