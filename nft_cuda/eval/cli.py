@@ -189,13 +189,13 @@ def _add_worst_case_options(e) -> None:
 
 def _worst_case_rows(paths: list[str], args, device) -> list[dict]:
     """One row per checkpoint × σ_d × κ of the worst-case search (``nft eval --worst-case``)."""
-    from nft_cuda.eval.run import TensorBatches, _load_with_test_set
+    from nft_cuda.eval.run import TensorBatches, load_with_test_set
     from nft_cuda.eval.worst_case import worst_case_curve
     from nft_cuda.nn.conversion import noisy_layers
 
     rows, test_sets = [], {}
     for path in paths:
-        model, payload, _, (x, y) = _load_with_test_set(path, device, args.data_dir, test_sets)
+        model, payload, _, (x, y) = load_with_test_set(path, device, args.data_dir, test_sets)
         n = args.worst_case_images
         loader = TensorBatches(x[:n], y[:n], batch_size=args.batch_size)
         output = args.output if args.output is not None else payload["model"].get("output")

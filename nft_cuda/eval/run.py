@@ -456,3 +456,7 @@ def _is_writer(distributed) -> bool:
     """Whether this process writes the files: the only process, or rank 0 of an evaluation sharded
     over an initialised process group."""
     return distributed is False or current_group().is_main
+
+
+#: The public name of :func:`_load_with_test_set` (used by ``nft eval --worst-case``).
+load_with_test_set = _load_with_test_set
