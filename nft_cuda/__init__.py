@@ -11,21 +11,26 @@ if _ext.HAS_C:
     from nft_cuda import _registrations  # noqa: F401
 
 from nft_cuda import devices, ops, reference, rng
-from nft_cuda.nn.attention import NoisyMultiheadAttention
-from nft_cuda.nn.conversion import (
+from nft_cuda.nn import (
+    ConversionSummary,
+    NoisyConv1d,
+    NoisyConv2d,
+    NoisyGRU,
+    NoisyLinear,
+    NoisyLSTM,
+    NoisyModule,
+    NoisyMultiheadAttention,
+    NoisyRNN,
     conversion_summary,
     convert,
     noise_mode,
     noisy_layers,
+    register_noisy,
     set_instance,
     set_noise_mode,
     set_time,
     strip,
 )
-from nft_cuda.nn.generic import register_noisy
-from nft_cuda.nn.layers import NoisyConv1d, NoisyConv2d, NoisyLinear, NoisyModule
-from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
-from nft_cuda.nn.summary import ConversionSummary
 from nft_cuda.variation import PRESETS, Variation
 
 __version__ = "0.1.0"

@@ -204,6 +204,13 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_module(name: str, value) -> torch.nn.Module:
+    """``value`` if it is an ``nn.Module`` (a model or a layer), else TypeError naming the argument."""
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
 # --------------------------------------------------------------------------------------------------
 # Command-line argument types (argparse ``type=``), shared by every ``nft`` command
 # --------------------------------------------------------------------------------------------------

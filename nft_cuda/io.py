@@ -29,8 +29,7 @@ import torch.nn as nn
 
 from nft_cuda._files import atomic_save
 from nft_cuda.devices import DeviceModel, device_model_from_dict
-from nft_cuda.nn.conversion import assign_layer_keys, convert, noisy_layers
-from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
+from nft_cuda.nn import NOISE_STREAM_VERSION, assign_layer_keys, check_stream_version, convert, noisy_layers
 
 __all__ = ["MODEL_FILE", "MODEL_FORMAT", "atomic_save", "load_model", "resolve_model_path", "save_model", "safe_load"]
 

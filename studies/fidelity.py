@@ -224,7 +224,7 @@ def _clean_predictions(cfg: dict, model_path: str) -> list[int]:
 
     from nft_cuda.eval.run import model_preprocess
     from nft_cuda.io import load_model
-    from nft_cuda.nn.conversion import noise_mode
+    from nft_cuda.nn import noise_mode
 
     model, payload = load_model(model_path, device=cfg["device"])
     x, _ = reproduce.study_test_set(cfg, cfg["dataset"], model_preprocess(payload))

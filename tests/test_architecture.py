@@ -6,6 +6,7 @@
   ``NoisyModule.noise_state`` / ``restore_noise_state``). Private names of torch's own namespaces
   (``torch._check``, ``torch.ops.aten._…``, ``torch._C``) are torch's extension points and allowed;
 * tiers: ops → nn → train / eval → cli; no import from a higher tier, no importlib plugin loading;
+* no import circle in the package or in benchmarks/ (function-level imports count);
 * size: no function longer than 80 lines (docstrings not counted);
 * documentation: every "§N" cited in code and docs is a section of docs/design.md.
 """
@@ -158,18 +159,19 @@ def _walk_skipping_lazy_getattr(tree: ast.AST):
             stack.append(child)
 
 
-def _imports(path: pathlib.Path) -> list[tuple[int, str]]:
-    """(line, module) of every nft_cuda import of a file, at any depth (function-level ones included);
-    ``from nft_cuda import x`` counts as importing nft_cuda.x when that is a module, else nft_cuda."""
+def _imports(path: pathlib.Path, package: str = "nft_cuda") -> list[tuple[int, str]]:
+    """(line, module) of every import of ``package`` in a file, at any depth (function-level ones
+    included); ``from nft_cuda import x`` counts as importing nft_cuda.x when that is a module, else
+    nft_cuda."""
     out = []
     for node in _walk_skipping_lazy_getattr(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "nft_cuda"]
+            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == package]
         elif (
             isinstance(node, ast.ImportFrom)
             and node.level == 0
             and node.module
-            and node.module.split(".")[0] == "nft_cuda"
+            and node.module.split(".")[0] == package
         ):
             for a in node.names:
                 sub = f"{node.module}.{a.name}"
@@ -195,14 +197,84 @@ def test_no_import_from_a_higher_tier(path):
 
 
 def test_the_tier_check_sees_an_upward_import(tmp_path):
-    probe = PACKAGE / "nn" / "layers.py"
+    probe = PACKAGE / "nn" / "base.py"
     assert _tier(_module_name(probe)) == 1
     fake = tmp_path / "x.py"
     fake.write_text(
         "def f():\n    from nft_cuda.eval.run import evaluate\ndef __getattr__(name):\n    from nft_cuda import train\n"
     )
     assert [mod for _, mod in _imports(fake)] == ["nft_cuda.eval.run"]
-    assert _tier("nft_cuda.eval.run") == 2 > _tier("nft_cuda.nn.layers")
+    assert _tier("nft_cuda.eval.run") == 2 > _tier("nft_cuda.nn.base")
+
+
+# --------------------------------------------------------------------------------------------------
+# No import circle: the files of the package (and of benchmarks/) import each other as a tree of floors,
+# so each can be read, tested and changed standing on what is below it. An import inside a function
+# counts: it only hides the circle from Python's loader, not from the reader.
+# --------------------------------------------------------------------------------------------------
+
+
+def _import_graph(files: list[pathlib.Path], package: str) -> dict[str, set[str]]:
+    """Module → the modules of ``files`` it imports (a package's ``__init__`` is the package's name)."""
+    names = {_module_name(p): p for p in files}
+    return {me: {mod for _, mod in _imports(path, package) if mod in names and mod != me} for me, path in names.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan), each sorted: every import circle."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+@pytest.mark.parametrize("package", ["nft_cuda", "benchmarks"])
+def test_no_import_circle(package):
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files
+    assert _circles(_import_graph(files, package)) == []
+
+
+def test_the_circle_check_sees_a_circle(tmp_path):
+    pkg = tmp_path / "nft_cuda"
+    (pkg / "nn").mkdir(parents=True)
+    (pkg / "nn" / "a.py").write_text("from nft_cuda.nn.b import f\n")
+    (pkg / "nn" / "b.py").write_text("def f():\n    from nft_cuda.nn.c import g\n")
+    (pkg / "nn" / "c.py").write_text("import nft_cuda.nn.a\n")
+    (pkg / "nn" / "d.py").write_text("from nft_cuda.nn.a import x\n")
+    graph = {f"nft_cuda.nn.{p.stem}": {mod for _, mod in _imports(p)} for p in sorted((pkg / "nn").glob("*.py"))}
+    assert graph["nft_cuda.nn.b"] == {"nft_cuda.nn.c"}  # a function-level import counts
+    assert _circles(graph) == [["nft_cuda.nn.a", "nft_cuda.nn.b", "nft_cuda.nn.c"]]
+    del graph["nft_cuda.nn.c"], graph["nft_cuda.nn.b"]
+    graph["nft_cuda.nn.a"] = set()
+    assert _circles(graph) == []
 
 
 def test_no_importlib_plugin_loading():
@@ -311,7 +383,7 @@ def test_every_cited_section_exists():
 
 def test_the_instance_offset_is_computed_in_one_function():
     """(ℓ << 32) | r, the stream offset of a chip instance (design §2), is written only in
-    nft_cuda.nn.layers.instance_offset; everything else calls it."""
+    nft_cuda.nn.base.instance_offset; everything else calls it."""
     places = []
     for path in PACKAGE_FILES:
         tree = ast.parse(path.read_text())
@@ -325,4 +397,4 @@ def test_the_instance_offset_is_computed_in_one_function():
                         and node.right.value == 32
                     ):
                         places.append(f"{path.relative_to(ROOT)}:{fn.name}")
-    assert places == ["nft_cuda/nn/layers.py:instance_offset"]
+    assert places == ["nft_cuda/nn/base.py:instance_offset"]

@@ -19,8 +19,8 @@ import nft_cuda
 from nft_cuda import cli
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.io import load_model, safe_load
+from nft_cuda.nn import calibrate_mvm
 from nft_cuda.nn.custom import import_path_of, resolve_output
-from nft_cuda.nn.mvm import calibrate_mvm
 from nft_cuda.train.methods import IRS, OVF, NoiseInjection
 from nft_cuda.train.trainer import TrainConfig, train
 

@@ -16,7 +16,7 @@ from nft_cuda.devices import PCM, LogNormal, StuckAt, Variation
 from nft_cuda.eval import monte_carlo
 from nft_cuda.io import load_model, save_model
 from nft_cuda.models import build_model
-from nft_cuda.nn.layers import instance_offset
+from nft_cuda.nn import instance_offset
 from nft_cuda.train.config import TrainConfig, default_out
 from nft_cuda.train.methods import build_method
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import nft_cuda
 from nft_cuda import mvm_ops, reference
 from nft_cuda.devices.mvm import MVM
-from nft_cuda.nn.mvm import calibrate_mvm
+from nft_cuda.nn import calibrate_mvm
 
 _MASK32 = 0xFFFFFFFF
 

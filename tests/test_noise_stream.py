@@ -21,8 +21,7 @@ from nft_cuda import Variation
 from nft_cuda.eval import TensorBatches, monte_carlo
 from nft_cuda.io import load_model, save_model
 from nft_cuda.models import build_model
-from nft_cuda.nn import assign_layer_keys, name_key
-from nft_cuda.nn.layers import NOISE_STREAM_VERSION
+from nft_cuda.nn import NOISE_STREAM_VERSION, assign_layer_keys, name_key
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -509,15 +509,15 @@ def test_training_step_keeps_no_weight_sized_tensor(device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [3, 200, 700])
 def test_noisy_linear_layer_fused_matches_materialised_cuda(dtype, rows, monkeypatch):
-    from nft_cuda import layers
+    from nft_cuda.nn import linear
 
-    monkeypatch.setattr(layers, "FUSED_LINEAR_ENABLED", True)
+    monkeypatch.setattr(linear, "FUSED_LINEAR_ENABLED", True)
 
     layer = nft_cuda.NoisyLinear(100, 70, variation=VAR, device="cuda")
     x = torch.randn(rows, 100, device="cuda", requires_grad=True)
     rng = _rng("cuda")
     layer.set_sample_plan(rng)
-    assert layers._fused_linear_ok(x, layer.weight, 1, dtype) == (rows <= layers.FUSED_LINEAR_MAX_ROWS)
+    assert linear._fused_linear_ok(x, layer.weight, 1, dtype, VAR) == (rows <= linear.FUSED_LINEAR_MAX_ROWS)
     with torch.autocast("cuda", dtype=dtype):
         out = layer(x)
     wn = ops.perturb(layer.weight, VAR, rng=rng)[0].to(dtype)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import nft_cuda
 from nft_cuda import Variation, noise_mode
 from nft_cuda.models import IRS_TAPS, LSTMClassifier, ViT, build_model
-from nft_cuda.nn import layers
+from nft_cuda.nn import linear
 from nft_cuda.train import IRSModel, build_method
 from nft_cuda.train.irs import IRSHead, snapshot
 
@@ -185,7 +185,7 @@ def test_noisy_linear_on_token_sequences_equals_the_2d_call(fused, samples, monk
     paths (the fused ops.noisy_linear path, forced here on CPU, and the autograd Function), with the
     noise regenerated in backward (no weight-sized tensor saved)."""
     if fused:
-        monkeypatch.setattr(layers, "_fused_linear_ok", lambda *a: True)
+        monkeypatch.setattr(linear, "_fused_linear_ok", lambda *a: True)
     torch.manual_seed(0)
     layer = nft_cuda.NoisyLinear(24, 40, variation=V)
     x = torch.randn(2 * samples, 7, 24, requires_grad=True)
@@ -217,8 +217,8 @@ def test_fused_linear_rows_count_every_leading_dim(monkeypatch):
     """The fused path's row limit (FUSED_LINEAR_MAX_ROWS per sample) counts M = all leading dims."""
     if not torch.cuda.is_available():
         pytest.skip("the fused NoisyLinear path is CUDA-only")
-    monkeypatch.setattr(layers, "FUSED_LINEAR_ENABLED", True)
+    monkeypatch.setattr(linear, "FUSED_LINEAR_ENABLED", True)
     w = torch.randn(8, 16, device="cuda")
-    limit = layers.FUSED_LINEAR_MAX_ROWS
-    assert layers._fused_linear_ok(torch.randn(limit // 8, 8, 16, device="cuda"), w, 1, torch.bfloat16)
-    assert not layers._fused_linear_ok(torch.randn(limit // 8 + 1, 8, 16, device="cuda"), w, 1, torch.bfloat16)
+    limit = linear.FUSED_LINEAR_MAX_ROWS
+    assert linear._fused_linear_ok(torch.randn(limit // 8, 8, 16, device="cuda"), w, 1, torch.bfloat16, V)
+    assert not linear._fused_linear_ok(torch.randn(limit // 8 + 1, 8, 16, device="cuda"), w, 1, torch.bfloat16, V)

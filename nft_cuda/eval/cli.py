@@ -191,7 +191,7 @@ def _worst_case_rows(paths: list[str], args, device) -> list[dict]:
     """One row per checkpoint × σ_d × κ of the worst-case search (``nft eval --worst-case``)."""
     from nft_cuda.eval.run import TensorBatches, load_with_test_set
     from nft_cuda.eval.worst_case import worst_case_curve
-    from nft_cuda.nn.conversion import noisy_layers
+    from nft_cuda.nn import noisy_layers
 
     rows, test_sets = [], {}
     for path in paths:

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda.eval.metrics import Z95, accuracy_stats, exact_mean
-from nft_cuda.nn.conversion import kept_noise_state, noise_mode, set_instance
+from nft_cuda.nn import kept_noise_state, noise_mode, set_instance
 from nft_cuda.nn.custom import resolve_output
 
 __all__ = ["ByteTokenizer", "generate_on_chip", "lm_batches", "lm_chips", "load_corpus"]

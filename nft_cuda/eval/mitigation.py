@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda.eval.metrics import accuracy_stats
-from nft_cuda.nn.conversion import kept_noise_state, noise_mode, noisy_layers, set_instance
+from nft_cuda.nn import kept_noise_state, noise_mode, noisy_layers, set_instance
 from nft_cuda.nn.custom import resolve_output
 
 __all__ = ["VERIFY_RULES", "mitigated_chips", "verify_masks"]

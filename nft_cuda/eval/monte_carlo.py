@@ -7,8 +7,8 @@ Chip instances. Instance r of the noisy layer of key ℓ uses the noise stream
 (seed, offset = (ℓ << 32) | r), fixed over the whole test set: exactly what
 ``nft_cuda.set_instance(model, seed, r)`` gives. The key depends on the noise stream version
 (``stream_version``, recorded as ``noise_stream`` in every result): in version 2 (the default,
-:data:`nft_cuda.nn.layers.NOISE_STREAM_VERSION`) ℓ is made from the layer's qualified name
-(:func:`nft_cuda.nn.layers.name_key`), so chip r of a layer is the same whichever other layers are
+:data:`nft_cuda.nn.keys.NOISE_STREAM_VERSION`) ℓ is made from the layer's qualified name
+(:func:`nft_cuda.nn.keys.name_key`), so chip r of a layer is the same whichever other layers are
 noisy: an ablation ("first layer digital, same chips") compares the same chips. In version 1, the
 stream of every result made before it, ℓ is the layer's position among the noisy layers in
 ``named_modules()`` order, so excluding a layer changes the chips of every later one; results without
@@ -76,10 +76,16 @@ from nft_cuda.devices import DeviceModel
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
-from nft_cuda.nn.conversion import assign_layer_keys, kept_noise_state, noise_mode, noisy_layers
-from nft_cuda.nn.conversion import stream_version as model_stream_version
+from nft_cuda.nn import (
+    NOISE_STREAM_VERSION,
+    assign_layer_keys,
+    check_stream_version,
+    kept_noise_state,
+    noise_mode,
+    noisy_layers,
+)
+from nft_cuda.nn import stream_version as model_stream_version
 from nft_cuda.nn.custom import resolve_output
-from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
 from nft_cuda.nn.sample_axis import instance_plans, probe_blockers, sample_plan, unbatchable_modules
 
 __all__ = ["instance_logits", "monte_carlo"]

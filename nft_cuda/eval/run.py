@@ -25,8 +25,8 @@ from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
 from nft_cuda.io import MODEL_FILE, resolve_model_path
-from nft_cuda.nn.conversion import stream_version as model_stream_version
-from nft_cuda.nn.layers import NOISE_STREAM_VERSION, check_stream_version
+from nft_cuda.nn import NOISE_STREAM_VERSION, check_stream_version
+from nft_cuda.nn import stream_version as model_stream_version
 
 __all__ = [
     "DEFAULT_SIGMAS",
@@ -340,7 +340,7 @@ def _chips(variation: DeviceModel, dataset: str, model, stream_version: int | No
     """What makes chip r the same chip in two checkpoints: the device model (bit widths, parameters) but
     not its severity or time, and the noise stream version, the test set, and the noisy layers' shapes
     (checked by :func:`nft_cuda.eval.paired.check_pairable`)."""
-    from nft_cuda.nn.conversion import noisy_layers
+    from nft_cuda.nn import noisy_layers
 
     if isinstance(variation, Variation):
         device = (variation.device_model, variation.weight_bits, variation.device_bits)

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import reference
-from nft_cuda.nn.conversion import kept_noise_state, noisy_layers, set_instance
+from nft_cuda.nn import kept_noise_state, noisy_layers, set_instance
 from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.mvm import active_mvm
 

@@ -1,41 +1,29 @@
-"""The nn tier of nft_cuda: noisy layers (:mod:`.layers`), whole-model conversion and noise modes
-(:mod:`.conversion`), the sample axis of OVF and batched Monte-Carlo (:mod:`.sample_axis`) and the
-output adapter of models that do not return a logits tensor (:mod:`.custom`).
+"""The nn tier of nft_cuda: noisy layers, whole-model conversion and noise control (docs/architecture.md).
+
+From the ground up: :mod:`.registry` (the one plain → noisy map), :mod:`.base` (``NoisyModule``: the
+noise of every layer), :mod:`.functions` (the autograd Functions), one file per layer family
+(:mod:`.linear`, :mod:`.conv`, :mod:`.generic` and the registered types, :mod:`.embedding`,
+:mod:`.attention`, :mod:`.recurrent`; each registers itself), then the model-wide helpers:
+:mod:`.keys` (layer keys of the chip noise stream), :mod:`.modes` (noise modes, chip instances),
+:mod:`.calibration` (converter ranges), :mod:`.conversion` (convert, strip) with :mod:`.summary`,
+:mod:`.sample_axis` (OVF and batched Monte-Carlo) and :mod:`.custom` (the output adapter).
 
 It builds on the ops tier (:mod:`nft_cuda.ops`, :mod:`nft_cuda._autograd`) and is used by the
-train and eval tiers; see docs/architecture.md.
+train and eval tiers. Importing the package imports every layer family, so the registry is complete
+before any conversion.
 """
 
 from nft_cuda.nn.attention import NoisyMultiheadAttention
-from nft_cuda.nn.conversion import (
-    FAST_PATH_MODULES,
-    assign_layer_keys,
-    conversion_summary,
-    convert,
-    guard_fast_paths,
-    kept_noise_state,
-    noise_mode,
-    noisy_layers,
-    set_instance,
-    set_noise_mode,
-    set_time,
-    stream_version,
-    strip,
-)
+from nft_cuda.nn.base import MODES, NoiseState, NoisyModule, SamplePlan, instance_offset
+from nft_cuda.nn.calibration import calibrate_mvm
+from nft_cuda.nn.conv import NoisyConv1d, NoisyConv2d
+from nft_cuda.nn.conversion import FAST_PATH_MODULES, conversion_summary, convert, guard_fast_paths, strip
 from nft_cuda.nn.custom import resolve_output
-from nft_cuda.nn.generic import NoisyEmbedding, register_noisy, unregister_noisy
-from nft_cuda.nn.layers import (
-    MODES,
-    NOISE_STREAM_VERSION,
-    NoiseState,
-    NoisyConv1d,
-    NoisyConv2d,
-    NoisyLinear,
-    NoisyModule,
-    SamplePlan,
-    instance_offset,
-    name_key,
-)
+from nft_cuda.nn.embedding import NoisyEmbedding
+from nft_cuda.nn.generic import register_noisy, unregister_noisy
+from nft_cuda.nn.keys import NOISE_STREAM_VERSION, assign_layer_keys, check_stream_version, name_key, stream_version
+from nft_cuda.nn.linear import NoisyLinear
+from nft_cuda.nn.modes import kept_noise_state, noise_mode, noisy_layers, set_instance, set_noise_mode, set_time
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.sample_axis import batch_blockers, instance_plans, sample_plan, unbatchable_modules
 from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, KeptLayer, TiedWeight
@@ -60,8 +48,10 @@ __all__ = [
     "NoisyRNN",
     "SamplePlan",
     "TiedWeight",
-    "batch_blockers",
     "assign_layer_keys",
+    "batch_blockers",
+    "calibrate_mvm",
+    "check_stream_version",
     "conversion_summary",
     "convert",
     "guard_fast_paths",
@@ -83,12 +73,15 @@ __all__ = [
     "unregister_noisy",
 ]
 
-# The old module names (nft_cuda.layers, nft_cuda.conversion, nft_cuda.sample_axis) keep working: they are
-# the very same module objects, so attribute reads and monkeypatching act on the real modules.
+# The old module names keep working: nft_cuda.conversion and nft_cuda.sample_axis are the very same module
+# objects (attribute reads and monkeypatching act on the real modules); nft_cuda.layers, whose contents
+# now live in base.py, linear.py and conv.py, is this package (every name it had is here).
 import sys as _sys
 
-for _name in ("layers", "conversion", "sample_axis"):
+for _name in ("conversion", "sample_axis"):
     _module = _sys.modules[f"{__name__}.{_name}"]
     _sys.modules[f"nft_cuda.{_name}"] = _module
     setattr(_sys.modules["nft_cuda"], _name, _module)
+_sys.modules["nft_cuda.layers"] = _sys.modules[__name__]
+_sys.modules["nft_cuda"].layers = _sys.modules[__name__]
 del _sys, _name, _module

@@ -27,17 +27,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nft_cuda.nn.base import NoisyModule
+
 # The same import list as nn/recurrent.py: both are several-weight crossbar layers built on the one
 # machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
     RetypedNoisy,
     SeveralWeightCrossbar,
     recomputed,
-    register_class,
     sample_chunks,
     straight_through_samples,
 )
-from nft_cuda.nn.layers import NoisyLinear, NoisyModule
+from nft_cuda.nn.linear import NoisyLinear
+from nft_cuda.nn.registry import register_class
 from nft_cuda.variation import Variation
 
 __all__ = ["NoisyMultiheadAttention"]

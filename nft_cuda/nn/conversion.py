@@ -1,11 +1,13 @@
-"""Turning any ``nn.Module`` into a noisy one and back, and setting the noise mode of a whole model.
+"""Turning any ``nn.Module`` into a noisy one and back.
 
-* :func:`convert` swaps ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` (and registered) layers for their noisy
+* :func:`convert` swaps the layers of the registry (:mod:`nft_cuda.nn.registry`: ``nn.Linear`` /
+  ``nn.Conv1d`` / ``nn.Conv2d``, attention, recurrent layers, registered types) for their noisy
   counterparts (sharing the same Parameter objects, so devices, dtypes and weights are kept), with
-  name filters and per-layer variations;
+  name filters and per-layer variations, and keys them in the chip noise stream (:mod:`nft_cuda.nn.keys`);
 * :func:`strip` gives back a plain model with the same parameters;
-* :func:`noisy_layers`, :func:`set_noise_mode`, :func:`set_instance` and the context manager
-  :func:`noise_mode` act on every noisy layer of a model.
+* :func:`conversion_summary` says what the model's conversion did.
+
+The noise of the converted model is then set model-wide by :mod:`nft_cuda.nn.modes`.
 
 Layer names are those of ``model.named_modules()`` (e.g. ``"features.0"``, ``"classifier.2"``).
 A name pattern is an ``fnmatch`` glob (``*``, ``?``, ``[...]``, case-sensitive; ``*`` also matches dots)
@@ -32,12 +34,11 @@ module that holds a noisy layer on its module-calling path (see :func:`guard_fas
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -45,40 +46,12 @@ from torch.nn.utils import parametrize
 
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel
-from nft_cuda.devices.base import check_time
-from nft_cuda.nn import attention, generic, recurrent, summary, third_party  # noqa: F401  (register NoisyMultiheadAttention, NoisyLSTM, ... for convert)
-from nft_cuda.nn.layers import (
-    MODES,
-    NOISE_STREAM_VERSION,
-    NOISY_CLASSES,
-    PLAIN_CLASSES,
-    NoisyModule,
-    check_stream_version,
-    layer_sharing_parameters,
-    name_key,
-)
+from nft_cuda.nn import registry, summary, third_party
+from nft_cuda.nn.base import NoisyModule
+from nft_cuda.nn.keys import NOISE_STREAM_VERSION, assign_layer_keys, check_stream_version
+from nft_cuda.nn.modes import noisy_layers
 
-__all__ = [
-    "FAST_PATH_MODULES",
-    "assign_layer_keys",
-    "conversion_summary",
-    "convert",
-    "guard_fast_paths",
-    "kept_noise_state",
-    "noise_mode",
-    "noisy_layers",
-    "set_instance",
-    "set_noise_mode",
-    "set_time",
-    "stream_version",
-    "strip",
-]
-
-
-def _check_model(model) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
+__all__ = ["FAST_PATH_MODULES", "conversion_summary", "convert", "guard_fast_paths", "strip"]
 
 
 def _patterns(name: str, value) -> list[str] | None:
@@ -121,117 +94,15 @@ def _replace(model: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------------------------------
-# Layer keys of the noise stream (DESIGN §2 instance mode)
-# --------------------------------------------------------------------------------------------------
-
-
-def _wrapped_child(module: nn.Module) -> str | None:
-    """The child name a wrapper module adds to every name below it: ``module`` of DistributedDataParallel
-    and DataParallel, ``_orig_mod`` of a ``torch.compile``'d module; None for any other module."""
-    if isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        return "module"
-    if type(module).__name__ == "OptimizedModule" and "_orig_mod" in module._modules:
-        return "_orig_mod"
-    return None
-
-
-def key_names(model: nn.Module) -> list[tuple[str, NoisyModule]]:
-    """(name, layer) of every noisy layer in ``named_modules()`` order, each name without the segments of
-    wrappers (DDP's and DataParallel's ``module.``, torch.compile's ``_orig_mod.``): the names layer keys
-    are made from, the same for a model and the model wrapped."""
-    seen: set[int] = set()
-    out: list[tuple[str, NoisyModule]] = []
-    stack: list[tuple[str, nn.Module]] = [("", _check_model(model))]
-    while stack:
-        prefix, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if isinstance(module, NoisyModule):
-            out.append((prefix, module))
-        skip = _wrapped_child(module)
-        children = []
-        for name, child in module._modules.items():
-            if child is not None:
-                part = "" if name == skip else name
-                children.append((f"{prefix}.{part}" if prefix and part else prefix or part, child))
-        stack.extend(reversed(children))  # pre-order, children in order: named_modules()'s order
-    return out
-
-
-def stream_version(model: nn.Module) -> int | None:
-    """The noise stream version (1 or 2) of the keys of ``model``'s noisy layers, or None when no layer has
-    been keyed yet (a lone layer, noisy layers built by hand). ValueError when its layers were keyed
-    under different versions (pass ``stream_version=`` to set_instance / monte_carlo)."""
-    versions = {layer.stream_version for _, layer in noisy_layers(model)} - {None}
-    if len(versions) > 1:
-        raise ValueError(
-            f"the noisy layers of this model were keyed under noise stream versions {sorted(versions)}; "
-            "convert it again or pass stream_version= to choose one"
-        )
-    return versions.pop() if versions else None
-
-
-def assign_layer_keys(model: nn.Module, version: int | None = None, *, rekey: bool = False) -> list[NoisyModule]:
-    """Give every noisy layer of ``model`` its key ℓ of noise stream ``version`` (DESIGN §2); returns the
-    layers in ``named_modules()`` order.
-
-    Version 1: ℓ = the layer's position among the noisy layers (always renumbered). Version 2 (default:
-    the model's own version, else :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`): ℓ =
-    :func:`~nft_cuda.nn.layers.name_key` of the layer's name in ``model`` (:func:`key_names`: wrappers
-    left out). Layers that already hold a version-2 key keep it unless ``rekey`` (what :func:`convert`
-    does), so a converted model keeps its chips when it is later wrapped (IRS, a Sequential). Keys are
-    unique: a layer whose key another layer of the model already holds (a SHA-256 collision, about
-    n²/2^32 for n layers, or two separately converted parts) takes the key of ``"<name>#1"``, ``"#2"``,
-    ... instead, in sorted-name order, with one warning naming the layers: their chips then depend on
-    the other layer."""
-    if version is None:
-        version = stream_version(model) or NOISE_STREAM_VERSION
-    version = check_stream_version(version)
-    named = key_names(model)
-    if version == 1:
-        for position, (name, layer) in enumerate(named):
-            layer.layer_index, layer.layer_name, layer.stream_version = position, name, 1
-        return [layer for _, layer in named]
-    taken: dict[int, str] = {}
-    fresh = []
-    for name, layer in sorted(named, key=lambda nl: nl[0]):
-        if not rekey and layer.stream_version == 2 and layer.layer_index not in taken:
-            taken[layer.layer_index] = layer.layer_name
-        else:
-            fresh.append((name, layer))
-    moved = []
-    for name, layer in fresh:
-        key = name_key(name)
-        holder, attempt = taken.get(key), 0
-        while key in taken:
-            attempt += 1
-            key = name_key(f"{name}#{attempt}")
-        if holder is not None:
-            moved.append(f"'{name}' (its key is held by '{holder}')")
-        taken[key] = name
-        layer.layer_index, layer.layer_name, layer.stream_version = key, name, 2
-    if moved:
-        warnings.warn(
-            f"noise stream layer keys: {', '.join(moved)} share their key with another layer and were given "
-            "the next free key; their chips depend on that layer being noisy",
-            stacklevel=3,
-        )
-    return [layer for _, layer in named]
-
-
 def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bool]:
     """(noisy class, "", _) for a module convert can make noisy, else (None, why it stays digital, whether
     that is a documented default rather than a gap)."""
     t = type(module)
     if isinstance(module, NoisyModule):
         return t, "", True
-    if t in NOISY_CLASSES:
-        return NOISY_CLASSES[t], "", True
-    noisy = generic.registered(t)
+    noisy = registry.registered(t)
     if noisy is not None:
-        spec = generic.spec_of(noisy)
+        spec = registry.spec_of(noisy)
         if spec is not None and not spec.by_default and not embeddings:
             return None, f"{t.__name__}: embeddings stay digital by default (convert(..., embeddings=True))", True
         if spec is not None and spec.weight not in dict(module.named_parameters(recurse=False)):
@@ -242,18 +113,16 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
         return noisy, "", True
     if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
         return None, "parametrized layer (torch.nn.utils.parametrize): not converted", False
-    for base, noisy in NOISY_CLASSES.items():
-        if isinstance(module, base):
-            if t.forward is base.forward:  # a subclass that only adds attributes (e.g. MHA's out_proj)
-                return noisy, "", True
-            return (
-                None,
-                (
-                    f"{t.__name__} subclasses nn.{base.__name__} with its own forward: "
-                    "register it with nft_cuda.register_noisy"
-                ),
-                False,
-            )
+    entry = registry.subclass_entry(module)
+    if entry is not None:
+        base, noisy = entry
+        if t.forward is base.forward:  # a subclass that only adds attributes (e.g. MHA's out_proj)
+            return noisy, "", True
+        return (
+            None,
+            f"{t.__name__} subclasses nn.{base.__name__} with its own forward: register it with nft_cuda.register_noisy",
+            False,
+        )
     if isinstance(module, _NORMALISATIONS):
         return None, f"{t.__name__}: normalisation layers stay digital", True
     if next(module.children(), None) is not None:  # a model or block holding a tensor of its own
@@ -394,7 +263,7 @@ def convert(
         strict: raise ValueError, converting nothing, when a weight matrix would stay digital without
             being excluded (an unsupported or unregistered layer type, say); the message lists them all.
         stream_version: how the noisy layers' keys ℓ of the chip noise stream are chosen (DESIGN §2):
-            2 (default, :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`): from each layer's qualified
+            2 (default, :data:`~nft_cuda.nn.keys.NOISE_STREAM_VERSION`): from each layer's qualified
             name, so a layer's chips do not depend on which other layers are converted; 1: by position
             among the noisy layers (the stream of results made before version 2).
 
@@ -411,7 +280,7 @@ def convert(
             (the message lists them and the layer names), an unknown mode, or ``strict`` with weight
             matrices left digital.
     """
-    _check_model(model)
+    _args.check_module("model", model)
     third_party.register_known()  # e.g. transformers' Conv1D, when transformers is imported
     include, exclude, per_layer = _check_options(variation, include, exclude, per_layer, mode, embeddings, strict)
     stream_version = check_stream_version(stream_version)
@@ -539,7 +408,7 @@ def conversion_summary(model: nn.Module) -> summary.ConversionSummary:
     calls recorded on it (exclusions, original types; kept by ``copy.deepcopy``).
 
     Raises LookupError when ``model`` has no noisy layer and was never converted (or was stripped since)."""
-    _check_model(model)
+    _args.check_module("model", model)
     record = summary.record_of(model)
     layers = dict(noisy_layers(model))
     if record is None and not layers:
@@ -571,20 +440,16 @@ def _plain_type_name(layer: NoisyModule) -> str:
 
 
 def strip(model: nn.Module) -> nn.Module:
-    """Replace every noisy layer by the plain ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` with the same
-    Parameter objects, in place; returns ``model`` (or the plain layer when ``model`` is a noisy
-    layer). The state_dict is unchanged."""
-    _check_model(model)
+    """Replace every noisy layer by its plain layer (``nn.Linear``, ``nn.Conv2d``, ..., the layer's
+    ``plain_copy()``) with the same Parameter objects, in place; returns ``model`` (or the plain layer
+    when ``model`` is a noisy layer). The state_dict is unchanged."""
+    _args.check_module("model", model)
     memo: dict[int, nn.Module] = {}
     for _, module in model.named_modules():
         if isinstance(module, NoisyModule) and id(module) not in memo:
-            plain_cls = next((p for noisy, p in PLAIN_CLASSES.items() if isinstance(module, noisy)), None)
-            if plain_cls is not None:
-                memo[id(module)] = layer_sharing_parameters(plain_cls, module)
-            elif callable(getattr(module, "plain_copy", None)):
-                memo[id(module)] = module.plain_copy()
-            else:
+            if not callable(getattr(module, "plain_copy", None)):
                 raise TypeError(f"strip: no plain counterpart known for {type(module).__name__}")
+            memo[id(module)] = module.plain_copy()
     summary.forget(model)
     model = _replace(model, memo)
     guard_fast_paths(model)
@@ -639,7 +504,7 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
     keep their fast path. A deep copy of a guarded model keeps working guards; :func:`strip` on that copy
     leaves them in place (they then only cost the fast path's speed).
     """
-    _check_model(model)
+    _args.check_module("model", model)
     guarded = []
     for name, module in model.named_modules():
         if not isinstance(module, FAST_PATH_MODULES):
@@ -656,110 +521,3 @@ def guard_fast_paths(model: nn.Module) -> list[str]:
             for handle in _guards.pop(module):
                 handle.remove()
     return guarded
-
-
-def noisy_layers(model: nn.Module) -> list[tuple[str, NoisyModule]]:
-    """(name, layer) of every noisy layer in ``named_modules()`` order: element ℓ is layer ℓ."""
-    _check_model(model)
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, NoisyModule)]
-
-
-def set_noise_mode(model: nn.Module, mode: str) -> nn.Module:
-    """Set the noise mode of every noisy layer of ``model``: ``"train"``, ``"off"``, or ``"instance"``
-    (only for layers that already have an instance, see :func:`set_instance`). Returns ``model``.
-
-    Raises ValueError for an unknown mode or for a layer that cannot take it (no variation, no instance);
-    then no layer is changed."""
-    _check_model(model)
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown noise mode {mode!r}; choose one of {', '.join(MODES)}")
-    layers = noisy_layers(model)
-    for name, layer in layers:
-        if mode != "off" and layer.variation is None:
-            raise ValueError(f"layer '{name}' has no variation and cannot use noise mode '{mode}'")
-        if mode == "instance" and layer.instance is None:
-            raise ValueError(f"layer '{name}' has no chip instance: use nft_cuda.set_instance(model, seed, instance)")
-    for _, layer in layers:
-        layer.mode = mode
-    return model
-
-
-def set_instance(
-    model: nn.Module, seed: int, instance: int, *, stream_version: int | None = None, cache: bool | None = None
-) -> nn.Module:
-    """Put every noisy layer of ``model`` in instance mode for chip instance ``instance`` (DESIGN §2):
-    layer ℓ (its key, :func:`assign_layer_keys`) uses
-    rng = (seed, nft_cuda.nn.layers.instance_offset(ℓ, instance)) = (seed, (ℓ << 32) | instance). Returns ``model``.
-
-    Args:
-        seed: the evaluation seed, in [0, 2^63).
-        instance: the chip instance r, in [0, 2^32).
-        stream_version: the noise stream version of the layer keys (default: the model's own, the one
-            :func:`convert` chose; 1 renumbers the layers by position, as before version 2).
-        cache: set every layer's ``cache_instance_weights`` (default: leave it; see
-            :meth:`NoisyModule.set_instance`, "Cached chip weights").
-
-    No host synchronisation: an existing instance rng buffer is updated in place, so a CUDA graph or a
-    compiled graph captured in instance mode evaluates the new instance."""
-    _check_model(model)
-    _args.check_seed_int("seed", seed)
-    _args.check_uint("instance", instance, 32)
-    if cache is not None:
-        _args.check_bool("cache", cache)
-    for name, layer in noisy_layers(model):
-        if layer.variation is None:
-            raise ValueError(f"layer '{name}' has no variation and cannot use instance mode")
-    for layer in assign_layer_keys(model, stream_version):
-        if cache is not None:
-            layer.cache_instance_weights = cache
-        layer.set_instance(seed, instance)
-    return model
-
-
-def set_time(model: nn.Module, t: float) -> nn.Module:
-    """Read the chip ``t`` seconds after programming: every noisy layer of ``model`` whose device model
-    has a time (:class:`~nft_cuda.devices.PCM`) gets ``variation.at_time(t)`` (device models are
-    immutable values, so each is replaced); layers with time-independent models are left as they are.
-    Returns ``model``.
-
-    Raises ValueError (nothing changed) when ``t`` is negative or not finite, or when no noisy layer's
-    device model has a time."""
-    _check_model(model)
-    t = check_time(t)
-    timed = [layer for _, layer in noisy_layers(model) if hasattr(layer.variation, "time")]
-    if not timed:
-        models = sorted({type(layer.variation).__name__ for _, layer in noisy_layers(model)})
-        raise ValueError(
-            "set_time: no noisy layer of the model has a time-dependent device model (e.g. nft_cuda.devices.PCM); "
-            f"its device models are {models or '[] (it has no noisy layer)'}"
-        )
-    for layer in timed:
-        layer.variation = layer.variation.at_time(t)
-    return model
-
-
-@contextlib.contextmanager
-def noise_mode(model: nn.Module, mode: str) -> Iterator[nn.Module]:
-    """Context manager: every noisy layer of ``model`` in ``mode`` inside the block, each layer's
-    previous mode restored on exit. ``with nft_cuda.noise_mode(model, "off"): clean = model(x)``."""
-    previous = [(layer, layer.mode) for _, layer in noisy_layers(model)]
-    set_noise_mode(model, mode)
-    try:
-        yield model
-    finally:
-        for layer, m in previous:
-            layer.mode = m
-
-
-@contextlib.contextmanager
-def kept_noise_state(model: nn.Module) -> Iterator[list[NoisyModule]]:
-    """Context manager: the noisy layers of ``model`` (in ℓ order) for the block; whatever the block
-    changes in their noise state (variations, modes, instances, sample plans), it is restored on exit
-    (:meth:`NoisyModule.noise_state`)."""
-    layers = [layer for _, layer in noisy_layers(model)]
-    states = [layer.noise_state() for layer in layers]
-    try:
-        yield layers
-    finally:
-        for layer, state in zip(layers, states):
-            layer.restore_noise_state(state)

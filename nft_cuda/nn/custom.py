@@ -1,7 +1,7 @@
 """Custom models in the library's tools: the output adapter and import paths (docs/custom-models.md).
 
 The tools that need a model's logits (the training methods, :func:`nft_cuda.eval.monte_carlo`,
-:func:`nft_cuda.nn.mvm.calibrate_mvm`, ``nft train`` / ``nft eval``) take ``output=``, which says where
+:func:`nft_cuda.nn.calibrate_mvm`, ``nft train`` / ``nft eval``) take ``output=``, which says where
 the logits are in what the model returns. A Hugging Face model returns a ``ModelOutput``
 (``output="logits"``), a model with auxiliary heads a tuple (``output=0``). :func:`resolve_output` is the
 one place that turns ``output=`` into a function of the raw output, so every tool accepts the same

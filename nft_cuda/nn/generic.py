@@ -15,37 +15,33 @@ A layer type becomes convertible by :func:`nft_cuda.convert` with :func:`registe
 
 ``apply(module, weight, *args, **kwargs)`` must compute the module's forward with ``weight`` in place of
 the named parameter. Registering makes a noisy class ``Noisy<Name>`` (a subclass of both
-:class:`~nft_cuda.nn.layers.NoisyModule` and the user's class): in mode off it calls the class's own
+:class:`~nft_cuda.nn.base.NoisyModule` and the user's class): in mode off it calls the class's own
 forward (bit-identical), in modes train/instance ``apply`` with the noisy weight.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nft_cuda import ops
-from nft_cuda.nn.layers import NoisyModule, SamplePlan
+from nft_cuda.nn import registry
+from nft_cuda.nn.base import NoisyModule, SamplePlan
 from nft_cuda.nn.mvm import programmed, refuse_mvm_around_gemm
+from nft_cuda.nn.registry import NoisySpec
 
 __all__ = [
-    "NoisyEmbedding",
-    "NoisySpec",
     "RetypedNoisy",
     "SeveralWeightCrossbar",
     "cat_samples",
+    "make_noisy_class",
     "recomputed",
     "register_noisy",
-    "registered",
-    "register_class",
     "retyped_copy",
     "sample_chunks",
-    "spec_of",
     "straight_through_samples",
     "unregister_noisy",
 ]
@@ -169,22 +165,6 @@ class SeveralWeightCrossbar(NoisyModule):
             getattr(self, name).copy_(part)
 
 
-@dataclasses.dataclass(frozen=True)
-class NoisySpec:
-    """How a layer type becomes noisy: ``cls``, its crossbar ``weight`` (a parameter name of the module
-    itself) and ``apply(module, weight, *args, **kwargs)``. ``by_default`` False means
-    :func:`nft_cuda.convert` converts it only when asked (embeddings)."""
-
-    cls: type
-    weight: str
-    apply: Callable
-    by_default: bool = True
-
-
-#: plain class → noisy class of the registered (and built-in generic) layer types
-_REGISTRY: dict[type, type] = {}
-
-
 class _RegisteredNoisy(RetypedNoisy):
     """Body of the classes made by :func:`register_noisy` (the user's class follows in the MRO)."""
 
@@ -236,10 +216,13 @@ def register_noisy(cls: type, weight: str, apply: Callable) -> type:
         raise ValueError(f"register_noisy: weight must be a parameter name such as 'weight', got {weight!r}")
     if not callable(apply):
         raise TypeError(f"register_noisy: apply must be callable (module, weight, *args) -> output, got {apply!r}")
-    return _make_noisy_class(NoisySpec(cls, weight, apply))
+    return make_noisy_class(NoisySpec(cls, weight, apply))
 
 
-def _make_noisy_class(spec: NoisySpec) -> type:
+def make_noisy_class(spec: NoisySpec) -> type:
+    """The noisy class of ``spec`` (``Noisy<Name>``, the user's class after :class:`RetypedNoisy` in its
+    MRO), registered for exactly ``spec.cls``; :func:`register_noisy` after its checks, and the built-in
+    embedding (``nn/embedding.py``)."""
     cls, weight = spec.cls, spec.weight
     body = {
         "_spec": spec,
@@ -256,36 +239,10 @@ def _make_noisy_class(spec: NoisySpec) -> type:
             lambda self: self._parameters[weight], doc=f"The crossbar weight (parameter '{weight}')."
         )
     noisy_cls = type(f"Noisy{cls.__name__}", (_RegisteredNoisy, cls), body)
-    _REGISTRY[cls] = noisy_cls
+    registry.register_class(cls, noisy_cls)
     return noisy_cls
 
 
 def unregister_noisy(cls: type) -> None:
     """Undo :func:`register_noisy` for ``cls`` (its layers stay digital again); no error if absent."""
-    _REGISTRY.pop(cls, None)
-
-
-def registered(cls: type) -> type | None:
-    """The noisy class registered for exactly ``cls``, or None."""
-    return _REGISTRY.get(cls)
-
-
-def spec_of(noisy_cls: type) -> NoisySpec | None:
-    """The registration behind a registered noisy class, or None."""
-    spec = getattr(noisy_cls, "_spec", None)
-    return spec if isinstance(spec, NoisySpec) else None
-
-
-def _embedding(module: nn.Embedding, weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
-    return F.embedding(
-        input, weight, module.padding_idx, module.max_norm, module.norm_type, module.scale_grad_by_freq, module.sparse
-    )
-
-
-#: The noisy embedding: converted only with ``convert(..., embeddings=True)``.
-NoisyEmbedding = _make_noisy_class(NoisySpec(nn.Embedding, "weight", _embedding, by_default=False))
-
-
-def register_class(plain_cls: type, noisy_cls: type) -> None:
-    """Register a hand-written noisy class (with its own ``from_module``) for exactly ``plain_cls``."""
-    _REGISTRY[plain_cls] = noisy_cls
+    registry.unregister_class(cls)

@@ -13,7 +13,7 @@ runs, per sample chunk of the batch (docs/device-models.md, "Converter precision
 
 Gradients are straight-through (the quantisers pass dL/dout unchanged, the read noise is a constant).
 
-Ranges: ``calibrate_mvm(model, batches)`` records r_in = max|x| and r_out = max|x·Wᵀ| (clean weights,
+Ranges: ``calibrate_mvm(model, batches)`` (:mod:`nft_cuda.nn.calibration`) records r_in = max|x| and r_out = max|x·Wᵀ| (clean weights,
 no bias) of each layer over a few batches, as a chip's converters are set up once; a layer without a
 calibrated range uses the current chunk's max|x| (resp. max|y|), so nothing clips but the outputs of one
 input then depend on the other inputs of its batch.
@@ -21,13 +21,11 @@ input then depend on the other inputs of its batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import torch
 
 from nft_cuda import mvm_ops
 
-__all__ = ["active_mvm", "calibrate_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm"]
+__all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm"]
 
 
 def active_mvm(model):
@@ -88,56 +86,3 @@ def mvm_forward(layer, x: torch.Tensor, noise, mvm) -> torch.Tensor:
         out = torch.cat([_one_chunk(layer, chunks[t], noise.select(t), mvm) for t in range(samples)], dim=0)
     layer.advance_mvm_counter()
     return out
-
-
-@torch.no_grad()
-def calibrate_mvm(model: torch.nn.Module, batches: Iterable, *, output=None) -> dict[str, tuple[float, float]]:
-    """Record each noisy layer's converter ranges over ``batches`` (tensors, or (input, ...) tuples fed as
-    ``model(input)``, or mappings fed as keyword arguments ``model(**batch)``, as a Hugging Face
-    tokenizer's): r_in = max|x|, r_out = max|x·Wᵀ| (clean weights, no bias, no converters), the max
-    over all batches. Sets every noisy layer's ``mvm_ranges`` and returns {layer name: (r_in, r_out)}.
-    The model's noise modes, sample plans and train/eval flag are restored afterwards. ``output``: the
-    output adapter (:func:`nft_cuda.nn.custom.resolve_output`), applied to every forward's output so a
-    model whose output it does not fit is refused here rather than at evaluation."""
-    from nft_cuda.nn.conversion import noise_mode, noisy_layers
-    from nft_cuda.nn.custom import resolve_output
-
-    adapt = resolve_output(output)
-
-    layers = dict(noisy_layers(model))
-    seen: dict[str, list[torch.Tensor]] = {}
-
-    def hook(name):
-        def record(layer, args, output):
-            x = args[0].detach()
-            y = layer.clean_matmul(x)
-            r = torch.stack((x.abs().amax().float(), y.abs().amax().float()))
-            seen[name] = [r] if name not in seen else [torch.maximum(seen[name][0], r)]
-
-        return record
-
-    handles = [
-        layer.register_forward_hook(hook(name)) for name, layer in layers.items() if hasattr(layer, "clean_matmul")
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        count = 0
-        with noise_mode(model, "off"):
-            for batch in batches:
-                if isinstance(batch, Mapping):
-                    adapt(model(**batch))
-                else:
-                    adapt(model(batch[0] if isinstance(batch, (tuple, list)) else batch))
-                count += 1
-        if count == 0:
-            raise ValueError("calibrate_mvm needs at least one batch")
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    ranges = {}
-    for name, (r,) in seen.items():
-        layers[name].set_mvm_ranges(r[0], r[1])
-        ranges[name] = (float(r[0]), float(r[1]))
-    return ranges

@@ -22,17 +22,18 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from nft_cuda.nn.base import NoisyModule
+
 # The same import list as nn/attention.py: both are several-weight crossbar layers built on the one
 # machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
     RetypedNoisy,
     SeveralWeightCrossbar,
     recomputed,
-    register_class,
     sample_chunks,
     straight_through_samples,
 )
-from nft_cuda.nn.layers import NoisyModule
+from nft_cuda.nn.registry import register_class
 from nft_cuda.variation import Variation
 
 __all__ = ["NoisyGRU", "NoisyLSTM", "NoisyRNN"]

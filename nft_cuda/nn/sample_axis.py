@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import _args
-from nft_cuda.nn.layers import NoisyModule, SamplePlan, instance_offset
+from nft_cuda.nn.base import NoisyModule, SamplePlan, instance_offset
 
 __all__ = [
     "BATCHABLE_LEAVES",
@@ -329,7 +329,7 @@ def sample_plan(
     Args:
         model: the model (its BatchNorms are switched to per-chunk statistics when ``samples`` > 1
             and they are in training mode).
-        plans: noisy layer → :class:`~nft_cuda.nn.layers.SamplePlan` or (rng int64[2], sigmas float32
+        plans: noisy layer → :class:`~nft_cuda.nn.base.SamplePlan` or (rng int64[2], sigmas float32
             [samples]) on the layer's device.
         samples: S, the number of chunks of the batch axis.
         running_stats: which chunks update the running statistics of the BatchNorms in training mode:
@@ -361,7 +361,7 @@ def instance_plans(
 ) -> dict[NoisyModule, SamplePlan]:
     """The sample plans of chip instances ``first`` .. ``first + samples - 1`` (DESIGN §2, §6).
 
-    ``layers`` are the model's noisy layers, keyed (:func:`nft_cuda.nn.conversion.assign_layer_keys`,
+    ``layers`` are the model's noisy layers, keyed (:func:`nft_cuda.nn.keys.assign_layer_keys`,
     which returns them). The layer of key ℓ = ``layer.layer_index`` gets
     rng = (seed, instance_offset(ℓ, first)), so stream t is instance first + t, at the layer's σ_d:
     sample t of a plan forward equals ``nft_cuda.set_instance(model, seed, first + t)``. With ``draw``

@@ -18,7 +18,7 @@ import dataclasses
 import torch.nn as nn
 
 from nft_cuda.devices import DeviceModel
-from nft_cuda.nn.layers import NoisyModule
+from nft_cuda.nn.base import NoisyModule
 
 __all__ = [
     "ConversionRecord",

@@ -17,7 +17,8 @@ import sys
 
 import torch
 
-from nft_cuda.nn.generic import register_noisy, registered
+from nft_cuda.nn.generic import register_noisy
+from nft_cuda.nn.registry import registered
 
 __all__ = ["register_known"]
 

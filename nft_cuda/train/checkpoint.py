@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from nft_cuda._files import atomic_write_bytes, sha256_file, sha256_hex
-from nft_cuda.nn.conversion import stream_version
-from nft_cuda.nn.layers import NOISE_STREAM_VERSION
+from nft_cuda.nn import NOISE_STREAM_VERSION, stream_version
 
 __all__ = [
     "CHECKPOINT",
@@ -37,7 +36,7 @@ SIDECAR_SUFFIX = ".sha256"
 
 def checkpoint_stream_version(model: torch.nn.Module) -> int:
     """The ``noise_stream`` entry of a checkpoint of ``model``: the stream version its noisy layers were
-    keyed with by :func:`nft_cuda.convert`, else the current :data:`~nft_cuda.nn.layers.NOISE_STREAM_VERSION`."""
+    keyed with by :func:`nft_cuda.convert`, else the current :data:`~nft_cuda.nn.keys.NOISE_STREAM_VERSION`."""
     return stream_version(model) or NOISE_STREAM_VERSION
 
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from nft_cuda import ops
 from nft_cuda.devices import DeviceModel
-from nft_cuda.nn.conversion import noise_mode
+from nft_cuda.nn import NoisyLinear, noise_mode
 from nft_cuda.nn.custom import resolve_output
-from nft_cuda.nn.layers import NoisyLinear
 
 __all__ = ["IRSHead", "IRSModel", "snapshot"]
 

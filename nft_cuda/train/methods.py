@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from nft_cuda import _args
 from nft_cuda.devices import DeviceModel, Variation
-from nft_cuda.nn.conversion import convert, noisy_layers, set_noise_mode
+from nft_cuda.nn import convert, noisy_layers, set_noise_mode
 from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.sample_axis import batch_blockers, repeat_samples, sample_plan, unbatchable_modules
 from nft_cuda.train.irs import IRSModel

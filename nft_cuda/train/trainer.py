@@ -218,7 +218,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    from nft_cuda.nn.conversion import noise_mode
+    from nft_cuda.nn import noise_mode
     from nft_cuda.nn.custom import resolve_output
 
     logits_of = resolve_output(output)
@@ -249,7 +249,7 @@ def export_backbone(model: nn.Module, method, spec: dict) -> nn.Module:
     loaded, noise mode train. The training model is left untouched (an IRS model keeps its hooks and
     heads)."""
     from nft_cuda.models import build_from_spec
-    from nft_cuda.nn.conversion import convert
+    from nft_cuda.nn import convert
 
     with torch.random.fork_rng(devices=[]):  # the fresh model's init must not advance the training RNG
         fresh = build_from_spec(spec)

@@ -1,6 +1,8 @@
-"""Drop-in noisy layers: :class:`NoisyLinear`, :class:`NoisyConv1d`, :class:`NoisyConv2d` (DESIGN §2, §3, §4.4, §5).
+"""The noise of every noisy layer: :class:`NoisyModule`, its noise modes, sample plans and noise state
+(DESIGN §2, §3, §4.4, §5). The layer families build on it (``linear.py``, ``conv.py``, ``generic.py``,
+``attention.py``, ``recurrent.py``, ``embedding.py``).
 
-Each layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
+Each noisy layer subclasses its ``torch.nn`` counterpart (same constructor arguments, ``device=``/``dtype=``
 included, same parameters and ``state_dict`` keys) and adds:
 
 * ``variation``: the device model of the layer (a plain attribute, not a parameter): a
@@ -13,8 +15,8 @@ included, same parameters and ``state_dict`` keys) and adds:
     ``generator`` when one is set, so ``torch.manual_seed`` reproduces a run, nothing synchronises with
     the host and a captured CUDA graph draws fresh noise on every replay;
   - ``"instance"``: one fixed draw per chip instance: layer ℓ (``layer_index``, the layer's key: in
-    noise stream version 2, :data:`NOISE_STREAM_VERSION`, 31 bits of the SHA-256 of its qualified name,
-    :func:`name_key`; in version 1 its position among the noisy layers) of instance r uses
+    noise stream version 2, :data:`nft_cuda.nn.keys.NOISE_STREAM_VERSION`, 31 bits of the SHA-256 of its qualified name,
+    :func:`nft_cuda.nn.keys.name_key`; in version 1 its position among the noisy layers) of instance r uses
     (seed = the evaluation seed, offset = (ℓ << 32) | r), the same on every forward. Without
     gradients the layer computes that noisy weight once per chip and keeps it (see
     :meth:`NoisyModule.set_instance`, "Cached chip weights");
@@ -47,47 +49,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from nft_cuda import _args, _ext, ops
-from nft_cuda._autograd import once_differentiable
+from nft_cuda import _args, ops
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import mvm as _mvm
 
 __all__ = [
     "MODES",
-    "NOISE_STREAM_VERSION",
     "NoiseState",
-    "NoisyConv1d",
-    "NoisyConv2d",
-    "NoisyLinear",
     "NoisyModule",
+    "ParameterSharingLayer",
     "SamplePlan",
-    "check_stream_version",
     "instance_offset",
-    "name_key",
+    "layer_sharing_parameters",
+    "per_sample",
+    "perturbed_weights",
 ]
 
 #: Noise modes of a noisy layer.
 MODES = ("train", "instance", "off")
-
-#: The version of the chip noise stream (DESIGN §2 instance mode), i.e. how a noisy layer's key ℓ is
-#: chosen: 2 (the default since this version): ℓ = :func:`name_key` of the layer's qualified name, so a
-#: layer's chips do not depend on which other layers are noisy; 1: ℓ = the layer's position among the
-#: model's noisy layers (every result made before version 2; a file or report without a version is 1).
-NOISE_STREAM_VERSION = 2
-
-_DOUBLE_BACKWARD_MSG = (
-    b"nft_cuda noisy layers do not support double backward: their backward regenerates the noise and "
-    b"is differentiable only once (the straight-through weight gradient has no second derivative)"
-)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,7 +90,7 @@ def _noisy_weight(weight: torch.Tensor, rng: torch.Tensor, variation: DeviceMode
     return ops.perturb(_programmed(weight, variation), variation, rng=rng)[0]
 
 
-def _noisy_weights(
+def perturbed_weights(
     weight: torch.Tensor, rng: torch.Tensor, variation: DeviceModel, sigmas: torch.Tensor | None
 ) -> torch.Tensor:
     """[S, *weight.shape]: the S noisy weights of a sample-axis forward (S = 1 without ``sigmas``)."""
@@ -127,7 +112,7 @@ def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
     return list(t.chunk(samples, dim=0))
 
 
-def _per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tensor:
+def per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tensor:
     """``fn(weights[t], chunk t of each tensor in batched)`` for the S = len(weights) samples, concatenated
     along the batch axis (the per-sample loop of every sample-axis forward and backward). Each chunk goes
     through the same operations on the same shapes as a one-sample call, so results do not depend on S."""
@@ -139,216 +124,9 @@ def _per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tens
     return outs[0] if samples == 1 else torch.cat(outs, dim=0)
 
 
-def _save_and_apply(ctx, op, x, weight, bias, rng, sigmas, variation, compute_dtype) -> torch.Tensor:
-    """The forward of the noisy autograd Functions: chunk t of the batch through ``op(chunk, W_noisy[t],
-    bias)`` in the compute dtype, with W_noisy drawn here and freed before returning. Saves only the
-    input, the clean weight and the rng (backward regenerates the noise, DESIGN §3)."""
-    w_noisy = _noisy_weights(weight, rng, variation, sigmas)
-    xc = _cast(x, compute_dtype)
-    bc = _cast(bias, compute_dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        w_noisy = _cast(w_noisy, compute_dtype)
-        out = _per_sample(lambda w, chunk: op(chunk, w, bc), w_noisy, xc)
-    del w_noisy
-    ctx.save_for_backward(xc, weight, rng, sigmas)
-    ctx.variation = variation
-    ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, xc.dtype)
-    return out
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul/conv of ``x`` in, or None outside autocast."""
-    device_type = x.device.type
-    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    if t is None or dtype is None or t.dtype == dtype:
-        return t
-    return t.to(dtype)
-
-
-class _NoisyLinearFn(torch.autograd.Function):
-    """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved).
-
-    With ``sigmas`` (float32 [S]) the batch axis of x holds S samples of B rows each and chunk t is
-    multiplied by the noisy weight of stream offset + t at σ_d = sigmas[t] (the sample axis of OVF and
-    batched Monte-Carlo instances); each chunk is the same computation as a one-sample forward.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
-        return _save_and_apply(ctx, F.linear, x, weight, bias, rng, sigmas, variation, compute_dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xc, weight, rng, sigmas = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
-        g = grad_out.to(c_dtype)
-        gx = gw = gb = None
-        with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-                gx = _per_sample(lambda w, chunk: torch.matmul(chunk, w), w_noisy, g).to(x_dtype)
-                del w_noisy
-            g2 = g.reshape(-1, g.shape[-1])
-            if ctx.needs_input_grad[1]:
-                # Straight-through: dL/dW = Σ_samples dL/dW_noisy = gᵀx over every row; needs no weight.
-                gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
-            if b_dtype is not None and ctx.needs_input_grad[2]:
-                gb = g2.sum(0).to(b_dtype)
-        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
-        return gx, gw, gb, None, None, None, None
-
-
-#: NoisyLinear on CUDA uses the fused variation-sampled matmul (ops.noisy_linear: noise generated inside the
-#: GEMM's weight-tile loads) when each sample has at most this many rows and the compute dtype has a fused
-#: tensor-core kernel (bf16/fp16 with an fp32 or same-dtype weight; fp32 weight and input with TF32 allowed).
-#: Above it the fused kernel regenerates each weight tile for every 64-row block of the input and is bound by
-#: instruction issue (~125 per weight element per row block on sm_90: docs/kernels.md cost model), so
-#: perturbing once and calling cuBLAS wins; the model puts even one row block at ~0.9x of that path, so the
-#: limit is one block until a GPU measurement (benchmarks/kernel_roofline.py's M sweep) moves it. Both paths
-#: give the same noise for one rng; only the GEMM rounding differs.
-FUSED_LINEAR_MAX_ROWS = 64
-
-#: The fused kernels compile (tensor-core SASS checked in CI) but have not yet run on a GPU, so
-#: NoisyLinear routes to them only when NFT_CUDA_FUSED_LINEAR=1 until a GPU check verifies them
-#: (benchmarks/gpu_check.sh; see benchmarks/RESULTS.md). ops.noisy_linear itself always uses them.
-FUSED_LINEAR_ENABLED = os.environ.get("NFT_CUDA_FUSED_LINEAR", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _fused_linear_ok(x: torch.Tensor, weight: torch.Tensor, samples: int, compute_dtype, variation) -> bool:
-    """Whether a CUDA NoisyLinear forward takes the fused path (see FUSED_LINEAR_MAX_ROWS)."""
-    if not FUSED_LINEAR_ENABLED or x.device.type != "cuda" or not _ext.has_kernel("noisy_linear", "cuda"):
-        return False
-    if getattr(variation, "mvm", None) is not None and variation.mvm.weight_levels:
-        return False  # the fused kernel perturbs the raw weight, not its programmed grid
-    if compute_dtype is None and x.dtype != weight.dtype:
-        return False  # as nn.Linear: mismatched dtypes go to F.linear, which raises
-    dtype = compute_dtype if compute_dtype is not None else x.dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        if weight.dtype not in (torch.float32, dtype):
-            return False
-    elif dtype == torch.float32:
-        if weight.dtype != torch.float32 or not ops.tf32_allowed():
-            return False
-    else:
-        return False
-    if x.dim() == 0:
-        return False
-    rows = 1
-    for size in x.shape[:-1]:
-        rows *= size
-    return rows <= FUSED_LINEAR_MAX_ROWS * samples
-
-
-def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
-    """NoisyLinear's forward through ops.noisy_linear (autograd registered with the op: it saves x, the
-    clean weight and rng only). The sample axis of a sample plan is the leading chunking of x's batch."""
-    xc = _cast(x, compute_dtype)
-    bc = _cast(bias, compute_dtype)
-    with torch.autocast(x.device.type, enabled=False):
-        if sigmas is None:
-            return ops.noisy_linear(xc, weight, bc, variation, rng=rng)[0]
-        samples = sigmas.shape[0]
-        if xc.dim() < 2 or xc.shape[0] % samples:
-            raise ValueError(
-                f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
-                f"{samples}, got {xc.shape[0] if xc.dim() else 0}"
-            )
-        xs = xc.reshape(samples, xc.shape[0] // samples, *xc.shape[1:])
-        out = ops.noisy_linear(xs, weight, bc, variation, rng=rng, samples=samples, sigmas=sigmas, shared_input=False)
-        return out.reshape(xc.shape[0], *out.shape[2:])
-
-
-_CONV = {1: F.conv1d, 2: F.conv2d}
-
-#: Default ``bias`` of the conv helpers: the layer's own (an MVM forward passes None and adds it digitally).
-_OWN_BIAS = object()
-
-
-class _NoisyConvFn(torch.autograd.Function):
-    """y = conv(x, W_noisy, b) with W_noisy regenerated in backward (never saved). x is pre-padded
-    for non-zero padding modes and string paddings, so ``padding`` is a tuple of ints here.
-    ``sigmas`` adds a sample axis as in :class:`_NoisyLinearFn`."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding, dilation, groups):
-        conv = _CONV[weight.dim() - 2]
-        ctx.conv = (stride, padding, dilation, groups)
-        return _save_and_apply(
-            ctx,
-            lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups),
-            x,
-            weight,
-            bias,
-            rng,
-            sigmas,
-            variation,
-            compute_dtype,
-        )
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        xc, weight, rng, sigmas = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype, c_dtype = ctx.dtypes
-        stride, padding, dilation, groups = ctx.conv
-        need_x = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
-        need_b = b_dtype is not None and ctx.needs_input_grad[2]
-        gx = gw = gb = None
-        if need_x or need_w or need_b:
-            g = grad_out.to(c_dtype)
-            conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), groups)
-            with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
-                if need_w or need_b:
-                    # Straight-through: the weight gradient does not depend on the weight's values and
-                    # sums over every row of every sample, so one call over the whole batch serves all.
-                    _, gw, gb = torch.ops.aten.convolution_backward(
-                        g,
-                        xc,
-                        weight.detach().to(c_dtype),
-                        [weight.shape[0]] if need_b else None,
-                        *conv_args,
-                        [False, need_w, need_b],
-                    )
-                    gw = gw.to(w_dtype) if need_w else None
-                    gb = gb.to(b_dtype) if need_b else None
-                if need_x:
-                    w_noisy = _noisy_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-
-                    def input_grad(w, gc, xs):
-                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args, [True, False, False])[0]
-
-                    gx = _per_sample(input_grad, w_noisy, g, xc).to(x_dtype)
-                    del w_noisy
-        gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
-        return gx, gw, gb, None, None, None, None, None, None, None, None
-
-
 # --------------------------------------------------------------------------------------------------
-# Modules
+# The noise state of a layer
 # --------------------------------------------------------------------------------------------------
-
-
-def name_key(name: str) -> int:
-    """ℓ of noise stream version 2 for the layer of qualified name ``name`` (its ``named_modules()`` name,
-    wrappers left out, see :func:`nft_cuda.nn.conversion.assign_layer_keys`): the first 31 bits of the
-    SHA-256 of the UTF-8 name, read big-endian. Two names of one model may share a key (a chance of about
-    n²/2^32 for n layers); :func:`~nft_cuda.nn.conversion.assign_layer_keys` resolves that. The model
-    itself (name ``""``: a converted lone layer) has key 0, as a lone layer has in every version."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str (a module name), got {type(name).__name__}")
-    if not name:
-        return 0
-    return int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:4], "big") >> 1
-
-
-def check_stream_version(value, name: str = "stream_version") -> int:
-    """A noise stream version: 1 (positional layer keys) or 2 (:data:`NOISE_STREAM_VERSION`, name keys)."""
-    return _args.check_int(name, value, 1, NOISE_STREAM_VERSION)
 
 
 def instance_offset(layer_index: int, instance: int) -> int:
@@ -419,7 +197,7 @@ class NoisyModule(nn.Module):
         generator: ``torch.Generator`` or None (torch's default) for train-mode draws.
         layer_index: ℓ, the layer's key in its model's noise stream (DESIGN §2; set by
             :func:`nft_cuda.convert` / :func:`nft_cuda.set_instance`, see
-            :func:`nft_cuda.nn.conversion.assign_layer_keys`; 0 for a lone layer).
+            :func:`nft_cuda.nn.keys.assign_layer_keys`; 0 for a lone layer).
         layer_name: the qualified name ℓ was made from (version 2), or the layer's name when it was
             numbered (version 1); None before a model-level call gave it a key.
         stream_version: the noise stream version ℓ belongs to (:data:`NOISE_STREAM_VERSION` or 1), or
@@ -690,7 +468,7 @@ class NoisyModule(nn.Module):
         cache = self._instance_cache
         if cache is None or cache[0] != stamp:
             with torch.no_grad():
-                cache = (stamp, _noisy_weights(self.weight, rng, self._variation, None))
+                cache = (stamp, perturbed_weights(self.weight, rng, self._variation, None))
             self._instance_cache = cache
         return SamplePlan(rng, None, cache[1])
 
@@ -734,14 +512,14 @@ class NoisyModule(nn.Module):
         if self._variation is None:
             raise ValueError("noisy_weights needs a variation")
         with torch.no_grad():
-            return _noisy_weights(self.weight, rng, self._variation, sigmas)
+            return perturbed_weights(self.weight, rng, self._variation, sigmas)
 
     # -- per-MVM effects (models 4 and 5, nft_cuda.nn.mvm) ------------------------------------------
 
     @property
     def mvm_ranges(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(r_in, r_out): the DAC and ADC ranges of this layer (0-d float32 tensors on the weight's
-        device, set by :func:`nft_cuda.nn.mvm.calibrate_mvm`), None where uncalibrated."""
+        device, set by :func:`nft_cuda.nn.calibration.calibrate_mvm`), None where uncalibrated."""
         return self._mvm_ranges
 
     def set_mvm_ranges(self, input_range, output_range) -> None:
@@ -798,9 +576,9 @@ class NoisyModule(nn.Module):
         self.weight.copy_(value)
 
 
-class _ParameterSharingLayer(NoisyModule):
+class ParameterSharingLayer(NoisyModule):
     """The shared part of NoisyLinear and NoisyConv1d/2d, noisy versions of the plain class ``_base``:
-    ``from_module`` (sharing the plain layer's Parameter objects) and the repr."""
+    ``from_module`` and ``plain_copy`` (both sharing the layer's Parameter objects) and the repr."""
 
     _base: type
 
@@ -820,224 +598,12 @@ class _ParameterSharingLayer(NoisyModule):
             )
         return layer_sharing_parameters(cls, module, variation=variation, mode=mode, generator=generator)
 
+    def plain_copy(self) -> nn.Module:
+        """The plain ``_base`` layer with the same Parameter objects (what :func:`nft_cuda.strip` puts back)."""
+        return layer_sharing_parameters(self._base, self)
+
     def extra_repr(self) -> str:
         return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
-
-
-class NoisyLinear(_ParameterSharingLayer, nn.Linear):
-    """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
-
-    Args:
-        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        variation: the device model (:class:`~nft_cuda.Variation` or any :class:`nft_cuda.devices.DeviceModel`);
-            None gives a plain linear layer (mode off).
-        mode: ``"train"`` (default when a variation is given), ``"instance"`` (after
-            :meth:`set_instance`) or ``"off"`` (default without a variation).
-        generator: ``torch.Generator`` on the weight's device for train-mode draws (default: torch's).
-
-    Shapes: input [*, in_features] → output [*, out_features]; weight [out_features, in_features].
-
-    The noise mode is explicit: ``.eval()`` leaves it as it is (still noisy in ``"train"`` mode). For clean
-    outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
-    """
-
-    _base = nn.Linear
-
-    # Constructor twin of _NoisyConvNd's and NoisyMultiheadAttention's (nn/attention.py): each repeats
-    # its torch class's signature, then the same keyword-only noise settings. Kept spelled out: a drop-in
-    # layer must show and check the very arguments of its torch class (``*args, **kwargs`` would hide
-    # them); the shared part is the one line ``self._init_noise(variation, mode, generator)``.
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        variation: DeviceModel | None = None,
-        mode: str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_noise(variation, mode, generator)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input(input)
-        noise = self.forward_noise()
-        if noise is None:
-            return F.linear(input, self.weight, self.bias)
-        out = self._mvm_forward(input, noise)
-        if out is not None:
-            return out
-        if noise.weights is not None:
-            return _per_sample(lambda w, chunk: F.linear(chunk, w, self.bias), noise.weights, input)
-        rng, sigmas, _ = noise
-        compute_dtype = _compute_dtype(input)
-        samples = 1 if sigmas is None else sigmas.shape[0]
-        if _fused_linear_ok(input, self.weight, samples, compute_dtype, self._variation):
-            return _fused_linear(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
-        return _NoisyLinearFn.apply(input, self.weight, self.bias, rng, sigmas, self._variation, compute_dtype)
-
-    # The four steps of an MVM forward (nft_cuda.nn.mvm): the noisy matmul without bias for a one-sample
-    # plan, its clean twin (calibration), ‖x‖₂² of each output's input vector and the digital bias.
-    def noisy_matmul(self, input: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-        if plan.weights is not None:
-            return F.linear(input, plan.weights[0])
-        compute_dtype = _compute_dtype(input)
-        return _NoisyLinearFn.apply(input, self.weight, None, plan.rng, plan.sigmas, self._variation, compute_dtype)
-
-    def clean_matmul(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.weight)
-
-    def input_sq_norm(self, input: torch.Tensor) -> torch.Tensor:
-        x = input.detach().float()
-        return (x * x).sum(-1, keepdim=True)
-
-    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-
-class _NoisyConvNd(_ParameterSharingLayer):
-    """The shared body of NoisyConv1d/2d: the constructor of ``_base`` (same signature and state) plus the
-    noise settings, and the noisy forward."""
-
-    # Constructor twin of NoisyLinear's (see the note there): nn.ConvNd's signature, spelled out on purpose.
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding=0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        variation: DeviceModel | None = None,
-        mode: str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        self._base.__init__(
-            self,
-            in_channels,
-            out_channels,
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=bias,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
-        )
-        self._init_noise(variation, mode, generator)
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input(input)
-        noise = self.forward_noise()
-        if noise is None:
-            return self._conv_with_weight(input, self.weight)
-        n = self.weight.dim() - 2
-        if _mvm.active_mvm(self._variation) is not None and input.dim() == n + 1:
-            return self._mvm_forward(input.unsqueeze(0), noise).squeeze(0)  # unbatched, as nn.ConvNd accepts
-        out = self._mvm_forward(input, noise)
-        if out is not None:
-            return out
-        if noise.weights is not None:
-            return _per_sample(lambda w, chunk: self._conv_with_weight(chunk, w), noise.weights, input)
-        if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
-            return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
-        return self._conv_with_rng(input, noise.rng, noise.sigmas)
-
-    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor, bias=_OWN_BIAS) -> torch.Tensor:
-        """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward);
-        ``bias``: the layer's own by default, or a tensor / None."""
-        conv = _CONV[weight.dim() - 2]
-        bias = self.bias if bias is _OWN_BIAS else bias
-        if self.padding_mode != "zeros":
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(input, weight, bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
-        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
-
-    # The four steps of an MVM forward (nft_cuda.nn.mvm), as NoisyLinear's; each output position's input
-    # vector is its receptive field (its group's channels), so ‖x‖₂² is a convolution of x² with ones.
-    def noisy_matmul(self, input: torch.Tensor, plan: SamplePlan) -> torch.Tensor:
-        if plan.weights is not None:
-            return self._conv_with_weight(input, plan.weights[0], None)
-        return self._conv_with_rng(input, plan.rng, plan.sigmas, None)
-
-    def clean_matmul(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_with_weight(input, self.weight, None)
-
-    def input_sq_norm(self, input: torch.Tensor) -> torch.Tensor:
-        x = input.detach().float()
-        ones = torch.ones(self.weight.shape, dtype=torch.float32, device=x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            return self._conv_with_weight(x * x, ones, None)
-
-    def add_bias(self, y: torch.Tensor) -> torch.Tensor:
-        if self.bias is None:
-            return y
-        return y + self.bias.to(y.dtype).view(-1, *([1] * (self.weight.dim() - 2)))
-
-    def _conv_with_rng(
-        self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None, bias=_OWN_BIAS
-    ) -> torch.Tensor:
-        n = self.weight.dim() - 2
-        if self.padding_mode != "zeros" or isinstance(self.padding, str):
-            # As nn.ConvNd: explicit padding (also resolves 'same'/'valid', possibly asymmetric).
-            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            if any(self._reversed_padding_repeated_twice):
-                input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
-            padding = (0,) * n
-        else:
-            padding = tuple(self.padding)
-        return _NoisyConvFn.apply(
-            input,
-            self.weight,
-            self.bias if bias is _OWN_BIAS else bias,
-            rng,
-            sigmas,
-            self._variation,
-            _compute_dtype(input),
-            tuple(self.stride),
-            padding,
-            tuple(self.dilation),
-            self.groups,
-        )
-
-
-class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
-    """Drop-in ``nn.Conv1d`` whose weight is perturbed by device variation on every forward.
-
-    Args: as ``nn.Conv1d``, plus ``variation``, ``mode`` and ``generator`` as :class:`NoisyLinear`.
-
-    Shapes: input [N, C_in, L] (or [C_in, L]) → [N, C_out, L_out]; weight [C_out, C_in/groups, k].
-
-    The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
-    """
-
-    _base = nn.Conv1d
-
-
-class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
-    """Drop-in ``nn.Conv2d`` whose weight is perturbed by device variation on every forward.
-
-    Args: as ``nn.Conv2d`` (all padding modes, string paddings, groups, dilation), plus ``variation``,
-    ``mode`` and ``generator`` as :class:`NoisyLinear`.
-
-    Shapes: input [N, C_in, H, W] (or [C_in, H, W]) → [N, C_out, H_out, W_out];
-    weight [C_out, C_in/groups, kh, kw].
-
-    The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
-    """
-
-    _base = nn.Conv2d
 
 
 def layer_sharing_parameters(cls: type, module: nn.Module, **noise) -> nn.Module:
@@ -1065,9 +631,3 @@ def layer_sharing_parameters(cls: type, module: nn.Module, **noise) -> nn.Module
     new.bias = module.bias
     new.train(module.training)
     return new
-
-
-#: plain module class → noisy class
-NOISY_CLASSES: dict[type, type] = {nn.Linear: NoisyLinear, nn.Conv1d: NoisyConv1d, nn.Conv2d: NoisyConv2d}
-#: noisy class → plain module class
-PLAIN_CLASSES: dict[type, type] = {v: k for k, v in NOISY_CLASSES.items()}

@@ -1,0 +1,102 @@
+"""The "How to add ..." recipes of docs/architecture.md, each followed once here step by step, so a
+recipe that no longer works fails a test. Each test names the recipe's steps in its comments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import nft_cuda
+from nft_cuda.nn import generic, registry
+
+V = nft_cuda.Variation(0.2, "RRAM1")
+
+
+# --------------------------------------------------------------------------------------------------
+# How to add a layer type (a new family in nft_cuda/nn/)
+# --------------------------------------------------------------------------------------------------
+
+
+# Step 1: the noisy class, built on the machinery below it (generic.RetypedNoisy keeps every attribute of
+# the plain module; straight_through_samples draws the noisy weight of the forward's noise;
+# sample_chunks / cat_samples handle a sample axis; recomputed redraws the noise in backward).
+class NoisyBilinear(generic.RetypedNoisy, nn.Bilinear):
+    """nn.Bilinear whose [out, in1, in2] weight is one crossbar tensor."""
+
+    _plain = nn.Bilinear
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        noise = self.forward_noise()
+        if noise is None:  # mode off: the plain forward, bit-identical
+            return nn.Bilinear.forward(self, x1, x2)
+
+        def noisy_forward(a, b):
+            weights = generic.straight_through_samples(self, noise)
+            samples = weights.shape[0]
+            parts = zip(generic.sample_chunks(a, samples), generic.sample_chunks(b, samples))
+            return generic.cat_samples([F.bilinear(p, q, weights[t], self.bias) for t, (p, q) in enumerate(parts)])
+
+        return generic.recomputed(noisy_forward, x1, x2)
+
+
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Bilinear(5, 4, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(x[:, :5], x[:, 5:]))
+
+
+@pytest.fixture
+def bilinear_registered():
+    # Step 2: register it (in the family's file, at import: registry.register_class(plain, noisy)).
+    registry.register_class(nn.Bilinear, NoisyBilinear)
+    try:
+        yield
+    finally:
+        registry.unregister_class(nn.Bilinear)
+
+
+def test_a_layer_type_added_by_the_recipe(bilinear_registered):
+    torch.manual_seed(0)
+    model = _Pair()
+    x = torch.randn(6, 9)
+    clean = model(x)
+    # Step 3: convert finds it through the registry, shares the parameters and keys it.
+    weight = model.mix.weight
+    nft_cuda.convert(model, V)
+    assert type(model.mix) is NoisyBilinear and model.mix.weight is weight
+    assert [n for n, _ in nft_cuda.noisy_layers(model)] == ["mix", "head"]
+    assert nft_cuda.conversion_summary(model).unexpected == ()
+    # Step 4: the checks every family's tests make.
+    with nft_cuda.noise_mode(model, "off"):
+        assert torch.equal(model(x), clean)  # mode off is the plain forward
+    rng = torch.tensor([3, 7])
+    model.mix.set_sample_plan(rng)
+    with nft_cuda.noise_mode(model, "off"), torch.no_grad():
+        model.mix.mode = "train"
+        got = model.mix(x[:, :5], x[:, 5:])
+    w = nft_cuda.ops.perturb(weight.detach(), V, rng=rng)[0]  # the noise is exactly ops.perturb's
+    torch.testing.assert_close(got, F.bilinear(x[:, :5], x[:, 5:], w, model.mix.bias), rtol=0, atol=1e-6)
+    model.mix.set_sample_plan(rng, torch.tensor([0.2, 0.3]))  # a sample axis of 2: chunk t, stream t
+    two = model.mix(torch.cat([x[:, :5]] * 2), torch.cat([x[:, 5:]] * 2))
+    w2 = nft_cuda.ops.perturb(weight.detach(), V, rng=rng, samples=2, sigmas=torch.tensor([0.2, 0.3]))
+    torch.testing.assert_close(two[6:], F.bilinear(x[:, :5], x[:, 5:], w2[1], model.mix.bias), rtol=0, atol=1e-5)
+    model.mix.set_sample_plan(None)
+    model.mix.mode = "train"
+    model(x).sum().backward()  # straight-through: the clean weight gets a gradient
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    # Step 5: strip gives the plain class back with the same parameters.
+    nft_cuda.strip(model)
+    assert type(model.mix) is nn.Bilinear and model.mix.weight is weight
+
+
+def test_without_the_registration_the_layer_stays_digital_with_a_reason():
+    model = nft_cuda.convert(_Pair(), V)
+    assert type(model.mix) is nn.Bilinear
+    (left,) = nft_cuda.conversion_summary(model).unexpected
+    assert left.name == "mix.weight" and "unsupported type Bilinear" in left.reason
