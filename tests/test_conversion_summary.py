@@ -117,22 +117,6 @@ def test_linear_subclasses_convert_when_they_keep_linear_forward():
     )
 
 
-def test_parametrized_linear_stays_digital_with_reason():
-    from torch.nn.utils import parametrize
-
-    class _Double(nn.Module):
-        def forward(self, w):
-            return 2 * w
-
-    lin = nn.Linear(3, 3)
-    parametrize.register_parametrization(lin, "weight", _Double())
-    model = nn.Sequential(lin)
-    nft_cuda.convert(model, V, exclude=[])
-    assert not nft_cuda.noisy_layers(model)
-    reasons = [w.reason for w in nft_cuda.conversion_summary(model).digital]
-    assert any("parametrized" in r for r in reasons), reasons
-
-
 def test_convert_flags_are_checked():
     with pytest.raises(TypeError, match="strict must be a bool"):
         nft_cuda.convert(_Model(), V, strict=1)

@@ -42,7 +42,7 @@ def _clean_forward(layer, x, weight):
     """The plain layer's forward with ``weight`` in place of layer.weight."""
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, layer.bias)
-    return type(layer)._base._conv_forward(layer, x, weight, layer.bias)
+    return type(layer)._plain._conv_forward(layer, x, weight, layer.bias)
 
 
 # ----------------------------------------------------------------------------------------------------------

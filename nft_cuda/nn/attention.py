@@ -27,12 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nft_cuda.nn.base import NoisyModule
+from nft_cuda.nn.base import NoisyModule, RetypedNoisy
 
 # The same import list as nn/recurrent.py: both are several-weight crossbar layers built on the one
 # machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
-    RetypedNoisy,
     SeveralWeightCrossbar,
     recomputed,
     sample_chunks,

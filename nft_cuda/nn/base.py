@@ -54,6 +54,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from nft_cuda import _args, ops
 from nft_cuda.devices import DeviceModel
@@ -63,12 +64,13 @@ __all__ = [
     "MODES",
     "NoiseState",
     "NoisyModule",
-    "ParameterSharingLayer",
+    "RetypedNoisy",
     "SamplePlan",
     "instance_offset",
-    "layer_sharing_parameters",
+    "noisy_subclass",
     "per_sample",
     "perturbed_weights",
+    "retyped_copy",
 ]
 
 #: Noise modes of a noisy layer.
@@ -451,8 +453,7 @@ class NoisyModule(nn.Module):
         the variation, and each crossbar parameter's storage, version counter, dtype and device (None when
         a parameter has no version counter, e.g. an inference tensor: then nothing is cached)."""
         stamp = [self._instance_generation, self._variation]
-        for name in self.crossbar_weight_names():
-            p = getattr(self, name)
+        for p in self.crossbar_parameters():
             try:
                 stamp.append((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)))
             except RuntimeError:
@@ -570,64 +571,114 @@ class NoisyModule(nn.Module):
         """Names of the parameters this layer perturbs (``weight`` is their crossbar tensor)."""
         return ("weight",)
 
+    def crossbar_parameters(self) -> list[torch.Tensor]:
+        """The tensors the crossbar weight is made from: each crossbar weight, or, for a weight under a
+        torch parametrization (``torch.nn.utils.parametrize``), the parameters of that parametrization
+        (its ``original`` and those of its modules; the noise then acts on the parametrized weight)."""
+        out = []
+        for name in self.crossbar_weight_names():
+            if parametrize.is_parametrized(self, name):
+                out.extend(self.parametrizations[name].parameters())
+            else:
+                out.append(getattr(self, name))
+        return out
+
     @torch.no_grad()
     def load_crossbar_(self, value: torch.Tensor) -> None:
-        """Copy ``value`` [*weight.shape] into the parameter(s) behind ``weight``, in place."""
-        self.weight.copy_(value)
+        """Copy ``value`` [*weight.shape] into the parameter(s) behind ``weight``, in place (through the
+        parametrization's ``right_inverse`` for a parametrized weight)."""
+        if parametrize.is_parametrized(self, "weight"):
+            self.weight = value
+        else:
+            self.weight.copy_(value)
 
 
-class ParameterSharingLayer(NoisyModule):
-    """The shared part of NoisyLinear and NoisyConv1d/2d, noisy versions of the plain class ``_base``:
-    ``from_module`` and ``plain_copy`` (both sharing the layer's Parameter objects) and the repr."""
+# --------------------------------------------------------------------------------------------------
+# Plain module <-> noisy layer: the same object state under another class
+# --------------------------------------------------------------------------------------------------
 
-    _base: type
+#: The hook tables of an ``nn.Module``: shared, not copied, by :func:`retyped_copy`, so a handle a user
+#: holds from ``register_forward_hook`` & co. still removes the hook from the converted layer.
+_STATE_CONTAINERS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+
+def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
+    """``module``'s state under class ``cls``: every attribute (a subclass's own attributes included), the
+    same Parameter, buffer and submodule objects in containers of its own, and the very hook tables
+    (forward, pre-forward, backward, state-dict hooks: they keep firing, and their handles keep working).
+    ``cls`` is a noisy class standing for ``type(module)`` or, for a noisy layer, the plain class to
+    return to (then the noise state is left behind). Nothing is allocated: meta-device modules retype too."""
+    state = dict(vars(module))
+    for key in _STATE_CONTAINERS:
+        state[key] = type(state[key])(state[key])
+    if not issubclass(cls, NoisyModule):
+        for name in NoisyModule.NOISE_ATTRIBUTES:
+            state.pop(name, None)
+        for name in NoisyModule.NOISE_BUFFERS:
+            state["_buffers"].pop(name, None)
+            state["_non_persistent_buffers_set"].discard(name)
+    new = cls.__new__(cls)
+    vars(new).update(state)
+    return new
+
+
+#: (noisy class, the plain subclass it was asked to convert) → the noisy class made for that subclass
+_SUBCLASS_TYPES: dict[tuple[type, type], type] = {}
+
+
+def noisy_subclass(noisy_cls: type, plain_subclass: type) -> type:
+    """The noisy class of a subclass of ``noisy_cls._plain`` (e.g. a user's ``nn.Linear`` subclass with
+    extra attributes, or torch's parametrized ``ParametrizedLinear``): ``Noisy<Name>``, a subclass of both
+    ``noisy_cls`` and ``plain_subclass``, so the converted layer is still an instance of the user's class
+    and strips back to it. Made once per pair."""
+    if noisy_cls._subclass is plain_subclass:
+        return noisy_cls
+    key = (noisy_cls, plain_subclass)
+    if key not in _SUBCLASS_TYPES:
+        body = {
+            "_subclass": plain_subclass,
+            "__module__": noisy_cls.__module__,
+            "__doc__": f"{noisy_cls.__name__} for {plain_subclass.__qualname__} (made by nft_cuda.convert).",
+        }
+        _SUBCLASS_TYPES[key] = type(f"Noisy{plain_subclass.__name__}", (noisy_cls, plain_subclass), body)
+    return _SUBCLASS_TYPES[key]
+
+
+def _class_phrase(cls: type) -> str:
+    """'an nn.Linear', 'a MyLayer': how an error names the class a method expects."""
+    name = f"nn.{cls.__name__}" if cls.__module__.startswith("torch.nn") else cls.__name__
+    return f"{'an' if name.startswith('nn.') or name[0] in 'AEIOUaeiou' else 'a'} {name}"
+
+
+class RetypedNoisy(NoisyModule):
+    """A noisy class standing for the plain class ``_plain``, made from a plain module by retyping it
+    (:func:`retyped_copy`): conversion loses nothing of the module (a subclass's attributes, extra
+    buffers and parameters, hooks, the train/eval flag) and :meth:`plain_copy` gives it back as it was,
+    its class included. A subclass of ``_plain`` gets a noisy class of its own (:func:`noisy_subclass`)."""
+
+    _plain: type
+    #: the subclass of ``_plain`` this class was made for (:func:`noisy_subclass`), or None
+    _subclass: type | None = None
 
     @classmethod
-    def from_module(
-        cls,
-        module,
-        variation: DeviceModel | None = None,
-        *,
-        mode: str | None = None,
-        generator: torch.Generator | None = None,
-    ):
-        """The ``cls`` layer made from plain ``module`` (an ``_base``), sharing its Parameter objects."""
-        if not isinstance(module, cls._base):
+    def from_module(cls, module: nn.Module, variation=None, *, mode: str | None = None, generator=None):
+        """The noisy version of ``module`` (the same Parameter, buffer, submodule and hook objects)."""
+        if not isinstance(module, cls._plain):
             raise TypeError(
-                f"{cls.__name__}.from_module expects an nn.{cls._base.__name__}, got {type(module).__name__}"
+                f"{cls.__name__}.from_module expects {_class_phrase(cls._plain)}, got {type(module).__name__}"
             )
-        return layer_sharing_parameters(cls, module, variation=variation, mode=mode, generator=generator)
+        target = cls if type(module) in (cls._plain, cls._subclass) else noisy_subclass(cls, type(module))
+        new = retyped_copy(module, target)
+        new.init_noise(variation, mode, generator)
+        return new
+
+    def init_noise(self, variation, mode, generator) -> None:
+        """Start the noise state of a retyped copy."""
+        self._init_noise(variation, mode, generator)
 
     def plain_copy(self) -> nn.Module:
-        """The plain ``_base`` layer with the same Parameter objects (what :func:`nft_cuda.strip` puts back)."""
-        return layer_sharing_parameters(self._base, self)
+        """The plain module with the same state and class it had (what :func:`nft_cuda.strip` puts back)."""
+        return retyped_copy(self, self._subclass or self._plain)
 
     def extra_repr(self) -> str:
-        return f"{self._base.extra_repr(self)}, {self._noise_repr()}"
-
-
-def layer_sharing_parameters(cls: type, module: nn.Module, **noise) -> nn.Module:
-    """A ``cls`` layer with the constructor settings of ``module`` (an ``nn.Linear`` or ``nn.ConvNd``,
-    noisy or not) that shares its Parameter objects and train/eval flag: the one way both
-    ``from_module`` (plain → noisy, ``noise`` = variation/mode/generator) and :func:`nft_cuda.strip`
-    (noisy → plain, no ``noise``) rebuild a layer. Built on the meta device, so it allocates nothing."""
-    if isinstance(module, nn.Linear):
-        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta", **noise)
-    else:
-        new = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device="meta",
-            **noise,
-        )
-    new.weight = module.weight
-    new.bias = module.bias
-    new.train(module.training)
-    return new
+        return f"{self._plain.extra_repr(self)}, {self._noise_repr()}"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import functions, registry
 from nft_cuda.nn import mvm as _mvm
-from nft_cuda.nn.base import ParameterSharingLayer, SamplePlan, per_sample
+from nft_cuda.nn.base import RetypedNoisy, SamplePlan, per_sample
 
 __all__ = ["NoisyConv1d", "NoisyConv2d"]
 
@@ -24,8 +24,8 @@ __all__ = ["NoisyConv1d", "NoisyConv2d"]
 _OWN_BIAS = object()
 
 
-class _NoisyConvNd(ParameterSharingLayer):
-    """The shared body of NoisyConv1d/2d: the constructor of ``_base`` (same signature and state) plus the
+class _NoisyConvNd(RetypedNoisy):
+    """The shared body of NoisyConv1d/2d: the constructor of ``_plain`` (same signature and state) plus the
     noise settings, and the noisy forward."""
 
     # Constructor twin of NoisyLinear's (see the note there): nn.ConvNd's signature, spelled out on purpose.
@@ -47,7 +47,7 @@ class _NoisyConvNd(ParameterSharingLayer):
         mode: str | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        self._base.__init__(
+        self._plain.__init__(
             self,
             in_channels,
             out_channels,
@@ -148,7 +148,7 @@ class NoisyConv1d(_NoisyConvNd, nn.Conv1d):
     The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
     """
 
-    _base = nn.Conv1d
+    _plain = nn.Conv1d
 
 
 class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
@@ -163,7 +163,7 @@ class NoisyConv2d(_NoisyConvNd, nn.Conv2d):
     The noise mode is explicit, as :class:`NoisyLinear`'s: ``.eval()`` does not switch the noise off.
     """
 
-    _base = nn.Conv2d
+    _plain = nn.Conv2d
 
 
 registry.register_class(nn.Conv1d, NoisyConv1d, subclasses=True)

@@ -17,12 +17,18 @@ everything inside it when it is a container) and ``"*.downsample"`` every layer 
 
 Converted are ``nn.Linear``/``nn.Conv1d``/``nn.Conv2d`` and their subclasses that keep the base
 class's ``forward`` (e.g. the ``out_proj`` of ``nn.MultiheadAttention``: a child whose weight its parent
-reads directly is converted only together with that parent), the layer types registered with
-:func:`nft_cuda.register_noisy` and, with ``embeddings=True``, ``nn.Embedding``. Subclasses with their own
-``forward``, parametrized modules and unknown types stay digital; normalisation layers and embeddings
-stay digital by default. :func:`nft_cuda.conversion_summary` says what a conversion did and why each
-weight matrix left digital was left; ``strict=True`` makes a gap an error. Forward/backward hooks
-registered on a replaced module are not carried over.
+reads directly is converted only together with that parent; a weight under a new-style
+``torch.nn.utils.parametrize`` parametrization is noisy after its parametrization), the layer types
+registered with :func:`nft_cuda.register_noisy` and, with ``embeddings=True``, ``nn.Embedding``.
+Subclasses with their own ``forward``, old-style ``weight_norm``/``spectral_norm`` layers (with a warning)
+and unknown types stay digital; normalisation layers and embeddings stay digital by default.
+:func:`nft_cuda.conversion_summary` says what a conversion did and why each weight matrix left digital was
+left; ``strict=True`` makes a gap an error.
+
+Nothing of a converted module is lost: the noisy layer is the same object state under a noisy class
+(:func:`nft_cuda.nn.base.retyped_copy`): a subclass's attributes, buffers and parameters, its hooks (whose
+handles keep working) and parametrizations are kept, a subclass stays an instance of its class, and
+:func:`strip` gives back the original class.
 
 Fast paths. Some ``torch.nn`` modules (:data:`FAST_PATH_MODULES`: the Transformer encoder, its layers, the
 decoder layer and ``nn.MultiheadAttention``) run, in eval mode without gradients, one fused kernel that
@@ -84,12 +90,14 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 def _replace(model: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     """Replace every occurrence of the modules in memo (id → new), shared modules included; returns
-    the new root."""
+    the new root. A replaced module's fast-path guard moves to its replacement (they share hook tables)."""
     if id(model) in memo:
+        _carry_guard(model, memo[id(model)])
         return memo[id(model)]
     for module in model.modules():
         for child_name, child in list(module._modules.items()):
             if child is not None and id(child) in memo:
+                _carry_guard(child, memo[id(child)])
                 setattr(module, child_name, memo[id(child)])
     return model
 
@@ -100,6 +108,9 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
     t = type(module)
     if isinstance(module, NoisyModule):
         return t, "", True
+    old_style = _old_style_norm(module)
+    if old_style is not None:
+        return None, old_style, False
     noisy = registry.registered(t)
     if noisy is not None:
         spec = registry.spec_of(noisy)
@@ -111,16 +122,22 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
                 f"its parameters {[n for n, _ in module.named_parameters(recurse=False)]}"
             )
         return noisy, "", True
-    if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
-        return None, "parametrized layer (torch.nn.utils.parametrize): not converted", False
+    if isinstance(module, parametrize.ParametrizationList):
+        return None, "the parametrization of a weight whose layer stays digital", True
     entry = registry.subclass_entry(module)
     if entry is not None:
         base, noisy = entry
-        if t.forward is base.forward:  # a subclass that only adds attributes (e.g. MHA's out_proj)
+        if t.forward is base.forward:  # a subclass that adds attributes, or parametrizations (MHA's out_proj)
             return noisy, "", True
         return (
             None,
             f"{t.__name__} subclasses nn.{base.__name__} with its own forward: register it with nft_cuda.register_noisy",
+            False,
+        )
+    if parametrize.is_parametrized(module):
+        return (
+            None,
+            f"parametrized {t.__name__} (torch.nn.utils.parametrize) of a type convert only knows exactly",
             False,
         )
     if isinstance(module, _NORMALISATIONS):
@@ -135,6 +152,40 @@ def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bo
             False,
         )
     return None, f"unsupported type {t.__name__}: register it with nft_cuda.register_noisy", False
+
+
+#: The forward pre-hooks of torch's old-style weight reparametrizations, which rewrite ``module.weight`` as
+#: a plain tensor before every forward, and the new-style parametrization each one has.
+_OLD_STYLE_NORMS = {"WeightNorm": "weight_norm", "SpectralNorm": "spectral_norm"}
+
+
+def _old_style_norm(module: nn.Module) -> str | None:
+    """Why a module under ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (the old hook-based forms) stays
+    digital, or None: its weight is recomputed by a hook outside the layer, so the layer cannot own it."""
+    for hook in module._forward_pre_hooks.values():
+        name = _OLD_STYLE_NORMS.get(type(hook).__name__)
+        if name is not None and type(hook).__module__.startswith("torch.nn.utils"):
+            return (
+                f"old-style torch.nn.utils.{name} (a pre-hook rewrites its weight on every forward): use "
+                f"torch.nn.utils.parametrizations.{name}, which convert carries over"
+            )
+    return None
+
+
+def _warn_old_style_norms(reasons: dict[str, tuple[str, bool]]) -> None:
+    """One UserWarning naming the layers left digital because of an old-style weight reparametrization."""
+    old = sorted(name for name, (why, _) in reasons.items() if why.startswith("old-style"))
+    if old:
+        warnings.warn(f"convert left {_listing(old)} digital: {reasons[old[0]][0]}", UserWarning, stacklevel=3)
+
+
+def _inherit_parametrization_reasons(modules, reasons: dict[str, tuple[str, bool]]) -> None:
+    """The ``original`` of a parametrized weight left digital is digital for its layer's reason (the
+    layer itself has no weight parameter to list)."""
+    for name, module in modules:
+        owner = name.rpartition(".parametrizations.")[0]
+        if isinstance(module, parametrize.ParametrizationList) and owner in reasons:
+            reasons[name] = reasons[owner]
 
 
 #: Modules whose forward reads a child's weight without calling the child: the child can only be noisy
@@ -287,6 +338,7 @@ def convert(
     modules = list(model.named_modules())
     kinds = {name: _classify(m, embeddings) for name, m in modules}
     selected, reasons = _select(modules, kinds, include, exclude, per_layer)
+    _inherit_parametrization_reasons(modules, reasons)
     sel_names = [n for n, _ in selected]
     unused = [p for p in per_layer if not any(_matches(n, p) for n in sel_names)]
     if unused:
@@ -327,6 +379,7 @@ def convert(
     guard_fast_paths(model)
     summary.remember(model, _record(modules, reasons, selected, previous, kept, embeddings))
     _warn_kept(modules, sel_names, exclude, mode)
+    _warn_old_style_norms(reasons)
     return model
 
 
@@ -427,6 +480,7 @@ def conversion_summary(model: nn.Module) -> summary.ConversionSummary:
         reasons[name] = (
             (why, chosen) if kind is None else (f"{type(module).__name__}: no convert call made it noisy", False)
         )
+    _inherit_parametrization_reasons(model.named_modules(), reasons)
     originals = {name: record.original_types.get(name) or _plain_type_name(layer) for name, layer in layers.items()}
     return summary.build_summary(model, layers, reasons, originals, record.kept)
 
@@ -440,9 +494,10 @@ def _plain_type_name(layer: NoisyModule) -> str:
 
 
 def strip(model: nn.Module) -> nn.Module:
-    """Replace every noisy layer by its plain layer (``nn.Linear``, ``nn.Conv2d``, ..., the layer's
-    ``plain_copy()``) with the same Parameter objects, in place; returns ``model`` (or the plain layer
-    when ``model`` is a noisy layer). The state_dict is unchanged."""
+    """Replace every noisy layer by the module it was made from (the layer's ``plain_copy()``: its class,
+    ``nn.Linear`` or a user's subclass, with the same Parameter, buffer, submodule and hook objects), in
+    place; returns ``model`` (or the plain layer when ``model`` is a noisy layer). The state_dict is
+    unchanged."""
     _args.check_module("model", model)
     memo: dict[int, nn.Module] = {}
     for _, module in model.named_modules():
@@ -487,6 +542,13 @@ def _fast_path_restore(module: nn.Module, args, output) -> None:
     stack = _saved_flags.__dict__.get("stack")
     if stack:
         torch.backends.mha.set_fastpath_enabled(stack.pop())
+
+
+def _carry_guard(old: nn.Module, new: nn.Module) -> None:
+    """Hand the guard of ``old`` to ``new``, its retyped copy (the same hook tables, so the same handles)."""
+    handles = _guards.pop(old, None)
+    if handles is not None:
+        _guards[new] = handles
 
 
 def _is_guarded(module: nn.Module) -> bool:

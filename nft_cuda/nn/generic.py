@@ -29,18 +29,16 @@ from torch.utils.checkpoint import checkpoint
 
 from nft_cuda import ops
 from nft_cuda.nn import registry
-from nft_cuda.nn.base import NoisyModule, SamplePlan
+from nft_cuda.nn.base import NoisyModule, RetypedNoisy, SamplePlan
 from nft_cuda.nn.mvm import programmed, refuse_mvm_around_gemm
 from nft_cuda.nn.registry import NoisySpec
 
 __all__ = [
-    "RetypedNoisy",
     "SeveralWeightCrossbar",
     "cat_samples",
     "make_noisy_class",
     "recomputed",
     "register_noisy",
-    "retyped_copy",
     "sample_chunks",
     "straight_through_samples",
     "unregister_noisy",
@@ -92,49 +90,6 @@ def cat_samples(outs: list, dim: int = 0):
     if isinstance(first, tuple):
         return tuple(cat_samples(list(parts), dim) if parts[0] is not None else None for parts in zip(*outs))
     raise TypeError(f"a sample-axis forward needs tensor outputs, got {type(first).__name__}")
-
-
-def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
-    """A module of class ``cls`` with ``module``'s state: the same Parameter, buffer and submodule
-    objects and attributes (hooks are not carried over). ``cls`` must be ``type(module)``'s noisy
-    subclass or, for a noisy module, its plain base (then the noise state is left behind)."""
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    fresh, old = vars(new), vars(module)
-    noise = set(NoisyModule.NOISE_ATTRIBUTES) if not issubclass(cls, NoisyModule) else set()
-    fresh.update({k: v for k, v in old.items() if k not in fresh and k not in noise})
-    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
-        fresh[key].update(old[key])
-    if noise:
-        for name in NoisyModule.NOISE_BUFFERS:
-            fresh["_buffers"].pop(name, None)
-            fresh["_non_persistent_buffers_set"].discard(name)
-    new.train(module.training)
-    return new
-
-
-class RetypedNoisy(NoisyModule):
-    """A noisy class made from its plain class ``_plain`` by retyping a module (:func:`retyped_copy`):
-    ``from_module`` keeps every attribute, parameter and submodule of the plain module."""
-
-    _plain: type
-
-    @classmethod
-    def from_module(cls, module: nn.Module, variation=None, *, mode: str | None = None, generator=None):
-        """The noisy version of ``module`` (sharing its Parameter and submodule objects)."""
-        if not isinstance(module, cls._plain):
-            raise TypeError(f"{cls.__name__}.from_module expects a {cls._plain.__name__}, got {type(module).__name__}")
-        new = retyped_copy(module, cls)
-        new.init_noise(variation, mode, generator)
-        return new
-
-    def init_noise(self, variation, mode, generator) -> None:
-        """Start the noise state of a retyped copy."""
-        self._init_noise(variation, mode, generator)
-
-    def plain_copy(self) -> nn.Module:
-        """The plain module with the same state (what :func:`nft_cuda.strip` puts back)."""
-        return retyped_copy(self, self._plain)
 
 
 class SeveralWeightCrossbar(NoisyModule):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from nft_cuda import _ext, ops
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import functions, registry
-from nft_cuda.nn.base import ParameterSharingLayer, SamplePlan, per_sample
+from nft_cuda.nn.base import RetypedNoisy, SamplePlan, per_sample
 
 __all__ = ["FUSED_LINEAR_ENABLED", "FUSED_LINEAR_MAX_ROWS", "NoisyLinear"]
 
@@ -82,7 +82,7 @@ def _fused_linear(x, weight, bias, rng, sigmas, variation, compute_dtype):
         return out.reshape(xc.shape[0], *out.shape[2:])
 
 
-class NoisyLinear(ParameterSharingLayer, nn.Linear):
+class NoisyLinear(RetypedNoisy, nn.Linear):
     """Drop-in ``nn.Linear`` whose weight is perturbed by device variation on every forward.
 
     Args:
@@ -99,7 +99,7 @@ class NoisyLinear(ParameterSharingLayer, nn.Linear):
     outputs: ``nft_cuda.set_noise_mode(model, "off")`` or ``with nft_cuda.noise_mode(model, "off"):``.
     """
 
-    _base = nn.Linear
+    _plain = nn.Linear
 
     # Constructor twin of _NoisyConvNd's and NoisyMultiheadAttention's (nn/attention.py): each repeats
     # its torch class's signature, then the same keyword-only noise settings. Kept spelled out: a drop-in

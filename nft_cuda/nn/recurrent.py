@@ -22,12 +22,11 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from nft_cuda.nn.base import NoisyModule
+from nft_cuda.nn.base import NoisyModule, RetypedNoisy
 
 # The same import list as nn/attention.py: both are several-weight crossbar layers built on the one
 # machinery of nn/generic.py (not a copy to merge).
 from nft_cuda.nn.generic import (
-    RetypedNoisy,
     SeveralWeightCrossbar,
     recomputed,
     sample_chunks,

@@ -202,8 +202,8 @@ def build_summary(
     layers, digital, other = [], [], 0
     noisy_readers: dict[int, list[str]] = {}
     for name, layer in converted.items():
-        for w in layer.crossbar_weight_names():
-            noisy_readers.setdefault(id(getattr(layer, w)), []).append(name or "<model>")
+        for param in layer.crossbar_parameters():
+            noisy_readers.setdefault(id(param), []).append(name or "<model>")
     seen: set[int] = set()
     for name, module in model.named_modules():
         layer = converted.get(name)
