@@ -3,6 +3,9 @@ recipe that no longer works fails a test. Each test names the recipe's steps in 
 
 from __future__ import annotations
 
+import pathlib
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -100,3 +103,52 @@ def test_without_the_registration_the_layer_stays_digital_with_a_reason():
     assert type(model.mix) is nn.Bilinear
     (left,) = nft_cuda.conversion_summary(model).unexpected
     assert left.name == "mix.weight" and "unsupported type Bilinear" in left.reason
+
+
+# --------------------------------------------------------------------------------------------------
+# How to add a compiled kernel: every operator of csrc/ops.cpp has each piece the recipe lists.
+# --------------------------------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: Operators whose pure-PyTorch twin is not a reference function of the same name, and what it is.
+_REFERENCE_ELSEWHERE = {
+    "snapshot_linear": "adaptive_avg_pool2d + reference.noisy_linear (ops.snapshot_linear's fallback)",
+}
+
+
+def _schemas() -> list[str]:
+    text = (ROOT / "csrc" / "ops.cpp").read_text()
+    return [n for n in re.findall(r'm\.def\(\s*"([A-Za-z0-9_]+)\(', text) if n != "_cuda_version"]
+
+
+def _impls(folder: str, pattern: str) -> set[str]:
+    names = set()
+    for path in (ROOT / "csrc" / folder).glob(pattern):
+        names |= set(re.findall(r'm\.impl\("([A-Za-z0-9_]+)"', path.read_text()))
+    return names
+
+
+def test_every_compiled_op_has_each_piece_of_the_kernel_recipe():
+    ops = _schemas()
+    assert {"perturb", "perturb_device", "noisy_linear", "philox_normal"} <= set(ops)
+    registrations = (ROOT / "nft_cuda" / "_registrations.py").read_text()
+    python_face = (ROOT / "nft_cuda" / "ops.py").read_text() + (ROOT / "nft_cuda" / "rng.py").read_text()
+    reference = nft_cuda.reference
+    missing = []
+    for op in ops:
+        pieces = {
+            "CPU kernel (csrc/cpu)": op in _impls("cpu", "*.cpp"),
+            "CUDA kernel (csrc/cuda)": op in _impls("cuda", "*.cu"),
+            "fake kernel (_registrations.py)": f'register_fake("nft_cuda::{op}")' in registrations,
+            "caller (ops.py / rng.py / _registrations.py)": f"torch.ops.nft_cuda.{op}(" in python_face + registrations,
+            "pure-PyTorch twin (reference.py)": hasattr(reference, op.lstrip("_")) or op in _REFERENCE_ELSEWHERE,
+        }
+        missing += [f"{op}: {piece}" for piece, ok in pieces.items() if not ok]
+    assert missing == []
+
+
+def test_the_kernel_recipe_check_sees_a_missing_piece(monkeypatch):
+    monkeypatch.delattr(nft_cuda.reference, "perturb")
+    with pytest.raises(AssertionError, match="perturb: pure-PyTorch twin"):
+        test_every_compiled_op_has_each_piece_of_the_kernel_recipe()
