@@ -106,3 +106,42 @@ def test_a_users_registration_wins():
         assert calls
     finally:
         generic.unregister_noisy(Conv1D)
+
+
+class _AllocatedBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every CPU tensor storage an op creates (views excluded) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu" and not t._is_view():
+                self.bytes += t.untyped_storage().nbytes()
+        return out
+
+
+def test_a_meta_device_llama_converts_and_loads_with_one_copy_of_the_weights():
+    """Build on the meta device, convert, then load_state_dict(assign=True): the checkpoint's tensors
+    become the weights, so the only copy of the weights is the checkpoint (0 bytes allocated by
+    convert + load, measured), and the chips are those of a model converted on the CPU."""
+    torch.manual_seed(0)
+    cfg = _llama().config
+    reference = nft_cuda.convert(transformers.LlamaForCausalLM(cfg).eval(), V)
+    checkpoint = reference.state_dict()
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    with _AllocatedBytes() as counter:
+        nft_cuda.convert(model, V)
+        model.load_state_dict(checkpoint, assign=True)
+    assert counter.bytes == 0
+    assert all(p.data_ptr() == checkpoint[n].data_ptr() for n, p in model.named_parameters())
+    # Non-persistent buffers are not in a checkpoint: rebuild them on the device (here, HF's rotary table).
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    for net in (model, reference):
+        nft_cuda.set_instance(net, seed=3, instance=1)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reference(ids).logits)
