@@ -145,3 +145,36 @@ def test_a_meta_device_llama_converts_and_loads_with_one_copy_of_the_weights():
         nft_cuda.set_instance(net, seed=3, instance=1)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_a_bf16_llama_trains_and_its_chip_is_the_fp32_noise_rounded_once():
+    """bf16 end to end on CPU: the noise of a bf16 weight is computed in float32 from the weight and
+    rounded once to bf16 (docs/conversion.md "Half precision"), so a chip equals the model with its
+    weights replaced by perturb(float32 weight).to(bf16); a noise-injection step gives finite bf16
+    gradients."""
+    torch.manual_seed(0)
+    model = nft_cuda.convert(_llama().to(torch.bfloat16), V)
+    ids = torch.randint(0, 101, (2, 8))
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(g.dtype == torch.bfloat16 and g.isfinite().all() for g in grads)
+    model.eval()
+    nft_cuda.set_instance(model, seed=5, instance=2)
+    layers = nft_cuda.noisy_layers(model)
+    chip = {name: layer.noisy_weight() for name, layer in layers}
+    for name, layer in layers:
+        rng = torch.tensor([5, nft_cuda.nn.instance_offset(layer.layer_index, 2)])
+        rounded_once = nft_cuda.ops.perturb(layer.weight.detach().float(), V, rng=rng)
+        assert torch.equal(chip[name], rounded_once[0].to(torch.bfloat16)), name
+    with torch.no_grad():
+        noisy = model(ids).logits
+        with nft_cuda.noise_mode(model, "off"):
+            saved = {name: layer.weight.detach().clone() for name, layer in layers}
+            for name, layer in layers:
+                layer.weight.copy_(chip[name])
+            by_hand = model(ids).logits
+            for name, layer in layers:
+                layer.weight.copy_(saved[name])
+    assert noisy.dtype == torch.bfloat16 and torch.equal(noisy, by_hand)
