@@ -108,17 +108,6 @@ def eval_case(
     loader = TensorBatches(x, y, batch)
     name = f"Monte-Carlo eval small model R={runs} {images} img ({source} test)"
     exact = runs == 100 and source == "embedded" and images >= 256
-
-    def clean_accuracy():
-        with torch.no_grad(), nft_cuda.noise_mode(model, "off"):
-            return sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in loader) / images
-
-    def clean_passes():
-        with torch.no_grad(), nft_cuda.noise_mode(model, "off"):
-            for _ in range(runs):
-                for xb, yb in loader:
-                    (model(xb).argmax(-1) == yb).sum()
-
     last: dict[str, dict] = {}
 
     def mc(s):
@@ -131,33 +120,9 @@ def eval_case(
         def ref():
             last["reference"] = reference_monte_carlo(path, loader, v, runs, seed=0, device=dev)
 
-        # Correctness before timing.
-        acc0 = clean_accuracy()
-        v0 = v.with_sigma(0.0)
-        m0 = monte_carlo(model, loader, v0, 2, seed=0, progress=False)[0]
-        r0 = reference_monte_carlo(path, loader, v0, 2, seed=0, device=dev)
-        # Exact on CPU. On CUDA the folded forward (S·B rows) may take other cuDNN/TF32 algorithms than B
-        # rows, so a near-tie may flip (DESIGN §6: predictions equal except top-2 margins below 1e-4).
-        acc_tol, ekl_tol = (2.0 / images, 1e-3) if cfg.cuda else (1e-12, 1e-9)
-        for label, got in (
-            ("monte_carlo", m0["accuracy_mean"]),
-            ("monte_carlo clean_accuracy", m0["clean_accuracy"]),
-            ("reference loop", r0["accuracy_mean"]),
-        ):
-            if abs(got - acc0) > acc_tol:
-                raise checks.CheckError(f"{name}: {label} at σ=0 gives accuracy {got}, the clean passes {acc0}")
-        a = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=4, progress=False)[0]
-        b = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=1, progress=False)[0]
-        if max(abs(p - q) for p, q in zip(a["per_instance_accuracy"], b["per_instance_accuracy"])) > acc_tol or abs(
-            a["ekl"] - b["ekl"]
-        ) > ekl_tol * abs(b["ekl"]):
-            raise checks.CheckError(
-                f"{name}: 4 instances per pass differ from one at a time: "
-                f"{a['per_instance_accuracy']} / {b['per_instance_accuracy']}, "
-                f"EKL {a['ekl']} / {b['ekl']}"
-            )
-
-        fns = {f"{runs} clean passes": clean_passes}
+        acc0 = _clean_accuracy(model, loader)
+        _check_monte_carlo(name, cfg, model, loader, path, acc0)  # correctness before timing
+        fns = {f"{runs} clean passes": functools.partial(_clean_passes, model, loader, runs)}
         fns.update({f"monte_carlo S={s}": functools.partial(mc, s) for s in passes})
         fns["reference loop"] = ref
         c = results.Case(cfg, ceilings)
@@ -175,15 +140,63 @@ def eval_case(
     rows["reference loop"].note = f"accuracy {res['accuracy_mean']:.3f} ± {res['ci95']:.3f}"
     c.compare(rows["reference loop"], clean_row, "time")
     c.add(peer.skipped_row(name, peer.NO_MONTE_CARLO))
-    # Statistical agreement of the two evaluations (different noise streams, same law).
-    mc_res = last[f"S={passes[0]}"]
+    _check_agreement(name, last[f"S={passes[0]}"], res, runs)
+    return c.rows
+
+
+def _clean_accuracy(model, loader) -> float:
+    """The clean model's accuracy on ``loader``."""
+    with torch.no_grad(), nft_cuda.noise_mode(model, "off"):
+        correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in loader)
+    return correct / sum(yb.shape[0] for _, yb in loader)
+
+
+def _clean_passes(model, loader, runs: int) -> None:
+    """``runs`` clean passes over ``loader``: the cost Monte-Carlo is timed against."""
+    with torch.no_grad(), nft_cuda.noise_mode(model, "off"):
+        for _ in range(runs):
+            for xb, yb in loader:
+                (model(xb).argmax(-1) == yb).sum()
+
+
+def _check_monte_carlo(name: str, cfg: config.Config, model, loader, path: str, acc0: float) -> None:
+    """Before timing: at σ=0 monte_carlo and the reference loop give the clean accuracy ``acc0``, and
+    4 instances per pass give the results of one at a time."""
+    v = config.VARIATION
+    images = sum(yb.shape[0] for _, yb in loader)
+    v0 = v.with_sigma(0.0)
+    m0 = monte_carlo(model, loader, v0, 2, seed=0, progress=False)[0]
+    r0 = reference_monte_carlo(path, loader, v0, 2, seed=0, device=cfg.dev)
+    # Exact on CPU. On CUDA the folded forward (S·B rows) may take other cuDNN/TF32 algorithms than B
+    # rows, so a near-tie may flip (DESIGN §6: predictions equal except top-2 margins below 1e-4).
+    acc_tol, ekl_tol = (2.0 / images, 1e-3) if cfg.cuda else (1e-12, 1e-9)
+    for label, got in (
+        ("monte_carlo", m0["accuracy_mean"]),
+        ("monte_carlo clean_accuracy", m0["clean_accuracy"]),
+        ("reference loop", r0["accuracy_mean"]),
+    ):
+        if abs(got - acc0) > acc_tol:
+            raise checks.CheckError(f"{name}: {label} at σ=0 gives accuracy {got}, the clean passes {acc0}")
+    a = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=4, progress=False)[0]
+    b = monte_carlo(model, loader, v, 4, seed=0, instances_per_pass=1, progress=False)[0]
+    if max(abs(p - q) for p, q in zip(a["per_instance_accuracy"], b["per_instance_accuracy"])) > acc_tol or abs(
+        a["ekl"] - b["ekl"]
+    ) > ekl_tol * abs(b["ekl"]):
+        raise checks.CheckError(
+            f"{name}: 4 instances per pass differ from one at a time: "
+            f"{a['per_instance_accuracy']} / {b['per_instance_accuracy']}, "
+            f"EKL {a['ekl']} / {b['ekl']}"
+        )
+
+
+def _check_agreement(name: str, mc_res: dict, res: dict, runs: int) -> None:
+    """Statistical agreement of Monte-Carlo and the reference loop (different noise streams, same law)."""
     se = (mc_res["accuracy_std"] ** 2 / runs + res["accuracy_std"] ** 2 / runs) ** 0.5
     if abs(mc_res["accuracy_mean"] - res["accuracy_mean"]) > 5 * se + 0.01:
         raise checks.CheckError(
             f"{name}: Monte-Carlo accuracy {mc_res['accuracy_mean']:.4f} and the reference loop's "
             f"{res['accuracy_mean']:.4f} disagree beyond 5 standard errors"
         )
-    return c.rows
 
 
 def _chip_passes(model, loader, chips: int, cache: bool | None) -> None:

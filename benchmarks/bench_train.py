@@ -86,6 +86,36 @@ def _step(model, loss_fn, x, y, name: str, opt=None, context=contextlib.nullcont
     return step
 
 
+def _check_at_zero(name: str, cfg: config.Config, models: dict, losses: dict, x, y, beta: float) -> None:
+    """Correctness at σ_d = 0, δ = 0, before timing (forward only; the models are in train mode, as in
+    the steps): the noise step and the reference conversion give the clean loss, OVF the reference OVF's.
+    On CUDA, cuDNN's TF32 convolutions pick different algorithms for the batched OVF forward: looser there."""
+    v = config.LAYER_VARIATION
+    rtol = 1e-3 if cfg.cuda else 1e-5
+    with torch.no_grad():
+        clean_loss = losses["clean"](models["clean"], x, y)
+        _set_sigma(models["noise"], 0.0)
+        checks.check_close(
+            losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean", rtol=rtol
+        )
+        _set_sigma(models["noise"], v.sigma)
+        for layer in baselines.reference_layers(models["reference"]):
+            layer.sigma = 0.0
+        checks.check_close(
+            losses["reference"](models["reference"], x, y),
+            clean_loss,
+            f"{name}: reference step at σ=0 vs clean",
+            rtol=rtol,
+        )
+        for layer in baselines.reference_layers(models["reference"]):
+            layer.sigma = v.sigma
+        _set_sigma(models["OVF"], 0.0)
+        ovf0 = OVF(v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS)).loss(models["OVF"], x, y)[0]
+        ref0 = reference_ovf_loss(models["reference OVF"], x, y, v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS))
+        checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
+        _set_sigma(models["OVF"], v.sigma)
+
+
 def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
     dev, v = cfg.dev, config.LAYER_VARIATION
     batch = 128 if cfg.cuda else 32
@@ -125,28 +155,7 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
         "IRS": lambda m, xb, yb: irs_m.loss(m, xb, yb)[0],
     }
 
-    # Correctness at σ_d = 0, δ = 0 (forward only; the models are in train mode, as in the steps). On CUDA,
-    # cuDNN's TF32 convolutions pick different algorithms for the batched OVF forward: looser there.
-    rtol = 1e-3 if cfg.cuda else 1e-5
-    with torch.no_grad():
-        clean_loss = ce(models["clean"], x, y)
-        _set_sigma(models["noise"], 0.0)
-        checks.check_close(
-            losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean", rtol=rtol
-        )
-        _set_sigma(models["noise"], v.sigma)
-        for layer in baselines.reference_layers(models["reference"]):
-            layer.sigma = 0.0
-        checks.check_close(
-            ce(models["reference"], x, y), clean_loss, f"{name}: reference step at σ=0 vs clean", rtol=rtol
-        )
-        for layer in baselines.reference_layers(models["reference"]):
-            layer.sigma = v.sigma
-        _set_sigma(models["OVF"], 0.0)
-        ovf0 = OVF(v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS)).loss(models["OVF"], x, y)[0]
-        ref0 = reference_ovf_loss(models["reference OVF"], x, y, v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS))
-        checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
-        _set_sigma(models["OVF"], v.sigma)
+    _check_at_zero(name, cfg, models, losses, x, y, beta)
 
     peers = peer.model_variants(cfg, name, models["noise"], base, v)
     steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}

@@ -123,10 +123,11 @@ def _check_x(x, name: str = "x") -> torch.Tensor:
 
 
 def _linear_args(
-    x_shape, x_device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, name: str
+    name: str, x_shape, x_device, weight, bias, variation, *, seed, offset, rng, samples, sigmas, shared_input
 ):
-    """Checks the matmul arguments shared by noisy_linear and snapshot_linear (x_shape: the GEMM input's
-    shape, [..., K] or [S, ..., K]); returns (samples, rng tensor, sigmas tensor)."""
+    """Checks the matmul arguments shared by noisy_linear and snapshot_linear (``name``: the GEMM input's
+    argument name, x_shape its shape, [..., K] or [S, ..., K]; the noise arguments by keyword, as the
+    public functions take them); returns (samples, rng tensor, sigmas tensor)."""
     _args.check_weight(weight)
     _args.check_device_model(variation)
     if weight.dim() != 2:
@@ -191,9 +192,8 @@ def noisy_linear(
         backward through the compiled kernel raises RuntimeError (the pure-PyTorch fallback allows it).
     """
     _check_x(x)
-    samples, rng, sig = _linear_args(
-        x.shape, x.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "x"
-    )
+    noise = dict(seed=seed, offset=offset, rng=rng, samples=samples, sigmas=sigmas, shared_input=shared_input)
+    samples, rng, sig = _linear_args("x", x.shape, x.device, weight, bias, variation, **noise)
     if not isinstance(variation, Variation):  # other device models: perturb, then the GEMM
         wn = perturb(weight, variation, rng=rng, samples=samples, sigmas=sig)
         return reference.sampled_linear(x, wn, bias, shared_input)
@@ -253,9 +253,8 @@ def snapshot_linear(
         raise ValueError(f"act must have non-empty spatial dims, got shape {list(act.shape)}")
     lead = act.shape[:-3]
     snap_shape = (*lead, act.shape[-3] * pool * pool)
-    samples, rng, sig = _linear_args(
-        snap_shape, act.device, weight, bias, variation, seed, offset, rng, samples, sigmas, shared_input, "act"
-    )
+    noise = dict(seed=seed, offset=offset, rng=rng, samples=samples, sigmas=sigmas, shared_input=shared_input)
+    samples, rng, sig = _linear_args("act", snap_shape, act.device, weight, bias, variation, **noise)
     if isinstance(variation, Variation) and _ext.use_kernel("snapshot_linear", weight.device):
         allow_tf32 = _tf32_for(act)
         return torch.ops.nft_cuda.snapshot_linear(

@@ -321,9 +321,9 @@ def sampled_linear(x: torch.Tensor, wn: torch.Tensor, bias: torch.Tensor | None,
     return out
 
 
-# Signature twin of noisy_linear_backward_input below: each reference function takes exactly the
-# arguments of its compiled op (torch.ops.nft_cuda.*), which it stands in for one to one, so the
-# argument lists stay spelled out per op.
+# Signature twin of noisy_linear_backward_input below: each reference function takes the arguments of
+# its compiled op (torch.ops.nft_cuda.*) in the op's order, as it stands in for it one to one, so the
+# argument lists stay spelled out per op. The op's trailing allow_tf32, ignored here, is keyword-only.
 def noisy_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -333,6 +333,7 @@ def noisy_linear(
     scale: float,
     state_factor: float,
     shared_input: bool,
+    *,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
     """out[s] = x(s) · perturb(weight)[s]ᵀ + bias (DESIGN §4.2): [S, ..., N] in x's dtype.
@@ -355,6 +356,7 @@ def noisy_linear_backward_input(
     scale: float,
     state_factor: float,
     shared_input: bool,
+    *,
     allow_tf32: bool = False,
 ) -> torch.Tensor:
     """dX of :func:`noisy_linear`: grad [S, ..., N] · perturb(weight)[s], summed over s if shared_input."""

@@ -423,32 +423,48 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
             )
         r = rec["result"]
         cpu.append(r.get("cpu_s"))
-        points.append(
-            {
-                "name": e["name"],
-                "model": e["model"],
-                "dataset": t["dataset"],
-                "method": t["method"],
-                "train_sigma": t["sigma"],
-                "train_device_model": t["device_model"],
-                "seed": t["seed"],
-                "sigma": e["sigma"],
-                "device_model": e["device_model"],
-                "runs": r["runs"],
-                "num_inputs": r["num_inputs"],
-                "eval_seed": r["seed"],
-                "accuracy_mean": r["accuracy_mean"],
-                "ci95": r["ci95"],
-                "ekl": r["ekl"],
-                "confidence": r["confidence"],
-                "clean_accuracy": r["clean_accuracy"],
-                "time_s": r["time_s"],
-                "per_instance_accuracy": r["per_instance_accuracy"],
-                "noise_stream": r.get("noise_stream", 1),
-                **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"]}
-                   if "time_s" in e else {}),
-            }
-        )  # fmt: skip
+        points.append(_point(e, t, r))
+    results = _results(cfg, trained, points, cpu)
+    _write_json(out / "results.json", results)
+    log(
+        f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
+        f"({results['time_s']['training'] / 60:.1f} training, {results['time_s']['evaluation'] / 60:.1f} Monte-Carlo); "
+        f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}"
+    )
+    return results
+
+
+def _point(e: dict, t: dict, r: dict) -> dict:
+    """The results.json row of evaluation ``e`` of trained model ``t``, from its Monte-Carlo result ``r``."""
+    return {
+        "name": e["name"],
+        "model": e["model"],
+        "dataset": t["dataset"],
+        "method": t["method"],
+        "train_sigma": t["sigma"],
+        "train_device_model": t["device_model"],
+        "seed": t["seed"],
+        "sigma": e["sigma"],
+        "device_model": e["device_model"],
+        "runs": r["runs"],
+        "num_inputs": r["num_inputs"],
+        "eval_seed": r["seed"],
+        "accuracy_mean": r["accuracy_mean"],
+        "ci95": r["ci95"],
+        "ekl": r["ekl"],
+        "confidence": r["confidence"],
+        "clean_accuracy": r["clean_accuracy"],
+        "time_s": r["time_s"],
+        "per_instance_accuracy": r["per_instance_accuracy"],
+        "noise_stream": r.get("noise_stream", 1),
+        **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"]}
+           if "time_s" in e else {}),
+    }  # fmt: skip
+
+
+def _results(cfg: dict, trained: dict, points: list, cpu: list) -> dict:
+    """results.json: the config, environment, trainings, evaluation rows and the time spent (CPU time
+    only when every item recorded it)."""
     results = {
         "config": cfg,
         "environment": _environment(),
@@ -462,12 +478,6 @@ def run(cfg: dict, out, *, progress: bool = True, log=print) -> dict:
     results["time_s"]["total"] = results["time_s"]["training"] + results["time_s"]["evaluation"]
     if None not in cpu:
         results["time_s"]["cpu"] = sum(cpu)
-    _write_json(out / "results.json", results)
-    log(
-        f"done: {total} items, {results['time_s']['total'] / 60:.1f} min of work "
-        f"({results['time_s']['training'] / 60:.1f} training, {results['time_s']['evaluation'] / 60:.1f} Monte-Carlo); "
-        f"this invocation {_elapsed(t_start)}; results: {out / 'results.json'}"
-    )
     return results
 
 
@@ -548,9 +558,20 @@ def _paired_cell(a: dict | None, b: dict | None, paired_difference) -> str:
 
 def render_tables(results: dict) -> str:
     """The Markdown tables of docs/reproduction.md, computed from ``results`` alone."""
-    from nft_cuda.eval.paired import paired_difference
+    cfg, points = results["config"], results["evaluations"]
+    out = _sweep_tables(results)
+    out += _paired_table(points)
+    for g in cfg["groups"][1:]:
+        out += _group_tables(cfg, g, points)
+    out += _cost_table(results)
+    if "mnist" in cfg["groups"][0]["datasets"]:
+        out += _beside_the_paper(cfg, points)
+    return "\n".join(out).rstrip() + "\n"
 
-    cfg, points, trainings = results["config"], results["evaluations"], results["trainings"]
+
+def _sweep_tables(results: dict) -> list[str]:
+    """The opening sentence, then accuracy and EKL over the σ_d sweep of the first group, per dataset."""
+    cfg, points = results["config"], results["evaluations"]
     seed0 = cfg["clean_seed"]
     sweep = cfg["groups"][0]
     sigmas = [float(s) for s in sweep["sigmas"]]
@@ -585,8 +606,14 @@ def render_tables(results: dict) -> str:
             *_sweep_rows(points, ds, preset0, sigmas, seed0, lambda p: f"{100 * p['ekl']:.3f}"),
             "",
         ]
+    return out
 
-    out += [
+
+def _paired_table(points: list) -> list[str]:
+    """Noise injection minus clean, OVF and IRS minus noise injection, paired by chip."""
+    from nft_cuda.eval.paired import paired_difference
+
+    out = [
         "**Noise injection minus clean training, OVF and IRS minus noise injection, paired by chip** (percentage "
         "points, mean ± CI95 of the per-chip differences: chip i of every model draws the same noise stream)",
         "",
@@ -612,41 +639,56 @@ def render_tables(results: dict) -> str:
                 f"| {p['dataset']} | {p['device_model']} | {p['sigma']:g} | {p['seed']} | " + " | ".join(cells) + " |"
             )
     out.append("")
+    return out
 
-    for g in cfg["groups"][1:]:
-        for ds in g["datasets"]:
-            for s in g["sigmas"]:
-                s = float(s)
-                for seed in g["seeds"]:
-                    other = (g["device_model"], seed)
-                    if other == (preset0, seed0):
-                        continue
-                    what = f"device preset {g['device_model']}" if g["device_model"] != preset0 else f"seed {seed}"
-                    out += [
-                        f"**{what} vs {preset0} seed {seed0}: {ds}, σ_d = {s:g}** (accuracy %, EKL ×10⁻²)",
-                        "",
-                        f"| method | accuracy, {preset0} seed {seed0} | accuracy, {g['device_model']} seed {seed} "
-                        f"| EKL, {preset0} seed {seed0} | EKL, {g['device_model']} seed {seed} |",
-                        "|---|---|---|---|---|",
-                    ]
-                    for method in _METHOD_ORDER:
-                        pair = []
-                        for preset, sd in ((preset0, seed0), other):
-                            if method == "clean" and sd != seed0:  # the clean model is trained once
-                                pair.append(None)
-                                continue
-                            want = dict(dataset=ds, method=method, sigma=s, device_model=preset)
-                            if method != "clean":
-                                want.update(train_sigma=s, train_device_model=preset, seed=sd)
-                            pair.append(_find(points, **want))
-                        if all(p is None for p in pair):
-                            continue
-                        accs = ["–" if p is None else _acc(p) for p in pair]
-                        ekls = ["–" if p is None else f"{100 * p['ekl']:.3f}" for p in pair]
-                        out.append(f"| {_METHOD_NAMES[method]} | {accs[0]} | {accs[1]} | {ekls[0]} | {ekls[1]} |")
-                    out.append("")
 
-    out += [
+def _group_tables(cfg: dict, g: dict, points: list) -> list[str]:
+    """One table per (dataset, σ_d, seed) of a later group: its preset or seed beside the first group's."""
+    seed0, preset0 = cfg["clean_seed"], cfg["groups"][0]["device_model"]
+    out = []
+    for ds in g["datasets"]:
+        for s in g["sigmas"]:
+            s = float(s)
+            for seed in g["seeds"]:
+                other = (g["device_model"], seed)
+                if other == (preset0, seed0):
+                    continue
+                what = f"device preset {g['device_model']}" if g["device_model"] != preset0 else f"seed {seed}"
+                out += [
+                    f"**{what} vs {preset0} seed {seed0}: {ds}, σ_d = {s:g}** (accuracy %, EKL ×10⁻²)",
+                    "",
+                    f"| method | accuracy, {preset0} seed {seed0} | accuracy, {g['device_model']} seed {seed} "
+                    f"| EKL, {preset0} seed {seed0} | EKL, {g['device_model']} seed {seed} |",
+                    "|---|---|---|---|---|",
+                ]
+                for method in _METHOD_ORDER:
+                    out += _comparison_row(points, method, ds, s, ((preset0, seed0), other), seed0)
+                out.append("")
+    return out
+
+
+def _comparison_row(points: list, method: str, ds: str, s: float, settings: tuple, seed0: int) -> list[str]:
+    """The row of ``method`` in a group table (none when neither setting has a point)."""
+    pair = []
+    for preset, sd in settings:
+        if method == "clean" and sd != seed0:  # the clean model is trained once
+            pair.append(None)
+            continue
+        want = dict(dataset=ds, method=method, sigma=s, device_model=preset)
+        if method != "clean":
+            want.update(train_sigma=s, train_device_model=preset, seed=sd)
+        pair.append(_find(points, **want))
+    if all(p is None for p in pair):
+        return []
+    accs = ["–" if p is None else _acc(p) for p in pair]
+    ekls = ["–" if p is None else f"{100 * p['ekl']:.3f}" for p in pair]
+    return [f"| {_METHOD_NAMES[method]} | {accs[0]} | {accs[1]} | {ekls[0]} | {ekls[1]} |"]
+
+
+def _cost_table(results: dict) -> list[str]:
+    """Training cost per method, then the total work (and CPU time when recorded)."""
+    trainings = results["trainings"]
+    out = [
         "**Training cost** (wall time per model on this machine; clean test accuracy of the exported model, σ_d = 0)",
         "",
         "| method | models | mean train time (s) | × noise injection | clean test accuracy (%, range) |",
@@ -677,31 +719,37 @@ def render_tables(results: dict) -> str:
             "the machine.",
             "",
         ]
+    return out
 
-    if "mnist" in sweep["datasets"]:
-        out += [
-            f"**Beside the paper** (VGG-8 / MNIST, digitised from its figure; ours: {cfg['model']} width {cfg['width']:g}, "
-            f"mnist, {preset0}; accuracy %, EKL ×10⁻²)",
-            "",
-            "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |",
-            "|---|---|---|---|---|---|",
-        ]
-        for s in sigmas:
-            if s not in PAPER["accuracy"]:
-                continue
-            for m in _METHOD_ORDER:
-                want = dict(dataset="mnist", method=m, sigma=s, device_model=preset0)
-                if m != "clean":
-                    want.update(train_sigma=s, train_device_model=preset0, seed=seed0)
-                p = _find(points, **want)
-                ours = "–" if p is None else _acc(p)
-                ekl = "–" if p is None else f"{100 * p['ekl']:.3f}"
-                out.append(
-                    f"| {s:g} | {_METHOD_NAMES[m]} | {PAPER['accuracy'][s][m]:.2f} | {ours} | "
-                    f"{PAPER['ekl_e2'][s][m]:.3f} | {ekl} |"
-                )
-        out.append("")
-    return "\n".join(out).rstrip() + "\n"
+
+def _beside_the_paper(cfg: dict, points: list) -> list[str]:
+    """Our MNIST sweep beside the paper's figure (the σ_d it reports)."""
+    seed0 = cfg["clean_seed"]
+    sweep = cfg["groups"][0]
+    preset0 = sweep["device_model"]
+    out = [
+        f"**Beside the paper** (VGG-8 / MNIST, digitised from its figure; ours: {cfg['model']} width {cfg['width']:g}, "
+        f"mnist, {preset0}; accuracy %, EKL ×10⁻²)",
+        "",
+        "| σ_d | method | paper accuracy | our accuracy | paper EKL | our EKL |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in (float(s) for s in sweep["sigmas"]):
+        if s not in PAPER["accuracy"]:
+            continue
+        for m in _METHOD_ORDER:
+            want = dict(dataset="mnist", method=m, sigma=s, device_model=preset0)
+            if m != "clean":
+                want.update(train_sigma=s, train_device_model=preset0, seed=seed0)
+            p = _find(points, **want)
+            ours = "–" if p is None else _acc(p)
+            ekl = "–" if p is None else f"{100 * p['ekl']:.3f}"
+            out.append(
+                f"| {s:g} | {_METHOD_NAMES[m]} | {PAPER['accuracy'][s][m]:.2f} | {ours} | "
+                f"{PAPER['ekl_e2'][s][m]:.3f} | {ekl} |"
+            )
+    out.append("")
+    return out
 
 
 def update_doc(doc_path, results: dict, *, render=None, begin: str = BEGIN, end: str = END) -> None:

@@ -456,6 +456,76 @@ def test_eval_checkpoints(tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k != "checkpoint"} for r in report["results"]] == direct
 
 
+def test_monte_carlo_takes_its_settings_as_one_eval_config():
+    """config=EvalConfig(...) gives the results of the same settings as arguments; a setting given both
+    ways, or a call with neither runs/seed nor a config, is refused naming it."""
+    from nft_cuda.eval import EvalConfig
+
+    model = make_model()
+    _, _, loader = make_data(model, n=24, batch=10)
+    sweep = [nft_cuda.Variation(0.0), nft_cuda.Variation(0.2)]
+    kw = dict(instances_per_pass=2, progress=False, per_instance_kl=True)
+    direct = monte_carlo(model, loader, sweep, 5, seed=SEED, **kw)
+    config = EvalConfig(runs=5, seed=SEED, **kw)
+    assert monte_carlo(model, loader, sweep, config=config) == direct
+    other = monte_carlo(model, loader, sweep, config=EvalConfig(runs=5, seed=SEED + 1, **kw))
+    assert other[1]["per_instance_accuracy"] != direct[1]["per_instance_accuracy"]  # the config is read
+    with pytest.raises(TypeError, match="runs, seed given both in config and as arguments"):
+        monte_carlo(model, loader, sweep, 5, seed=SEED, config=config)
+    with pytest.raises(TypeError, match="fold given both"):
+        monte_carlo(model, loader, sweep, fold=True, config=config)
+    with pytest.raises(TypeError, match="needs runs and seed"):
+        monte_carlo(model, loader, sweep, 5)
+    with pytest.raises(TypeError, match="config must be an nft_cuda.eval.EvalConfig"):
+        monte_carlo(model, loader, sweep, config={"runs": 5, "seed": 0})
+
+
+def test_eval_config_is_checked_normalised_and_frozen():
+    import dataclasses
+
+    from nft_cuda.eval import EvalConfig
+
+    c = EvalConfig(sigmas=0.1, times=[1, 3600], labels=["a"], device_options=None)
+    assert c.sigmas == (0.1,) and c.times == (1.0, 3600.0) and c.labels == ("a",) and c.device_options == {}
+    for bad, match in (
+        ({"runs": 0}, "runs must be a positive int"),
+        ({"runs": 2**32 + 1}, "at most 2"),
+        ({"seed": -1}, "seed must be in"),
+        ({"instances_per_pass": 0}, "instances_per_pass"),
+        ({"batch_size": 1.5}, "batch_size"),
+        ({"sigmas": []}, "sigmas must hold at least one"),
+        ({"times": ()}, "times must hold at least one"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(**bad)
+    with pytest.raises(TypeError, match="device_options must be a dict"):
+        EvalConfig(device_options=[("p0", 0.1)])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.runs = 3
+    assert dataclasses.replace(c, runs=3).runs == 3 and c.runs == 100
+
+
+def test_eval_checkpoints_with_a_config_equals_the_keyword_call(tmp_path, monkeypatch):
+    from nft_cuda.eval import EvalConfig
+    from nft_cuda.eval import run as run_module
+    from nft_cuda.io import save_model
+
+    model = make_model()
+    x, y, _ = make_data(model, n=20)
+    spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
+    for name in ("a", "b"):
+        save_model(str(tmp_path / f"{name}.pt"), model, spec=spec, variation=nft_cuda.Variation(0.1),
+                   meta={"dataset": "embedded", "method": "noise"})  # fmt: skip
+    monkeypatch.setattr(run_module, "load_test_set", lambda name, data_dir=None: (x, y))
+    paths = [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    kw = dict(runs=3, seed=2, device="cpu", progress=False, batch_size=8, baseline=paths[0])
+    by_keywords = eval_checkpoints(paths, [0.2], **kw)
+    by_config = eval_checkpoints(paths, config=EvalConfig(sigmas=[0.2], **kw))
+    assert by_config == by_keywords and by_config["baseline"] == "a" and by_config["paired"]
+    with pytest.raises(TypeError, match="sigmas given both"):
+        eval_checkpoints(paths, [0.2], config=EvalConfig(**kw))
+
+
 # ------------------------------------------------------------------------------------------------
 # Scale-out: 2 processes with gloo give the JSON of one process (DESIGN §7). Runs in CI (< 60 s).
 # ------------------------------------------------------------------------------------------------

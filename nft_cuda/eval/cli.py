@@ -319,6 +319,7 @@ def _device_options(args) -> dict:
 def _run_eval(args) -> int:
     from nft_cuda import distributed
     from nft_cuda._args import resolve_device
+    from nft_cuda.eval.config import EvalConfig
     from nft_cuda.eval.run import eval_checkpoints, partial_path
     from nft_cuda.io import resolve_model_path
 
@@ -331,19 +332,18 @@ def _run_eval(args) -> int:
     if group.active and device is None:
         device = str(group.device)
     try:
-        report = eval_checkpoints(
-            paths,
-            args.sigma,
-            args.device_model,
-            args.runs,
-            args.seed,
-            args.data_dir,
-            args.json,
-            args.csv,
-            args.plot,
-            args.instances_per_pass,
-            device,
-            args.progress,
+        config = EvalConfig(
+            sigmas=args.sigma,
+            device_model=args.device_model,
+            runs=args.runs,
+            seed=args.seed,
+            data_dir=args.data_dir,
+            json_path=args.json,
+            csv_path=args.csv,
+            plot_path=args.plot,
+            instances_per_pass=args.instances_per_pass,
+            device=device,
+            progress=args.progress,
             batch_size=args.batch_size,
             resume=args.resume,
             baseline=args.baseline,
@@ -353,6 +353,7 @@ def _run_eval(args) -> int:
             output=args.output,
             stream_version=args.stream_version,
         )
+        report = eval_checkpoints(paths, config=config)
     except KeyboardInterrupt:
         if args.json and not group.active:  # sharded runs keep no partial file
             sys.stderr.write(

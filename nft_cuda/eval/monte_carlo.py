@@ -64,6 +64,7 @@ gloo and the current CUDA device with NCCL.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterable, Iterator
@@ -75,6 +76,7 @@ from nft_cuda import _args
 from nft_cuda.devices import DeviceModel
 from nft_cuda.distributed import Group
 from nft_cuda.distributed import current as current_group
+from nft_cuda.eval.config import EvalConfig, config_or_keywords
 from nft_cuda.eval.metrics import EKL_BLOCK, EKLAccumulator, accuracy_stats, exact_mean
 from nft_cuda.nn import (
     NOISE_STREAM_VERSION,
@@ -201,17 +203,6 @@ def _clean_pass(model: nn.Module, loader, device: torch.device, adapt=_ITSELF):
     return torch.cat(labels), int(correct), float(conf_sum), classes
 
 
-def _check_run_args(runs, seed, instances_per_pass, loader) -> int:
-    """Check monte_carlo's counts, seed and loader; returns the seed as an int."""
-    _args.check_count("runs", runs)
-    if runs > 2**32:
-        raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {runs}")
-    seed = _args.check_seed_int("seed", seed)
-    _args.check_count("instances_per_pass", instances_per_pass)
-    _check_loader(loader)
-    return seed
-
-
 def _evaluable_layers(model: nn.Module) -> list:
     """The model's noisy layers in ``named_modules()`` order, checked to be ones monte_carlo can evaluate."""
     layers = [m for _, m in noisy_layers(model)]
@@ -230,36 +221,41 @@ def _stream_version(model: nn.Module, version: int | None) -> int:
     return model_stream_version(model) or NOISE_STREAM_VERSION
 
 
-def _group_pass(
-    model,
-    layers,
-    loader,
-    device,
-    labels,
-    ekl: EKLAccumulator,
-    seed,
-    r0: int,
-    samples: int,
-    fold: bool,
-    kept: dict | None = None,
-    *,
-    adapt=_ITSELF,
-):
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every pass of one :func:`monte_carlo` call shares: its settings (``config``), the model and its
+    keyed noisy layers, the test loader, where it runs, the process group, the output adapter and whether
+    the instances are folded into the batch axis (``fold`` resolved: False when the model cannot be)."""
+
+    config: EvalConfig
+    model: nn.Module
+    layers: list
+    loader: object
+    device: torch.device
+    comm: Group
+    adapt: object
+    fold: bool
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits(self.model, x, self.adapt)
+
+
+def _group_pass(run: _Run, labels, ekl: EKLAccumulator, r0: int, samples: int, kept: dict | None = None):
     """Evaluate instances r0 .. r0+S-1 over the loader; returns per-instance (correct, Σ max p) as lists
     of device scalars and feeds the probabilities to ``ekl``. With ``kept``, the float32 logits of each
-    batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`). ``adapt``: the
-    output adapter."""
+    batch are kept as ``kept[r] = [(start, logits), ...]`` (for :func:`_chip_kl`)."""
     correct = [0] * samples
     conf = [None] * samples
+    model, device = run.model, run.device
     mismatch = torch.zeros((), dtype=torch.bool, device=device)
     start = 0
     n = labels.shape[0]
     # The group's noisy weights, drawn once for the whole loader (not once per batch) and carried by
     # the layers' sample plans: folded, chunk t of the batch axis uses instance r0 + t; unfolded, the
     # forward of instance r0 + t uses that instance's one-sample plan.
-    plans = instance_plans(layers, seed, r0, samples, draw=True)
+    plans = instance_plans(run.layers, run.config.seed, r0, samples, draw=True)
     one = [{layer: plan.select(t) for layer, plan in plans.items()} for t in range(samples)]
-    for x, y in loader:
+    for x, y in run.loader:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         b = y.shape[0]
@@ -269,15 +265,15 @@ def _group_pass(
                 "inputs in the same order on every pass (no shuffling)"
             )
         mismatch |= (y != labels[start : start + b]).any()
-        if fold:
+        if run.fold:
             with sample_plan(model, plans, samples):
-                logits = _logits(model, _repeat(x, samples), adapt)
+                logits = run.logits(_repeat(x, samples))
             chunks = [logits[t * b : (t + 1) * b] for t in range(samples)]
         else:
             chunks = []
             for t in range(samples):
                 with sample_plan(model, one[t], 1):
-                    chunks.append(_logits(model, x, adapt))
+                    chunks.append(run.logits(x))
         for t, lt in enumerate(chunks):
             p = torch.softmax(lt.to(torch.float64), dim=-1)
             correct[t] = correct[t] + (lt.argmax(-1) == y).sum()
@@ -356,9 +352,9 @@ def monte_carlo(
     model: nn.Module,
     loader,
     variations,
-    runs: int,
+    runs: int | None = None,
     *,
-    seed: int,
+    seed: int | None = None,
     instances_per_pass: int = 8,
     device=None,
     progress: bool = True,
@@ -368,6 +364,7 @@ def monte_carlo(
     per_instance_kl: bool = False,
     output=None,
     stream_version: int | None = None,
+    config: EvalConfig | None = None,
 ) -> list[dict]:
     """Monte-Carlo evaluation of ``runs`` chip instances per σ_d (DESIGN §6); see the module docstring.
 
@@ -406,6 +403,9 @@ def monte_carlo(
             layers' names) or 1 (keys by position, the chips of results made before version 2). Default:
             the model's own (:func:`nft_cuda.convert`'s ``stream_version``; a model loaded by
             :func:`nft_cuda.io.load_model` has its file's). The layers' keys are restored afterwards.
+        config: all of the settings above (``runs`` .. ``stream_version``, not ``group``) as one
+            :class:`~nft_cuda.eval.EvalConfig`, instead of the arguments (not both: a setting given in
+            both ways is refused). ``runs`` and ``seed`` are required when there is no config.
 
     Returns:
         One dict per variation: ``sigma``, ``device_model`` (the preset or model kind), ``time_s`` (the
@@ -422,102 +422,80 @@ def monte_carlo(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     variations = _as_variations(variations)
-    adapt = resolve_output(output)
-    seed = _check_run_args(runs, seed, instances_per_pass, loader)
+    if config is None and (runs is None or seed is None):
+        raise TypeError("monte_carlo needs runs and seed= (or config=EvalConfig(...))")
+    settings = dict(runs=runs, seed=seed, instances_per_pass=instances_per_pass, device=device, progress=progress,
+                    fold=fold, distributed=distributed, per_instance_kl=per_instance_kl, output=output,
+                    stream_version=stream_version)  # fmt: skip
+    config = config_or_keywords(monte_carlo, config, settings)
+    adapt = resolve_output(config.output)
+    _check_loader(loader)
     _evaluable_layers(model)
-    version = _stream_version(model, stream_version)
-    device = _model_device(model, device)
-    comm = current_group(group, distributed)
+    version = _stream_version(model, config.stream_version)
+    device = _model_device(model, config.device)
+    comm = current_group(group, config.distributed)
 
     with _kept_state(model):
         layers = assign_layer_keys(model, version)
         model.eval()
-        if fold is None:
-            fold = device.type == "cuda"
-        blockers = unbatchable_modules(model) if fold else []
-        if fold and not blockers:
-            blockers = _fold_probe(model, layers, loader, device, variations, seed, min(runs, instances_per_pass))
-        if blockers:
-            warnings.warn(
-                f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
-                "a batch, so instances cannot be folded into the batch axis (same results, slower)",
-                stacklevel=2,
-            )
-            fold = False
+        run = _Run(config, model, layers, loader, device, comm, adapt, fold=False)
+        run = dataclasses.replace(run, fold=_can_fold(run, variations))
         with torch.no_grad():
             clean = _clean_pass(model, loader, device, adapt)
-            results = [
-                _sweep_result(
-                    model,
-                    layers,
-                    loader,
-                    device,
-                    clean,
-                    var,
-                    runs,
-                    seed,
-                    instances_per_pass,
-                    bool(fold),
-                    comm,
-                    progress,
-                    per_instance_kl,
-                    adapt=adapt,
-                )
-                for var in variations
-            ]
+            results = [_sweep_result(run, clean, var) for var in variations]
     return [{**r, "noise_stream": version} for r in results]
 
 
-def _fold_probe(model, layers, loader, device, variations, seed, samples: int) -> list[str]:
+def _can_fold(run: _Run, variations: list) -> bool:
+    """Whether the instances of a pass are folded into the batch axis: ``config.fold`` (default: on CUDA),
+    unless a module may mix the rows of a batch (one warning then)."""
+    fold = run.device.type == "cuda" if run.config.fold is None else run.config.fold
+    if not fold:
+        return False
+    blockers = unbatchable_modules(run.model) or _fold_probe(run, variations)
+    if blockers:
+        warnings.warn(
+            f"monte_carlo: evaluating one instance at a time: modules {blockers} may mix the rows of "
+            "a batch, so instances cannot be folded into the batch axis (same results, slower)",
+            stacklevel=3,
+        )
+    return not blockers
+
+
+def _fold_probe(run: _Run, variations: list) -> list[str]:
     """The runtime half of the fold check (:func:`nft_cuda.nn.sample_axis.probe_blockers`): instances
     0 .. S-1 of the first noisy device model of the sweep on the first test batch, folded vs one at a time."""
     var = next((v for v in variations if not v.noiseless), None)
+    samples = min(run.config.runs, run.config.instances_per_pass)
     if var is None or samples == 1:
         return []  # no noisy pass, or nothing to fold
-    with kept_noise_state(model):
-        for layer in layers:
+    with kept_noise_state(run.model):
+        for layer in run.layers:
             layer.variation = var
-        batch = next(iter(loader), None)
+        batch = next(iter(run.loader), None)
         if batch is None:
             return []  # the clean pass reports the empty loader
-        x = batch[0].to(device)
-        plans = instance_plans(layers, seed, 0, samples)
-        return probe_blockers(model, x, plans, samples, forward=lambda inputs: _logits(model, inputs))
+        x = batch[0].to(run.device)
+        plans = instance_plans(run.layers, run.config.seed, 0, samples)
+        return probe_blockers(run.model, x, plans, samples, forward=run.logits)
 
 
-def _sweep_result(
-    model, layers, loader, device, clean, var, runs, seed, samples, fold, comm, progress, chip_kl: bool, *, adapt
-) -> dict:
+def _sweep_result(run: _Run, clean, var: DeviceModel) -> dict:
     """The result dict of one σ_d (see :func:`monte_carlo`); ``clean`` is :func:`_clean_pass`'s."""
     labels, clean_correct, clean_conf, classes = clean
+    runs, chip_kl = run.config.runs, run.config.per_instance_kl
     n = labels.shape[0]
     clean_acc = clean_correct / n
-    for layer in layers:
+    for layer in run.layers:
         layer.variation = var
     if var.noiseless:
         per_acc = [clean_acc] * runs
         conf = exact_mean([clean_conf] * runs, runs * n)
         ekl, per_kl = 0.0, [0.0] * runs
     else:
-        per_acc, conf, ekl, per_kl = _sweep_point(
-            model,
-            layers,
-            loader,
-            device,
-            labels,
-            classes,
-            var,
-            runs,
-            seed,
-            samples,
-            fold,
-            comm,
-            progress,
-            chip_kl,
-            adapt=adapt,
-        )
+        per_acc, conf, ekl, per_kl = _sweep_point(run, labels, classes, var)
     res = {"sigma": var.sigma, "device_model": var.name, "time_s": getattr(var, "time", 0.0)}
-    res.update({"device": var.to_dict(), "runs": runs, "seed": seed, "num_inputs": n})
+    res.update({"device": var.to_dict(), "runs": runs, "seed": run.config.seed, "num_inputs": n})
     res.update(accuracy_stats(per_acc))
     res.update({"confidence": conf, "ekl": ekl, "clean_accuracy": clean_acc, "per_instance_accuracy": per_acc})
     if chip_kl:
@@ -525,75 +503,80 @@ def _sweep_result(
     return res
 
 
-def _sweep_point(
-    model,
-    layers,
-    loader,
-    device,
-    labels,
-    classes,
-    var,
-    runs,
-    seed,
-    samples,
-    fold,
-    comm,
-    progress,
-    chip_kl: bool = False,
-    *,
-    adapt=_ITSELF,
-):
+@dataclasses.dataclass(frozen=True)
+class _Rounds:
+    """How the R instances are shared out (DESIGN §7): blocks of EKL_BLOCK consecutive instances, in
+    rounds; in round j, rank k evaluates the ``per_round`` blocks starting at block (j·W + k)·per_round."""
+
+    runs: int
+    world: int
+    per_round: int
+
+    @property
+    def blocks(self) -> int:
+        return math.ceil(self.runs / EKL_BLOCK)
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.blocks / (self.world * self.per_round))
+
+    def blocks_of(self, rank: int, j: int) -> range:
+        first = (j * self.world + rank) * self.per_round
+        return range(min(first, self.blocks), min(first + self.per_round, self.blocks))
+
+    def instances_of(self, rank: int, j: int) -> range:
+        blocks = self.blocks_of(rank, j)
+        return range(blocks.start * EKL_BLOCK, min(self.runs, blocks.stop * EKL_BLOCK))
+
+
+def _sweep_point(run: _Run, labels, classes: int, var: DeviceModel):
     """(per-instance accuracies [R], mean confidence, EKL, per-instance KL [R] or None) of one σ_d."""
+    config, comm = run.config, run.comm
+    runs, samples = config.runs, config.instances_per_pass
     n = labels.shape[0]
-    nblocks = math.ceil(runs / EKL_BLOCK)
-    per_round = math.ceil(samples / EKL_BLOCK)  # blocks a rank evaluates per round
-    rounds = math.ceil(nblocks / (comm.world * per_round))
-    ekl = EKLAccumulator(n, classes, device=device, auto_fold=False)
+    rounds = _Rounds(runs, comm.world, math.ceil(samples / EKL_BLOCK))
+    ekl = EKLAccumulator(n, classes, device=run.device, auto_fold=False)
     local: dict[int, tuple] = {}
-    kept: dict | None = {} if chip_kl else None
-
-    def blocks_of(rank: int, j: int) -> range:
-        first = (j * comm.world + rank) * per_round
-        return range(min(first, nblocks), min(first + per_round, nblocks))
-
-    my_instances = sum(
-        min(runs, (b + 1) * EKL_BLOCK) - b * EKL_BLOCK for j in range(rounds) for b in blocks_of(comm.rank, j)
-    )
-    bar = None
-    if progress and comm.rank == 0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=my_instances, desc=f"σ_d={var.sigma:g} {var.name}", unit="inst", leave=False, disable=None
-        )  # None: no bar (no carriage returns) when stderr is not a terminal
+    kept: dict | None = {} if config.per_instance_kl else None
+    mine = sum(len(rounds.instances_of(comm.rank, j)) for j in range(rounds.count))
+    bar = _progress_bar(mine, var) if config.progress and comm.rank == 0 else None
     try:
-        for j in range(rounds):
-            blocks = blocks_of(comm.rank, j)
-            if len(blocks):
-                lo, hi = blocks.start * EKL_BLOCK, min(runs, blocks.stop * EKL_BLOCK)
-                for r0 in range(lo, hi, samples):
-                    s = min(samples, hi - r0)
-                    correct, conf = _group_pass(
-                        model, layers, loader, device, labels, ekl, seed, r0, s, fold, kept, adapt=adapt
-                    )
-                    for t in range(s):
-                        local[r0 + t] = [correct[t], conf[t]]
-                    if bar is not None:
-                        bar.update(s)
+        for j in range(rounds.count):
+            span = rounds.instances_of(comm.rank, j)
+            for r0 in range(span.start, span.stop, samples):
+                s = min(samples, span.stop - r0)
+                correct, conf = _group_pass(run, labels, ekl, r0, s, kept)
+                for t in range(s):
+                    local[r0 + t] = [correct[t], conf[t]]
+                if bar is not None:
+                    bar.update(s)
             # Exchange the block sums of this round in block order and fold them (DESIGN §7).
             for src in range(comm.world):
-                for b in blocks_of(src, j):
+                for b in rounds.blocks_of(src, j):
                     mine_b = ekl.take_block(b) if src == comm.rank else None
-                    ekl.put_block(b, _broadcast_block(comm, mine_b, src, (n, classes), device))
+                    ekl.put_block(b, _broadcast_block(comm, mine_b, src, (n, classes), run.device))
     finally:
         if bar is not None:
             bar.close()
+    return _gathered(run, ekl, local, kept, n)
 
+
+def _progress_bar(total: int, var: DeviceModel):
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar (no carriage returns) when stderr is not a terminal
+    return tqdm(total=total, desc=f"σ_d={var.sigma:g} {var.name}", unit="inst", leave=False, disable=None)
+
+
+def _gathered(run: _Run, ekl: EKLAccumulator, local: dict, kept: dict | None, n: int):
+    """The statistics of one σ_d over every rank's instances (``local``: this rank's per-instance
+    correct counts and confidence sums; ``kept``: their logits for the per-chip KL, or None)."""
+    runs = run.config.runs
     plogp = ekl.instance_plogp()
-    kl = _chip_kl(kept, plogp, ekl, runs, n) if chip_kl else {}
+    kl = _chip_kl(kept, plogp, ekl, runs, n) if kept is not None else {}
     local_out = {r: (int(c), float(f), plogp[r], kl.get(r)) for r, (c, f) in local.items()}
     merged: dict[int, tuple] = {}
-    for part in comm.gather_objects(local_out):
+    for part in run.comm.gather_objects(local_out):
         merged.update(part)
     if sorted(merged) != list(range(runs)):
         raise RuntimeError(f"monte_carlo: gathered {len(merged)} instances, expected {runs}")
@@ -602,7 +585,7 @@ def _sweep_point(
             ekl.add_instance_plogp(r, merged[r][2])
     per_acc = [merged[r][0] / n for r in range(runs)]
     conf = exact_mean([merged[r][1] for r in range(runs)], runs * n)
-    per_kl = [merged[r][3] for r in range(runs)] if chip_kl else None
+    per_kl = [merged[r][3] for r in range(runs)] if kept is not None else None
     return per_acc, conf, ekl.value(), per_kl
 
 

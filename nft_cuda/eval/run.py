@@ -21,6 +21,7 @@ from nft_cuda._args import resolve_device
 from nft_cuda._files import json_safe, sha256_file
 from nft_cuda.devices import MVM, PCM, PRESETS, DeviceModel, Variation, device_model_from_dict, make_device_model
 from nft_cuda.distributed import current as current_group
+from nft_cuda.eval.config import EvalConfig, config_or_keywords
 from nft_cuda.eval.monte_carlo import monte_carlo
 from nft_cuda.eval.paired import check_pairable, compare
 from nft_cuda.eval.report import build_report, plot_results, plot_time, write_csv, write_json
@@ -30,6 +31,7 @@ from nft_cuda.nn import stream_version as model_stream_version
 
 __all__ = [
     "DEFAULT_SIGMAS",
+    "EvalConfig",
     "TensorBatches",
     "eval_checkpoints",
     "load_test_set",
@@ -165,7 +167,7 @@ def _summary(values: dict):
 
 def eval_checkpoints(
     paths,
-    sigmas: Sequence[float],
+    sigmas: Sequence[float] | None = None,
     device_model: str | None = None,
     runs: int = 100,
     seed: int = 0,
@@ -188,14 +190,16 @@ def eval_checkpoints(
     device_options: dict | None = None,
     output=None,
     stream_version: int | None = None,
+    config: EvalConfig | None = None,
 ) -> dict:
     """Monte-Carlo evaluation of exported models (:func:`nft_cuda.io.load_model`) on the test split of
     their dataset (``payload["meta"]["dataset"]``), for each σ_d of ``sigmas``.
 
     Args:
         paths: one path or a list of exported model files or run folders of ``nft train`` (their model.pt).
-        sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md); None:
-            the evaluated model's default severity (1.0 for PCM and StuckAt), else :data:`DEFAULT_SIGMAS`.
+        sigmas: the severity sweep (σ_d for the bit-sliced Gaussian; see docs/device-models.md); None
+            (the default): the evaluated model's default severity (1.0 for PCM and StuckAt), else
+            :data:`DEFAULT_SIGMAS`.
         device_model: the device model: a preset (RRAM1, FeFET2, RRAM4, FeFET6: with the checkpoint's
             bit widths) or "pcm", "lognormal", "stuck-at" (default: each checkpoint's own model).
         times: seconds after programming, a second sweep axis (each severity × each time; every
@@ -223,65 +227,97 @@ def eval_checkpoints(
         stream_version: the noise stream version of the chips (DESIGN §2; ``nft eval --stream-version``):
             default each checkpoint's own (files written before version 2 are version 1), else 1 or 2
             for every checkpoint. Every result records it as ``noise_stream``.
+        config: all of these settings as one :class:`~nft_cuda.eval.EvalConfig` (its fields are the
+            argument names), instead of the arguments: ``eval_checkpoints(paths, config=EvalConfig(...))``.
+            A setting given both in ``config`` and as an argument is refused.
 
     Returns:
         The report dict (see :mod:`nft_cuda.eval.report`): ``results`` holds one entry per
         checkpoint × σ_d, each with a ``checkpoint`` label (see ``labels``).
     """
-    paths, sigmas, device, labels = _checked_args(paths, sigmas, device, labels)
-    if stream_version is not None:
-        stream_version = check_stream_version(stream_version)
-    baseline = _baseline_label(baseline, paths, labels)
-    sharded = distributed is not False and current_group().active
-    finished = _FinishedPoints(partial_path(json_path) if json_path and not sharded else None, resume)
+    settings = dict(sigmas=sigmas, device_model=device_model, runs=runs, seed=seed, data_dir=data_dir,
+                    json_path=json_path, csv_path=csv_path, plot_path=plot_path,
+                    instances_per_pass=instances_per_pass, device=device, progress=progress,
+                    batch_size=batch_size, fold=fold, distributed=distributed, labels=labels, resume=resume,
+                    baseline=baseline, times=times, drift_compensation=drift_compensation,
+                    device_options=device_options, output=output, stream_version=stream_version)  # fmt: skip
+    paths, config = _resolved(paths, config_or_keywords(eval_checkpoints, config, settings))
+    sharded = config.distributed is not False and current_group().active
+    json_path = config.json_path if not sharded else None
+    finished = _FinishedPoints(partial_path(json_path) if json_path else None, config.resume)
     test_sets: dict[tuple[str, str], tuple] = {}
+    chips: dict[str, tuple] = {}
     results, checkpoints = [], []
-    models, datasets, chips = {}, {}, {}
-    mc_args = dict(
-        runs=runs,
-        seed=seed,
-        device=device,
-        instances_per_pass=instances_per_pass,
-        progress=progress,
-        fold=fold,
-        distributed=distributed,
-        per_instance_kl=baseline is not None,
-        stream_version=stream_version,
-    )
     # The baseline goes first, so a checkpoint that cannot be paired with it is refused before it is evaluated.
-    for path, label in sorted(zip(paths, labels), key=lambda pl: pl[1] != baseline):
-        model, payload, dataset, (x, y) = _load_with_test_set(path, device, data_dir, test_sets)
-        meta = payload.get("meta", {}) or {}
-        spec = dict(payload["model"])
-        base = payload["variation"]
-        variations = sweep_models(base, sigmas, device_model, times, drift_compensation, device_options)
-        chips[label] = _chips(variations[0][0], dataset, model, stream_version)
-        if baseline is not None and label != baseline:
-            check_pairable(label, *chips[label], baseline, *chips[baseline])
-        loader = TensorBatches(x, y, batch_size)
-        adapter = output if output is not None else spec.get("output")
-        setting = {
-            "checkpoint_sha256": sha256_file(path) if finished.path else None,
-            "dataset": dataset,
-            "test_size": int(y.shape[0]),
-            "runs": runs,
-            "seed": seed,
-            "batch_size": batch_size,
-            "noise_stream": stream_version or model_stream_version(model) or NOISE_STREAM_VERSION,
-            **({"per_instance_kl": True} if baseline else {}),
-            **({"output": adapter} if isinstance(adapter, (str, int)) else {}),
-        }
-        for r in _points(model, loader, variations, finished, setting, output=adapter, **mc_args):
-            results.append({"checkpoint": label, **r})
-        checkpoints.append({"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
-                            "method": meta.get("method"), "trained_variation": dict(base)})  # fmt: skip
-        models[label], datasets[label] = spec, dataset
-        del model
-
-    report = _report(results, checkpoints, labels, models, datasets, seed, baseline)
-    if _is_writer(distributed):
-        _write_outputs(report, finished, json_path, csv_path, plot_path)
+    for path, label in sorted(zip(paths, config.labels), key=lambda pl: pl[1] != config.baseline):
+        rows, checkpoint = _eval_checkpoint(path, label, config, finished, test_sets, chips)
+        results += rows
+        checkpoints.append(checkpoint)
+    report = _report(results, checkpoints, config)
+    if _is_writer(config.distributed):
+        _write_outputs(report, finished, config)
     return report
+
+
+def _resolved(paths, config: EvalConfig) -> tuple[list[str], EvalConfig]:
+    """eval_checkpoints' paths (a list of model files) and its config with the device resolved, every
+    checkpoint labelled, the baseline given as its label, the stream version checked, and the chips'
+    KL kept when there is a baseline to compare with."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    paths = [resolve_model_path(p) for p in paths]
+    if not paths:
+        raise ValueError("eval_checkpoints needs at least one checkpoint path")
+    device = resolve_device("auto" if config.device is None else str(config.device))
+    labels = config.labels
+    if labels is None:
+        labels = _labels(paths)
+    elif len(labels) != len(paths) or len(set(labels)) != len(labels):
+        raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
+    version = None if config.stream_version is None else check_stream_version(config.stream_version)
+    baseline = _baseline_label(config.baseline, paths, labels)
+    config = dataclasses.replace(
+        config,
+        device=device,
+        labels=tuple(labels),
+        baseline=baseline,
+        stream_version=version,
+        per_instance_kl=config.per_instance_kl or baseline is not None,
+    )
+    return paths, config
+
+
+def _eval_checkpoint(path: str, label: str, config: EvalConfig, finished, test_sets: dict, chips: dict):
+    """(result rows, report entry) of one checkpoint: its sweep, each point reused from ``finished`` or
+    evaluated; its chips are recorded in ``chips`` and checked to pair with the baseline's."""
+    model, payload, dataset, (x, y) = _load_with_test_set(path, config.device, config.data_dir, test_sets)
+    meta = payload.get("meta", {}) or {}
+    spec = dict(payload["model"])
+    base = payload["variation"]
+    variations = sweep_models(
+        base, config.sigmas, config.device_model, config.times, config.drift_compensation, config.device_options
+    )
+    chips[label] = _chips(variations[0][0], dataset, model, config.stream_version)
+    if config.baseline is not None and label != config.baseline:
+        check_pairable(label, *chips[label], config.baseline, *chips[config.baseline])
+    adapter = config.output if config.output is not None else spec.get("output")
+    setting = {
+        "checkpoint_sha256": sha256_file(path) if finished.path else None,
+        "dataset": dataset,
+        "test_size": int(y.shape[0]),
+        "runs": config.runs,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "noise_stream": config.stream_version or model_stream_version(model) or NOISE_STREAM_VERSION,
+        **({"per_instance_kl": True} if config.per_instance_kl else {}),
+        **({"output": adapter} if isinstance(adapter, (str, int)) else {}),
+    }
+    loader = TensorBatches(x, y, config.batch_size)
+    points = _points(model, loader, variations, finished, setting, dataclasses.replace(config, output=adapter))
+    rows = [{"checkpoint": label, **r} for r in points]
+    checkpoint = {"checkpoint": label, "path": path, "model": spec, "dataset": dataset,
+                  "method": meta.get("method"), "trained_variation": dict(base)}  # fmt: skip
+    return rows, checkpoint
 
 
 def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compensation=None, options=None) -> list:
@@ -350,26 +386,28 @@ def _chips(variation: DeviceModel, dataset: str, model, stream_version: int | No
     return (*device, f"noise stream {version}"), dataset, [tuple(m.weight.shape) for _, m in noisy_layers(model)]
 
 
-def _report(results, checkpoints, labels, models, datasets, seed, baseline) -> dict:
-    """The report of eval_checkpoints: results and checkpoints back in the order of ``labels`` (the
-    baseline was evaluated first), and with a baseline its paired comparisons."""
+def _report(results: list, checkpoints: list, config: EvalConfig) -> dict:
+    """The report of eval_checkpoints: results and checkpoints back in the order of ``config.labels``
+    (the baseline was evaluated first), and with a baseline its paired comparisons."""
+    labels, baseline = config.labels, config.baseline
     order = {label: i for i, label in enumerate(labels)}
     results.sort(key=lambda r: order[r["checkpoint"]])
     checkpoints.sort(key=lambda c: order[c["checkpoint"]])
     extra = {} if baseline is None else {"baseline": baseline, "paired": compare(results, baseline)}
     return build_report(
         results,
-        model=_summary({k: models[k] for k in labels}),
-        dataset=_summary({k: datasets[k] for k in labels}),
-        seed=seed,
+        model=_summary({c["checkpoint"]: c["model"] for c in checkpoints}),
+        dataset=_summary({c["checkpoint"]: c["dataset"] for c in checkpoints}),
+        seed=config.seed,
         checkpoints=checkpoints,
         **extra,
     )
 
 
-def _points(model, loader, variations, finished, setting: dict, **monte_carlo_args) -> list[dict]:
+def _points(model, loader, variations, finished, setting: dict, config: EvalConfig) -> list[dict]:
     """The Monte-Carlo result of each (model, time) of :func:`sweep_models`, one point at a time so each is
-    kept as soon as it ends; a point an interrupted call finished with the same ``setting`` is reused."""
+    kept as soon as it ends; a point an interrupted call finished with the same ``setting`` is reused.
+    ``config``: the chips' settings (:func:`~nft_cuda.eval.monte_carlo` reads its chip fields)."""
     out = []
     for var, time_s in variations:
         if isinstance(var, Variation) and time_s is None:  # the key of reports before device models
@@ -379,29 +417,10 @@ def _points(model, loader, variations, finished, setting: dict, **monte_carlo_ar
         key = json.dumps({**setting, "variation": point}, sort_keys=True)
         r = finished.get(key)
         if r is None:
-            r = monte_carlo(model, loader, [var], **monte_carlo_args)[0]
+            r = monte_carlo(model, loader, [var], config=config)[0]
             r = finished.add(key, r if time_s is None else {**r, "time_s": time_s})
         out.append(r)
     return out
-
-
-def _checked_args(paths, sigmas, device, labels):
-    """eval_checkpoints' paths (a list), σ_d values (floats), device and labels, checked."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    paths = [resolve_model_path(p) for p in paths]
-    if not paths:
-        raise ValueError("eval_checkpoints needs at least one checkpoint path")
-    if sigmas is not None:  # None: each checkpoint's default sweep (sweep_models)
-        sigmas = [float(s) for s in ([sigmas] if isinstance(sigmas, (int, float)) else sigmas)]
-        if not sigmas:
-            raise ValueError("sigmas must hold at least one σ_d")
-    device = resolve_device("auto" if device is None else str(device))
-    if labels is None:
-        labels = _labels(paths)
-    elif len(labels) != len(paths) or len(set(labels)) != len(labels):
-        raise ValueError(f"labels must name each of the {len(paths)} checkpoints once, got {list(labels)}")
-    return paths, sigmas, device, labels
 
 
 def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
@@ -428,16 +447,16 @@ def _load_with_test_set(path: str, device, data_dir, test_sets: dict):
     return model, payload, dataset, (x, y)
 
 
-def _write_outputs(report: dict, finished, json_path, csv_path, plot_path) -> None:
+def _write_outputs(report: dict, finished, config: EvalConfig) -> None:
     """Write the report's files (the writing process only); the finished points go once the JSON is in."""
-    if json_path:
-        write_json(report, json_path)
+    if config.json_path:
+        write_json(report, config.json_path)
         finished.clear()
-    if csv_path:
-        write_csv(report, csv_path)
-    if plot_path:  # several times after programming: accuracy against time, else against σ_d
+    if config.csv_path:
+        write_csv(report, config.csv_path)
+    if config.plot_path:  # several times after programming: accuracy against time, else against σ_d
         times = {r.get("time_s") for r in report["results"]}
-        (plot_time if len(times) > 1 else plot_results)(report, plot_path)
+        (plot_time if len(times) > 1 else plot_results)(report, config.plot_path)
 
 
 def _baseline_label(baseline, paths: list[str], labels) -> str | None:

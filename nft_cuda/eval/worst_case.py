@@ -29,8 +29,9 @@ levels (:class:`nft_cuda.devices.MVM`) are refused too (their noise is not only 
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -84,32 +85,45 @@ def _set_weights(layers: list, draws: list[torch.Tensor]) -> None:
         layer.set_sample_plan(rng, sigmas, weights=weight)
 
 
-def _accuracy(model: nn.Module, layers: list, draws: list, loader: Iterable, device, adapt) -> float:
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """What the search runs on: the model, its noisy layers, where it runs and its output adapter."""
+
+    model: nn.Module
+    layers: list
+    device: torch.device
+    adapt: Callable
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapt(self.model(x.to(self.device)))
+
+
+def _accuracy(target: _Target, draws: list, loader: Iterable) -> float:
     correct = total = 0
     with torch.no_grad():
-        _set_weights(layers, draws)
+        _set_weights(target.layers, draws)
         for x, y in loader:
-            pred = adapt(model(x.to(device))).argmax(-1)
+            pred = target.logits(x).argmax(-1)
             correct += int((pred.cpu() == y).sum())
             total += y.numel()
     return correct / max(total, 1)
 
 
-def _attack_loss(model, layers, draws, batches, device, adapt) -> torch.Tensor:
-    _set_weights(layers, draws)
-    loss = torch.zeros((), device=device)
+def _attack_loss(target: _Target, draws: list, batches: list) -> torch.Tensor:
+    _set_weights(target.layers, draws)
+    loss = torch.zeros((), device=target.device)
     for x, y in batches:
-        loss = loss + F.cross_entropy(adapt(model(x.to(device))).float(), y.to(device), reduction="sum")
+        loss = loss + F.cross_entropy(target.logits(x).float(), y.to(target.device), reduction="sum")
     return loss
 
 
-def _search(model, layers, start, batches, kappa, steps, step_size, device, adapt) -> list[torch.Tensor]:
+def _search(target: _Target, start: list, batches: list, kappa: float, steps: int, step_size: float) -> list:
     """PGD in the box: the draws with the highest attack loss seen (the start included)."""
     z = [s.clamp(-kappa, kappa).requires_grad_(True) for s in start]
     best, best_loss = [t.detach().clone() for t in z], -math.inf
     for step in range(steps + 1):
         with torch.enable_grad():
-            loss = _attack_loss(model, layers, z, batches, device, adapt)
+            loss = _attack_loss(target, z, batches)
             grads = torch.autograd.grad(loss, z) if step < steps else None
         if float(loss.detach()) > best_loss:
             best, best_loss = [t.detach().clone() for t in z], float(loss.detach())
@@ -151,10 +165,11 @@ def worst_case(
         model.eval()
         with kept_noise_state(model) as layers:
             set_instance(model, seed, instance)
+            target = _Target(model, layers, device, adapt)
             start = _chip_draws(layers)
-            chip = _accuracy(model, layers, start, loader, device, adapt)
-            found = _search(model, layers, start, batches, float(kappa), steps, step_size, device, adapt)
-            acc = _accuracy(model, layers, found, loader, device, adapt)
+            chip = _accuracy(target, start, loader)
+            found = _search(target, start, batches, float(kappa), steps, step_size)
+            acc = _accuracy(target, found, loader)
     finally:
         for m, flag in training:
             m.training = flag
