@@ -100,7 +100,7 @@ _TRAIN_FIELDS = (
 def _add_train(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
+        help="train a model (clean, noise injection, OVF, IRS, or the baselines ortho, trice, kd) and export out/model.pt",
         description="Train a model with device-variation-aware training and export the best model (by noisy "
         "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
         argument_default=argparse.SUPPRESS,

@@ -70,7 +70,8 @@ class TrainConfig:
         dataset: ``"embedded"`` (default: a Fashion-MNIST slice shipped with the package, no download),
             ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
-        method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"`` or ``"irs"``.
+        method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"``, ``"irs"``, or the baselines
+            ``"ortho"``, ``"trice"``, ``"kd"`` (:mod:`nft_cuda.train.methods`; ``"kd"`` needs ``teacher``).
         sigma: the device model's severity during training (≥ 0): σ_d for the bit-sliced Gaussian presets
             (0.1 by default, the reference README's example) and the log-normal model (default 0.1);
             the multiplier of the programming noise / fault rates for ``"pcm"`` / ``"stuck-at"``
