@@ -427,11 +427,13 @@ def winners(units: list[dict], metric: str, setting: str = "p0") -> dict:
 
 
 def _winner_cell(w: dict) -> str:
+    if w["runner_up"] is None:  # one method only (a partial results file)
+        return f"{NAMES[w['best']]} (alone)"
     if not w["ties"]:
         method, diff, low, high, reliable = w["runner_up"]
         ci = f"{_pp(diff)} [{_pp(low)}, {_pp(high)}] pp over {NAMES[method]}" + ("" if reliable else ", unreliable")
         return f"**{NAMES[w['best']]}** ({ci})"
-    return "no difference: " + ", ".join(NAMES[m] for m in [w["best"], *w["ties"]])
+    return f"no difference: {NAMES[w['best']]} (highest), " + ", ".join(NAMES[m] for m in w["ties"])
 
 
 def _tail_cell(unit: dict, k: int) -> str:
@@ -566,7 +568,9 @@ def render_tables(results: dict) -> str:
         "",
         "A winner is named when the paired CI95 of its lead over every other method excludes 0 (the lead over "
         "the closest one shown); otherwise the methods whose paired CI reaches 0 are listed as no difference. "
-        "Worst case: one search per method from chip 0, no CI (the highest value is listed, ties included).",
+        "p1: the paired bootstrap of a 1st-percentile difference is unreliable at 100 chips (one chip expected "
+        "below it), so a p1 winner is marked so. Worst case: one search per method from chip 0, no CI (the "
+        "highest value is listed, ties included).",
         "",
         "| model | σ_d | mean | p1 | p5 | "
         + " | ".join(f"worst, {k}" for k in kappas.split(", "))

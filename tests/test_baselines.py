@@ -181,8 +181,10 @@ def test_kd_refusals():
 
 
 def test_kd_train_config_checks(tmp_path):
+    from nft_cuda.train.methods import KD_DEFAULTS
     from nft_cuda.train.trainer import TrainConfig
 
+    assert (TrainConfig().kd_alpha, TrainConfig().kd_temperature) == (KD_DEFAULTS["alpha"], KD_DEFAULTS["temperature"])
     with pytest.raises(ValueError, match="needs a teacher"):
         TrainConfig(method="kd")
     with pytest.raises(FileNotFoundError, match="no such file"):

@@ -245,12 +245,15 @@ class TrainConfig:
         self.kd_alpha = _real("kd_alpha", self.kd_alpha, minimum=0.0, maximum=1.0)
         self.kd_temperature = _real("kd_temperature", self.kd_temperature, minimum=0.0, strict=True)
         if self.method != "kd":
-            given = [n for n, v in (("teacher", self.teacher is not None),
-                                    ("kd_alpha", self.kd_alpha != KD_DEFAULTS["alpha"]),
-                                    ("kd_temperature", self.kd_temperature != KD_DEFAULTS["temperature"])) if v]  # fmt: skip
-            if given:
-                raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to method 'kd', "
-                                 f"not '{self.method}'")  # fmt: skip
+            given = {
+                "teacher": self.teacher is not None,
+                "kd_alpha": self.kd_alpha != KD_DEFAULTS["alpha"],
+                "kd_temperature": self.kd_temperature != KD_DEFAULTS["temperature"],
+            }
+            named = [name for name, set_ in given.items() if set_]
+            if named:
+                verb = "applies" if len(named) == 1 else "apply"
+                raise ValueError(f"{', '.join(named)} {verb} to method 'kd', not '{self.method}'")
         elif self.teacher is None:
             raise ValueError(
                 "method 'kd' needs a teacher: the clean model to distil from (an exported model or run folder "
