@@ -3,7 +3,7 @@
 Commands::
 
     nft train [--model small|vgg8|resnet18|vit|lstm | --model-factory PKG.MOD:FN [--model-kwargs JSON]]
-              [--output logits] [--dataset embedded|mnist|...] [--method clean|noise|ovf|irs]
+              [--output logits] [--dataset embedded|mnist|...] [--method clean|noise|ovf|irs|ortho|trice|kd]
               [--sigma S] [--epochs N] [--out DIR] [--resume] ...      train, export out/model.pt
     nft data fetch mnist|fashion-mnist [...] [--data-dir DIR]          fetch and verify a dataset
 
@@ -71,6 +71,9 @@ _TRAIN_FIELDS = (
     "temperature",
     "ovf_scope",
     "ovf_bn_stats",
+    "teacher",
+    "kd_alpha",
+    "kd_temperature",
     "init",
     "preprocess",
     "epochs",
@@ -97,7 +100,7 @@ _TRAIN_FIELDS = (
 def _add_train(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="train a model (clean, noise injection, OVF or IRS) and export out/model.pt",
+        help="train a model (clean, noise injection, OVF, IRS, or the baselines ortho, trice, kd) and export out/model.pt",
         description="Train a model with device-variation-aware training and export the best model (by noisy "
         "validation accuracy) to OUT/model.pt. Checkpoints every epoch; --resume continues exactly.",
         argument_default=argparse.SUPPRESS,
@@ -230,6 +233,24 @@ def _add_method_options(g, default) -> None:
         choices=["all", "main"],
         help="ovf: BatchNorm running statistics from every forward (all, default, as the authors) or from "
         "the backbone forward only (main)",
+    )
+    g.add_argument(
+        "--teacher",
+        metavar="PATH",
+        help="kd: the clean teacher to distil from, an exported model.pt or a run folder of nft train (required "
+        "by --method kd)",
+    )
+    g.add_argument(
+        "--kd-alpha",
+        dest="kd_alpha",
+        type=_float(0.0),
+        help="kd: weight α in [0, 1] of the distillation term, loss = (1-α)·CE + α·T²·KL (default 0.5)",
+    )
+    g.add_argument(
+        "--kd-temperature",
+        dest="kd_temperature",
+        type=_float(0.0, strict=True),
+        help="kd: temperature T of the distillation term (default 4)",
     )
 
 

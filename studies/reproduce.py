@@ -281,8 +281,8 @@ def _environment() -> dict:
 
 
 #: TrainConfig fields a training item may set beyond the ones every study sets (studies/fidelity.py:
-#: the authors' init and preprocessing, the ablation arms).
-TRAIN_EXTRAS = ("init", "preprocess", "temperature", "ovf_scope", "ovf_bn_stats", "beta", "val_fraction")
+#: the authors' init and preprocessing, the ablation arms; studies/tails.py: the kd teacher).
+TRAIN_EXTRAS = ("init", "preprocess", "temperature", "ovf_scope", "ovf_bn_stats", "beta", "val_fraction", "teacher")
 
 
 def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:

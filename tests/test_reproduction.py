@@ -278,3 +278,126 @@ def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
     assert results["config"] == json.loads((ROOT / "studies" / "pcm_time.json").read_text())
     assert results["config"]["runs"] >= 100
     assert results["time_s"]["total"] <= 20 * 60
+
+
+# --------------------------------------------------------------------------------------------------
+# The tail study (studies/tails.py, docs/tail-study.md): its own unit runner, JSON lines appended
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tail_study(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from studies import tails
+
+    return tails
+
+
+def _tail_micro_config(tmp_path, **over) -> dict:
+    cfg = json.loads((ROOT / "studies" / "tails.json").read_text())
+    cfg.update(
+        models={"small": {"width": 0.25}},
+        dataset="embedded",
+        sigmas=[0.2],
+        methods=["kd", "clean", "noise"],  # plan order puts clean (the teacher) first
+        limit_train=64,
+        test_images=24,
+        eval_batch_size=12,
+        runs=3,
+        calibration_batch_size=8,
+        worst_case_steps=2,
+        results=str(tmp_path / "results.jsonl"),
+    )
+    cfg.update(over)
+    return cfg
+
+
+def test_tail_study_config_plan_and_errors(tail_study, tmp_path):
+    cfg = tail_study.load_config(ROOT / "studies" / "tails.json")
+    units = tail_study.plan(cfg)
+    assert len(units) == len(cfg["models"]) * len(cfg["sigmas"]) * len(cfg["methods"]) == 28
+    assert {u["method"] for u in units} == set(tail_study.METHODS)
+    for model in cfg["models"]:
+        for sigma in cfg["sigmas"]:
+            order = [u["method"] for u in units if u["model"] == model and u["sigma"] == sigma]
+            assert order.index("clean") < order.index("kd")  # the teacher is trained first
+    assert cfg["runs"] >= 100 and [0, False] in cfg["settings"]
+    assert {f for f, _ in cfg["settings"]} == {0, 0.01, 0.05} and {r for _, r in cfg["settings"]} == {False, True}
+    assert [tail_study.setting_key(f, r) for f, r in cfg["settings"]] == ["p0", "p1", "p5", "p0+bn"]
+    for bad, what in [
+        ({"methods": ["noise", "dropout"]}, "unknown methods"),
+        ({"methods": ["noise", "kd"]}, "need 'clean'"),
+        ({"sigmas": [0.2, 0.0]}, "sigmas"),
+        ({"runs": 1}, "runs"),
+        ({"kappas": [-1]}, "kappas"),
+        ({"settings": [[0.01, False]]}, r"\[0, false\]"),
+        ({"settings": [[0, False], [2, True]]}, "verify fraction"),
+    ]:
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError, match=what):
+            tail_study.load_config(path)
+    del cfg["kappas"]
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="missing config entries"):
+        tail_study.load_config(path)
+
+
+def test_tail_study_micro_runs_resumes_and_reports(tail_study, tmp_path, one_thread):
+    cfg = _tail_micro_config(tmp_path)
+    out = tmp_path / "out"
+    first = tail_study.run(cfg, out, log=lambda m: None, max_units=2)
+    assert sorted(u["method"] for u in first["units"]) == ["clean", "noise"]
+    done = tail_study.run(cfg, out, log=lambda m: None)  # resumes: only kd is left
+    assert sorted(u["method"] for u in done["units"]) == ["clean", "kd", "noise"]
+    lines = [json.loads(line) for line in Path(cfg["results"]).read_text().splitlines()]
+    assert sum("key" in rec for rec in lines) == 3  # nothing redone
+    kd = next(u for u in done["units"] if u["method"] == "kd")
+    summary = json.loads((out / "train" / "small-kd-s0.2" / "summary.json").read_text())
+    assert summary["config"]["teacher"] == str(out / "train" / "small-clean")
+    for u in done["units"]:
+        assert set(u["settings"]) == {"p0", "p1", "p5", "p0+bn"}
+        assert all(len(s["per_instance_accuracy"]) == 3 for s in u["settings"].values())
+        assert [w["kappa"] for w in u["worst_case"]] == cfg["kappas"]
+        assert all(w["max_abs_z"] <= w["kappa"] + 1e-6 for w in u["worst_case"])
+    assert kd["training"]["reused"] is False
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# Tails\n{tail_study.BEGIN}\nold\n{tail_study.END}\n")
+    assert tail_study.main(["report", "--results", cfg["results"], "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "| KD (clean teacher) |" in text and "Which method wins which metric" in text
+
+
+def _unit(method: str, chips: list[float]) -> dict:
+    return {"method": method, "settings": {"p0": {"per_instance_accuracy": chips}}}
+
+
+def test_tail_study_winner_is_named_only_when_the_paired_ci_excludes_zero(tail_study):
+    import random
+
+    rng = random.Random(0)
+    base = [0.8 + 0.05 * rng.random() for _ in range(100)]
+    ahead = [b + 0.01 for b in base]  # the same chips, 1 pp better on every one
+    jitter = [b + rng.choice((-0.01, 0.01)) for b in base]  # as often better as worse
+    w = tail_study.winners([_unit("noise", base), _unit("ovf", ahead)], "mean")
+    assert w["best"] == "ovf" and w["ties"] == [] and w["runner_up"][1] == pytest.approx(0.01)
+    assert "**OVF**" in tail_study._winner_cell(w)
+    w = tail_study.winners([_unit("noise", base), _unit("irs", jitter)], "mean")
+    assert set([w["best"], *w["ties"]]) == {"noise", "irs"}
+    assert tail_study._winner_cell(w).startswith("no difference")
+    w = tail_study.winners([_unit("noise", base), _unit("ovf", ahead)], "p5")
+    assert w["best"] == "ovf"
+
+
+def test_committed_tail_study_recomputes_from_its_json(tail_study):
+    results = tail_study.load_results(ROOT / "docs" / "tail-study" / "results.jsonl")
+    text = (ROOT / "docs" / "tail-study.md").read_text()
+    block = text.split(tail_study.BEGIN, 1)[1].split(tail_study.END, 1)[0]
+    assert block.strip() == tail_study.render_tables(results).strip(), (
+        "docs/tail-study.md is stale: run `python -m studies.tails report`"
+    )
+    cfg = results["config"]
+    assert cfg == json.loads((ROOT / "studies" / "tails.json").read_text())
+    assert sorted(u["key"] for u in results["units"]) == sorted(u["key"] for u in tail_study.plan(cfg))
+    for u in results["units"]:  # every setting on the same number of chips
+        assert {len(s["per_instance_accuracy"]) for s in u["settings"].values()} == {cfg["runs"]}

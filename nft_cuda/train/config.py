@@ -70,7 +70,8 @@ class TrainConfig:
         dataset: ``"embedded"`` (default: a Fashion-MNIST slice shipped with the package, no download),
             ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``, ``"cifar100"``.
         data_dir: the data folder (default ``$NFT_DATA_DIR``, else ``~/.cache/nft_cuda/data``).
-        method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"`` or ``"irs"``.
+        method: ``"clean"``, ``"noise"`` (noise injection, default), ``"ovf"``, ``"irs"``, or the baselines
+            ``"ortho"``, ``"trice"``, ``"kd"`` (:mod:`nft_cuda.train.methods`; ``"kd"`` needs ``teacher``).
         sigma: the device model's severity during training (≥ 0): σ_d for the bit-sliced Gaussian presets
             (0.1 by default, the reference README's example) and the log-normal model (default 0.1);
             the multiplier of the programming noise / fault rates for ``"pcm"`` / ``"stuck-at"``
@@ -118,6 +119,11 @@ class TrainConfig:
             :data:`nft_cuda.models.OVF_PAPER_SCOPE`: for ResNet-18 the stem conv and the FC only).
         ovf_bn_stats: ``"all"`` (default: every OVF forward updates the BatchNorm running statistics,
             as the authors') or ``"main"`` (only the backbone forward does).
+        teacher: method ``"kd"``: the clean teacher, an exported model or run folder of ``nft train``
+            (required by ``"kd"``, refused by the other methods); recorded as a path, so a resumed run
+            loads the same file again.
+        kd_alpha, kd_temperature: method ``"kd"``: the soft term's weight α in [0, 1] (default 0.5) and
+            its temperature T > 0 (default 4); :class:`nft_cuda.train.methods.KnowledgeDistillation`.
     """
 
     model: str = "small"
@@ -159,6 +165,10 @@ class TrainConfig:
     temperature: float = 1.0
     ovf_scope: str = "all"
     ovf_bn_stats: str = "all"
+    # Knowledge distillation (method "kd").
+    teacher: str | None = None
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
@@ -225,6 +235,34 @@ class TrainConfig:
         if self.limit_eval is not None:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
         self._check_fidelity_options()
+        self._check_kd()
+
+    def _check_kd(self) -> None:
+        """teacher, kd_alpha and kd_temperature: checked, and only with method "kd" (which needs a teacher)."""
+        from nft_cuda.train.methods import KD_DEFAULTS
+
+        self.teacher = _path_or_none("teacher", self.teacher)
+        self.kd_alpha = _real("kd_alpha", self.kd_alpha, minimum=0.0, maximum=1.0)
+        self.kd_temperature = _real("kd_temperature", self.kd_temperature, minimum=0.0, strict=True)
+        if self.method != "kd":
+            given = {
+                "teacher": self.teacher is not None,
+                "kd_alpha": self.kd_alpha != KD_DEFAULTS["alpha"],
+                "kd_temperature": self.kd_temperature != KD_DEFAULTS["temperature"],
+            }
+            named = [name for name, set_ in given.items() if set_]
+            if named:
+                verb = "applies" if len(named) == 1 else "apply"
+                raise ValueError(f"{', '.join(named)} {verb} to method 'kd', not '{self.method}'")
+        elif self.teacher is None:
+            raise ValueError(
+                "method 'kd' needs a teacher: the clean model to distil from (an exported model or run folder "
+                "of nft train: teacher=PATH, nft train --teacher PATH)"
+            )
+        else:
+            from nft_cuda.io import resolve_model_path
+
+            resolve_model_path(self.teacher)  # a missing teacher fails here, before any run folder exists
 
     def _check_fidelity_options(self) -> None:
         """init, preprocess and the ablation options (docs/fidelity-study.md), each where it applies."""

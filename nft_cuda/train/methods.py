@@ -1,4 +1,5 @@
-"""Training methods: clean, noise injection, OVF and IRS (DESIGN §5).
+"""Training methods: clean, noise injection, OVF and IRS (DESIGN §5), and the competing baselines
+(soft-orthogonality, right-censored noise, knowledge distillation under noise).
 
 A method turns a plain model into what it trains (:meth:`Method.prepare`), computes the loss of one
 batch (:meth:`Method.loss`) and gives back the model to export (:meth:`Method.export`): the backbone
@@ -11,6 +12,7 @@ Hugging Face ``ModelOutput``: ``output="logits"``; :func:`nft_cuda.nn.custom.res
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 
@@ -36,6 +38,8 @@ __all__ = [
     "IRS",
     "OrthogonalNoise",
     "CensoredNoise",
+    "KnowledgeDistillation",
+    "KD_DEFAULTS",
     "default_beta",
     "build_method",
 ]
@@ -402,6 +406,108 @@ class CensoredNoise(NoiseInjection):
         return {**super().describe(), "cut": self.cut}
 
 
+#: The distillation defaults of :class:`KnowledgeDistillation`: mixing weight α and temperature T.
+KD_DEFAULTS = {"alpha": 0.5, "temperature": 4.0}
+
+
+class KnowledgeDistillation(NoiseInjection):
+    """Knowledge distillation under noise: a noise-injected student learns from a clean teacher.
+
+    loss = (1 − α)·CE(s, y) + α·T²·KL(softmax(t / T) ‖ softmax(s / T)), with s the student's logits on a
+    fresh §2 draw (as noise injection), t the teacher's logits without noise, the KL averaged over the
+    batch; T² keeps the soft term's gradients on the scale of the hard one when T changes. Distillation
+    is Hinton, Vinyals and Dean, "Distilling the Knowledge in a Neural Network" (arXiv:1503.02531, 2015);
+    distilling a clean teacher into a noise-injected student for analog hardware is Zhou, Kadambi,
+    Mattina and Whatmough, "Noisy Machines" (arXiv:2001.04974, 2020). The defaults α = 0.5, T = 4 are
+    this library's choice (:data:`KD_DEFAULTS`), not a value taken from either paper.
+
+    Args:
+        variation: σ_d and device model of the student's training noise.
+        teacher: the clean teacher: an ``nn.Module`` or the path of an exported model / run folder of
+            ``nft train`` (:func:`nft_cuda.io.load_model`). It is put in ``eval()`` mode, its noisy layers
+            off, its parameters frozen, and it runs under ``torch.no_grad()``; it is never exported.
+        alpha: α in [0, 1], the soft term's weight (0: noise injection).
+        temperature: T > 0 of the soft term.
+        output: the student's output adapter (see :class:`Method`); a teacher loaded from a path uses the
+            adapter recorded in its file, a teacher module the student's.
+    """
+
+    name = "kd"
+
+    def __init__(
+        self,
+        variation: DeviceModel,
+        teacher=None,
+        *,
+        alpha: float = KD_DEFAULTS["alpha"],
+        temperature: float = KD_DEFAULTS["temperature"],
+        output=None,
+    ):
+        super().__init__(variation, output=output)
+        self.alpha = _args.check_real("kd_alpha", alpha, minimum=0.0, maximum=1.0)
+        self.kd_temperature = _args.check_real("kd_temperature", temperature, minimum=0.0, strict=True)
+        self.teacher_source, self.teacher, self.teacher_logits_of = _load_teacher(teacher, self.logits_of)
+
+    def soft_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """T²·KL(softmax(teacher / T) ‖ softmax(student / T)), averaged over the batch."""
+        t = self.kd_temperature
+        log_s = F.log_softmax(student.float() / t, dim=-1)
+        log_t = F.log_softmax(teacher.float() / t, dim=-1)
+        return t * t * F.kl_div(log_s, log_t, reduction="batchmean", log_target=True)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean teacher's logits for ``x`` (moved to ``x``'s device on first use)."""
+        param = next(self.teacher.parameters(), None)
+        if param is not None and param.device != x.device:
+            self.teacher.to(x.device)
+        with torch.no_grad():
+            return self.teacher_logits_of(self.teacher(x))
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ce, logits = super().loss(model, x, y)
+        teacher = self.teacher_logits(x)
+        if teacher.shape != logits.shape:
+            raise ValueError(
+                f"the kd teacher's logits have shape {tuple(teacher.shape)}, the student's {tuple(logits.shape)}: "
+                "the teacher must be a model of the same task (classes)"
+            )
+        return (1.0 - self.alpha) * ce + self.alpha * self.soft_loss(logits, teacher), logits
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "teacher": self.teacher_source,
+            "kd_alpha": self.alpha,
+            "kd_temperature": self.kd_temperature,
+        }
+
+
+def _load_teacher(teacher, student_adapter):
+    """(description, frozen clean module, its output adapter) of a kd teacher given as a module or a path."""
+    from nft_cuda.nn import resolve_output, set_noise_mode
+
+    if teacher is None:
+        raise ValueError(
+            "method 'kd' needs a teacher: the clean model to distil from (an exported model or run folder "
+            "of nft train: teacher=PATH in TrainConfig, nft train --teacher PATH)"
+        )
+    if isinstance(teacher, (str, os.PathLike)):
+        from nft_cuda.io import load_model
+
+        source = os.fspath(teacher)
+        module, payload = load_model(source)
+        adapter = resolve_output(payload["model"].get("output"))
+    elif isinstance(teacher, nn.Module):
+        source, module, adapter = type(teacher).__name__, teacher, student_adapter
+    else:
+        raise TypeError(f"teacher must be an nn.Module or a path, got {type(teacher).__name__}")
+    module.eval()
+    set_noise_mode(module, "off")
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return source, module, adapter
+
+
 METHODS = {
     "clean": Clean,
     "noise": NoiseInjection,
@@ -409,6 +515,7 @@ METHODS = {
     "irs": IRS,
     "ortho": OrthogonalNoise,
     "trice": CensoredNoise,
+    "kd": KnowledgeDistillation,
 }
 
 
@@ -427,11 +534,14 @@ def build_method(
     temperature: float = 1.0,
     ovf_scope: Sequence[str] | None = None,
     ovf_bn_stats: str = "all",
+    teacher=None,
+    kd_alpha: float = KD_DEFAULTS["alpha"],
+    kd_temperature: float = KD_DEFAULTS["temperature"],
 ) -> Method:
     """A method by name with the DESIGN §5 defaults for (model_name, dataset). ``temperature``: the
     loss's T of "clean" / "noise"; ``ovf_scope``, ``ovf_bn_stats``: :class:`OVF`'s ``scope`` and
-    ``bn_stats``; ``output``: the output
-    adapter (see :class:`Method`)."""
+    ``bn_stats``; ``teacher``, ``kd_alpha``, ``kd_temperature``: :class:`KnowledgeDistillation`'s
+    teacher, α and T; ``output``: the output adapter (see :class:`Method`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
     if name == "ovf":
@@ -456,6 +566,8 @@ def build_method(
             taps = IRS_TAPS[model_name]
         beta = default_beta("irs", model_name, dataset) if beta is None else beta
         return IRS(variation, beta, taps, head_variation, output=output)
+    if name == "kd":
+        return KnowledgeDistillation(variation, teacher, alpha=kd_alpha, temperature=kd_temperature, output=output)
     return METHODS[name](variation, temperature, output=output)
 
 

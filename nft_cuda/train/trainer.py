@@ -301,6 +301,9 @@ def _build(config: TrainConfig, data: _Data, device: torch.device):
         temperature=config.temperature,
         ovf_scope=config.ovf_layer_scope(),
         ovf_bn_stats=config.ovf_bn_stats,
+        teacher=config.teacher,
+        kd_alpha=config.kd_alpha,
+        kd_temperature=config.kd_temperature,
     )
     backbone = build_from_spec(spec)
     model = method.prepare(backbone, data.example, num_classes=data.spec.num_classes)
