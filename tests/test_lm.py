@@ -91,3 +91,24 @@ def test_bad_arguments(gpt2_and_batches):
         lm_chips(model, batches, 1, seed=0, output="scores")
     with pytest.raises(ValueError, match="prompt"):
         generate_on_chip(model, torch.tensor([]), seed=0, instance=0)
+
+
+def test_the_llm_example_of_docs_llm_runs(tmp_path, monkeypatch, one_thread):
+    """examples/llm_finetune.py (docs/llm.md) end to end at a tiny scale: both models train and are
+    evaluated on the same chips, and the JSON holds what the page reports."""
+    import json
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    sys.modules.pop("examples.llm_finetune", None)
+    from examples import llm_finetune
+
+    out = tmp_path / "llm.json"
+    args = ["--steps", "3", "--runs", "2", "--eval-batches", "1", "--batch", "4", "--json", str(out)]
+    result = llm_finetune.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["models"]) == {"digital", "noise"}
+    for report in result["models"].values():
+        assert report["clean_ppl"] > 1 and math.isfinite(report["ppl_mean"])
+    assert result["nll_noise_minus_digital"]["verdict"] in ("better", "worse", "no significant difference")
