@@ -536,3 +536,17 @@ def test_autocast_cuda(dtype):
         assert y.dtype == dtype
         y.float().sum().backward()
         assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+
+
+def test_set_chip_weight_runs_the_given_weight_until_the_plan_is_cleared():
+    layer = NoisyLinear(4, 3, variation=V)
+    x = torch.randn(2, 4)
+    chip = torch.randn(3, 4)
+    layer.set_chip_weight(chip)
+    assert torch.equal(layer(x), F.linear(x, chip, layer.bias))
+    layer.set_sample_plan(None)
+    assert not torch.equal(layer(x), F.linear(x, chip, layer.bias))  # mode train again: a fresh chip
+    with pytest.raises(ValueError, match="the weight's shape"):
+        layer.set_chip_weight(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="needs a variation"):
+        NoisyLinear(4, 3).set_chip_weight(chip)

@@ -78,11 +78,7 @@ def _chip_draws(layers: list) -> list[torch.Tensor]:
 def _set_weights(layers: list, draws: list[torch.Tensor]) -> None:
     """Every layer's next forwards use the weights of ``draws`` (one sample, through its sample plan)."""
     for layer, z in zip(layers, draws):
-        v = layer.variation
-        weight = reference.perturb_with_normals(layer.weight, v, z).unsqueeze(0)
-        sigmas = torch.full((1,), v.sigma, dtype=torch.float32, device=weight.device)
-        rng = torch.zeros(2, dtype=torch.int64, device=weight.device)  # unused: the weights are given
-        layer.set_sample_plan(rng, sigmas, weights=weight)
+        layer.set_chip_weight(reference.perturb_with_normals(layer.weight, layer.variation, z))
 
 
 @dataclasses.dataclass(frozen=True)

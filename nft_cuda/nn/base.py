@@ -408,6 +408,22 @@ class NoisyModule(nn.Module):
             )
         self._sample_plan = SamplePlan(rng, sigmas, weights)
 
+    def set_chip_weight(self, weight: torch.Tensor, rng: torch.Tensor | None = None) -> None:
+        """The following forwards use ``weight`` [*weight.shape] as this layer's noisy weight: a one-sample
+        :class:`SamplePlan` carrying it (for a chip changed by hand: write-verified, censored, searched).
+        ``rng``: the stream the plan names (the per-MVM read noise draws from it; default zeros).
+        ``set_sample_plan(None)`` restores the layer's own mode."""
+        if weight.shape != self.weight.shape:
+            raise ValueError(
+                f"a chip weight must have the weight's shape {list(self.weight.shape)}, got {list(weight.shape)}"
+            )
+        if self._variation is None:
+            raise ValueError("a chip weight needs a variation; set layer.variation first")
+        if rng is None:
+            rng = torch.zeros(2, dtype=torch.int64, device=weight.device)
+        sigmas = torch.full((1,), self._variation.sigma, dtype=torch.float32, device=weight.device)
+        self.set_sample_plan(rng, sigmas, weights=weight.unsqueeze(0))
+
     def _check_input(self, input) -> None:
         """A clear error for an input that is not a tensor or is on another device than the weight (the
         same exception types as the plain layer, but naming both devices); checked before any draw."""

@@ -365,7 +365,7 @@ class CensoredNoise(NoiseInjection):
     large deviations that pull a noise-injected model towards over-conservative weights. The noisy
     weight of each layer is ``reference.perturb_with_normals(W, model, clip(z, −c, c))`` from a fresh
     stream (pure PyTorch, slower than the compiled draw), passed straight-through (dL/dW = dL/dW_noisy) via
-    the layers' sample plans. Device models with normal draws only (the Gaussian presets, PCM, log-normal)."""
+    the layers' chip weights (``set_chip_weight``). Device models with normal draws only (the Gaussian presets, PCM, log-normal)."""
 
     name = "trice"
 
@@ -387,17 +387,16 @@ class CensoredNoise(NoiseInjection):
 
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         set_noise_mode(model, self.noise)
-        plans = {}
+        chips = {}
         for _, layer in noisy_layers(model):
             rng = _args.random_rng(layer.weight.device, layer.generator)
-            sigma = torch.full((1,), layer.variation.sigma, dtype=torch.float32, device=rng.device)
-            plans[layer] = (rng, sigma, self.censored_weight(layer, rng))
+            chips[layer] = (self.censored_weight(layer, rng)[0], rng)
         try:
-            for layer, (rng, sigma, weight) in plans.items():
-                layer.set_sample_plan(rng, sigma, weights=weight)
+            for layer, (weight, rng) in chips.items():
+                layer.set_chip_weight(weight, rng)
             logits = self.logits_of(model(x))
         finally:
-            for layer in plans:
+            for layer in chips:
                 layer.set_sample_plan(None)
         scaled = logits if self.temperature == 1.0 else logits / self.temperature
         return F.cross_entropy(scaled, y), logits
