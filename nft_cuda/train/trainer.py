@@ -68,6 +68,7 @@ from nft_cuda.train.checkpoint import (
     PREV_CHECKPOINT,
     CheckpointError,
     CheckpointWarning,
+    check_resumable,
     checkpoint_stream_version,
     error_message,
     read_checkpoint,
@@ -279,24 +280,17 @@ def _model_spec(config: TrainConfig, data: _Data) -> dict:
 def _build(config: TrainConfig, data: _Data, device: torch.device):
     from nft_cuda.models import build_from_spec
     from nft_cuda.train.methods import build_method
-    from nft_cuda.variation import Variation
 
     spec = _model_spec(config, data)
-    variation = config.variation()
-    head_variation = None
-    if config.method == "irs" and isinstance(variation, Variation):  # the paper's heads: RRAM1
-        head_variation = Variation(config.sigma if config.head_sigma is None else config.head_sigma, "RRAM1")
-    elif config.method == "irs" and config.head_sigma is not None:  # other models: the same model
-        head_variation = variation.with_sigma(config.head_sigma)
     method = build_method(
         config.method,
-        variation,
+        config.variation(),
         model_name=config.model,
         dataset=config.dataset,
         beta=config.beta,
         deltas=config.deltas if config.method == "ovf" else None,
         taps=config.taps,
-        head_variation=head_variation,
+        head_sigma=config.head_sigma,
         output=config.output,
         temperature=config.temperature,
         ovf_scope=config.ovf_layer_scope(),
@@ -402,8 +396,8 @@ def train(
         device = group.device if group.active else resolve_device(config.device)
         for split in ("train", "test"):  # a missing dataset fails before the run folder is created
             find_files(config.dataset, config.data_dir, split)
-        if config.resume and not ((out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()):
-            read_checkpoint(out)  # raises "nothing to resume" without creating the folder
+        if config.resume:
+            check_resumable(out)  # "nothing to resume" before the folder is created (read once, later)
         if group.is_main:
             out.mkdir(parents=True, exist_ok=True)
         group.barrier()
@@ -699,9 +693,11 @@ def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
     if improved and run.main:
         from nft_cuda.io import save_model
 
+        # The training backbone itself: the file holds its state_dict, noisy layers and keys, which a
+        # rebuilt copy would only repeat (the IRS heads are not part of the backbone).
         save_model(
             str(run.out / MODEL_FILE),
-            export_backbone(run.model, run.method, run.spec),
+            _backbone(run.model),
             spec=run.spec,
             variation=run.method.variation,
             meta={**run.meta, "epoch": epoch, "val_acc_noisy": val_noisy, "val_acc_clean": val_clean},
