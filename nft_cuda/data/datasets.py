@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nft_cuda._args import check_count
+from nft_cuda._args import check_positive_int
 from nft_cuda.data import cifar as _cifar
 from nft_cuda.data import idx as _idx
 from nft_cuda.data.checksum import check_sha256, sha256_hex, stamp_valid, write_stamp
@@ -708,8 +708,8 @@ def make_loaders(
     every run (it changes from epoch to epoch, reproducibly). Validation and test loaders do not shuffle.
     ``val`` is None when ``val_fraction == 0``. ``eval_batch_size`` defaults to ``batch_size``.
     """
-    check_count("batch_size", batch_size)
-    eval_bs = check_count("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
+    check_positive_int("batch_size", batch_size)
+    eval_bs = check_positive_int("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
     train_x, train_y = load_dataset(name, data_dir, "train", verify=verify)
     test_x, test_y = load_dataset(name, data_dir, "test", verify=verify)
     tr_idx, va_idx = train_val_split(train_y.shape[0], val_fraction, seed, labels=train_y if stratify else None)

@@ -55,7 +55,7 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
-        _args.check_count("batch_size", batch_size)
+        _args.check_positive_int("batch_size", batch_size)
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def __len__(self) -> int:
