@@ -18,10 +18,12 @@ import re
 import sys
 
 from nft_cuda import _args
+from nft_cuda.devices import SEVERITY_SWEEP
 
 __all__ = ["parse_sigmas", "register"]
 
-DEFAULT_SWEEP = "0:0.4:0.05"
+#: The devices' default severity sweep (:data:`nft_cuda.devices.SEVERITY_SWEEP`) as ``--sigma`` start:stop:step.
+DEFAULT_SWEEP = f"{SEVERITY_SWEEP[0]:g}:{SEVERITY_SWEEP[-1]:g}:{SEVERITY_SWEEP[1] - SEVERITY_SWEEP[0]:g}"
 
 
 def _sweep(text: str) -> list[float]:
