@@ -60,7 +60,7 @@ import torch.nn as nn
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import atomic_write_bytes, json_safe
-from nft_cuda.distributed import RANK_STREAM, Group, ShardSampler, join
+from nft_cuda.distributed import RANK_STREAM, Group, join
 from nft_cuda.io import MODEL_FILE
 from nft_cuda.train.checkpoint import (
     CHECKPOINT,
@@ -129,56 +129,31 @@ def _forked_rng(device: torch.device, seed: int):
 
 
 class _Data:
+    """The run's loaders (the data tier's :func:`nft_cuda.data.split_loaders`), its dataset's spec and
+    normalisation, and the training batches' augmentation."""
+
     def __init__(self, config: TrainConfig, device: torch.device, group: Group | None = None):
-        from nft_cuda.data import batch_loader, get_spec, load_dataset, normalization, train_val_split
+        from nft_cuda.data import get_spec, normalization, split_loaders
 
         self.spec = get_spec(config.dataset)
         self.mean, self.std = normalization(config.dataset, config.preprocess)
-        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train", preprocess=config.preprocess)
-        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test", preprocess=config.preprocess)
-        tr_idx, va_idx = train_val_split(train_y.shape[0], config.val_fraction, config.seed, labels=train_y)
-        if config.limit_train is not None:
-            tr_idx = tr_idx[: config.limit_train]
-        if config.limit_eval is not None:
-            va_idx = va_idx[: config.limit_eval]
-            test_x, test_y = test_x[: config.limit_eval], test_y[: config.limit_eval]
-        self.input_shape = tuple(train_x.shape[1:])
-        self.example = train_x[tr_idx[:2]]
-        common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
-        # Every loader has its own generator, so iterating one never touches torch's global RNG.
-        self.train_generator = torch.Generator()
-        sampler = None
-        if group is not None and group.active:
-            # Each rank takes its slice of the same (seed, epoch) permutation; batch_size is per rank.
-            n = int(tr_idx.numel())
-            if n < group.world:
-                raise ValueError(
-                    f"the training split has {n} sample(s), fewer than the {group.world} ranks "
-                    "(raise --limit-train or use fewer processes)"
-                )
-            sampler = ShardSampler(n, group.rank, group.world, self.train_generator)
-        self.train = batch_loader(
-            train_x[tr_idx],
-            train_y[tr_idx],
+        split = split_loaders(
+            config.dataset,
+            config.data_dir,
             config.batch_size,
-            shuffle=True,
-            sampler=sampler,
-            generator=None if sampler is not None else self.train_generator,
-            **common,
+            config.val_fraction,
+            config.seed,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            preprocess=config.preprocess,
+            limit_train=config.limit_train,
+            limit_eval=config.limit_eval,
+            # Under torchrun each rank takes its slice of the same (seed, epoch) permutation.
+            shard=(group.rank, group.world) if group is not None and group.active else None,
         )
-        self.val = None
-        if va_idx.numel():
-            self.val = batch_loader(
-                train_x[va_idx],
-                train_y[va_idx],
-                config.batch_size,
-                generator=torch.Generator().manual_seed(0),
-                **common,
-            )
-        self.test = batch_loader(
-            test_x, test_y, config.batch_size, generator=torch.Generator().manual_seed(0), **common
-        )
-        self.sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
+        self.train, self.val, self.test = split.train, split.val, split.test
+        self.train_generator, self.sizes = split.train_generator, split.sizes
+        self.input_shape, self.example = split.input_shape, split.example
         # Training batches only; the border is each channel's normalised black, as a zero-padded image.
         self.augment = None
         if config.augments():
