@@ -10,7 +10,10 @@ from collections.abc import Sequence
 import torch
 
 from nft_cuda.devices import DeviceModel
-from nft_cuda.devices.base import check_positive_int as check_positive_int  # re-exported: the one int check
+
+# The one positive-int check of the package (TypeError for a non-int, ValueError below 1). It is written in
+# devices.base, the bottom of the import graph (this module imports the devices), and used from here.
+from nft_cuda.devices.base import check_positive_int as check_positive_int
 from nft_cuda.variation import Variation
 
 _U63 = 2**63
@@ -54,13 +57,6 @@ def resolve_device(name: str) -> torch.device:
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
     return dev
-
-
-def check_count(name: str, value) -> int:
-    """A positive int (batch sizes, instance counts): ValueError "<name> must be a positive int" otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def check_weight(weight, name: str = "weight") -> torch.Tensor:

@@ -11,11 +11,12 @@ Errors print one line ``nft: error: ...`` on stderr and exit with a non-zero sta
 arguments, 1 for failures, 130 when interrupted); ``--debug`` (before or after the command) shows the
 traceback instead.
 
-Adding commands: :data:`COMMANDS` lists the built-in ``(name, add_parser)`` pairs, and
-:func:`build_parser` adds ``nft eval`` (``nft_cuda.eval.cli``) and ``nft demo`` (``nft_cuda.demo``) with
-their ``register(subparsers)``. Each command sets ``func`` (a callable taking the parsed
-``argparse.Namespace`` and returning an exit status or None) with ``set_defaults(func=...)``. ``--debug``
-is added to every command by this module; errors raised by ``func`` are reported as above.
+Adding commands: every command is one ``(name, add_parser)`` pair of :data:`COMMANDS`, whose
+``add_parser(subparsers)`` adds its parser and returns it (``nft eval``'s is ``nft_cuda.eval.cli.add_eval``,
+``nft demo``'s ``nft_cuda.demo.add_demo``, imported when the parser is built). Each command sets ``func``
+(a callable taking the parsed ``argparse.Namespace`` and returning an exit status or None) with
+``set_defaults(func=...)``. ``--debug`` is added to every command by this module; errors raised by
+``func`` are reported as above.
 """
 
 from __future__ import annotations
@@ -405,8 +406,26 @@ def _run_fetch(args: argparse.Namespace) -> int:
 # Parser and entry point
 # --------------------------------------------------------------------------------------------------
 
-#: Built-in commands: (name, add_parser(subparsers) -> parser).
-COMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("data", _add_data)]
+
+def _add_eval(subparsers) -> argparse.ArgumentParser:
+    from nft_cuda.eval.cli import add_eval  # the evaluation stack loads when the parser is built
+
+    return add_eval(subparsers)
+
+
+def _add_demo(subparsers) -> argparse.ArgumentParser:
+    from nft_cuda.demo import add_demo
+
+    return add_demo(subparsers)
+
+
+#: Every command: (name, add_parser(subparsers) -> parser), in the order ``nft --help`` lists them.
+COMMANDS: list[tuple[str, Callable]] = [
+    ("train", _add_train),
+    ("data", _add_data),
+    ("eval", _add_eval),
+    ("demo", _add_demo),
+]
 
 
 def _add_debug(parser: argparse.ArgumentParser) -> None:
@@ -421,7 +440,7 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``nft`` parser: the commands of :data:`COMMANDS`, then eval's and demo's (see the module docstring)."""
+    """The ``nft`` parser: the commands of :data:`COMMANDS` (see the module docstring)."""
     from nft_cuda import __version__
 
     parser = _Parser(
@@ -434,11 +453,6 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     for _, add in COMMANDS:
         add(subparsers)
-    from nft_cuda import demo
-    from nft_cuda.eval import cli as eval_cli
-
-    eval_cli.register(subparsers)  # nft eval
-    demo.register(subparsers)  # nft demo
     _add_debug(parser)
     return parser
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["EPOCHS", "LR", "UNDERTRAINED_POINTS", "check_out", "register", "run_demo", "undertrained"]
+__all__ = ["EPOCHS", "LR", "UNDERTRAINED_POINTS", "add_demo", "check_out", "run_demo", "undertrained"]
 
 #: Training epochs per method and learning rate (Adam, cosine schedule): see docs/demo.md.
 EPOCHS = 10
@@ -38,8 +38,8 @@ def _print(msg: str) -> None:
     print(msg, flush=True)  # flushed, so a log file keeps stdout and stderr lines in order
 
 
-def register(subparsers) -> None:
-    """Add ``nft demo`` to the ``nft`` parser (called by :mod:`nft_cuda.cli`)."""
+def add_demo(subparsers) -> argparse.ArgumentParser:
+    """Add ``nft demo`` to the ``nft`` parser (an entry of :data:`nft_cuda.cli.COMMANDS`)."""
     from nft_cuda._args import int_arg
     from nft_cuda.variation import PRESETS
 
@@ -81,6 +81,7 @@ def register(subparsers) -> None:
         help="no progress bars (there are none anyway when the output is not a terminal)",
     )
     d.set_defaults(func=_main)
+    return d
 
 
 def _sigma(text: str) -> float:

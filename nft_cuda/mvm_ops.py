@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nft_cuda import reference
+from nft_cuda._args import check_positive_int
 
 __all__ = [
     "READ_NOISE_DRAW",
@@ -77,8 +78,7 @@ def quantize_weight(weight: torch.Tensor, weight_bits: int) -> torch.Tensor:
     """The weight programmed to its bit-sliced grid: ``round(w/Δ)·Δ`` with Δ = max|W| / (2^weight_bits − 1)
     (the magnitude is an integer of weight_bits bits spread over weight_bits/device_bits cells of
     2^device_bits levels each; the sign is the differential pair). Straight-through gradient."""
-    if isinstance(weight_bits, bool) or not isinstance(weight_bits, int) or weight_bits < 1:
-        raise ValueError(f"weight_bits must be an int >= 1, got {weight_bits!r}")
+    check_positive_int("weight_bits", weight_bits)
     acc = _compute_dtype(weight)
     wd = weight.detach().to(acc)
     m = wd.abs().amax() if wd.numel() else torch.zeros((), dtype=acc, device=weight.device)

@@ -240,10 +240,7 @@ def snapshot_linear(
     the windows by the pooling's backward; dW = Σ_s dY_sᵀ · snapshot (re-pooled).
     """
     _check_x(act, "act")
-    if isinstance(pool, bool) or not isinstance(pool, int):
-        raise TypeError(f"pool must be an int, got {type(pool).__name__}")
-    if pool < 1:
-        raise ValueError(f"pool must be >= 1, got {pool}")
+    _args.check_positive_int("pool", pool)
     want_dim = 4 if shared_input else 5
     if act.dim() != want_dim:
         raise ValueError(

@@ -479,3 +479,32 @@ def test_the_instance_offset_is_computed_in_one_function():
                     ):
                         places.append(f"{path.relative_to(ROOT)}:{fn.name}")
     assert places == ["nft_cuda/nn/base.py:instance_offset"]
+
+
+# --------------------------------------------------------------------------------------------------
+# One of each: device-model names and default severities live in one table (nft_cuda/devices/catalog.py).
+# --------------------------------------------------------------------------------------------------
+
+
+def _name_lists(path: pathlib.Path, names: set[str]) -> list[str]:
+    """Literal tuples, lists, sets and dict keys of a file that spell out two or more device-model names."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
+        if not isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) or not items:
+            continue
+        spelled = {i.value.lower() for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)} & names
+        if len(spelled) >= 2:
+            out.append(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name}:{node.lineno}")
+    return out
+
+
+def test_device_model_names_are_listed_only_in_the_devices_table(tmp_path):
+    from nft_cuda.devices import DEVICE_MODELS
+
+    names = {spelling.lower() for row in DEVICE_MODELS for spelling in (row.name, *row.aliases)}
+    elsewhere = [p for p in SIZED if not p.is_relative_to(PACKAGE / "devices")]
+    assert [hit for p in elsewhere for hit in _name_lists(p, names)] == []
+    bad = tmp_path / "bad.py"
+    bad.write_text('UNIT = ("pcm", "stuck-at")\nOK = ("pcm", "adam")\nD = {"lognormal": 1, "RRAM1": 2}\n')
+    assert [hit.split(":")[1] for hit in _name_lists(bad, names)] == ["1", "3"]

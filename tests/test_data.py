@@ -678,3 +678,34 @@ def test_fetch_from_file_mirror_and_system_copy(tmp_path, monkeypatch):
     assert not twin.exists() and bad.is_file()
     x, y = D.load_dataset("fashion-mnist", tmp_path / "a", "test")
     assert x.shape[0] == 10000 and torch.equal(y, D.load_dataset("fashion-mnist", root, "test").labels)
+
+
+def test_split_loaders_is_the_one_builder_of_make_loaders_and_the_trainer(monkeypatch, tmp_path):
+    """make_loaders and the trainer both batch through split_loaders; its run options (limits, a rank's
+    shard) and its loaders leave torch's global RNG alone."""
+    full = D.split_loaders("embedded", batch_size=500, val_fraction=0.1, seed=3)
+    made = D.make_loaders("embedded", batch_size=500, val_fraction=0.1, seed=3)
+    for a, b in zip(made.val, full.val):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert [torch.equal(a[1], b[1]) for a, b in zip(made.train, full.train)] == [True] * len(full.train)
+    s = D.split_loaders("embedded", batch_size=100, val_fraction=0.1, seed=3, limit_train=250, limit_eval=40)
+    assert s.sizes == {"train": 250, "val": 40, "test": 40} and len(s.train.dataset) == 250
+    assert s.example.shape == (2, *s.input_shape) and torch.equal(s.example, full.example)
+    state = torch.get_rng_state()
+    for loader in (s.val, s.test):
+        list(loader)
+    assert torch.equal(torch.get_rng_state(), state)
+    shard = D.split_loaders("embedded", batch_size=50, val_fraction=0.1, limit_train=250, shard=(1, 2))
+    assert len(shard.train.sampler) == 125
+    with pytest.raises(ValueError, match="fewer than the 300 ranks"):
+        D.split_loaders("embedded", batch_size=50, limit_train=250, shard=(0, 300))
+
+    import nft_cuda.data
+    from nft_cuda.train.trainer import TrainConfig, train
+
+    calls = []
+    real = nft_cuda.data.split_loaders
+    monkeypatch.setattr(nft_cuda.data, "split_loaders", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    config = TrainConfig(epochs=1, limit_train=64, limit_eval=32, batch_size=32, device="cpu", out=str(tmp_path / "r"))
+    result = train(config, progress=False, log=None)
+    assert len(calls) == 1 and calls[0]["limit_train"] == 64 and result["sizes"] == {"train": 64, "val": 32, "test": 32}

@@ -378,3 +378,31 @@ BAD = [
 def test_bad_parameters_raise_clear_errors(make, error, match):
     with pytest.raises(error, match=match):
         make()
+
+
+def test_the_device_model_table_builds_every_name_with_its_default_severity():
+    """Every row and alias of nft_cuda.devices.DEVICE_MODELS builds its class; the defaults that training
+    and evaluation use come from the classes' own sigma defaults."""
+    from nft_cuda import devices
+
+    for row in devices.DEVICE_MODELS:
+        for spelling in (row.name, *row.aliases, f" {row.name.upper()} "):
+            model = devices.make_device_model(spelling, 0.2)
+            assert type(model) is row.model and model.sigma == 0.2, spelling
+            assert devices.lookup(spelling) is row
+        assert (model.device_model == row.preset) if row.preset else model.kind == row.name
+    assert devices.MODEL_NAMES == ("RRAM1", "FeFET2", "RRAM4", "FeFET6", "pcm", "lognormal", "stuck-at")
+    assert {n: devices.default_severity(n) for n in devices.MODEL_NAMES} == {
+        **dict.fromkeys(("RRAM1", "FeFET2", "RRAM4", "FeFET6", "lognormal")),
+        "pcm": 1.0,
+        "stuck-at": 1.0,
+    }
+    assert devices.training_severity("lognormal") == devices.TRAINING_SEVERITY == 0.1
+    assert devices.training_severity(devices.PCM()) == 1.0
+    assert devices.severity_sweep("FeFET2") == list(devices.SEVERITY_SWEEP) and devices.severity_sweep("stuck-at") == [
+        1.0
+    ]
+    with pytest.raises(ValueError, match="did you mean 'lognormal'"):
+        devices.lookup("lognormall")
+    with pytest.raises(TypeError, match="must be a str"):
+        devices.lookup(1.0)

@@ -488,11 +488,11 @@ def test_eval_config_is_checked_normalised_and_frozen():
     c = EvalConfig(sigmas=0.1, times=[1, 3600], labels=["a"], device_options=None)
     assert c.sigmas == (0.1,) and c.times == (1.0, 3600.0) and c.labels == ("a",) and c.device_options == {}
     for bad, match in (
-        ({"runs": 0}, "runs must be a positive int"),
+        ({"runs": 0}, "runs must be >= 1"),
         ({"runs": 2**32 + 1}, "at most 2"),
         ({"seed": -1}, "seed must be in"),
         ({"instances_per_pass": 0}, "instances_per_pass"),
-        ({"batch_size": 1.5}, "batch_size"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"sigmas": []}, "sigmas must hold at least one"),
         ({"times": ()}, "times must hold at least one"),
     ):
@@ -500,6 +500,9 @@ def test_eval_config_is_checked_normalised_and_frozen():
             EvalConfig(**bad)
     with pytest.raises(TypeError, match="device_options must be a dict"):
         EvalConfig(device_options=[("p0", 0.1)])
+    for name in ("runs", "instances_per_pass", "batch_size"):  # the package's one positive-int check
+        with pytest.raises(TypeError, match=f"{name} must be an int"):
+            EvalConfig(**{name: 2.5})
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.runs = 3
     assert dataclasses.replace(c, runs=3).runs == 3 and c.runs == 100

@@ -341,6 +341,40 @@ def test_resume_is_bit_identical(tmp_path, method):
         train(_config(tmp_path, "part", method=method, epochs=2, lr=0.1, resume=True), progress=False, log=None)
 
 
+def test_a_resume_reads_its_checkpoint_once_and_exports_the_training_backbone(tmp_path, monkeypatch):
+    """One read_checkpoint per resume; model.pt is the training backbone (no IRS heads, no rebuilt copy);
+    the IRS heads' device model is the method's choice from the config's head_sigma."""
+    from nft_cuda.train import trainer as trainer_module
+
+    cfg = dict(method="irs", epochs=2, head_sigma=0.2, val_fraction=0.0)
+    train(_config(tmp_path, **cfg), progress=False, log=None, stop_after=1)
+    reads = []
+
+    def counting(*args, **kwargs):
+        reads.append(args)
+        return read_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "read_checkpoint", counting)
+    monkeypatch.setattr(trainer_module, "export_backbone", None)  # the trainer must not rebuild a model
+    train(_config(tmp_path, resume=True, **cfg), progress=False, log=None)
+    assert len(reads) == 1
+    payload = safe_load(str(tmp_path / "run" / "model.pt"))
+    assert set(payload["state_dict"]) == set(build_model("small", in_channels=1, num_classes=10).state_dict())
+    ckpt = safe_load(str(tmp_path / "run" / "checkpoint.pt"))  # the last epoch: exported (no validation split)
+    backbone = {k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    _assert_states_equal(payload["state_dict"], backbone)
+    assert payload["meta"]["method"]["head_sigma"] == 0.2 and payload["meta"]["method"]["head_device_model"] == "RRAM1"
+
+
+def test_irs_chooses_its_heads_device_model():
+    from nft_cuda.devices import PCM
+
+    assert build_method("irs", Variation(0.1), taps={"a": 1}, head_sigma=0.3).head_variation == Variation(0.3, "RRAM1")
+    assert build_method("irs", Variation(0.1, "FeFET2"), taps={"a": 1}).head_variation == Variation(0.1, "RRAM1")
+    assert build_method("irs", PCM(), taps={"a": 1}, head_sigma=0.5).head_variation == PCM().with_sigma(0.5)
+    assert build_method("irs", PCM(), taps={"a": 1}).head_variation == PCM()
+
+
 def test_existing_run_needs_resume_or_overwrite(tmp_path):
     train(_config(tmp_path, epochs=1), progress=False, log=None)
     with pytest.raises(CheckpointError, match="--resume"):

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from nft_cuda._args import check_count
+from nft_cuda._args import check_positive_int
 from nft_cuda.data import cifar as _cifar
 from nft_cuda.data import idx as _idx
 from nft_cuda.data.checksum import check_sha256, sha256_hex, stamp_valid, write_stamp
@@ -73,6 +73,8 @@ __all__ = [
     "train_val_split",
     "batch_loader",
     "make_loaders",
+    "SplitLoaders",
+    "split_loaders",
     "PREPROCESSINGS",
     "check_preprocess",
     "normalization",
@@ -699,6 +701,7 @@ def make_loaders(
     drop_last: bool = False,
     stratify: bool = True,
     verify: bool = True,
+    preprocess: str = "standard",
 ) -> Loaders:
     """Train / validation / test DataLoaders for a dataset.
 
@@ -706,20 +709,111 @@ def make_loaders(
     stratified by class unless ``stratify=False``); the test loader holds the test split. The training
     loader shuffles with a ``torch.Generator`` seeded from ``seed``, so the batch order is the same on
     every run (it changes from epoch to epoch, reproducibly). Validation and test loaders do not shuffle.
-    ``val`` is None when ``val_fraction == 0``. ``eval_batch_size`` defaults to ``batch_size``.
+    ``val`` is None when ``val_fraction == 0``. ``eval_batch_size`` defaults to ``batch_size``;
+    ``preprocess`` as :func:`load_dataset`. The loaders are :func:`split_loaders`' (which the trainer uses
+    too), without its training-run options.
     """
-    check_count("batch_size", batch_size)
-    eval_bs = check_count("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
-    train_x, train_y = load_dataset(name, data_dir, "train", verify=verify)
-    test_x, test_y = load_dataset(name, data_dir, "test", verify=verify)
+    split = split_loaders(
+        name,
+        data_dir,
+        batch_size,
+        val_fraction,
+        seed,
+        eval_batch_size=eval_batch_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        stratify=stratify,
+        verify=verify,
+        preprocess=preprocess,
+    )
+    return Loaders(split.train, split.val, split.test)
+
+
+@dataclass
+class SplitLoaders:
+    """The loaders of :func:`split_loaders` and what a training run needs to know about them."""
+
+    train: DataLoader
+    val: DataLoader | None
+    test: DataLoader
+    #: The training loader's order: its generator (reseed it for an epoch) or its shard sampler's.
+    train_generator: torch.Generator
+    #: Samples per split: {"train", "val", "test"}.
+    sizes: dict
+    #: The shape of one input ([C, H, W]) and the first two training inputs (to probe a model with).
+    input_shape: tuple
+    example: torch.Tensor
+
+
+def split_loaders(
+    name: str,
+    data_dir: PathLike | None = None,
+    batch_size: int = 128,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    *,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+    stratify: bool = True,
+    verify: bool = True,
+    preprocess: str = "standard",
+    limit_train: int | None = None,
+    limit_eval: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> SplitLoaders:
+    """The one builder of train / validation / test loaders (:func:`make_loaders` and the trainer).
+
+    As :func:`make_loaders`, plus: ``limit_train`` / ``limit_eval`` keep the first that many training /
+    validation and test samples; ``shard=(rank, world)`` gives the training loader a
+    :class:`nft_cuda.distributed.ShardSampler`, the rank's slice of each epoch's permutation drawn from
+    ``train_generator`` (``batch_size`` is then per rank). Every loader has its own generator, so
+    iterating one never touches torch's global RNG.
+    """
+    check_positive_int("batch_size", batch_size)
+    eval_bs = check_positive_int("eval_batch_size", batch_size if eval_batch_size is None else eval_batch_size)
+    train_x, train_y = load_dataset(name, data_dir, "train", verify=verify, preprocess=preprocess)
+    test_x, test_y = load_dataset(name, data_dir, "test", verify=verify, preprocess=preprocess)
     tr_idx, va_idx = train_val_split(train_y.shape[0], val_fraction, seed, labels=train_y if stratify else None)
+    if limit_train is not None:
+        tr_idx = tr_idx[:limit_train]
+    if limit_eval is not None:
+        va_idx = va_idx[:limit_eval]
+        test_x, test_y = test_x[:limit_eval], test_y[:limit_eval]
     common = dict(num_workers=num_workers, pin_memory=pin_memory)
     val_loader = None
     if va_idx.numel():
-        val_loader = batch_loader(train_x[va_idx], train_y[va_idx], eval_bs, **common)
+        val_loader = batch_loader(train_x[va_idx], train_y[va_idx], eval_bs, generator=_fixed(), **common)
+    input_shape, example = tuple(train_x.shape[1:]), train_x[tr_idx[:2]]
+    if va_idx.numel() or limit_train is not None:  # else tr_idx is every index in order: no copy
         train_x, train_y = train_x[tr_idx], train_y[tr_idx]
     g = torch.Generator().manual_seed(int(seed) % (2**63))
-    train_loader = batch_loader(train_x, train_y, batch_size, shuffle=True, generator=g, drop_last=drop_last, **common)
+    sampler = _shard_sampler(int(tr_idx.numel()), shard, g)
+    order = dict(sampler=sampler) if sampler is not None else dict(shuffle=True, generator=g)
+    train_loader = batch_loader(train_x, train_y, batch_size, drop_last=drop_last, **order, **common)
     del train_x
-    test_loader = batch_loader(test_x, test_y, eval_bs, **common)
-    return Loaders(train_loader, val_loader, test_loader)
+    test_loader = batch_loader(test_x, test_y, eval_bs, generator=_fixed(), **common)
+    sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
+    return SplitLoaders(train_loader, val_loader, test_loader, g, sizes, input_shape, example)
+
+
+def _fixed() -> torch.Generator:
+    """The generator of an unshuffled loader: keeps its per-iteration worker seed off torch's global RNG."""
+    return torch.Generator().manual_seed(0)
+
+
+def _shard_sampler(n: int, shard: tuple[int, int] | None, generator: torch.Generator):
+    """The training split's ShardSampler for ``shard=(rank, world)``; None without one."""
+    if shard is None:
+        return None
+    from nft_cuda.distributed import ShardSampler
+
+    rank, world = shard
+    if n < world:
+        raise ValueError(
+            f"the training split has {n} sample(s), fewer than the {world} ranks "
+            "(raise --limit-train or use fewer processes)"
+        )
+    return ShardSampler(n, rank, world, generator)

@@ -7,40 +7,54 @@
 - :class:`MVM`: converter precision and per-MVM read noise, carried by any model as ``model.mvm``.
 
 Adding a model is one frozen dataclass subclass of :class:`DeviceModel` with a ``kind`` and a
-``KERNEL_ID`` (plus its per-element function in the kernels and in ``reference.perturb_device``).
+``KERNEL_ID`` (plus its per-element function in the kernels and in ``reference.perturb_device``), and
+its row in :data:`~nft_cuda.devices.catalog.DEVICE_MODELS`, the one table of device-model names and
+default severities.
 """
 
 from __future__ import annotations
 
-import difflib
-
 from nft_cuda.devices.base import DeviceModel
 from nft_cuda.devices.bitsliced import PRESETS, Variation
+from nft_cuda.devices.catalog import (
+    DEVICE_MODELS,
+    MODEL_NAMES,
+    SEVERITY_SWEEP,
+    TRAINING_SEVERITY,
+    default_severity,
+    lookup,
+    model_classes,
+    severity_sweep,
+    training_severity,
+)
 from nft_cuda.devices.lognormal import LogNormal
 from nft_cuda.devices.mvm import MVM
 from nft_cuda.devices.pcm import PCM
 from nft_cuda.devices.stuck_at import StuckAt
 
 __all__ = [
+    "DEVICE_MODELS",
     "MODEL_NAMES",
+    "SEVERITY_SWEEP",
+    "TRAINING_SEVERITY",
     "BitSlicedGaussian",
     "DeviceModel",
     "LogNormal",
     "MVM",
     "PCM",
+    "PRESETS",
     "StuckAt",
     "Variation",
+    "default_severity",
     "device_model_from_dict",
+    "lookup",
     "make_device_model",
+    "severity_sweep",
+    "training_severity",
 ]
 
 #: The paper's bit-sliced Gaussian model: the same class as :class:`nft_cuda.Variation`.
 BitSlicedGaussian = Variation
-
-#: Model names :func:`make_device_model` accepts besides the presets (aliases map to one class).
-_CLASSES = {"pcm": PCM, "lognormal": LogNormal, "log-normal": LogNormal, "stuck-at": StuckAt, "stuckat": StuckAt}
-_CLASSES["stuck_at"] = StuckAt
-MODEL_NAMES = (*PRESETS, "pcm", "lognormal", "stuck-at")
 
 
 def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
@@ -54,19 +68,12 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
             ``p0=0.01, p1=0.01`` for stuck-at, ``weight_bits=8`` for a preset; ``mvm`` may be an
             :class:`MVM` or its dict.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"device model name must be a str, got {type(name).__name__}")
+    row = lookup(name)
     if isinstance(options.get("mvm"), dict):  # the JSON form of the converter settings
         options = {**options, "mvm": MVM.from_dict(options["mvm"])}
-    key = name.strip().lower()
-    presets = {p.lower(): p for p in PRESETS}
-    if key in presets:
-        return Variation(sigma, presets[key], **options)
-    if key in _CLASSES:
-        return _CLASSES[key](sigma=sigma, **options)
-    close = difflib.get_close_matches(key, [n.lower() for n in MODEL_NAMES] + list(_CLASSES), n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise ValueError(f"unknown device_model '{name}'{hint}; choose one of {', '.join(MODEL_NAMES)}")
+    if row.preset is not None:
+        return Variation(sigma, row.preset, **options)
+    return row.model(sigma=sigma, **options)
 
 
 def device_model_from_dict(d: dict) -> DeviceModel:
@@ -76,7 +83,7 @@ def device_model_from_dict(d: dict) -> DeviceModel:
         raise TypeError(f"a device-model dict is expected, got {type(d).__name__}")
     fields = dict(d)
     kind = fields.pop("kind", Variation.kind)
-    classes = {cls.kind: cls for cls in (Variation, PCM, LogNormal, StuckAt)}
+    classes = model_classes()
     if kind not in classes:
         raise ValueError(f"unknown device-model kind {kind!r}; known: {', '.join(classes)}")
     return classes[kind].from_fields(fields)

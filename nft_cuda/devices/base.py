@@ -31,7 +31,9 @@ def check_real(name: str, value, *, minimum: float | None = None) -> float:
 
 
 def check_positive_int(name: str, value) -> int:
-    """An int >= 1 (bools refused), the one check of bit widths, sample counts and the like."""
+    """An int >= 1 (bools refused): TypeError ``<name> must be an int`` for another type, ValueError
+    ``<name> must be >= 1`` below 1. The package's one positive-int check (counts, sizes, bit widths, pool
+    sizes); everything outside devices/ calls it as ``nft_cuda._args.check_positive_int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:

@@ -18,10 +18,12 @@ import re
 import sys
 
 from nft_cuda import _args
+from nft_cuda.devices import SEVERITY_SWEEP
 
-__all__ = ["parse_sigmas", "register"]
+__all__ = ["add_eval", "parse_sigmas"]
 
-DEFAULT_SWEEP = "0:0.4:0.05"
+#: The devices' default severity sweep (:data:`nft_cuda.devices.SEVERITY_SWEEP`) as ``--sigma`` start:stop:step.
+DEFAULT_SWEEP = f"{SEVERITY_SWEEP[0]:g}:{SEVERITY_SWEEP[-1]:g}:{SEVERITY_SWEEP[1] - SEVERITY_SWEEP[0]:g}"
 
 
 def _sweep(text: str) -> list[float]:
@@ -77,11 +79,6 @@ _positive_int = _int_in(1)
 _nonneg_int = _int_in(0, 2**63)
 
 
-def register(subparsers) -> None:
-    """Add ``nft eval`` to the ``nft`` parser (called by nft_cuda.cli)."""
-    _add_eval(subparsers)
-
-
 #: ``nft eval --stream-version``: which chips (DESIGN §2, docs/design-notes.md "Noise stream versions").
 _STREAM_VERSION_HELP = (
     "noise stream version of the chips: 2 = layer keys from the layers' names, 1 = by position, the chips "
@@ -89,7 +86,8 @@ _STREAM_VERSION_HELP = (
 )
 
 
-def _add_eval(subparsers) -> None:
+def add_eval(subparsers) -> argparse.ArgumentParser:
+    """Add ``nft eval`` to the ``nft`` parser (an entry of :data:`nft_cuda.cli.COMMANDS`)."""
     from nft_cuda.devices import MODEL_NAMES
 
     e = subparsers.add_parser(
@@ -155,6 +153,7 @@ def _add_eval(subparsers) -> None:
     _add_worst_case_options(e)
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
+    return e
 
 
 def _kappas(text: str) -> list[float]:

@@ -94,12 +94,12 @@ class EvalConfig:
     plot_path: str | None = None
 
     def __post_init__(self):
-        _args.check_count("runs", self.runs)
+        _args.check_positive_int("runs", self.runs)
         if self.runs > _MAX_RUNS:
             raise ValueError(f"runs must be at most 2^32 (the instance field of the noise offset), got {self.runs}")
         self._set("seed", _args.check_seed_int("seed", self.seed))
-        _args.check_count("instances_per_pass", self.instances_per_pass)
-        _args.check_count("batch_size", self.batch_size)
+        _args.check_positive_int("instances_per_pass", self.instances_per_pass)
+        _args.check_positive_int("batch_size", self.batch_size)
         self._set("sigmas", _floats("sigmas", self.sigmas, "σ_d"))
         self._set("times", _floats("times", self.times, "time after programming"))
         if not isinstance(self.device_options, (dict, type(None))):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nft_cuda._args import check_positive_int
 from nft_cuda.eval.metrics import Z95, accuracy_stats, exact_mean
 from nft_cuda.nn import kept_noise_state, noise_mode, set_instance
 from nft_cuda.nn.custom import resolve_output
@@ -104,8 +105,7 @@ def lm_chips(
     docstring). Returns ``ppl_mean``, ``ppl_ci95``, ``nll_mean``, ``nll_ci95``, ``per_instance_ppl``,
     ``per_instance_nll``, ``per_instance_accuracy`` (token accuracy), its statistics (mean, CI, tails),
     ``clean_ppl``, ``clean_accuracy``, ``tokens``, ``runs`` and ``seed``."""
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    check_positive_int("runs", runs)
     adapt = resolve_output(output)
     batches = list(batches)
     if not batches:

@@ -135,7 +135,7 @@ class EKLAccumulator:
         self, num_inputs: int, num_classes: int, *, device=None, block_size: int = EKL_BLOCK, auto_fold: bool = True
     ):
         for name, v in (("num_inputs", num_inputs), ("num_classes", num_classes), ("block_size", block_size)):
-            _args.check_count(name, v)
+            _args.check_positive_int(name, v)
         self.num_inputs = num_inputs
         self.num_classes = num_classes
         self.block_size = block_size

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nft_cuda._args import check_positive_int
 from nft_cuda.eval.metrics import accuracy_stats
 from nft_cuda.nn import kept_noise_state, noise_mode, noisy_layers, set_instance
 from nft_cuda.nn.custom import resolve_output
@@ -142,8 +143,7 @@ def _accuracy(model: nn.Module, loader: Iterable, adapt) -> float:
 
 
 def _check_runs(runs, recalibrate, calibration_loader, residual) -> None:
-    if isinstance(runs, bool) or not isinstance(runs, int) or runs < 1:
-        raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+    check_positive_int("runs", runs)
     if isinstance(recalibrate, bool) or not isinstance(recalibrate, int) or recalibrate < 0:
         raise ValueError(f"recalibrate must be an int >= 0 (batches per chip), got {recalibrate!r}")
     if recalibrate and calibration_loader is None:

@@ -19,7 +19,17 @@ import torch
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import json_safe, sha256_file
-from nft_cuda.devices import MVM, PCM, PRESETS, DeviceModel, Variation, device_model_from_dict, make_device_model
+from nft_cuda.devices import (
+    MVM,
+    PCM,
+    SEVERITY_SWEEP,
+    DeviceModel,
+    Variation,
+    device_model_from_dict,
+    lookup,
+    make_device_model,
+    severity_sweep,
+)
 from nft_cuda.distributed import current as current_group
 from nft_cuda.eval.config import EvalConfig, config_or_keywords
 from nft_cuda.eval.monte_carlo import monte_carlo
@@ -42,11 +52,9 @@ __all__ = [
 
 #: The severity sweep of a model without a default severity (the σ_d of the bit-sliced Gaussian presets,
 #: the σ of LogNormal): ``nft eval``'s default ``--sigma 0:0.4:0.05``. Models that have a default severity
-#: (PCM and StuckAt: 1.0, the published noise) are evaluated at it instead.
-DEFAULT_SIGMAS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
-
-#: The bit-sliced Gaussian presets by lower-case name.
-_PRESETS = {p.lower(): p for p in PRESETS}
+#: (PCM and StuckAt: 1.0, the published noise) are evaluated at it instead. The devices' table holds it
+#: (:data:`nft_cuda.devices.SEVERITY_SWEEP`); this is its name in the evaluation.
+DEFAULT_SIGMAS = SEVERITY_SWEEP
 
 
 class TensorBatches:
@@ -55,7 +63,7 @@ class TensorBatches:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256):
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images and labels differ in length: {images.shape[0]} vs {labels.shape[0]}")
-        _args.check_count("batch_size", batch_size)
+        _args.check_positive_int("batch_size", batch_size)
         self.images, self.labels, self.batch_size = images, labels, batch_size
 
     def __len__(self) -> int:
@@ -329,8 +337,8 @@ def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compen
         sigmas = default_sigmas(trained if device_model is None else make_device_model(device_model, 0.0))
     if device_model is None:  # the checkpoint's own model, its other fields replaced by the options
         models = [_with_options(trained, options).with_sigma(s) for s in sigmas]
-    elif isinstance(trained, Variation) and device_model.strip().lower() in _PRESETS:
-        preset = _PRESETS[device_model.strip().lower()]
+    elif isinstance(trained, Variation) and lookup(device_model).preset is not None:
+        preset = lookup(device_model).preset
         models = [_with_options(Variation(s, preset, trained.weight_bits, trained.device_bits), options)
                   for s in sigmas]  # fmt: skip
     else:
@@ -351,8 +359,7 @@ def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compen
 def default_sigmas(model: DeviceModel) -> list[float]:
     """The severity sweep used when none is given: the model class's default severity if it has one
     (PCM, StuckAt), else :data:`DEFAULT_SIGMAS`."""
-    default = next(f.default for f in dataclasses.fields(model) if f.name == "sigma")
-    return list(DEFAULT_SIGMAS) if default is dataclasses.MISSING else [float(default)]
+    return severity_sweep(model)
 
 
 def _with_options(model: DeviceModel, options: dict) -> DeviceModel:

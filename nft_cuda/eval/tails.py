@@ -33,6 +33,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from nft_cuda._args import check_positive_int
+
 __all__ = [
     "TAIL_PERCENTILES",
     "order_statistic_ranks",
@@ -98,8 +100,7 @@ def _binomial_cdf(r: int, p: Fraction) -> list:
 def order_statistic_ranks(r: int, k: float, confidence: float = 0.95) -> tuple[int | None, int | None]:
     """The 1-based ranks (l, u) of the equal-tailed distribution-free CI of the k-th percentile of R
     values (see the module docstring); ``None`` for a side that R values cannot bound."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"the number of values must be a positive int, got {r!r}")
+    check_positive_int("the number of values", r)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     _, p = _check([0.0], k)

@@ -123,6 +123,16 @@ def has_checkpoint(out) -> bool:
     return (out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()
 
 
+def check_resumable(out) -> None:
+    """Raise :class:`CheckpointError` when the run folder ``out`` holds no checkpoint at all (without
+    reading one: the trainer checks this before it creates or locks the folder)."""
+    if not has_checkpoint(out):
+        raise CheckpointError(
+            f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
+            "or point --out at the run folder)"
+        )
+
+
 def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """The checkpoint to resume from in the run folder ``out`` and its path.
 
@@ -132,11 +142,7 @@ def read_checkpoint(out, *, warn: bool = True) -> tuple[dict, Path]:
     """
     out = Path(out)
     current, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
-    if not has_checkpoint(out):
-        raise CheckpointError(
-            f"nothing to resume in {out}: no {CHECKPOINT} (start the run without --resume, "
-            "or point --out at the run folder)"
-        )
+    check_resumable(out)
     problems = []
     for path in (current, prev):
         try:

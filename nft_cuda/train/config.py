@@ -19,8 +19,6 @@ _SCHEDULERS = ("cosine", "none")
 #: Fields that may differ between a checkpoint's config and the config that resumes it.
 RESUME_MAY_DIFFER = ("data_dir", "device", "out", "num_workers", "resume", "overwrite")
 _DEFAULT_DELTAS = (0.15, 0.10, 0.05)
-#: Device models whose severity is a multiplier (default 1.0) rather than a σ (default 0.1).
-_UNIT_SEVERITY = ("pcm", "stuck-at", "stuckat", "stuck_at")
 _U63 = 2**63
 
 
@@ -338,15 +336,15 @@ class TrainConfig:
 
     def _check_device(self) -> None:
         """Normalises sigma, device_model and device_options by building the model once."""
-        from nft_cuda.devices import Variation, make_device_model
+        from nft_cuda.devices import Variation, make_device_model, training_severity
 
         if not isinstance(self.device_model, str):
             raise TypeError(f"device_model must be a str, got {type(self.device_model).__name__}")
         if not isinstance(self.device_options, dict):
             raise TypeError(f"device_options must be a dict, got {type(self.device_options).__name__}")
         self.device_options = dict(self.device_options)
-        if self.sigma is None:
-            self.sigma = 1.0 if self.device_model.strip().lower() in _UNIT_SEVERITY else 0.1
+        if self.sigma is None:  # the model's default severity (PCM, stuck-at: 1.0), else σ = 0.1
+            self.sigma = training_severity(self.device_model)
         self.sigma = _real("sigma", self.sigma, minimum=0.0)
         model = make_device_model(self.device_model, self.sigma, **self.device_options)
         self.device_model = model.device_model if isinstance(model, Variation) else model.kind

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda import ops
+from nft_cuda._args import check_positive_int
 from nft_cuda.devices import DeviceModel
 from nft_cuda.nn import NoisyLinear, noise_mode
 from nft_cuda.nn.custom import resolve_output
@@ -134,8 +135,7 @@ class IRSModel(nn.Module):
                 f"IRS taps {unknown} are not modules of the backbone; available: {', '.join(n for n in modules if n)}"
             )
         for name, pool in taps.items():
-            if not isinstance(pool, int) or pool < 1:
-                raise ValueError(f"IRS tap '{name}': pool size must be an int >= 1, got {pool!r}")
+            check_positive_int(f"IRS tap '{name}': pool size", pool)
         self.backbone = backbone
         self._snapshots: dict[str, torch.Tensor] = {}
         self._capturing = False

@@ -271,8 +271,11 @@ class IRS(Method):
         variation: σ_d and device model of training (the backbone's noise).
         beta: feedback gain β.
         taps: module path → pool size of each snapshot (model defaults in nft_cuda.models.IRS_TAPS).
-        head_variation: the heads' variation (default: σ_d of training, RRAM1).
+        head_variation: the heads' device model (default: the paper's RRAM1 at σ_d of training with the
+            bit-sliced Gaussian presets; the backbone's own model with the other device models).
         hidden: width of the heads' hidden layer.
+        head_sigma: the heads' severity instead of training's (applied to the default heads' model, or to
+            ``head_variation``); None: keep it.
         output: the output adapter of the backbone (see :class:`Method`); taps whose module returns a tuple
             are snapshotted from its first element (:mod:`nft_cuda.train.irs`).
     """
@@ -288,6 +291,7 @@ class IRS(Method):
         hidden: int = 512,
         *,
         output=None,
+        head_sigma: float | None = None,
     ):
         super().__init__(variation, output=output)
         if not taps:
@@ -296,6 +300,8 @@ class IRS(Method):
         self.taps = dict(taps)
         if head_variation is None:  # the paper's heads are RRAM1; other device models: the backbone's model
             head_variation = Variation(variation.sigma, "RRAM1") if isinstance(variation, Variation) else variation
+        if head_sigma is not None:
+            head_variation = head_variation.with_sigma(head_sigma)
         self.head_variation = head_variation
         self.hidden = hidden
 
@@ -528,6 +534,7 @@ def build_method(
     deltas: Sequence[float] | None = None,
     taps: Mapping[str, int] | None = None,
     head_variation: DeviceModel | None = None,
+    head_sigma: float | None = None,
     batched: bool = True,
     output=None,
     temperature: float = 1.0,
@@ -539,8 +546,9 @@ def build_method(
 ) -> Method:
     """A method by name with the DESIGN §5 defaults for (model_name, dataset). ``temperature``: the
     loss's T of "clean" / "noise"; ``ovf_scope``, ``ovf_bn_stats``: :class:`OVF`'s ``scope`` and
-    ``bn_stats``; ``teacher``, ``kd_alpha``, ``kd_temperature``: :class:`KnowledgeDistillation`'s
-    teacher, α and T; ``output``: the output adapter (see :class:`Method`)."""
+    ``bn_stats``; ``head_variation``, ``head_sigma``: :class:`IRS`'s heads; ``teacher``, ``kd_alpha``,
+    ``kd_temperature``: :class:`KnowledgeDistillation`'s teacher, α and T; ``output``: the output adapter
+    (see :class:`Method`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method '{name}'; choose one of {', '.join(METHODS)}")
     if name == "ovf":
@@ -564,7 +572,7 @@ def build_method(
                 )
             taps = IRS_TAPS[model_name]
         beta = default_beta("irs", model_name, dataset) if beta is None else beta
-        return IRS(variation, beta, taps, head_variation, output=output)
+        return IRS(variation, beta, taps, head_variation, output=output, head_sigma=head_sigma)
     if name == "kd":
         return KnowledgeDistillation(variation, teacher, alpha=kd_alpha, temperature=kd_temperature, output=output)
     return METHODS[name](variation, temperature, output=output)

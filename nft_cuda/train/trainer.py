@@ -60,7 +60,7 @@ import torch.nn as nn
 from nft_cuda import _args
 from nft_cuda._args import resolve_device
 from nft_cuda._files import atomic_write_bytes, json_safe
-from nft_cuda.distributed import RANK_STREAM, Group, ShardSampler, join
+from nft_cuda.distributed import RANK_STREAM, Group, join
 from nft_cuda.io import MODEL_FILE
 from nft_cuda.train.checkpoint import (
     CHECKPOINT,
@@ -68,6 +68,7 @@ from nft_cuda.train.checkpoint import (
     PREV_CHECKPOINT,
     CheckpointError,
     CheckpointWarning,
+    check_resumable,
     checkpoint_stream_version,
     error_message,
     read_checkpoint,
@@ -128,56 +129,31 @@ def _forked_rng(device: torch.device, seed: int):
 
 
 class _Data:
+    """The run's loaders (the data tier's :func:`nft_cuda.data.split_loaders`), its dataset's spec and
+    normalisation, and the training batches' augmentation."""
+
     def __init__(self, config: TrainConfig, device: torch.device, group: Group | None = None):
-        from nft_cuda.data import batch_loader, get_spec, load_dataset, normalization, train_val_split
+        from nft_cuda.data import get_spec, normalization, split_loaders
 
         self.spec = get_spec(config.dataset)
         self.mean, self.std = normalization(config.dataset, config.preprocess)
-        train_x, train_y = load_dataset(config.dataset, config.data_dir, "train", preprocess=config.preprocess)
-        test_x, test_y = load_dataset(config.dataset, config.data_dir, "test", preprocess=config.preprocess)
-        tr_idx, va_idx = train_val_split(train_y.shape[0], config.val_fraction, config.seed, labels=train_y)
-        if config.limit_train is not None:
-            tr_idx = tr_idx[: config.limit_train]
-        if config.limit_eval is not None:
-            va_idx = va_idx[: config.limit_eval]
-            test_x, test_y = test_x[: config.limit_eval], test_y[: config.limit_eval]
-        self.input_shape = tuple(train_x.shape[1:])
-        self.example = train_x[tr_idx[:2]]
-        common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda")
-        # Every loader has its own generator, so iterating one never touches torch's global RNG.
-        self.train_generator = torch.Generator()
-        sampler = None
-        if group is not None and group.active:
-            # Each rank takes its slice of the same (seed, epoch) permutation; batch_size is per rank.
-            n = int(tr_idx.numel())
-            if n < group.world:
-                raise ValueError(
-                    f"the training split has {n} sample(s), fewer than the {group.world} ranks "
-                    "(raise --limit-train or use fewer processes)"
-                )
-            sampler = ShardSampler(n, group.rank, group.world, self.train_generator)
-        self.train = batch_loader(
-            train_x[tr_idx],
-            train_y[tr_idx],
+        split = split_loaders(
+            config.dataset,
+            config.data_dir,
             config.batch_size,
-            shuffle=True,
-            sampler=sampler,
-            generator=None if sampler is not None else self.train_generator,
-            **common,
+            config.val_fraction,
+            config.seed,
+            num_workers=config.num_workers,
+            pin_memory=device.type == "cuda",
+            preprocess=config.preprocess,
+            limit_train=config.limit_train,
+            limit_eval=config.limit_eval,
+            # Under torchrun each rank takes its slice of the same (seed, epoch) permutation.
+            shard=(group.rank, group.world) if group is not None and group.active else None,
         )
-        self.val = None
-        if va_idx.numel():
-            self.val = batch_loader(
-                train_x[va_idx],
-                train_y[va_idx],
-                config.batch_size,
-                generator=torch.Generator().manual_seed(0),
-                **common,
-            )
-        self.test = batch_loader(
-            test_x, test_y, config.batch_size, generator=torch.Generator().manual_seed(0), **common
-        )
-        self.sizes = {"train": int(tr_idx.numel()), "val": int(va_idx.numel()), "test": int(test_y.shape[0])}
+        self.train, self.val, self.test = split.train, split.val, split.test
+        self.train_generator, self.sizes = split.train_generator, split.sizes
+        self.input_shape, self.example = split.input_shape, split.example
         # Training batches only; the border is each channel's normalised black, as a zero-padded image.
         self.augment = None
         if config.augments():
@@ -279,24 +255,17 @@ def _model_spec(config: TrainConfig, data: _Data) -> dict:
 def _build(config: TrainConfig, data: _Data, device: torch.device):
     from nft_cuda.models import build_from_spec
     from nft_cuda.train.methods import build_method
-    from nft_cuda.variation import Variation
 
     spec = _model_spec(config, data)
-    variation = config.variation()
-    head_variation = None
-    if config.method == "irs" and isinstance(variation, Variation):  # the paper's heads: RRAM1
-        head_variation = Variation(config.sigma if config.head_sigma is None else config.head_sigma, "RRAM1")
-    elif config.method == "irs" and config.head_sigma is not None:  # other models: the same model
-        head_variation = variation.with_sigma(config.head_sigma)
     method = build_method(
         config.method,
-        variation,
+        config.variation(),
         model_name=config.model,
         dataset=config.dataset,
         beta=config.beta,
         deltas=config.deltas if config.method == "ovf" else None,
         taps=config.taps,
-        head_variation=head_variation,
+        head_sigma=config.head_sigma,
         output=config.output,
         temperature=config.temperature,
         ovf_scope=config.ovf_layer_scope(),
@@ -405,8 +374,8 @@ def train(
         device = group.device if group.active else resolve_device(config.device)
         for split in ("train", "test"):  # a missing dataset fails before the run folder is created
             find_files(config.dataset, config.data_dir, split)
-        if config.resume and not ((out / CHECKPOINT).exists() or (out / PREV_CHECKPOINT).exists()):
-            read_checkpoint(out)  # raises "nothing to resume" without creating the folder
+        if config.resume:
+            check_resumable(out)  # "nothing to resume" before the folder is created (read once, later)
         if group.is_main:
             out.mkdir(parents=True, exist_ok=True)
         group.barrier()
@@ -702,9 +671,11 @@ def _validate(run: _Run, epoch: int) -> tuple[float, float, bool]:
     if improved and run.main:
         from nft_cuda.io import save_model
 
+        # The training backbone itself: the file holds its state_dict, noisy layers and keys, which a
+        # rebuilt copy would only repeat (the IRS heads are not part of the backbone).
         save_model(
             str(run.out / MODEL_FILE),
-            export_backbone(run.model, run.method, run.spec),
+            _backbone(run.model),
             spec=run.spec,
             variation=run.method.variation,
             meta={**run.meta, "epoch": epoch, "val_acc_noisy": val_noisy, "val_acc_clean": val_clean},
