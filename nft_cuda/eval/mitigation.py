@@ -118,8 +118,7 @@ def _chip_weights(layers: list, masks: list | None, residual: float) -> None:
         if masks is not None:
             w = layer.weight.detach()
             w_chip = torch.where(masks[i], w + residual * (w_chip - w), w_chip)
-        sigmas = torch.full((1,), layer.variation.sigma, dtype=torch.float32, device=w_chip.device)
-        layer.set_sample_plan(rng, sigmas, weights=w_chip.unsqueeze(0))
+        layer.set_chip_weight(w_chip, rng)
 
 
 def _recalibrate(model: nn.Module, batches: list) -> None:
