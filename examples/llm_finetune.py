@@ -1,7 +1,8 @@
 """Hardware-aware fine-tuning of a tiny GPT-2 on the offline corpus, then Monte-Carlo perplexity of a
 digitally trained and a noise-injection-trained model on the same chips (docs/llm.md).
 
-    python examples/llm_finetune.py [--steps 300] [--runs 30] [--sigma 0.3] [--json results.json]
+    python examples/llm_finetune.py [--steps 300] [--runs 30] [--sigma 0.3] [--json results.json] [--out runs/llm]
+    python -m nft_cuda eval --lm runs/llm/noise.pt runs/llm/digital.pt --baseline runs/llm/digital.pt
 
 Both models start from one random initialisation (no download) and see the same batches; the noisy one
 trains with a fresh chip per forward (noise injection, mode "train"). Evaluation: chips 0..runs-1 of one
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -22,6 +24,7 @@ import transformers
 import nft_cuda
 from nft_cuda.eval.lm import ByteTokenizer, lm_batches, lm_chips, load_corpus
 from nft_cuda.eval.paired import paired_difference
+from nft_cuda.io import save_model
 
 
 def tiny_gpt2() -> torch.nn.Module:
@@ -54,6 +57,17 @@ def fine_tune(model: torch.nn.Module, ids: torch.Tensor, steps: int, *, seq_len:
     return float(loss.detach())
 
 
+#: How an exported model is rebuilt: this file's factory, imported again by `nft eval` (run from the
+#: repository root, so `examples` is importable).
+SPEC = {"name": "custom", "factory": "examples.llm_finetune:tiny_gpt2", "kwargs": {}, "output": "logits"}
+
+
+def export(model: torch.nn.Module, variation, path: str) -> None:
+    """Save ``model`` as an exported nft_cuda model that `nft eval --lm` loads."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_model(path, model, spec=SPEC, variation=variation)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
@@ -63,6 +77,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--eval-batches", type=int, default=8, help="at most this many held-out batches of batch × seq-len")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--out", help="export both trained models here (digital.pt, noise.pt) for `nft eval --lm`")
     args = p.parse_args(argv)
     variation = nft_cuda.Variation(args.sigma, "RRAM1")
     train_ids, held_out = corpus_ids()
@@ -74,6 +89,8 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         loss = fine_tune(model, train_ids, args.steps, seq_len=args.seq_len, batch=args.batch)
         trained = time.perf_counter() - start
+        if args.out:
+            export(model, variation, os.path.join(args.out, f"{name}.pt"))
         start = time.perf_counter()
         report = lm_chips(model, batches, args.runs, seed=0)
         per_chip[name] = report["per_instance_nll"]

@@ -128,6 +128,7 @@ TIERS = {
     "nft_cuda.cli": 3,
     "nft_cuda.__main__": 3,
     "nft_cuda.eval.cli": 3,
+    "nft_cuda.eval.lm_cli": 3,
     "nft_cuda.demo": 3,
 }
 

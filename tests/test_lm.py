@@ -112,3 +112,32 @@ def test_the_llm_example_of_docs_llm_runs(tmp_path, monkeypatch, one_thread):
     for report in result["models"].values():
         assert report["clean_ppl"] > 1 and math.isfinite(report["ppl_mean"])
     assert result["nll_noise_minus_digital"]["verdict"] in ("better", "worse", "no significant difference")
+
+
+def test_nft_eval_lm_reports_perplexity_paired_against_a_baseline(tmp_path, monkeypatch, one_thread, capsys):
+    """`nft eval --lm` on the example's exported models: perplexity with CI95 per model, the per-chip NLL
+    paired against the baseline, a continuation on one chip, and the JSON equal to the Python API's."""
+    import json
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))
+    sys.modules.pop("examples.llm_finetune", None)
+    from examples import llm_finetune
+    from nft_cuda.cli import main
+    from nft_cuda.eval.lm import lm_checkpoints, text_batches
+
+    llm_finetune.main(["--steps", "2", "--runs", "2", "--eval-batches", "1", "--batch", "2", "--out", str(tmp_path)])
+    noise, digital = str(tmp_path / "noise.pt"), str(tmp_path / "digital.pt")
+    out = tmp_path / "lm.json"
+    args = ["eval", "--lm", noise, digital, "--baseline", digital, "--runs", "3", "--lm-batches", "1"]
+    assert main([*args, "--batch-size", "4", "--json", str(out), "--generate", "The ", "--chip", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "per-chip NLL of noise.pt − baseline" in printed and "chip 1: 'The " in printed
+    report = json.loads(out.read_text())
+    want = lm_checkpoints([noise, digital], text_batches(load_corpus(), 64, 4, 1), runs=3, baseline=digital)
+    assert [m["per_instance_nll"] for m in report["models"]] == [m["per_instance_nll"] for m in want["models"]]
+    assert report["paired"][noise]["mean"] == want["paired"][noise]["mean"]
+    with pytest.raises(ValueError, match="is not one of the checkpoints"):
+        lm_checkpoints([noise], text_batches(load_corpus(), 64, 4, 1), runs=2, baseline=digital)

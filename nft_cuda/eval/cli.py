@@ -19,6 +19,7 @@ import sys
 
 from nft_cuda import _args
 from nft_cuda.devices import SEVERITY_SWEEP
+from nft_cuda.eval.lm_cli import add_lm_options, run_lm_eval
 
 __all__ = ["add_eval", "parse_sigmas"]
 
@@ -151,6 +152,7 @@ def add_eval(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     _add_report_options(e)
     _add_worst_case_options(e)
+    add_lm_options(e)
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     e.set_defaults(func=_run_eval)
     return e
@@ -316,6 +318,8 @@ def _device_options(args) -> dict:
 
 
 def _run_eval(args) -> int:
+    if args.lm:
+        return run_lm_eval(args)
     from nft_cuda import distributed
     from nft_cuda._args import resolve_device
     from nft_cuda.eval.config import EvalConfig

@@ -30,10 +30,20 @@ import torch.nn.functional as F
 
 from nft_cuda._args import check_positive_int
 from nft_cuda.eval.metrics import Z95, accuracy_stats, exact_mean
-from nft_cuda.nn import kept_noise_state, noise_mode, set_instance
+from nft_cuda.eval.paired import paired_difference
+from nft_cuda.io import load_model, resolve_model_path
+from nft_cuda.nn import kept_noise_state, noise_mode, noisy_layers, set_instance
 from nft_cuda.nn.custom import resolve_output
 
-__all__ = ["ByteTokenizer", "generate_on_chip", "lm_batches", "lm_chips", "load_corpus"]
+__all__ = [
+    "ByteTokenizer",
+    "generate_on_chip",
+    "lm_batches",
+    "lm_checkpoints",
+    "lm_chips",
+    "load_corpus",
+    "text_batches",
+]
 
 CORPUS = Path(__file__).resolve().parent.parent / "data" / "embedded" / "corpus.txt"
 
@@ -173,3 +183,53 @@ def generate_on_chip(
     finally:
         model.train(training)
     return ids.cpu()
+
+
+def text_batches(text: str, seq_len: int, batch_size: int, max_batches: int | None = None) -> list[torch.Tensor]:
+    """The byte-id batches [batch_size, seq_len] of ``text`` (:class:`ByteTokenizer`), at most ``max_batches``."""
+    batches = lm_batches(ByteTokenizer().encode(text), seq_len, batch_size)
+    return batches if max_batches is None else batches[: check_positive_int("max_batches", max_batches)]
+
+
+def lm_checkpoints(
+    paths: list[str],
+    batches: list[torch.Tensor],
+    *,
+    runs: int,
+    seed: int = 0,
+    sigma: float | None = None,
+    baseline: str | None = None,
+    device=None,
+) -> dict:
+    """Every exported causal LM of ``paths`` (:func:`nft_cuda.io.save_model`, e.g. a model factory's) on
+    chips 0 .. runs−1 of ``seed`` over ``batches`` (:func:`lm_chips`), at its own device model or at
+    severity ``sigma``. ``baseline``, one of ``paths``: every other model's per-chip NLL paired against
+    its own on the same chips (:func:`nft_cuda.eval.paired.paired_difference`; negative is better).
+    Returns {"models": [{"path", "device_model", "sigma", **lm_chips report}], "baseline", "paired"}."""
+    paths = [resolve_model_path(p) for p in paths]
+    if baseline is not None:
+        baseline = resolve_model_path(baseline)
+        if baseline not in paths:
+            raise ValueError(f"baseline {baseline} is not one of the checkpoints {paths}")
+    models = []
+    for path in paths:
+        model, payload = load_model(path, device=device or "cpu")
+        layers = [layer for _, layer in noisy_layers(model)]
+        if not layers:
+            raise ValueError(f"{path} has no noisy layer: there are no chips to evaluate")
+        if sigma is not None:
+            for layer in layers:
+                layer.variation = layer.variation.with_sigma(sigma)
+        report = lm_chips(model, batches, runs, seed=seed, output=payload["model"].get("output", "logits"))
+        models.append(
+            {"path": path, "device_model": layers[0].variation.name, "sigma": layers[0].variation.sigma, **report}
+        )
+    paired = None
+    if baseline is not None:
+        base = next(m for m in models if m["path"] == baseline)
+        paired = {
+            m["path"]: paired_difference(m["per_instance_nll"], base["per_instance_nll"], words=("worse", "better"))
+            for m in models
+            if m["path"] != baseline
+        }
+    return {"models": models, "baseline": baseline, "paired": paired, "runs": runs, "seed": seed}
