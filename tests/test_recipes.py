@@ -12,7 +12,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import nft_cuda
+from nft_cuda import set_noise_mode
 from nft_cuda.nn import generic, registry
+from nft_cuda.train import TrainConfig
+from nft_cuda.train.trainer import train
+from nft_cuda.train.methods import METHODS, NoiseInjection, build_method
 
 V = nft_cuda.Variation(0.2, "RRAM1")
 
@@ -152,3 +156,79 @@ def test_the_kernel_recipe_check_sees_a_missing_piece(monkeypatch):
     monkeypatch.delattr(nft_cuda.reference, "perturb")
     with pytest.raises(AssertionError, match="perturb: pure-PyTorch twin"):
         test_every_compiled_op_has_each_piece_of_the_kernel_recipe()
+
+
+# --------------------------------------------------------------------------------------------------
+# How to add a training method
+# --------------------------------------------------------------------------------------------------
+
+
+class LabelSmoothedNoise(NoiseInjection):
+    """Step 1 of the recipe: a Method subclass with a name and a loss (here: noise injection with label
+    smoothing 0.1), its settings in describe()."""
+
+    name = "smooth"
+    calls = 0
+
+    def loss(self, model, x, y):
+        set_noise_mode(model, self.noise)
+        logits = self.logits_of(model(x))
+        LabelSmoothedNoise.calls += 1
+        return F.cross_entropy(logits, y, label_smoothing=0.1), logits
+
+    def describe(self) -> dict:
+        return {**super().describe(), "label_smoothing": 0.1}
+
+
+def test_a_training_method_added_by_the_recipe(tmp_path, monkeypatch, one_thread):
+    # Step 2: register it in METHODS (build_method, TrainConfig and `nft train --method` read that table).
+    monkeypatch.setitem(METHODS, "smooth", LabelSmoothedNoise)
+    method = build_method("smooth", V)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    model = nft_cuda.convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 3)), V)
+    torch.manual_seed(0)
+    loss, logits = method.loss(model, x, y)
+    torch.manual_seed(0)
+    with nft_cuda.noise_mode(model, "train"):
+        want = F.cross_entropy(model(x), y, label_smoothing=0.1)
+    assert torch.equal(loss, want)  # Step 3: a test of the loss against the formula
+    # Step 4: the whole loop runs it: nft train's config accepts the name, the trainer calls the loss,
+    # the run records the method's describe().
+    LabelSmoothedNoise.calls = 0
+    config = TrainConfig(
+        out=str(tmp_path / "run"), device="cpu", method="smooth", epochs=1, limit_train=64, limit_eval=32, batch_size=32
+    )
+    train(config, progress=False, log=None)
+    assert LabelSmoothedNoise.calls == 2  # 64 samples / batch 32, one epoch
+    assert (tmp_path / "run" / "model.pt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# How to add a device model: every model of the table has each piece of the recipe.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_device_model_has_each_piece_of_the_device_model_recipe():
+    from nft_cuda.devices import DEVICE_MODELS, DeviceModel, device_model_from_dict, make_device_model
+
+    header = (ROOT / "csrc" / "include" / "nft_cuda" / "device_models.h").read_text()
+    doc = (ROOT / "docs" / "device-models.md").read_text()
+    missing = []
+    for row in DEVICE_MODELS:
+        cls = row.model
+        model = make_device_model(row.name, 0.1)
+        pieces = {
+            "a frozen DeviceModel dataclass with a kind": issubclass(cls, DeviceModel) and bool(cls.kind),
+            "to_dict / device_model_from_dict round trip": device_model_from_dict(model.to_dict()) == model,
+            "documented in docs/device-models.md": cls.__name__ in doc,
+        }
+        if cls is not nft_cuda.Variation:  # the per-element function of a non-Gaussian model
+            pieces["reference.perturb_device knows its KERNEL_ID"] = cls.KERNEL_ID in nft_cuda.reference.DEVICE_PARAMS
+            pieces["kernel_params has as many values as perturb_device takes"] = len(model.kernel_params()) == (
+                nft_cuda.reference.DEVICE_PARAMS.get(cls.KERNEL_ID, -1)
+            )
+            pieces["csrc/include/nft_cuda/device_models.h has a case"] = (
+                re.search(rf"k{re.escape(cls.__name__)}\b", header, flags=re.IGNORECASE) is not None
+            )
+        missing += [f"{row.name}: {piece}" for piece, ok in pieces.items() if not ok]
+    assert missing == []
