@@ -15,8 +15,8 @@ import nft_cuda
 from nft_cuda import set_noise_mode
 from nft_cuda.nn import generic, registry
 from nft_cuda.train import TrainConfig
-from nft_cuda.train.trainer import train
 from nft_cuda.train.methods import METHODS, NoiseInjection, build_method
+from nft_cuda.train.trainer import train
 
 V = nft_cuda.Variation(0.2, "RRAM1")
 
