@@ -4,6 +4,9 @@ vs R clean passes over the same images and vs the reference loop.
 Variants, timed round by round (interleaved):
   clean passes      R passes of the clean model over the images (argmax + accuracy): the floor
   monte_carlo S=…   nft_cuda.eval.monte_carlo with S instances per pass (8, the default; --passes for more)
+  … folded          the S instances folded into the batch axis (the CUDA default): each layer runs the S
+                    chips as one batched GEMM / grouped convolution (nft_cuda.nn.stacked), against
+  … a call per chip the same folded pass with one GEMM/conv call per chip (NFT_CUDA_SAMPLE_AXIS=loop)
   reference loop    the reference's way (benchmarks/reference_loop.py): per instance re-create the model,
                     reload the checkpoint from disk, host-side noise per layer, evaluate
 
@@ -51,6 +54,7 @@ from benchmarks.reference_loop import reference_monte_carlo  # noqa: E402
 from nft_cuda.eval import TensorBatches, monte_carlo  # noqa: E402
 from nft_cuda.io import save_model  # noqa: E402
 from nft_cuda.models import build_model  # noqa: E402
+from nft_cuda.nn import sample_axis_calls  # noqa: E402
 
 SPEC = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 1.0}
 
@@ -113,6 +117,12 @@ def eval_case(
     def mc(s):
         last[f"S={s}"] = monte_carlo(model, loader, v, runs, seed=0, instances_per_pass=s, progress=False)[0]
 
+    def mc_folded(s, calls):  # the S chips folded into the batch: one GEMM/conv call per layer, or S
+        with sample_axis_calls(calls):
+            last[f"S={s} {calls}"] = monte_carlo(
+                model, loader, v, runs, seed=0, instances_per_pass=s, fold=True, progress=False
+            )[0]
+
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "small.pt")
         save_model(path, model, spec=SPEC, variation=v, meta={"dataset": "embedded"})
@@ -124,6 +134,9 @@ def eval_case(
         _check_monte_carlo(name, cfg, model, loader, path, acc0)  # correctness before timing
         fns = {f"{runs} clean passes": functools.partial(_clean_passes, model, loader, runs)}
         fns.update({f"monte_carlo S={s}": functools.partial(mc, s) for s in passes})
+        for s in (x for x in passes if x > 1):
+            fns[f"monte_carlo S={s} folded"] = functools.partial(mc_folded, s, "stacked")
+            fns[f"monte_carlo S={s} folded, a call per chip"] = functools.partial(mc_folded, s, "loop")
         fns["reference loop"] = ref
         c = results.Case(cfg, ceilings)
         rows = c.time(name, fns, work=float(runs * images), unit="img/s", slow=True, warmup=0)  # the checks warmed up
@@ -136,12 +149,27 @@ def eval_case(
         row.note = f"accuracy {res['accuracy_mean']:.3f} ± {res['ci95']:.3f}, EKL {res['ekl']:.3g}"
         c.compare(row, clean_row, "time", "mc_vs_clean", exact=exact)
         c.compare(row, rows["reference loop"], "speedup", "mc_vs_reference", exact=exact)
+    for s in (x for x in passes if x > 1):
+        _compare_folded(c, rows, last, s, clean_row)
     res = last["reference"]
     rows["reference loop"].note = f"accuracy {res['accuracy_mean']:.3f} ± {res['ci95']:.3f}"
     c.compare(rows["reference loop"], clean_row, "time")
     c.add(peer.skipped_row(name, peer.NO_MONTE_CARLO))
     _check_agreement(name, last[f"S={passes[0]}"], res, runs)
     return c.rows
+
+
+def _compare_folded(c: results.Case, rows: dict, last: dict, s: int, clean_row: results.Row) -> None:
+    """The folded variants of S chips: one call per layer (stacked) against a call per chip (loop), both
+    against the clean passes; their per-chip accuracies must agree (the same chips, GEMM rounding aside)."""
+    stacked_row, loop_row = rows[f"monte_carlo S={s} folded"], rows[f"monte_carlo S={s} folded, a call per chip"]
+    a, b = last[f"S={s} stacked"], last[f"S={s} loop"]
+    differ = sum(x != y for x, y in zip(a["per_instance_accuracy"], b["per_instance_accuracy"]))
+    stacked_row.note = f"one GEMM/conv call per layer per batch; accuracy {a['accuracy_mean']:.3f}"
+    loop_row.note = f"S calls per layer per batch; chips whose accuracy differs from stacked: {differ}"
+    c.compare(stacked_row, loop_row, "speedup")
+    c.compare(stacked_row, clean_row, "time")
+    c.compare(loop_row, clean_row, "time")
 
 
 def _clean_accuracy(model, loader) -> float:

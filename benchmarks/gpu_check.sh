@@ -28,7 +28,8 @@ FILES="summary.md logs.tar.gz junit.xml env.json roofline.json bench.json"
 GPU_TESTS="tests/test_cuda.py tests/test_rng.py tests/test_perturb.py tests/test_perturb_device.py
  tests/test_noisy_linear.py tests/test_irs_snapshot.py tests/test_layers.py tests/test_sample_axis.py
  tests/test_determinism.py tests/test_error_contract.py tests/test_properties.py tests/test_backend.py
- tests/test_attention.py tests/test_recurrent.py tests/test_eval.py tests/test_device_models.py tests/test_mvm.py"
+ tests/test_attention.py tests/test_recurrent.py tests/test_eval.py tests/test_device_models.py tests/test_mvm.py
+ tests/test_stacked.py"
 MIN_TIER_S=15  # a tier with less than this left is skipped, not started
 
 if [ "${1:-}" = "--plan" ]; then

@@ -2,7 +2,8 @@
 the expected KL divergence (EKL) over chip instances, with JSON / CSV / PNG reports.
 
 * :func:`monte_carlo` — R chip instances per σ_d, several instances per pass, sharded over
-  ``torch.distributed`` ranks when initialised; results bit-identical whatever the batching/processes;
+  ``torch.distributed`` ranks when initialised; results bit-identical whatever the batching/processes
+  (one-instance calls; a folded pass of stacked calls matches to DESIGN §6 tolerances);
 * :func:`expected_kl`, :class:`EKLAccumulator`, :func:`accuracy_stats` — the metrics;
 * :func:`build_report`, :func:`write_json`, :func:`write_csv`, :func:`plot_results` — the reports;
 * :func:`eval_checkpoints` — exported checkpoints × σ_d sweep → report files (the body of ``nft eval``);

@@ -21,10 +21,13 @@ for every noisy layer (key ℓ) with the call a sample-plan forward makes (:mod:
 offset + t is instance r0 + t — instead of once per batch, as a noisy layer in instance mode would. Then,
 per batch, either the S instances are folded into the batch axis (``fold=True``: the batch repeated S
 times, [S·B, ...], chunk t through instance t's weights, logits split into S chunks) or the S instances
-run one after the other on the same batch (``fold=False``). Either way every instance's rows go through
-the same operations on the same shapes as a one-instance forward, so the per-instance results do not
-depend on S or on folding. (They equal instance mode to the DESIGN §6 tolerances, not always bit for
-bit: a noisy layer may take another GEMM path, e.g. the fused CUDA matmul, for the same noise.) Models
+run one after the other on the same batch (``fold=False``). Folded, each noisy linear/conv layer runs
+the S instances as one batched GEMM / grouped convolution (:mod:`nft_cuda.nn.stacked`); unfolded, every
+instance's rows go through the same operations on the same shapes as a one-instance forward. Folded and
+unfolded results match to the DESIGN §6 tolerances (the stacked call may round differently from S single
+calls, and its kernel may depend on S; ``NFT_CUDA_SAMPLE_AXIS=loop`` makes them bit-identical), and
+both equal instance mode to those tolerances, not always bit for bit: a noisy layer may take another GEMM
+path, e.g. the fused CUDA matmul, for the same noise. Models
 with modules that may mix rows of the batch
 (:func:`nft_cuda.nn.sample_axis.unbatchable_modules`, checked in ``eval()`` mode, where dropout is the
 identity, then the runtime probe of :func:`~nft_cuda.nn.sample_axis.probe_blockers` on the first test
@@ -44,8 +47,11 @@ Memory is independent of R beyond a few scalars per instance: the Σ_r p_r per i
 is an ``[N, C]`` float64 running sum (:class:`~nft_cuda.eval.metrics.EKLAccumulator`), plus one such
 buffer per open block, plus S noisy copies of the weights and (folded) S·B rows of activations.
 
-Determinism (DESIGN §6): the JSON-able results are bit-identical whatever ``instances_per_pass``,
-``fold`` and the number of processes, for the same device type. Per instance, the correct count (integer), the
+Determinism (DESIGN §6): for the same device type, the JSON-able results are bit-identical whatever
+``instances_per_pass``, ``fold`` and the number of processes when every instance runs as one-instance
+calls: unfolded (the CPU default) or with ``NFT_CUDA_SAMPLE_AXIS=loop``. A folded pass with stacked calls
+(the CUDA default) matches them to the DESIGN §6 tolerances; on CPU it has been bit-identical in our
+tests for linear layers and most convolutions, which is not a guarantee. Per instance, the correct count (integer), the
 summed max-probability and the summed p·log p (float64, summed batch by batch in loader order) are
 computed by the same operations on the same shapes whatever the batching; their statistics are combined
 exactly (rational arithmetic) and rounded once. Σ_r p_r is summed in a fixed tree: blocks of
@@ -387,8 +393,8 @@ def monte_carlo(
             rather than S forwards of B rows. Default: fold on CUDA (bigger kernels), not on CPU (where
             the S-times larger activations leave the caches and cost ~30% more per instance). Models
             that cannot be folded (:func:`~nft_cuda.nn.sample_axis.unbatchable_modules`) are evaluated one
-            instance per forward, with one warning when folding was asked for. Does not change the
-            results.
+            instance per forward, with one warning when folding was asked for. Changes the results only
+            by GEMM/conv rounding (the stacked calls of :mod:`nft_cuda.nn.stacked`, DESIGN §6 tolerances).
         distributed: shard instances over the ranks of ``group`` (default: when torch.distributed is
             initialised). Every rank must call with the same arguments; all get the same results.
         group: the ``torch.distributed`` process group (default: the world).
@@ -416,8 +422,9 @@ def monte_carlo(
         {"5", "25", "50", "75", "95"}, ``confidence`` (mean over instances and inputs of max_c p),
         ``ekl`` (nats), ``clean_accuracy``, ``per_instance_accuracy`` [R] and ``noise_stream`` (the
         stream version of the chips; a result without it is version 1). Accuracies are fractions
-        in [0, 1]. The execution strategy (S, processes) is deliberately not part of the results, which
-        are bit-identical whatever it is.
+        in [0, 1]. The execution strategy (S, processes, folding) is deliberately not part of the
+        results, which are bit-identical whatever it is for one-instance calls (see the module
+        docstring: a folded pass with stacked calls matches to the DESIGN §6 tolerances).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

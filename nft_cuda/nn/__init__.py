@@ -1,7 +1,8 @@
 """The nn tier of nft_cuda: noisy layers, whole-model conversion and noise control (docs/architecture.md).
 
 From the ground up: :mod:`.registry` (the one plain → noisy map), :mod:`.base` (``NoisyModule``: the
-noise of every layer), :mod:`.functions` (the autograd Functions), one file per layer family
+noise of every layer), :mod:`.stacked` (the S samples of a sample-axis pass in one GEMM / conv call),
+:mod:`.functions` (the autograd Functions), one file per layer family
 (:mod:`.linear`, :mod:`.conv`, :mod:`.generic` and the registered types, :mod:`.embedding`,
 :mod:`.attention`, :mod:`.recurrent`; each registers itself), then the model-wide helpers:
 :mod:`.keys` (layer keys of the chip noise stream), :mod:`.modes` (noise modes, chip instances),
@@ -26,12 +27,14 @@ from nft_cuda.nn.linear import NoisyLinear
 from nft_cuda.nn.modes import kept_noise_state, noise_mode, noisy_layers, set_instance, set_noise_mode, set_time
 from nft_cuda.nn.recurrent import NoisyGRU, NoisyLSTM, NoisyRNN
 from nft_cuda.nn.sample_axis import batch_blockers, instance_plans, sample_plan, unbatchable_modules
+from nft_cuda.nn.stacked import SAMPLE_AXIS_MODES, sample_axis_calls
 from nft_cuda.nn.summary import ConversionSummary, ConvertedLayer, DigitalWeight, KeptLayer, TiedWeight
 
 __all__ = [
     "FAST_PATH_MODULES",
     "MODES",
     "NOISE_STREAM_VERSION",
+    "SAMPLE_AXIS_MODES",
     "ConversionSummary",
     "ConvertedLayer",
     "DigitalWeight",
@@ -63,6 +66,7 @@ __all__ = [
     "noisy_layers",
     "register_noisy",
     "resolve_output",
+    "sample_axis_calls",
     "sample_plan",
     "set_instance",
     "set_noise_mode",

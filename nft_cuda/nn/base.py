@@ -66,11 +66,13 @@ __all__ = [
     "NoisyModule",
     "RetypedNoisy",
     "SamplePlan",
+    "check_sample_batch",
     "instance_offset",
     "noisy_subclass",
     "per_sample",
     "perturbed_weights",
     "retyped_copy",
+    "split_samples",
 ]
 
 #: Noise modes of a noisy layer.
@@ -102,15 +104,20 @@ def perturbed_weights(
     return ops.perturb(programmed, variation, rng=rng, samples=sigmas.shape[0], sigmas=sigmas)
 
 
-def _split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
+def check_sample_batch(t: torch.Tensor, samples: int) -> None:
+    """Raise unless the batch axis of ``t`` holds ``samples`` chunks of equal size ([S·B, ...])."""
+    if samples > 1 and (t.dim() == 0 or t.shape[0] % samples):
+        raise ValueError(
+            f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
+            f"{samples}, got {t.shape[0] if t.dim() else 0}"
+        )
+
+
+def split_samples(t: torch.Tensor, samples: int) -> list[torch.Tensor]:
     """The S chunks of a tensor whose batch axis holds S samples of B rows each ([S·B, ...])."""
     if samples == 1:
         return [t]
-    if t.shape[0] % samples:
-        raise ValueError(
-            f"a sample-axis forward with {samples} samples needs a batch that is a multiple of "
-            f"{samples}, got {t.shape[0]}"
-        )
+    check_sample_batch(t, samples)
     return list(t.chunk(samples, dim=0))
 
 
@@ -119,7 +126,7 @@ def per_sample(fn, weights: torch.Tensor, *batched: torch.Tensor) -> torch.Tenso
     along the batch axis (the per-sample loop of every sample-axis forward and backward). Each chunk goes
     through the same operations on the same shapes as a one-sample call, so results do not depend on S."""
     samples = weights.shape[0]
-    parts = [_split_samples(t, samples) for t in batched]
+    parts = [split_samples(t, samples) for t in batched]
     outs = []  # a plain loop: a comprehension would make the caller's weights a cell dynamo cannot `del`
     for t in range(samples):
         outs.append(fn(weights[t], *[p[t] for p in parts]))

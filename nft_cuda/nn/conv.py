@@ -14,9 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nft_cuda.devices import DeviceModel
-from nft_cuda.nn import functions, registry
+from nft_cuda.nn import functions, registry, stacked
 from nft_cuda.nn import mvm as _mvm
-from nft_cuda.nn.base import RetypedNoisy, SamplePlan, per_sample
+from nft_cuda.nn.base import RetypedNoisy, SamplePlan
 
 __all__ = ["NoisyConv1d", "NoisyConv2d"]
 
@@ -75,7 +75,7 @@ class _NoisyConvNd(RetypedNoisy):
         if out is not None:
             return out
         if noise.weights is not None:
-            return per_sample(lambda w, chunk: self._conv_with_weight(chunk, w), noise.weights, input)
+            return self._conv_with_weights(input, noise.weights)
         if input.dim() == n + 1:  # unbatched input, as nn.ConvNd accepts
             return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
         return self._conv_with_rng(input, noise.rng, noise.sigmas)
@@ -89,6 +89,15 @@ class _NoisyConvNd(RetypedNoisy):
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(input, weight, bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
         return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_with_weights(self, input: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Chunk t of the batch convolved with ``weights[t]`` ([S, *weight.shape], one call for all S:
+        :func:`~nft_cuda.nn.stacked.conv`), padded as :meth:`_conv_with_weight` pads."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = (0,) * (weights.dim() - 3)
+        return stacked.conv(input, weights, self.bias, self.stride, padding, self.dilation, self.groups)
 
     # The four steps of an MVM forward (nft_cuda.nn.mvm), as NoisyLinear's; each output position's input
     # vector is its receptive field (its group's channels), so ‖x‖₂² is a convolution of x² with ones.

@@ -12,10 +12,10 @@ weight's dtype and the product runs in the autocast dtype, as ``F.linear``/``F.c
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from nft_cuda._autograd import once_differentiable
-from nft_cuda.nn.base import per_sample, perturbed_weights
+from nft_cuda.nn import stacked
+from nft_cuda.nn.base import perturbed_weights
 
 __all__ = ["CONV_FUNCTIONS", "NoisyConvFn", "NoisyLinearFn", "autocast_dtype", "cast_to"]
 
@@ -25,16 +25,17 @@ _DOUBLE_BACKWARD_MSG = (
 )
 
 
-def _save_and_apply(ctx, op, x, weight, bias, *, rng, sigmas, variation, compute_dtype) -> torch.Tensor:
-    """The forward of the noisy autograd Functions: chunk t of the batch through ``op(chunk, W_noisy[t],
-    bias)`` in the compute dtype, with W_noisy drawn here and freed before returning. Saves only the
-    input, the clean weight and the rng (backward regenerates the noise, DESIGN §3)."""
+def _save_and_apply(ctx, apply, x, weight, bias, *, rng, sigmas, variation, compute_dtype) -> torch.Tensor:
+    """The forward of the noisy autograd Functions: ``apply(x, W_noisy [S, ...], bias)`` (chunk t of the
+    batch with W_noisy[t], :mod:`~nft_cuda.nn.stacked`) in the compute dtype, with W_noisy drawn here and
+    freed before returning. Saves only the input, the clean weight and the rng (backward regenerates the
+    noise, DESIGN §3)."""
     w_noisy = perturbed_weights(weight, rng, variation, sigmas)
     xc = cast_to(x, compute_dtype)
     bc = cast_to(bias, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
         w_noisy = cast_to(w_noisy, compute_dtype)
-        out = per_sample(lambda w, chunk: op(chunk, w, bc), w_noisy, xc)
+        out = apply(xc, w_noisy, bc)
     del w_noisy
     ctx.save_for_backward(xc, weight, rng, sigmas)
     ctx.variation = variation
@@ -67,7 +68,15 @@ class NoisyLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
         return _save_and_apply(
-            ctx, F.linear, x, weight, bias, rng=rng, sigmas=sigmas, variation=variation, compute_dtype=compute_dtype
+            ctx,
+            stacked.linear,
+            x,
+            weight,
+            bias,
+            rng=rng,
+            sigmas=sigmas,
+            variation=variation,
+            compute_dtype=compute_dtype,
         )
 
     @staticmethod
@@ -79,7 +88,7 @@ class NoisyLinearFn(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w_noisy = perturbed_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-                gx = per_sample(lambda w, chunk: torch.matmul(chunk, w), w_noisy, g).to(x_dtype)
+                gx = stacked.linear_input_grad(g, w_noisy).to(x_dtype)
                 del w_noisy
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[1]:
@@ -91,8 +100,8 @@ class NoisyLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-#: The plain convolution of each number of spatial dimensions.
-CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d}
+#: The plain convolution of each number of spatial dimensions (defined with the sample-axis calls).
+CONV_FUNCTIONS = stacked.CONV_FUNCTIONS
 
 
 class NoisyConvFn(torch.autograd.Function):
@@ -102,11 +111,10 @@ class NoisyConvFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, stride, padding, dilation, groups):
-        conv = CONV_FUNCTIONS[weight.dim() - 2]
         ctx.conv = (stride, padding, dilation, groups)
         return _save_and_apply(
             ctx,
-            lambda chunk, w, b: conv(chunk, w, b, stride, padding, dilation, groups),
+            lambda chunk, w, b: stacked.conv(chunk, w, b, stride, padding, dilation, groups),
             x,
             weight,
             bias,
@@ -144,11 +152,7 @@ class NoisyConvFn(torch.autograd.Function):
                     gb = gb.to(b_dtype) if need_b else None
                 if need_x:
                     w_noisy = perturbed_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-
-                    def input_grad(w, gc, xs):
-                        return torch.ops.aten.convolution_backward(gc, xs, w, None, *conv_args, [True, False, False])[0]
-
-                    gx = per_sample(input_grad, w_noisy, g, xc).to(x_dtype)
+                    gx = stacked.conv_input_grad(g, xc, w_noisy, stride, padding, dilation, groups).to(x_dtype)
                     del w_noisy
         gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
         return gx, gw, gb, None, None, None, None, None, None, None, None

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from nft_cuda import _ext, ops
 from nft_cuda.devices import DeviceModel
-from nft_cuda.nn import functions, registry
-from nft_cuda.nn.base import RetypedNoisy, SamplePlan, per_sample
+from nft_cuda.nn import functions, registry, stacked
+from nft_cuda.nn.base import RetypedNoisy, SamplePlan
 
 __all__ = ["FUSED_LINEAR_ENABLED", "FUSED_LINEAR_MAX_ROWS", "NoisyLinear"]
 
@@ -129,7 +129,7 @@ class NoisyLinear(RetypedNoisy, nn.Linear):
         if out is not None:
             return out
         if noise.weights is not None:
-            return per_sample(lambda w, chunk: F.linear(chunk, w, self.bias), noise.weights, input)
+            return stacked.linear(input, noise.weights, self.bias)
         rng, sigmas, _ = noise
         compute_dtype = functions.autocast_dtype(input)
         samples = 1 if sigmas is None else sigmas.shape[0]
