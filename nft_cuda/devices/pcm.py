@@ -11,7 +11,14 @@ from typing import ClassVar
 
 from nft_cuda.devices.base import DeviceModel, check_real, check_time
 
-__all__ = ["PCM"]
+__all__ = ["PCM", "COMPENSATION_RULES"]
+
+#: The global drift-compensation rules (docs/device-models.md, "Global drift compensation"): how the
+#: calibration read estimates α. "one-hot" (the default) reads the array with the one-hot input vectors, so
+#: α = Σ|W_0| / Σ|W_t| over every weight of the layer (aihwkit's ``GlobalDriftCompensation``); "all-ones"
+#: reads it with one all-ones input, α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]| (this library's rule
+#: before the one-hot rule, kept for the studies made with it).
+COMPENSATION_RULES = ("one-hot", "all-ones")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +35,10 @@ class PCM(DeviceModel):
         drift_scale: multiplier of the drift exponent ν (0 disables drift).
         read_noise_scale: multiplier of the accumulated 1/f read noise (0 disables it).
         drift_compensation: rescale each layer's noisy weight by the global drift-compensation
-            factor α (one per layer and sample, from an all-ones calibration input).
+            factor α (one per layer and sample, from a calibration read of the chip at t = 0 and at t).
+        compensation_rule: how that calibration read estimates α, one of :data:`COMPENSATION_RULES`:
+            "one-hot" (default; aihwkit's rule, α = Σ|W_0| / Σ|W_t|) or "all-ones" (one all-ones input,
+            α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|). Read only when ``drift_compensation`` is on.
     """
 
     sigma: float = 1.0
@@ -40,6 +50,7 @@ class PCM(DeviceModel):
     drift_scale: float = 1.0
     read_noise_scale: float = 1.0
     drift_compensation: bool = False
+    compensation_rule: str = "one-hot"
 
     kind: ClassVar[str] = "pcm"
     KERNEL_ID: ClassVar[int] = 1
@@ -61,6 +72,11 @@ class PCM(DeviceModel):
         set_(self, "prog_coeff", tuple(check_real(f"prog_coeff[{i}]", c) for i, c in enumerate(coeff)))
         if not isinstance(self.drift_compensation, bool):
             raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
+        if self.compensation_rule not in COMPENSATION_RULES:
+            raise ValueError(
+                f"compensation_rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, "
+                f"got {self.compensation_rule!r}"
+            )
 
     @property
     def noiseless(self) -> bool:
@@ -78,5 +94,5 @@ class PCM(DeviceModel):
         return [self.time, self.g_max, c0, c1, c2, self.t0, self.t_read, self.drift_scale, self.read_noise_scale]
 
     def __str__(self) -> str:
-        comp = ", drift-compensated" if self.drift_compensation else ""
+        comp = f", drift-compensated ({self.compensation_rule})" if self.drift_compensation else ""
         return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp})"
