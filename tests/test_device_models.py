@@ -173,6 +173,27 @@ def test_one_hot_alpha_restores_the_ideal_gain_at_one_year():
     assert all_ones.std() > 10 * one_hot.std()
 
 
+@pytest.mark.parametrize("t", [0.0, 3600.0, 3.15e7])
+def test_g_max_changes_units_not_the_noise(t):
+    """σ_prog scales by g_max/prog_g_ref (aihwkit's prog_coeff_g_max_reference): every deviation of a
+    device then scales with g_max and the weights do not depend on it; prog_g_ref = g_max keeps the
+    coefficients as given (the polynomial in µS at that g_max, the oracle with the unscaled params)."""
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = nft_cuda.ops.perturb(w, PCM(time=t), rng=_rng(), samples=3)
+    for g_max in (10.0, 50.0):
+        torch.testing.assert_close(nft_cuda.ops.perturb(w, PCM(time=t, g_max=g_max), rng=_rng(), samples=3), base,
+                                   rtol=1e-12, atol=1e-14)  # fmt: skip
+    unscaled = PCM(time=t, g_max=50.0, prog_g_ref=50.0)
+    params = [t, 50.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]
+    n = w.numel()
+    z = [reference.draw_normal(_rng(), n, 3, k).double().numpy() for k in range(6)]
+    want = oracle.pcm(w.reshape(1, n).numpy(), float(w.abs().max().float()), np.ones((3, 1)), params, z)
+    got = nft_cuda.ops.perturb(w, unscaled, rng=_rng(), samples=3)
+    torch.testing.assert_close(got.reshape(3, n), torch.from_numpy(want), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got, base, rtol=1e-6)
+    assert PCM(g_max=50.0).kernel_params()[2:5] == [2 * c for c in PCM().prog_coeff]
+
+
 def test_compensation_rule_default_and_values():
     from nft_cuda.devices import COMPENSATION_RULES
 
@@ -416,6 +437,7 @@ BAD = [
     (lambda: LogNormal(0.1).at_time(-1), ValueError, "time t .* must be >= 0"),
     (lambda: PCM(time=float("inf")), ValueError, "must be finite"),
     (lambda: PCM(g_max=0.0), ValueError, "g_max must be > 0"),
+    (lambda: PCM(prog_g_ref=0.0), ValueError, "prog_g_ref must be > 0"),
     (lambda: PCM(t0=-1.0), ValueError, "t0 must be >= 0"),
     (lambda: PCM(drift_scale=-0.1), ValueError, "drift_scale must be >= 0"),
     (lambda: PCM(prog_coeff=(1.0, 2.0)), ValueError, "prog_coeff must be three numbers"),
