@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nft_cuda.devices import DeviceModel
+from nft_cuda.devices import COMPENSATION_RULES, DeviceModel
 
 # The one positive-int check of the package (TypeError for a non-int, ValueError below 1). It is written in
 # devices.base, the bottom of the import graph (this module imports the devices), and used from here.
@@ -340,7 +340,15 @@ def add_device_options(g, *, suppress: bool) -> None:
         dest="drift_compensation",
         action="store_true",
         default=default,
-        help="pcm: global drift compensation (one scale per layer from an all-ones calibration input)",
+        help="pcm: global drift compensation (one scale α per layer and chip from a calibration read)",
+    )
+    g.add_argument(
+        "--compensation-rule",
+        dest="compensation_rule",
+        choices=COMPENSATION_RULES,
+        default=default,
+        help="pcm: how the drift-compensation read estimates α: one-hot (default; aihwkit's: one-hot inputs, "
+        "α = Σ|W_0|/Σ|W_t|) or all-ones (one all-ones input: the ratio of the summed |row sums|)",
     )
     g.add_argument(
         "--dac-bits", dest="dac_bits", type=int_arg(2, 25), default=default, help="DAC bits of each MVM's input"
@@ -368,7 +376,7 @@ def device_options_from_args(args: argparse.Namespace) -> dict:
     """The device-model fields the options of :func:`add_device_options` set (only those given); the
     MVM effects as ``{"mvm": {...}}`` (a JSON-safe dict: the train config stores it)."""
     options = {}
-    for name in ("p0", "p1", "drift_compensation"):
+    for name in ("p0", "p1", "drift_compensation", "compensation_rule"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     mvm = {}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, reference
-from nft_cuda.devices import DeviceModel, Variation
+from nft_cuda.devices import COMPENSATION_RULES, DeviceModel, Variation
 
 __all__ = ["perturb", "noisy_linear", "snapshot_linear", "tf32_allowed"]
 
@@ -60,7 +60,8 @@ def perturb(
         return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
     out = _perturb_device(weight, rng, sig, variation)
     if getattr(variation, "drift_compensation", False) and variation.at_time(0) != variation:
-        out = _compensate_drift(out, _perturb_device(weight.detach(), rng, sig, variation.at_time(0)))
+        programmed = _perturb_device(weight.detach(), rng, sig, variation.at_time(0))
+        out = _compensate_drift(out, programmed, variation.compensation_rule)
     return out
 
 
@@ -71,17 +72,28 @@ def _perturb_device(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, 
     return reference.perturb_device(weight, rng, sig, model.KERNEL_ID, model.kernel_params())
 
 
-def _compensate_drift(noisy: torch.Tensor, programmed: torch.Tensor) -> torch.Tensor:
-    """Global drift compensation (DESIGN §2.1): each sample's noisy weight W_t times
-    α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|, W_0 the same chip at t = 0 (the layer's output on an
-    all-ones calibration input; weight flattened to [out, rest]); α = 1 when the denominator is 0.
-    α is a constant of the weight (straight-through gradient)."""
+def _compensate_drift(noisy: torch.Tensor, programmed: torch.Tensor, rule: str = "one-hot") -> torch.Tensor:
+    """Global drift compensation (DESIGN §2.1, docs/device-models.md): each sample's noisy weight W_t times
+    one α, estimated by a calibration read of the chip at t = 0 (``programmed``, W_0) and at t:
+
+    - ``rule="one-hot"`` (aihwkit's ``GlobalDriftCompensation``): the one-hot input vectors read every
+      weight, α = Σ|W_0| / Σ|W_t| over the whole layer (the ratio of the mean |output|);
+    - ``rule="all-ones"``: one all-ones input reads the row sums, α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|
+      (the weight flattened to [out, rest]).
+
+    α = 1 when the denominator is 0. α is a constant of the weight (straight-through gradient)."""
+    if rule not in COMPENSATION_RULES:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, got {rule!r}")
     samples = noisy.shape[0]
     f64 = torch.float64
     ref = programmed.detach().to(f64).reshape(samples, programmed.shape[1] if programmed.dim() > 1 else 1, -1)
     now = noisy.detach().to(f64).reshape(ref.shape)
-    num = ref.sum(-1).abs().sum(-1)
-    den = now.sum(-1).abs().sum(-1)
+    if rule == "one-hot":
+        num = ref.abs().sum((1, 2))
+        den = now.abs().sum((1, 2))
+    else:
+        num = ref.sum(-1).abs().sum(-1)
+        den = now.sum(-1).abs().sum(-1)
     alpha = torch.where(den == 0, torch.ones_like(den), num / torch.where(den == 0, torch.ones_like(den), den))
     view = (samples,) + (1,) * (noisy.dim() - 1)
     out = (noisy.detach().to(f64) * alpha.view(view)).to(noisy.dtype)

@@ -6,7 +6,8 @@
 
 ``run`` is the reproduction study's runner (:func:`studies.reproduce.run`: resumable, one record per
 finished item) on a config whose group has a time axis: every model is evaluated under the PCM model
-(docs/device-models.md) at each time after programming, without and with global drift compensation.
+(docs/device-models.md) at each time after programming, without and with global drift compensation
+(with the group's ``compensation_rule``: the committed study pins "all-ones", the rule it was made with).
 ``report`` recomputes the tables of docs/pcm-study.md (between the
 ``<!-- pcm-study:begin -->`` and ``<!-- pcm-study:end -->`` markers) from results.json and draws the plot.
 """
@@ -39,6 +40,15 @@ def _points(results: dict, method: str, compensated: bool) -> list[dict]:
     return sorted(ps, key=lambda p: p["time_after_programming_s"])
 
 
+def _compensation(results: dict, compensated: bool) -> str:
+    """The heading of one setting: "without global drift compensation", or "with" it and the rule(s) of
+    its points (docs/device-models.md, "Global drift compensation")."""
+    if not compensated:
+        return "without global drift compensation"
+    rules = sorted({str(p.get("compensation_rule")) for p in results["evaluations"] if p.get("drift_compensation")})
+    return f"with global drift compensation ({', '.join(rules)} rule)"
+
+
 def _when(t: float) -> str:
     for unit, s in (("year", 3.15e7), ("month", 2.6e6), ("day", 86400.0), ("h", 3600.0)):
         if t >= s * 0.999:
@@ -65,7 +75,7 @@ def render_tables(results: dict) -> str:
     head = "| method | " + " | ".join(_when(t) for t in times) + " |"
     rule = "|---|" + "---|" * len(times)
     for comp in (False, True):
-        out += [f"**Accuracy (%), {'with' if comp else 'without'} global drift compensation**", "", head, rule]
+        out += [f"**Accuracy (%), {_compensation(results, comp)}**", "", head, rule]
         for m in _METHODS:
             ps = {p["time_after_programming_s"]: p for p in _points(results, m, comp)}
             if ps:
@@ -112,7 +122,7 @@ def plot(results: dict, path) -> None:
             ax.fill_between(t, [a - c for a, c in stats], [a + c for a, c in stats], color=line.get_color(), alpha=0.2)
         ax.set_xscale("log")
         ax.set_xlabel("time after programming (s, log scale)")
-        ax.set_title(f"{'with' if comp else 'without'} global drift compensation")
+        ax.set_title(_compensation(results, comp))
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("accuracy under PCM (%, mean ± CI95)")

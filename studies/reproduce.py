@@ -157,7 +157,11 @@ def report_paths(cfg: dict) -> dict:
 
 def _check_time_axis(path, i: int, g: dict) -> None:
     """A group's optional time axis (docs/device-models.md, "Study"): ``times`` (seconds after
-    programming, each >= 0) and ``drift_compensation`` (a list of true/false, default [false])."""
+    programming, each >= 0), ``drift_compensation`` (a list of true/false, default [false]) and
+    ``compensation_rule`` (the rule of the compensated points, one of the PCM model's
+    ``COMPENSATION_RULES``; default the model's, "one-hot")."""
+    from nft_cuda.devices import COMPENSATION_RULES
+
     times = g.get("times")
     if times is not None and (
         not isinstance(times, list) or not times or any(not (isinstance(t, (int, float)) and t >= 0) for t in times)
@@ -166,14 +170,26 @@ def _check_time_axis(path, i: int, g: dict) -> None:
     comp = g.get("drift_compensation")
     if comp is not None and (times is None or not isinstance(comp, list) or not all(isinstance(c, bool) for c in comp)):
         raise ValueError(f"{path}: groups[{i}] drift_compensation must be a list of true/false beside 'times'")
+    rule = g.get("compensation_rule")
+    if rule is not None and (times is None or rule not in COMPENSATION_RULES):
+        raise ValueError(
+            f"{path}: groups[{i}] compensation_rule must be one of {', '.join(map(repr, COMPENSATION_RULES))} "
+            f"beside 'times', got {rule!r}"
+        )
 
 
 def _time_points(g: dict) -> list[dict]:
-    """The (time, drift compensation) evaluation settings of a group: [{}] without a time axis."""
+    """The (time, drift compensation[, its rule]) evaluation settings of a group: [{}] without a time
+    axis. A compensated point names its rule (the group's ``compensation_rule``, else the PCM default)."""
+    from nft_cuda.devices import PCM
+
     if g.get("times") is None:
         return [{}]
+    rule = g.get("compensation_rule", PCM.compensation_rule)
     return [
-        {"time_s": float(t), "drift_compensation": c} for c in g.get("drift_compensation", [False]) for t in g["times"]
+        {"time_s": float(t), "drift_compensation": c, **({"compensation_rule": rule} if c else {})}
+        for c in g.get("drift_compensation", [False])
+        for t in g["times"]
     ]
 
 
@@ -355,7 +371,7 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
     if "time_s" in e:
         var = var.at_time(e["time_s"])
         if e["drift_compensation"]:
-            var = dataclasses.replace(var, drift_compensation=True)
+            var = dataclasses.replace(var, drift_compensation=True, compensation_rule=e["compensation_rule"])
     t0 = time.perf_counter()
     res = monte_carlo(
         model,
@@ -457,8 +473,8 @@ def _point(e: dict, t: dict, r: dict) -> dict:
         "time_s": r["time_s"],
         "per_instance_accuracy": r["per_instance_accuracy"],
         "noise_stream": r.get("noise_stream", 1),
-        **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"]}
-           if "time_s" in e else {}),
+        **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"],
+            "compensation_rule": e.get("compensation_rule")} if "time_s" in e else {}),
     }  # fmt: skip
 
 

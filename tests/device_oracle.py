@@ -88,11 +88,19 @@ def stuck_at(w, m, s, params, u6, u7):
     return _recombine(w, m, 1.0, gp, cell(gp, u6), gn, cell(gn, u7))
 
 
-def drift_compensate(w_t, w_0):
-    """α·W_t per sample: α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]| (1 when the denominator is 0).
-    w_t, w_0: [S, out, ...] float64."""
+def drift_compensate(w_t, w_0, rule="one-hot"):
+    """α·W_t per sample (1 when the denominator is 0); w_t, w_0: [S, out, ...] float64.
+
+    rule "one-hot" (a read with every one-hot input): α = Σ|W_0| / Σ|W_t| over the layer;
+    rule "all-ones" (a read with one all-ones input): α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|."""
     s = w_t.shape[0]
-    num = np.abs(w_0.reshape(s, w_0.shape[1], -1).sum(-1)).sum(-1)
-    den = np.abs(w_t.reshape(s, w_t.shape[1], -1).sum(-1)).sum(-1)
+    if rule == "one-hot":
+        num = np.abs(w_0.reshape(s, -1)).sum(-1)
+        den = np.abs(w_t.reshape(s, -1)).sum(-1)
+    elif rule == "all-ones":
+        num = np.abs(w_0.reshape(s, w_0.shape[1], -1).sum(-1)).sum(-1)
+        den = np.abs(w_t.reshape(s, w_t.shape[1], -1).sum(-1)).sum(-1)
+    else:
+        raise ValueError(f"unknown compensation rule {rule!r}")
     alpha = np.where(den == 0, 1.0, num / np.where(den == 0, 1.0, den))
     return w_t * alpha.reshape((s,) + (1,) * (w_t.ndim - 1))

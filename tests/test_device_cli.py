@@ -68,9 +68,34 @@ def test_eval_time_sweep_with_and_without_drift_compensation_and_its_plot(pcm_ru
     code, out, err = _main(capsys, *argv, "--drift-compensation", "--json", str(tmp_path / "dc.json"))
     assert code == 0, err
     compensated = json.loads((tmp_path / "dc.json").read_text())["results"]
-    assert all(r["device"]["drift_compensation"] is True for r in compensated) and "(compensated)" in out
+    assert all(r["device"]["drift_compensation"] is True for r in compensated) and "(compensated, one-hot)" in out
+    assert all(r["device"]["compensation_rule"] == "one-hot" for r in compensated)  # the default rule
     # the same chips, rescaled per layer: the outputs (here their mean confidence) change
     assert [r["confidence"] for r in compensated] != [r["confidence"] for r in results]
+
+
+def test_eval_compensation_rule_option(pcm_run, tmp_path, capsys):
+    argv = ["eval", str(pcm_run), "--sigma", "1", "--time", "3.15e7", "--runs", "2", "--no-progress",
+            "--drift-compensation"]  # fmt: skip
+    got = {}
+    for rule in ("one-hot", "all-ones"):
+        j, c = tmp_path / f"{rule}.json", tmp_path / f"{rule}.csv"
+        code, out, err = _main(capsys, *argv, "--compensation-rule", rule, "--json", str(j), "--csv", str(c))
+        assert code == 0, err
+        (r,) = json.loads(j.read_text())["results"]
+        assert r["device"]["drift_compensation"] is True and r["device"]["compensation_rule"] == rule
+        assert f"(compensated, {rule})" in out
+        header, row = c.read_text().splitlines()
+        assert dict(zip(header.split(","), row.split(",")))["compensation_rule"] == rule
+        got[rule] = r
+    # the same chips (seed, programming and drift draws), two estimates of α: the outputs differ
+    assert got["one-hot"]["confidence"] != got["all-ones"]["confidence"]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--compensation-rule", "ones"])
+    assert exc.value.code == 2 and "invalid choice: 'ones'" in one_error_line(capsys.readouterr().err)
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--device-model", "lognormal", "--compensation-rule",
+                         "all-ones", "--runs", "2", "--no-progress")  # fmt: skip
+    assert code != 0 and "the lognormal device model has no setting compensation_rule" in one_error_line(err)
 
 
 def test_eval_of_a_gaussian_checkpoint_under_pcm(pcm_run, tmp_path, capsys):

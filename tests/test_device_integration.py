@@ -114,11 +114,11 @@ def test_monte_carlo_sweeps_time_and_skips_only_noiseless_models():
 
 def test_exported_model_round_trips_any_device_model(tmp_path):
     spec = {"name": "small", "in_channels": 1, "num_classes": 10, "input_size": 32, "width": 0.5}
-    pcm = PCM(time=3600.0, drift_compensation=True)
+    pcm = PCM(time=3600.0, drift_compensation=True, compensation_rule="all-ones")
     backbone = nft_cuda.convert(build_model(**{"num_classes": 10, "in_channels": 1, "width": 0.5, **spec}), pcm)
     save_model(str(tmp_path / "m.pt"), backbone, spec=spec, variation=pcm, meta={"dataset": "embedded"})
     model, payload = load_model(str(tmp_path / "m.pt"))
-    assert payload["variation"]["kind"] == "pcm"
+    assert payload["variation"]["kind"] == "pcm" and payload["variation"]["compensation_rule"] == "all-ones"
     assert {layer.variation for _, layer in nft_cuda.noisy_layers(model)} == {pcm}
 
 

@@ -125,17 +125,87 @@ def test_matches_the_numpy_oracle(name, dtype, device):
     assert not torch.equal(out[0], w), "the model must perturb the weight"
 
 
-def test_oracle_drift_compensation_matches():
-    model = PCM(time=86400.0, drift_compensation=True)
+@pytest.mark.parametrize("rule", ["one-hot", "all-ones"])
+def test_oracle_drift_compensation_matches(rule):
+    model = PCM(time=86400.0, drift_compensation=True, compensation_rule=rule)
     w = torch.randn(64, 3, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     sigmas = torch.tensor([1.0, 0.3], dtype=torch.float32)
     out = nft_cuda.ops.perturb(w, model, rng=_rng(), samples=2, sigmas=sigmas)
     w_t = _oracle(PCM(time=86400.0), w, sigmas)
     w_0 = _oracle(PCM(), w, sigmas)
-    torch.testing.assert_close(out, torch.from_numpy(oracle.drift_compensate(w_t, w_0)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, torch.from_numpy(oracle.drift_compensate(w_t, w_0, rule)), rtol=1e-12, atol=1e-12)
     uncompensated = nft_cuda.ops.perturb(w, PCM(time=86400.0), rng=_rng(), samples=2, sigmas=sigmas)
-    # drift lowers every conductance, so α > 1 restores the layer's output on the calibration input
-    assert out.sum(dim=(2, 3, 4)).abs().sum(1).gt(uncompensated.sum(dim=(2, 3, 4)).abs().sum(1)).all()
+    # drift lowers every conductance, so α > 1 restores the layer's output on the calibration input(s)
+    if rule == "all-ones":
+        assert out.sum(dim=(2, 3, 4)).abs().sum(1).gt(uncompensated.sum(dim=(2, 3, 4)).abs().sum(1)).all()
+    else:
+        assert out.abs().sum(dim=(1, 2, 3, 4)).gt(uncompensated.abs().sum(dim=(1, 2, 3, 4))).all()
+    # the two rules differ (the row sums and the magnitudes drift by different ratios)
+    other = "all-ones" if rule == "one-hot" else "one-hot"
+    assert not torch.equal(out, nft_cuda.ops.perturb(w, PCM(time=86400.0, drift_compensation=True,
+                                                             compensation_rule=other), rng=_rng(), samples=2,
+                                                     sigmas=sigmas))  # fmt: skip
+
+
+def _one_year_alpha_error(rule: str, chips: int = 32) -> torch.Tensor:
+    """α / g* − 1 of each of ``chips`` chips of a 256×256 PCM layer read 1 year after programming, g* the
+    ideal gain of docs/device-models.md: Σ|W_0| / Σ sign(W_0)·W_t (W_0 the programmed chip, W_t the drifted
+    one), the scalar that gives the drifted weights the programmed magnitude along the programmed signs."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    year = 3.15e7
+    w_0 = nft_cuda.ops.perturb(w, PCM(), seed=11, offset=0, samples=chips).reshape(chips, -1)
+    w_t = nft_cuda.ops.perturb(w, PCM(time=year), seed=11, offset=0, samples=chips).reshape(chips, -1)
+    model = PCM(time=year, drift_compensation=True, compensation_rule=rule)
+    out = nft_cuda.ops.perturb(w, model, seed=11, offset=0, samples=chips).reshape(chips, -1)
+    alpha = (out * w_t).sum(1) / (w_t * w_t).sum(1)  # out = α·W_t exactly in float64
+    torch.testing.assert_close(out, alpha[:, None] * w_t, rtol=1e-14, atol=0.0)
+    ideal = w_0.abs().sum(1) / (torch.sign(w_0) * w_t).sum(1)
+    return alpha / ideal - 1
+
+
+def test_one_hot_alpha_restores_the_ideal_gain_at_one_year():
+    """Issue 26: at 1 year the one-hot α of a 256×256 layer is within 1.5 % of the ideal gain (mean over
+    32 chips, and here every chip); the all-ones rule under-compensates and varies from chip to chip."""
+    one_hot = _one_year_alpha_error("one-hot")
+    assert one_hot.mean().abs() < 0.015 and one_hot.abs().max() < 0.015
+    all_ones = _one_year_alpha_error("all-ones")
+    assert all_ones.mean() < -0.015  # the old rule's α is low (3.2 % on these chips)
+    assert all_ones.std() > 10 * one_hot.std()
+
+
+@pytest.mark.parametrize("t", [0.0, 3600.0, 3.15e7])
+def test_g_max_changes_units_not_the_noise(t):
+    """σ_prog scales by g_max/prog_g_ref (aihwkit's prog_coeff_g_max_reference): every deviation of a
+    device then scales with g_max and the weights do not depend on it; prog_g_ref = g_max keeps the
+    coefficients as given (the polynomial in µS at that g_max, the oracle with the unscaled params)."""
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    base = nft_cuda.ops.perturb(w, PCM(time=t), rng=_rng(), samples=3)
+    for g_max in (10.0, 50.0):
+        torch.testing.assert_close(nft_cuda.ops.perturb(w, PCM(time=t, g_max=g_max), rng=_rng(), samples=3), base,
+                                   rtol=1e-12, atol=1e-14)  # fmt: skip
+    unscaled = PCM(time=t, g_max=50.0, prog_g_ref=50.0)
+    params = [t, 50.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]
+    n = w.numel()
+    z = [reference.draw_normal(_rng(), n, 3, k).double().numpy() for k in range(6)]
+    want = oracle.pcm(w.reshape(1, n).numpy(), float(w.abs().max().float()), np.ones((3, 1)), params, z)
+    got = nft_cuda.ops.perturb(w, unscaled, rng=_rng(), samples=3)
+    torch.testing.assert_close(got.reshape(3, n), torch.from_numpy(want), rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(got, base, rtol=1e-6)
+    assert PCM(g_max=50.0).kernel_params()[2:5] == [2 * c for c in PCM().prog_coeff]
+
+
+def test_compensation_rule_default_and_values():
+    from nft_cuda.devices import COMPENSATION_RULES
+
+    assert COMPENSATION_RULES == ("one-hot", "all-ones") and PCM().compensation_rule == "one-hot"
+    assert "one-hot" in str(PCM(time=1.0, drift_compensation=True))
+    assert "all-ones" in str(PCM(time=1.0, drift_compensation=True, compensation_rule="all-ones"))
+    assert (
+        PCM(compensation_rule="all-ones") != PCM()
+        and PCM(compensation_rule="all-ones").at_time(5.0).compensation_rule == "all-ones"
+    )
+    with pytest.raises(ValueError, match="rule must be one of 'one-hot', 'all-ones'"):
+        nft_cuda.ops._compensate_drift(torch.ones(1, 2, 2), torch.ones(1, 2, 2), "ones")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +355,7 @@ ALL_MODELS = [
     Variation(0.2, "FeFET6", 6, 2, mvm=MVM(input_bits=4, output_bits=6)),
     PCM(),
     PCM(sigma=0.5, time=86400.0, drift_compensation=True, prog_coeff=(0.1, 1.0, -0.5), mvm=MVM(read_noise=0.01)),
+    PCM(time=3.15e7, drift_compensation=True, compensation_rule="all-ones"),
     LogNormal(0.3),
     StuckAt(sigma=2.0, p0=0.01, p1=0.02),
 ]
@@ -299,6 +370,18 @@ def test_to_dict_round_trip_and_hash(model):
     assert len({model, back}) == 1
     with pytest.raises(AttributeError):
         model.sigma = 0.5
+
+
+def test_pcm_dict_written_before_the_compensation_rule_loads_with_the_default():
+    """A PCM dict without ``compensation_rule`` (files and reports written before it existed) loads with
+    the default one-hot rule; a report labels such a compensated result all-ones, the rule it was made with."""
+    from nft_cuda.eval.report import compensation_rule
+
+    old = {k: v for k, v in PCM(time=60.0, drift_compensation=True).to_dict().items() if k != "compensation_rule"}
+    assert device_model_from_dict(old) == PCM(time=60.0, drift_compensation=True, compensation_rule="one-hot")
+    assert compensation_rule({"device": old}) == "all-ones"
+    assert compensation_rule({"device": PCM(time=60.0, drift_compensation=True).to_dict()}) == "one-hot"
+    assert compensation_rule({"device": PCM(time=60.0).to_dict()}) is None
 
 
 def test_legacy_variation_dict_loads():
@@ -354,10 +437,13 @@ BAD = [
     (lambda: LogNormal(0.1).at_time(-1), ValueError, "time t .* must be >= 0"),
     (lambda: PCM(time=float("inf")), ValueError, "must be finite"),
     (lambda: PCM(g_max=0.0), ValueError, "g_max must be > 0"),
+    (lambda: PCM(prog_g_ref=0.0), ValueError, "prog_g_ref must be > 0"),
     (lambda: PCM(t0=-1.0), ValueError, "t0 must be >= 0"),
     (lambda: PCM(drift_scale=-0.1), ValueError, "drift_scale must be >= 0"),
     (lambda: PCM(prog_coeff=(1.0, 2.0)), ValueError, "prog_coeff must be three numbers"),
     (lambda: PCM(drift_compensation=1), TypeError, "drift_compensation must be True or False"),
+    (lambda: PCM(compensation_rule="one_hot"), ValueError, "compensation_rule must be one of 'one-hot', 'all-ones'"),
+    (lambda: PCM(compensation_rule=None), ValueError, "compensation_rule must be one of"),
     (lambda: StuckAt(p0=-0.1), ValueError, "p0 must be >= 0"),
     (lambda: StuckAt(p1=1.5), ValueError, "p1 must be a probability in \\[0, 1\\]"),
     (lambda: StuckAt(p0=0.6, p1=0.5), ValueError, "p0 \\+ p1 must be <= 1"),

@@ -234,8 +234,13 @@ def test_pcm_time_config_plan_and_errors(study, tmp_path):
     assert {t["device_model"] for t in trainings if t["method"] != "clean"} == {"pcm"}
     times = {(e["time_s"], e["drift_compensation"]) for e in evals}
     assert {t for t, _ in times} == {1.0, 3600.0, 86400.0, 2.6e6, 3.15e7} and len(evals) == 4 * 5 * 2
+    # the committed study was made with the all-ones compensation rule, and its config pins it
+    assert {e.get("compensation_rule") for e in evals if e["drift_compensation"]} == {"all-ones"}
+    assert all("compensation_rule" not in e for e in evals if not e["drift_compensation"])
     path = tmp_path / "bad.json"
-    for bad, needle in (({"times": [-1]}, "times must be"), ({"drift_compensation": [1]}, "drift_compensation")):
+    for bad, needle in (({"times": [-1]}, "times must be"), ({"drift_compensation": [1]}, "drift_compensation"),
+                        ({"compensation_rule": "ones"}, "compensation_rule must be one of 'one-hot', 'all-ones'"),
+                        ({"times": None, "drift_compensation": None, "compensation_rule": "all-ones"}, "compensation_rule must be")):  # fmt: skip
         path.write_text(json.dumps(_micro_config(groups=[_pcm_group(**bad)])))
         with pytest.raises(ValueError, match=needle):
             study.load_config(path)
@@ -251,12 +256,27 @@ def test_pcm_micro_study_runs_and_reports(study, pcm_study, tmp_path):
         (1.0, False), (3.15e7, False), (1.0, True), (3.15e7, True)
     }  # fmt: skip
     assert all(p["device_model"] == "pcm" and len(p["per_instance_accuracy"]) == 3 for p in points)
+    # a group without compensation_rule compensates with the PCM default; the rule reaches the chips
+    assert {p["compensation_rule"] for p in points if p["drift_compensation"]} == {"one-hot"}
+    assert {p["compensation_rule"] for p in points if not p["drift_compensation"]} == {None}
+    other = study.run(_micro_config(groups=[_pcm_group(compensation_rule="all-ones")]), tmp_path / "all-ones",
+                      progress=False, log=lambda *a: None)["evaluations"]  # fmt: skip
+    by_name = {p["name"]: p for p in points}
+    assert {p["compensation_rule"] for p in other if p["drift_compensation"]} == {"all-ones"}
+    for p in other:  # the same chips: equal without compensation, another α with it (1 year)
+        if not p["drift_compensation"]:
+            assert (p["per_instance_accuracy"], p["ekl"]) == (by_name[p["name"]]["per_instance_accuracy"],
+                                                             by_name[p["name"]]["ekl"])  # fmt: skip
+        elif p["time_after_programming_s"] > 3e7:
+            assert p["ekl"] != by_name[p["name"]]["ekl"]
     doc = tmp_path / "doc.md"
     doc.write_text(f"# PCM\n{pcm_study.BEGIN}\nold\n{pcm_study.END}\n")
     assert pcm_study.main(["report", "--results", str(tmp_path / "out" / "results.json"), "--doc", str(doc),
                            "--plot", str(tmp_path / "t.png")]) == 0  # fmt: skip
     text = doc.read_text()
-    assert "old" not in text and "with global drift compensation" in text and "| noise injection |" in text
+    assert (
+        "old" not in text and "with global drift compensation (one-hot rule)" in text and "| noise injection |" in text
+    )
     assert "1 year" in text and (tmp_path / "t.png").stat().st_size > 1000
 
 

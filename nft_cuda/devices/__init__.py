@@ -29,10 +29,11 @@ from nft_cuda.devices.catalog import (
 )
 from nft_cuda.devices.lognormal import LogNormal
 from nft_cuda.devices.mvm import MVM
-from nft_cuda.devices.pcm import PCM
+from nft_cuda.devices.pcm import COMPENSATION_RULES, PCM
 from nft_cuda.devices.stuck_at import StuckAt
 
 __all__ = [
+    "COMPENSATION_RULES",
     "DEVICE_MODELS",
     "MODEL_NAMES",
     "SEVERITY_SWEEP",

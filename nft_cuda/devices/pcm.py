@@ -11,7 +11,14 @@ from typing import ClassVar
 
 from nft_cuda.devices.base import DeviceModel, check_real, check_time
 
-__all__ = ["PCM"]
+__all__ = ["PCM", "COMPENSATION_RULES"]
+
+#: The global drift-compensation rules (docs/device-models.md, "Global drift compensation"): how the
+#: calibration read estimates α. "one-hot" (the default) reads the array with the one-hot input vectors, so
+#: α = Σ|W_0| / Σ|W_t| over every weight of the layer (aihwkit's ``GlobalDriftCompensation``); "all-ones"
+#: reads it with one all-ones input, α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]| (this library's rule
+#: before the one-hot rule, kept for the studies made with it).
+COMPENSATION_RULES = ("one-hot", "all-ones")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,13 +29,19 @@ class PCM(DeviceModel):
         sigma: severity, the multiplier of the programming noise σ_prog(g) (default 1.0).
         time: seconds after programming at which the chip is read (default 0: no drift, no 1/f noise).
         g_max: conductance of max|W| in µS (default 25).
-        prog_coeff: (c0, c1, c2) of σ_prog = c0 + c1·(g/g_max) + c2·(g/g_max)² in µS.
+        prog_coeff: (c0, c1, c2) of σ_prog = (c0 + c1·(g/g_max) + c2·(g/g_max)²)·g_max/prog_g_ref in µS.
         t0: drift reference time in seconds (default 20).
         t_read: duration of one read in seconds (default 250e-9).
         drift_scale: multiplier of the drift exponent ν (0 disables drift).
         read_noise_scale: multiplier of the accumulated 1/f read noise (0 disables it).
         drift_compensation: rescale each layer's noisy weight by the global drift-compensation
-            factor α (one per layer and sample, from an all-ones calibration input).
+            factor α (one per layer and sample, from a calibration read of the chip at t = 0 and at t).
+        compensation_rule: how that calibration read estimates α, one of :data:`COMPENSATION_RULES`:
+            "one-hot" (default; aihwkit's rule, α = Σ|W_0| / Σ|W_t|) or "all-ones" (one all-ones input,
+            α = Σ_n |Σ_k W_0[n, k]| / Σ_n |Σ_k W_t[n, k]|). Read only when ``drift_compensation`` is on.
+        prog_g_ref: the g_max in µS at which ``prog_coeff`` was fitted (default 25, the published fit's):
+            σ_prog scales by g_max/prog_g_ref, as aihwkit's ``prog_coeff_g_max_reference``, so ``g_max``
+            changes the conductance units, not the programming noise relative to max|W|.
     """
 
     sigma: float = 1.0
@@ -40,6 +53,8 @@ class PCM(DeviceModel):
     drift_scale: float = 1.0
     read_noise_scale: float = 1.0
     drift_compensation: bool = False
+    compensation_rule: str = "one-hot"
+    prog_g_ref: float = 25.0
 
     kind: ClassVar[str] = "pcm"
     KERNEL_ID: ClassVar[int] = 1
@@ -48,7 +63,7 @@ class PCM(DeviceModel):
         super().__post_init__()
         set_ = object.__setattr__
         set_(self, "time", check_time(self.time))
-        for name in ("g_max", "t0", "t_read"):
+        for name in ("g_max", "t0", "t_read", "prog_g_ref"):
             value = check_real(name, getattr(self, name), minimum=0.0)
             if value == 0:
                 raise ValueError(f"{name} must be > 0, got 0")
@@ -61,6 +76,11 @@ class PCM(DeviceModel):
         set_(self, "prog_coeff", tuple(check_real(f"prog_coeff[{i}]", c) for i, c in enumerate(coeff)))
         if not isinstance(self.drift_compensation, bool):
             raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
+        if self.compensation_rule not in COMPENSATION_RULES:
+            raise ValueError(
+                f"compensation_rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, "
+                f"got {self.compensation_rule!r}"
+            )
 
     @property
     def noiseless(self) -> bool:
@@ -73,10 +93,12 @@ class PCM(DeviceModel):
         return dataclasses.replace(self, time=check_time(t))
 
     def kernel_params(self) -> list[float]:
-        """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale] (DESIGN §2.1)."""
-        c0, c1, c2 = self.prog_coeff
+        """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale] (DESIGN §2.1), the coefficients already
+        scaled by G/prog_g_ref (exactly ``prog_coeff`` at the default G = prog_g_ref = 25)."""
+        scale = self.g_max / self.prog_g_ref
+        c0, c1, c2 = (c * scale for c in self.prog_coeff) if scale != 1.0 else self.prog_coeff
         return [self.time, self.g_max, c0, c1, c2, self.t0, self.t_read, self.drift_scale, self.read_noise_scale]
 
     def __str__(self) -> str:
-        comp = ", drift-compensated" if self.drift_compensation else ""
+        comp = f", drift-compensated ({self.compensation_rule})" if self.drift_compensation else ""
         return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp})"

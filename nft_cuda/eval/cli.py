@@ -263,7 +263,7 @@ def _add_report_options(e) -> None:
 
 
 def _table(report: dict) -> str:
-    from nft_cuda.eval.report import drift_compensated
+    from nft_cuda.eval.report import compensation_rule
 
     timed = any(r.get("time_s") for r in report["results"])  # a time after programming other than 0
     rows = [
@@ -283,7 +283,8 @@ def _table(report: dict) -> str:
         t = ""
         if timed:
             t = "" if r.get("time_s") is None else f"{r['time_s']:g}"
-            t = f" {t}{' (compensated)' if drift_compensated(r) else ''} |"
+            rule = compensation_rule(r)
+            t = f" {t}{f' (compensated, {rule})' if rule else ''} |"
         rows.append(
             f"| {r['checkpoint']} | {r['sigma']:g} |{t} {acc} | {std} | {r['ekl']:.4f} | {r['confidence']:.4f} |"
             f" {_tail_cells(r.get('accuracy_tails'))} |"

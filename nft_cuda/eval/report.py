@@ -31,6 +31,7 @@ __all__ = [
     "CSV_COLUMNS",
     "COMPENSATION_COLUMNS",
     "TAIL_COLUMNS",
+    "compensation_rule",
     "drift_compensated",
     "build_report",
     "plot_results",
@@ -71,13 +72,22 @@ CSV_COLUMNS = (
 )
 
 
-#: Column the CSV adds when results carry a drift-compensation flag (PCM models).
-COMPENSATION_COLUMNS = ("drift_compensation",)
+#: Columns the CSV adds when results carry a drift-compensation flag (PCM models): the flag and the
+#: compensation rule of the compensated rows (empty on the others).
+COMPENSATION_COLUMNS = ("drift_compensation", "compensation_rule")
 
 
 def drift_compensated(result: dict) -> bool | None:
     """Whether a result's device model compensates drift (PCM), None for a model without the setting."""
     return (result.get("device") or {}).get("drift_compensation")
+
+
+def compensation_rule(result: dict) -> str | None:
+    """The drift-compensation rule of a compensated result ("one-hot", "all-ones"; a result written before
+    the rule existed: "all-ones", the only rule then), None when the result is not compensated."""
+    if not drift_compensated(result):
+        return None
+    return (result.get("device") or {}).get("compensation_rule", "all-ones")
 
 
 def versions() -> dict:
@@ -145,6 +155,7 @@ def write_csv(results, path: str) -> None:
         row["checkpoint"] = _label(r)
         if compensation:
             row["drift_compensation"] = drift_compensated(r)
+            row["compensation_rule"] = compensation_rule(r)
         for q in (5, 25, 50, 75, 95):
             row[f"accuracy_p{q}"] = pct.get(str(q))
         row.update(_tail_cells(r))
@@ -240,7 +251,7 @@ def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
     """The results of each line of :func:`plot_time`: one per checkpoint, split by σ_d, device model and
     drift compensation where those vary."""
     vary = {key: len({r.get(key) for r in results}) > 1 for key in ("checkpoint", "sigma", "device_model")}
-    vary["drift_compensation"] = len({drift_compensated(r) for r in results}) > 1
+    vary["drift_compensation"] = len({(drift_compensated(r), compensation_rule(r)) for r in results}) > 1
     curves: dict[str, list[dict]] = {}
     for r in results:
         parts = [_label(r)] if vary["checkpoint"] or not any(vary.values()) else []
@@ -249,7 +260,7 @@ def _time_curves(results: Sequence[dict]) -> dict[str, list[dict]]:
         if vary["device_model"]:
             parts.append(str(r.get("device_model")))
         if vary["drift_compensation"]:
-            parts.append("drift-compensated" if drift_compensated(r) else "uncompensated")
+            parts.append(f"drift-compensated ({compensation_rule(r)})" if drift_compensated(r) else "uncompensated")
         curves.setdefault(", ".join(parts), []).append(r)
     return curves
 
