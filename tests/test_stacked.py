@@ -40,7 +40,7 @@ class _CountCalls(TorchDispatchMode):
 
 
 def _both_modes(fn):
-    """fn() under "loop" and under "stacked": (loop result, stacked result)."""
+    """fn() under "loop" and under "stacked" (every layer stacked, conv too): (loop, stacked) results."""
     out = {}
     for mode in ("loop", "stacked"):
         with stacked.sample_axis_calls(mode):
@@ -136,6 +136,17 @@ def test_one_call_per_layer_for_s_chips():
     assert counts["stacked"].calls == {"convolution": 2, "baddbmm": 1}
 
 
+def test_auto_stacks_gemms_everywhere_and_convolutions_on_cuda(device):
+    model = _small_model().to(device)
+    layers = [layer for _, layer in nft_cuda.noisy_layers(model)]
+    x = torch.randn(3, 1, 8, 8, device=device).repeat(8, 1, 1, 1)
+    plans = instance_plans(layers, seed=0, first=0, samples=8, draw=True)
+    with stacked.sample_axis_calls("auto"), torch.no_grad(), sample_plan(model, plans, 8), _CountCalls() as c:
+        model(x)
+    convs = 2 if device == "cuda" else 2 * 8
+    assert c.calls == {"convolution": convs, "baddbmm": 1}
+
+
 def test_training_step_with_s_samples_is_three_calls_per_linear():
     """Forward (one batched GEMM), input gradient (one batched GEMM), weight gradient (one GEMM)."""
     layer = nft_cuda.convert(nn.Linear(10, 4), V)
@@ -184,7 +195,7 @@ def test_a_batch_that_is_not_s_chunks_is_refused():
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="stacked, loop"), stacked.sample_axis_calls("batched"):
+    with pytest.raises(ValueError, match="auto, stacked, loop"), stacked.sample_axis_calls("batched"):
         pass
     proc = subprocess.run(
         [sys.executable, "-c", "import nft_cuda"],
@@ -192,4 +203,12 @@ def test_unknown_mode_is_refused():
         capture_output=True,
         text=True,
     )
-    assert proc.returncode != 0 and "NFT_CUDA_SAMPLE_AXIS must be one of stacked, loop" in proc.stderr
+    assert proc.returncode != 0 and "NFT_CUDA_SAMPLE_AXIS must be one of auto, stacked, loop" in proc.stderr
+    default = subprocess.run(
+        [sys.executable, "-c", "from nft_cuda.nn import stacked; print(stacked._mode)"],
+        env={"PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert default.stdout.strip() == "auto"

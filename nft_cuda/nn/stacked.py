@@ -10,9 +10,11 @@ batch ([S·B, ...], chunk t = rows t·B … (t+1)·B − 1) by one batched GEMM 
 
 The noise is the same (the weights are the same tensors); only the GEMM/conv rounding may differ from S
 separate calls (on CPU the batched GEMM has matched the per-chunk GEMM bit for bit on the shapes we
-tried; the grouped convolution can differ by a few ulps). ``NFT_CUDA_SAMPLE_AXIS=loop`` (or
-:func:`sample_axis_calls`) restores the per-chunk loop of :func:`~nft_cuda.nn.base.per_sample`, whose
-every chunk is exactly a one-sample call. With S = 1 both are the same single call.
+tried; the grouped convolution can differ by a few ulps). ``NFT_CUDA_SAMPLE_AXIS`` (or
+:func:`sample_axis_calls`) picks the calls (:data:`SAMPLE_AXIS_MODES`): by default stacked GEMMs on every
+device and stacked convolutions on CUDA; ``loop`` restores the per-chunk loop of
+:func:`~nft_cuda.nn.base.per_sample`, whose every chunk is exactly a one-sample call. With S = 1 all are
+the same single call.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ __all__ = [
     "sample_axis_calls",
 ]
 
-#: "stacked": one batched GEMM / grouped convolution per layer for the S samples (default);
+#: "auto" (default): stacked GEMMs everywhere, stacked convolutions on CUDA only (on CPU, oneDNN's grouped
+#: convolution measured 1.4-2.3x slower than S plain ones for VGG/small-CNN shapes: docs/design-notes.md);
+#: "stacked": one batched GEMM / grouped convolution per layer for the S samples on every device;
 #: "loop": one call per sample (:func:`~nft_cuda.nn.base.per_sample`), each exactly a one-sample call.
-SAMPLE_AXIS_MODES = ("stacked", "loop")
-_mode = os.environ.get("NFT_CUDA_SAMPLE_AXIS", "stacked").strip().lower()
+SAMPLE_AXIS_MODES = ("auto", "stacked", "loop")
+_mode = os.environ.get("NFT_CUDA_SAMPLE_AXIS", "auto").strip().lower()
 if _mode not in SAMPLE_AXIS_MODES:
     raise ValueError(f"NFT_CUDA_SAMPLE_AXIS must be one of {', '.join(SAMPLE_AXIS_MODES)}; got '{_mode}'")
 
@@ -49,7 +53,7 @@ CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 @contextlib.contextmanager
 def sample_axis_calls(mode: str) -> Iterator[None]:
-    """Within the block, sample-axis forwards and backwards run as ``mode`` ("stacked" or "loop")."""
+    """Within the block, sample-axis forwards and backwards run as ``mode`` (one of :data:`SAMPLE_AXIS_MODES`)."""
     global _mode
     if mode not in SAMPLE_AXIS_MODES:
         raise ValueError(f"sample-axis mode must be one of {', '.join(SAMPLE_AXIS_MODES)}; got {mode!r}")
@@ -60,8 +64,11 @@ def sample_axis_calls(mode: str) -> Iterator[None]:
         _mode = old
 
 
-def _stacked(weights: torch.Tensor) -> bool:
-    return weights.shape[0] > 1 and _mode == "stacked"
+def _stacked(weights: torch.Tensor, conv: bool = False) -> bool:
+    """Whether the S samples of ``weights`` [S, ...] run as one call (see :data:`SAMPLE_AXIS_MODES`)."""
+    if weights.shape[0] == 1 or _mode == "loop":
+        return False
+    return _mode == "stacked" or not conv or weights.device.type == "cuda"
 
 
 def _chunks_first(x: torch.Tensor, samples: int) -> torch.Tensor:
@@ -107,7 +114,7 @@ def conv(x, weights, bias, stride, padding, dilation, groups) -> torch.Tensor:
     """Chunk t of ``x`` [S·B, C, *spatial] convolved with ``weights[t]`` [O, C/g, *kernel] (+ bias).
     ``padding`` may be ints or torch's strings; non-zero padding modes are applied by the caller."""
     fn = CONV_FUNCTIONS[weights.dim() - 3]
-    if not _stacked(weights):
+    if not _stacked(weights, conv=True):
         return per_sample(lambda w, chunk: fn(chunk, w, bias, stride, padding, dilation, groups), weights, x)
     s = weights.shape[0]
     w = weights.reshape(s * weights.shape[1], *weights.shape[2:])
@@ -119,7 +126,7 @@ def conv_input_grad(grad, x, weights, stride, padding, dilation, groups) -> torc
     """dL/dx of :func:`conv` for ``x`` (its shape only) and integer ``padding``."""
     n = weights.dim() - 3
     args = (list(stride), list(padding), list(dilation), False, [0] * n)
-    if not _stacked(weights):
+    if not _stacked(weights, conv=True):
 
         def one(w, g, xs):
             return torch.ops.aten.convolution_backward(g, xs, w, None, *args, groups, [True, False, False])[0]
