@@ -370,6 +370,27 @@ def add_device_options(g, *, suppress: bool) -> None:
         default=default,
         help="σ_r of the fresh per-MVM read noise (relative to max|W|)",
     )
+    g.add_argument(
+        "--max-input-size",
+        dest="max_input_size",
+        type=int_arg(1),
+        default=default,
+        help="crossbar tiles: inputs per tile (each tile scales its conductances by its own max|W|)",
+    )
+    g.add_argument(
+        "--max-output-size",
+        dest="max_output_size",
+        type=int_arg(1),
+        default=default,
+        help="crossbar tiles: outputs per tile",
+    )
+    g.add_argument(
+        "--per-channel-noise",
+        dest="per_channel",
+        action="store_true",
+        default=default,
+        help="every output channel its own conductance scale (per-channel weight noise)",
+    )
 
 
 def device_options_from_args(args: argparse.Namespace) -> dict:
@@ -386,4 +407,8 @@ def device_options_from_args(args: argparse.Namespace) -> dict:
             mvm[field] = getattr(args, flag)
     if mvm:
         options["mvm"] = mvm
+    tiles = {name: getattr(args, name, None) for name in ("max_input_size", "max_output_size", "per_channel")}
+    tiles = {k: v for k, v in tiles.items() if v is not None}
+    if tiles:
+        options["tiles"] = tiles
     return options

@@ -7,13 +7,15 @@ Each op dispatches to the compiled kernel of the input's device when there is on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 
 from nft_cuda import _args, _ext, reference
-from nft_cuda.devices import COMPENSATION_RULES, DeviceModel, Variation
+from nft_cuda.devices import COMPENSATION_RULES, DeviceModel, Tiles, Variation
+from nft_cuda.devices.tiles import blocks, tiled, unblocks
 
 __all__ = ["perturb", "noisy_linear", "snapshot_linear", "tf32_allowed"]
 
@@ -54,6 +56,8 @@ def perturb(
     samples = _args.check_positive_int("samples", samples)
     rng = _args.resolve_rng(weight.device, seed, offset, rng)
     sig = _args.resolve_sigmas(variation, samples, sigmas, weight.device)
+    if variation.tiled:
+        return _perturb_tiled(weight, rng, sig, variation)
     if isinstance(variation, Variation):
         if _ext.use_kernel("perturb", weight.device):
             return torch.ops.nft_cuda.perturb(weight, rng, sig, variation.scale, variation.state_factor)
@@ -62,6 +66,46 @@ def perturb(
     if getattr(variation, "drift_compensation", False) and variation.at_time(0) != variation:
         programmed = _perturb_device(weight.detach(), rng, sig, variation.at_time(0))
         out = _compensate_drift(out, programmed, variation.compensation_rule)
+    return out
+
+
+def _perturb_tiled(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, model: DeviceModel) -> torch.Tensor:
+    """perturb for a tiled model (:mod:`nft_cuda.devices.tiles`): every tile scaled by its own max|W|, the
+    same draws per element as untiled; drift compensation with one α per tile and sample."""
+    tiles = model.tiles
+    compensate = getattr(model, "drift_compensation", False) and model.at_time(0) != model
+    untiled = dataclasses.replace(model, tiles=None)
+    if compensate:
+        untiled = dataclasses.replace(untiled, drift_compensation=False)
+
+    def one(m: DeviceModel):
+        return lambda w: perturb(w, m, rng=rng, samples=sig.shape[0], sigmas=sig)
+
+    out = tiled(one(untiled), weight, tiles)
+    if compensate:
+        programmed = tiled(one(untiled.at_time(0)), weight.detach(), tiles)
+        out = _compensate_drift_tiles(out, programmed, model.compensation_rule, tiles)
+    return out
+
+
+def _compensate_drift_tiles(noisy: torch.Tensor, programmed: torch.Tensor, rule: str, tiles: Tiles) -> torch.Tensor:
+    """:func:`_compensate_drift` with one α per tile (each tile has its own calibration read)."""
+    shape = tuple(noisy.shape[1:])
+    f64 = torch.float64
+    ref = blocks(programmed.detach().to(f64), tiles, shape)  # [S, n_out, rows, n_in, cols]
+    now = blocks(noisy.detach().to(f64), tiles, shape)
+    if rule == "one-hot":
+        num, den = ref.abs().sum((2, 4), keepdim=True), now.abs().sum((2, 4), keepdim=True)
+    elif rule == "all-ones":
+        num = ref.sum(4, keepdim=True).abs().sum(2, keepdim=True)
+        den = now.sum(4, keepdim=True).abs().sum(2, keepdim=True)
+    else:
+        raise ValueError(f"rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, got {rule!r}")
+    ones = torch.ones_like(den)
+    alpha = torch.where(den == 0, ones, num / torch.where(den == 0, ones, den))
+    out = unblocks(now * alpha, shape).to(noisy.dtype)
+    if noisy.requires_grad:
+        out = out + (noisy - noisy.detach())
     return out
 
 
@@ -206,7 +250,7 @@ def noisy_linear(
     _check_x(x)
     noise = dict(seed=seed, offset=offset, rng=rng, samples=samples, sigmas=sigmas, shared_input=shared_input)
     samples, rng, sig = _linear_args("x", x.shape, x.device, weight, bias, variation, **noise)
-    if not isinstance(variation, Variation):  # other device models: perturb, then the GEMM
+    if not isinstance(variation, Variation) or variation.tiled:  # other models, tiles: perturb, then the GEMM
         wn = perturb(weight, variation, rng=rng, samples=samples, sigmas=sig)
         return reference.sampled_linear(x, wn, bias, shared_input)
     allow_tf32 = _tf32_for(x)
@@ -264,7 +308,7 @@ def snapshot_linear(
     snap_shape = (*lead, act.shape[-3] * pool * pool)
     noise = dict(seed=seed, offset=offset, rng=rng, samples=samples, sigmas=sigmas, shared_input=shared_input)
     samples, rng, sig = _linear_args("act", snap_shape, act.device, weight, bias, variation, **noise)
-    if isinstance(variation, Variation) and _ext.use_kernel("snapshot_linear", weight.device):
+    if isinstance(variation, Variation) and not variation.tiled and _ext.use_kernel("snapshot_linear", weight.device):
         allow_tf32 = _tf32_for(act)
         return torch.ops.nft_cuda.snapshot_linear(
             act, pool, weight, bias, rng, sig, variation.scale, variation.state_factor, shared_input, allow_tf32

@@ -279,6 +279,13 @@ def perturb_with_normals(weight: torch.Tensor, model, normals: torch.Tensor) -> 
     climbs its gradient), not to the weight (detached). Given the stream's own draws of a chip it equals
     :func:`perturb` / :func:`perturb_device` for that chip, since it evaluates the same formulas.
     """
+    if getattr(model, "tiled", False):  # each tile scaled by its own max|W| (nft_cuda.devices.tiles)
+        import dataclasses
+
+        from nft_cuda.devices.tiles import tiled
+
+        untiled = dataclasses.replace(model, tiles=None)
+        return tiled(lambda w: perturb_with_normals(w, untiled, normals).unsqueeze(0), weight.detach(), model.tiles)[0]
     kind = model.KERNEL_ID
     if kind not in NORMAL_DRAWS:
         raise ValueError(f"{model} draws no normals (its cells read uniforms): it has no normal-draw perturbation")

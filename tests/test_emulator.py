@@ -135,6 +135,28 @@ def test_perturb_device_bit_identical(emu, dtype, model):
             assert torch.equal(got[1], w)
 
 
+def test_tiled_1024x768_layer_through_the_emulated_kernels(emu):
+    """Tiles need no kernel of their own (nft_cuda.devices.tiles rescales each tile to the layer's max|W|
+    around the per-element kernel): the 1024-input, 768-output layer with 512×512 tiles gives, through
+    the emulated CUDA perturb / perturb_device, the CPU's result bit for bit, for both kernels."""
+    from nft_cuda import ops
+    from nft_cuda.devices import PCM, Tiles
+    from nft_cuda.devices.tiles import tiled
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(768, 1024, generator=g)
+    w[:512, :512] *= 4.0
+    tiles = Tiles(max_input_size=512, max_output_size=512)
+    r, sig = rng_tensor(5, 2**40 + 3), torch.tensor([0.1, 0.25])
+    v = Variation(0.1, "FeFET2", tiles=tiles)
+    got = tiled(lambda x: emu.perturb(x, r, sig, v.scale, v.state_factor), w, tiles)
+    assert torch.equal(got, ops.perturb(w, v, rng=r, samples=2, sigmas=sig))
+    pcm = PCM(time=3600.0, tiles=tiles)
+    got = tiled(lambda x: emu.perturb_device(x, r, sig, pcm.KERNEL_ID, pcm.kernel_params()), w, tiles)
+    assert torch.equal(got, ops.perturb(w, pcm, rng=r, samples=2, sigmas=sig))
+    assert not torch.equal(got, ops.perturb(w, PCM(time=3600.0), rng=r, samples=2, sigmas=sig))
+
+
 # ---- the fused GEMM --------------------------------------------------------------------------------
 
 

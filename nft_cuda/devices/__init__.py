@@ -4,7 +4,8 @@
 - :class:`PCM`: conductance-dependent programming noise, drift and 1/f read noise;
 - :class:`LogNormal`: W·exp(σ·z);
 - :class:`StuckAt`: cells stuck at g_min / g_max;
-- :class:`MVM`: converter precision and per-MVM read noise, carried by any model as ``model.mvm``.
+- :class:`MVM`: converter precision and per-MVM read noise, carried by any model as ``model.mvm``;
+- :class:`Tiles`: crossbar tiles (per-tile conductance scale), carried by any model as ``model.tiles``.
 
 Adding a model is one frozen dataclass subclass of :class:`DeviceModel` with a ``kind`` and a
 ``KERNEL_ID`` (plus its per-element function in the kernels and in ``reference.perturb_device``), and
@@ -31,6 +32,7 @@ from nft_cuda.devices.lognormal import LogNormal
 from nft_cuda.devices.mvm import MVM
 from nft_cuda.devices.pcm import COMPENSATION_RULES, PCM
 from nft_cuda.devices.stuck_at import StuckAt
+from nft_cuda.devices.tiles import Tiles
 
 __all__ = [
     "COMPENSATION_RULES",
@@ -45,6 +47,7 @@ __all__ = [
     "PCM",
     "PRESETS",
     "StuckAt",
+    "Tiles",
     "Variation",
     "default_severity",
     "device_model_from_dict",
@@ -72,6 +75,8 @@ def make_device_model(name: str, sigma: float, **options) -> DeviceModel:
     row = lookup(name)
     if isinstance(options.get("mvm"), dict):  # the JSON form of the converter settings
         options = {**options, "mvm": MVM.from_dict(options["mvm"])}
+    if isinstance(options.get("tiles"), dict):
+        options = {**options, "tiles": Tiles.from_dict(options["tiles"])}
     if row.preset is not None:
         return Variation(sigma, row.preset, **options)
     return row.model(sigma=sigma, **options)

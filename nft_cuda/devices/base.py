@@ -14,6 +14,7 @@ import numbers
 from typing import ClassVar
 
 from nft_cuda.devices.mvm import MVM
+from nft_cuda.devices.tiles import Tiles
 
 __all__ = ["DeviceModel", "check_real", "check_time", "check_probability"]
 
@@ -62,10 +63,13 @@ class DeviceModel:
     Args:
         sigma: the severity parameter (>= 0); its meaning per model is in docs/device-models.md.
         mvm: optional converter / per-MVM read-noise settings (:class:`~nft_cuda.devices.MVM`).
+        tiles: optional crossbar tiling (:class:`~nft_cuda.devices.Tiles`): each tile of a layer scales
+            its conductances by its own max|W|. None (or ``Tiles()``): one crossbar per layer.
     """
 
     sigma: float
     mvm: MVM | None = dataclasses.field(default=None, kw_only=True)
+    tiles: Tiles | None = dataclasses.field(default=None, kw_only=True)
 
     kind: ClassVar[str] = ""
     KERNEL_ID: ClassVar[int] = -1
@@ -79,6 +83,17 @@ class DeviceModel:
         object.__setattr__(self, "sigma", float(sigma))
         if self.mvm is not None and not isinstance(self.mvm, MVM):
             raise TypeError(f"mvm must be an nft_cuda.devices.MVM or None, got {type(self.mvm).__name__}")
+        if self.tiles is not None and not isinstance(self.tiles, Tiles):
+            raise TypeError(f"tiles must be an nft_cuda.devices.Tiles or None, got {type(self.tiles).__name__}")
+
+    def _tiles_note(self) -> str:
+        """ ", Tiles(a×b)" for the ``__str__`` of a tiled model, else ""."""
+        return f", {self.tiles}" if self.tiled else ""
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the layers are split over several crossbar tiles (``tiles`` set and active)."""
+        return self.tiles is not None and self.tiles.active
 
     @property
     def noiseless(self) -> bool:
@@ -108,7 +123,9 @@ class DeviceModel:
         out = {"kind": self.kind}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, MVM):
+            if f.name == "tiles" and value is None:
+                continue  # untiled: the dict of every model written before tiles existed
+            if isinstance(value, (MVM, Tiles)):
                 value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
@@ -125,4 +142,6 @@ class DeviceModel:
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
         if isinstance(kwargs.get("mvm"), dict):
             kwargs["mvm"] = MVM.from_dict(kwargs["mvm"])
+        if isinstance(kwargs.get("tiles"), dict):
+            kwargs["tiles"] = Tiles.from_dict(kwargs["tiles"])
         return cls(**kwargs)

@@ -94,4 +94,4 @@ class Variation(DeviceModel):
 
     def __str__(self) -> str:
         bits = "" if (self.weight_bits, self.device_bits) == (8, 2) else f", {self.weight_bits}/{self.device_bits} bits"
-        return f"{self.device_model}(σ_d={self.sigma:g}{bits})"
+        return f"{self.device_model}(σ_d={self.sigma:g}{bits}{self._tiles_note()})"

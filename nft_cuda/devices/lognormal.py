@@ -24,4 +24,4 @@ class LogNormal(DeviceModel):
     KERNEL_ID: ClassVar[int] = 2
 
     def __str__(self) -> str:
-        return f"LogNormal(σ={self.sigma:g})"
+        return f"LogNormal(σ={self.sigma:g}{self._tiles_note()})"

@@ -101,4 +101,4 @@ class PCM(DeviceModel):
 
     def __str__(self) -> str:
         comp = f", drift-compensated ({self.compensation_rule})" if self.drift_compensation else ""
-        return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp})"
+        return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp}{self._tiles_note()})"

@@ -40,4 +40,4 @@ class StuckAt(DeviceModel):
         return [self.p0, self.p1]
 
     def __str__(self) -> str:
-        return f"StuckAt(p0={self.p0:g}, p1={self.p1:g}, scale={self.sigma:g})"
+        return f"StuckAt(p0={self.p0:g}, p1={self.p1:g}, scale={self.sigma:g}{self._tiles_note()})"

@@ -585,6 +585,11 @@ class NoisyModule(nn.Module):
         mvm = _mvm.active_mvm(self._variation)
         if mvm is None:
             return None
+        if self._variation.tiled:
+            raise NotImplementedError(
+                f"{type(self).__name__}: converters and read noise ({mvm}) with crossbar tiles "
+                f"({self._variation.tiles}) are not modelled yet; use tiles with weight noise only"
+            )
         return _mvm.mvm_forward(self, input, noise, mvm)
 
     def _noise_repr(self) -> str:

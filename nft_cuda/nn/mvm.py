@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from nft_cuda import mvm_ops
+from nft_cuda.devices.tiles import tiled
 
 __all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm"]
 
@@ -38,9 +39,12 @@ def programmed(weight: torch.Tensor, model) -> torch.Tensor:
     """The weight as programmed: on its bit-sliced grid when the model's MVM has ``weight_levels``
     (weight_bits of the model, 8 for a model without one; straight-through gradient), else ``weight``."""
     mvm = getattr(model, "mvm", None)
-    if mvm is not None and mvm.weight_levels:
-        return mvm_ops.quantize_weight(weight, getattr(model, "weight_bits", 8))
-    return weight
+    if mvm is None or not mvm.weight_levels:
+        return weight
+    bits = getattr(model, "weight_bits", 8)
+    if getattr(model, "tiled", False):  # each tile's grid spans its own ±max|W|
+        return tiled(lambda w: mvm_ops.quantize_weight(w, bits).unsqueeze(0), weight, model.tiles)[0]
+    return mvm_ops.quantize_weight(weight, bits)
 
 
 def refuse_mvm_around_gemm(layer) -> None:
