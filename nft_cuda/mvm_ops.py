@@ -15,11 +15,13 @@ from nft_cuda import reference
 from nft_cuda._args import check_positive_int
 
 __all__ = [
+    "OUTPUT_NOISE_DRAW",
     "READ_NOISE_DRAW",
     "READ_NOISE_ELEMENT_BITS",
     "READ_NOISE_MAX_ELEMENTS",
     "READ_NOISE_COUNTER_BITS",
     "quantize",
+    "output_noise",
     "quantize_weight",
     "read_noise",
     "read_noise_normals",
@@ -27,6 +29,8 @@ __all__ = [
 
 #: Draw index k of the read noise in the one noise stream (docs/device-models.md, "One noise stream").
 READ_NOISE_DRAW = 8
+#: Draw index k of the per-MVM output noise (MVM.output_noise).
+OUTPUT_NOISE_DRAW = 9
 #: The local element index of one MVM output takes the low 34 bits of e, the forward counter the next 24.
 READ_NOISE_ELEMENT_BITS = 34
 READ_NOISE_MAX_ELEMENTS = 2**READ_NOISE_ELEMENT_BITS
@@ -88,13 +92,16 @@ def quantize_weight(weight: torch.Tensor, weight_bits: int) -> torch.Tensor:
     return _straight_through(weight, q.to(weight.dtype))
 
 
-def read_noise_normals(rng: torch.Tensor, numel: int, counter: torch.Tensor) -> torch.Tensor:
-    """float32 [numel]: the read-noise normals z of one MVM output (docs/device-models.md, model 5).
+def read_noise_normals(
+    rng: torch.Tensor, numel: int, counter: torch.Tensor, draw: int = READ_NOISE_DRAW
+) -> torch.Tensor:
+    """float32 [numel]: the read-noise normals z of one MVM output (docs/device-models.md, model 5), or
+    with ``draw`` = :data:`OUTPUT_NOISE_DRAW` those of its output noise.
 
     Element e of the output (its flat row-major index, e < 2^34) of forward ``counter`` c (an int64 0-d
-    tensor, taken mod 2^24) is draw k = 8 of element (c << 34) | e in stream rng[1] under key rng[0]:
-    Philox block q = ((c << 34 | e) >> 2) + 8·2^56, lane e & 3 (the DESIGN §3 layout with the draw
-    offset of the device models' stream). Nothing is read back to the host."""
+    tensor, taken mod 2^24) is draw k (8: read noise, 9: output noise) of element (c << 34) | e in stream
+    rng[1] under key rng[0]: Philox block q = ((c << 34 | e) >> 2) + k·2^56, lane e & 3 (the DESIGN §3
+    layout with the draw offset of the device models' stream). Nothing is read back to the host."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an int >= 0, got {numel!r}")
     if numel > READ_NOISE_MAX_ELEMENTS:
@@ -104,7 +111,7 @@ def read_noise_normals(rng: torch.Tensor, numel: int, counter: torch.Tensor) -> 
     nq = (numel + 3) // 4
     c = torch.bitwise_and(counter.to(torch.int64), 2**READ_NOISE_COUNTER_BITS - 1)
     # block of element (c << 34) | e is (c << 32) + (e >> 2): four elements per Philox block
-    base = (c << (READ_NOISE_ELEMENT_BITS - 2)) + (READ_NOISE_DRAW << reference.DRAW_SHIFT)
+    base = (c << (READ_NOISE_ELEMENT_BITS - 2)) + (draw << reference.DRAW_SHIFT)
     q = base + torch.arange(nq, dtype=torch.int64, device=rng.device)
     return reference.philox_normal_blocks(rng, q).reshape(4 * nq)[:numel]
 
@@ -120,3 +127,13 @@ def read_noise(
     z = read_noise_normals(rng, sq_norm.numel(), counter).view(sq_norm.shape)
     scale = float(sigma) * weight_max.detach().to(torch.float32)
     return scale * torch.sqrt(sq_norm.detach().to(torch.float32)) * z
+
+
+def output_noise(scale: torch.Tensor, shape: tuple[int, ...], rng: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """The output noise ``scale``·z of one MVM output of ``shape`` (detached float32; ``scale`` broadcasts to
+    it: σ_out·max|W|·r_in/√T per tile): z is draw 9 of the output's elements at forward ``counter``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    z = read_noise_normals(rng, numel, counter, OUTPUT_NOISE_DRAW).view(shape)
+    return scale.detach().to(torch.float32) * z

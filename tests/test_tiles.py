@@ -4,6 +4,7 @@ with the same draws per element as the untiled layer; tiles off is today's resul
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import device_oracle as oracle
 import numpy as np
@@ -209,3 +210,159 @@ def test_normal_draw_perturbation_and_weight_levels_are_per_tile():
         step = float(w[rows, cols].abs().amax()) / 255  # the 8-bit grid over the tile's own max|W|
         q = grid[rows, cols] / step
         torch.testing.assert_close(q, q.round(), rtol=0, atol=1e-3)
+
+
+# ---- converters, read and output noise per tile (nft_cuda.nn.mvm) ----------------------------------------
+
+from nft_cuda import mvm_ops  # noqa: E402
+from nft_cuda.devices import MVM  # noqa: E402
+
+
+def _tiled_linear(mvm, sigma=0.1):
+    torch.manual_seed(0)
+    layer = nft_cuda.convert(nn.Linear(1024, 768), Variation(sigma, tiles=TILES, mvm=mvm))
+    with torch.no_grad():
+        layer.weight.copy_(_weight() * 0.05)
+    return layer
+
+
+def _chip(layer):
+    """The layer's chip 0 (instance mode) and its noisy weight."""
+    nft_cuda.set_instance(layer, seed=1, instance=0)
+    return layer.noisy_weights(layer._instance_rng, torch.tensor([layer.variation.sigma]))[0]
+
+
+OUT_TILES = [(0, 512), (512, 768)]
+
+
+def test_converters_act_per_tile_with_calibrated_ranges():
+    layer = _tiled_linear(MVM(input_bits=8, output_bits=6))
+    x = torch.randn(6, 1024)
+    ranges = nft_cuda.nn.calibrate_mvm(layer, [x, 2 * x[:3]])
+    r_in, r_out = layer.mvm_ranges
+    assert r_in.shape == (2,) and r_out.shape == (2, 2) and ranges[""] == (r_in.tolist(), r_out.tolist())
+    for k in range(2):  # r_in: max|x_k| over the batches; r_out: max |x_k·W_kjᵀ| (clean weights)
+        xs = torch.cat([x, 2 * x[:3]])[:, 512 * k : 512 * (k + 1)]
+        assert float(r_in[k]) == pytest.approx(float(xs.abs().max()))
+        for j, (a, b) in enumerate(OUT_TILES):
+            want = (xs @ layer.weight[a:b, 512 * k : 512 * (k + 1)].t()).abs().max()
+            assert float(r_out[k, j]) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert len({round(float(v), 4) for v in r_out.flatten()}) == 4  # four tiles, four ADC ranges
+    w = _chip(layer)
+    with torch.no_grad():
+        got = layer(x)
+    want = torch.zeros(6, 768)
+    for k in range(2):
+        xk = mvm_ops.quantize(x[:, 512 * k : 512 * (k + 1)], 8, r_in[k])
+        yk = xk @ w[:, 512 * k : 512 * (k + 1)].t()
+        for j, (a, b) in enumerate(OUT_TILES):
+            want[:, a:b] += mvm_ops.quantize(yk[:, a:b], 6, r_out[k, j])
+    torch.testing.assert_close(got, want + layer.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_output_noise_has_the_configured_std_per_tile():
+    sigma_out = 0.1
+    layer = _tiled_linear(MVM(output_noise=sigma_out), sigma=0.0)  # no weight noise: what is left is the output noise
+    x = torch.randn(4096, 1024)
+    nft_cuda.nn.calibrate_mvm(layer, [x])
+    r_in = layer.mvm_ranges[0]
+    nft_cuda.set_instance(layer, seed=2, instance=0)
+    with torch.no_grad():
+        noise = layer(x) - (x @ layer.weight.t() + layer.bias)
+    stream = layer._instance_rng
+    z = mvm_ops.read_noise_normals(stream, 2 * 4096 * 768, torch.zeros((), dtype=torch.int64), 9).view(2, 4096, 768)
+    want = torch.zeros(4096, 768)
+    for k in range(2):
+        for a, b in OUT_TILES:
+            m = layer.weight[a:b, 512 * k : 512 * (k + 1)].detach().abs().max()
+            scale = sigma_out * m * r_in[k] / math.sqrt(2)  # lightning's out_noise: max|W_tile|·r_in/√T
+            want[:, a:b] += scale * z[k, :, a:b]
+            if k == 0:
+                per_tile_std = float(scale)
+                assert float(z[k, :, a:b].std() * per_tile_std) == pytest.approx(per_tile_std, rel=0.01)
+    torch.testing.assert_close(noise, want, rtol=1e-4, atol=1e-5)
+
+
+def test_read_noise_and_output_bound_per_tile():
+    layer = _tiled_linear(MVM(read_noise=0.05, output_bound=0.3), sigma=0.0)
+    x = torch.randn(8, 1024)
+    nft_cuda.nn.calibrate_mvm(layer, [x])
+    r_in = layer.mvm_ranges[0]
+    nft_cuda.set_instance(layer, seed=3, instance=0)
+    with torch.no_grad():
+        got = layer(x)
+    z = mvm_ops.read_noise_normals(layer._instance_rng, 2 * 8 * 768, torch.zeros((), dtype=torch.int64)).view(2, 8, 768)
+    want = torch.zeros(8, 768)
+    clipped = 0
+    for k in range(2):
+        xk = x[:, 512 * k : 512 * (k + 1)]
+        for a, b in OUT_TILES:
+            wk = layer.weight[a:b, 512 * k : 512 * (k + 1)].detach()
+            m = wk.abs().max()
+            yk = xk @ wk.t() + 0.05 * m * xk.norm(dim=1, keepdim=True) * z[k, :, a:b]  # σ_r·max|W_tile|·‖x_k‖·z
+            bound = 0.3 * m * r_in[k]
+            clipped += int((yk.abs() > bound).sum())
+            want[:, a:b] += yk.clamp(-bound, bound)
+    assert clipped > 0
+    torch.testing.assert_close(got, want + layer.bias.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_untiled_output_noise_and_bound_are_one_tile():
+    torch.manual_seed(0)
+    layer = nft_cuda.convert(nn.Linear(40, 9), Variation(0.0, mvm=MVM(output_noise=0.2, output_bound=0.5)))
+    x = torch.randn(5, 40)
+    nft_cuda.set_instance(layer, seed=4, instance=1)
+    with torch.no_grad():
+        got = layer(x)
+    m, r = layer.weight.detach().abs().max(), x.abs().max()
+    z = mvm_ops.read_noise_normals(layer._instance_rng, 5 * 9, torch.zeros((), dtype=torch.int64), 9).view(5, 9)
+    bound = 0.5 * m * r
+    want = (x @ layer.weight.detach().t() + 0.2 * m * r * z).clamp(-bound, bound) + layer.bias.detach()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_conv_converters_equal_the_per_channel_block_formula():
+    torch.manual_seed(0)
+    mvm = MVM(input_bits=6, output_bits=6, read_noise=0.05, output_noise=0.02)
+    conv = nft_cuda.convert(
+        nn.Conv2d(10, 6, 3, padding=1, padding_mode="reflect"), Variation(0.1, tiles=Tiles(40, 4), mvm=mvm)
+    )
+    x = torch.randn(2, 10, 5, 5)
+    nft_cuda.nn.calibrate_mvm(conv, [x])
+    r_in, r_out = conv.mvm_ranges
+    assert r_in.shape == (3,) and r_out.shape == (3, 2)  # 4 + 4 + 2 channels of 9 inputs; 4 + 2 outputs
+    w = _chip(conv)
+    with torch.no_grad():
+        got = conv(x)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    stream, zero = conv._instance_rng, torch.zeros((), dtype=torch.int64)
+    z_read = mvm_ops.read_noise_normals(stream, 3 * 2 * 6 * 25, zero).view(3, 2, 6, 5, 5)
+    z_out = mvm_ops.read_noise_normals(stream, 3 * 2 * 6 * 25, zero, 9).view(3, 2, 6, 5, 5)
+    want = torch.zeros(2, 6, 5, 5)
+    for k, chans in enumerate((slice(0, 4), slice(4, 8), slice(8, 10))):
+        xk = mvm_ops.quantize(xp[:, chans], 6, r_in[k])
+        yk = torch.nn.functional.conv2d(xk, w[:, chans])
+        sq = torch.nn.functional.conv2d(xk * xk, torch.ones(1, xk.shape[1], 3, 3))
+        for j, outs in enumerate((slice(0, 4), slice(4, 6))):
+            m = conv.weight[outs, chans].detach().abs().max()
+            y = (
+                yk[:, outs]
+                + 0.05 * m * sq.sqrt() * z_read[k, :, outs]
+                + 0.02 * m * r_in[k] / math.sqrt(3) * z_out[k, :, outs]
+            )
+            want[:, outs] += mvm_ops.quantize(y, 6, r_out[k, j])
+    torch.testing.assert_close(got, want + conv.bias.detach().view(1, -1, 1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_tiled_mvm_trains_and_bad_ranges_are_refused():
+    layer = _tiled_linear(MVM(input_bits=8, output_bits=8, output_noise=0.05))
+    x = torch.randn(3, 1024, requires_grad=True)
+    layer(x).square().sum().backward()  # mode train: straight-through through the converters and tiles
+    assert x.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"tensor of shape \[2, 2\] \(one per tile\)"):
+        layer.set_mvm_ranges(1.0, torch.ones(3))
+    layer.set_mvm_ranges(2.0, 3.0)  # a number: every tile
+    assert torch.equal(layer.mvm_ranges[1], torch.full((2, 2), 3.0))
+    grouped = nft_cuda.convert(nn.Conv2d(4, 4, 3, groups=2), Variation(0.1, tiles=Tiles(9), mvm=MVM(input_bits=8)))
+    with pytest.raises(NotImplementedError, match="groups=1 convolutions only"):
+        grouped(torch.randn(1, 4, 5, 5))

@@ -10,8 +10,16 @@ around each crossbar matrix-vector multiplication, on top of the per-chip weight
   before the per-chip noise;
 * ``read_noise`` σ_r: every MVM adds fresh noise σ_r·max|W|·‖x‖₂·z to each output (equal in
   distribution to a fresh N(0, (σ_r·max|W|)²) on every weight for every input vector);
+* ``output_noise`` σ_out: every MVM adds fresh Gaussian noise σ_out·max|W|·r_in/√T to each output of
+  each of the T input tiles (aihwkit-lightning's ``forward.out_noise``: relative to the largest output one
+  fully driven input of the tile can give; the /√T keeps the summed noise independent of the tiling);
+* ``output_bound`` β: each tile's analog output saturates at ±β·max|W|·r_in (lightning's
+  ``forward.out_bound``), before the ADC;
 * ``output_bits`` b_out: the ADC quantises the analog output to the 2^b_out − 1 symmetric levels of the
   layer's output range; the bias is added digitally after it.
+
+With crossbar tiles (``DeviceModel.tiles``) max|W|, r_in and r_out are those of each tile, and the
+tiles' digital outputs are summed (docs/device-models.md, "Tiles").
 
 ``MVM()`` (all off) changes nothing. The math is in :mod:`nft_cuda.mvm_ops`; the layers apply it in
 :mod:`nft_cuda.nn.mvm`.
@@ -46,6 +54,15 @@ def _check_bits(name: str, value) -> int | None:
     return int(value)
 
 
+def _check_real(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class MVM:
     """What happens around each crossbar matrix-vector multiplication (models 4 and 5).
@@ -55,39 +72,53 @@ class MVM:
         output_bits: ADC resolution b_out (>= 2), or None for exact outputs.
         weight_levels: program the weight to its bit-sliced grid (weight_bits over ±max|W|).
         read_noise: σ_r >= 0 of the fresh per-MVM read noise, relative to max|W|.
+        output_noise: σ_out >= 0 of the fresh per-MVM output noise, relative to max|W|·r_in.
+        output_bound: β > 0 of the analog output bound ±β·max|W|·r_in, or None for unbounded.
     """
 
     input_bits: int | None = None
     output_bits: int | None = None
     weight_levels: bool = False
     read_noise: float = 0.0
+    output_noise: float = 0.0
+    output_bound: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
         object.__setattr__(self, "output_bits", _check_bits("output_bits", self.output_bits))
         if not isinstance(self.weight_levels, bool):
             raise TypeError(f"weight_levels must be a bool, got {type(self.weight_levels).__name__}")
-        r = self.read_noise
-        if isinstance(r, bool) or not isinstance(r, numbers.Real):
-            raise TypeError(f"read_noise must be a real number, got {type(r).__name__}")
-        r = float(r)
-        if not math.isfinite(r) or r < 0:
-            raise ValueError(f"read_noise must be a finite number >= 0, got {r}")
-        object.__setattr__(self, "read_noise", r)
+        object.__setattr__(self, "read_noise", _check_real("read_noise", self.read_noise, positive=False))
+        object.__setattr__(self, "output_noise", _check_real("output_noise", self.output_noise, positive=False))
+        if self.output_bound is not None:
+            object.__setattr__(self, "output_bound", _check_real("output_bound", self.output_bound, positive=True))
 
     @property
     def active(self) -> bool:
         """Whether any effect is on (``MVM()`` is the identity)."""
-        return self.input_bits is not None or self.output_bits is not None or self.weight_levels or self.read_noise > 0
+        return self.weight_levels or self.around_gemm
 
     @property
     def around_gemm(self) -> bool:
-        """Whether an effect acts on the MVM's input or output (DAC, read noise, ADC), not only on the weight."""
-        return self.input_bits is not None or self.output_bits is not None or self.read_noise > 0
+        """Whether an effect acts on the MVM's input or output (DAC, read or output noise, bound, ADC), not
+        only on the weight."""
+        return (
+            self.input_bits is not None
+            or self.output_bits is not None
+            or self.read_noise > 0
+            or self.output_noise > 0
+            or self.output_bound is not None
+        )
 
     def to_dict(self) -> dict:
-        """JSON-safe fields (the inverse of :meth:`from_dict`)."""
-        return dataclasses.asdict(self)
+        """JSON-safe fields (the inverse of :meth:`from_dict`); the output-noise and output-bound fields
+        only when set, so the dict of every MVM made before they existed is unchanged."""
+        d = dataclasses.asdict(self)
+        if self.output_noise == 0:
+            del d["output_noise"]
+        if self.output_bound is None:
+            del d["output_bound"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> MVM:
@@ -109,4 +140,8 @@ class MVM:
             parts.append("weight levels")
         if self.read_noise > 0:
             parts.append(f"σ_r={self.read_noise:g}")
+        if self.output_noise > 0:
+            parts.append(f"σ_out={self.output_noise:g}")
+        if self.output_bound is not None:
+            parts.append(f"bound {self.output_bound:g}")
         return f"MVM({', '.join(parts) or 'ideal'})"

@@ -547,13 +547,24 @@ class NoisyModule(nn.Module):
         return self._mvm_ranges
 
     def set_mvm_ranges(self, input_range, output_range) -> None:
-        """Set the converter ranges r_in, r_out (floats or 0-d tensors >= 0, or None for the per-chunk max)."""
+        """Set the converter ranges r_in, r_out (floats or 0-d tensors >= 0, or None for the per-chunk max).
+        A tiled layer (``variation.tiles``) has one r_in per input tile [T_in] and one r_out per input tile
+        and output tile [T_in, T_out]; a number is used for every tile."""
+        shapes = ((), ())
+        if self._variation is not None and self._variation.tiled:
+            t_out, t_in = self._variation.tiles.count(tuple(self.weight.shape))
+            shapes = ((t_in,), (t_in, t_out))
         ranges = []
-        for name, r in (("input_range", input_range), ("output_range", output_range)):
+        for name, r, shape in (("input_range", input_range, shapes[0]), ("output_range", output_range, shapes[1])):
             if r is not None:
                 r = torch.as_tensor(r, dtype=torch.float32).detach().to(self.weight.device)
-                if r.dim() != 0 or not bool(torch.isfinite(r)) or float(r) < 0:
-                    raise ValueError(f"{name} must be a finite number >= 0 or None, got {r}")
+                if r.dim() == 0:
+                    r = r.expand(shape).clone()
+                if tuple(r.shape) != shape or not bool(torch.isfinite(r).all()) or bool((r < 0).any()):
+                    want = "a finite number >= 0" + (
+                        f" or a tensor of shape {list(shape)} (one per tile)" if shape else ""
+                    )
+                    raise ValueError(f"{name} must be {want} or None, got {r}")
             ranges.append(r)
         self._mvm_ranges = (ranges[0], ranges[1])
 
@@ -585,12 +596,17 @@ class NoisyModule(nn.Module):
         mvm = _mvm.active_mvm(self._variation)
         if mvm is None:
             return None
-        if self._variation.tiled:
-            raise NotImplementedError(
-                f"{type(self).__name__}: converters and read noise ({mvm}) with crossbar tiles "
-                f"({self._variation.tiles}) are not modelled yet; use tiles with weight noise only"
-            )
         return _mvm.mvm_forward(self, input, noise, mvm)
+
+    def plan_weight(self, plan: SamplePlan) -> torch.Tensor:
+        """The noisy weight of a one-sample plan, materialised (straight-through gradient): the per-tile
+        MVM forward multiplies it tile by tile."""
+        if plan.weights is not None:
+            return plan.weights[0]
+        noisy = perturbed_weights(self.weight, plan.rng, self._variation, plan.sigmas)[0]
+        if self.weight.requires_grad and torch.is_grad_enabled():
+            noisy = noisy + (self.weight - self.weight.detach())  # dL/dW = dL/dW_noisy
+        return noisy
 
     def _noise_repr(self) -> str:
         return f"variation={self._variation}, mode={self._mode}"

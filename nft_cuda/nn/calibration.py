@@ -11,6 +11,7 @@ import torch
 
 from nft_cuda.nn.custom import resolve_output
 from nft_cuda.nn.modes import noise_mode, noisy_layers
+from nft_cuda.nn.mvm import tile_ranges
 
 __all__ = ["calibrate_mvm"]
 
@@ -20,7 +21,9 @@ def calibrate_mvm(model: torch.nn.Module, batches: Iterable, *, output=None) -> 
     """Record each noisy layer's converter ranges over ``batches`` (tensors, or (input, ...) tuples fed as
     ``model(input)``, or mappings fed as keyword arguments ``model(**batch)``, as a Hugging Face
     tokenizer's): r_in = max|x|, r_out = max|x·Wᵀ| (clean weights, no bias, no converters), the max
-    over all batches. Sets every noisy layer's ``mvm_ranges`` and returns {layer name: (r_in, r_out)}.
+    over all batches. Sets every noisy layer's ``mvm_ranges`` and returns {layer name: (r_in, r_out)}. A
+    tiled layer (``variation.tiles``) gets one r_in per input tile and one r_out per input tile and
+    output tile (:func:`nft_cuda.nn.mvm.tile_ranges`), returned as lists ([T_in], [T_in][T_out]).
     The model's noise modes, sample plans and train/eval flag are restored afterwards. ``output``: the
     output adapter (:func:`nft_cuda.nn.custom.resolve_output`), applied to every forward's output so a
     model whose output it does not fit is refused here rather than at evaluation."""
@@ -32,9 +35,12 @@ def calibrate_mvm(model: torch.nn.Module, batches: Iterable, *, output=None) -> 
     def hook(name):
         def record(layer, args, output):
             x = args[0].detach()
-            y = layer.clean_matmul(x)
-            r = torch.stack((x.abs().amax().float(), y.abs().amax().float()))
-            seen[name] = [r] if name not in seen else [torch.maximum(seen[name][0], r)]
+            if layer.variation is not None and layer.variation.tiled:  # one range per tile
+                r = tile_ranges(layer, x)
+            else:
+                y = layer.clean_matmul(x)
+                r = (x.abs().amax().float(), y.abs().amax().float())
+            seen[name] = r if name not in seen else tuple(torch.maximum(a, b) for a, b in zip(seen[name], r))
 
         return record
 
@@ -59,7 +65,7 @@ def calibrate_mvm(model: torch.nn.Module, batches: Iterable, *, output=None) -> 
             h.remove()
         model.train(was_training)
     ranges = {}
-    for name, (r,) in seen.items():
-        layers[name].set_mvm_ranges(r[0], r[1])
-        ranges[name] = (float(r[0]), float(r[1]))
+    for name, (r_in, r_out) in seen.items():
+        layers[name].set_mvm_ranges(r_in, r_out)
+        ranges[name] = (r_in.tolist(), r_out.tolist()) if r_in.dim() else (float(r_in), float(r_out))
     return ranges

@@ -80,15 +80,18 @@ class _NoisyConvNd(RetypedNoisy):
             return self._conv_with_rng(input.unsqueeze(0), noise.rng, noise.sigmas).squeeze(0)
         return self._conv_with_rng(input, noise.rng, noise.sigmas)
 
-    def _conv_with_weight(self, input: torch.Tensor, weight: torch.Tensor, bias=_OWN_BIAS) -> torch.Tensor:
+    def _conv_with_weight(
+        self, input: torch.Tensor, weight: torch.Tensor, bias=_OWN_BIAS, groups: int | None = None
+    ) -> torch.Tensor:
         """The plain convolution of ``nn.ConvNd`` with another weight (the same calls as its forward);
-        ``bias``: the layer's own by default, or a tensor / None."""
+        ``bias``: the layer's own by default, or a tensor / None; ``groups``: the layer's by default."""
         conv = functions.CONV_FUNCTIONS[weight.dim() - 2]
         bias = self.bias if bias is _OWN_BIAS else bias
+        groups = self.groups if groups is None else groups
         if self.padding_mode != "zeros":
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return conv(input, weight, bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, self.groups)
-        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return conv(input, weight, bias, self.stride, (0,) * (weight.dim() - 2), self.dilation, groups)
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, groups)
 
     def _conv_with_weights(self, input: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Chunk t of the batch convolved with ``weights[t]`` ([S, *weight.shape], one call for all S:
@@ -119,6 +122,47 @@ class _NoisyConvNd(RetypedNoisy):
         if self.bias is None:
             return y
         return y + self.bias.to(y.dtype).view(-1, *([1] * (self.weight.dim() - 2)))
+
+    # The per-tile MVM (nft_cuda.nn.mvm, crossbar tiles): an input tile holds whole kernels of ``cols`` //
+    # (k_h·k_w) channels; the input split into T_in channel blocks ([T_in, B, channels, *spatial],
+    # zero-padded channels), their partial outputs in one convolution with T_in groups ([T_in, B, O, ...]).
+    tile_output_dim = 2
+
+    def _tile_channels(self, cols: int) -> tuple[int, int]:
+        """(channels per input tile, the channel padding of the weight to whole tiles)."""
+        if self.groups != 1:
+            raise NotImplementedError(
+                f"{type(self).__name__} with groups={self.groups}: converters and output noise on crossbar "
+                "tiles are modelled for groups=1 convolutions only"
+            )
+        kernel = self.weight[0, 0].numel()
+        return cols // kernel, -self.weight.shape[1] % (cols // kernel)
+
+    def _pad_channels(self, t: torch.Tensor, pad: int) -> torch.Tensor:
+        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+
+    def tile_inputs(self, input: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
+        per_tile, _ = self._tile_channels(cols)
+        x = self._pad_channels(input, tiles * per_tile - input.shape[1])
+        return x.reshape(x.shape[0], tiles, per_tile, *x.shape[2:]).transpose(0, 1)
+
+    def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
+        per_tile, pad = self._tile_channels(cols)
+        batch, spatial, kernel = xb.shape[1], xb.shape[3:], weight.shape[2:]
+        x = xb.transpose(0, 1).reshape(batch, tiles * per_tile, *spatial)
+        w = self._pad_channels(weight, pad).reshape(weight.shape[0], tiles, per_tile, *kernel)
+        w = w.transpose(0, 1).reshape(tiles * weight.shape[0], per_tile, *kernel).to(x.dtype)
+        y = self._conv_with_weight(x, w, None, groups=tiles)
+        return y.reshape(batch, tiles, weight.shape[0], *y.shape[2:]).transpose(0, 1)
+
+    def tile_sq_norm(self, xb: torch.Tensor) -> torch.Tensor:
+        x = xb.detach().float()
+        tiles, batch = x.shape[:2]
+        x = (x * x).transpose(0, 1).reshape(batch, -1, *x.shape[3:])
+        ones = torch.ones((tiles, xb.shape[2], *self.weight.shape[2:]), dtype=torch.float32, device=x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            sq = self._conv_with_weight(x, ones, None, groups=tiles)
+        return sq.reshape(batch, tiles, 1, *sq.shape[2:]).transpose(0, 1)
 
     def _conv_with_rng(
         self, input: torch.Tensor, rng: torch.Tensor, sigmas: torch.Tensor | None, bias=_OWN_BIAS

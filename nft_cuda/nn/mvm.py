@@ -21,12 +21,14 @@ input then depend on the other inputs of its batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from nft_cuda import mvm_ops
-from nft_cuda.devices.tiles import tiled
+from nft_cuda.devices.tiles import blocks, tiled
 
-__all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm"]
+__all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm", "tile_ranges", "tile_table"]
 
 
 def active_mvm(model):
@@ -58,20 +60,117 @@ def refuse_mvm_around_gemm(layer) -> None:
         )
 
 
+def _analog_output(y, mvm, *, sq_norm, weight_max, input_range, tiles, stream, counter) -> torch.Tensor:
+    """Steps 3-3b on the analog output ``y`` of one MVM (or of T input tiles, stacked on dim 0): read noise
+    σ_r·max|W|·‖x‖₂·z, output noise σ_out·max|W|·r_in/√T·z', then the bound ±β·max|W|·r_in. ``sq_norm``
+    is a callable giving ‖x‖₂² broadcast to y; ``weight_max`` and ``input_range`` broadcast to y."""
+    if mvm.read_noise > 0:
+        y = y + mvm_ops.read_noise(sq_norm(), weight_max, mvm.read_noise, stream, counter).to(y.dtype)
+    if mvm.output_noise == 0 and mvm.output_bound is None:
+        return y
+    full = weight_max * input_range
+    if mvm.output_noise > 0:
+        scale = (mvm.output_noise / math.sqrt(tiles)) * full
+        y = y + mvm_ops.output_noise(scale.expand(y.shape), tuple(y.shape), stream, counter).to(y.dtype)
+    if mvm.output_bound is not None:
+        bound = (mvm.output_bound * full).to(y.dtype)
+        y = torch.maximum(torch.minimum(y, bound), -bound)  # saturation: no gradient beyond the bound
+    return y
+
+
+def _input_range(x: torch.Tensor, r_in):
+    """The DAC range r_in: the calibrated one, else this chunk's max|x| (0-d, float32)."""
+    return r_in if r_in is not None else x.detach().abs().amax().float()
+
+
 def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     """Steps 1-4 for one sample chunk with one-sample ``plan``."""
+    if layer.variation.tiled:
+        return _one_chunk_tiled(layer, x, plan, mvm)
     r_in, r_out = layer.mvm_ranges
     if mvm.input_bits is not None:
         x = mvm_ops.quantize(x, mvm.input_bits, r_in)
     y = layer.noisy_matmul(x, plan)
-    if mvm.read_noise > 0:
-        sq = layer.input_sq_norm(x).expand(y.shape)
-        stream = torch.stack((plan.rng[0], plan.rng[1]))
-        m = layer.weight.detach().abs().amax()
-        y = y + mvm_ops.read_noise(sq, m, mvm.read_noise, stream, layer.mvm_counter()).to(y.dtype)
+    y = _analog_output(
+        y,
+        mvm,
+        sq_norm=lambda: layer.input_sq_norm(x).expand(y.shape),
+        weight_max=layer.weight.detach().abs().amax(),
+        input_range=_input_range(x, r_in) if mvm.output_noise > 0 or mvm.output_bound is not None else None,
+        tiles=1,
+        stream=torch.stack((plan.rng[0], plan.rng[1])),
+        counter=layer.mvm_counter(),
+    )
     if mvm.output_bits is not None:
         y = mvm_ops.quantize(y, mvm.output_bits, r_out)
     return layer.add_bias(y)
+
+
+def tile_table(layer) -> tuple[torch.Tensor, int, int]:
+    """(max|W| of each (input tile, output column) [T_in, O] float32, inputs per tile, T_in) of a tiled layer."""
+    tiles = layer.variation.tiles
+    shape = tuple(layer.weight.shape)
+    rows, cols = tiles.grid(shape)
+    per_tile = blocks(layer.weight.detach().abs().float(), tiles, shape).amax(dim=(-3, -1))  # [T_out, T_in]
+    per_column = per_tile.repeat_interleave(rows, dim=0)[: shape[0]]  # [O, T_in]
+    return per_column.t().contiguous(), cols, per_tile.shape[1]
+
+
+def _column_view(t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
+    """[T, O] (or [T]) viewed to broadcast against the stacked tile outputs y [T, ...] (O at ``dim``)."""
+    view = [t.shape[0]] + [1] * (y.dim() - 1)
+    if t.dim() == 2:
+        view[dim] = t.shape[1]
+    return t.view(view)
+
+
+def tile_ranges(layer, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per input tile max|x_k| [T_in] and per (input tile, output tile) max|y_k| [T_in, T_out] of one input,
+    ``y`` the stacked tile outputs (default: the clean weight's, for calibration)."""
+    tiles = layer.variation.tiles
+    _, cols, n_in = tile_table(layer)
+    xb = layer.tile_inputs(x.detach(), cols, n_in)
+    r_in = xb.abs().flatten(1).amax(1).float()
+    if y is None:
+        y = layer.tile_matmul(xb, layer.weight.detach(), cols, n_in)
+    cols_max = y.detach().abs().movedim(layer.tile_output_dim, -1).reshape(n_in, -1, y.shape[layer.tile_output_dim])
+    rows = tiles.grid(tuple(layer.weight.shape))[0]
+    per_col = cols_max.amax(1).float()  # [T_in, O]
+    pad = -per_col.shape[1] % rows
+    per_tile = torch.nn.functional.pad(per_col, (0, pad)).view(n_in, -1, rows).amax(-1)
+    return r_in, per_tile
+
+
+def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
+    """Steps 1-4 tile by tile: the DAC of each input tile at its own r_in, the T_in partial sums in one
+    batched GEMM / grouped convolution, read and output noise, bound and ADC per tile (r_out per input tile
+    and output tile), the tiles' digital outputs summed, then the bias."""
+    rows = layer.variation.tiles.grid(tuple(layer.weight.shape))[0]
+    w_max, cols, n_in = tile_table(layer)
+    r_in, r_out = layer.mvm_ranges
+    xb = layer.tile_inputs(x, cols, n_in)
+    if r_in is None:
+        r_in = xb.detach().abs().flatten(1).amax(1).float()
+    if mvm.input_bits is not None:
+        xb = mvm_ops.quantize(xb, mvm.input_bits, _column_view(r_in, xb, 0))
+    y = layer.tile_matmul(xb, layer.plan_weight(plan), cols, n_in)
+    dim = layer.tile_output_dim
+    y = _analog_output(
+        y,
+        mvm,
+        sq_norm=lambda: layer.tile_sq_norm(xb).expand(y.shape),
+        weight_max=_column_view(w_max, y, dim),
+        input_range=_column_view(r_in, y, dim),
+        tiles=n_in,
+        stream=torch.stack((plan.rng[0], plan.rng[1])),
+        counter=layer.mvm_counter(),
+    )
+    if mvm.output_bits is not None:
+        if r_out is None:
+            r_out = tile_ranges(layer, x, y)[1]
+        per_col = r_out.repeat_interleave(rows, dim=1)[:, : y.shape[dim]]
+        y = mvm_ops.quantize(y, mvm.output_bits, _column_view(per_col, y, dim))
+    return layer.add_bias(y.sum(0))
 
 
 def mvm_forward(layer, x: torch.Tensor, noise, mvm) -> torch.Tensor:
