@@ -6,7 +6,7 @@
     python -m benchmarks --render RUN.json [--markdown PATH]
 
 Cases (in this order): ceiling (always, unless --no-ceiling: copy bandwidth and a clean GEMM's FLOP/s,
-the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, eval. Each variant is
+the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, transformer, eval, chip. Each variant is
 checked for correctness before it is timed, and NFT_CUDA_STRICT=1 (set by the benchmarks package) turns a
 fallback to pure PyTorch into an error. --quick: fewer repeats, shorter runs, smaller or fewer shapes
 where the full ones are slow on a 2-core CPU, and torch.compile baselines for perturb only; on a CPU
@@ -26,6 +26,7 @@ from benchmarks.bench_eval import chip_case, eval_case  # noqa: E402
 from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
 from benchmarks.bench_perturb import perturb_case  # noqa: E402
 from benchmarks.bench_train import train_case  # noqa: E402
+from benchmarks.bench_transformer import transformer_case  # noqa: E402
 from nft_cuda import _files  # noqa: E402
 
 CASES = {
@@ -35,6 +36,7 @@ CASES = {
     "snapshot": snapshot_case,
     "conv": conv_case,
     "train": train_case,
+    "transformer": transformer_case,
     "eval": eval_case,
     "chip": chip_case,
 }
@@ -47,6 +49,8 @@ CASE_HELP = {
     "snapshot": "ops.snapshot_linear (IRS heads of VGG-8/CIFAR) vs pool + noisy_linear vs pool + clean GEMM",
     "conv": "NoisyConv2d fwd+bwd on VGG-8 layer shapes vs clean / reference / compiled / aihwkit-lightning",
     "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS, aihwkit-lightning",
+    "transformer": "BERT / GPT-2 / ViT training step (small, random weights): clean vs noise injection"
+    " / aihwkit-lightning",
     "eval": "Monte-Carlo evaluation R = 100 (small model, embedded test slice) vs clean passes / reference loop",
     "chip": "one chip of a converted ViT: clean forward vs instance mode drawn per forward / cached vs monte_carlo",
 }

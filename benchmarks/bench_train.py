@@ -47,7 +47,8 @@ from nft_cuda.train import OVF, build_method, nft_loss  # noqa: E402
 DELTAS = (0.15, 0.10, 0.05)
 
 
-def _set_sigma(model, sigma: float) -> None:
+def set_sigma(model, sigma: float) -> None:
+    """Every noisy layer of ``model`` at σ_d = ``sigma`` (same device model otherwise)."""
     for _, layer in noisy_layers(model):
         layer.variation = layer.variation.with_sigma(sigma)
 
@@ -62,7 +63,7 @@ def reference_ovf_loss(model, x, y, variation, beta: float, deltas=DELTAS):
     return nft_loss(outs[0], outs[1:], y, beta)
 
 
-def _step(model, loss_fn, x, y, name: str, opt=None, context=contextlib.nullcontext):
+def train_step(model, loss_fn, x, y, name: str, opt=None, context=contextlib.nullcontext):
     """One training step of ``model`` (SGD lr 0.01, momentum 0.9 unless ``opt``) inside ``context()``."""
     opt = opt or torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     checked = []
@@ -94,11 +95,11 @@ def _check_at_zero(name: str, cfg: config.Config, models: dict, losses: dict, x,
     rtol = 1e-3 if cfg.cuda else 1e-5
     with torch.no_grad():
         clean_loss = losses["clean"](models["clean"], x, y)
-        _set_sigma(models["noise"], 0.0)
+        set_sigma(models["noise"], 0.0)
         checks.check_close(
             losses["noise"](models["noise"], x, y), clean_loss, f"{name}: noise step at σ=0 vs clean", rtol=rtol
         )
-        _set_sigma(models["noise"], v.sigma)
+        set_sigma(models["noise"], v.sigma)
         for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = 0.0
         checks.check_close(
@@ -109,11 +110,11 @@ def _check_at_zero(name: str, cfg: config.Config, models: dict, losses: dict, x,
         )
         for layer in baselines.reference_layers(models["reference"]):
             layer.sigma = v.sigma
-        _set_sigma(models["OVF"], 0.0)
+        set_sigma(models["OVF"], 0.0)
         ovf0 = OVF(v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS)).loss(models["OVF"], x, y)[0]
         ref0 = reference_ovf_loss(models["reference OVF"], x, y, v.with_sigma(0.0), beta, deltas=(0.0,) * len(DELTAS))
         checks.check_close(ovf0, ref0, f"{name}: OVF vs reference OVF at σ=0, δ=0", rtol=max(rtol, 1e-4))
-        _set_sigma(models["OVF"], v.sigma)
+        set_sigma(models["OVF"], v.sigma)
 
 
 def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results.Row]:
@@ -158,9 +159,9 @@ def train_case(cfg: config.Config, ceilings: dict | None = None) -> list[results
     _check_at_zero(name, cfg, models, losses, x, y, beta)
 
     peers = peer.model_variants(cfg, name, models["noise"], base, v)
-    steps = {k: _step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
+    steps = {k: train_step(models[k], losses[k], x, y, f"{name} {k}") for k in models}
     for k, model in peers.items.items():
-        steps[k] = _step(
+        steps[k] = train_step(
             model,
             ce,
             x,

@@ -26,6 +26,8 @@ TARGETS: dict[str, dict[str, tuple[str, str]]] = {
     "mc_vs_reference": {"cuda": ("≥", "10")},  # CPU: "—", shown unreachable (RESULTS.md)
     "layer_vs_peer": {"cpu": ("≥", "1.0"), "cuda": ("≥", "1.0")},  # noisy Linear/Conv fwd+bwd vs aihwkit-lightning
     "train_vs_peer": {"cpu": ("≥", "1.5"), "cuda": ("≥", "1.5")},  # training step vs aihwkit-lightning
+    # not DESIGN §8: issue 27's goal for the noise-injection step of a small BERT/GPT-2/ViT (CPU only)
+    "transformer_step_vs_clean": {"cpu": ("≤", "1.3")},
 }
 
 

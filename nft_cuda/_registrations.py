@@ -45,9 +45,10 @@ def _perturb_setup_context(ctx, inputs, output):
 
 def _perturb_backward(ctx, grad):
     # perturb and perturb_device: dL/dW = Σ_t dL/dW_noisy[t]; None for every other input.
+    # One sample (every noise-injection forward): grad[0] is that sum, a view, not a copy.
     if grad is None:
         return None, None, None, None, None
-    return grad.sum(0), None, None, None, None
+    return (grad[0] if grad.shape[0] == 1 else grad.sum(0)), None, None, None, None
 
 
 torch.library.register_autograd("nft_cuda::perturb", _perturb_backward, setup_context=_perturb_setup_context)

@@ -364,6 +364,17 @@ def test_weight_gradient_straight_through(samples, dtype, backend, device):
     assert (err <= tol).all(), f"max grad error {err.max():.3g}"
 
 
+def test_one_sample_weight_gradient_is_a_view_not_a_copy():
+    # the straight-through gradient of one sample is dL/dW_noisy[0] itself: no sum, no new tensor
+    from nft_cuda._registrations import _perturb_backward
+
+    grad = torch.randn(1, 5, 4)
+    one = _perturb_backward(None, grad)[0]
+    assert one.shape == (5, 4) and one.data_ptr() == grad.data_ptr() and torch.equal(one, grad[0])
+    grad3 = torch.randn(3, 5, 4)
+    torch.testing.assert_close(_perturb_backward(None, grad3)[0], grad3.sum(0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_non_contiguous_weight(backend, device):
     base = random_weight((7, 9), torch.float32, device).requires_grad_(True)
