@@ -371,6 +371,20 @@ def add_device_options(g, *, suppress: bool) -> None:
         help="σ_r of the fresh per-MVM read noise (relative to max|W|)",
     )
     g.add_argument(
+        "--output-noise",
+        dest="output_noise",
+        type=float_arg(0.0),
+        default=default,
+        help="σ_out of the fresh per-MVM output noise (relative to max|W|·r_in of each tile)",
+    )
+    g.add_argument(
+        "--output-bound",
+        dest="output_bound",
+        type=float_arg(0.0, strict=True),
+        default=default,
+        help="β of the analog output bound ±β·max|W|·r_in of each tile (before the ADC)",
+    )
+    g.add_argument(
         "--max-input-size",
         dest="max_input_size",
         type=int_arg(1),
@@ -402,7 +416,8 @@ def device_options_from_args(args: argparse.Namespace) -> dict:
             options[name] = getattr(args, name)
     mvm = {}
     for flag, field in (("dac_bits", "input_bits"), ("adc_bits", "output_bits"), ("weight_levels", "weight_levels"),
-                        ("read_noise", "read_noise")):  # fmt: skip
+                        ("read_noise", "read_noise"), ("output_noise", "output_noise"),
+                        ("output_bound", "output_bound")):  # fmt: skip
         if getattr(args, flag, None) is not None:
             mvm[field] = getattr(args, flag)
     if mvm:

@@ -152,3 +152,30 @@ def test_eval_without_sigma_uses_the_model_s_default_severity(pcm_run, tmp_path,
 
     assert default_sigmas(Variation(0.3)) == default_sigmas(LogNormal(0.1)) == list(DEFAULT_SIGMAS)
     assert default_sigmas(StuckAt(p0=0.01)) == default_sigmas(PCM()) == [1.0]
+
+
+def test_tiles_and_converters_train_and_evaluate_over_time_end_to_end(tmp_path, capsys):
+    require_optional("matplotlib")  # writes a plot
+    out = tmp_path / "tiled"
+    hwa = ["--max-input-size", "64", "--max-output-size", "32", "--dac-bits", "8", "--adc-bits", "8"]
+    hwa += ["--output-noise", "0.02", "--output-bound", "10"]
+    code, _, err = _main(capsys, "train", "--device-model", "pcm", "--sigma", "1", *hwa, "--out", str(out), *_TINY)
+    assert code == 0, err
+    from nft_cuda.devices import MVM, Tiles, device_model_from_dict
+
+    model = device_model_from_dict(torch.load(out / "model.pt", weights_only=True)["variation"])
+    assert model.tiles == Tiles(max_input_size=64, max_output_size=32)
+    assert model.mvm == MVM(input_bits=8, output_bits=8, output_noise=0.02, output_bound=10.0)
+    j, p = tmp_path / "t.json", tmp_path / "t.png"
+    argv = ["eval", str(out), "--sigma", "1", "--time", "1,3.15e7", "--drift-compensation", "--runs", "2"]
+    code, _, err = _main(capsys, *argv, "--no-progress", "--json", str(j), "--plot", str(p))
+    assert code == 0, err
+    results = json.loads(j.read_text())["results"]
+    assert [r["time_s"] for r in results] == [1.0, 3.15e7]
+    assert all(
+        r["device"]["tiles"] == model.tiles.to_dict() and r["device"]["mvm"] == model.mvm.to_dict() for r in results
+    )
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--output-bound", "0", "--out", str(tmp_path / "bad"), *_TINY])
+    assert "argument --output-bound: must be > 0, got 0" in capsys.readouterr().err

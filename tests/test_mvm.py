@@ -38,6 +38,10 @@ def _model(sigma: float, **mvm) -> nft_cuda.Variation:
         ({"read_noise": -0.01}, ValueError, "read_noise must be a finite number >= 0"),
         ({"read_noise": float("nan")}, ValueError, "read_noise must be a finite number >= 0"),
         ({"weight_levels": 1}, TypeError, "weight_levels must be a bool"),
+        ({"output_noise": -1.0}, ValueError, "output_noise must be a finite number >= 0"),
+        ({"output_noise": "0.1"}, TypeError, "output_noise must be a real number"),
+        ({"output_bound": 0.0}, ValueError, "output_bound must be a finite number > 0"),
+        ({"output_bound": float("inf")}, ValueError, "output_bound must be a finite number > 0"),
     ],
 )
 def test_mvm_rejects_bad_settings(kwargs, error, match):
@@ -53,6 +57,10 @@ def test_mvm_is_a_hashable_value_that_round_trips_through_a_dict():
     assert str(m) == "MVM(DAC 6 b, ADC 8 b, weight levels, σ_r=0.02)"
     with pytest.raises(ValueError, match="unknown MVM field"):
         MVM.from_dict({"adc_bits": 4})
+    hwa = MVM(output_noise=0.04, output_bound=12.0)
+    assert hwa.around_gemm and MVM.from_dict(hwa.to_dict()) == hwa and str(hwa) == "MVM(σ_out=0.04, bound 12)"
+    # the dict of an MVM without the output knobs is the dict every MVM had before they existed
+    assert set(m.to_dict()) == {"input_bits", "output_bits", "weight_levels", "read_noise"}
 
 
 # ------------------------------------------------------------------------------------------------
