@@ -91,6 +91,48 @@ def test_gpt2_conv1d_is_noisy_and_exact_when_off():
         assert torch.equal(model(ids).logits, model(ids).logits)  # one chip, fixed
 
 
+class _GemmCount(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in ("mm", "addmm", "bmm", "baddbmm")
+        return func(*args, **(kwargs or {}))
+
+
+def test_conv1d_runs_the_linear_function_with_the_generic_paths_chips():
+    """The noisy Conv1D: NoisyLinearFn on the [in, out] weight, so a training step is three GEMMs
+    (forward, input and weight gradient; the generic checkpointed path re-ran the forward GEMM: four),
+    with the same noise, values and gradients as the generic path, a sample axis included."""
+    torch.manual_seed(0)
+    layer = nft_cuda.convert(nn.Sequential(Conv1D(12, 8)), V)[0]
+    x = torch.randn(6, 5, 8)
+    rng, sigmas = torch.tensor([3, 9]), torch.tensor([0.1, 0.3, 0.2])
+
+    def step(forward):
+        type(layer).forward = forward
+        xs = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        layer.set_sample_plan(rng, sigmas)
+        with _GemmCount() as c:
+            out = layer(xs)
+            out.square().sum().backward()
+        layer.set_sample_plan(None)
+        return out.detach(), xs.grad, layer.weight.grad.clone(), layer.bias.grad.clone(), c.count
+
+    own = type(layer).forward
+    try:
+        generic_run = step(generic._RegisteredNoisy.forward)
+        fast_run = step(own)
+    finally:
+        type(layer).forward = own
+    for got, want in zip(fast_run[:4], generic_run[:4]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fast_run[4] < generic_run[4]
+    assert fast_run[4] == 3  # one batched GEMM forward, one batched input gradient, one weight gradient
+
+
 def test_a_users_registration_wins():
     calls = []
 

@@ -57,19 +57,27 @@ def cast_to(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor |
     return t.to(dtype)
 
 
+def _transposed_linear(x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`~nft_cuda.nn.stacked.linear` of weights stored [S, in, out]."""
+    return stacked.linear(x, weights.transpose(1, 2), bias)
+
+
 class NoisyLinearFn(torch.autograd.Function):
     """y = x · W_noisyᵀ + b with W_noisy regenerated in backward (never saved).
 
     With ``sigmas`` (float32 [S]) the batch axis of x holds S samples of B rows each and chunk t is
     multiplied by the noisy weight of stream offset + t at σ_d = sigmas[t] (the sample axis of OVF and
     batched Monte-Carlo instances); each chunk is the same computation as a one-sample forward.
+    ``transposed``: the weight is stored [in, out] (transformers' Conv1D: y = x · W_noisy + b); its noise
+    is drawn in that stored shape (element = flat index of [in, out]), as for any crossbar weight.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype):
+    def forward(ctx, x, weight, bias, rng, sigmas, variation, compute_dtype, transposed=False):
+        ctx.transposed = transposed
         return _save_and_apply(
             ctx,
-            stacked.linear,
+            _transposed_linear if transposed else stacked.linear,
             x,
             weight,
             bias,
@@ -88,16 +96,18 @@ class NoisyLinearFn(torch.autograd.Function):
         with torch.no_grad(), torch.autocast(g.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
                 w_noisy = perturbed_weights(weight, rng, ctx.variation, sigmas).to(c_dtype)
-                gx = stacked.linear_input_grad(g, w_noisy).to(x_dtype)
+                gx = stacked.linear_input_grad(g, w_noisy.transpose(1, 2) if ctx.transposed else w_noisy)
+                gx = gx.to(x_dtype)
                 del w_noisy
             g2 = g.reshape(-1, g.shape[-1])
             if ctx.needs_input_grad[1]:
                 # Straight-through: dL/dW = Σ_samples dL/dW_noisy = gᵀx over every row; needs no weight.
-                gw = g2.t().matmul(xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+                x2 = xc.reshape(-1, xc.shape[-1])
+                gw = (x2.t().matmul(g2) if ctx.transposed else g2.t().matmul(x2)).to(w_dtype)
             if b_dtype is not None and ctx.needs_input_grad[2]:
                 gb = g2.sum(0).to(b_dtype)
         gx, gw, gb = once_differentiable((gx, gw, gb), _DOUBLE_BACKWARD_MSG)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 #: The plain convolution of each number of spatial dimensions (defined with the sample-axis calls).

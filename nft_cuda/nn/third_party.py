@@ -8,7 +8,10 @@ public :func:`nft_cuda.register_noisy` mechanism, lazily: :func:`register_known`
 have imported it), so the library never imports transformers itself and has no dependency on it.
 
 The noisy Conv1D perturbs its [in, out] weight element by element like any crossbar weight (flat index in
-that logical shape, DESIGN §3) and computes ``bias + x @ W_noisy`` as transformers does.
+that logical shape, DESIGN §3) and computes ``bias + x @ W_noisy`` as transformers does. Its forward is
+NoisyLinear's autograd Function on the stored-transposed weight (the noisy weight drawn in forward, drawn
+again in backward, never kept), rather than the generic checkpointed path of :func:`register_noisy`, which
+would re-run the forward's GEMM in backward; the draws, and so the chips, are the same either way.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import sys
 
 import torch
 
+from nft_cuda.nn import functions, stacked
 from nft_cuda.nn.generic import register_noisy
+from nft_cuda.nn.mvm import refuse_mvm_around_gemm
 from nft_cuda.nn.registry import registered
 
 __all__ = ["register_known"]
@@ -29,17 +34,34 @@ def _conv1d(module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.addmm(module.bias, x.reshape(-1, x.size(-1)), weight).view(size_out)
 
 
-#: (module name, class name, the crossbar weight, apply) of every known third-party type.
-KNOWN = (("transformers.pytorch_utils", "Conv1D", "weight", _conv1d),)
+def _conv1d_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The noisy Conv1D's forward: mode off the plain one; drawn chip weights (a Monte-Carlo plan) applied
+    as they are; otherwise NoisyLinearFn on the [in, out] weight (``transposed``)."""
+    noise = self.forward_noise()
+    if noise is None:
+        return self._spec.cls.forward(self, x)
+    refuse_mvm_around_gemm(self)
+    if noise.weights is not None:
+        return stacked.linear(x, noise.weights.transpose(1, 2), self.bias)
+    rng, sigmas, _ = noise
+    dtype = functions.autocast_dtype(x)
+    return functions.NoisyLinearFn.apply(x, self.weight, self.bias, rng, sigmas, self._variation, dtype, True)
+
+
+#: (module name, class name, the crossbar weight, apply, forward or None for the generic one) of every
+#: known third-party type.
+KNOWN = (("transformers.pytorch_utils", "Conv1D", "weight", _conv1d, _conv1d_forward),)
 
 
 def register_known() -> list[type]:
     """Register the known third-party layer types whose package is imported and that nobody registered
     yet (a user's own registration wins); returns the classes registered by this call."""
     done = []
-    for module_name, class_name, weight, apply in KNOWN:
+    for module_name, class_name, weight, apply, forward in KNOWN:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         if isinstance(cls, type) and registered(cls) is None:
-            register_noisy(cls, weight, apply)
+            noisy = register_noisy(cls, weight, apply)
+            if forward is not None:
+                noisy.forward = forward
             done.append(cls)
     return done
