@@ -301,6 +301,8 @@ def test_weight_clip_config_refusals():
         clip_weights("model", WeightClip())
     with pytest.raises(TypeError, match="clip must be a WeightClip"):
         clip_weights(nn.Linear(2, 2), {"kind": "fixed", "value": 1.0})
+    with pytest.raises(TypeError, match=r"weights\[0\] must be a floating-point torch.Tensor"):
+        clip_bound(torch.ones(2, 2, dtype=torch.int64), WeightClip("gaussian", sigma=1.0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -141,7 +141,11 @@ def clip_bound(weights, clip: WeightClip) -> list[torch.Tensor]:
     out = []
     for w in weights:  # per channel: the rows along dim 0
         rows = w.detach().to(_std_dtype(w)).reshape(w.shape[0] if w.dim() else 1, -1)
-        std = rows.std(dim=1) if rows.shape[1] > 1 else torch.full((rows.shape[0],), math.nan, dtype=rows.dtype)
+        std = (
+            rows.std(dim=1)
+            if rows.shape[1] > 1
+            else torch.full((rows.shape[0],), math.nan, dtype=rows.dtype, device=rows.device)
+        )
         out.append(_usable(clip.sigma * std.to(w.device)).reshape((-1,) + (1,) * max(w.dim() - 1, 0)))
     return out
 
@@ -149,11 +153,6 @@ def clip_bound(weights, clip: WeightClip) -> list[torch.Tensor]:
 def _usable(bound: torch.Tensor) -> torch.Tensor:
     """+inf where ``bound`` is not positive and finite (nothing is clipped there)."""
     return torch.where(torch.isfinite(bound) & (bound > 0), bound, torch.full_like(bound, math.inf))
-
-
-def _clamp_(param: torch.Tensor, bound: torch.Tensor) -> None:
-    b = bound.to(param.dtype)
-    param.clamp_(-b, b)
 
 
 @torch.no_grad()
@@ -174,12 +173,16 @@ def clip_weights(model: nn.Module, clip: WeightClip) -> nn.Module:
         if not names:
             continue
         values = [getattr(layer, n) for n in names]  # a parametrized weight: the weight the noise acts on
-        for name, value, bound in zip(names, values, clip_bound(values, clip)):
+        # fixed: plain scalars (no bound tensor, no host-to-device copy per step)
+        bounds = [clip.value] * len(values) if clip.kind == "fixed" else clip_bound(values, clip)
+        for name, value, bound in zip(names, values, bounds):
             seen.add(id(_stored(layer, name)))
+            if isinstance(bound, torch.Tensor):
+                bound = bound.to(value.dtype)
             if parametrize.is_parametrized(layer, name):
-                setattr(layer, name, torch.clamp(value, -bound.to(value.dtype), bound.to(value.dtype)))
+                setattr(layer, name, torch.clamp(value, -bound, bound))
             else:
-                _clamp_(value, bound)
+                value.clamp_(-bound, bound)
     return model
 
 
