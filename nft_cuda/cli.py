@@ -256,6 +256,8 @@ def _add_method_options(g, default) -> None:
 
 
 def _add_optimisation_options(g, default) -> None:
+    from nft_cuda.train.weight_clip import CLIP_KINDS
+
     g.add_argument("--epochs", type=_int(1), help=f"epochs (default {default('epochs')})")
     g.add_argument(
         "--batch-size", dest="batch_size", type=_int(1), help=f"batch size (default {default('batch_size')})"
@@ -281,6 +283,28 @@ def _add_optimisation_options(g, default) -> None:
         help=f"share of the training split used for model selection (default {default('val_fraction')})",
     )
     g.add_argument("--seed", type=_int(0), help=f"seed (default {default('seed')})")
+    g.add_argument(
+        "--weight-clip",
+        dest="weight_clip",
+        choices=list(CLIP_KINDS),
+        help="hardware-aware weight clipping of every noisy layer's crossbar weights after every optimizer "
+        "step: fixed (±--weight-clip-value), gaussian (±--weight-clip-sigma·std of the layer) or "
+        "gaussian-per-channel (±sigma·std of each output channel); default none (docs/hwa-training.md)",
+    )
+    g.add_argument(
+        "--weight-clip-value",
+        dest="weight_clip_value",
+        type=_float(0.0, strict=True),
+        metavar="X",
+        help="--weight-clip fixed: the bound X > 0",
+    )
+    g.add_argument(
+        "--weight-clip-sigma",
+        dest="weight_clip_sigma",
+        type=_float(0.0, strict=True),
+        metavar="A",
+        help="--weight-clip gaussian / gaussian-per-channel: the multiple A > 0 of the std (aihwkit: 2.5)",
+    )
 
 
 def _add_run_options(g) -> None:
@@ -319,6 +343,9 @@ def train_config_from_args(args: argparse.Namespace):
     options = _args.device_options_from_args(args)
     if options:
         given["device_options"] = options
+    clip = _weight_clip_from_args(args)
+    if clip is not None:
+        given["weight_clip"] = clip
     if not given.get("resume"):
         return TrainConfig(**given)
     out = given.get("out")
@@ -330,6 +357,21 @@ def train_config_from_args(args: argparse.Namespace):
     base.update(given)
     base.update(out=out, resume=True, overwrite=False)
     return TrainConfig.from_dict(base)
+
+
+def _weight_clip_from_args(args: argparse.Namespace):
+    """The :class:`~nft_cuda.train.WeightClip` of ``--weight-clip`` and its value / sigma (None when none
+    of them is given: the default, or the checkpoint's with ``--resume``)."""
+    from nft_cuda.train.weight_clip import WeightClip
+
+    kind = getattr(args, "weight_clip", None)
+    value, sigma = getattr(args, "weight_clip_value", None), getattr(args, "weight_clip_sigma", None)
+    if kind is None:
+        for option, given in (("--weight-clip-value", value), ("--weight-clip-sigma", sigma)):
+            if given is not None:
+                raise ValueError(f"{option} needs --weight-clip (fixed, gaussian or gaussian-per-channel)")
+        return None
+    return WeightClip(kind, value=value, sigma=sigma)
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""NeFT training: the loss, the methods (clean, noise injection, OVF, IRS) and the trainer.
+"""NeFT training: the loss, the methods (clean, noise injection, OVF, IRS), weight clipping and the trainer.
 
 ``nft_cuda.train.trainer.train(nft_cuda.train.TrainConfig(...))`` runs a whole training; the trainer's
 modules (``trainer``, ``config``, ``checkpoint``, ``distributed``) load on first use.
@@ -7,8 +7,10 @@ modules (``trainer``, ``config``, ``checkpoint``, ``distributed``) load on first
 from nft_cuda.train.irs import IRSHead, IRSModel
 from nft_cuda.train.loss import feedback_logits, nft_loss
 from nft_cuda.train.methods import IRS, METHODS, OVF, Clean, Method, NoiseInjection, build_method, default_beta
+from nft_cuda.train.weight_clip import CLIP_KINDS, WeightClip, clip_bound, clip_weights
 
 __all__ = [
+    "CLIP_KINDS",
     "IRS",
     "IRSHead",
     "IRSModel",
@@ -17,7 +19,10 @@ __all__ = [
     "Clean",
     "Method",
     "NoiseInjection",
+    "WeightClip",
     "build_method",
+    "clip_bound",
+    "clip_weights",
     "default_beta",
     "feedback_logits",
     "nft_loss",

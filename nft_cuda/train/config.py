@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from nft_cuda import _args
+from nft_cuda.train.weight_clip import WeightClip
 
 __all__ = ["RESUME_MAY_DIFFER", "TrainConfig", "default_out"]
 
@@ -122,6 +123,12 @@ class TrainConfig:
             loads the same file again.
         kd_alpha, kd_temperature: method ``"kd"``: the soft term's weight α in [0, 1] (default 0.5) and
             its temperature T > 0 (default 4); :class:`nft_cuda.train.methods.KnowledgeDistillation`.
+        weight_clip: hardware-aware weight clipping after every optimizer step, a
+            :class:`nft_cuda.train.WeightClip` (or its ``to_dict()``, or None): ``kind`` ``"fixed"``
+            (±value), ``"gaussian"`` (±sigma·std of the layer) or ``"gaussian-per-channel"`` (±sigma·std
+            of each output channel) on the crossbar weights of every noisy layer
+            (:func:`nft_cuda.train.clip_weights`; docs/hwa-training.md). Default: no clipping, the
+            training of before bit for bit.
     """
 
     model: str = "small"
@@ -167,6 +174,8 @@ class TrainConfig:
     teacher: str | None = None
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
+    # Hardware-aware training knobs (docs/hwa-training.md).
+    weight_clip: WeightClip = WeightClip()
 
     def __post_init__(self):
         from nft_cuda.data import canonical_name
@@ -234,6 +243,7 @@ class TrainConfig:
             self.limit_eval = _int("limit_eval", self.limit_eval, 1)
         self._check_fidelity_options()
         self._check_kd()
+        self.weight_clip = WeightClip.from_dict(self.weight_clip)
 
     def _check_kd(self) -> None:
         """teacher, kd_alpha and kd_temperature: checked, and only with method "kd" (which needs a teacher)."""
@@ -369,6 +379,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["deltas"] = list(self.deltas)
         d["device_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.device_options.items()}
+        d["weight_clip"] = self.weight_clip.to_dict()
         return d
 
     @classmethod

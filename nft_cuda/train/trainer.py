@@ -13,7 +13,9 @@ What a run does:
   initialisation; the training split's batch order of epoch ``e`` comes from a generator seeded with
   a hash of ``(seed, e)``, so it does not depend on what happened before (resuming at an epoch
   boundary continues exactly);
-* every epoch: one pass over the training split (progress bar with the running loss and accuracy),
+* every epoch: one pass over the training split (progress bar with the running loss and accuracy;
+  with ``weight_clip`` the crossbar weights of every noisy layer, IRS heads included, are clipped after
+  every optimizer step, :func:`nft_cuda.train.clip_weights`),
   then the validation split is evaluated twice with the backbone in ``eval()`` mode (BatchNorm running
   statistics): *noisy* (noise mode ``train``: a fresh draw per batch, as the reference's in-training
   evaluation) and *clean* (noise off). The noisy evaluation draws from a forked RNG seeded from
@@ -568,6 +570,8 @@ def _announce(run: _Run) -> None:
         f"{config.device_model}) on {run.device}: {data.sizes['train']} train / {data.sizes['val']} val / "
         f"{data.sizes['test']} test samples, {config.epochs} epoch{'s' if config.epochs != 1 else ''} -> {run.out}"
     )
+    if config.weight_clip.enabled:
+        run.say(f"weight clipping after every optimizer step: {config.weight_clip}")
     if group.active:
         run.say(
             f"distributed: {group.world} ranks ({group.dist.get_backend()}), {len(data.train.sampler)} training "
@@ -579,6 +583,8 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
     """One pass over the training split (gradients averaged over the ranks); returns (lr, loss, accuracy)
     of the epoch over all ranks, and steps the scheduler."""
     from tqdm.auto import tqdm
+
+    from nft_cuda.train.weight_clip import clip_weights
 
     config, data, device, group, optimizer = run.config, run.data, run.device, run.group, run.optimizer
     run.model.train()
@@ -608,6 +614,8 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
         loss.backward()
         group.average_gradients(run.params)
         optimizer.step()
+        if config.weight_clip.enabled:  # hardware-aware clipping of the crossbar weights (weight_clip.py)
+            clip_weights(run.model, config.weight_clip)
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen += y.numel()
