@@ -333,3 +333,21 @@ def test_mode_helpers_validate_and_restore():
     assert model.heads["b"].mode == "off" and model.features[0].mode == "train"
     nft_cuda.set_noise_mode(model, "off")
     assert torch.equal(model(x), clean)
+
+
+def test_a_converted_root_has_its_children_converted_too():
+    """A lone nn.MultiheadAttention is itself the converted root: its out_proj is converted as inside a
+    container (it was left digital before), and strip restores both."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(8, 2)
+    x = torch.randn(3, 2, 8)
+    with torch.no_grad():
+        clean = plain(x, x, x)[0]
+    layer = nft_cuda.convert(plain, Variation(0.1))
+    assert [n for n, _ in nft_cuda.noisy_layers(layer)] == ["", "out_proj"]
+    assert isinstance(layer.out_proj, NoisyLinear) and not nft_cuda.conversion_summary(layer).unexpected
+    back = nft_cuda.strip(layer)
+    assert type(back) is nn.MultiheadAttention
+    assert type(back.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with torch.no_grad():
+        assert torch.equal(back(x, x, x)[0], clean)

@@ -91,15 +91,16 @@ def _listing(names: list[str], limit: int = 20) -> str:
 def _replace(model: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     """Replace every occurrence of the modules in memo (id → new), shared modules included; returns
     the new root. A replaced module's fast-path guard moves to its replacement (they share hook tables)."""
-    if id(model) in memo:
+    root = model
+    if id(model) in memo:  # a converted root (e.g. a lone MultiheadAttention): its children are replaced too
         _carry_guard(model, memo[id(model)])
-        return memo[id(model)]
-    for module in model.modules():
+        root = memo[id(model)]
+    for module in root.modules():
         for child_name, child in list(module._modules.items()):
             if child is not None and id(child) in memo:
                 _carry_guard(child, memo[id(child)])
                 setattr(module, child_name, memo[id(child)])
-    return model
+    return root
 
 
 def _classify(module: nn.Module, embeddings: bool) -> tuple[type | None, str, bool]:
