@@ -29,6 +29,13 @@ if ! "$VENV/bin/python" -c "import torch, numpy, pytest, hypothesis, tqdm, matpl
     "setuptools>=64" wheel $MODEL_LIBS 2>&1 | grep -v "^WARNING: Location" || true
   "$VENV/bin/python" -c "import torch; print('[setup] torch', torch.__version__)"
 fi
+# The peer library of the benchmarks and of the side-by-side tests (tests/test_peer_hwa.py): pure Python;
+# its metadata pins an older torch, so without its dependencies (it runs on this torch).
+if ! "$VENV/bin/python" -c "import aihwkit_lightning" >/dev/null 2>&1; then
+  echo "[setup] installing aihwkit-lightning (the peer, --no-deps)"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "aihwkit-lightning==2.1.0" 2>&1 \
+    | grep -v "^WARNING: Location" || true
+fi
 
 # The style tools of tools/lint.sh (pip packages, versions as in .pre-commit-config.yaml).
 if ! "$VENV/bin/ruff" --version >/dev/null 2>&1 || ! "$VENV/bin/clang-format" --version >/dev/null 2>&1; then
