@@ -350,6 +350,12 @@ def add_device_options(g, *, suppress: bool) -> None:
         help="pcm: how the drift-compensation read estimates α: one-hot (default; aihwkit's: one-hot inputs, "
         "α = Σ|W_0|/Σ|W_t|) or all-ones (one all-ones input: the ratio of the summed |row sums|)",
     )
+    _add_mvm_options(g, default)
+    _add_tile_options(g, default)
+
+
+def _add_mvm_options(g, default) -> None:
+    """The options of the MVM effects (devices.MVM: converters, read and output noise, learned ranges)."""
     g.add_argument(
         "--dac-bits", dest="dac_bits", type=int_arg(2, 25), default=default, help="DAC bits of each MVM's input"
     )
@@ -384,6 +390,18 @@ def add_device_options(g, *, suppress: bool) -> None:
         default=default,
         help="β of the analog output bound ±β·max|W|·r_in of each tile (before the ADC)",
     )
+    g.add_argument(
+        "--learn-input-range",
+        dest="learn_input_range",
+        action="store_true",
+        default=default,
+        help="learn each layer's (each input tile's) DAC range during training (aihwkit-lightning's input-range "
+        "learning, devices.InputRange defaults) instead of calibrating it",
+    )
+
+
+def _add_tile_options(g, default) -> None:
+    """The options of the crossbar tiles (devices.Tiles)."""
     g.add_argument(
         "--max-input-size",
         dest="max_input_size",
@@ -420,6 +438,8 @@ def device_options_from_args(args: argparse.Namespace) -> dict:
                         ("output_bound", "output_bound")):  # fmt: skip
         if getattr(args, flag, None) is not None:
             mvm[field] = getattr(args, flag)
+    if getattr(args, "learn_input_range", None):
+        mvm["learned_input_range"] = {}  # the InputRange defaults
     if mvm:
         options["mvm"] = mvm
     tiles = {name: getattr(args, name, None) for name in ("max_input_size", "max_output_size", "per_channel")}

@@ -368,6 +368,7 @@ POSITIONAL_ALLOWED = {
     "arguments positionally, as the dispatcher passes them",
     "_snapshot_linear_fake": "torch.library fake kernel of nft_cuda::snapshot_linear: the op schema's arguments",
     "NoisyConvFn.forward": "torch.autograd.Function.forward: Function.apply passes the inputs positionally",
+    "NoisyLinearFn.forward": "torch.autograd.Function.forward: Function.apply passes the inputs positionally",
     "_NoisyConvNd.__init__": "mirrors torch.nn.Conv1d/2d's constructor (positional kernel_size, stride, ...), "
     "so a noisy layer is built exactly as the plain one",
     "NoisyMultiheadAttention.__init__": "mirrors torch.nn.MultiheadAttention's constructor argument for argument",

@@ -29,7 +29,7 @@ from nft_cuda.devices.catalog import (
     training_severity,
 )
 from nft_cuda.devices.lognormal import LogNormal
-from nft_cuda.devices.mvm import MVM
+from nft_cuda.devices.mvm import MVM, InputRange
 from nft_cuda.devices.pcm import COMPENSATION_RULES, PCM
 from nft_cuda.devices.stuck_at import StuckAt
 from nft_cuda.devices.tiles import Tiles
@@ -42,6 +42,7 @@ __all__ = [
     "TRAINING_SEVERITY",
     "BitSlicedGaussian",
     "DeviceModel",
+    "InputRange",
     "LogNormal",
     "MVM",
     "PCM",

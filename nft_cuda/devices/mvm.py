@@ -31,7 +31,7 @@ import dataclasses
 import math
 import numbers
 
-__all__ = ["MVM", "MAX_CONVERTER_BITS"]
+__all__ = ["InputRange", "MVM", "MAX_CONVERTER_BITS"]
 
 #: Largest converter resolution: the levels k·Δ with |k| < 2^(b−1) stay exact integers in float32.
 MAX_CONVERTER_BITS = 24
@@ -64,6 +64,42 @@ def _check_real(name: str, value, *, positive: bool) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
+class InputRange:
+    """Input ranges learned during training (aihwkit-lightning's ``pre_post.input_range``): each noisy
+    layer (each input tile) gets a trainable DAC range r, inputs are clipped to ±r (no gradient to a
+    clipped input) and r receives r·(Σ min(g, 0) over inputs clipped at +r − Σ max(g, 0) over those at −r)
+    plus ``decay``·r while more than ``min_unclipped`` of the inputs pass unclipped (so r shrinks).
+
+    Args:
+        init_value: r before any data (> 0).
+        init_batches: the first this many training forwards set r to the running mean of
+            ``init_std_alpha``·std(x) (0: keep ``init_value``).
+        init_std_alpha: that multiple of the input's std (> 0).
+        decay: the shrinking term (>= 0).
+        min_unclipped: the fraction of unclipped inputs above which the decay acts, in [0, 1].
+    """
+
+    init_value: float = 3.0
+    init_batches: int = 100
+    init_std_alpha: float = 3.0
+    decay: float = 0.001
+    min_unclipped: float = 0.95
+
+    def __post_init__(self):
+        object.__setattr__(self, "init_value", _check_real("init_value", self.init_value, positive=True))
+        b = self.init_batches
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
+            raise ValueError(f"init_batches must be an int >= 0, got {b!r}")
+        object.__setattr__(self, "init_batches", int(b))
+        object.__setattr__(self, "init_std_alpha", _check_real("init_std_alpha", self.init_std_alpha, positive=True))
+        object.__setattr__(self, "decay", _check_real("decay", self.decay, positive=False))
+        m = _check_real("min_unclipped", self.min_unclipped, positive=False)
+        if m > 1:
+            raise ValueError(f"min_unclipped must be a fraction in [0, 1], got {m}")
+        object.__setattr__(self, "min_unclipped", m)
+
+
+@dataclasses.dataclass(frozen=True)
 class MVM:
     """What happens around each crossbar matrix-vector multiplication (models 4 and 5).
 
@@ -74,6 +110,8 @@ class MVM:
         read_noise: σ_r >= 0 of the fresh per-MVM read noise, relative to max|W|.
         output_noise: σ_out >= 0 of the fresh per-MVM output noise, relative to max|W|·r_in.
         output_bound: β > 0 of the analog output bound ±β·max|W|·r_in, or None for unbounded.
+        learned_input_range: an :class:`InputRange` to learn each layer's (each input tile's) DAC range
+            during training instead of calibrating it; None: calibrated (or per-chunk) ranges.
     """
 
     input_bits: int | None = None
@@ -82,6 +120,7 @@ class MVM:
     read_noise: float = 0.0
     output_noise: float = 0.0
     output_bound: float | None = None
+    learned_input_range: InputRange | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
@@ -92,6 +131,12 @@ class MVM:
         object.__setattr__(self, "output_noise", _check_real("output_noise", self.output_noise, positive=False))
         if self.output_bound is not None:
             object.__setattr__(self, "output_bound", _check_real("output_bound", self.output_bound, positive=True))
+        learned = self.learned_input_range
+        if isinstance(learned, dict):
+            learned = InputRange(**learned)
+        if learned is not None and not isinstance(learned, InputRange):
+            raise TypeError(f"learned_input_range must be an InputRange or None, got {type(learned).__name__}")
+        object.__setattr__(self, "learned_input_range", learned)
 
     @property
     def active(self) -> bool:
@@ -108,6 +153,7 @@ class MVM:
             or self.read_noise > 0
             or self.output_noise > 0
             or self.output_bound is not None
+            or self.learned_input_range is not None
         )
 
     def to_dict(self) -> dict:
@@ -118,6 +164,8 @@ class MVM:
             del d["output_noise"]
         if self.output_bound is None:
             del d["output_bound"]
+        if self.learned_input_range is None:
+            del d["learned_input_range"]
         return d
 
     @classmethod
@@ -144,4 +192,6 @@ class MVM:
             parts.append(f"σ_out={self.output_noise:g}")
         if self.output_bound is not None:
             parts.append(f"bound {self.output_bound:g}")
+        if self.learned_input_range is not None:
+            parts.append("learned input ranges")
         return f"MVM({', '.join(parts) or 'ideal'})"

@@ -238,6 +238,10 @@ class NoisyModule(nn.Module):
     )
     #: The non-persistent buffers of the noise state: the instance rng and the MVM forward counter.
     NOISE_BUFFERS = ("_instance_rng", "_mvm_counter")
+    #: The state a device model adds to a layer (learned input ranges, devices.InputRange): a parameter
+    #: and a persistent buffer, dropped again by strip.
+    NOISE_PARAMETERS = ("input_range",)
+    NOISE_STATE_BUFFERS = ("input_range_updates",)
 
     def _init_noise(self, variation, mode, generator) -> None:
         self._variation = None
@@ -276,6 +280,24 @@ class NoisyModule(nn.Module):
                 f"cannot remove the variation of a layer in noise mode '{self._mode}'; set mode='off' first"
             )
         self._variation = value
+        self._sync_learned_ranges()
+
+    def _sync_learned_ranges(self) -> None:
+        """Give the layer its trainable DAC ranges (one per input tile, parameter ``input_range``, and the
+        count of data initialisations, buffer ``input_range_updates``) when its device model learns them
+        (``mvm.learned_input_range``) and it runs its own MVM (NoisyLinear, NoisyConv); kept otherwise."""
+        mvm = getattr(self._variation, "mvm", None)
+        learned = getattr(mvm, "learned_input_range", None)
+        if learned is None or not hasattr(self, "tile_inputs"):
+            return
+        tiles = self._variation.tiles if self._variation.tiled else None
+        count = tiles.count(tuple(self.weight.shape))[1] if tiles is not None else 1
+        current = self._parameters.get("input_range")
+        if current is not None and current.shape == (count,):
+            return
+        device = self.weight.device
+        self.input_range = nn.Parameter(torch.full((count,), learned.init_value, dtype=torch.float32, device=device))
+        self.register_buffer("input_range_updates", torch.zeros(count, dtype=torch.int64, device=device))
 
     @property
     def mode(self) -> str:
@@ -658,9 +680,11 @@ def retyped_copy(module: nn.Module, cls: type) -> nn.Module:
     if not issubclass(cls, NoisyModule):
         for name in NoisyModule.NOISE_ATTRIBUTES:
             state.pop(name, None)
-        for name in NoisyModule.NOISE_BUFFERS:
+        for name in NoisyModule.NOISE_BUFFERS + NoisyModule.NOISE_STATE_BUFFERS:
             state["_buffers"].pop(name, None)
             state["_non_persistent_buffers_set"].discard(name)
+        for name in NoisyModule.NOISE_PARAMETERS:
+            state["_parameters"].pop(name, None)
     new = cls.__new__(cls)
     vars(new).update(state)
     return new

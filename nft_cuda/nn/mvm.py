@@ -78,6 +78,49 @@ def _analog_output(y, mvm, *, sq_norm, weight_max, input_range, tiles, stream, c
     return y
 
 
+class _InputRangeClip(torch.autograd.Function):
+    """x clipped to ±r per input tile (x: [T, ...], r: [T]) with aihwkit-lightning's input-range gradients:
+    none to a clipped input; to r, r·(Σ min(g, 0) over x ≥ r − Σ max(g, 0) over x ≤ −r) + decay·r while the
+    unclipped fraction exceeds ``min_unclipped`` (devices.InputRange)."""
+
+    @staticmethod
+    def forward(ctx, x, r, decay, min_unclipped):
+        rv = r.detach().to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        upper, lower = x >= rv, x <= -rv
+        ctx.save_for_backward(upper, lower, r)
+        ctx.settings = (decay, min_unclipped)
+        return torch.minimum(torch.maximum(x, -rv), rv)
+
+    @staticmethod
+    def backward(ctx, g):
+        upper, lower, r = ctx.saved_tensors
+        decay, min_unclipped = ctx.settings
+        clipped = upper | lower
+        gx = g.masked_fill(clipped, 0)
+        gf = g.float()
+        gr = (gf.clamp(max=0) * upper).flatten(1).sum(1) - (gf.clamp(min=0) * lower).flatten(1).sum(1)
+        gr = gr * r.detach()
+        if decay > 0:
+            unclipped = 1.0 - clipped.flatten(1).float().mean(1)
+            gr = gr + decay * r.detach() * (unclipped > min_unclipped)
+        return gx, gr.to(r.dtype), None, None
+
+
+def _learned_clip(layer, xb: torch.Tensor, learned) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of the T tiles [T, ...] clipped to the layer's learned ranges, and those ranges [T]; in
+    training (grad enabled), the first ``init_batches`` forwards first set r from the data."""
+    r = layer.input_range
+    if layer.training and torch.is_grad_enabled() and learned.init_batches > 0:
+        with torch.no_grad():
+            seen = layer.input_range_updates
+            std = xb.detach().float().flatten(1).std(1)
+            update = (seen < learned.init_batches) & (std > 0)
+            n = seen.to(r.dtype)
+            r.copy_(torch.where(update, (r * n + learned.init_std_alpha * std) / (n + 1), r).abs())
+            seen.add_(update.to(seen.dtype))
+    return _InputRangeClip.apply(xb, r, learned.decay, learned.min_unclipped), r.detach()
+
+
 def _input_range(x: torch.Tensor, r_in):
     """The DAC range r_in: the calibrated one, else this chunk's max|x| (0-d, float32)."""
     return r_in if r_in is not None else x.detach().abs().amax().float()
@@ -88,6 +131,9 @@ def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     if layer.variation.tiled:
         return _one_chunk_tiled(layer, x, plan, mvm)
     r_in, r_out = layer.mvm_ranges
+    if mvm.learned_input_range is not None:
+        x, r = _learned_clip(layer, x.unsqueeze(0), mvm.learned_input_range)
+        x, r_in = x.squeeze(0), r[0]
     if mvm.input_bits is not None:
         x = mvm_ops.quantize(x, mvm.input_bits, r_in)
     y = layer.noisy_matmul(x, plan)
@@ -149,7 +195,9 @@ def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     w_max, cols, n_in = tile_table(layer)
     r_in, r_out = layer.mvm_ranges
     xb = layer.tile_inputs(x, cols, n_in)
-    if r_in is None:
+    if mvm.learned_input_range is not None:
+        xb, r_in = _learned_clip(layer, xb, mvm.learned_input_range)
+    elif r_in is None:
         r_in = xb.detach().abs().flatten(1).amax(1).float()
     if mvm.input_bits is not None:
         xb = mvm_ops.quantize(xb, mvm.input_bits, _column_view(r_in, xb, 0))
