@@ -4,7 +4,9 @@ scale (docs/device-models.md, "Tiles").
 A layer's weight W [O, *rest] is an [O, I] matrix (I = prod(rest): a convolution's receptive field
 C/g·k_h·k_w), outputs along rows. With ``Tiles(max_input_size=a, max_output_size=b)`` it is cut into
 blocks of at most b outputs × a inputs, as aihwkit maps a layer onto tiles of a×b cells (its
-``mapping.max_input_size`` / ``max_output_size``). For a convolution an input tile holds whole kernels:
+``mapping.max_input_size`` / ``max_output_size``): full tiles, the last one taking the remainder, where
+aihwkit and aihwkit-lightning split a size that is not a multiple of a (or b) into near-equal tiles
+(docs/device-models.md, "Tiles"). For a convolution an input tile holds whole kernels:
 ⌊a / (k_h·k_w)⌋ channels. ``per_channel=True`` gives every output row its own scale (aihwkit-lightning's
 per-channel weight noise): rows of one output each, within the input tiles.
 
