@@ -108,7 +108,14 @@ def _add_train(subparsers) -> argparse.ArgumentParser:
     )
     _add_model_and_data_options(p.add_argument_group("model and data"), _train_default)
     _add_method_options(p.add_argument_group("method"), _train_default)
-    _args.add_device_options(p.add_argument_group("device model options"), suppress=True)
+    device = p.add_argument_group("device model options")
+    device.add_argument(
+        "--preset",
+        choices=_preset_names(),
+        help="a published hardware-aware-training recipe: its device model, tiles, converters, noise, learned "
+        "input ranges and weight clipping (docs/hwa-training.md, Presets); options given explicitly win",
+    )
+    _args.add_device_options(device, suppress=True)
     _add_optimisation_options(p.add_argument_group("optimisation"), _train_default)
     _add_run_options(p.add_argument_group("run"))
     p.set_defaults(func=_run_train)
@@ -346,6 +353,8 @@ def train_config_from_args(args: argparse.Namespace):
     clip = _weight_clip_from_args(args)
     if clip is not None:
         given["weight_clip"] = clip
+    if getattr(args, "preset", None):
+        given = _over_preset(args.preset, given)
     if not given.get("resume"):
         return TrainConfig(**given)
     out = given.get("out")
@@ -357,6 +366,24 @@ def train_config_from_args(args: argparse.Namespace):
     base.update(given)
     base.update(out=out, resume=True, overwrite=False)
     return TrainConfig.from_dict(base)
+
+
+def _preset_names() -> list[str]:
+    from nft_cuda.train.presets import HWA_PRESETS
+
+    return list(HWA_PRESETS)
+
+
+def _over_preset(name: str, given: dict) -> dict:
+    """The fields of preset ``name`` with the options given on the command line over them (the device
+    options merged key by key, the MVM and tile settings field by field)."""
+    from nft_cuda.train.presets import preset
+
+    fields = preset(name).train_fields()
+    options = fields["device_options"]
+    for key, value in given.pop("device_options", {}).items():
+        options[key] = {**options.get(key, {}), **value} if isinstance(value, dict) else value
+    return {**fields, **given}
 
 
 def _weight_clip_from_args(args: argparse.Namespace):

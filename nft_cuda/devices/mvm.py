@@ -31,8 +31,10 @@ import dataclasses
 import math
 import numbers
 
-__all__ = ["InputRange", "MVM", "MAX_CONVERTER_BITS"]
+__all__ = ["ADC_RANGES", "InputRange", "MVM", "MAX_CONVERTER_BITS"]
 
+#: What an ADC's levels can span (MVM.adc_range).
+ADC_RANGES = ("calibrated", "bound")
 #: Largest converter resolution: the levels k·Δ with |k| < 2^(b−1) stay exact integers in float32.
 MAX_CONVERTER_BITS = 24
 
@@ -112,6 +114,9 @@ class MVM:
         output_bound: β > 0 of the analog output bound ±β·max|W|·r_in, or None for unbounded.
         learned_input_range: an :class:`InputRange` to learn each layer's (each input tile's) DAC range
             during training instead of calibrating it; None: calibrated (or per-chunk) ranges.
+        adc_range: what the ADC's levels span: ``"calibrated"`` (r_out of ``calibrate_mvm``, else the
+            chunk's max) or ``"bound"`` (the output bound ±β·max|W|·r_in, as aihwkit and lightning
+            define their ADC; needs ``output_bound``).
     """
 
     input_bits: int | None = None
@@ -121,6 +126,7 @@ class MVM:
     output_noise: float = 0.0
     output_bound: float | None = None
     learned_input_range: InputRange | None = None
+    adc_range: str = "calibrated"
 
     def __post_init__(self):
         object.__setattr__(self, "input_bits", _check_bits("input_bits", self.input_bits))
@@ -137,6 +143,10 @@ class MVM:
         if learned is not None and not isinstance(learned, InputRange):
             raise TypeError(f"learned_input_range must be an InputRange or None, got {type(learned).__name__}")
         object.__setattr__(self, "learned_input_range", learned)
+        if self.adc_range not in ADC_RANGES:
+            raise ValueError(f"adc_range must be one of {', '.join(map(repr, ADC_RANGES))}, got {self.adc_range!r}")
+        if self.adc_range == "bound" and self.output_bound is None:
+            raise ValueError("adc_range 'bound' needs an output_bound β (the ADC spans ±β·max|W|·r_in)")
 
     @property
     def active(self) -> bool:
@@ -166,6 +176,8 @@ class MVM:
             del d["output_bound"]
         if self.learned_input_range is None:
             del d["learned_input_range"]
+        if self.adc_range == "calibrated":
+            del d["adc_range"]
         return d
 
     @classmethod

@@ -137,17 +137,21 @@ def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     if mvm.input_bits is not None:
         x = mvm_ops.quantize(x, mvm.input_bits, r_in)
     y = layer.noisy_matmul(x, plan)
+    w_max = layer.weight.detach().abs().amax()
+    full = mvm.output_noise > 0 or mvm.output_bound is not None
     y = _analog_output(
         y,
         mvm,
         sq_norm=lambda: layer.input_sq_norm(x).expand(y.shape),
-        weight_max=layer.weight.detach().abs().amax(),
-        input_range=_input_range(x, r_in) if mvm.output_noise > 0 or mvm.output_bound is not None else None,
+        weight_max=w_max,
+        input_range=_input_range(x, r_in) if full else None,
         tiles=1,
         stream=torch.stack((plan.rng[0], plan.rng[1])),
         counter=layer.mvm_counter(),
     )
     if mvm.output_bits is not None:
+        if mvm.adc_range == "bound":
+            r_out = mvm.output_bound * w_max.float() * _input_range(x, r_in)
         y = mvm_ops.quantize(y, mvm.output_bits, r_out)
     return layer.add_bias(y)
 
@@ -214,9 +218,12 @@ def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
         counter=layer.mvm_counter(),
     )
     if mvm.output_bits is not None:
-        if r_out is None:
-            r_out = tile_ranges(layer, x, y)[1]
-        per_col = r_out.repeat_interleave(rows, dim=1)[:, : y.shape[dim]]
+        if mvm.adc_range == "bound":  # the ADC spans each tile's (each column's) output bound
+            per_col = mvm.output_bound * w_max * r_in.view(-1, 1)
+        else:
+            if r_out is None:
+                r_out = tile_ranges(layer, x, y)[1]
+            per_col = r_out.repeat_interleave(rows, dim=1)[:, : y.shape[dim]]
         y = mvm_ops.quantize(y, mvm.output_bits, _column_view(per_col, y, dim))
     return layer.add_bias(y.sum(0))
 

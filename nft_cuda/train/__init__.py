@@ -1,4 +1,5 @@
-"""NeFT training: the loss, the methods (clean, noise injection, OVF, IRS), weight clipping and the trainer.
+"""NeFT training: the loss, the methods (clean, noise injection, OVF, IRS), weight clipping, the HWA presets
+and the trainer.
 
 ``nft_cuda.train.trainer.train(nft_cuda.train.TrainConfig(...))`` runs a whole training; the trainer's
 modules (``trainer``, ``config``, ``checkpoint``, ``distributed``) load on first use.
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 #: Submodules and names loaded on first use (PEP 562): the trainer pulls in data loading and checkpoints.
-_LAZY_SUBMODULES = frozenset({"checkpoint", "config", "distributed", "trainer"})
+_LAZY_SUBMODULES = frozenset({"checkpoint", "config", "distributed", "presets", "trainer"})
 _LAZY_NAMES = {"TrainConfig": "config"}
 
 
