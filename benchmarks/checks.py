@@ -63,19 +63,22 @@ def gemm_tol(cfg: Config) -> float:
 def effective_weight(layer: nn.Module) -> torch.Tensor:
     """The weight one forward of ``layer`` used, noise included, read through its output (bias removed).
 
-    The input is a basis: the identity for a Linear; for a Conv (stride 1, no dilation, one group) every
-    one-hot kh×kw patch, whose output pixel at (padding, padding) sees the whole patch. One forward is one
-    noise draw, so it gives every weight of that draw — for any library's layer, whatever its kernels.
+    The input is a basis: the identity for a Linear; for a Conv (no dilation, one group; stride 1 or no
+    padding, e.g. a ViT's patch embedding) every one-hot kh×kw patch, whose output pixel at (padding,
+    padding) sees the whole patch. One forward is one noise draw, so it gives every weight of that draw —
+    for any library's layer, whatever its kernels.
     """
     w = layer.weight
     with torch.no_grad():
         if hasattr(layer, "kernel_size"):
-            if tuple(layer.stride) != (1, 1) or tuple(layer.dilation) != (1, 1) or layer.groups != 1:
-                raise ValueError("effective_weight: only stride-1, undilated, single-group convolutions")
+            strided = tuple(layer.stride) != (1, 1)
+            padded = isinstance(layer.padding, str) or any(layer.padding)
+            if (strided and padded) or tuple(layer.dilation) != (1, 1) or layer.groups != 1:
+                raise ValueError("effective_weight: only undilated, single-group convolutions, strided ones unpadded")
             cout, cin, kh, kw = w.shape
             fan_in = cin * kh * kw
             x = torch.eye(fan_in, device=w.device, dtype=w.dtype).view(fan_in, cin, kh, kw)
-            y = layer(x)[:, :, layer.padding[0], layer.padding[1]]
+            y = layer(x)[:, :, 0, 0] if strided else layer(x)[:, :, layer.padding[0], layer.padding[1]]
         else:
             y = layer(torch.eye(w.shape[1], device=w.device, dtype=w.dtype))
         if layer.bias is not None:
