@@ -103,7 +103,7 @@ def _compensate_drift_tiles(noisy: torch.Tensor, programmed: torch.Tensor, rule:
         raise ValueError(f"rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, got {rule!r}")
     ones = torch.ones_like(den)
     alpha = torch.where(den == 0, ones, num / torch.where(den == 0, ones, den))
-    out = unblocks(now * alpha, shape).to(noisy.dtype)
+    out = unblocks(now * alpha, tiles, shape).to(noisy.dtype)
     if noisy.requires_grad:
         out = out + (noisy - noisy.detach())
     return out

@@ -275,11 +275,11 @@ def test_output_bound_matches_lightning():
         torch.testing.assert_close(got["nft_cuda"], got["lightning"], rtol=0, atol=1e-6 * scale)
 
 
-def test_documented_differences_input_clamp_and_uneven_tiles():
-    """Two documented differences (docs/device-models.md, Tiles): (1) the peer clamps every input to ±r once
-    an input range is on; nft_cuda clips only in the DAC (input_bits), so with exact inputs an input beyond
-    r passes; (2) a size that is not a multiple of max_input_size: the peer (like aihwkit's TileModuleArray)
-    splits it into equal tiles, nft_cuda into full tiles and a remainder."""
+def test_documented_difference_input_clamp_and_the_same_uneven_tiles():
+    """(1) A documented difference (docs/device-models.md, Tiles): the peer clamps every input to ±r once an
+    input range is on; nft_cuda clips only in the DAC (input_bits) or a learned range, so with exact inputs
+    an input beyond r passes. (2) A size that is not a multiple of max_input_size: both split it into
+    near-equal tiles (aihwkit's TileModuleArray too)."""
     w = _tile_weight()
     nft, peer = _mvm_pair(w, 256, out_bound=100.0)  # a bound that never bites
     x = _inputs(64) * 2  # half the inputs beyond ±r
@@ -289,4 +289,10 @@ def test_documented_differences_input_clamp_and_uneven_tiles():
         assert (peer(x) - nft(x)).abs().max() > 0.1 * scale
     cfg = _peer_config(max_input_size=512)
     assert AnalogLinear(1000, 8, rpu_config=cfg).in_sizes == [500, 500]
-    assert Tiles(max_input_size=512).grid((8, 1000)) == (8, 512)  # tiles of 512 and 488 inputs
+    assert Tiles(max_input_size=512).split((8, 1000))[1] == (500, 500)  # the same near-equal split
+    w = _tile_weight()[:, :1000] * torch.linspace(0.2, 3.0, 1000)  # 1000 inputs, large weights at the end
+    nft, peer = _mvm_pair(w, 512, out_bound=2.0)  # the bound bites, tile by tile
+    x = (torch.rand(64, 1000) * 2 - 1) * R * 0.999
+    with torch.no_grad():
+        scale = (x @ w.t()).abs().max().item()
+        torch.testing.assert_close(nft(x), peer.eval()(x), rtol=0, atol=1e-5 * scale)

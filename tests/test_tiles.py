@@ -29,17 +29,19 @@ def _weight(out=768, inp=1024, seed=0):
     """A weight whose four 512×512 tiles have clearly different max|W|."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g)
-    w[:512, :512] *= 4.0
-    w[512:, 512:] *= 0.25
+    w[:384, :512] *= 4.0  # the four 384 × 512 tiles of 768 × 1024 (near-equal splits, as aihwkit)
+    w[384:, 512:] *= 0.25
     return w
 
 
-def _tile_slices(out=768, inp=1024, size=512):
-    return [
-        (slice(r, min(r + size, out)), slice(c, min(c + size, inp)))
-        for r in range(0, out, size)
-        for c in range(0, inp, size)
-    ]
+def _edges(sizes):
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return [slice(a, a + n) for a, n in zip(starts, sizes)]
+
+
+def _tile_slices(out=768, inp=1024, tiles=TILES):
+    rows, cols = tiles.split((out, inp))
+    return [(r, c) for r in _edges(rows) for c in _edges(cols)]
 
 
 # ---- the config ------------------------------------------------------------------------------------
@@ -47,7 +49,9 @@ def _tile_slices(out=768, inp=1024, size=512):
 
 def test_tiles_config_is_checked_hashable_and_round_trips():
     assert not Tiles().active and TILES.active and Tiles(per_channel=True).active
-    assert TILES.grid((768, 1024)) == (512, 512) and TILES.count((768, 1024)) == (2, 2)
+    assert TILES.split((768, 1024)) == ((384, 384), (512, 512)) and TILES.count((768, 1024)) == (2, 2)
+    assert TILES.split((32, 1000))[1] == (500, 500)  # near-equal, as aihwkit's and lightning's get_split_sizes
+    assert Tiles(max_input_size=40).split((6, 10, 3, 3))[1] == (36, 27, 27)  # whole kernels: 4 + 3 + 3 channels
     assert Tiles(max_input_size=100).grid((8, 3, 5, 5)) == (8, 75)  # whole 5×5 kernels: 3 channels of 25
     assert Tiles(per_channel=True).grid((8, 16)) == (1, 16)
     with pytest.raises(ValueError, match="smaller than one kernel"):
@@ -165,11 +169,11 @@ def test_drift_compensation_is_one_alpha_per_tile():
 
 def test_conv_tiles_hold_whole_kernels():
     w = torch.randn(10, 6, 3, 3, generator=torch.Generator().manual_seed(4))
-    w[:, :4] *= 5.0  # channels 0-3 (the first tile of 4 channels = 36 inputs) larger
+    w[:, :3] *= 5.0  # channels 0-2 (the first of two tiles of 3 channels of 9 inputs) larger
     v = Variation(0.1, tiles=Tiles(max_input_size=40))
     noise = (ops.perturb(w, v, rng=_rng())[0] - w) / (0.1 * v.scale)
     z = reference.draw_normal(_rng(), w.numel(), 1)[0].view(w.shape)
-    for chans in (slice(0, 4), slice(4, 6)):
+    for chans in (slice(0, 3), slice(3, 6)):
         torch.testing.assert_close(noise[:, chans], z[:, chans] * w[:, chans].abs().amax(), rtol=1e-4, atol=1e-4)
 
 
@@ -232,7 +236,7 @@ def _chip(layer):
     return layer.noisy_weights(layer._instance_rng, torch.tensor([layer.variation.sigma]))[0]
 
 
-OUT_TILES = [(0, 512), (512, 768)]
+OUT_TILES = [(0, 384), (384, 768)]
 
 
 def test_converters_act_per_tile_with_calibrated_ranges():
@@ -330,7 +334,7 @@ def test_tiled_conv_converters_equal_the_per_channel_block_formula():
     x = torch.randn(2, 10, 5, 5)
     nft_cuda.nn.calibrate_mvm(conv, [x])
     r_in, r_out = conv.mvm_ranges
-    assert r_in.shape == (3,) and r_out.shape == (3, 2)  # 4 + 4 + 2 channels of 9 inputs; 4 + 2 outputs
+    assert r_in.shape == (3,) and r_out.shape == (3, 2)  # 4 + 3 + 3 channels of 9 inputs; 3 + 3 outputs
     w = _chip(conv)
     with torch.no_grad():
         got = conv(x)
@@ -339,11 +343,11 @@ def test_tiled_conv_converters_equal_the_per_channel_block_formula():
     z_read = mvm_ops.read_noise_normals(stream, 3 * 2 * 6 * 25, zero).view(3, 2, 6, 5, 5)
     z_out = mvm_ops.read_noise_normals(stream, 3 * 2 * 6 * 25, zero, 9).view(3, 2, 6, 5, 5)
     want = torch.zeros(2, 6, 5, 5)
-    for k, chans in enumerate((slice(0, 4), slice(4, 8), slice(8, 10))):
+    for k, chans in enumerate((slice(0, 4), slice(4, 7), slice(7, 10))):
         xk = mvm_ops.quantize(xp[:, chans], 6, r_in[k])
         yk = torch.nn.functional.conv2d(xk, w[:, chans])
         sq = torch.nn.functional.conv2d(xk * xk, torch.ones(1, xk.shape[1], 3, 3))
-        for j, outs in enumerate((slice(0, 4), slice(4, 6))):
+        for j, outs in enumerate((slice(0, 3), slice(3, 6))):
             m = conv.weight[outs, chans].detach().abs().max()
             y = (
                 yk[:, outs]

@@ -2,13 +2,13 @@
 scale (docs/device-models.md, "Tiles").
 
 A layer's weight W [O, *rest] is an [O, I] matrix (I = prod(rest): a convolution's receptive field
-C/g·k_h·k_w), outputs along rows. With ``Tiles(max_input_size=a, max_output_size=b)`` it is cut into
-blocks of at most b outputs × a inputs, as aihwkit maps a layer onto tiles of a×b cells (its
-``mapping.max_input_size`` / ``max_output_size``): full tiles, the last one taking the remainder, where
-aihwkit and aihwkit-lightning split a size that is not a multiple of a (or b) into near-equal tiles
-(docs/device-models.md, "Tiles"). For a convolution an input tile holds whole kernels:
-⌊a / (k_h·k_w)⌋ channels. ``per_channel=True`` gives every output row its own scale (aihwkit-lightning's
-per-channel weight noise): rows of one output each, within the input tiles.
+C/g·k_h·k_w), outputs along rows. With ``Tiles(max_input_size=a, max_output_size=b)`` it is cut as
+aihwkit and aihwkit-lightning map a layer onto tiles of a×b cells (their ``mapping.max_input_size`` /
+``max_output_size`` and ``get_split_sizes``): ⌈I/a⌉ input tiles and ⌈O/b⌉ output tiles of near-equal
+sizes (the first ones one larger). For a convolution an input tile holds whole kernels (near-equal
+counts of channels, at most ⌊a / (k_h·k_w)⌋), where lightning may cut a kernel. ``per_channel=True``
+gives every output row its own scale (aihwkit-lightning's per-channel weight noise): rows of one output
+each, within the input tiles.
 
 Every quantity a device model scales by the layer's max|W| — σ_w of the bit-sliced Gaussian, the PCM
 conductance map g = |w|/max|W|·g_max, stuck-at levels, the weight-level grid — then uses the tile's own
@@ -24,10 +24,11 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["Tiles", "tile_max", "tiled"]
+__all__ = ["TileLayout", "Tiles", "blocks", "tile_max", "tiled", "unblocks"]
 
 
 def _check_size(name: str, value) -> int | None:
@@ -65,32 +66,40 @@ class Tiles:
         """Whether any split is asked for (``Tiles()`` is one unlimited crossbar: today's behaviour)."""
         return self.max_input_size is not None or self.max_output_size is not None or self.per_channel
 
-    def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
-        """(outputs per tile, inputs per tile) for a weight of ``shape`` [O, *rest]."""
+    def split(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(outputs of each output tile, inputs of each input tile) of a weight of ``shape`` [O, *rest]: a
+        size over its limit is cut into ⌈size/limit⌉ near-equal tiles, the first ones one larger (aihwkit's
+        and lightning's ``get_split_sizes``); a convolution's input tiles hold whole kernels."""
         if len(shape) < 2:
             raise ValueError(f"tiles need a weight of at least 2 dimensions [outputs, inputs...], got {list(shape)}")
         outputs, inputs = shape[0], 1
         for size in shape[1:]:
             inputs *= size
         kernel = inputs // shape[1]  # k_h·k_w of a convolution, 1 for a matrix
-        rows = 1 if self.per_channel else min(self.max_output_size or outputs, outputs)
-        cols = inputs
-        if self.max_input_size is not None and self.max_input_size < inputs:
-            if self.max_input_size < kernel:
-                raise ValueError(
-                    f"max_input_size {self.max_input_size} is smaller than one kernel of this convolution "
-                    f"({kernel} inputs, weight {list(shape)}): a tile holds whole kernels"
-                )
-            cols = (self.max_input_size // kernel) * kernel
-        return rows, cols
+        if self.max_input_size is not None and self.max_input_size < min(kernel, inputs):
+            raise ValueError(
+                f"max_input_size {self.max_input_size} is smaller than one kernel of this convolution "
+                f"({kernel} inputs, weight {list(shape)}): a tile holds whole kernels"
+            )
+        rows = (1,) * outputs if self.per_channel else _near_equal(outputs, self.max_output_size, 1)
+        return rows, _near_equal(inputs, self.max_input_size, kernel)
+
+    def grid(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """(outputs, inputs) of the largest tile of a weight of ``shape``."""
+        rows, cols = self.split(shape)
+        return max(rows), max(cols)
 
     def count(self, shape: tuple[int, ...]) -> tuple[int, int]:
         """(output tiles, input tiles) of a weight of ``shape``."""
-        rows, cols = self.grid(shape)
-        inputs = 1
-        for size in shape[1:]:
-            inputs *= size
-        return -(-shape[0] // rows), -(-inputs // cols)
+        rows, cols = self.split(shape)
+        return len(rows), len(cols)
+
+    def layout(self, shape: tuple[int, ...], device=None) -> TileLayout:
+        """The index tensors that lay a weight of ``shape`` out tile by tile (:class:`TileLayout`)."""
+        rows, cols = self.split(shape)
+        out_index, out_pos, row_tile = _indices(rows, device)
+        in_index, in_pos, _ = _indices(cols, device)
+        return TileLayout(out_index, in_index, out_pos, in_pos, row_tile)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -113,26 +122,56 @@ class Tiles:
         return f"Tiles({', '.join(parts)})"
 
 
+class TileLayout(NamedTuple):
+    """Where each weight element sits tile by tile. Tiles are padded to the largest one: ``out_index`` [T_out,
+    rows] and ``in_index`` [T_in, cols] hold the output rows / flattened inputs of each tile, the size of
+    that axis (one past the end) where a smaller tile is padded; ``out_pos`` [O] / ``in_pos`` [I] the
+    position of each row / input in that padded layout; ``row_tile`` [O] the output tile of each row."""
+
+    out_index: torch.Tensor
+    in_index: torch.Tensor
+    out_pos: torch.Tensor
+    in_pos: torch.Tensor
+    row_tile: torch.Tensor
+
+
+def _near_equal(size: int, limit: int | None, unit: int) -> tuple[int, ...]:
+    """``size`` (a multiple of ``unit``) cut into ⌈size/limit⌉ near-equal parts of whole units."""
+    units = size // unit
+    if limit is None or limit >= size:
+        return (size,)
+    parts = -(-units // (limit // unit))
+    base, extra = divmod(units, parts)
+    return tuple((base + (k < extra)) * unit for k in range(parts))
+
+
+def _indices(sizes: tuple[int, ...], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index [T, max] with the padding value sum(sizes), position [sum] in the padded layout, tile [sum])."""
+    total, width = sum(sizes), max(sizes)
+    starts = torch.tensor((0, *sizes[:-1]), dtype=torch.int64, device=device).cumsum(0)
+    sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
+    j = torch.arange(width, dtype=torch.int64, device=device)
+    index = torch.where(j < sizes_t[:, None], starts[:, None] + j, torch.full_like(j, total))
+    tile = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
+    pos = tile * width + (torch.arange(total, device=device) - starts[tile])
+    return index, pos, tile
+
+
 def blocks(t: torch.Tensor, tiles: Tiles, shape: tuple[int, ...]) -> torch.Tensor:
-    """``t`` [..., *shape] as [..., n_out, rows, n_in, cols] (zero-padded to whole tiles)."""
-    rows, cols = tiles.grid(shape)
-    n_out, n_in = tiles.count(shape)
+    """``t`` [..., *shape] as [..., T_out, rows, T_in, cols] (smaller tiles zero-padded)."""
+    lay = tiles.layout(shape, t.device)
     lead = t.shape[: t.dim() - len(shape)]
-    m = t.reshape(*lead, shape[0], -1)
-    pad_in, pad_out = n_in * cols - m.shape[-1], n_out * rows - m.shape[-2]
-    if pad_in or pad_out:
-        m = torch.nn.functional.pad(m, (0, pad_in, 0, pad_out))
-    return m.reshape(*lead, n_out, rows, n_in, cols)
+    m = torch.nn.functional.pad(t.reshape(*lead, shape[0], -1), (0, 1, 0, 1))  # the padding row and column
+    m = m.index_select(-2, lay.out_index.flatten()).index_select(-1, lay.in_index.flatten())
+    return m.reshape(*lead, *lay.out_index.shape, *lay.in_index.shape)
 
 
-def unblocks(b: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The inverse of :func:`blocks`: [..., n_out, rows, n_in, cols] → [..., *shape] (padding dropped)."""
+def unblocks(b: torch.Tensor, tiles: Tiles, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of :func:`blocks`: [..., T_out, rows, T_in, cols] → [..., *shape] (padding dropped)."""
+    lay = tiles.layout(shape, b.device)
     lead = b.shape[:-4]
     n_out, rows, n_in, cols = b.shape[-4:]
-    inputs = 1
-    for size in shape[1:]:
-        inputs *= size
-    m = b.reshape(*lead, n_out * rows, n_in * cols)[..., : shape[0], :inputs]
+    m = b.reshape(*lead, n_out * rows, n_in * cols).index_select(-2, lay.out_pos).index_select(-1, lay.in_pos)
     return m.reshape(*lead, *shape)
 
 
@@ -141,7 +180,7 @@ def tile_max(weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     shape = tuple(weight.shape)
     b = blocks(weight.detach().abs().to(acc), tiles, shape)
-    return unblocks(b.amax(dim=(-3, -1), keepdim=True).expand(b.shape), shape)
+    return unblocks(b.amax(dim=(-3, -1), keepdim=True).expand(b.shape), tiles, shape)
 
 
 def tiled(perturb: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:

@@ -123,34 +123,36 @@ class _NoisyConvNd(RetypedNoisy):
             return y
         return y + self.bias.to(y.dtype).view(-1, *([1] * (self.weight.dim() - 2)))
 
-    # The per-tile MVM (nft_cuda.nn.mvm, crossbar tiles): an input tile holds whole kernels of ``cols`` //
-    # (k_h·k_w) channels; the input split into T_in channel blocks ([T_in, B, channels, *spatial],
-    # zero-padded channels), their partial outputs in one convolution with T_in groups ([T_in, B, O, ...]).
+    # The per-tile MVM (nft_cuda.nn.mvm, crossbar tiles): an input tile holds whole kernels, so the
+    # input splits into T_in channel blocks ([T_in, B, channels, *spatial], smaller ones zero-padded) whose
+    # partial outputs come from one convolution with T_in groups ([T_in, B, O, ...]).
     tile_output_dim = 2
 
-    def _tile_channels(self, cols: int) -> tuple[int, int]:
-        """(channels per input tile, the channel padding of the weight to whole tiles)."""
+    def _tile_channels(self, layout) -> torch.Tensor:
+        """[T_in, channels]: the input channels of each tile (C where a smaller tile is padded)."""
         if self.groups != 1:
             raise NotImplementedError(
                 f"{type(self).__name__} with groups={self.groups}: converters and output noise on crossbar "
                 "tiles are modelled for groups=1 convolutions only"
             )
         kernel = self.weight[0, 0].numel()
-        return cols // kernel, -self.weight.shape[1] % (cols // kernel)
+        return layout.in_index[:, ::kernel] // kernel
 
-    def _pad_channels(self, t: torch.Tensor, pad: int) -> torch.Tensor:
-        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
+    def _pick_channels(self, t: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
+        """``t`` [N, C, ...] → [N, T·channels, ...] laid out tile by tile (a zero channel for the padding)."""
+        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, 1)).index_select(1, channels.flatten())
 
-    def tile_inputs(self, input: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
-        per_tile, _ = self._tile_channels(cols)
-        x = self._pad_channels(input, tiles * per_tile - input.shape[1])
-        return x.reshape(x.shape[0], tiles, per_tile, *x.shape[2:]).transpose(0, 1)
+    def tile_inputs(self, input: torch.Tensor, layout) -> torch.Tensor:
+        channels = self._tile_channels(layout)
+        x = self._pick_channels(input, channels)
+        return x.reshape(x.shape[0], *channels.shape, *x.shape[2:]).transpose(0, 1)
 
-    def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
-        per_tile, pad = self._tile_channels(cols)
+    def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
+        channels = self._tile_channels(layout)
+        tiles, per_tile = channels.shape
         batch, spatial, kernel = xb.shape[1], xb.shape[3:], weight.shape[2:]
         x = xb.transpose(0, 1).reshape(batch, tiles * per_tile, *spatial)
-        w = self._pad_channels(weight, pad).reshape(weight.shape[0], tiles, per_tile, *kernel)
+        w = self._pick_channels(weight, channels).reshape(weight.shape[0], tiles, per_tile, *kernel)
         w = w.transpose(0, 1).reshape(tiles * weight.shape[0], per_tile, *kernel).to(x.dtype)
         y = self._conv_with_weight(x, w, None, groups=tiles)
         return y.reshape(batch, tiles, weight.shape[0], *y.shape[2:]).transpose(0, 1)

@@ -157,18 +157,18 @@ class NoisyLinear(RetypedNoisy, nn.Linear):
     def add_bias(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    # The per-tile MVM (nft_cuda.nn.mvm, crossbar tiles): the input split into T_in tiles of ``cols``
-    # inputs, stacked first ([T_in, *batch, cols], zero-padded), their partial products in one batched GEMM.
+    # The per-tile MVM (nft_cuda.nn.mvm, crossbar tiles): the inputs of each of the T_in tiles
+    # (devices.TileLayout), stacked first ([T_in, *batch, cols], smaller tiles zero-padded), and their
+    # partial products in one batched GEMM.
     tile_output_dim = -1
 
-    def tile_inputs(self, input: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
-        pad = tiles * cols - input.shape[-1]
-        x = F.pad(input, (0, pad)) if pad else input
-        return x.reshape(*input.shape[:-1], tiles, cols).movedim(-2, 0)
+    def tile_inputs(self, input: torch.Tensor, layout) -> torch.Tensor:
+        x = F.pad(input, (0, 1)).index_select(-1, layout.in_index.flatten())
+        return x.reshape(*input.shape[:-1], *layout.in_index.shape).movedim(-2, 0)
 
-    def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, cols: int, tiles: int) -> torch.Tensor:
-        pad = tiles * cols - weight.shape[1]
-        w = F.pad(weight, (0, pad)) if pad else weight
+    def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
+        tiles, cols = layout.in_index.shape
+        w = F.pad(weight, (0, 1)).index_select(1, layout.in_index.flatten())
         wb = w.reshape(weight.shape[0], tiles, cols).permute(1, 2, 0).to(xb.dtype)  # [T_in, cols, O]
         out = torch.bmm(xb.reshape(tiles, -1, cols), wb)
         return out.reshape(*xb.shape[:-1], weight.shape[0])

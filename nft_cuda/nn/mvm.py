@@ -156,14 +156,13 @@ def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     return layer.add_bias(y)
 
 
-def tile_table(layer) -> tuple[torch.Tensor, int, int]:
-    """(max|W| of each (input tile, output column) [T_in, O] float32, inputs per tile, T_in) of a tiled layer."""
+def tile_table(layer):
+    """(max|W| of each (input tile, output column) [T_in, O] float32, the layer's TileLayout) of a tiled layer."""
     tiles = layer.variation.tiles
     shape = tuple(layer.weight.shape)
-    rows, cols = tiles.grid(shape)
+    layout = tiles.layout(shape, layer.weight.device)
     per_tile = blocks(layer.weight.detach().abs().float(), tiles, shape).amax(dim=(-3, -1))  # [T_out, T_in]
-    per_column = per_tile.repeat_interleave(rows, dim=0)[: shape[0]]  # [O, T_in]
-    return per_column.t().contiguous(), cols, per_tile.shape[1]
+    return per_tile[layout.row_tile].t().contiguous(), layout
 
 
 def _column_view(t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
@@ -177,35 +176,34 @@ def _column_view(t: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
 def tile_ranges(layer, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per input tile max|x_k| [T_in] and per (input tile, output tile) max|y_k| [T_in, T_out] of one input,
     ``y`` the stacked tile outputs (default: the clean weight's, for calibration)."""
-    tiles = layer.variation.tiles
-    _, cols, n_in = tile_table(layer)
-    xb = layer.tile_inputs(x.detach(), cols, n_in)
+    _, layout = tile_table(layer)
+    xb = layer.tile_inputs(x.detach(), layout)
     r_in = xb.abs().flatten(1).amax(1).float()
     if y is None:
-        y = layer.tile_matmul(xb, layer.weight.detach(), cols, n_in)
-    cols_max = y.detach().abs().movedim(layer.tile_output_dim, -1).reshape(n_in, -1, y.shape[layer.tile_output_dim])
-    rows = tiles.grid(tuple(layer.weight.shape))[0]
-    per_col = cols_max.amax(1).float()  # [T_in, O]
-    pad = -per_col.shape[1] % rows
-    per_tile = torch.nn.functional.pad(per_col, (0, pad)).view(n_in, -1, rows).amax(-1)
-    return r_in, per_tile
+        y = layer.tile_matmul(xb, layer.weight.detach(), layout)
+    dim = layer.tile_output_dim
+    n_in, outputs = y.shape[0], y.shape[dim]
+    per_col = y.detach().abs().movedim(dim, -1).reshape(n_in, -1, outputs).amax(1).float()  # [T_in, O]
+    n_out = int(layout.out_index.shape[0])
+    per_tile = per_col.new_zeros(n_in, n_out)
+    return r_in, per_tile.scatter_reduce(1, layout.row_tile.expand(n_in, outputs), per_col, "amax")
 
 
 def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     """Steps 1-4 tile by tile: the DAC of each input tile at its own r_in, the T_in partial sums in one
     batched GEMM / grouped convolution, read and output noise, bound and ADC per tile (r_out per input tile
     and output tile), the tiles' digital outputs summed, then the bias."""
-    rows = layer.variation.tiles.grid(tuple(layer.weight.shape))[0]
-    w_max, cols, n_in = tile_table(layer)
+    w_max, layout = tile_table(layer)
+    n_in = int(layout.in_index.shape[0])
     r_in, r_out = layer.mvm_ranges
-    xb = layer.tile_inputs(x, cols, n_in)
+    xb = layer.tile_inputs(x, layout)
     if mvm.learned_input_range is not None:
         xb, r_in = _learned_clip(layer, xb, mvm.learned_input_range)
     elif r_in is None:
         r_in = xb.detach().abs().flatten(1).amax(1).float()
     if mvm.input_bits is not None:
         xb = mvm_ops.quantize(xb, mvm.input_bits, _column_view(r_in, xb, 0))
-    y = layer.tile_matmul(xb, layer.plan_weight(plan), cols, n_in)
+    y = layer.tile_matmul(xb, layer.plan_weight(plan), layout)
     dim = layer.tile_output_dim
     y = _analog_output(
         y,
@@ -223,7 +221,7 @@ def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
         else:
             if r_out is None:
                 r_out = tile_ranges(layer, x, y)[1]
-            per_col = r_out.repeat_interleave(rows, dim=1)[:, : y.shape[dim]]
+            per_col = r_out[:, layout.row_tile]
         y = mvm_ops.quantize(y, mvm.output_bits, _column_view(per_col, y, dim))
     return layer.add_bias(y.sum(0))
 
