@@ -69,6 +69,20 @@ def perturb(
     return out
 
 
+def drift_split(weight: torch.Tensor, model: DeviceModel, *, rng: torch.Tensor, sigmas=None):
+    """(W_t, α) of a drift-compensated model (PCM with ``drift_compensation``, t > 0): the drifted weights
+    without compensation [S, *weight.shape] and the gains α of its calibration read, float64 [S] (one per
+    layer) or [S, T_out, T_in] (one per tile), so that ``perturb(weight, model)`` is α·W_t. The MVM forward
+    uses them to apply α to the digital output after the ADC and output noise, as aihwkit does."""
+    sig = sigmas if sigmas is not None else torch.full((1,), model.sigma, dtype=torch.float32, device=weight.device)
+    plain = dataclasses.replace(model, drift_compensation=False)
+    drifted = perturb(weight, plain, rng=rng, samples=sig.shape[0], sigmas=sig)
+    programmed = perturb(weight.detach(), plain.at_time(0), rng=rng, samples=sig.shape[0], sigmas=sig)
+    if model.tiled:
+        return drifted, _tile_alphas(drifted, programmed, model.compensation_rule, model.tiles)[:, :, 0, :, 0]
+    return drifted, _layer_alphas(drifted, programmed, model.compensation_rule)
+
+
 def _perturb_tiled(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, model: DeviceModel) -> torch.Tensor:
     """perturb for a tiled model (:mod:`nft_cuda.devices.tiles`): every tile scaled by its own max|W|, the
     same draws per element as untiled; drift compensation with one α per tile and sample."""
@@ -91,6 +105,16 @@ def _perturb_tiled(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, m
 def _compensate_drift_tiles(noisy: torch.Tensor, programmed: torch.Tensor, rule: str, tiles: Tiles) -> torch.Tensor:
     """:func:`_compensate_drift` with one α per tile (each tile has its own calibration read)."""
     shape = tuple(noisy.shape[1:])
+    alpha = _tile_alphas(noisy, programmed, rule, tiles)
+    out = unblocks(blocks(noisy.detach().to(torch.float64), tiles, shape) * alpha, tiles, shape).to(noisy.dtype)
+    if noisy.requires_grad:
+        out = out + (noisy - noisy.detach())
+    return out
+
+
+def _tile_alphas(noisy: torch.Tensor, programmed: torch.Tensor, rule: str, tiles: Tiles) -> torch.Tensor:
+    """float64 [S, T_out, 1, T_in, 1]: the α of each tile (broadcasts against :func:`blocks`)."""
+    shape = tuple(noisy.shape[1:])
     f64 = torch.float64
     ref = blocks(programmed.detach().to(f64), tiles, shape)  # [S, n_out, rows, n_in, cols]
     now = blocks(noisy.detach().to(f64), tiles, shape)
@@ -102,11 +126,7 @@ def _compensate_drift_tiles(noisy: torch.Tensor, programmed: torch.Tensor, rule:
     else:
         raise ValueError(f"rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, got {rule!r}")
     ones = torch.ones_like(den)
-    alpha = torch.where(den == 0, ones, num / torch.where(den == 0, ones, den))
-    out = unblocks(now * alpha, tiles, shape).to(noisy.dtype)
-    if noisy.requires_grad:
-        out = out + (noisy - noisy.detach())
-    return out
+    return torch.where(den == 0, ones, num / torch.where(den == 0, ones, den))
 
 
 def _perturb_device(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, model: DeviceModel) -> torch.Tensor:
@@ -126,6 +146,17 @@ def _compensate_drift(noisy: torch.Tensor, programmed: torch.Tensor, rule: str =
       (the weight flattened to [out, rest]).
 
     α = 1 when the denominator is 0. α is a constant of the weight (straight-through gradient)."""
+    samples = noisy.shape[0]
+    alpha = _layer_alphas(noisy, programmed, rule)
+    view = (samples,) + (1,) * (noisy.dim() - 1)
+    out = (noisy.detach().to(torch.float64) * alpha.view(view)).to(noisy.dtype)
+    if noisy.requires_grad:
+        out = out + (noisy - noisy.detach())
+    return out
+
+
+def _layer_alphas(noisy: torch.Tensor, programmed: torch.Tensor, rule: str) -> torch.Tensor:
+    """float64 [S]: the α of each sample's whole layer (:func:`_compensate_drift`)."""
     if rule not in COMPENSATION_RULES:
         raise ValueError(f"rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, got {rule!r}")
     samples = noisy.shape[0]
@@ -138,12 +169,7 @@ def _compensate_drift(noisy: torch.Tensor, programmed: torch.Tensor, rule: str =
     else:
         num = ref.sum(-1).abs().sum(-1)
         den = now.sum(-1).abs().sum(-1)
-    alpha = torch.where(den == 0, torch.ones_like(den), num / torch.where(den == 0, torch.ones_like(den), den))
-    view = (samples,) + (1,) * (noisy.dim() - 1)
-    out = (noisy.detach().to(f64) * alpha.view(view)).to(noisy.dtype)
-    if noisy.requires_grad:
-        out = out + (noisy - noisy.detach())
-    return out
+    return torch.where(den == 0, torch.ones_like(den), num / torch.where(den == 0, torch.ones_like(den), den))
 
 
 @torch.compiler.assume_constant_result

@@ -370,3 +370,46 @@ def test_tiled_mvm_trains_and_bad_ranges_are_refused():
     grouped = nft_cuda.convert(nn.Conv2d(4, 4, 3, groups=2), Variation(0.1, tiles=Tiles(9), mvm=MVM(input_bits=8)))
     with pytest.raises(NotImplementedError, match="groups=1 convolutions only"):
         grouped(torch.randn(1, 4, 5, 5))
+
+
+def test_drift_compensation_acts_after_the_adc_per_tile():
+    """With converters on, α multiplies each tile's digital output after the ADC (aihwkit's post_forward),
+    so the ADC quantises the drifted chip's own output; without converters α scales the weights (same
+    result, exactly linear)."""
+    torch.manual_seed(0)
+    pcm = PCM(time=3.15e7, drift_compensation=True, tiles=TILES, mvm=MVM(output_bits=5))
+    layer = nft_cuda.convert(nn.Sequential(nn.Linear(1024, 768)), pcm)[0]
+    with torch.no_grad():
+        layer.weight.copy_(_weight() * 0.05)
+    x = torch.randn(4, 1024)
+    nft_cuda.nn.calibrate_mvm(layer, [x])
+    r_out = layer.mvm_ranges[1]
+    nft_cuda.set_instance(layer, seed=1, instance=0)
+    with torch.no_grad():
+        got = layer(x)
+    drifted, alpha = ops.drift_split(layer.weight.detach(), pcm, rng=layer._instance_rng)
+    assert alpha.shape == (1, 2, 2) and len({round(float(a), 6) for a in alpha.flatten()}) == 4
+    want = layer.bias.detach().expand(4, 768).clone()
+    for k in range(2):
+        for j, (a, b) in enumerate(OUT_TILES):
+            yk = x[:, 512 * k : 512 * (k + 1)] @ drifted[0, a:b, 512 * k : 512 * (k + 1)].t()
+            want[..., a:b] = want[..., a:b] + float(alpha[0, j, k]) * mvm_ops.quantize(yk, 5, r_out[k, j])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    compensated = ops.perturb(layer.weight.detach(), pcm, rng=layer._instance_rng)[0]
+    assert (compensated - drifted[0] * 1.0).abs().max() > 0  # α really differs from 1
+    # α·W_t is the compensated chip of the weight path (no converters)
+    for j, (a, b) in enumerate(OUT_TILES):
+        for k in range(2):
+            block = (slice(a, b), slice(512 * k, 512 * (k + 1)))
+            torch.testing.assert_close(compensated[block], (alpha[0, j, k] * drifted[0][block].double()).float())
+    untiled = nft_cuda.convert(
+        nn.Sequential(nn.Linear(40, 9)), PCM(time=3.15e7, drift_compensation=True, mvm=MVM(output_bits=5))
+    )[0]
+    x = torch.randn(6, 40)
+    nft_cuda.nn.calibrate_mvm(untiled, [x])
+    nft_cuda.set_instance(untiled, seed=2, instance=3)
+    with torch.no_grad():
+        got = untiled(x)
+    drifted, alpha = ops.drift_split(untiled.weight.detach(), untiled.variation, rng=untiled._instance_rng)
+    want = float(alpha[0]) * mvm_ops.quantize(x @ drifted[0].t(), 5, untiled.mvm_ranges[1]) + untiled.bias.detach()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

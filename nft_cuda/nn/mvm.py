@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from nft_cuda import mvm_ops
+from nft_cuda import mvm_ops, ops
 from nft_cuda.devices.tiles import blocks, tiled
 
 __all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm", "tile_ranges", "tile_table"]
@@ -121,6 +121,24 @@ def _learned_clip(layer, xb: torch.Tensor, learned) -> tuple[torch.Tensor, torch
     return _InputRangeClip.apply(xb, r, learned.decay, learned.min_unclipped), r.detach()
 
 
+def _compensating(model) -> bool:
+    """Whether ``model`` is drift-compensated at a time after programming (PCM, t > 0)."""
+    return bool(getattr(model, "drift_compensation", False)) and model.at_time(0) != model
+
+
+def _drifted_plan(layer, plan):
+    """(``plan`` carrying the chip's drifted weight without compensation, α: 0-d, or [T_out, T_in] tiled):
+    with converters on, α multiplies the digital output after the ADC and output noise, as aihwkit's
+    ``post_forward`` does, instead of the weights before the GEMM (ops.drift_split)."""
+    var = layer.variation
+    weight = programmed(layer.weight.detach(), var)
+    drifted, alpha = ops.drift_split(weight, var, rng=plan.rng, sigmas=plan.sigmas)
+    drifted = drifted.to(layer.weight.dtype)
+    if layer.weight.requires_grad and torch.is_grad_enabled():
+        drifted = drifted + (layer.weight - layer.weight.detach())  # straight-through
+    return type(plan)(plan.rng, plan.sigmas, drifted), alpha[0].float()  # the SamplePlan, with weights
+
+
 def _input_range(x: torch.Tensor, r_in):
     """The DAC range r_in: the calibrated one, else this chunk's max|x| (0-d, float32)."""
     return r_in if r_in is not None else x.detach().abs().amax().float()
@@ -128,8 +146,11 @@ def _input_range(x: torch.Tensor, r_in):
 
 def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
     """Steps 1-4 for one sample chunk with one-sample ``plan``."""
+    alpha = None
+    if _compensating(layer.variation):
+        plan, alpha = _drifted_plan(layer, plan)
     if layer.variation.tiled:
-        return _one_chunk_tiled(layer, x, plan, mvm)
+        return _one_chunk_tiled(layer, x, plan, mvm, alpha)
     r_in, r_out = layer.mvm_ranges
     if mvm.learned_input_range is not None:
         x, r = _learned_clip(layer, x.unsqueeze(0), mvm.learned_input_range)
@@ -153,6 +174,8 @@ def _one_chunk(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
         if mvm.adc_range == "bound":
             r_out = mvm.output_bound * w_max.float() * _input_range(x, r_in)
         y = mvm_ops.quantize(y, mvm.output_bits, r_out)
+    if alpha is not None:
+        y = y * alpha.to(y.dtype)  # the drift compensation, digital
     return layer.add_bias(y)
 
 
@@ -189,10 +212,11 @@ def tile_ranges(layer, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[
     return r_in, per_tile.scatter_reduce(1, layout.row_tile.expand(n_in, outputs), per_col, "amax")
 
 
-def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
+def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm, alpha=None) -> torch.Tensor:
     """Steps 1-4 tile by tile: the DAC of each input tile at its own r_in, the T_in partial sums in one
     batched GEMM / grouped convolution, read and output noise, bound and ADC per tile (r_out per input tile
-    and output tile), the tiles' digital outputs summed, then the bias."""
+    and output tile), each tile's drift compensation α [T_out, T_in] when given, the tiles' digital
+    outputs summed, then the bias."""
     w_max, layout = tile_table(layer)
     n_in = int(layout.in_index.shape[0])
     r_in, r_out = layer.mvm_ranges
@@ -223,6 +247,8 @@ def _one_chunk_tiled(layer, x: torch.Tensor, plan, mvm) -> torch.Tensor:
                 r_out = tile_ranges(layer, x, y)[1]
             per_col = r_out[:, layout.row_tile]
         y = mvm_ops.quantize(y, mvm.output_bits, _column_view(per_col, y, dim))
+    if alpha is not None:
+        y = y * _column_view(alpha.t()[:, layout.row_tile], y, dim).to(y.dtype)
     return layer.add_bias(y.sum(0))
 
 
