@@ -326,8 +326,8 @@ def test_no_clipping_by_default_is_the_training_of_before(tmp_path, monkeypatch)
     """The default never calls the clipper, and an explicit WeightClip() trains the same weights; a clipped
     run differs (so the comparison can fail)."""
     calls = []
-    real = weight_clip_module.clip_weights
-    monkeypatch.setattr(weight_clip_module, "clip_weights", lambda *a: calls.append(a) or real(*a))
+    real = weight_clip_module.clip_checked  # the trainer's entry (clip_weights after its argument checks)
+    monkeypatch.setattr(weight_clip_module, "clip_checked", lambda *a: calls.append(a) or real(*a))
     train(_config(tmp_path, "default", epochs=2), progress=False, log=None)
     assert calls == []
     train(_config(tmp_path, "none", epochs=2, weight_clip=WeightClip()), progress=False, log=None)
@@ -362,9 +362,9 @@ def test_trainer_clips_after_every_optimizer_step(tmp_path, monkeypatch):
         )
         checks.append((clip_, ok, len(layers)))
 
-    weight_clip_module_real = weight_clip_module.clip_weights
+    weight_clip_module_real = weight_clip_module.clip_checked  # the trainer's entry
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
-    monkeypatch.setattr(weight_clip_module, "clip_weights", checking_clip)
+    monkeypatch.setattr(weight_clip_module, "clip_checked", checking_clip)
     result = train(_config(tmp_path, epochs=2, weight_clip=clip), progress=False, log=None)
     per_epoch = math.ceil(result["sizes"]["train"] / TINY["batch_size"])
     assert len(steps) == len(checks) == 2 * per_epoch

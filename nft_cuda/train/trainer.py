@@ -584,7 +584,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
     of the epoch over all ranks, and steps the scheduler."""
     from tqdm.auto import tqdm
 
-    from nft_cuda.train.weight_clip import clip_weights
+    from nft_cuda.train.weight_clip import clip_checked
 
     config, data, device, group, optimizer = run.config, run.data, run.device, run.group, run.optimizer
     run.model.train()
@@ -615,7 +615,7 @@ def _train_epoch(run: _Run, epoch: int) -> tuple[float, float, float]:
         group.average_gradients(run.params)
         optimizer.step()
         if config.weight_clip.enabled:  # hardware-aware clipping of the crossbar weights (weight_clip.py)
-            clip_weights(run.model, config.weight_clip)
+            clip_checked(run.model, config.weight_clip)
         loss_sum += loss.detach().double() * y.numel()
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen += y.numel()

@@ -165,6 +165,13 @@ def clip_weights(model: nn.Module, clip: WeightClip) -> nn.Module:
     _args.check_module("model", model)
     if not isinstance(clip, WeightClip):
         raise TypeError(f"clip must be a WeightClip, got {type(clip).__name__}")
+    return clip_checked(model, clip)
+
+
+@torch.no_grad()
+def clip_checked(model: nn.Module, clip: WeightClip) -> nn.Module:
+    """:func:`clip_weights` without the argument checks: the trainer's call after every optimizer step,
+    whose model and clip were checked when the training was set up."""
     if not clip.enabled:
         return model
     seen: set[int] = set()
