@@ -510,3 +510,34 @@ def test_device_model_names_are_listed_only_in_the_devices_table(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text('UNIT = ("pcm", "stuck-at")\nOK = ("pcm", "adam")\nD = {"lognormal": 1, "RRAM1": 2}\n')
     assert [hit.split(":")[1] for hit in _name_lists(bad, names)] == ["1", "3"]
+
+
+def _nn_imports(path: pathlib.Path) -> set[str]:
+    """The nn/ modules a file of nft_cuda/nn imports (``from nft_cuda.nn.x import``, ``from nft_cuda.nn import x``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module.startswith("nft_cuda.nn."):
+                names.add(node.module.split(".")[2])
+            elif node.module == "nft_cuda.nn":
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_the_nn_floors_of_the_architecture_doc_match_the_imports():
+    """docs/architecture.md "Inside nn/": every file is on one floor, and imports only files on floors below."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Inside nn/")[1].split("\n## ")[0]
+    floors = {}
+    for floor, files in re.findall(r"^\| (\d) \| ([^|]+) \|", section, flags=re.M):
+        for name in re.findall(r"`(\w+)\.py`", files):
+            floors[name] = int(floor)
+    modules = {p.stem for p in (ROOT / "nft_cuda" / "nn").glob("*.py") if p.stem != "__init__"}
+    assert set(floors) == modules, f"files missing from / unknown to the table: {sorted(set(floors) ^ modules)}"
+    bad = [
+        f"{name} (floor {floors[name]}) imports {other} (floor {floors[other]})"
+        for name in sorted(modules)
+        for other in sorted(_nn_imports(ROOT / "nft_cuda" / "nn" / f"{name}.py") & modules)
+        if floors[other] >= floors[name]
+    ]
+    assert bad == []
