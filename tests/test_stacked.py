@@ -65,7 +65,8 @@ def _check_same(layer, x, samples=4, draw=False):
     torch.testing.assert_close(so, lo, **TOL)
     torch.testing.assert_close(sgx, lgx, **TOL)
     if lgw is not None:
-        torch.testing.assert_close(sgw, lgw, rtol=1e-5, atol=1e-5)
+        # the weight gradient sums g·x over every row: rounding relative to its scale (thread counts vary)
+        torch.testing.assert_close(sgw, lgw, rtol=1e-5, atol=1e-5 * float(lgw.abs().max()) + 1e-6)
     chunks = so.chunk(samples)
     assert not torch.equal(chunks[0], chunks[1])  # the chips differ: chunk t really used weight t
 
