@@ -290,20 +290,21 @@ def test_pcm_tiles_config_plan(study):
 
 
 def test_pcm_study_tiles_split_the_layers_the_page_names():
-    """docs/pcm-study.md: at 512 × 512 only block6 (576 inputs) and classifier.1 (576) of the MNIST VGG-8
-    at width 0.125 span two input tiles; at 256 × 256 four layers would."""
+    """docs/pcm-study.md: at 512 × 512 only block6 (576 inputs) and classifier.1 (1024) of the MNIST VGG-8
+    at width 0.125 (MNIST is fed as 32 × 32, as the study's models are built) span two input tiles; at
+    256 × 256 four layers would."""
     import math
 
     from nft_cuda.devices import Tiles
     from nft_cuda.models import build_model
 
-    model = build_model("vgg8", in_channels=1, num_classes=10, input_size=28, width=0.125)
+    model = build_model("vgg8", in_channels=1, num_classes=10, input_size=32, width=0.125)
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
     split = {
         a: {n: Tiles(a, a).count(s) for n, s in shapes.items() if Tiles(a, a).count(s) != (1, 1)} for a in (512, 256)
     }
     assert split[512] == {"block6.0.weight": (1, 2), "classifier.1.weight": (1, 2)}
-    assert math.prod(shapes["block6.0.weight"][1:]) == math.prod(shapes["classifier.1.weight"][1:]) == 576
+    assert (math.prod(shapes["block6.0.weight"][1:]), math.prod(shapes["classifier.1.weight"][1:])) == (576, 1024)
     assert set(split[256]) == {"block4.0.weight", "block5.0.weight", "block6.0.weight", "classifier.1.weight"}
     assert max(s[0] for s in shapes.values()) <= 512  # no output split at 512
 
