@@ -135,6 +135,7 @@ def load_config(path) -> dict:
         if any(not (isinstance(s, (int, float)) and s > 0) for s in g["sigmas"]):
             raise ValueError(f"{path}: groups[{i}] sigmas must be positive numbers, got {g['sigmas']}")
         _check_time_axis(path, i, g)
+        _check_tiles(path, i, g)
     if cfg.get("noise_stream", 1) not in (1, 2):
         raise ValueError(f"{path}: noise_stream must be 1 or 2 (DESIGN §2), got {cfg['noise_stream']!r}")
     if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
@@ -178,6 +179,42 @@ def _check_time_axis(path, i: int, g: dict) -> None:
         )
 
 
+def _check_tiles(path, i: int, g: dict) -> None:
+    """A group's optional crossbar tiles (docs/device-models.md, "Tiles"): ``tiles``, the fields of
+    :class:`nft_cuda.devices.Tiles` (``max_input_size``, ``max_output_size``, ``per_channel``), at least
+    one split set; the device model of the group's trainings and evaluations then carries them."""
+    from nft_cuda.devices import Tiles
+
+    if "tiles" not in g:
+        return
+    try:
+        tiles = Tiles.from_dict(g["tiles"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: groups[{i}] tiles: {exc}") from None
+    if not tiles.active:
+        raise ValueError(
+            f"{path}: groups[{i}] tiles must set max_input_size, max_output_size or per_channel "
+            f"(leave 'tiles' out for untiled layers), got {g['tiles']!r}"
+        )
+
+
+def _tiles_of(g: dict) -> dict:
+    """``{"tiles": {...}}`` (every Tiles field) for a tiled group, else {}: the device options its
+    trainings and evaluations add, so an untiled group's items (and their records) are unchanged."""
+    from nft_cuda.devices import Tiles
+
+    return {"tiles": Tiles.from_dict(g["tiles"]).to_dict()} if "tiles" in g else {}
+
+
+def _tiles_suffix(options: dict) -> str:
+    """The name suffix of tiled items, e.g. "-tiles512x512" ("inf": unlimited side, "-pc": per channel)."""
+    if "tiles" not in options:
+        return ""
+    t = options["tiles"]
+    size = f"{t['max_input_size'] or 'inf'}x{t['max_output_size'] or 'inf'}"
+    return f"-tiles{size}" + ("-pc" if t["per_channel"] else "")
+
+
 def _time_points(g: dict) -> list[dict]:
     """The (time, drift compensation[, its rule]) evaluation settings of a group: [{}] without a time
     axis. A compensated point names its rule (the group's ``compensation_rule``, else the PCM default)."""
@@ -210,12 +247,16 @@ def _train_name(model: str, dataset: str, method: str, sigma: float, preset: str
 
 
 def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
-    """(trainings, evaluations) of a config, in the order ``run`` does them (clean models first)."""
+    """(trainings, evaluations) of a config, in the order ``run`` does them (clean models first). A tiled
+    group's noise-trained models and evaluation points carry its tiles (``device_options`` / ``tiles``)
+    and a "-tiles…" name suffix; the clean model is trained once without noise and evaluated tiled."""
     trainings: dict[str, dict] = {}
     evals: dict[str, dict] = {}
     clean_points: dict[str, list] = {}
     for g in cfg["groups"]:
         hyper = {k: _setting(cfg, g, k) for k in _GROUP_OVERRIDES}
+        tiles = _tiles_of(g)
+        suffix = _tiles_suffix(tiles)
         for ds in g["datasets"]:
             clean = _train_name(hyper["model"], ds, "clean", 0.0, "RRAM1", cfg["clean_seed"])
             trainings.setdefault(
@@ -233,12 +274,12 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
             )
             for sigma in g["sigmas"]:
                 for when in _time_points(g):
-                    point = (float(sigma), g["device_model"], json.dumps(when, sort_keys=True))
+                    point = (float(sigma), g["device_model"], json.dumps(when, sort_keys=True), json.dumps(tiles))
                     if point not in clean_points.setdefault(clean, []):
                         clean_points[clean].append(point)
                 for seed in g["seeds"]:
                     for method in g["methods"]:
-                        name = _train_name(hyper["model"], ds, method, sigma, g["device_model"], seed)
+                        name = _train_name(hyper["model"], ds, method, sigma, g["device_model"], seed) + suffix
                         trainings.setdefault(
                             name,
                             {
@@ -247,6 +288,7 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
                                 "method": method,
                                 "sigma": float(sigma),
                                 "device_model": g["device_model"],
+                                **({"device_options": tiles} if tiles else {}),
                                 "seed": seed,
                                 "group": g["name"],
                                 **hyper,
@@ -256,14 +298,14 @@ def plan(cfg: dict) -> tuple[list[dict], list[dict]]:
                             evals.setdefault(
                                 name + _time_suffix(when),
                                 {"name": name + _time_suffix(when), "model": name, "sigma": float(sigma),
-                                 "device_model": g["device_model"], **when},
+                                 "device_model": g["device_model"], **tiles, **when},
                             )  # fmt: skip
     clean_evals = []
     for clean, points in clean_points.items():
-        for sigma, preset, when in points:
-            when = json.loads(when)
-            name = f"{clean}@{preset}-s{sigma:g}{_time_suffix(when)}"
-            clean_evals.append({"name": name, "model": clean, "sigma": sigma, "device_model": preset, **when})
+        for sigma, preset, when, tiles in points:
+            when, tiles = json.loads(when), json.loads(tiles)
+            name = f"{clean}@{preset}-s{sigma:g}{_tiles_suffix(tiles)}{_time_suffix(when)}"
+            clean_evals.append({"name": name, "model": clean, "sigma": sigma, "device_model": preset, **tiles, **when})
     order = sorted(trainings.values(), key=lambda t: t["method"] != "clean")
     return order, clean_evals + list(evals.values())
 
@@ -321,7 +363,7 @@ def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
         limit_eval=cfg["test_images"],
         out=str(out / "train" / t["name"]),
         overwrite=True,
-        **{k: t[k] for k in TRAIN_EXTRAS if k in t},
+        **{k: t[k] for k in (*TRAIN_EXTRAS, "device_options") if k in t},
     )
     result = train(config, progress=progress, log=None)
     return {
@@ -354,7 +396,7 @@ def study_test_set(cfg: dict, dataset: str, preprocess: str = "standard"):
 def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool) -> dict:
     import torch
 
-    from nft_cuda.devices import make_device_model
+    from nft_cuda.devices import Tiles, make_device_model
     from nft_cuda.eval.monte_carlo import monte_carlo
     from nft_cuda.eval.run import TensorBatches, model_preprocess
     from nft_cuda.io import load_model
@@ -364,10 +406,12 @@ def _eval_one(cfg: dict, e: dict, model_path: str, dataset: str, progress: bool)
     model, payload = load_model(model_path, device=device)
     x, y = study_test_set(cfg, dataset, model_preprocess(payload))
     base = payload["variation"]
+    tiles = {"tiles": Tiles.from_dict(e["tiles"])} if "tiles" in e else {}  # the point's crossbar tiles
     if e["device_model"] in PRESETS:
-        var = Variation(e["sigma"], e["device_model"], base.get("weight_bits", 8), base.get("device_bits", 2))
+        bits = (base.get("weight_bits", 8), base.get("device_bits", 2))
+        var = Variation(e["sigma"], e["device_model"], *bits, **tiles)
     else:  # another device model (docs/device-models.md), read at a time after programming
-        var = make_device_model(e["device_model"], e["sigma"])
+        var = make_device_model(e["device_model"], e["sigma"], **tiles)
     if "time_s" in e:
         var = var.at_time(e["time_s"])
         if e["drift_compensation"]:
@@ -473,6 +517,7 @@ def _point(e: dict, t: dict, r: dict) -> dict:
         "time_s": r["time_s"],
         "per_instance_accuracy": r["per_instance_accuracy"],
         "noise_stream": r.get("noise_stream", 1),
+        **({"tiles": e["tiles"]} if "tiles" in e else {}),
         **({"time_after_programming_s": e["time_s"], "drift_compensation": e["drift_compensation"],
             "compensation_rule": e.get("compensation_rule")} if "time_s" in e else {}),
     }  # fmt: skip

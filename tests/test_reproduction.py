@@ -237,13 +237,76 @@ def test_pcm_time_config_plan_and_errors(study, tmp_path):
     # the committed study was made with the all-ones compensation rule, and its config pins it
     assert {e.get("compensation_rule") for e in evals if e["drift_compensation"]} == {"all-ones"}
     assert all("compensation_rule" not in e for e in evals if not e["drift_compensation"])
+    # untiled: no tiles in any item, so the records of the committed run still match their specs
+    assert all("tiles" not in e for e in evals) and all("device_options" not in t for t in trainings)
     path = tmp_path / "bad.json"
     for bad, needle in (({"times": [-1]}, "times must be"), ({"drift_compensation": [1]}, "drift_compensation"),
                         ({"compensation_rule": "ones"}, "compensation_rule must be one of 'one-hot', 'all-ones'"),
-                        ({"times": None, "drift_compensation": None, "compensation_rule": "all-ones"}, "compensation_rule must be")):  # fmt: skip
+                        ({"times": None, "drift_compensation": None, "compensation_rule": "all-ones"}, "compensation_rule must be"),
+                        ({"tiles": 512}, r"groups\[0\] tiles: a Tiles dict must be a dict"),
+                        ({"tiles": {"max_input": 512}}, r"groups\[0\] tiles: unknown Tiles field\(s\) max_input"),
+                        ({"tiles": {"max_input_size": 0}}, r"groups\[0\] tiles: max_input_size must be >= 1"),
+                        ({"tiles": {"max_output_size": 1.5}}, "max_output_size must be an int"),
+                        ({"tiles": {}}, "tiles must set max_input_size, max_output_size or per_channel")):  # fmt: skip
         path.write_text(json.dumps(_micro_config(groups=[_pcm_group(**bad)])))
         with pytest.raises(ValueError, match=needle):
             study.load_config(path)
+
+
+def test_pcm_tiles_config_plan(study):
+    """The re-run study: the committed config with the one-hot rule and 512 × 512 tiles in training and
+    evaluation, the same models, seed, chips and times otherwise."""
+    old = study.load_config(ROOT / "studies" / "pcm_time.json")
+    cfg = study.load_config(ROOT / "studies" / "pcm_time_tiles.json")
+    same = (
+        "model",
+        "width",
+        "epochs",
+        "batch_size",
+        "lr",
+        "limit_train",
+        "test_images",
+        "runs",
+        "eval_seed",
+        "clean_seed",
+    )
+    assert {k: cfg[k] for k in same} == {k: old[k] for k in same}
+    (g, control_group), (g0,) = cfg["groups"], old["groups"]
+    assert {k: g[k] for k in ("datasets", "sigmas", "methods", "seeds", "times", "drift_compensation")} == {
+        k: g0[k] for k in ("datasets", "sigmas", "methods", "seeds", "times", "drift_compensation")
+    }
+    assert (g["compensation_rule"], g["tiles"]) == ("one-hot", {"max_input_size": 512, "max_output_size": 512})
+    assert control_group["methods"] == [] and "tiles" not in control_group
+    trainings, evals = study.plan(cfg)
+    tiles = {"max_input_size": 512, "max_output_size": 512, "per_channel": False}
+    assert trainings[0]["name"] == "vgg8-mnist-clean-seed0" and "device_options" not in trainings[0]
+    assert all(t["device_options"] == {"tiles": tiles} and t["name"].endswith("-tiles512x512") for t in trainings[1:])
+    tiled = [e for e in evals if "tiles" in e]
+    assert len(tiled) == 4 * 5 * 2 and all(e["tiles"] == tiles and "-tiles512x512" in e["name"] for e in tiled)
+    # the control: the same clean model untiled with the same rule, at every time (no training of its own)
+    control = [e for e in evals if "tiles" not in e]
+    assert len(control) == 5 * 2 and {e["model"] for e in control} == {"vgg8-mnist-clean-seed0"}
+    assert {e["compensation_rule"] for e in evals if e["drift_compensation"]} == {"one-hot"}
+
+
+def test_pcm_study_tiles_split_the_layers_the_page_names():
+    """docs/pcm-study.md: at 512 × 512 only block6 (576 inputs) and classifier.1 (1024) of the MNIST VGG-8
+    at width 0.125 (MNIST is fed as 32 × 32, as the study's models are built) span two input tiles; at
+    256 × 256 four layers would."""
+    import math
+
+    from nft_cuda.devices import Tiles
+    from nft_cuda.models import build_model
+
+    model = build_model("vgg8", in_channels=1, num_classes=10, input_size=32, width=0.125)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
+    split = {
+        a: {n: Tiles(a, a).count(s) for n, s in shapes.items() if Tiles(a, a).count(s) != (1, 1)} for a in (512, 256)
+    }
+    assert split[512] == {"block6.0.weight": (1, 2), "classifier.1.weight": (1, 2)}
+    assert (math.prod(shapes["block6.0.weight"][1:]), math.prod(shapes["classifier.1.weight"][1:])) == (576, 1024)
+    assert set(split[256]) == {"block4.0.weight", "block5.0.weight", "block6.0.weight", "classifier.1.weight"}
+    assert max(s[0] for s in shapes.values()) <= 512  # no output split at 512
 
 
 def test_pcm_micro_study_runs_and_reports(study, pcm_study, tmp_path):
@@ -280,11 +343,57 @@ def test_pcm_micro_study_runs_and_reports(study, pcm_study, tmp_path):
     assert "1 year" in text and (tmp_path / "t.png").stat().st_size > 1000
 
 
-def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
-    results = json.loads((ROOT / "docs" / "pcm-study" / "results.json").read_text())
+def test_pcm_micro_study_with_tiles(study, pcm_study, tmp_path, one_thread):
+    """A tiled group: its models train under the tiles, its rows carry them, and on the same chips the
+    same clean model reads differently tiled (per-tile conductance scales); beside an untiled group in
+    one config nothing collides."""
+    require_optional("matplotlib")  # writes a plot
+    tiles = {"max_input_size": 64, "max_output_size": 64}  # splits 3 of the small model's 5 layers
+    quiet = dict(progress=False, log=lambda *a: None)
+    untiled = study.run(_micro_config(groups=[_pcm_group()]), tmp_path / "untiled", **quiet)
+    control = _pcm_group(name="control", methods=[])  # the clean model untiled on the same chips
+    tiled = study.run(_micro_config(groups=[_pcm_group(tiles=tiles), control]), tmp_path / "tiled", **quiet)
+    full = {**tiles, "per_channel": False}
+    rows = {p["name"]: p for p in tiled["evaluations"]}
+    assert all(p["tiles"] == full for n, p in rows.items() if "-tiles64x64" in n)
+    assert all("tiles" not in p for p in untiled["evaluations"])
+    for p in untiled["evaluations"]:  # the control is the untiled evaluation of the same clean model
+        if p["method"] == "clean":
+            assert "tiles" not in rows[p["name"]] and rows[p["name"]]["ekl"] == p["ekl"]
+    noise = next(t for t in tiled["trainings"] if t["method"] == "noise")
+    assert noise["device_options"] == {"tiles": full}
+    summary = json.loads((tmp_path / "tiled" / "train" / noise["name"] / "summary.json").read_text())
+    assert summary["config"]["device_options"] == {"tiles": full}  # trained under the tiles
+    clean = {p["name"].replace("-tiles64x64", ""): p for n, p in rows.items() if "-tiles64x64@" in n}
+    for p in untiled["evaluations"]:
+        if p["method"] == "clean":  # the same model and chips, other per-tile scales
+            assert p["ekl"] != clean[p["name"]]["ekl"]
+    text = pcm_study.render_comparison(untiled, tiled)
+    assert "one-hot, untiled study → the one-hot, tiles 64×64 study" in text and text.count("| clean |") == 2
+    # the clean model's change split by the control: retraining (here none: +0.00 ± 0.00) and tiles
+    assert "| retrained model (no α): control − old | without | +0.00 ± 0.00 | +0.00 ± 0.00 |" in text
+    assert text.count("| tiles: new − control (same model) |") == 2
+    assert "| clean, untiled (control) |" in pcm_study.render_tables(tiled)
+    begin, end = pcm_study.markers("pcm-study-tiles")
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"# PCM\n{begin}\nold\n{end}\n")
+    assert pcm_study.main(["report", "--results", str(tmp_path / "tiled" / "results.json"), "--doc", str(doc),
+                           "--plot", str(tmp_path / "t.png"), "--block", "pcm-study-tiles"]) == 0  # fmt: skip
+    assert "old" not in doc.read_text() and "crossbar tiles of at most 64 inputs × 64 outputs" in doc.read_text()
+    both = _micro_config(groups=[_pcm_group(), _pcm_group(name="tiled", tiles=tiles)])
+    trainings, evals = study.plan(both)
+    assert [t["method"] for t in trainings].count("clean") == 1 and len(trainings) == 3
+    assert len({e["name"] for e in evals}) == len(evals) == 2 * 2 * 2 * 2
+
+
+@pytest.mark.parametrize("block", ["pcm-study", "pcm-study-tiles"])
+def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study, block):
+    _, config, results_path, _ = next(s for s in pcm_study.STUDIES if s[0] == block)
+    results = json.loads((ROOT / results_path).read_text())
     text = (ROOT / "docs" / "pcm-study.md").read_text()
-    block = text.split(pcm_study.BEGIN, 1)[1].split(pcm_study.END, 1)[0]
-    assert block.strip() == pcm_study.render_tables(results).strip(), (
+    begin, end = pcm_study.markers(block)
+    block_text = text.split(begin, 1)[1].split(end, 1)[0]
+    assert block_text.strip() == pcm_study.render_tables(results).strip(), (
         "docs/pcm-study.md is stale: run `python -m studies.pcm_time report`"
     )
     trainings, evals = study.plan(results["config"])
@@ -294,10 +403,27 @@ def test_committed_pcm_study_recomputes_from_its_json(study, pcm_study):
         assert (
             100 * p["accuracy_mean"] == pytest.approx(mean, abs=1e-9) and len(p["per_instance_accuracy"]) == p["runs"]
         )
-    # made with exactly the committed config, 100 chips per point, and the measured run fits 20 minutes
-    assert results["config"] == json.loads((ROOT / "studies" / "pcm_time.json").read_text())
+    # made with exactly the committed config, 100 chips per point, and the measured run fits its budget:
+    # 20 minutes for the untiled study (run on a quiet machine), the config's budget_minutes for the tiled one
+    assert results["config"] == json.loads(config.read_text())
     assert results["config"]["runs"] >= 100
-    assert results["time_s"]["total"] <= 20 * 60
+    budget = 20 if block == "pcm-study" else results["config"]["budget_minutes"]
+    assert results["time_s"]["total"] <= budget * 60
+    tiles = results["config"]["groups"][0].get("tiles")
+    tiled = [p for p in results["evaluations"] if "-tiles" in p["name"]]
+    assert all(p["tiles"] == {**tiles, "per_channel": False} for p in tiled) if tiles else tiled == []
+    assert all("tiles" not in p for p in results["evaluations"] if "-tiles" not in p["name"])
+
+
+def test_committed_pcm_studies_comparison_recomputes(pcm_study):
+    old, new = (json.loads((ROOT / s[2]).read_text()) for s in pcm_study.STUDIES)
+    text = (ROOT / "docs" / "pcm-study.md").read_text()
+    begin, end = pcm_study.markers(pcm_study.COMPARE)
+    assert text.split(begin, 1)[1].split(end, 1)[0].strip() == pcm_study.render_comparison(old, new).strip()
+    # the same chips: every point of both studies was drawn with the same seed on as many chips
+    assert {(p["eval_seed"], p["runs"], p["num_inputs"]) for p in old["evaluations"] + new["evaluations"]} == {
+        (old["config"]["eval_seed"], 100, 1000)
+    }
 
 
 # --------------------------------------------------------------------------------------------------
