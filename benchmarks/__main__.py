@@ -6,7 +6,7 @@
     python -m benchmarks --render RUN.json [--markdown PATH]
 
 Cases (in this order): ceiling (always, unless --no-ceiling: copy bandwidth and a clean GEMM's FLOP/s,
-the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, transformer, eval, chip. Each variant is
+the floors throughputs are compared with), perturb, linear, fused, snapshot, conv, train, transformer, hwa, eval, chip. Each variant is
 checked for correctness before it is timed, and NFT_CUDA_STRICT=1 (set by the benchmarks package) turns a
 fallback to pure PyTorch into an error. --quick: fewer repeats, shorter runs, smaller or fewer shapes
 where the full ones are slow on a 2-core CPU, and torch.compile baselines for perturb only; on a CPU
@@ -23,6 +23,7 @@ from dataclasses import asdict
 from benchmarks import config, environment, history, peer, report, runner  # benchmarks sets NFT_CUDA_STRICT=1 first
 from benchmarks.bench_conv import conv_case  # noqa: E402
 from benchmarks.bench_eval import chip_case, eval_case  # noqa: E402
+from benchmarks.bench_hwa import hwa_case  # noqa: E402
 from benchmarks.bench_noisy_linear import fused_case, linear_case, snapshot_case  # noqa: E402
 from benchmarks.bench_perturb import perturb_case  # noqa: E402
 from benchmarks.bench_train import train_case  # noqa: E402
@@ -37,6 +38,7 @@ CASES = {
     "conv": conv_case,
     "train": train_case,
     "transformer": transformer_case,
+    "hwa": hwa_case,
     "eval": eval_case,
     "chip": chip_case,
 }
@@ -51,6 +53,8 @@ CASE_HELP = {
     "train": "VGG-8 training step: clean, noise, reference, OVF, reference OVF, IRS, aihwkit-lightning",
     "transformer": "BERT / GPT-2 / ViT training step (small, random weights): clean vs noise injection"
     " / aihwkit-lightning",
+    "hwa": "MLP training step with crossbar tiles and each hardware-aware-training knob added in turn (the"
+    " lightning-hwa preset) vs clean / the step before / aihwkit-lightning",
     "eval": "Monte-Carlo evaluation R = 100 (small model, embedded test slice) vs clean passes / reference loop",
     "chip": "one chip of a converted ViT: clean forward vs instance mode drawn per forward / cached vs monte_carlo",
 }

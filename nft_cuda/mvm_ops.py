@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nft_cuda import reference
+from nft_cuda import rng as rng_ops
 from nft_cuda._args import check_positive_int
 
 __all__ = [
@@ -113,7 +114,7 @@ def read_noise_normals(
     # block of element (c << 34) | e is (c << 32) + (e >> 2): four elements per Philox block
     base = (c << (READ_NOISE_ELEMENT_BITS - 2)) + (draw << reference.DRAW_SHIFT)
     q = base + torch.arange(nq, dtype=torch.int64, device=rng.device)
-    return reference.philox_normal_blocks(rng, q).reshape(4 * nq)[:numel]
+    return rng_ops.normals_of_blocks(rng, q).reshape(4 * nq)[:numel]
 
 
 def read_noise(

@@ -21,6 +21,8 @@ __all__ = [
     "draw_normal",
     "draw_uniform",
     "philox_normal_blocks",
+    "block_counters",
+    "normals_of_words",
     "sigma_w",
     "perturb",
     "perturb_device",
@@ -111,17 +113,27 @@ def _box_muller(x0, x1, x2, x3) -> torch.Tensor:
     return torch.stack([r01 * torch.cos(a01), r01 * torch.sin(a01), r23 * torch.cos(a23), r23 * torch.sin(a23)], dim=-1)
 
 
+def block_counters(rng: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counter int64 [*q.shape, 4], key int64 [2]): the Philox inputs of blocks ``q`` (int64 block
+    counters, read as uint64) in stream rng[1] under key rng[0] (DESIGN §3)."""
+    q_lo, q_hi = _lo_hi(q)
+    s_lo, s_hi = _lo_hi(rng[1])
+    counter = torch.stack((q_lo, q_hi, s_lo.expand(q.shape), s_hi.expand(q.shape)), dim=-1)
+    return counter, torch.stack(_lo_hi(rng[0]))
+
+
+def normals_of_words(words: torch.Tensor) -> torch.Tensor:
+    """float32 [..., 4]: the DESIGN §3 normals (Box–Muller in float64) of Philox output words [..., 4]."""
+    return _box_muller(*words.unbind(-1)).to(torch.float32)
+
+
 def philox_normal_blocks(rng: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """float32 [*q.shape, 4]: the DESIGN §3 normals of Philox blocks ``q`` (int64 block counters, read as
     uint64) in stream rng[1] under key rng[0]: lane l of block q is element 4q + l of that stream.
 
     The general form of :func:`draw_normal` for blocks that are not 0, 1, ... of one draw, e.g. the
     per-MVM read noise (draw 8 at a forward counter, :func:`nft_cuda.mvm_ops.read_noise_normals`)."""
-    q_lo, q_hi = _lo_hi(q)
-    s_lo, s_hi = _lo_hi(rng[1])
-    k0, k1 = _lo_hi(rng[0])
-    words = _philox_words(q_lo, q_hi, s_lo.expand(q.shape), s_hi.expand(q.shape), k0, k1)
-    return _box_muller(*words).to(torch.float32)
+    return normals_of_words(philox4x32(*block_counters(rng, q)))
 
 
 def draw_uniform(rng: torch.Tensor, numel: int, streams: int, draw: int) -> torch.Tensor:

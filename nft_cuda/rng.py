@@ -66,3 +66,14 @@ def normal(numel: int, seed: int, offset: int, streams: int = 1, device=None) ->
     if _ext.use_kernel("philox_normal", device):
         return torch.ops.nft_cuda.philox_normal(rng, numel, streams)
     return reference.philox_normal(rng, numel, streams)
+
+
+def normals_of_blocks(rng: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """float32 [*q.shape, 4]: :func:`nft_cuda.reference.philox_normal_blocks` (the DESIGN §3 normals of
+    Philox blocks ``q`` in stream rng[1] under key rng[0]) with the ten Philox rounds in the compiled kernel
+    where it is built, the Box–Muller step in PyTorch (float64, as the reference): the same bits, without
+    the ~100 elementwise int64 operations of the pure-PyTorch rounds. Internal: the words are in range by
+    construction, so nothing is validated (or read back)."""
+    if not _ext.use_kernel("philox4x32", q.device):
+        return reference.philox_normal_blocks(rng, q)
+    return reference.normals_of_words(torch.ops.nft_cuda.philox4x32(*reference.block_counters(rng, q)))

@@ -7,6 +7,8 @@ helpers and one bench module's CLI run in-process.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -479,3 +481,71 @@ def test_transformer_case_checks_before_timing(bench, monkeypatch):
         .target
         is None
     )  # a CPU goal only
+
+
+# ---- the cost of tiles and of each HWA knob (issue 26) ----------------------------------------------------
+
+
+def test_hwa_case_quick_times_every_knob_against_clean_the_step_before_and_the_peer(bench, tmp_path):
+    from benchmarks import bench_hwa, peer
+    from benchmarks.__main__ import CASE_HELP, CASES
+
+    assert CASES["hwa"] is bench_hwa.hwa_case and "hwa" in CASE_HELP
+    out_json = tmp_path / "hwa.json"
+    bench_hwa.main(["--device", "cpu", "--quick", "--no-ceiling", "--json", str(out_json)])
+    data = json.loads(out_json.read_text())
+    assert data["failures"] == []
+    rows = {r["variant"]: r for r in data["results"]}
+    reason = peer.missing()
+    assert list(bench_hwa.VARIANTS)[-1] == "+ clip = lightning-hwa" and len(bench_hwa.VARIANTS) == 7
+    previous = None
+    for label in bench_hwa.VARIANTS:
+        row = rows[label]
+        assert row["runs"] >= 3 and row["median_s"] > 0
+        by_baseline = {c["baseline"]: c for c in row["compares"]}
+        clean = by_baseline["clean"]
+        assert clean["value"] == pytest.approx(row["median_s"] / rows["clean"]["median_s"])
+        if previous is not None:
+            assert by_baseline[previous]["value"] == pytest.approx(row["median_s"] / rows[previous]["median_s"])
+        other = rows[f"{peer.NAME} {label}"]
+        if reason:
+            assert other["skipped"] and other["note"] == f"skipped: {reason}"
+        else:
+            assert other["runs"] >= 3 and "output moved" in other["note"]
+            speedup = by_baseline[f"{peer.NAME} {label}"]
+            assert speedup["kind"] == "speedup"
+            assert speedup["value"] == pytest.approx(other["median_s"] / row["median_s"])
+        previous = label
+
+
+def test_hwa_case_checks_catch_a_wrong_noise_a_missing_range_gradient_and_an_unclipped_weight(bench):
+    import torch
+
+    from benchmarks import bench_hwa, checks
+
+    torch.manual_seed(0)
+    base, batch = bench_hwa.mlp(True)
+    x = torch.randn(batch, 1024)
+    clean = copy.deepcopy(base).train()
+    model, _ = bench_hwa.build(1, base, x, with_peer=False)  # + tiles 512
+    assert "std" not in bench_hwa.check_variant("t", 1, {"nft_cuda": model}, clean, x)  # alone: output only
+    twice, _ = bench_hwa.build(1, base, x, with_peer=False)
+    for layer in twice.modules():
+        if hasattr(layer, "variation"):
+            layer.variation = dataclasses.replace(layer.variation, sigma=2 * layer.variation.sigma)
+    with pytest.raises(checks.CheckError, match="weight noise std"):
+        bench_hwa.check_variant("t", 1, {"nft_cuda": twice, "other": model}, clean, x)
+    with pytest.raises(checks.CheckError, match="deviations differ"):
+        bench_hwa.check_variant("t", 3, {"nft_cuda": twice, "other": model}, clean, x)
+    learned, _ = bench_hwa.build(5, base, x, with_peer=False)
+    with pytest.raises(checks.CheckError, match="no gradient"):
+        bench_hwa.check_after_step("t", 5, learned)  # no step taken: no gradient yet
+    clipped, _ = bench_hwa.build(6, base, x, with_peer=False)
+    for name, p in clipped.named_parameters():
+        if name.endswith("input_range"):
+            p.grad = torch.ones_like(p)
+    bench_hwa.check_after_step("t", 6, clipped)  # PyTorch's uniform init stays within √3 std of a row
+    with torch.no_grad():
+        clipped[0].weight[3, 7] = 10 * clipped[0].weight[3].std()
+    with pytest.raises(checks.CheckError, match="beyond 2.5 std"):
+        bench_hwa.check_after_step("t", 6, clipped)

@@ -242,3 +242,16 @@ def test_normal_default_device_is_cpu():
 
 def test_module_exports():
     assert nft_cuda.rng.philox4x32 is rng.philox4x32 and nft_cuda.rng.normal is rng.normal
+
+
+@pytest.mark.parametrize("seed, offset", SEEDS_OFFSETS)
+def test_normals_of_blocks_match_the_reference_blocks(seed, offset):
+    """The read/output-noise normals (compiled Philox rounds, PyTorch Box–Muller) equal the pure-PyTorch
+    blocks bit for bit, at block counters near 2^32, with a draw offset, and wrapped past 2^63."""
+    _require_c()
+    r = torch.tensor([seed, offset], dtype=torch.int64)
+    for base in (0, 2**32 - 3, (9 << reference.DRAW_SHIFT) + (5 << 32), 2**63 - 2):
+        q = torch.arange(600, dtype=torch.int64) + base  # wraps to negative int64 past 2^63, read as uint64
+        got = rng.normals_of_blocks(r, q)
+        assert got.dtype == torch.float32 and got.shape == (600, 4)
+        assert torch.equal(got, reference.philox_normal_blocks(r, q)), (seed, offset, base)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["TileLayout", "Tiles", "blocks", "tile_max", "tiled", "unblocks"]
+__all__ = ["TileLayout", "Tiles", "blocks", "tile_max", "tile_maxima", "tiled", "unblocks"]
 
 
 def _check_size(name: str, value) -> int | None:
@@ -95,11 +95,16 @@ class Tiles:
         return len(rows), len(cols)
 
     def layout(self, shape: tuple[int, ...], device=None) -> TileLayout:
-        """The index tensors that lay a weight of ``shape`` out tile by tile (:class:`TileLayout`)."""
-        rows, cols = self.split(shape)
-        out_index, out_pos, row_tile = _indices(rows, device)
-        in_index, in_pos, _ = _indices(cols, device)
-        return TileLayout(out_index, in_index, out_pos, in_pos, row_tile)
+        """The index tensors that lay a weight of ``shape`` out tile by tile (:class:`TileLayout`), built once
+        per (tiles, shape, device): every forward of a tiled layer asks for them."""
+        key = (self, tuple(shape), torch.device(device) if device is not None else None)
+        layout = _LAYOUTS.get(key)
+        if layout is None:
+            rows, cols = self.split(shape)
+            out_index, out_pos, row_tile = _indices(rows, device)
+            in_index, in_pos, _ = _indices(cols, device)
+            layout = _LAYOUTS[key] = TileLayout(out_index, in_index, out_pos, in_pos, row_tile)
+        return layout
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -133,6 +138,16 @@ class TileLayout(NamedTuple):
     out_pos: torch.Tensor
     in_pos: torch.Tensor
     row_tile: torch.Tensor
+
+    @property
+    def inputs_padded(self) -> bool:
+        """Whether some input tile is smaller than the largest (else tile k's inputs are k·cols … (k+1)·cols − 1,
+        and blocking the inputs is a reshape)."""
+        return self.in_index.numel() != self.in_pos.numel()
+
+
+#: Tiles.layout's cache; its tensors are read-only by convention (no caller writes into an index tensor).
+_LAYOUTS: dict = {}
 
 
 def _near_equal(size: int, limit: int | None, unit: int) -> tuple[int, ...]:
@@ -175,23 +190,69 @@ def unblocks(b: torch.Tensor, tiles: Tiles, shape: tuple[int, ...]) -> torch.Ten
     return m.reshape(*lead, *shape)
 
 
+def _runs(sizes: tuple[int, ...]):
+    """(start, first tile, tiles, size) of each run of equal consecutive sizes: near-equal splits have at most
+    two, so a loop over runs (not tiles) lets every run be one reshaped, broadcast operation."""
+    start, k = 0, 0
+    while k < len(sizes):
+        end = k
+        while end < len(sizes) and sizes[end] == sizes[k]:
+            end += 1
+        yield start, k, end - k, sizes[k]
+        start, k = start + (end - k) * sizes[k], end
+
+
+def _segment_amax(x: torch.Tensor, sizes: tuple[int, ...], dim: int) -> torch.Tensor:
+    """The max of ``x`` over consecutive segments of ``sizes`` along ``dim`` (that axis becomes len(sizes))."""
+    dim = dim % x.dim()
+    out = [x.narrow(dim, start, n * size).unflatten(dim, (n, size)).amax(dim + 1) for start, _, n, size in _runs(sizes)]
+    return out[0] if len(out) == 1 else torch.cat(out, dim)
+
+
+def _per_tile_op(op, t: torch.Tensor, small: torch.Tensor, tiles: Tiles, shape: tuple[int, ...]) -> torch.Tensor:
+    """``op(t, v)`` with v the per-tile value ``small`` [T_out, T_in] of each element of ``t`` [..., *shape],
+    broadcast run by run (nothing of t's size is built for v), in the promoted dtype."""
+    rows, cols = tiles.split(shape)
+    per_row = small.repeat_interleave(torch.tensor(rows, device=small.device), 0)  # [O, T_in]
+    flat = t.reshape(*t.shape[: t.dim() - len(shape)], shape[0], -1)
+    out = torch.empty(flat.shape, dtype=torch.promote_types(t.dtype, small.dtype), device=t.device)
+    for start, first, n, size in _runs(cols):
+        src = flat.narrow(-1, start, n * size).unflatten(-1, (n, size))
+        op(src, per_row[:, first : first + n, None], out=out.narrow(-1, start, n * size).unflatten(-1, (n, size)))
+    return out.reshape(t.shape)
+
+
+def tile_maxima(weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:
+    """The max|W| of every tile, [T_out, T_in] (float32, or float64 for a float64 weight): one pass over W."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    rows, cols = tiles.split(tuple(weight.shape))
+    a = weight.detach().reshape(weight.shape[0], -1).abs().to(acc)
+    return _segment_amax(_segment_amax(a, cols, 1), rows, 0)
+
+
+def _per_element(small: torch.Tensor, tiles: Tiles, shape: tuple[int, ...]) -> torch.Tensor:
+    """A per-tile value [T_out, T_in] spread over the elements of a weight of ``shape``."""
+    rows, cols = tiles.split(shape)
+    r = torch.tensor(rows, device=small.device)
+    c = torch.tensor(cols, device=small.device)
+    return small.repeat_interleave(r, 0).repeat_interleave(c, 1).reshape(shape)
+
+
 def tile_max(weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:
     """Per element, the max|W| of its tile ([*weight.shape], float32, or float64 for a float64 weight)."""
-    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    shape = tuple(weight.shape)
-    b = blocks(weight.detach().abs().to(acc), tiles, shape)
-    return unblocks(b.amax(dim=(-3, -1), keepdim=True).expand(b.shape), tiles, shape)
+    return _per_element(tile_maxima(weight, tiles), tiles, tuple(weight.shape))
 
 
 def tiled(perturb: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor, tiles: Tiles) -> torch.Tensor:
     """``perturb`` (a function of the weight returning [S, *weight.shape], homogeneous of degree 1 in W, keyed
     by element index) applied tile by tile: each tile scaled by its own max|W| (the module docstring).
     Straight-through gradient dL/dW = Σ_t dL/dout[t], as the untiled perturbations."""
-    m = tile_max(weight, tiles)
+    m = tile_maxima(weight, tiles)  # small: the rescaling factor is computed per tile, then spread
     top = m.amax() if m.numel() else m.new_zeros(())
-    up = torch.where(m > 0, top / torch.where(m > 0, m, torch.ones_like(m)), torch.ones_like(m))
-    out = perturb((weight.detach().to(m.dtype) * up).contiguous())
-    out = (out.to(m.dtype) / up).to(weight.dtype)
+    ones = torch.ones_like(m)
+    up, shape = torch.where(m > 0, top / torch.where(m > 0, m, ones), ones), tuple(weight.shape)
+    out = perturb(_per_tile_op(torch.mul, weight.detach(), up, tiles, shape))
+    out = _per_tile_op(torch.div, out, up, tiles, shape).to(weight.dtype)
     if weight.requires_grad:
         out = out + (weight - weight.detach())
     return out

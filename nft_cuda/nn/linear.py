@@ -163,12 +163,16 @@ class NoisyLinear(RetypedNoisy, nn.Linear):
     tile_output_dim = -1
 
     def tile_inputs(self, input: torch.Tensor, layout) -> torch.Tensor:
-        x = F.pad(input, (0, 1)).index_select(-1, layout.in_index.flatten())
+        x = input
+        if layout.inputs_padded:  # equal tiles are a view: no gather forward, no scatter backward
+            x = F.pad(input, (0, 1)).index_select(-1, layout.in_index.flatten())
         return x.reshape(*input.shape[:-1], *layout.in_index.shape).movedim(-2, 0)
 
     def tile_matmul(self, xb: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
         tiles, cols = layout.in_index.shape
-        w = F.pad(weight, (0, 1)).index_select(1, layout.in_index.flatten())
+        w = weight
+        if layout.inputs_padded:
+            w = F.pad(weight, (0, 1)).index_select(1, layout.in_index.flatten())
         wb = w.reshape(weight.shape[0], tiles, cols).permute(1, 2, 0).to(xb.dtype)  # [T_in, cols, O]
         out = torch.bmm(xb.reshape(tiles, -1, cols), wb)
         return out.reshape(*xb.shape[:-1], weight.shape[0])

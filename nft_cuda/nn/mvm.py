@@ -26,7 +26,7 @@ import math
 import torch
 
 from nft_cuda import mvm_ops, ops
-from nft_cuda.devices.tiles import blocks, tiled
+from nft_cuda.devices.tiles import tile_maxima, tiled
 
 __all__ = ["active_mvm", "mvm_forward", "programmed", "refuse_mvm_around_gemm", "tile_ranges", "tile_table"]
 
@@ -184,7 +184,7 @@ def tile_table(layer):
     tiles = layer.variation.tiles
     shape = tuple(layer.weight.shape)
     layout = tiles.layout(shape, layer.weight.device)
-    per_tile = blocks(layer.weight.detach().abs().float(), tiles, shape).amax(dim=(-3, -1))  # [T_out, T_in]
+    per_tile = tile_maxima(layer.weight.detach().float(), tiles)  # [T_out, T_in]
     return per_tile[layout.row_tile].t().contiguous(), layout
 
 
