@@ -294,15 +294,31 @@ def _do_unit(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> 
     return record
 
 
-def run(cfg: dict, out, *, results=None, progress: bool = False, log=print, max_units: int | None = None) -> dict:
+def select_sigmas(units: list[dict], cfg: dict, sigmas) -> list[dict]:
+    """The units at the σ_d in ``sigmas`` (each one of the config's; None: all), so that two processes can
+    share a study: units of other σ_d never share a training but the clean model, which the second one
+    reuses from ``out`` once it is there (``python -m studies.fidelity run --sigmas 0.25 --results B``)."""
+    if sigmas is None:
+        return units
+    wanted = {float(x) for x in sigmas}
+    unknown = sorted(wanted - {float(x) for x in cfg["sigmas"]})
+    if unknown:
+        raise ValueError(f"--sigmas {unknown} not in the config's sigmas {cfg['sigmas']}")
+    return [u for u in units if u["sigma"] in wanted]
+
+
+def run(
+    cfg: dict, out, *, results=None, progress: bool = False, log=print, max_units: int | None = None, sigmas=None
+) -> dict:
     """Do (or continue) the units of ``cfg`` not yet in the results file (default ``cfg["results"]``),
-    appending each as it finishes; at most ``max_units`` of them. Returns :func:`load_results`."""
+    appending each as it finishes; at most ``max_units`` of them, only those at ``sigmas`` when given
+    (:func:`select_sigmas`). Returns :func:`load_results`."""
     import torch
 
     out, results = Path(out), Path(results or cfg["results"])
+    units = select_sigmas(plan(cfg), cfg, sigmas)
     done = {u["key"]: u for u in load_results(results)["units"]}
     _append(results, {"config": cfg, "environment": reproduce.environment_stamp(), "started": time.time()})
-    units = plan(cfg)
     todo = [u for u in units if done.get(u["key"], {}).get("spec") != unit_spec(cfg, u)]
     log(f"{len(units) - len(todo)} of {len(units)} units already in {results}; {len(todo)} to do")
     shared: dict = {}
@@ -546,6 +562,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="results file (default: the config's 'results')")
     r.add_argument("--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR)")
     r.add_argument("--max-units", dest="max_units", type=int, help="stop after this many units")
+    r.add_argument("--sigmas", type=float, nargs="+", help="only the units at these σ_d (a second process's share)")
     r.add_argument("--progress", action="store_true", help="progress bars")
     s = sub.add_parser("report", help="recompute the page's tables and plot from the results file")
     s.add_argument("--results", default="docs/fidelity-study/results.jsonl")
@@ -571,7 +588,9 @@ def main(argv=None) -> int:
             cfg = load_config(args.config)
             if args.data_dir:
                 cfg["data_dir"] = args.data_dir
-            run(cfg, args.out, results=args.results, progress=args.progress, max_units=args.max_units)
+            run(
+                cfg, args.out, results=args.results, progress=args.progress, max_units=args.max_units, sigmas=args.sigmas
+            )
         elif args.command == "report":
             results = load_results(args.results)
             if not results["units"]:

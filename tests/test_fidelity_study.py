@@ -61,6 +61,27 @@ def test_run_appends_units_and_resumes(tmp_path, one_thread):
     assert len(fidelity.load_results(cfg["results"])["units"]) == 4
 
 
+def test_a_second_process_takes_other_sigmas_and_reuses_the_clean_model(tmp_path, one_thread):
+    cfg = _tiny_config(tmp_path)
+    assert [u["key"] for u in fidelity.select_sigmas(fidelity.plan(cfg), cfg, [0.2])] == [
+        "clean-s0.2-seed0",
+        "noise-s0.2-seed0",
+    ]
+    with pytest.raises(ValueError, match="not in the config"):
+        fidelity.select_sigmas(fidelity.plan(cfg), cfg, [0.25])
+    fidelity.run(cfg, tmp_path / "runs", log=lambda _: None, sigmas=[0.3])
+    second = tmp_path / "second.jsonl"
+    fidelity.run(cfg, tmp_path / "runs", results=second, log=lambda _: None, sigmas=[0.2])
+    units = fidelity.load_results(second)["units"]
+    assert [u["key"] for u in units] == ["clean-s0.2-seed0", "noise-s0.2-seed0"]
+    assert [u["training"]["reused"] for u in units] == [True, False]  # the clean model of the first process
+    merged = tmp_path / "merged.jsonl"
+    merged.write_text(Path(cfg["results"]).read_text() + second.read_text())
+    assert sorted(u["key"] for u in fidelity.load_results(merged)["units"]) == sorted(
+        u["key"] for u in fidelity.plan(cfg)
+    )
+
+
 def test_convergence_criterion():
     good = {"clean_accuracy": 0.9, "prediction_histogram": [10] * 10}
     assert fidelity.converged(good, CRITERION)
