@@ -589,7 +589,12 @@ def main(argv=None) -> int:
             if args.data_dir:
                 cfg["data_dir"] = args.data_dir
             run(
-                cfg, args.out, results=args.results, progress=args.progress, max_units=args.max_units, sigmas=args.sigmas
+                cfg,
+                args.out,
+                results=args.results,
+                progress=args.progress,
+                max_units=args.max_units,
+                sigmas=args.sigmas,
             )
         elif args.command == "report":
             results = load_results(args.results)
