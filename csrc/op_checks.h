@@ -95,6 +95,7 @@ inline void check_device_model(int64_t kind, c10::ArrayRef<double> params, int64
                       ": PCM g_max, t0 and t_read must be > 0, got ", params[1], ", ", params[5], ", ", params[6]);
     TORCH_CHECK_VALUE(params[7] >= 0.0 && params[8] >= 0.0, op, ": PCM drift_scale and read_scale must be >= 0, got ",
                       params[7], ", ", params[8]);
+    TORCH_CHECK_VALUE(params[9] == 0.0 || params[9] == 1.0, op, ": PCM aihwkit_read must be 0 or 1, got ", params[9]);
   } else if (kind == device::kStuckAt) {
     TORCH_CHECK_VALUE(params[0] >= 0.0 && params[0] <= 1.0 && params[1] >= 0.0 && params[1] <= 1.0, op,
                       ": StuckAt probabilities p0, p1 must lie in [0, 1], got ", params[0], ", ", params[1]);

@@ -350,6 +350,14 @@ def add_device_options(g, *, suppress: bool) -> None:
         help="pcm: how the drift-compensation read estimates α: one-hot (default; aihwkit's: one-hot inputs, "
         "α = Σ|W_0|/Σ|W_t|) or all-ones (one all-ones input: the ratio of the summed |row sums|)",
     )
+    g.add_argument(
+        "--aihwkit-read",
+        dest="aihwkit_read",
+        action="store_true",
+        default=default,
+        help="pcm: aihwkit's read step (1/f read noise from t + t0, so also at t = 0; Q_s at the programmed "
+        "conductance; conductances clamped at 0) instead of this library's",
+    )
     _add_mvm_options(g, default)
     _add_tile_options(g, default)
 
@@ -429,7 +437,7 @@ def device_options_from_args(args: argparse.Namespace) -> dict:
     """The device-model fields the options of :func:`add_device_options` set (only those given); the
     MVM effects as ``{"mvm": {...}}`` (a JSON-safe dict: the train config stores it)."""
     options = {}
-    for name in ("p0", "p1", "drift_compensation", "compensation_rule"):
+    for name in ("p0", "p1", "drift_compensation", "compensation_rule", "aihwkit_read"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     mvm = {}

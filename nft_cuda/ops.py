@@ -64,7 +64,7 @@ def perturb(
         return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
     out = _perturb_device(weight, rng, sig, variation)
     if getattr(variation, "drift_compensation", False) and variation.at_time(0) != variation:
-        programmed = _perturb_device(weight.detach(), rng, sig, variation.at_time(0))
+        programmed = _perturb_device(weight.detach(), rng, sig, variation.programmed())
         out = _compensate_drift(out, programmed, variation.compensation_rule)
     return out
 
@@ -77,7 +77,7 @@ def drift_split(weight: torch.Tensor, model: DeviceModel, *, rng: torch.Tensor, 
     sig = sigmas if sigmas is not None else torch.full((1,), model.sigma, dtype=torch.float32, device=weight.device)
     plain = dataclasses.replace(model, drift_compensation=False)
     drifted = perturb(weight, plain, rng=rng, samples=sig.shape[0], sigmas=sig)
-    programmed = perturb(weight.detach(), plain.at_time(0), rng=rng, samples=sig.shape[0], sigmas=sig)
+    programmed = perturb(weight.detach(), plain.programmed(), rng=rng, samples=sig.shape[0], sigmas=sig)
     if model.tiled:
         return drifted, _tile_alphas(drifted, programmed, model.compensation_rule, model.tiles)[:, :, 0, :, 0]
     return drifted, _layer_alphas(drifted, programmed, model.compensation_rule)
@@ -97,7 +97,7 @@ def _perturb_tiled(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, m
 
     out = tiled(one(untiled), weight, tiles)
     if compensate:
-        programmed = tiled(one(untiled.at_time(0)), weight.detach(), tiles)
+        programmed = tiled(one(untiled.programmed()), weight.detach(), tiles)
         out = _compensate_drift_tiles(out, programmed, model.compensation_rule, tiles)
     return out
 

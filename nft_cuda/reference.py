@@ -192,26 +192,29 @@ def perturb(
 
 
 #: Number of ``params`` of perturb_device per model kind (DESIGN §2.1): 1 PCM, 2 LogNormal, 3 StuckAt.
-DEVICE_PARAMS = {1: 9, 2: 0, 3: 2}
+DEVICE_PARAMS = {1: 10, 2: 0, 3: 2}
 
 
 def _pcm_final(g, s, z_prog, z_nu, z_read, params):
     """g_f of a PCM device with target conductance g (µS), float64 (DESIGN §2.1)."""
-    t, g_max, c0, c1, c2, t0, t_read, drift_scale, read_scale = params
+    t, g_max, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read = params
     r = g / g_max
     sigma_prog = s * (c0 + c1 * r + c2 * (r * r))
-    g_f = torch.clamp(g + sigma_prog * z_prog, min=0.0)
+    g_prog = torch.clamp(g + sigma_prog * z_prog, min=0.0)
+    g_f = g_prog
     if t > 0 and drift_scale > 0:
         log_r = torch.log(torch.clamp(r, min=1e-7))
         mu = torch.clamp(-0.0155 * log_r + 0.0244, 0.049, 0.1)
         sd = torch.clamp(-0.0125 * log_r - 0.0059, 0.008, 0.045)
         nu = drift_scale * torch.abs(mu + sd * z_nu)
         g_f = g_f * torch.pow(torch.tensor((t + t0) / t0, dtype=torch.float64, device=g.device), -nu)
-    read_log = math.log((t + t_read) / (2.0 * t_read))
+    t_r = t + t0 if aihwkit_read else t  # aihwkit's 1/f term counts from t + t0
+    read_log = math.log((t_r + t_read) / (2.0 * t_read))
     if read_log > 0 and read_scale > 0:
-        q_s = torch.clamp(0.0088 / torch.clamp(torch.pow(r, 0.65), min=1e-3), max=0.2)
+        r_q = g_prog / g_max if aihwkit_read else r  # aihwkit: Q_s of the programmed conductance
+        q_s = torch.clamp(0.0088 / torch.clamp(torch.pow(r_q, 0.65), min=1e-3), max=0.2)
         g_f = g_f + read_scale * torch.abs(g_f) * q_s * math.sqrt(read_log) * z_read
-    return g_f
+    return torch.clamp(g_f, min=0.0) if aihwkit_read else g_f
 
 
 def _stuck_final(g, s, u, params):
@@ -227,7 +230,7 @@ def perturb_device(
     """[S, *weight.shape]: the weight perturbed by device model ``kind`` (DESIGN §2.1) for each severity
     in ``sigmas`` (S = sigmas.numel(); sample t uses stream offset + t).
 
-    kind: 1 PCM (params [t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale]), 2 LogNormal ([]),
+    kind: 1 PCM (params [t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read]), 2 LogNormal ([]),
     3 StuckAt ([p0, p1]). Computed in float64 from the float32 draws of DESIGN §3.1 and rounded once to
     the weight's dtype; zero perturbations return the weight exactly. Differentiable, straight-through:
     dL/dW = Σ_t dL/dout[t].

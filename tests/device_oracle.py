@@ -41,7 +41,7 @@ def _recombine(w, m, g_max, g_pos, f_pos, g_neg, f_neg):
 
 def pcm_device(g, s, z_prog, z_nu, z_read, params):
     """Final conductance of one PCM device with target g (µS), Nandakumar et al. 2019 / Joshi et al. 2020."""
-    t, g_max, c0, c1, c2, t0, t_read, drift_scale, read_scale = (float(p) for p in params)
+    t, g_max, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read = (float(p) for p in params)
     r = g / g_max
     g_prog = np.maximum(g + s * (c0 + c1 * r + c2 * r**2) * z_prog, 0.0)
     g_drift = g_prog
@@ -51,11 +51,13 @@ def pcm_device(g, s, z_prog, z_nu, z_read, params):
         sd_nu = np.minimum(np.maximum(-0.0125 * ln_r - 0.0059, 0.008), 0.045)
         nu = drift_scale * np.abs(mu_nu + sd_nu * z_nu)
         g_drift = g_prog * ((t + t0) / t0) ** (-nu)
-    big_l = np.log((t + t_read) / (2 * t_read))
+    # aihwkit's read step (aihwkit_read): the 1/f term from t + t0, Q_s at the programmed g, clamp at 0
+    big_l = np.log(((t + t0 if aihwkit_read else t) + t_read) / (2 * t_read))
     if big_l > 0 and read_scale > 0:
-        q_s = np.minimum(0.0088 / np.maximum(r**0.65, 1e-3), 0.2)
-        return g_drift + read_scale * np.abs(g_drift) * q_s * np.sqrt(big_l) * z_read
-    return g_drift
+        r_q = g_prog / g_max if aihwkit_read else r
+        q_s = np.minimum(0.0088 / np.maximum(r_q**0.65, 1e-3), 0.2)
+        g_drift = g_drift + read_scale * np.abs(g_drift) * q_s * np.sqrt(big_l) * z_read
+    return np.maximum(g_drift, 0.0) if aihwkit_read else g_drift
 
 
 def pcm(w, m, s, params, z, *, drift_compensation=False):

@@ -96,6 +96,9 @@ def test_eval_compensation_rule_option(pcm_run, tmp_path, capsys):
     code, _, err = _main(capsys, "eval", str(pcm_run), "--device-model", "lognormal", "--compensation-rule",
                          "all-ones", "--runs", "2", "--no-progress")  # fmt: skip
     assert code != 0 and "the lognormal device model has no setting compensation_rule" in one_error_line(err)
+    code, _, err = _main(capsys, "eval", str(pcm_run), "--compensation-rule", "all-ones", "--runs", "2",
+                         "--no-progress")  # fmt: skip
+    assert code != 0 and "compensation_rule has no effect: the model does not compensate" in one_error_line(err)
 
 
 def test_eval_of_a_gaussian_checkpoint_under_pcm(pcm_run, tmp_path, capsys):
@@ -179,3 +182,17 @@ def test_tiles_and_converters_train_and_evaluate_over_time_end_to_end(tmp_path, 
     with pytest.raises(SystemExit):
         cli.main(["train", "--output-bound", "0", "--out", str(tmp_path / "bad"), *_TINY])
     assert "argument --output-bound: must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_eval_aihwkit_read_option(pcm_run, tmp_path, capsys):
+    """--aihwkit-read: the PCM chips read with aihwkit's read step; at t = 0 it adds read noise, so the same
+    chips give other outputs than the default read step, and the flag is recorded in the results."""
+    argv = ["eval", str(pcm_run), "--sigma", "1", "--time", "0", "--runs", "2", "--no-progress"]
+    got = {}
+    for name, extra in (("library", ()), ("aihwkit", ("--aihwkit-read",))):
+        j = tmp_path / f"{name}.json"
+        code, _, err = _main(capsys, *argv, *extra, "--json", str(j))
+        assert code == 0, err
+        (got[name],) = json.loads(j.read_text())["results"]
+    assert got["library"]["device"]["aihwkit_read"] is False and got["aihwkit"]["device"]["aihwkit_read"] is True
+    assert got["library"]["confidence"] != got["aihwkit"]["confidence"]

@@ -36,6 +36,8 @@ MODELS = {
     "pcm-t0": PCM(),
     "pcm-1h": PCM(time=3600.0),
     "pcm-1y-scaled": PCM(sigma=1.5, time=3.15e7, drift_scale=0.7, read_noise_scale=2.0),
+    "pcm-aihwkit-read-t0": PCM(aihwkit_read=True),
+    "pcm-aihwkit-read-1y": PCM(time=3.15e7, read_noise_scale=3.0, aihwkit_read=True),
     "lognormal": LogNormal(0.3),
     "stuck-at": StuckAt(p0=0.05, p1=0.1),
 }
@@ -147,6 +149,44 @@ def test_oracle_drift_compensation_matches(rule):
                                                      sigmas=sigmas))  # fmt: skip
 
 
+def test_aihwkit_read_compensates_against_the_programmed_chip():
+    """With aihwkit's read step a chip read at t = 0 is noisy, yet α's calibration baseline stays the
+    programmed chip (read noise off: aihwkit records it when programming), for either rule."""
+    w = torch.randn(48, 40, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    sigmas = torch.tensor([1.0, 0.4], dtype=torch.float32)
+    model = PCM(time=86400.0, aihwkit_read=True, drift_compensation=True)
+    assert model.programmed() == PCM(aihwkit_read=True, read_noise_scale=0.0, drift_compensation=True)
+    out = nft_cuda.ops.perturb(w, model, rng=_rng(), samples=2, sigmas=sigmas)
+    w_t = _oracle(PCM(time=86400.0, aihwkit_read=True), w, sigmas)
+    w_0 = _oracle(PCM(read_noise_scale=0.0, aihwkit_read=True), w, sigmas)
+    torch.testing.assert_close(out, torch.from_numpy(oracle.drift_compensate(w_t, w_0)), rtol=1e-12, atol=1e-12)
+    noisy_0 = _oracle(PCM(aihwkit_read=True), w, sigmas)  # what at_time(0) would read: not the baseline
+    assert not np.allclose(noisy_0, w_0, rtol=1e-6)
+
+
+def test_aihwkit_read_step_at_time_zero_and_its_clamp():
+    """aihwkit_read: at t = 0 the read noise of t + t0 is there (std Q_s(r)·sqrt(ln((t0 + t_read)/(2 t_read))),
+    programming off), the default read step has none; and g_f is clamped at 0: with a read noise large
+    enough to push devices below 0, no weight of a positive-only layer ends negative (the default keeps
+    them)."""
+    n, r = 1_000_000, 0.5
+    w = torch.full((n,), r, dtype=torch.float64)
+    w[0] = 1.0
+    quiet = PCM(sigma=0.0, aihwkit_read=True)
+    assert not quiet.noiseless and PCM(sigma=0.0).noiseless
+    rel = (nft_cuda.ops.perturb(w, quiet, rng=_rng())[0][1:] / r - 1).numpy()
+    want = min(0.0088 / r**0.65, 0.2) * math.sqrt(math.log((quiet.t0 + quiet.t_read) / (2 * quiet.t_read)))
+    assert rel.std() == pytest.approx(want, rel=5 * math.sqrt(0.5 / n))
+    assert torch.equal(nft_cuda.ops.perturb(w, PCM(sigma=0.0), rng=_rng())[0], w)
+    loud = {"sigma": 0.0, "time": 3600.0, "drift_scale": 0.0, "read_noise_scale": 20.0}
+    small = torch.full((100_000,), 0.05, dtype=torch.float64)
+    small[0] = 1.0  # max|W| = 1; the negative devices of each weight target 0 and stay at 0 (σ = 0)
+    clamped = nft_cuda.ops.perturb(small, PCM(**loud, aihwkit_read=True), rng=_rng())[0]
+    unclamped = nft_cuda.ops.perturb(small, PCM(**loud), rng=_rng())[0]
+    assert clamped.min() >= 0 and (clamped == 0).float().mean() > 0.2
+    assert (unclamped < 0).float().mean() > 0.2
+
+
 def _one_year_alpha_error(rule: str, chips: int = 32) -> torch.Tensor:
     """α / g* − 1 of each of ``chips`` chips of a 256×256 PCM layer read 1 year after programming, g* the
     ideal gain of docs/device-models.md: Σ|W_0| / Σ sign(W_0)·W_t (W_0 the programmed chip, W_t the drifted
@@ -184,7 +224,7 @@ def test_g_max_changes_units_not_the_noise(t):
         torch.testing.assert_close(nft_cuda.ops.perturb(w, PCM(time=t, g_max=g_max), rng=_rng(), samples=3), base,
                                    rtol=1e-12, atol=1e-14)  # fmt: skip
     unscaled = PCM(time=t, g_max=50.0, prog_g_ref=50.0)
-    params = [t, 50.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]
+    params = [t, 50.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0, 0.0]
     n = w.numel()
     z = [reference.draw_normal(_rng(), n, 3, k).double().numpy() for k in range(6)]
     want = oracle.pcm(w.reshape(1, n).numpy(), float(w.abs().max().float()), np.ones((3, 1)), params, z)
@@ -394,7 +434,7 @@ def test_kinds_and_kernel_ids():
     got = {cls.kind: cls.KERNEL_ID for cls in (Variation, PCM, LogNormal, StuckAt)}
     assert got == {"bitsliced-gaussian": 0, "pcm": 1, "lognormal": 2, "stuck-at": 3}
     assert Variation(0.1).kernel_params() == [] and LogNormal(0.1).kernel_params() == []
-    assert PCM(time=5.0).kernel_params() == [5.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0]
+    assert PCM(time=5.0).kernel_params() == [5.0, 25.0, 0.26348, 1.9650, -1.1731, 20.0, 250e-9, 1.0, 1.0, 0.0]
     assert StuckAt(p0=0.1, p1=0.2).kernel_params() == [0.1, 0.2]
 
 
@@ -455,7 +495,7 @@ BAD = [
     (lambda: device_model_from_dict({"kind": "memristor", "sigma": 1.0}), ValueError, "unknown device-model kind"),
     (lambda: device_model_from_dict({"kind": "pcm", "sgima": 1.0}), ValueError, "unknown pcm device-model field"),
     (lambda: nft_cuda.ops.perturb(torch.ones(3), "pcm"), TypeError, "variation must be a device model"),
-    (lambda: reference.perturb_device(torch.ones(3), _rng(), torch.ones(1), 1, [0.0]), ValueError, "takes 9 params"),
+    (lambda: reference.perturb_device(torch.ones(3), _rng(), torch.ones(1), 1, [0.0]), ValueError, "takes 10 params"),
     (lambda: reference.perturb_device(torch.ones(3), _rng(), torch.ones(1), 9, []), ValueError, "unknown device-model"),
 ]
 

@@ -32,7 +32,7 @@ Z_TOL = 5e-7  # one float32 ulp of |z| < 8: a normal rounded the other way (see 
 
 
 def pcm_params(t: float, **options) -> list[float]:
-    """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale] of nft_cuda.devices.PCM."""
+    """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read] of nft_cuda.devices.PCM."""
     return PCM_MODEL(time=t, **options).kernel_params()
 
 
@@ -122,6 +122,8 @@ CASES = {
     "pcm-1y": (PCM, pcm_params(3.15e7, drift_scale=1.5, read_noise_scale=2.0)),
     "pcm-drift-only": (PCM, pcm_params(3600.0, read_noise_scale=0.0)),  # only some draws generated
     "pcm-read-only": (PCM, pcm_params(3600.0, drift_scale=0.0)),
+    "pcm-aihwkit-read-t0": (PCM, pcm_params(0.0, aihwkit_read=True)),
+    "pcm-aihwkit-read-1y": (PCM, pcm_params(3.15e7, read_noise_scale=3.0, aihwkit_read=True)),
     "stuck-at": (STUCK_AT, [0.1, 0.05]),
 }
 
@@ -158,7 +160,8 @@ def test_kernel_matches_reference_perturb_device(device, dtype, case):
         assert (err <= 4 * ulp(ref, dtype) + 1e-15 * m).all(), f"{case}: max err {err.max():.3g}"
     else:
         assert torch.equal(got, ref), f"{case}: {int((got != ref).sum())} elements differ"
-    if kind != PCM or params[0] == 0:  # severity 0 at t = 0 (or a time-independent model): the weight
+    # severity 0 at t = 0 (or a time-independent model): the weight; aihwkit's read step reads at t + t0
+    if kind != PCM or (params[0] == 0 and not params[9]):
         assert torch.equal(got[1], w) and torch.equal(ref[1], w)
 
 
@@ -256,12 +259,13 @@ def test_opcheck():
 BAD = [
     (0, [], "bit-sliced Gaussian runs on perturb"),
     (4, [], "kind must be 1"),
-    (PCM, [1.0], "takes 9 params"),
+    (PCM, [1.0], "takes 10 params"),
     (LOGNORMAL, [0.1], "takes 0 params"),
     (STUCK_AT, [0.5], "takes 2 params"),
     (PCM, with_param(pcm_params(1.0), 0, -1.0), "time t must be >= 0"),
     (PCM, with_param(pcm_params(1.0), 1, 0.0), "g_max, t0 and t_read must be > 0"),
     (PCM, with_param(pcm_params(1.0), 8, -1.0), "read_scale must be >= 0"),
+    (PCM, with_param(pcm_params(1.0), 9, 0.5), "aihwkit_read must be 0 or 1"),
     (PCM, with_param(pcm_params(1.0), 2, float("inf")), "must be finite"),
     (STUCK_AT, [1.5, 0.0], r"must lie in \[0, 1\]"),
     (STUCK_AT, [-0.1, 0.0], r"must lie in \[0, 1\]"),

@@ -42,6 +42,11 @@ class PCM(DeviceModel):
         prog_g_ref: the g_max in µS at which ``prog_coeff`` was fitted (default 25, the published fit's):
             σ_prog scales by g_max/prog_g_ref, as aihwkit's ``prog_coeff_g_max_reference``, so ``g_max``
             changes the conductance units, not the programming noise relative to max|W|.
+        aihwkit_read: aihwkit's read step (``PCMLikeNoiseModel.apply_drift_noise_to_conductance``) instead of
+            this library's: the 1/f term counts from t + t0 (so a chip read at t = 0 has read noise), Q_s is
+            evaluated at the programmed conductance instead of the target, and g_f is clamped at 0. Default
+            False (the published studies' model). aihwkit's one-device collapse is not modelled either way
+            (docs/device-models.md, "Differences from aihwkit's PCM model").
     """
 
     sigma: float = 1.0
@@ -55,6 +60,7 @@ class PCM(DeviceModel):
     drift_compensation: bool = False
     compensation_rule: str = "one-hot"
     prog_g_ref: float = 25.0
+    aihwkit_read: bool = False
 
     kind: ClassVar[str] = "pcm"
     KERNEL_ID: ClassVar[int] = 1
@@ -76,6 +82,8 @@ class PCM(DeviceModel):
         set_(self, "prog_coeff", tuple(check_real(f"prog_coeff[{i}]", c) for i, c in enumerate(coeff)))
         if not isinstance(self.drift_compensation, bool):
             raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
+        if not isinstance(self.aihwkit_read, bool):
+            raise TypeError(f"aihwkit_read must be True or False, got {type(self.aihwkit_read).__name__}")
         if self.compensation_rule not in COMPENSATION_RULES:
             raise ValueError(
                 f"compensation_rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, "
@@ -85,20 +93,29 @@ class PCM(DeviceModel):
     @property
     def noiseless(self) -> bool:
         """No programming noise and nothing that changes with time (t = 0, or drift and read noise off)."""
-        static = self.time == 0.0 or (self.drift_scale == 0.0 and self.read_noise_scale == 0.0)
+        read_at_0 = self.aihwkit_read and self.read_noise_scale > 0.0  # aihwkit reads at t + t0 > 0
+        static = (self.time == 0.0 and not read_at_0) or (self.drift_scale == 0.0 and self.read_noise_scale == 0.0)
         return super().noiseless and static
 
     def at_time(self, t: float) -> PCM:
         """The same chip read ``t`` seconds after programming."""
         return dataclasses.replace(self, time=check_time(t))
 
+    def programmed(self) -> PCM:
+        """The chip as programmed (t = 0, no read noise): the reference of the drift-compensation read
+        (aihwkit records its baseline when it programs the weights). With the default read step this is
+        ``at_time(0)`` exactly (no read noise at t = 0)."""
+        return dataclasses.replace(self, time=0.0, read_noise_scale=0.0)
+
     def kernel_params(self) -> list[float]:
-        """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale] (DESIGN §2.1), the coefficients already
-        scaled by G/prog_g_ref (exactly ``prog_coeff`` at the default G = prog_g_ref = 25)."""
+        """[t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read] (DESIGN §2.1), the
+        coefficients already scaled by G/prog_g_ref (exactly ``prog_coeff`` at the default G = prog_g_ref = 25)."""
         scale = self.g_max / self.prog_g_ref
         c0, c1, c2 = (c * scale for c in self.prog_coeff) if scale != 1.0 else self.prog_coeff
-        return [self.time, self.g_max, c0, c1, c2, self.t0, self.t_read, self.drift_scale, self.read_noise_scale]
+        read = float(self.aihwkit_read)
+        return [self.time, self.g_max, c0, c1, c2, self.t0, self.t_read, self.drift_scale, self.read_noise_scale, read]
 
     def __str__(self) -> str:
         comp = f", drift-compensated ({self.compensation_rule})" if self.drift_compensation else ""
+        comp += ", aihwkit read" if self.aihwkit_read else ""
         return f"PCM(scale={self.sigma:g}, t={self.time:g} s{comp}{self._tiles_note()})"

@@ -348,6 +348,11 @@ def sweep_models(base: dict, sigmas, device_model=None, times=None, drift_compen
             raise ValueError(f"drift_compensation applies to the PCM model, not '{models[0].name}'")
         models = [dataclasses.replace(m, drift_compensation=_args.check_bool("drift_compensation", drift_compensation))
                   for m in models]  # fmt: skip
+    if "compensation_rule" in options and not all(getattr(m, "drift_compensation", False) for m in models):
+        raise ValueError(
+            "compensation_rule has no effect: the model does not compensate drift (add drift_compensation=True, "
+            "--drift-compensation)"
+        )
     if times is None:
         return [(m, None) for m in models]
     times = [float(t) for t in ([times] if isinstance(times, (int, float)) else times)]

@@ -37,11 +37,11 @@ enum Kind : int { kBitSlicedGaussian = 0, kPcm = 1, kLogNormal = 2, kStuckAt = 3
 
 constexpr int kDraws = 8;         // draw indices k = 0 .. 7 of the table above
 constexpr int kFirstUniform = 6;  // k >= 6: uniforms, else normals
-constexpr int kMaxParams = 9;
+constexpr int kMaxParams = 10;
 
 // Length of the params list of `kind`, or -1 for a kind perturb_device does not serve.
 NFT_INLINE constexpr int param_count(int kind) {
-  return kind == kPcm ? 9 : (kind == kLogNormal ? 0 : (kind == kStuckAt ? 2 : -1));
+  return kind == kPcm ? 10 : (kind == kLogNormal ? 0 : (kind == kStuckAt ? 2 : -1));
 }
 
 // The draws [first_draw, end_draw) a model may read; draw_used narrows them to those of one call.
@@ -60,13 +60,14 @@ struct Args {
   double drift_scale;  // PCM
   double read_scale;   // PCM
   double drift_base;   // PCM: (t + t0) / t0
-  double sqrt_read;    // PCM: sqrt(ln((t + t_read) / (2 t_read)))
+  double sqrt_read;    // PCM: sqrt(L), L = ln((t_r + t_read) / (2 t_read)), t_r = t (t + t0 with aihwkit_read)
   bool drift;          // PCM: t > 0 and drift_scale > 0
-  bool read;           // PCM: ln((t + t_read) / (2 t_read)) > 0 and read_scale > 0
+  bool read;           // PCM: L > 0 and read_scale > 0
+  bool aihwkit_read;   // PCM: aihwkit's read step (t + t0 in L, Q_s at the programmed g, g_f clamped at 0)
   double p0, p1;       // StuckAt
 };
 
-// params (validated by the op): PCM [t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale];
+// params (validated by the op): PCM [t, G, c0, c1, c2, t0, t_read, drift_scale, read_scale, aihwkit_read];
 // LogNormal []; StuckAt [p0, p1]. Host only: both launchers evaluate the constants with the host libm.
 inline Args make_args(int kind, const double* p) {
   Args a{};
@@ -82,7 +83,9 @@ inline Args make_args(int kind, const double* p) {
     a.read_scale = p[8];
     a.drift = t > 0.0 && a.drift_scale > 0.0;
     a.drift_base = (t + t0) / t0;
-    const double log_read = std::log((t + t_read) / (2.0 * t_read));
+    a.aihwkit_read = p[9] != 0.0;
+    const double t_r = a.aihwkit_read ? t + t0 : t;
+    const double log_read = std::log((t_r + t_read) / (2.0 * t_read));
     a.read = log_read > 0.0 && a.read_scale > 0.0;
     a.sqrt_read = a.read ? std::sqrt(log_read) : 0.0;
   } else if (kind == kStuckAt) {
@@ -135,7 +138,8 @@ NFT_INLINE Sample make_sample(const Args& a, float sigma) {
 NFT_INLINE double pcm_conductance(const Args& a, double s, double g, float z_prog, float z_nu, float z_read) {
   const double r = g / a.g_max;
   const double sigma_p = s * madd(a.c2, r * r, madd(a.c1, r, a.c0));
-  double gd = max_nan(madd(sigma_p, static_cast<double>(z_prog), g), 0.0);
+  const double g_prog = max_nan(madd(sigma_p, static_cast<double>(z_prog), g), 0.0);
+  double gd = g_prog;
   if (a.drift) {
     const double log_r = log(max_nan(r, 1e-7));
     const double mu = clamp_nan(madd(-0.0155, log_r, 0.0244), 0.049, 0.1);
@@ -144,10 +148,11 @@ NFT_INLINE double pcm_conductance(const Args& a, double s, double g, float z_pro
     gd = gd * pow(a.drift_base, -nu);
   }
   if (a.read) {
-    const double q_s = min_nan(0.0088 / max_nan(pow(r, 0.65), 1e-3), 0.2);
+    const double r_q = a.aihwkit_read ? g_prog / a.g_max : r;  // aihwkit: Q_s of the programmed device
+    const double q_s = min_nan(0.0088 / max_nan(pow(r_q, 0.65), 1e-3), 0.2);
     gd = madd(((a.read_scale * fabs(gd)) * q_s) * a.sqrt_read, static_cast<double>(z_read), gd);
   }
-  return gd;
+  return a.aihwkit_read ? max_nan(gd, 0.0) : gd;
 }
 
 // StuckAt: stuck at g_min = 0 when u < p0', at g_max when p0' <= u < p0' + p1', else g.
