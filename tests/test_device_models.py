@@ -187,6 +187,28 @@ def test_aihwkit_read_step_at_time_zero_and_its_clamp():
     assert (unclamped < 0).float().mean() > 0.2
 
 
+def test_the_one_device_collapse_it_leaves_out_is_small_at_one_year():
+    """docs/device-models.md, "One-device collapse": aihwkit's collapse is the same draws in two passes
+    (program; then drift and read the programmed weights as a noiseless target on the scale of their own
+    max|W|). On a 256×256 N(0, 1) layer at 1 year it moves the outputs by ~3 % of |y| (the noise itself is
+    ~23 %) and the gain Σ|W_t| by ~ −1 %: the sizes the page quotes, pinned here with a margin."""
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    year = PCM(time=3.15e7, aihwkit_read=True)
+    moved, noise, gain = [], [], []
+    for chip in range(4):
+        ours = nft_cuda.ops.perturb(w, year, seed=11, offset=chip)[0]
+        programmed = nft_cuda.ops.perturb(w, year.programmed(), seed=11, offset=chip)[0]
+        collapsed = nft_cuda.ops.perturb(programmed, PCM(sigma=0.0, time=3.15e7, aihwkit_read=True), seed=11,
+                                         offset=chip)[0]  # fmt: skip
+        ideal = w * (ours.abs().sum() / w.abs().sum())
+        moved.append(float(((collapsed - ours) @ x).norm() / (ours @ x).norm()))
+        noise.append(float(((ours - ideal) @ x).norm() / (ideal @ x).norm()))
+        gain.append(float(collapsed.abs().sum() / ours.abs().sum() - 1))
+    assert 0.01 < np.mean(moved) < 0.05 and np.mean(moved) < 0.2 * np.mean(noise)
+    assert -0.02 < np.mean(gain) < -0.005
+
+
 def _one_year_alpha_error(rule: str, chips: int = 32) -> torch.Tensor:
     """α / g* − 1 of each of ``chips`` chips of a 256×256 PCM layer read 1 year after programming, g* the
     ideal gain of docs/device-models.md: Σ|W_0| / Σ sign(W_0)·W_t (W_0 the programmed chip, W_t the drifted
