@@ -11,9 +11,10 @@ import torch
 
 from nft_cuda.devices import COMPENSATION_RULES, DeviceModel
 
-# The one positive-int check of the package (TypeError for a non-int, ValueError below 1). It is written in
-# devices.base, the bottom of the import graph (this module imports the devices), and used from here.
+# The package's one positive-int check and one real-number check are written in devices.base, the bottom of
+# the import graph (this module imports the devices), and used from here.
 from nft_cuda.devices.base import check_positive_int as check_positive_int
+from nft_cuda.devices.base import check_real as check_real
 from nft_cuda.variation import Variation
 
 _U63 = 2**63
@@ -152,27 +153,6 @@ def resolve_sigmas(variation: DeviceModel, samples: int, sigmas, device: torch.d
 # --------------------------------------------------------------------------------------------------
 # Settings (TrainConfig and the like): a clear TypeError / ValueError naming the setting
 # --------------------------------------------------------------------------------------------------
-
-
-def check_real(
-    name: str,
-    value,
-    *,
-    minimum: float | None = None,
-    strict: bool = False,
-    maximum: float | None = None,
-    max_strict: bool = False,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
-    if maximum is not None and (value >= maximum if max_strict else value > maximum):
-        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
-    return value
 
 
 def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:

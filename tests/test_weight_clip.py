@@ -286,7 +286,7 @@ def test_weight_clip_config_refusals():
         (dict(kind="fixed", value=0.0), ValueError, "weight clip value must be > 0"),
         (dict(kind="gaussian", sigma=-1.0), ValueError, "weight clip sigma must be > 0"),
         (dict(kind="gaussian", sigma=math.nan), ValueError, "weight clip sigma must be finite"),
-        (dict(kind="fixed", value=True), TypeError, "weight clip value must be a number"),
+        (dict(kind="fixed", value=True), TypeError, "weight clip value must be a real number"),
     ]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):

@@ -19,15 +19,27 @@ from nft_cuda.devices.tiles import Tiles
 __all__ = ["DeviceModel", "check_real", "check_time", "check_probability"]
 
 
-def check_real(name: str, value, *, minimum: float | None = None) -> float:
-    """``value`` as a finite float (``>= minimum`` when given), else a TypeError / ValueError naming it."""
+def check_real(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    strict: bool = False,
+    maximum: float | None = None,
+    max_strict: bool = False,
+) -> float:
+    """``value`` as a finite float within the given bounds (``strict``/``max_strict``: excluded), else a
+    TypeError / ValueError naming it. The package's one real-number check; outside devices/ it is called as
+    ``nft_cuda._args.check_real``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum:g}, got {value:g}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}, got {value:g}")
+    if maximum is not None and (value >= maximum if max_strict else value > maximum):
+        raise ValueError(f"{name} must be {'<' if max_strict else '<='} {maximum:g}, got {value:g}")
     return value
 
 
