@@ -63,7 +63,7 @@ def perturb(
             return torch.ops.nft_cuda.perturb(weight, rng, sig, variation.scale, variation.state_factor)
         return reference.perturb(weight, rng, sig, variation.scale, variation.state_factor)
     out = _perturb_device(weight, rng, sig, variation)
-    if getattr(variation, "drift_compensation", False) and variation.at_time(0) != variation:
+    if getattr(variation, "compensating", False):
         programmed = _perturb_device(weight.detach(), rng, sig, variation.programmed())
         out = _compensate_drift(out, programmed, variation.compensation_rule)
     return out
@@ -87,7 +87,7 @@ def _perturb_tiled(weight: torch.Tensor, rng: torch.Tensor, sig: torch.Tensor, m
     """perturb for a tiled model (:mod:`nft_cuda.devices.tiles`): every tile scaled by its own max|W|, the
     same draws per element as untiled; drift compensation with one α per tile and sample."""
     tiles = model.tiles
-    compensate = getattr(model, "drift_compensation", False) and model.at_time(0) != model
+    compensate = getattr(model, "compensating", False)
     untiled = dataclasses.replace(model, tiles=None)
     if compensate:
         untiled = dataclasses.replace(untiled, drift_compensation=False)

@@ -162,6 +162,11 @@ def test_aihwkit_read_compensates_against_the_programmed_chip():
     torch.testing.assert_close(out, torch.from_numpy(oracle.drift_compensate(w_t, w_0)), rtol=1e-12, atol=1e-12)
     noisy_0 = _oracle(PCM(aihwkit_read=True), w, sigmas)  # what at_time(0) would read: not the baseline
     assert not np.allclose(noisy_0, w_0, rtol=1e-6)
+    # at t = 0 aihwkit's read step reads with noise, so α acts there too (the default read step: α = 1, skipped)
+    at_0 = PCM(aihwkit_read=True, drift_compensation=True)
+    assert at_0.compensating and not PCM(drift_compensation=True).compensating and model.compensating
+    out_0 = nft_cuda.ops.perturb(w, at_0, rng=_rng(), samples=2, sigmas=sigmas)
+    torch.testing.assert_close(out_0, torch.from_numpy(oracle.drift_compensate(noisy_0, w_0)), rtol=1e-12, atol=1e-12)
 
 
 def test_aihwkit_read_step_at_time_zero_and_its_clamp():

@@ -32,6 +32,7 @@ def test_the_aihwkit_preset_is_standard_hwa_training_preset():
     p = preset("aihwkit-standard-hwa")
     v = p.device()
     assert isinstance(v, PCM) and v.sigma == 1.0 and v.drift_compensation and v.compensation_rule == "one-hot"
+    assert v.aihwkit_read  # aihwkit's read step: it reproduces aihwkit's PCM
     assert v.tiles == Tiles(max_input_size=512, per_channel=True)
     m = v.mvm
     assert (m.input_bits, m.output_bits, m.read_noise, m.output_noise, m.output_bound) == (8, 8, 0.0175, 0.04, 10.0)

@@ -93,9 +93,21 @@ class PCM(DeviceModel):
     @property
     def noiseless(self) -> bool:
         """No programming noise and nothing that changes with time (t = 0, or drift and read noise off)."""
-        read_at_0 = self.aihwkit_read and self.read_noise_scale > 0.0  # aihwkit reads at t + t0 > 0
-        static = (self.time == 0.0 and not read_at_0) or (self.drift_scale == 0.0 and self.read_noise_scale == 0.0)
+        static = (self.time == 0.0 and not self._read_noise_at_0) or (
+            self.drift_scale == 0.0 and self.read_noise_scale == 0.0
+        )
         return super().noiseless and static
+
+    @property
+    def _read_noise_at_0(self) -> bool:
+        """aihwkit's read step reads at t + t0 > 0: read noise even at t = 0."""
+        return self.aihwkit_read and self.read_noise_scale > 0.0
+
+    @property
+    def compensating(self) -> bool:
+        """Whether drift compensation acts on this chip: it is on and the chip read differs from the
+        programmed one (t > 0, or aihwkit's read step, which reads with noise at t = 0 too)."""
+        return self.drift_compensation and (self.time > 0.0 or self._read_noise_at_0)
 
     def at_time(self, t: float) -> PCM:
         """The same chip read ``t`` seconds after programming."""

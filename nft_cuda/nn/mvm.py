@@ -122,8 +122,8 @@ def _learned_clip(layer, xb: torch.Tensor, learned) -> tuple[torch.Tensor, torch
 
 
 def _compensating(model) -> bool:
-    """Whether ``model`` is drift-compensated at a time after programming (PCM, t > 0)."""
-    return bool(getattr(model, "drift_compensation", False)) and model.at_time(0) != model
+    """Whether ``model``'s drift compensation acts (``PCM.compensating``; other models never compensate)."""
+    return bool(getattr(model, "compensating", False))
 
 
 def _drifted_plan(layer, plan):

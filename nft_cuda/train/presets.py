@@ -8,8 +8,8 @@ weight clipping of ``nft train``; any option given explicitly on top of it wins.
   (of each channel's max|W|), input ranges learned from 100 batches at 3·std, 512-input tiles, weights
   clipped to 2.5 std per channel after every step.
 - ``aihwkit-standard-hwa``: aihwkit's ``StandardHWATrainingPreset`` (IBM/aihwkit,
-  ``src/aihwkit/simulator/presets/inference.py``): the PCM model (``PCMLikeNoiseModel`` defaults) with
-  global drift compensation (one-hot rule), 512-input tiles with column-wise weight scaling, 8-bit DAC and
+  ``src/aihwkit/simulator/presets/inference.py``): the PCM model (``PCMLikeNoiseModel`` defaults, with its
+  read step: ``aihwkit_read``) with global drift compensation (one-hot rule), 512-input tiles with column-wise weight scaling, 8-bit DAC and
   ADC (``inp_res = out_res = 254``), forward weight read noise 0.0175, output noise 0.04, output bound 10,
   learned input ranges (init 3, 100 batches, 3·std, decay 0.001, 95 %). Differences: aihwkit's
   ``w_noise_type = PCM_READ`` read noise depends on the conductance, the library's read noise (model 5)
@@ -84,6 +84,7 @@ HWA_PRESETS: dict[str, HWAPreset] = {
         device_options={
             "drift_compensation": True,
             "compensation_rule": "one-hot",
+            "aihwkit_read": True,
             "tiles": _TILES_512,
             "mvm": {
                 "input_bits": 8,
