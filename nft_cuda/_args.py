@@ -11,8 +11,9 @@ import torch
 
 from nft_cuda.devices import COMPENSATION_RULES, DeviceModel
 
-# The package's one positive-int check and one real-number check are written in devices.base, the bottom of
+# The package's one bool, positive-int and real-number checks are written in devices.base, the bottom of
 # the import graph (this module imports the devices), and used from here.
+from nft_cuda.devices.base import check_bool as check_bool
 from nft_cuda.devices.base import check_positive_int as check_positive_int
 from nft_cuda.devices.base import check_real as check_real
 from nft_cuda.variation import Variation
@@ -172,12 +173,6 @@ def check_choice(name: str, value, choices: Sequence[str]) -> str:
     if key not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     return key
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
-    return value
 
 
 def check_module(name: str, value) -> torch.nn.Module:

@@ -499,6 +499,7 @@ BAD = [
     (lambda: PCM(sigma=-1.0), ValueError, "sigma must be a finite number >= 0"),
     (lambda: LogNormal(float("nan")), ValueError, "sigma must be a finite number >= 0"),
     (lambda: LogNormal("0.1"), TypeError, "sigma must be a real number"),
+    (lambda: PCM(aihwkit_read=1), TypeError, "aihwkit_read must be True or False"),
     (lambda: PCM(time=-1.0), ValueError, "time t .* must be >= 0"),
     (lambda: PCM().at_time(-5), ValueError, "time t .* must be >= 0"),
     (lambda: LogNormal(0.1).at_time(-1), ValueError, "time t .* must be >= 0"),

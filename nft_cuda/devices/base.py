@@ -43,6 +43,13 @@ def check_real(
     return value
 
 
+def check_bool(name: str, value) -> bool:
+    """``value`` if it is a bool, else a TypeError naming it (1, "yes" and None are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__}")
+    return value
+
+
 def check_positive_int(name: str, value) -> int:
     """An int >= 1 (bools refused): TypeError ``<name> must be an int`` for another type, ValueError
     ``<name> must be >= 1`` below 1. The package's one positive-int check (counts, sizes, bit widths, pool

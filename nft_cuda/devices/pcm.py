@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from nft_cuda.devices.base import DeviceModel, check_real, check_time
+from nft_cuda.devices.base import DeviceModel, check_bool, check_real, check_time
 
 __all__ = ["PCM", "COMPENSATION_RULES"]
 
@@ -80,10 +80,8 @@ class PCM(DeviceModel):
         if not isinstance(coeff, (tuple, list)) or len(coeff) != 3:
             raise ValueError(f"prog_coeff must be three numbers (c0, c1, c2), got {coeff!r}")
         set_(self, "prog_coeff", tuple(check_real(f"prog_coeff[{i}]", c) for i, c in enumerate(coeff)))
-        if not isinstance(self.drift_compensation, bool):
-            raise TypeError(f"drift_compensation must be True or False, got {type(self.drift_compensation).__name__}")
-        if not isinstance(self.aihwkit_read, bool):
-            raise TypeError(f"aihwkit_read must be True or False, got {type(self.aihwkit_read).__name__}")
+        check_bool("drift_compensation", self.drift_compensation)
+        check_bool("aihwkit_read", self.aihwkit_read)
         if self.compensation_rule not in COMPENSATION_RULES:
             raise ValueError(
                 f"compensation_rule must be one of {', '.join(map(repr, COMPENSATION_RULES))}, "
