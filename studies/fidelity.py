@@ -17,8 +17,9 @@ same settings, so the study is resumable across sessions. ``report`` recomputes 
 page (between ``<!-- fidelity:begin -->`` and ``<!-- fidelity:end -->``) and the plot from the results
 file alone.
 
-The trainings and evaluations are studies.reproduce's (``train_one``, ``eval_one``), so this runner
-only adds the grid, the arms, the results file, the convergence criterion and the reading.
+The trainings and evaluations are studies.reproduce's (``train_one``, ``eval_one``), the results file,
+the reuse of trainings and the loop over units studies.resumable's, so this runner only adds the grid,
+the arms, the convergence criterion and the reading.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from studies import reproduce
+from studies import reproduce, resumable
 
 __all__ = [
     "ARMS",
@@ -101,16 +102,10 @@ def load_config(path) -> dict:
     """The study config (JSON), checked: one clear ValueError naming the bad entry."""
     with open(path) as f:
         cfg = json.load(f)
-    missing = [k for k in _REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"{path}: missing config entries {missing}")
+    resumable.check_config(path, cfg, _REQUIRED)
     bad = [a for a in cfg["arms"] if a not in ARMS]
     if bad:
         raise ValueError(f"{path}: unknown arms {bad}; known: {', '.join(ARMS)}")
-    if any(not (isinstance(s, (int, float)) and s > 0) for s in cfg["sigmas"]):
-        raise ValueError(f"{path}: sigmas must be positive numbers, got {cfg['sigmas']}")
-    if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
-        raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two chips), got {cfg['runs']!r}")
     crit = cfg["convergence"]
     if set(crit) != {"min_clean_accuracy", "max_class_share"}:
         raise ValueError(
@@ -162,34 +157,10 @@ def converged(record: dict, criterion: dict) -> bool:
 
 
 def load_results(path) -> dict:
-    """{"config": the config of the last run line, "units": [records]} from a results file: the units made
-    with that config's settings (records of an earlier config are superseded), the last record of each.
-    A torn last line (a kill mid-write) is dropped; a missing file gives no units."""
-    cfg, units = None, {}
-    if not os.path.exists(path):
-        return {"config": None, "units": []}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                break
-            if "config" in rec:
-                cfg = rec["config"]
-            else:
-                units[rec["key"]] = rec  # a redone unit replaces its earlier record
-    current = [u for u in units.values() if cfg is None or u["spec"] == unit_spec(cfg, u)]
-    return {"config": cfg, "units": current}
-
-
-def _append(path: Path, obj: dict) -> None:
-    from nft_cuda._files import json_safe
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(obj), allow_nan=False, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """{"config": the config of the last run line, "environment": its stamp, "units": [records]} from a
+    results file: the units made with that config's settings (records of an earlier config are
+    superseded), the last record of each (:func:`studies.resumable.load_results`)."""
+    return resumable.load_results(path, unit_spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,27 +211,8 @@ def _clean_predictions(cfg: dict, model_path: str) -> list[int]:
 def _train(cfg: dict, item: dict, out: Path, progress: bool, shared: dict) -> tuple[dict, bool]:
     """(training record, reused): a training already made in ``out`` with the same settings (the clean
     model of another σ_d, or a unit interrupted during its evaluation) is reused."""
-    record = out / "train" / item["name"] / "fidelity_training.json"
     spec = {k: cfg[k] for k in _SHAPING if k not in ("runs", "eval_seed")} | item
-    if item["name"] in shared and shared[item["name"]]["spec"] == spec:
-        return shared[item["name"]]["result"], True
-    if record.is_file() and Path(item_model_path(out, item)).is_file():
-        rec = json.loads(record.read_text())
-        if rec.get("spec") == spec:
-            shared[item["name"]] = rec
-            return rec["result"], True
-    result = reproduce.with_cpu_time(reproduce.train_one, cfg, item, out, progress)
-    rec = {"spec": spec, "result": result}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(rec, indent=1) + "\n")
-    shared[item["name"]] = rec
-    return result, False
-
-
-def item_model_path(out: Path, item: dict) -> str:
-    from nft_cuda.io import MODEL_FILE
-
-    return str(out / "train" / item["name"] / MODEL_FILE)
+    return resumable.train_or_reuse(cfg, item, spec, out, "fidelity_training.json", progress, shared)
 
 
 def _do_unit(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> dict:
@@ -307,34 +259,31 @@ def select_sigmas(units: list[dict], cfg: dict, sigmas) -> list[dict]:
     return [u for u in units if u["sigma"] in wanted]
 
 
+def _describe(record: dict) -> str:
+    return (
+        f"accuracy under variation {100 * record['accuracy_mean']:.2f} ± {100 * record['ci95']:.2f} %, "
+        f"clean {100 * record['clean_accuracy']:.2f} %, converged {record['converged']}, "
+        f"CPU {record['cpu_s']:.0f} s"
+    )
+
+
 def run(
     cfg: dict, out, *, results=None, progress: bool = False, log=print, max_units: int | None = None, sigmas=None
 ) -> dict:
     """Do (or continue) the units of ``cfg`` not yet in the results file (default ``cfg["results"]``),
     appending each as it finishes; at most ``max_units`` of them, only those at ``sigmas`` when given
     (:func:`select_sigmas`). Returns :func:`load_results`."""
-    import torch
-
-    out, results = Path(out), Path(results or cfg["results"])
-    units = select_sigmas(plan(cfg), cfg, sigmas)
-    done = {u["key"]: u for u in load_results(results)["units"]}
-    _append(results, {"config": cfg, "environment": reproduce.environment_stamp(), "started": time.time()})
-    todo = [u for u in units if done.get(u["key"], {}).get("spec") != unit_spec(cfg, u)]
-    log(f"{len(units) - len(todo)} of {len(units)} units already in {results}; {len(todo)} to do")
-    shared: dict = {}
-    t0 = time.perf_counter()
-    for i, unit in enumerate(todo[:max_units] if max_units is not None else todo, start=1):
-        log(
-            f"[{i}/{len(todo)}] {unit['key']} (torch threads {torch.get_num_threads()}, {time.perf_counter() - t0:.0f} s)"
-        )
-        record = _do_unit(cfg, unit, out, progress, shared)
-        _append(results, record)
-        log(
-            f"    accuracy under variation {100 * record['accuracy_mean']:.2f} ± {100 * record['ci95']:.2f} %, "
-            f"clean {100 * record['clean_accuracy']:.2f} %, converged {record['converged']}, "
-            f"CPU {record['cpu_s']:.0f} s"
-        )
-    return load_results(results)
+    out = Path(out)
+    return resumable.run_units(
+        cfg,
+        select_sigmas(plan(cfg), cfg, sigmas),
+        Path(results or cfg["results"]),
+        spec_of=unit_spec,
+        do_unit=lambda unit, shared: _do_unit(cfg, unit, out, progress, shared),
+        describe=_describe,
+        log=log,
+        max_units=max_units,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

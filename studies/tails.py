@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from studies import reproduce
+from studies import reproduce, resumable
 
 __all__ = [
     "METHODS",
@@ -100,9 +100,7 @@ def load_config(path) -> dict:
     """The study config (JSON), checked: one clear ValueError naming the bad entry."""
     with open(path) as f:
         cfg = json.load(f)
-    missing = [k for k in _REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"{path}: missing config entries {missing}")
+    resumable.check_config(path, cfg, _REQUIRED)
     bad = [m for m in cfg["methods"] if m not in METHODS]
     if bad:
         raise ValueError(f"{path}: unknown methods {bad}; known: {', '.join(METHODS)}")
@@ -110,10 +108,6 @@ def load_config(path) -> dict:
         raise ValueError(f"{path}: method kd distils the clean model: methods need 'clean' too")
     if not isinstance(cfg["models"], dict) or not cfg["models"]:
         raise ValueError(f'{path}: models must map a model name to its settings, e.g. {{"small": {{"width": 0.5}}}}')
-    if any(not (isinstance(s, (int, float)) and s > 0) for s in cfg["sigmas"]):
-        raise ValueError(f"{path}: sigmas must be positive numbers, got {cfg['sigmas']}")
-    if not (isinstance(cfg["runs"], int) and cfg["runs"] >= 2):
-        raise ValueError(f"{path}: runs must be an int >= 2 (a CI needs two chips), got {cfg['runs']!r}")
     if any(not (isinstance(k, (int, float)) and k > 0) for k in cfg["kappas"]):
         raise ValueError(f"{path}: kappas must be positive numbers (bounds on |z|), got {cfg['kappas']}")
     _check_settings(path, cfg["settings"])
@@ -153,34 +147,8 @@ def unit_spec(cfg: dict, unit: dict) -> dict:
 
 def load_results(path) -> dict:
     """{"config": the config of the last run line, "environment": its stamp, "units": [records]}: the units
-    made with that config's settings, the last record of each. A torn last line is dropped; a missing file
-    gives no units."""
-    cfg, env, units = None, None, {}
-    if not os.path.exists(path):
-        return {"config": None, "environment": None, "units": []}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                break
-            if "config" in rec:
-                cfg, env = rec["config"], rec.get("environment")
-            else:
-                units[rec["key"]] = rec
-    current = [u for u in units.values() if cfg is None or u["spec"] == unit_spec(cfg, u)]
-    return {"config": cfg, "environment": env, "units": current}
-
-
-def append_record(path: Path, obj: dict) -> None:
-    """One JSON line, flushed to disk (a kill leaves at most a torn last line, which loading drops)."""
-    from nft_cuda._files import json_safe
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(obj), allow_nan=False, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    made with that config's settings, the last record of each (:func:`studies.resumable.load_results`)."""
+    return resumable.load_results(path, unit_spec)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,28 +187,12 @@ def _train(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> tu
     """(training record, reused): a training already in ``out`` with the same settings is reused (the
     clean model of another σ_d, a unit interrupted during its evaluation). A kd training's settings
     include its teacher's record, so a retrained teacher retrains its students."""
-    from nft_cuda.io import MODEL_FILE
-
     item = _training_item(cfg, unit, out)
     spec = {k: cfg[k] for k in ("limit_train", "test_images", "device")} | item
     if unit["method"] == "kd":
         teacher = shared[f"{unit['model']}-clean"]["result"]
         spec["teacher_record"] = {k: teacher[k] for k in ("time_s", "test_acc_clean")}
-    folder = out / "train" / item["name"]
-    record = folder / "tails_training.json"
-    if item["name"] in shared and shared[item["name"]]["spec"] == spec:
-        return shared[item["name"]]["result"], True
-    if record.is_file() and (folder / MODEL_FILE).is_file():
-        rec = json.loads(record.read_text())
-        if rec.get("spec") == spec:
-            shared[item["name"]] = rec
-            return rec["result"], True
-    result = reproduce.with_cpu_time(reproduce.train_one, cfg, item, out, progress)
-    rec = {"spec": spec, "result": result}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(rec, indent=1) + "\n")
-    shared[item["name"]] = rec
-    return result, False
+    return resumable.train_or_reuse(cfg, item, spec, out, "tails_training.json", progress, shared)
 
 
 def _at_sigma(model, payload: dict, sigma: float) -> None:
@@ -327,6 +279,8 @@ def _evaluate(cfg: dict, unit: dict, model_path: str) -> dict:
 
 
 def _do_unit(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> dict:
+    if unit["method"] == "kd":  # the teacher's record first (trained now, or found in out)
+        _train(cfg, {**unit, "method": "clean"}, out, progress, shared)
     t0 = time.perf_counter()
     trained, reused = _train(cfg, unit, out, progress, shared)
     c0 = time.process_time()
@@ -343,36 +297,31 @@ def _do_unit(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> 
     }
 
 
+def _describe(record: dict) -> str:
+    plain = record["settings"][setting_key(0, False)]["per_instance_accuracy"]
+    worst = ", ".join(f"{100 * w['accuracy']:.1f}" for w in record["worst_case"])
+    return (
+        f"clean {100 * record['clean_accuracy']:.1f} %, chips {100 * math.fsum(plain) / len(plain):.2f} %, "
+        f"worst {worst} %, "
+        f"train {record['training']['cpu_s']:.0f} s{' (reused)' if record['training']['reused'] else ''}, "
+        f"eval {record['eval_cpu_s']:.0f} s CPU, {record['wall_s']:.0f} s wall"
+    )
+
+
 def run(cfg: dict, out, *, results=None, progress: bool = False, log=print, max_units: int | None = None) -> dict:
     """Do (or continue) the units of ``cfg`` not yet in the results file (default ``cfg["results"]``),
     appending each as it finishes; at most ``max_units`` of them. Returns :func:`load_results`."""
-    import torch
-
-    out, results = Path(out), Path(results or cfg["results"])
-    done = {u["key"]: u for u in load_results(results)["units"]}
-    append_record(results, {"config": cfg, "environment": reproduce.environment_stamp(), "started": time.time()})
-    units = plan(cfg)
-    todo = [u for u in units if done.get(u["key"], {}).get("spec") != unit_spec(cfg, u)]
-    log(f"{len(units) - len(todo)} of {len(units)} units already in {results}; {len(todo)} to do")
-    shared: dict = {}
-    t0 = time.perf_counter()
-    for i, unit in enumerate(todo[:max_units] if max_units is not None else todo, start=1):
-        log(
-            f"[{i}/{len(todo)}] {unit['key']} (torch threads {torch.get_num_threads()}, {time.perf_counter() - t0:.0f} s)"
-        )
-        if unit["method"] == "kd":  # the teacher's record (trained now, or found in out)
-            _train(cfg, {**unit, "method": "clean"}, out, progress, shared)
-        record = _do_unit(cfg, unit, out, progress, shared)
-        append_record(results, record)
-        plain = record["settings"][setting_key(0, False)]["per_instance_accuracy"]
-        worst = ", ".join(f"{100 * w['accuracy']:.1f}" for w in record["worst_case"])
-        log(
-            f"    clean {100 * record['clean_accuracy']:.1f} %, chips {100 * math.fsum(plain) / len(plain):.2f} %, "
-            f"worst {worst} %, "
-            f"train {record['training']['cpu_s']:.0f} s{' (reused)' if record['training']['reused'] else ''}, "
-            f"eval {record['eval_cpu_s']:.0f} s CPU, {record['wall_s']:.0f} s wall"
-        )
-    return load_results(results)
+    out = Path(out)
+    return resumable.run_units(
+        cfg,
+        plan(cfg),
+        Path(results or cfg["results"]),
+        spec_of=unit_spec,
+        do_unit=lambda unit, shared: _do_unit(cfg, unit, out, progress, shared),
+        describe=_describe,
+        log=log,
+        max_units=max_units,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

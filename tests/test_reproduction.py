@@ -427,7 +427,7 @@ def test_committed_pcm_studies_comparison_recomputes(pcm_study):
 
 
 # --------------------------------------------------------------------------------------------------
-# The tail study (studies/tails.py, docs/tail-study.md): its own unit runner, JSON lines appended
+# The tail study (studies/tails.py, docs/tail-study.md): units of studies/resumable.py, JSON lines appended
 # --------------------------------------------------------------------------------------------------
 
 
