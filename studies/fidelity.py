@@ -517,8 +517,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--results", default="docs/fidelity-study/results.jsonl")
     s.add_argument("--doc", default="docs/fidelity-study.md")
     s.add_argument("--plot", default="docs/fidelity-study/accuracy.png")
-    q = sub.add_parser("plan", help="list the units of a config and the time estimate")
+    q = sub.add_parser("plan", help="list the units of a config, which are done, and the CPU time left")
     q.add_argument("--config", default=str(DEFAULT_CONFIG))
+    q.add_argument("--results", help="results file (default: the config's 'results')")
     return p
 
 
@@ -528,6 +529,32 @@ def estimate_cpu_s(cfg: dict) -> float | None:
     if not per:
         return None
     return math.fsum(per[u["arm"]] for u in plan(cfg))
+
+
+def remaining(cfg: dict, results: dict) -> tuple[list[dict], float | None]:
+    """(the units of ``cfg`` not yet in ``results``, their CPU seconds estimated from the recorded units):
+    per arm, the mean of its recorded trainings (counted once) plus the mean evaluation; a clean unit whose
+    seed's clean model is already trained costs its evaluation only. None when an arm to do has no record."""
+    done = {u["key"] for u in results["units"]}
+    todo = [u for u in plan(cfg) if u["key"] not in done]
+    by_arm: dict = {}
+    for u in results["units"]:
+        by_arm.setdefault(u["arm"], []).append(u)
+    trained_clean = {u["seed"] for u in results["units"] if u["arm"] == "clean"}
+    total = 0.0
+    for u in todo:
+        recs = by_arm.get(u["arm"])
+        if not recs:
+            return todo, None
+        trainings = {r["training_name"]: r["training"]["cpu_s"] for r in recs}
+        evaluation = math.fsum(r["eval_cpu_s"] for r in recs) / len(recs)
+        train = math.fsum(trainings.values()) / len(trainings)
+        if u["arm"] == "clean":
+            if u["seed"] in trained_clean:
+                train = 0.0
+            trained_clean.add(u["seed"])
+        total += train + evaluation
+    return todo, total
 
 
 def main(argv=None) -> int:
@@ -555,10 +582,15 @@ def main(argv=None) -> int:
             print(f"updated {args.doc} and {args.plot}")
         else:
             cfg = load_config(args.config)
+            results = load_results(args.results or cfg["results"])
+            todo, left = remaining(cfg, results)
+            to_do = {u["key"] for u in todo}
             for u in plan(cfg):
-                print(u["key"])
+                print(f"{u['key']:<24} {'to do' if u['key'] in to_do else 'done'}")
             est = estimate_cpu_s(cfg)
-            print(f"{len(plan(cfg))} units" + (f", about {est / 3600:.1f} CPU hours" if est else ""))
+            print(f"{len(plan(cfg))} units" + (f", about {est / 3600:.1f} CPU hours (config estimate)" if est else ""))
+            line = f"{len(todo)} to do (results: {args.results or cfg['results']})"
+            print(line + (f", about {left / 3600:.1f} CPU hours at the recorded units' cost" if left else ""))
     except (OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

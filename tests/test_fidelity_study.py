@@ -130,6 +130,25 @@ def test_readings_follow_the_written_criteria():
     assert fidelity.readings(_synthetic(same, seeds=(0, 1)), 0.35)["holds"] == ["incomplete"]
 
 
+def test_remaining_units_and_their_cost_come_from_the_recorded_ones(capsys, tmp_path):
+    results = _synthetic({"clean": 0.3, "noise": 0.5, "ovf": 0.6}, seeds=(0,))
+    results["units"][2]["training"]["cpu_s"] = 300.0  # ovf trains 3x as long; every evaluation 10 s
+    cfg = {**results["config"], "arms": ["clean", "noise", "ovf"], "sigmas": [0.35, 0.25], "seeds": [0, 1]}
+    todo, left = fidelity.remaining(cfg, results)
+    assert len(todo) == 9 and todo[0]["key"] == "clean-s0.35-seed1"
+    # σ 0.35 seed 1: 110 + 110 + 310; σ 0.25, seeds 0 and 1: the clean models exist (10 each) + 110 + 310.
+    assert left == pytest.approx(530 + 430 + 430)
+    assert fidelity.remaining({**cfg, "arms": ["clean", "irs"]}, results)[1] is None  # no IRS record yet
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"config": cfg}, *results["units"]]) + "\n")
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps(cfg))
+    assert fidelity.main(["plan", "--config", str(conf), "--results", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "clean-s0.35-seed0        done" in out and "ovf-s0.25-seed1          to do" in out
+    assert "9 to do" in out and "about 0.4 CPU hours at the recorded units' cost" in out
+
+
 def test_tables_are_recomputed_from_the_results():
     results = _synthetic(
         {"clean": 0.30, "noise": 0.52, "noise-t4": 0.55, "ovf": 0.99, "ovf-bnmain": 0.985, "irs": 0.58}
