@@ -392,14 +392,26 @@ def _paired_rows(cells: dict, sigmas: list[float], seeds: list[int]) -> list[str
     return rows
 
 
-def _compute_rows(cfg: dict, results: dict) -> list[str]:
-    rows = []
-    for arm in _arms_present(cfg, _by_cell(results)):
-        units = [u for u in results["units"] if u["arm"] == arm]
+def arm_costs(results: dict) -> dict:
+    """Per recorded arm: (units, trainings, mean training CPU s with each training counted once, mean
+    evaluation CPU s), the Compute table's row and the basis of :func:`remaining`'s estimate."""
+    by_arm: dict = {}
+    for u in results["units"]:
+        by_arm.setdefault(u["arm"], []).append(u)
+    costs = {}
+    for arm, units in by_arm.items():
         trainings = {u["training_name"]: u["training"]["cpu_s"] for u in units}
         train_mean = math.fsum(trainings.values()) / len(trainings)
-        eval_mean = math.fsum(u["eval_cpu_s"] for u in units) / len(units)
-        rows.append(f"| {ARM_NAMES[arm]} | {len(units)} | {len(trainings)} | {train_mean:.0f} | {eval_mean:.0f} |")
+        costs[arm] = (len(units), len(trainings), train_mean, math.fsum(u["eval_cpu_s"] for u in units) / len(units))
+    return costs
+
+
+def _compute_rows(cfg: dict, results: dict) -> list[str]:
+    costs = arm_costs(results)
+    rows = []
+    for arm in _arms_present(cfg, _by_cell(results)):
+        n, trainings, train_mean, eval_mean = costs[arm]
+        rows.append(f"| {ARM_NAMES[arm]} | {n} | {trainings} | {train_mean:.0f} | {eval_mean:.0f} |")
     return rows
 
 
@@ -537,18 +549,13 @@ def remaining(cfg: dict, results: dict) -> tuple[list[dict], float | None]:
     seed's clean model is already trained costs its evaluation only. None when an arm to do has no record."""
     done = {u["key"] for u in results["units"]}
     todo = [u for u in plan(cfg) if u["key"] not in done]
-    by_arm: dict = {}
-    for u in results["units"]:
-        by_arm.setdefault(u["arm"], []).append(u)
+    costs = arm_costs(results)
     trained_clean = {u["seed"] for u in results["units"] if u["arm"] == "clean"}
     total = 0.0
     for u in todo:
-        recs = by_arm.get(u["arm"])
-        if not recs:
+        if u["arm"] not in costs:
             return todo, None
-        trainings = {r["training_name"]: r["training"]["cpu_s"] for r in recs}
-        evaluation = math.fsum(r["eval_cpu_s"] for r in recs) / len(recs)
-        train = math.fsum(trainings.values()) / len(trainings)
+        _, _, train, evaluation = costs[u["arm"]]
         if u["arm"] == "clean":
             if u["seed"] in trained_clean:
                 train = 0.0
