@@ -13,8 +13,8 @@ the reproduction study's), e.g. studies/vit.json (docs/vit-study.md: the small V
 (its reference code): each noise-trained model (noise injection, OVF, IRS) is trained and tested at the
 same σ_d and device preset; the clean model of each (model, dataset) is trained once and swept over
 every (σ_d, preset) of the config. Each finished training and evaluation is recorded in the output
-folder as soon as it ends, so an interrupted study re-run with the same command continues where it
-stopped (a changed config re-does only the items it changes). At the end ``results.json`` holds
+folder as soon as it ends, and a training continues from its last epoch's checkpoint, so an
+interrupted study re-run with the same command continues where it stopped (a changed config re-does only the items it changes). At the end ``results.json`` holds
 everything: the config, the environment, each training (time, clean test accuracy) and each
 evaluation point with its per-instance accuracies.
 
@@ -344,9 +344,41 @@ TRAIN_EXTRAS = ("init", "preprocess", "temperature", "ovf_scope", "ovf_bn_stats"
 
 
 def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
-    from nft_cuda.train.trainer import TrainConfig, train
+    """Train ``t`` into ``out/train/<name>``, continuing the checkpoint a killed earlier process left
+    there when it has the same settings (bit-identical to an uninterrupted run, nft_cuda.train.trainer),
+    else from scratch. ``cpu_s_earlier`` is the CPU time of the epochs that process did (their wall
+    time where its checkpoint predates per-epoch CPU time): :func:`_with_cpu_time` counts it in."""
+    from nft_cuda.train.checkpoint import CheckpointError, has_checkpoint
+    from nft_cuda.train.trainer import train
 
-    config = TrainConfig(
+    folder = out / "train" / t["name"]
+    config = _train_config(cfg, t, folder)
+    result = None
+    if has_checkpoint(folder):
+        try:
+            result = train(dataclasses.replace(config, resume=True, overwrite=False), progress=progress, log=None)
+        except CheckpointError:  # unusable, or made with other settings: start again
+            result = None
+    if result is None:
+        result = train(config, progress=progress, log=None)
+    earlier = [r for r in result["history"] if result["resumed_from"] and r["epoch"] <= result["resumed_from"]]
+    return {
+        "time_s": result["time_s"],
+        "test_acc_clean": result["test_acc_clean"],
+        "test_acc_noisy": result["test_acc_noisy"],
+        "best_epoch": result["best_epoch"],
+        "best_val_acc": result["best_val_acc"],
+        "sizes": result["sizes"],
+        "model_path": result["model_path"],
+        "resumed_from": result["resumed_from"],
+        "cpu_s_earlier": math.fsum(r.get("epoch_cpu_s") or r["epoch_time_s"] for r in earlier),
+    }
+
+
+def _train_config(cfg: dict, t: dict, folder: Path):
+    from nft_cuda.train.trainer import TrainConfig
+
+    return TrainConfig(
         model=t["model"],
         dataset=t["dataset"],
         method=t["method"],
@@ -361,20 +393,10 @@ def _train_one(cfg: dict, t: dict, out: Path, progress: bool) -> dict:
         data_dir=cfg.get("data_dir"),
         limit_train=cfg["limit_train"],
         limit_eval=cfg["test_images"],
-        out=str(out / "train" / t["name"]),
+        out=str(folder),
         overwrite=True,
         **{k: t[k] for k in (*TRAIN_EXTRAS, "device_options") if k in t},
     )
-    result = train(config, progress=progress, log=None)
-    return {
-        "time_s": result["time_s"],
-        "test_acc_clean": result["test_acc_clean"],
-        "test_acc_noisy": result["test_acc_noisy"],
-        "best_epoch": result["best_epoch"],
-        "best_val_acc": result["best_val_acc"],
-        "sizes": result["sizes"],
-        "model_path": result["model_path"],
-    }
 
 
 _TEST_SETS: dict = {}
@@ -543,11 +565,13 @@ def _results(cfg: dict, trained: dict, points: list, cpu: list) -> dict:
 
 
 def _with_cpu_time(fn, *args) -> dict:
-    """``fn(*args)`` (a result dict) with ``cpu_s``, the CPU time this process spent in it (all threads):
-    on a loaded machine the wall times include waiting for other work, the CPU time does not."""
+    """``fn(*args)`` (a result dict) with ``cpu_s``, the CPU time this process spent in it (all threads)
+    plus the result's ``cpu_s_earlier`` (work an earlier, killed process did towards it, as a resumed
+    training reports): on a loaded machine the wall times include waiting for other work, the CPU time
+    does not."""
     c0 = time.process_time()
     result = fn(*args)
-    return {**result, "cpu_s": time.process_time() - c0}
+    return {**result, "cpu_s": time.process_time() - c0 + result.get("cpu_s_earlier", 0.0)}
 
 
 def trainings_spec(t: dict) -> dict:

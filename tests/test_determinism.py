@@ -21,7 +21,7 @@ from nft_cuda.io import safe_load, save_model
 from nft_cuda.models import build_model
 from nft_cuda.train.trainer import TrainConfig, train
 
-#: per-epoch metrics that must repeat exactly (epoch_time_s is the only other column)
+#: per-epoch metrics that must repeat exactly (epoch_time_s and epoch_cpu_s are the only other columns)
 CURVE = ("epoch", "lr", "train_loss", "train_acc", "val_acc_noisy", "val_acc_clean", "best_epoch", "best_val_acc")
 
 

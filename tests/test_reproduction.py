@@ -179,6 +179,43 @@ def test_micro_study_runs_reports_and_resumes(study, tmp_path, monkeypatch):
     assert all(len(p["per_instance_accuracy"]) == 4 for p in more["evaluations"])
 
 
+def test_training_continues_the_checkpoint_a_killed_process_left(study, tmp_path, one_thread):
+    """A study training killed mid-run resumes from its checkpoint (same weights as an uninterrupted
+    one, the earlier epochs' CPU time counted); a checkpoint made with other settings is replaced."""
+    import torch
+
+    from nft_cuda.io import safe_load
+    from nft_cuda.train.trainer import train
+
+    cfg = _micro_config()
+    item = {
+        "name": "t",
+        "model": "small",
+        "dataset": "embedded",
+        "method": "noise",
+        "sigma": 0.3,
+        "device_model": "RRAM1",
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "width": 0.5,
+        "seed": 0,
+    }
+    whole = study.train_one(cfg, item, tmp_path / "whole", False)
+    assert whole["resumed_from"] is None and whole["cpu_s_earlier"] == 0
+
+    killed = study._train_config(cfg, item, tmp_path / "cut" / "train" / "t")
+    assert train(killed, progress=False, log=None, stop_after=1)["stopped"]
+    cut = study.with_cpu_time(study.train_one, cfg, item, tmp_path / "cut", False)
+    assert cut["resumed_from"] == 1 and 0 < cut["cpu_s_earlier"] < cut["cpu_s"]
+    weights = [safe_load(Path(r["model_path"]))["state_dict"] for r in (whole, cut)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    other = study._train_config(cfg, item | {"lr": 5e-4}, tmp_path / "other" / "train" / "t")
+    train(other, progress=False, log=None, stop_after=1)
+    assert study.train_one(cfg, item, tmp_path / "other", False)["resumed_from"] is None
+
+
 def test_config_and_doc_errors(study, tmp_path, capsys):
     bad = _micro_config()
     del bad["groups"][0]["sigmas"]

@@ -102,6 +102,7 @@ METRICS_COLUMNS = (
     "best_epoch",
     "best_val_acc",
     "epoch_time_s",
+    "epoch_cpu_s",
 )
 
 
@@ -430,7 +431,7 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
         _announce(run)
         stopped, done_here = False, 0
         for epoch in range(run.start_epoch + 1, config.epochs + 1):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             lr, train_loss, train_acc = _train_epoch(run, epoch)
             rng_state, rank_states = _rng_states(run)
             val_noisy, val_clean, improved = _validate(run, epoch)
@@ -444,6 +445,8 @@ def _train_locked(config, progress, say, stop_after, out, device, t_start, group
                 "best_epoch": run.best["epoch"],
                 "best_val_acc": run.best["val_acc"],
                 "epoch_time_s": time.perf_counter() - t0,
+                # this process's CPU time (all threads): on a shared machine the wall time includes waiting
+                "epoch_cpu_s": time.process_time() - c0,
             }
             _save(run, epoch, row, improved, rng_state, rank_states)
             done_here += 1
