@@ -4,6 +4,7 @@ exact resume, checkpoint corruption, unsafe checkpoints)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ from nft_cuda.io import load_model, safe_load
 from nft_cuda.models import IRS_TAPS, BasicBlock, build_model
 from nft_cuda.train import OVF, IRSModel, build_method, nft_loss
 from nft_cuda.train.trainer import (
+    METRICS_COLUMNS,
     CheckpointError,
     CheckpointWarning,
     TrainConfig,
@@ -244,6 +246,20 @@ def _assert_states_equal(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_metrics_files_have_the_documented_columns(tmp_path):
+    # The README lists the columns a user plots; the files and the list must not drift apart.
+    config = _config(tmp_path, method="clean", epochs=1)
+    train(config, progress=False, log=None)
+    header = (Path(config.out) / "metrics.csv").read_text().splitlines()[0].split(",")
+    row = json.loads((Path(config.out) / "metrics.jsonl").read_text().splitlines()[0])
+    assert tuple(header) == METRICS_COLUMNS
+    assert set(METRICS_COLUMNS) <= set(row)
+    assert 0 < row["epoch_cpu_s"] and 0 < row["epoch_time_s"]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    missing = [c for c in METRICS_COLUMNS if f"`{c}`" not in readme]
+    assert not missing, f"README.md does not list the metrics columns {missing}"
 
 
 @pytest.mark.parametrize("method", ["clean", "noise", "ovf", "irs", "ortho", "trice"])
