@@ -36,6 +36,7 @@ from studies import reproduce, resumable
 
 __all__ = [
     "ARMS",
+    "across_seeds",
     "converged",
     "load_config",
     "load_results",
@@ -373,11 +374,28 @@ def _convergence_rows(cfg: dict, cells: dict, sigmas: list[float], seeds: list[i
     return rows
 
 
+#: Two-sided 95 % quantiles of Student's t by degrees of freedom (standard table values): with three
+#: seeds the normal 1.96 would understate the seed-to-seed interval by a factor of 2.2.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def across_seeds(diffs: list[float]) -> tuple[float, float] | None:
+    """(mean, t-CI95 half-width) of per-seed differences: the interval a new training seed would fall in
+    on average, which the per-seed chip CIs do not include. None below two seeds or beyond the table."""
+    n = len(diffs)
+    if n < 2 or n - 1 not in T975:
+        return None
+    mean = math.fsum(diffs) / n
+    sd = math.sqrt(math.fsum((d - mean) ** 2 for d in diffs) / (n - 1))
+    return mean, T975[n - 1] * sd / math.sqrt(n)
+
+
 def _paired_rows(cells: dict, sigmas: list[float], seeds: list[int]) -> list[str]:
     from nft_cuda.eval.paired import paired_difference
 
     rows = []
     for s in sigmas:
+        per_pair: dict = {pair: [] for pair in PAIRS}
         for seed in seeds:
             cols = []
             for a, b in PAIRS:
@@ -386,9 +404,17 @@ def _paired_rows(cells: dict, sigmas: list[float], seeds: list[int]) -> list[str
                     cols.append("–")
                     continue
                 d = paired_difference(ua["per_instance_accuracy"], ub["per_instance_accuracy"])
+                per_pair[a, b].append(100 * d["mean"])
                 cols.append(f"{100 * d['mean']:+.2f} ± {100 * d['ci95']:.2f}")
             if any(c != "–" for c in cols):
                 rows.append(f"| {s:g} | {seed} | " + " | ".join(cols) + " |")
+        summaries = [across_seeds(per_pair[pair]) for pair in PAIRS]
+        if any(summaries):
+            cols = [
+                "–" if x is None else f"{x[0]:+.2f} ± {x[1]:.2f} (n = {len(per_pair[pair])})"
+                for pair, x in zip(PAIRS, summaries)
+            ]
+            rows.append(f"| {s:g} | seeds | " + " | ".join(cols) + " |")
     return rows
 
 
@@ -451,7 +477,9 @@ def render_tables(results: dict) -> str:
         rule,
         *_convergence_rows(cfg, cells, sigmas, seeds),
         "",
-        "**Paired differences** (percentage points, mean ± CI95 over the common chips)",
+        "**Paired differences** (percentage points, mean ± CI95 over the common chips; row *seeds*: the "
+        "mean of the n per-seed differences ± Student's t CI95 over the seeds, which counts the "
+        "seed-to-seed spread)",
         "",
         "| σ_d | seed | " + " | ".join(f"{ARM_NAMES[a]} − {ARM_NAMES[b]}" for a, b in PAIRS) + " |",
         "|---|---|" + "---|" * len(PAIRS),

@@ -165,6 +165,19 @@ def test_tables_are_recomputed_from_the_results():
     assert f"**{(18 * 100 + 18 * 10) / 3600:.2f} h**" in text
 
 
+def test_paired_table_summarises_the_seeds_with_students_t():
+    results = _synthetic({"noise": 0.52, "ovf": 0.99})
+    for u in results["units"]:
+        if u["arm"] == "ovf" and u["seed"] == 2:
+            u["per_instance_accuracy"] = [v + 0.03 for v in u["per_instance_accuracy"]]
+    text = fidelity.render_tables(results)
+    # Per seed OVF − noise = 47, 47, 50 pp: mean 48, sd √3, t(2 df) 4.303 · √3 / √3 = 4.30.
+    assert "| 0.35 | 2 | +50.00 ± 0.00 |" in text
+    assert "| 0.35 | seeds | +48.00 ± 4.30 (n = 3) |" in text
+    assert fidelity.across_seeds([1.0]) is None
+    assert fidelity.across_seeds([1.0, 3.0]) == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+
+
 def test_report_command_rewrites_the_page_block(tmp_path):
     results = _synthetic({"noise": 0.52, "noise-t4": 0.55, "ovf": 0.99, "irs": 0.58})
     path = tmp_path / "results.jsonl"
