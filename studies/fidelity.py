@@ -380,8 +380,9 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 
 
 def across_seeds(diffs: list[float]) -> tuple[float, float] | None:
-    """(mean, t-CI95 half-width) of per-seed differences: the interval a new training seed would fall in
-    on average, which the per-seed chip CIs do not include. None below two seeds or beyond the table."""
+    """(mean, t-CI95 half-width) of per-seed differences: the CI of the mean difference over training
+    seeds, which counts the seed-to-seed spread the per-seed chip CIs leave out. None below two seeds
+    or beyond the table."""
     n = len(diffs)
     if n < 2 or n - 1 not in T975:
         return None
