@@ -175,7 +175,8 @@ def test_paired_table_summarises_the_seeds_with_students_t():
     assert "| 0.35 | 2 | +50.00 ± 0.00 |" in text
     assert "| 0.35 | seeds | +48.00 ± 4.30 (n = 3) |" in text
     assert fidelity.across_seeds([1.0]) is None
-    assert fidelity.across_seeds([1.0, 3.0]) == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+    # Two seeds: sd √2, t(1 df) 12.706 · √2 / √2.
+    assert fidelity.across_seeds([1.0, 3.0]) == pytest.approx((2.0, 12.706))
 
 
 def test_report_command_rewrites_the_page_block(tmp_path):

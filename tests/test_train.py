@@ -248,15 +248,9 @@ def _assert_states_equal(a: dict, b: dict):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_metrics_files_have_the_documented_columns(tmp_path):
-    # The README lists the columns a user plots; the files and the list must not drift apart.
-    config = _config(tmp_path, method="clean", epochs=1)
-    train(config, progress=False, log=None)
-    header = (Path(config.out) / "metrics.csv").read_text().splitlines()[0].split(",")
-    row = json.loads((Path(config.out) / "metrics.jsonl").read_text().splitlines()[0])
-    assert tuple(header) == METRICS_COLUMNS
-    assert set(METRICS_COLUMNS) <= set(row)
-    assert 0 < row["epoch_cpu_s"] and 0 < row["epoch_time_s"]
+def test_readme_lists_the_metrics_columns():
+    # The README lists the columns a user plots; test_train_one_epoch_each_method pins the files to
+    # METRICS_COLUMNS, this pins the README's list to it.
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     missing = [c for c in METRICS_COLUMNS if f"`{c}`" not in readme]
     assert not missing, f"README.md does not list the metrics columns {missing}"
@@ -275,6 +269,9 @@ def test_train_one_epoch_each_method(tmp_path, method):
         assert 0.0 <= result[key] <= 1.0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert len((out / "metrics.csv").read_text().splitlines()) == 2
+    assert tuple((out / "metrics.csv").read_text().splitlines()[0].split(",")) == METRICS_COLUMNS
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert set(METRICS_COLUMNS) <= set(row) and row["epoch_cpu_s"] > 0 and row["epoch_time_s"] > 0
     model, payload = load_model(str(out / "model.pt"))
     assert set(model.state_dict()) == set(build_model("small", in_channels=1, num_classes=10).state_dict())
     assert payload["meta"]["method"]["method"] == method
