@@ -2,7 +2,8 @@
 MNIST preprocessing), does noise injection collapse at σ_d = 0.35 while OVF escapes, and is an escape
 explained by OVF's logit temperature or its BatchNorm statistics?
 
-    python -m studies.fidelity run    [--config studies/fidelity.json] [--out runs/fidelity] [--no-progress]
+    python -m studies.fidelity run    [--config studies/fidelity.json] [--out runs/fidelity] [--results FILE]
+                                      [--sigmas S ...] [--seeds N ...] [--max-units N] [--progress]
     python -m studies.fidelity report [--results docs/fidelity-study/results.jsonl] [--doc docs/fidelity-study.md]
                                       [--plot docs/fidelity-study/accuracy.png]
     python -m studies.fidelity plan   [--config ...]
@@ -247,17 +248,20 @@ def _do_unit(cfg: dict, unit: dict, out: Path, progress: bool, shared: dict) -> 
     return record
 
 
-def select_sigmas(units: list[dict], cfg: dict, sigmas) -> list[dict]:
-    """The units at the σ_d in ``sigmas`` (each one of the config's; None: all), so that two processes can
-    share a study: units of other σ_d never share a training but the clean model, which the second one
-    reuses from ``out`` once it is there (``python -m studies.fidelity run --sigmas 0.25 --results B``)."""
-    if sigmas is None:
-        return units
-    wanted = {float(x) for x in sigmas}
-    unknown = sorted(wanted - {float(x) for x in cfg["sigmas"]})
-    if unknown:
-        raise ValueError(f"--sigmas {unknown} not in the config's sigmas {cfg['sigmas']}")
-    return [u for u in units if u["sigma"] in wanted]
+def select_units(units: list[dict], cfg: dict, sigmas=None, seeds=None) -> list[dict]:
+    """The units at the σ_d in ``sigmas`` and the seeds in ``seeds`` (each one of the config's; None: all),
+    so that two processes can share a study. Units of other σ_d share no training but the clean model of
+    their seed, which the second process reuses from ``out`` once it is there; units of other seeds share
+    none (``python -m studies.fidelity run --sigmas 0.3 --seeds 2 --results B``)."""
+    for name, given, known in (("sigmas", sigmas, cfg["sigmas"]), ("seeds", seeds, cfg["seeds"])):
+        unknown = sorted(x for x in set(given or ()) if float(x) not in {float(k) for k in known})
+        if unknown:
+            raise ValueError(f"--{name} {unknown} not in the config's {name} {known}")
+    return [
+        u
+        for u in units
+        if (sigmas is None or u["sigma"] in {float(x) for x in sigmas}) and (seeds is None or u["seed"] in seeds)
+    ]
 
 
 def _describe(record: dict) -> str:
@@ -269,15 +273,23 @@ def _describe(record: dict) -> str:
 
 
 def run(
-    cfg: dict, out, *, results=None, progress: bool = False, log=print, max_units: int | None = None, sigmas=None
+    cfg: dict,
+    out,
+    *,
+    results=None,
+    progress: bool = False,
+    log=print,
+    max_units: int | None = None,
+    sigmas=None,
+    seeds=None,
 ) -> dict:
     """Do (or continue) the units of ``cfg`` not yet in the results file (default ``cfg["results"]``),
-    appending each as it finishes; at most ``max_units`` of them, only those at ``sigmas`` when given
-    (:func:`select_sigmas`). Returns :func:`load_results`."""
+    appending each as it finishes; at most ``max_units`` of them, only those at ``sigmas`` and ``seeds`` when
+    given (:func:`select_units`). Returns :func:`load_results`."""
     out = Path(out)
     return resumable.run_units(
         cfg,
-        select_sigmas(plan(cfg), cfg, sigmas),
+        select_units(plan(cfg), cfg, sigmas, seeds),
         Path(results or cfg["results"]),
         spec_of=unit_spec,
         do_unit=lambda unit, shared: _do_unit(cfg, unit, out, progress, shared),
@@ -553,6 +565,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--data-dir", dest="data_dir", help="data folder (default $NFT_DATA_DIR)")
     r.add_argument("--max-units", dest="max_units", type=int, help="stop after this many units")
     r.add_argument("--sigmas", type=float, nargs="+", help="only the units at these σ_d (a second process's share)")
+    r.add_argument("--seeds", type=int, nargs="+", help="only the units of these seeds (a second process's share)")
     r.add_argument("--progress", action="store_true", help="progress bars")
     s = sub.add_parser("report", help="recompute the page's tables and plot from the results file")
     s.add_argument("--results", default="docs/fidelity-study/results.jsonl")
@@ -607,6 +620,7 @@ def main(argv=None) -> int:
                 progress=args.progress,
                 max_units=args.max_units,
                 sigmas=args.sigmas,
+                seeds=args.seeds,
             )
         elif args.command == "report":
             results = load_results(args.results)

@@ -63,12 +63,12 @@ def test_run_appends_units_and_resumes(tmp_path, one_thread):
 
 def test_a_second_process_takes_other_sigmas_and_reuses_the_clean_model(tmp_path, one_thread):
     cfg = _tiny_config(tmp_path)
-    assert [u["key"] for u in fidelity.select_sigmas(fidelity.plan(cfg), cfg, [0.2])] == [
+    assert [u["key"] for u in fidelity.select_units(fidelity.plan(cfg), cfg, [0.2])] == [
         "clean-s0.2-seed0",
         "noise-s0.2-seed0",
     ]
-    with pytest.raises(ValueError, match="not in the config"):
-        fidelity.select_sigmas(fidelity.plan(cfg), cfg, [0.25])
+    with pytest.raises(ValueError, match=r"--sigmas \[0.25\] not in the config"):
+        fidelity.select_units(fidelity.plan(cfg), cfg, [0.25])
     fidelity.run(cfg, tmp_path / "runs", log=lambda _: None, sigmas=[0.3])
     second = tmp_path / "second.jsonl"
     fidelity.run(cfg, tmp_path / "runs", results=second, log=lambda _: None, sigmas=[0.2])
@@ -80,6 +80,20 @@ def test_a_second_process_takes_other_sigmas_and_reuses_the_clean_model(tmp_path
     assert sorted(u["key"] for u in fidelity.load_results(merged)["units"]) == sorted(
         u["key"] for u in fidelity.plan(cfg)
     )
+
+
+def test_a_second_process_can_take_whole_seeds():
+    cfg = {"sigmas": [0.3, 0.2], "seeds": [0, 1, 2], "arms": ["clean", "noise"]}
+    units = fidelity.plan(cfg)
+    assert [u["key"] for u in fidelity.select_units(units, cfg, [0.3], [2])] == ["clean-s0.3-seed2", "noise-s0.3-seed2"]
+    assert [u["key"] for u in fidelity.select_units(units, cfg, seeds=[0, 1])] == [
+        f"{arm}-s{s:g}-seed{seed}" for s in (0.3, 0.2) for seed in (0, 1) for arm in ("clean", "noise")
+    ]
+    assert fidelity.select_units(units, cfg) == units
+    with pytest.raises(ValueError, match=r"--seeds \[3\] not in the config's seeds"):
+        fidelity.select_units(units, cfg, seeds=[3])
+    args = fidelity._parser().parse_args(["run", "--sigmas", "0.3", "--seeds", "2"])
+    assert (args.sigmas, args.seeds) == ([0.3], [2])
 
 
 def test_convergence_criterion():
