@@ -253,14 +253,19 @@ def select_units(units: list[dict], cfg: dict, sigmas=None, seeds=None) -> list[
     so that two processes can share a study. Units of other σ_d share no training but the clean model of
     their seed, which the second process reuses from ``out`` once it is there; units of other seeds share
     none (``python -m studies.fidelity run --sigmas 0.3 --seeds 2 --results B``)."""
-    for name, given, known in (("sigmas", sigmas, cfg["sigmas"]), ("seeds", seeds, cfg["seeds"])):
-        unknown = sorted(x for x in set(given or ()) if float(x) not in {float(k) for k in known})
+    wanted = {}
+    for name, given in (("sigmas", sigmas), ("seeds", seeds)):
+        if given is None:
+            continue
+        known = {float(k) for k in cfg[name]}
+        unknown = sorted(x for x in set(given) if float(x) not in known)
         if unknown:
-            raise ValueError(f"--{name} {unknown} not in the config's {name} {known}")
+            raise ValueError(f"--{name} {unknown} not in the config's {name} {cfg[name]}")
+        wanted[name] = {float(x) for x in given}
     return [
         u
         for u in units
-        if (sigmas is None or u["sigma"] in {float(x) for x in sigmas}) and (seeds is None or u["seed"] in seeds)
+        if u["sigma"] in wanted.get("sigmas", (u["sigma"],)) and u["seed"] in wanted.get("seeds", (u["seed"],))
     ]
 
 
