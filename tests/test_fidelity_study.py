@@ -240,3 +240,13 @@ def test_committed_results_recompute_the_page():
     page = (REPO / "docs" / "fidelity-study.md").read_text()
     block = page.split(fidelity.BEGIN, 1)[1].split(fidelity.END, 1)[0]
     assert block.strip() == fidelity.render_tables(results).strip()
+
+
+def test_committed_results_hold_the_whole_grid():
+    """Issue 24's grid is complete in the committed results: every arm × σ_d × seed of the config (at
+    least 6 arms, 3 σ_d and 3 seeds), each a record made with the config's settings."""
+    results = fidelity.load_results(COMMITTED)
+    cfg = results["config"]
+    assert len(cfg["arms"]) >= 6 and len(cfg["sigmas"]) >= 3 and len(cfg["seeds"]) >= 3
+    missing = {u["key"] for u in fidelity.plan(cfg)} - {u["key"] for u in results["units"]}
+    assert not missing, f"units missing from the committed results: {sorted(missing)}"
